@@ -1,0 +1,191 @@
+// Storage formats for ternary codes and the CPU kernels' prepacked layout.
+//
+// Canonical 2-bit: uint8 [N, ceil(K/4)], code c = w + 1 in {0, 1, 2}, element k of a row in
+// bits 2*(k%4) of byte k/4 (first element lowest); the tail is padded with code 1 (w = 0).
+// Base-3 (1.6 bits): uint8 [N, ceil(K/5)], byte = sum_i c_i * 3^i over 5 elements, tail code 1.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu/ops_cpu.h"
+
+namespace agentforge {
+namespace cpu {
+namespace {
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_codes(const Tensor& codes, const char* op) {
+  check_cpu(codes, op, "codes");
+  TORCH_CHECK(codes.scalar_type() == at::kChar, "agentforge.", op, ": codes must be int8, got ",
+              codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 2, "agentforge.", op, ": codes must be 2-D [N, K], got shape ", codes.sizes());
+  TORCH_CHECK(codes.numel() == 0 || (codes.min().item<int8_t>() >= -1 && codes.max().item<int8_t>() <= 1),
+              "agentforge.", op, ": codes must be in {-1, 0, 1}; quantize with quantize_ternary first");
+}
+
+void check_packed(const Tensor& packed, const char* op) {
+  check_cpu(packed, op, "packed");
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "agentforge.", op, ": packed must be uint8, got ",
+              packed.scalar_type());
+  TORCH_CHECK(packed.dim() == 2, "agentforge.", op, ": packed must be 2-D, got shape ", packed.sizes());
+}
+
+// Reads the 2-bit code of element k from a canonical row, or 1 (zero) past its end.
+inline int code_at(const uint8_t* row, int64_t bytes, int64_t k) {
+  return k / 4 < bytes ? (row[k / 4] >> (2 * (k % 4))) & 3 : 1;
+}
+
+// Every code must be 0..2, and codes past element K (the padding) must be 1.
+void check_canonical(const Tensor& packed, int64_t K, const char* op) {
+  const int64_t N = packed.size(0), B = packed.size(1);
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < B * 4; ++k) {
+      int c = (src[n * B + k / 4] >> (2 * (k % 4))) & 3;
+      TORCH_CHECK(c != 3 && (k < K || c == 1), "agentforge.", op, ": corrupt packed ternary tensor: ",
+                  c == 3 ? "invalid code 3" : "non-zero padding", " at row ", n, ", element ", k,
+                  " (is K=", K, " right?)");
+    }
+}
+
+}  // namespace
+
+Tensor pack_ternary(const Tensor& codes_in) {
+  check_codes(codes_in, "pack_ternary");
+  Tensor codes = codes_in.contiguous();
+  const int64_t N = codes.size(0), K = codes.size(1), B = ceil_div(K, 4);
+  Tensor out = at::empty({N, B}, codes.options().dtype(at::kByte));
+  const int8_t* src = codes.data_ptr<int8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < B; ++b) {
+        uint8_t byte = 0;
+        for (int64_t i = 0; i < 4; ++i) {
+          int64_t k = 4 * b + i;
+          byte |= static_cast<uint8_t>((k < K ? src[n * K + k] + 1 : 1) << (2 * i));
+        }
+        dst[n * B + b] = byte;
+      }
+  });
+  return out;
+}
+
+Tensor unpack_ternary(const Tensor& packed_in, int64_t K) {
+  const char* op = "unpack_ternary";
+  check_packed(packed_in, op);
+  TORCH_CHECK(K >= 0 && ceil_div(K, 4) == packed_in.size(1), "agentforge.", op, ": K=", K, " needs ",
+              ceil_div(K, 4), " bytes per row, packed has ", packed_in.size(1));
+  Tensor packed = packed_in.contiguous();
+  check_canonical(packed, K, op);
+  const int64_t N = packed.size(0), B = packed.size(1);
+  Tensor out = at::empty({N, K}, packed.options().dtype(at::kChar));
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) dst[n * K + k] = static_cast<int8_t>(code_at(src + n * B, B, k) - 1);
+  });
+  return out;
+}
+
+Tensor pack_ternary_base3(const Tensor& codes_in) {
+  check_codes(codes_in, "pack_ternary_base3");
+  Tensor codes = codes_in.contiguous();
+  const int64_t N = codes.size(0), K = codes.size(1), B = ceil_div(K, 5);
+  Tensor out = at::empty({N, B}, codes.options().dtype(at::kByte));
+  const int8_t* src = codes.data_ptr<int8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < B; ++b) {
+        int value = 0;
+        for (int64_t i = 4; i >= 0; --i) {
+          int64_t k = 5 * b + i;
+          value = value * 3 + (k < K ? src[n * K + k] + 1 : 1);
+        }
+        dst[n * B + b] = static_cast<uint8_t>(value);
+      }
+  });
+  return out;
+}
+
+Tensor unpack_ternary_base3(const Tensor& packed_in, int64_t K) {
+  const char* op = "unpack_ternary_base3";
+  check_packed(packed_in, op);
+  TORCH_CHECK(K >= 0 && ceil_div(K, 5) == packed_in.size(1), "agentforge.", op, ": K=", K, " needs ",
+              ceil_div(K, 5), " bytes per row, packed has ", packed_in.size(1));
+  Tensor packed = packed_in.contiguous();
+  const int64_t N = packed.size(0), B = packed.size(1);
+  Tensor out = at::empty({N, K}, packed.options().dtype(at::kChar));
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < B; ++b) {
+      int value = src[n * B + b];
+      TORCH_CHECK(value <= 242, "agentforge.", op, ": corrupt base-3 tensor: byte ", value, " > 242 at row ", n,
+                  ", byte ", b);
+      for (int64_t i = 0; i < 5; ++i, value /= 3) {
+        int64_t k = 5 * b + i;
+        TORCH_CHECK(k < K || value % 3 == 1, "agentforge.", op, ": corrupt base-3 tensor: non-zero padding at row ",
+                    n, " (is K=", K, " right?)");
+        if (k < K) dst[n * K + k] = static_cast<int8_t>(value % 3 - 1);
+      }
+    }
+  return out;
+}
+
+Tensor prepack_ternary(const Tensor& packed_in) {
+  const char* op = "prepack_ternary";
+  check_packed(packed_in, op);
+  Tensor packed = packed_in.contiguous();
+  const int64_t N = packed.size(0), B = packed.size(1), KB = ceil_div(B * 4, kBlockK);
+  check_canonical(packed, B * 4, op);
+  Tensor out = at::empty({N, KB * kBlockBytes}, packed.options());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        uint8_t* blk = dst + block_offset(N, KB, n, kb);
+        for (int64_t j = 0; j < kBlockBytes; ++j) {
+          uint8_t byte = 0;
+          for (int s = 0; s < 4; ++s)
+            byte |= static_cast<uint8_t>(code_at(src + n * B, B, kb * kBlockK + 32 * s + j) << (2 * s));
+          blk[j] = byte;
+        }
+      }
+  });
+  return out;
+}
+
+Tensor prepack_codes(const Tensor& codes) {
+  return prepack_ternary(pack_ternary(codes));
+}
+
+Tensor unprepack_ternary(const Tensor& w_in, int64_t K) {
+  const char* op = "unprepack_ternary";
+  check_packed(w_in, op);
+  Tensor w = w_in.contiguous();
+  const int64_t N = w.size(0), KB = ceil_div(K, kBlockK), B = ceil_div(K, 4);
+  TORCH_CHECK(K >= 0 && w.size(1) == KB * kBlockBytes, "agentforge.", op, ": K=", K, " needs ", KB * kBlockBytes,
+              " prepacked bytes per row, got ", w.size(1));
+  Tensor out = at::empty({N, B}, w.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < B; ++b) {
+      uint8_t byte = 0;
+      for (int64_t i = 0; i < 4; ++i) {
+        int64_t k = 4 * b + i, kb = k / kBlockK, e = k % kBlockK;
+        int c = k < K ? (src[block_offset(N, KB, n, kb) + e % 32] >> (2 * (e / 32))) & 3 : 1;
+        TORCH_CHECK(c != 3, "agentforge.", op, ": corrupt prepacked tensor: invalid code 3 at row ", n);
+        byte |= static_cast<uint8_t>(c << (2 * i));
+      }
+      dst[n * B + b] = byte;
+    }
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace agentforge

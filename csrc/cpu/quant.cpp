@@ -1,0 +1,142 @@
+// Ternary weight quantization (BitNet b1.58 absmean) and per-token int8 activation
+// quantization (absmax), plus their quantize-dequantize (fake quant) forms.
+//
+// Conventions, shared bit for bit with agentforge.ops.reference:
+//   weights:     scale = mean|w| + 1e-5 (per tensor or per row); code = clamp(round(w / scale), -1, 1)
+//   activations: Qp = 2^(bits-1) - 1; scale = Qp / max(absmax, 1e-5) per token;
+//                q = clamp(round(x * scale), -Qp - 1, Qp); x ≈ q / scale
+//   round is half to even (std::nearbyint, as torch.round); arithmetic in fp32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "cpu/ops_cpu.h"
+
+namespace agentforge {
+namespace cpu {
+
+void check_cpu(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "agentforge.", op, ": ", name, " is on ", t.device(),
+              " but this kernel runs on CPU; move all inputs to one device");
+}
+
+void check_float(const Tensor& t, const char* op, const char* name) {
+  auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "agentforge.", op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dt);
+}
+
+int64_t act_qmax(int64_t bits, const char* op) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "agentforge.", op, ": bits must be in [2, 8], got ", bits);
+  return (int64_t{1} << (bits - 1)) - 1;
+}
+
+std::tuple<Tensor, Tensor> ternary_codes(const Tensor& w, bool per_channel, const char* op) {
+  check_cpu(w, op, "w");
+  check_float(w, op, "w");
+  TORCH_CHECK(w.dim() == 2, "agentforge.", op, ": w must be 2-D [out_features, in_features], got shape ", w.sizes());
+  Tensor wf = w.to(at::kFloat).contiguous();
+  const int64_t N = wf.size(0), K = wf.size(1);
+  Tensor scale = per_channel ? wf.abs().mean({1}) : wf.abs().mean().reshape({1});
+  if (N * K == 0) scale.zero_();  // the mean of nothing is NaN; an empty matrix has scale eps
+  scale.add_(kWeightEps);
+  TORCH_CHECK(at::isfinite(scale).all().item<bool>(), "agentforge.", op,
+              ": w contains NaN or Inf; ternary quantization needs finite weights");
+  Tensor codes = at::empty({N, K}, wf.options().dtype(at::kChar));
+  const float* src = wf.data_ptr<float>();
+  const float* sc = scale.data_ptr<float>();
+  int8_t* dst = codes.data_ptr<int8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float s = sc[per_channel ? n : 0];
+      for (int64_t k = 0; k < K; ++k) {
+        float q = std::nearbyint(src[n * K + k] / s);
+        dst[n * K + k] = static_cast<int8_t>(q > 1.f ? 1.f : (q < -1.f ? -1.f : q));
+      }
+    }
+  });
+  return {codes, scale};
+}
+
+std::tuple<Tensor, Tensor> quantize_ternary(const Tensor& w, bool per_channel) {
+  return ternary_codes(w, per_channel, "quantize_ternary");
+}
+
+Tensor ternary_fake_quant(const Tensor& w, bool per_channel) {
+  auto [codes, scale] = ternary_codes(w, per_channel, "ternary_fake_quant");
+  Tensor s = per_channel ? scale.unsqueeze(1) : scale;
+  return (codes.to(at::kFloat) * s).to(w.scalar_type());
+}
+
+namespace {
+
+template <typename scalar_t>
+void quantize_rows_impl(const scalar_t* x, int64_t M, int64_t K, float qmax, int8_t* dst, int64_t Kp, float* scale,
+                        int32_t* row_sum) {
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const scalar_t* row = x + m * K;
+      int8_t* q = dst + m * Kp;
+      float absmax = 0.f;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) {
+        float v = static_cast<float>(row[k]);
+        finite = finite && std::isfinite(v);
+        absmax = std::fabs(v) > absmax ? std::fabs(v) : absmax;
+      }
+      int32_t sum = 0;
+      if (!finite) {
+        scale[m] = std::nanf("");
+        for (int64_t k = 0; k < Kp; ++k) q[k] = 0;
+      } else {
+        const float s = qmax / (absmax > kActEps ? absmax : kActEps);
+        scale[m] = s;
+        for (int64_t k = 0; k < K; ++k) {
+          float r = std::nearbyint(static_cast<float>(row[k]) * s);
+          r = r > qmax ? qmax : (r < -qmax - 1.f ? -qmax - 1.f : r);
+          q[k] = static_cast<int8_t>(r);
+          sum += q[k];
+        }
+        for (int64_t k = K; k < Kp; ++k) q[k] = 0;
+      }
+      if (row_sum) row_sum[m] = sum;
+    }
+  });
+}
+
+}  // namespace
+
+void quantize_rows(const Tensor& x2d, int bits, int8_t* dst, int64_t Kp, float* scale, int32_t* row_sum) {
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "quantize_rows", [&] {
+    quantize_rows_impl<scalar_t>(x2d.data_ptr<scalar_t>(), x2d.size(0), x2d.size(1), qmax, dst, Kp, scale, row_sum);
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> quantize_activations(const Tensor& x, int64_t bits) {
+  const char* op = "quantize_activations";
+  check_cpu(x, op, "x");
+  check_float(x, op, "x");
+  act_qmax(bits, op);
+  TORCH_CHECK(x.dim() >= 1, "agentforge.", op, ": x must have at least one dimension (tokens along the last)");
+  const int64_t K = x.size(-1);
+  Tensor x2d = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2d.size(0);
+  auto lead = x.sizes().slice(0, x.dim() - 1);
+  Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  Tensor scale = at::empty(lead, x.options().dtype(at::kFloat));
+  Tensor row_sum = at::empty(lead, x.options().dtype(at::kInt));
+  if (M > 0) quantize_rows(x2d, static_cast<int>(bits), q.data_ptr<int8_t>(), K, scale.data_ptr<float>(),
+                           row_sum.data_ptr<int32_t>());
+  return {q, scale, row_sum};
+}
+
+Tensor act_fake_quant(const Tensor& x, int64_t bits) {
+  auto [q, scale, row_sum] = quantize_activations(x, bits);
+  return (q.to(at::kFloat) / scale.unsqueeze(-1)).to(x.scalar_type());
+}
+
+}  // namespace cpu
+}  // namespace agentforge

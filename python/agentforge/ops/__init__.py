@@ -1,0 +1,1 @@
+from agentforge.ops._load import cpu_info, extension_loaded
