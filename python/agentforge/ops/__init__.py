@@ -1,1 +1,88 @@
-from agentforge.ops._load import cpu_info, extension_loaded
+"""The agentforge ternary ops.
+
+Each function calls ``torch.ops.agentforge.<name>`` (C++/CUDA kernels, fake kernels and STE
+autograd registered) or, when the extension is not built, the pure-PyTorch reference in
+:mod:`agentforge.ops.reference`. Shapes and conventions: ``csrc/ops.cpp``, ``csrc/cpu/quant.cpp``.
+"""
+import torch
+
+from agentforge.ops import reference
+from agentforge.ops._native import cpu_info, extension_loaded, set_isa
+
+if extension_loaded():
+    from agentforge.ops import _registration  # noqa: F401  (registers fake kernels and autograd)
+    _impl = torch.ops.agentforge
+else:
+    _impl = reference
+
+__all__ = [
+    "quantize_ternary", "quantize_activations", "pack_ternary", "unpack_ternary", "pack_ternary_base3",
+    "unpack_ternary_base3", "prepack_ternary", "unprepack_ternary", "ternary_matmul", "ternary_fake_quant",
+    "act_fake_quant", "bitlinear", "cpu_info", "extension_loaded", "set_isa", "reference",
+]
+
+
+def quantize_ternary(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet b1.58 absmean: ``scale = mean|w| + 1e-5`` (per tensor, or per output row), codes
+    ``clamp(round(w / scale), -1, 1)`` as int8. Returns ``(codes [N, K], scale fp32 [1] or [N])``."""
+    return _impl.quantize_ternary(w, per_channel)
+
+
+def quantize_activations(x: torch.Tensor, bits: int = 8, return_row_sum: bool = False):
+    """Per-token absmax quantization over the last dim: ``scale = Qp / max(|x|, 1e-5)``,
+    ``x_q = clamp(round(x * scale), -Qp-1, Qp)`` with ``Qp = 2^(bits-1) - 1``; ``x ≈ x_q / scale``.
+    Returns ``(x_q int8, scale fp32)``, plus the int32 row sums when ``return_row_sum``."""
+    x_q, scale, row_sum = _impl.quantize_activations(x, bits)
+    return (x_q, scale, row_sum) if return_row_sum else (x_q, scale)
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """Canonical 2-bit storage: uint8 ``[N, ceil(K/4)]``, code ``w + 1``, first element lowest."""
+    return _impl.pack_ternary(codes)
+
+
+def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
+    return _impl.unpack_ternary(packed, K)
+
+
+def pack_ternary_base3(codes: torch.Tensor) -> torch.Tensor:
+    """1.6-bit storage: five codes per byte in base 3, uint8 ``[N, ceil(K/5)]``."""
+    return _impl.pack_ternary_base3(codes)
+
+
+def unpack_ternary_base3(packed: torch.Tensor, K: int) -> torch.Tensor:
+    return _impl.unpack_ternary_base3(packed, K)
+
+
+def prepack_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """Re-layout canonical packed weights for the CPU kernels (both backends read it)."""
+    return _impl.prepack_ternary(packed)
+
+
+def unprepack_ternary(w_prepacked: torch.Tensor, K: int) -> torch.Tensor:
+    """Back to the canonical 2-bit format (for saving)."""
+    return _impl.unprepack_ternary(w_prepacked, K)
+
+
+def ternary_matmul(x: torch.Tensor, w_prepacked: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None, act_bits: int = 8) -> torch.Tensor:
+    """``y = (act_quant(x) · codesᵀ) / x_scale · w_scale + bias`` with integer accumulation;
+    ``x`` is ``[..., K]`` in fp32/bf16/fp16, ``y`` is ``[..., N]`` in x's dtype."""
+    return _impl.ternary_matmul(x, w_prepacked, w_scale, bias, act_bits)
+
+
+def ternary_fake_quant(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """Quantize-dequantize the weights; the gradient passes straight through (STE)."""
+    return _impl.ternary_fake_quant(w, per_channel)
+
+
+def act_fake_quant(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Quantize-dequantize the activations per token; the gradient passes straight through."""
+    return _impl.act_fake_quant(x, bits)
+
+
+def bitlinear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+              per_channel: bool = False) -> torch.Tensor:
+    """Fused BitLinear training forward, ``F.linear(act_fake_quant(x), ternary_fake_quant(w), bias)``
+    computed with the integer kernels; its backward is the STE gradient."""
+    return _impl.bitlinear(x, w, bias, per_channel)
