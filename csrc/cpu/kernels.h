@@ -54,6 +54,7 @@ void popcount_matmul_avx512(const MatmulArgs& a, int64_t n0, int64_t n1);
 // Activation bit-planes for the popcount path: for row m, block kb, half h (elements
 // 64h .. 64h+63 of the block) and bit b, one 64-bit word whose bit i is bit b of the
 // two's-complement int8 activation at element 64h + i. Index: ((m * KB + kb) * 2 + h) * bits + b.
+// The buffer is followed by 8 zero words, so a kernel may load 8 planes at any index.
 void activation_planes(const int8_t* x, int64_t M, int64_t KB, int bits, uint64_t* planes);
 
 // Weight bit-planes of one 32-byte block, same element order as activation_planes:

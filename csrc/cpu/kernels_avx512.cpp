@@ -10,6 +10,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/avx2_helpers.h"
 #include "cpu/kernels.h"
 
 namespace agentforge {
@@ -18,11 +19,8 @@ namespace {
 
 constexpr int64_t kChunkBlocks = 32;
 
-inline int32_t hsum256(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
+inline int32_t hsum512(__m512i v) {
+  return hsum256(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
 }
 
 // GEMV over one row tile. A tile stores the R rows of one K block back to back, so one
@@ -51,7 +49,7 @@ void gemv_tile(const MatmulArgs& a, const int8_t* x, int32_t x_sum, int32_t* out
     if (R % 2) {
       __m256i v = _mm256_loadu_si256((const __m256i*)(blk + (R - 1) * kBlockBytes));
       for (int s = 0; s < 4; ++s)
-        acc_odd = _mm256_dpbusd_epi32(acc_odd, _mm256_and_si256(_mm256_srli_epi16(v, 2 * s), mask3y), xs[s]);
+        acc_odd = _mm256_dpbusd_epi32(acc_odd, code_plane(v, s, mask3y), xs[s]);
     }
   }
   for (int p = 0; p < P; ++p) {
@@ -81,15 +79,16 @@ void decode_chunk(const MatmulArgs& a, int64_t n, int64_t kb0, int64_t nkb, uint
       __m256i v = r < rows ? _mm256_loadu_si256((const __m256i*)(a.w + block_offset(a.N, a.KB, n + r, kb0 + kb)))
                            : _mm256_setzero_si256();
       for (int s = 0; s < 4; ++s)
-        _mm256_storeu_si256((__m256i*)(dst + 32 * s), _mm256_and_si256(_mm256_srli_epi16(v, 2 * s), mask3));
+        _mm256_storeu_si256((__m256i*)(dst + 32 * s), code_plane(v, s, mask3));
     }
   }
 }
 
-// len is a multiple of 128, so 64-byte steps never run past the chunk.
+// acc[i][r] += Σ_k codes[r][k] · x[i][k]; len is a multiple of 128, so 64-byte steps never
+// run past the chunk.
 template <int MR>
 void gemm_micro(const uint8_t codes[][kChunkBlocks * kBlockK], const int8_t* x, int64_t x_stride, int64_t len,
-                int32_t* out, int64_t N, int64_t rows) {
+                int32_t acc_out[][kTileRows]) {
   __m512i acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < 4; ++r) acc[i][r] = _mm512_setzero_si512();
@@ -107,46 +106,40 @@ void gemm_micro(const uint8_t codes[][kChunkBlocks * kBlockK], const int8_t* x, 
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int64_t r = 0; r < rows; ++r) out[i * N + r] += _mm512_reduce_add_epi32(acc[i][r]);
+    for (int r = 0; r < 4; ++r) acc_out[i][r] += hsum512(acc[i][r]);
 }
+
+// Outputs of a tile for a block of activation rows are summed locally and written once, so
+// threads on neighbouring tiles never share a cache line in the inner loop.
+constexpr int64_t kRowBlock = 64;
 
 void gemm_rows(const MatmulArgs& a, int64_t n0, int64_t n1) {
   alignas(64) uint8_t codes[kTileRows][kChunkBlocks * kBlockK];
+  int32_t acc[kRowBlock][kTileRows];
   const int64_t Kp = a.KB * kBlockK;
   for (int64_t n = n0; n < n1; n += kTileRows) {
     const int64_t rows = rows_in_tile(a.N, n);
-    for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t r = 0; r < rows; ++r) a.out[m * a.N + n + r] = -a.x_sum[m];
-    for (int64_t kb0 = 0; kb0 < a.KB; kb0 += kChunkBlocks) {
-      const int64_t nkb = a.KB - kb0 < kChunkBlocks ? a.KB - kb0 : kChunkBlocks;
-      decode_chunk(a, n, kb0, nkb, codes);
-      const int8_t* x = a.x + kb0 * kBlockK;
-      const int64_t len = nkb * kBlockK;
-      int64_t m = 0;
-      for (; m + 4 <= a.M; m += 4) gemm_micro<4>(codes, x + m * Kp, Kp, len, a.out + m * a.N + n, a.N, rows);
-      switch (a.M - m) {
-        case 3: gemm_micro<3>(codes, x + m * Kp, Kp, len, a.out + m * a.N + n, a.N, rows); break;
-        case 2: gemm_micro<2>(codes, x + m * Kp, Kp, len, a.out + m * a.N + n, a.N, rows); break;
-        case 1: gemm_micro<1>(codes, x + m * Kp, Kp, len, a.out + m * a.N + n, a.N, rows); break;
-        default: break;
+    for (int64_t m0 = 0; m0 < a.M; m0 += kRowBlock) {
+      const int64_t mb = a.M - m0 < kRowBlock ? a.M - m0 : kRowBlock;
+      for (int64_t i = 0; i < mb; ++i)
+        for (int64_t r = 0; r < kTileRows; ++r) acc[i][r] = -a.x_sum[m0 + i];
+      for (int64_t kb0 = 0; kb0 < a.KB; kb0 += kChunkBlocks) {
+        const int64_t nkb = a.KB - kb0 < kChunkBlocks ? a.KB - kb0 : kChunkBlocks;
+        decode_chunk(a, n, kb0, nkb, codes);
+        const int8_t* x = a.x + m0 * Kp + kb0 * kBlockK;
+        const int64_t len = nkb * kBlockK;
+        int64_t i = 0;
+        for (; i + 4 <= mb; i += 4) gemm_micro<4>(codes, x + i * Kp, Kp, len, acc + i);
+        switch (mb - i) {
+          case 3: gemm_micro<3>(codes, x + i * Kp, Kp, len, acc + i); break;
+          case 2: gemm_micro<2>(codes, x + i * Kp, Kp, len, acc + i); break;
+          case 1: gemm_micro<1>(codes, x + i * Kp, Kp, len, acc + i); break;
+          default: break;
+        }
       }
+      for (int64_t i = 0; i < mb; ++i)
+        for (int64_t r = 0; r < rows; ++r) a.out[(m0 + i) * a.N + n + r] = acc[i][r];
     }
-  }
-}
-
-// Weight bit-planes from a 32-byte block with vptestmb: bit 2s (low) and 2s+1 (high) of
-// each byte are the code bits of elements 32s..32s+31.
-void weight_planes_avx512(const uint8_t* block, uint64_t pos[2], uint64_t neg[2]) {
-  __m256i v = _mm256_loadu_si256((const __m256i*)block);
-  for (int h = 0; h < 2; ++h) {
-    uint64_t lo = 0, hi = 0;
-    for (int t = 0; t < 2; ++t) {
-      int s = 2 * h + t;
-      lo |= (uint64_t)(uint32_t)_mm256_test_epi8_mask(v, _mm256_set1_epi8((char)(1 << (2 * s)))) << (32 * t);
-      hi |= (uint64_t)(uint32_t)_mm256_test_epi8_mask(v, _mm256_set1_epi8((char)(2 << (2 * s)))) << (32 * t);
-    }
-    pos[h] = hi;
-    neg[h] = ~(lo | hi);
   }
 }
 
@@ -165,16 +158,17 @@ void int8_matmul_avx512(const MatmulArgs& a, int64_t n0, int64_t n1) {
 // per weight plane counts every bit at once; the 2^b weights are applied once per output.
 void popcount_matmul_avx512(const MatmulArgs& a, int64_t n0, int64_t n1) {
   const int bits = a.act_bits;
-  const __mmask8 lanes = (__mmask8)((1u << bits) - 1);
+  const uint8_t lanes = (uint8_t)((1u << bits) - 1);  // a __mmask8
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < a.M; ++m) {
       __m512i counts = _mm512_setzero_si512();
       for (int64_t kb = 0; kb < a.KB; ++kb) {
         uint64_t pos[2], neg[2];
-        weight_planes_avx512(a.w + block_offset(a.N, a.KB, n, kb), pos, neg);
+        weight_planes_simd(a.w + block_offset(a.N, a.KB, n, kb), pos, neg);
         const uint64_t* xp = a.planes + (m * a.KB + kb) * 2 * bits;
         for (int h = 0; h < 2; ++h) {
-          __m512i xv = _mm512_maskz_loadu_epi64(lanes, (const void*)(xp + h * bits));
+          // planes is padded by 8 words (matmul.cpp), so the full load stays in bounds
+          __m512i xv = _mm512_maskz_mov_epi64(lanes, _mm512_loadu_si512((const void*)(xp + h * bits)));
           __m512i pc = _mm512_popcnt_epi64(_mm512_and_si512(xv, _mm512_set1_epi64((long long)pos[h])));
           __m512i nc = _mm512_popcnt_epi64(_mm512_and_si512(xv, _mm512_set1_epi64((long long)neg[h])));
           counts = _mm512_add_epi64(counts, _mm512_sub_epi64(pc, nc));

@@ -106,7 +106,8 @@ Tensor matmul_prepacked(const Tensor& x, const Tensor& w, const Tensor& w_scale_
   Tensor planes;
   auto ensure_planes = [&] {
     if (planes.defined()) return;
-    planes = at::empty({M * KB * 2 * bits}, x.options().dtype(at::kLong));
+    // 8 words of padding: the AVX-512 kernel loads a full zmm of planes and masks it
+    planes = at::zeros({M * KB * 2 * bits + 8}, x.options().dtype(at::kLong));
     args.planes = reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>());
     activation_planes(args.x, M, KB, bits, reinterpret_cast<uint64_t*>(planes.data_ptr<int64_t>()));
   };
