@@ -135,32 +135,42 @@ Tensor unpack_ternary_base3(const Tensor& packed_in, int64_t K) {
   return out;
 }
 
-Tensor prepack_ternary(const Tensor& packed_in) {
-  const char* op = "prepack_ternary";
-  check_packed(packed_in, op);
-  Tensor packed = packed_in.contiguous();
-  const int64_t N = packed.size(0), B = packed.size(1), KB = ceil_div(B * 4, kBlockK);
-  check_canonical(packed, B * 4, op);
-  Tensor out = at::empty({N, KB * kBlockBytes}, packed.options());
-  const uint8_t* src = packed.data_ptr<uint8_t>();
+Tensor prepack_codes(const Tensor& codes_in) {
+  Tensor codes = codes_in.contiguous();
+  const int64_t N = codes.size(0), K = codes.size(1), KB = ceil_div(K, kBlockK);
+  Tensor out = at::empty({N, KB * kBlockBytes}, codes.options().dtype(at::kByte));
+  const int8_t* src = codes.data_ptr<int8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* row = src + n * K;
       for (int64_t kb = 0; kb < KB; ++kb) {
         uint8_t* blk = dst + block_offset(N, KB, n, kb);
+        const int64_t base = kb * kBlockK;
+        if (base + kBlockK <= K) {  // full block: no bounds checks in the hot loop
+          for (int64_t j = 0; j < kBlockBytes; ++j)
+            blk[j] = static_cast<uint8_t>((row[base + j] + 1) | (row[base + 32 + j] + 1) << 2 |
+                                          (row[base + 64 + j] + 1) << 4 | (row[base + 96 + j] + 1) << 6);
+          continue;
+        }
         for (int64_t j = 0; j < kBlockBytes; ++j) {
           uint8_t byte = 0;
-          for (int s = 0; s < 4; ++s)
-            byte |= static_cast<uint8_t>(code_at(src + n * B, B, kb * kBlockK + 32 * s + j) << (2 * s));
+          for (int s = 0; s < 4; ++s) {
+            const int64_t k = base + 32 * s + j;
+            byte |= static_cast<uint8_t>((k < K ? row[k] + 1 : 1) << (2 * s));
+          }
           blk[j] = byte;
         }
       }
+    }
   });
   return out;
 }
 
-Tensor prepack_codes(const Tensor& codes) {
-  return prepack_ternary(pack_ternary(codes));
+Tensor prepack_ternary(const Tensor& packed) {
+  check_packed(packed, "prepack_ternary");
+  // unpack_ternary validates the codes; K = 4 bytes per column keeps the canonical padding
+  return prepack_codes(unpack_ternary(packed, packed.size(1) * 4));
 }
 
 Tensor unprepack_ternary(const Tensor& w_in, int64_t K) {

@@ -5,17 +5,70 @@
 //   weights:     scale = mean|w| + 1e-5 (per tensor or per row); code = clamp(round(w / scale), -1, 1)
 //   activations: Qp = 2^(bits-1) - 1; scale = Qp / max(absmax, 1e-5) per token;
 //                q = clamp(round(x * scale), -Qp - 1, Qp); x ≈ q / scale
-//   round is half to even (std::nearbyint, as torch.round); arithmetic in fp32.
+//   round is half to even (as torch.round); arithmetic in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <emmintrin.h>
+
 #include <cmath>
+#include <cstring>
 
 #include "cpu/ops_cpu.h"
 
 namespace agentforge {
 namespace cpu {
+namespace {
+
+// Row loops in SSE2 (every x86-64 has it): cvtps2dq rounds half to even under the default
+// rounding mode, like torch.round, and GCC will not vectorise the scalar clamp-and-round
+// loop on its own (float min/max must respect NaN; inputs here are known to be finite).
+inline __m128i round_clamped(__m128 v, __m128 lo, __m128 hi) {
+  return _mm_cvtps_epi32(_mm_min_ps(_mm_max_ps(v, lo), hi));
+}
+
+inline int8_t round_clamped(float v, float lo, float hi) {
+  return static_cast<int8_t>(std::nearbyint(v < lo ? lo : (v > hi ? hi : v)));
+}
+
+// Stores 4 int32 lanes (already within int8 range) as 4 int8.
+inline void store4_i8(int8_t* dst, __m128i v) {
+  __m128i packed = _mm_packs_epi16(_mm_packs_epi32(v, v), _mm_setzero_si128());
+  int32_t word = _mm_cvtsi128_si32(packed);
+  std::memcpy(dst, &word, 4);
+}
+
+void ternary_row(const float* src, int8_t* dst, int64_t K, float scale) {
+  const __m128 s = _mm_set1_ps(scale), lo = _mm_set1_ps(-1.f), hi = _mm_set1_ps(1.f);
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) store4_i8(dst + k, round_clamped(_mm_div_ps(_mm_loadu_ps(src + k), s), lo, hi));
+  for (; k < K; ++k) dst[k] = round_clamped(src[k] / scale, -1.f, 1.f);
+}
+
+template <typename scalar_t>
+int32_t activation_row(const scalar_t* src, int8_t* dst, int64_t K, float scale, float qmax) {
+  const __m128 s = _mm_set1_ps(scale), lo = _mm_set1_ps(-qmax - 1.f), hi = _mm_set1_ps(qmax);
+  __m128i sum4 = _mm_setzero_si128();
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    alignas(16) float f[4];
+    for (int i = 0; i < 4; ++i) f[i] = static_cast<float>(src[k + i]);
+    __m128i q = round_clamped(_mm_mul_ps(_mm_load_ps(f), s), lo, hi);
+    sum4 = _mm_add_epi32(sum4, q);
+    store4_i8(dst + k, q);
+  }
+  alignas(16) int32_t lanes[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(lanes), sum4);
+  int32_t sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  for (; k < K; ++k) {
+    dst[k] = round_clamped(static_cast<float>(src[k]) * scale, -qmax - 1.f, qmax);
+    sum += dst[k];
+  }
+  return sum;
+}
+
+}  // namespace
 
 void check_cpu(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "agentforge.", op, ": ", name, " is on ", t.device(),
@@ -39,7 +92,10 @@ std::tuple<Tensor, Tensor> ternary_codes(const Tensor& w, bool per_channel, cons
   TORCH_CHECK(w.dim() == 2, "agentforge.", op, ": w must be 2-D [out_features, in_features], got shape ", w.sizes());
   Tensor wf = w.to(at::kFloat).contiguous();
   const int64_t N = wf.size(0), K = wf.size(1);
-  Tensor scale = per_channel ? wf.abs().mean({1}) : wf.abs().mean().reshape({1});
+  // mean|w| as an L1 norm over the count: one pass, no |w| temporary (the reference computes
+  // it the same way, so the scales agree bit for bit)
+  Tensor scale = per_channel ? at::linalg_vector_norm(wf, 1, at::IntArrayRef{1}, false, std::nullopt).div_(K)
+                             : at::linalg_vector_norm(wf, 1).reshape({1}).div_(N * K);
   if (N * K == 0) scale.zero_();  // the mean of nothing is NaN; an empty matrix has scale eps
   scale.add_(kWeightEps);
   TORCH_CHECK(at::isfinite(scale).all().item<bool>(), "agentforge.", op,
@@ -49,13 +105,7 @@ std::tuple<Tensor, Tensor> ternary_codes(const Tensor& w, bool per_channel, cons
   const float* sc = scale.data_ptr<float>();
   int8_t* dst = codes.data_ptr<int8_t>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float s = sc[per_channel ? n : 0];
-      for (int64_t k = 0; k < K; ++k) {
-        float q = std::nearbyint(src[n * K + k] / s);
-        dst[n * K + k] = static_cast<int8_t>(q > 1.f ? 1.f : (q < -1.f ? -1.f : q));
-      }
-    }
+    for (int64_t n = n0; n < n1; ++n) ternary_row(src + n * K, dst + n * K, K, sc[per_channel ? n : 0]);
   });
   return {codes, scale};
 }
@@ -91,14 +141,8 @@ void quantize_rows_impl(const scalar_t* x, int64_t M, int64_t K, float qmax, int
         scale[m] = std::nanf("");
         for (int64_t k = 0; k < Kp; ++k) q[k] = 0;
       } else {
-        const float s = qmax / (absmax > kActEps ? absmax : kActEps);
-        scale[m] = s;
-        for (int64_t k = 0; k < K; ++k) {
-          float r = std::nearbyint(static_cast<float>(row[k]) * s);
-          r = r > qmax ? qmax : (r < -qmax - 1.f ? -qmax - 1.f : r);
-          q[k] = static_cast<int8_t>(r);
-          sum += q[k];
-        }
+        scale[m] = qmax / (absmax > kActEps ? absmax : kActEps);
+        sum = activation_row(row, q, K, scale[m], qmax);
         for (int64_t k = K; k < Kp; ++k) q[k] = 0;
       }
       if (row_sum) row_sum[m] = sum;

@@ -18,10 +18,13 @@ def _ceil_div(a: int, b: int) -> int:
 
 def quantize_ternary(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     wf = w.float()
+    N, K = wf.shape
     if wf.numel() == 0:
-        scale = torch.zeros(wf.shape[0] if per_channel else 1)
+        scale = torch.zeros(N if per_channel else 1)
+    elif per_channel:
+        scale = torch.linalg.vector_norm(wf, 1, dim=1) / K  # mean|w|, computed as the kernel does
     else:
-        scale = wf.abs().mean(1) if per_channel else wf.abs().mean().reshape(1)
+        scale = (torch.linalg.vector_norm(wf, 1) / (N * K)).reshape(1)
     scale = scale + WEIGHT_EPS
     if not torch.isfinite(scale).all():
         raise RuntimeError("agentforge.quantize_ternary: w contains NaN or Inf; ternary quantization needs finite weights")
