@@ -19,53 +19,116 @@ namespace {
 
 constexpr int64_t kChunkBlocks = 32;
 
+// acc + Σ4 u8·s8 per int32 lane. GCC 12 copies every accumulator twice around each
+// _mm512_dpbusd_epi32 inside a loop (two register moves per multiply, which halved the GEMV
+// rate); the inline-asm form lets it keep accumulators in place. SIMDe builds use the intrinsic.
+#ifdef AF_SIMDE
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) { return _mm256_dpbusd_epi32(acc, u8, s8); }
+#else
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+#endif
+
 inline int32_t hsum512(__m512i v) {
   return hsum256(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
 }
 
-// GEMV over one row tile. A tile stores the R rows of one K block back to back, so one
-// 64-byte load holds two rows; the block's activations are broadcast to both halves.
-template <int R>
-void gemv_tile(const MatmulArgs& a, const int8_t* x, int32_t x_sum, int32_t* out, int64_t n) {
-  constexpr int P = R / 2;  // row pairs in zmm registers; an odd last row uses a ymm
-  const __m512i mask3 = _mm512_set1_epi8(3);
-  const __m256i mask3y = _mm256_set1_epi8(3);
-  const uint8_t* tile = a.w + block_offset(a.N, a.KB, n, 0);
-  __m512i acc[P > 0 ? P : 1];
-  __m256i acc_odd = _mm256_setzero_si256();
-  for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_si512();
+// c0 + c1/4 + c2/16 + c3/64 for the mask-decoded code planes of gemv_tiles; exact, because
+// each plane's accumulator only ever holds multiples of its scale.
+inline __m256i combine_planes(const __m256i c[4]) {
+  return _mm256_add_epi32(_mm256_add_epi32(c[0], _mm256_srai_epi32(c[1], 2)),
+                          _mm256_add_epi32(_mm256_srai_epi32(c[2], 4), _mm256_srai_epi32(c[3], 6)));
+}
+
+inline __m512i combine_planes(const __m512i c[4]) {
+#ifdef AF_SIMDE  // SIMDe 0.7 has no _mm512_srai_epi32: combine each 256-bit half
+  __m256i lo[4], hi[4];
+  for (int s = 0; s < 4; ++s) {
+    lo[s] = _mm512_castsi512_si256(c[s]);
+    hi[s] = _mm512_extracti64x4_epi64(c[s], 1);
+  }
+  return _mm512_inserti64x4(_mm512_castsi256_si512(combine_planes(lo)), combine_planes(hi), 1);
+#else
+  return _mm512_add_epi32(_mm512_add_epi32(c[0], _mm512_srai_epi32(c[1], 2)),
+                          _mm512_add_epi32(_mm512_srai_epi32(c[2], 4), _mm512_srai_epi32(c[3], 6)));
+#endif
+}
+
+// Row sums of four row-pair vectors (lanes 0-7: row 2q, lanes 8-15: row 2q + 1), returned
+// as rows 0..7 in order: a transposing reduction, 7 adds and shuffles instead of 8 hsums.
+inline __m256i row_sums(const __m512i s[4]) {
+  // per 128-bit chunk: [Σ s0, Σ s1, Σ s2, Σ s3] over that chunk's four lanes
+  const __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
+  const __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
+  const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+  // chunks 0 + 1 hold the even rows 0, 2, 4, 6; chunks 2 + 3 the odd rows
+  const __m512i c = _mm512_add_epi32(b, _mm512_shuffle_i32x4(b, b, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, c));
+}
+
+// GEMV over T consecutive row tiles of R rows each (T > 1 only for full tiles, R = 4). A tile
+// stores the R rows of one K block back to back, so one 64-byte load holds two rows; the
+// block's activations are broadcast to both halves and shared by every tile of the call.
+// Codes are decoded by masks alone: byte & 0x03 is code c0, & 0x0C is 4·c1, & 0x30 is 16·c2
+// and & 0xC0 is 64·c3 (elements 0..31, 32..63, 64..95, 96..127 of the block), each
+// multiplied into its own accumulator, which is divided back (exactly) at the end: 4 ands
+// and 4 vpdpbusd per 256 weights, no shifts. Bound: the 64· accumulator gains at most
+// 4·128·128 per block and lane, so it stays inside int32 for K < 2^21 (checked in matmul.cpp).
+template <int T, int R>
+void gemv_tiles(const MatmulArgs& a, const int8_t* x, int32_t x_sum, int32_t* out, int64_t n) {
+  constexpr int P = R / 2;  // row pairs per tile in zmm registers; an odd last row uses a ymm
+  constexpr bool odd = R % 2;
+  const __m512i mask[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x30),
+                           _mm512_set1_epi8((char)0xC0)};
+  const uint8_t* tile[T];
+  for (int t = 0; t < T; ++t) tile[t] = a.w + block_offset(a.N, a.KB, n + t * kTileRows, 0);
+  __m512i acc[T * P > 0 ? T * P : 1][4];
+  __m256i acc_odd[4];
+  for (int p = 0; p < T * P; ++p)
+    for (int s = 0; s < 4; ++s) acc[p][s] = _mm512_setzero_si512();
+  for (int s = 0; s < 4; ++s) acc_odd[s] = _mm256_setzero_si256();
   for (int64_t kb = 0; kb < a.KB; ++kb) {
-    const int8_t* xb = x + kb * kBlockK;
-    const uint8_t* blk = tile + kb * R * kBlockBytes;
-    __m256i xs[4];
-    for (int s = 0; s < 4; ++s) xs[s] = _mm256_loadu_si256((const __m256i*)(xb + 32 * s));
-    for (int p = 0; p < P; ++p) {
-      __m512i v = _mm512_loadu_si512((const void*)(blk + 2 * p * kBlockBytes));
-      for (int s = 0; s < 4; ++s) {
-        __m512i c = _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), mask3);
-        acc[p] = _mm512_dpbusd_epi32(acc[p], c, _mm512_broadcast_i64x4(xs[s]));
+    __m512i xs[4];
+    for (int s = 0; s < 4; ++s)
+      xs[s] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(x + kb * kBlockK + 32 * s)));
+    for (int t = 0; t < T; ++t)
+      for (int p = 0; p < P; ++p) {
+        const __m512i v = _mm512_loadu_si512((const void*)(tile[t] + (kb * R + 2 * p) * kBlockBytes));
+        for (int s = 0; s < 4; ++s) acc[t * P + p][s] = dpbusd(acc[t * P + p][s], _mm512_and_si512(v, mask[s]), xs[s]);
       }
-    }
-    if (R % 2) {
-      __m256i v = _mm256_loadu_si256((const __m256i*)(blk + (R - 1) * kBlockBytes));
+    if (odd) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(tile[0] + (kb * R + R - 1) * kBlockBytes));
       for (int s = 0; s < 4; ++s)
-        acc_odd = _mm256_dpbusd_epi32(acc_odd, code_plane(v, s, mask3y), xs[s]);
+        acc_odd[s] = dpbusd(acc_odd[s], _mm256_and_si256(v, _mm512_castsi512_si256(mask[s])),
+                            _mm512_castsi512_si256(xs[s]));
     }
   }
-  for (int p = 0; p < P; ++p) {
-    out[n + 2 * p] = hsum256(_mm512_castsi512_si256(acc[p])) - x_sum;
-    out[n + 2 * p + 1] = hsum256(_mm512_extracti64x4_epi64(acc[p], 1)) - x_sum;
-  }
-  if (R % 2) out[n + R - 1] = hsum256(acc_odd) - x_sum;
+  // Undo the plane scales, then sum the 8 lanes of each row for all pairs at once.
+  __m512i pair_sums[4];
+  for (int q = 0; q < 4; ++q) pair_sums[q] = q < T * P ? combine_planes(acc[q]) : _mm512_setzero_si512();
+  alignas(32) int32_t rows[8];
+  _mm256_store_si256((__m256i*)rows, _mm256_sub_epi32(row_sums(pair_sums), _mm256_set1_epi32(x_sum)));
+  for (int r = 0; r < 2 * T * P; ++r) out[n + r] = rows[r];
+  if (odd) out[n + R - 1] = hsum256(combine_planes(acc_odd)) - x_sum;
 }
 
 void gemv_rows(const MatmulArgs& a, const int8_t* x, int32_t x_sum, int32_t* out, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n += kTileRows) {
+  int64_t n = n0;
+  for (; n + 2 * kTileRows <= n1; n += 2 * kTileRows) gemv_tiles<2, 4>(a, x, x_sum, out, n);
+  for (; n < n1; n += kTileRows) {
     switch (rows_in_tile(a.N, n)) {
-      case 4: gemv_tile<4>(a, x, x_sum, out, n); break;
-      case 3: gemv_tile<3>(a, x, x_sum, out, n); break;
-      case 2: gemv_tile<2>(a, x, x_sum, out, n); break;
-      default: gemv_tile<1>(a, x, x_sum, out, n); break;
+      case 4: gemv_tiles<1, 4>(a, x, x_sum, out, n); break;
+      case 3: gemv_tiles<1, 3>(a, x, x_sum, out, n); break;
+      case 2: gemv_tiles<1, 2>(a, x, x_sum, out, n); break;
+      default: gemv_tiles<1, 1>(a, x, x_sum, out, n); break;
     }
   }
 }
@@ -99,10 +162,10 @@ void gemm_micro(const uint8_t codes[][kChunkBlocks * kBlockK], const int8_t* x, 
     __m512i c3 = _mm512_loadu_si512((const void*)(codes[3] + k));
     for (int i = 0; i < MR; ++i) {
       __m512i xv = _mm512_loadu_si512((const void*)(x + i * x_stride + k));
-      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], c0, xv);
-      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], c1, xv);
-      acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], c2, xv);
-      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], c3, xv);
+      acc[i][0] = dpbusd(acc[i][0], c0, xv);
+      acc[i][1] = dpbusd(acc[i][1], c1, xv);
+      acc[i][2] = dpbusd(acc[i][2], c2, xv);
+      acc[i][3] = dpbusd(acc[i][3], c3, xv);
     }
   }
   for (int i = 0; i < MR; ++i)

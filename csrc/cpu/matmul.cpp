@@ -20,6 +20,7 @@ namespace {
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kProbeRows = 256;  // rows timed when a shape class is first measured
+constexpr int64_t kMaxK = int64_t{1} << 21;  // accumulator bound of the AVX-512 GEMV (kernels_avx512.cpp)
 
 std::string shape_class(int64_t M, int64_t K, int bits) {
   const char* m = M == 1 ? "1" : M < 4 ? "2-3" : M < 16 ? "4-15" : M < 64 ? "16-63" : "64+";
@@ -71,6 +72,8 @@ void check_matmul_args(const Tensor& x, const Tensor& w, const Tensor& w_scale, 
   TORCH_CHECK(w.size(1) % kBlockBytes == 0, "agentforge.", op, ": w_prepacked has ", w.size(1),
               " bytes per row, not a multiple of ", kBlockBytes, "; was it made by prepack_ternary?");
   const int64_t N = w.size(0), K = x.size(-1), KB = w.size(1) / kBlockBytes;
+  TORCH_CHECK(K < kMaxK, "agentforge.", op, ": K=", K, " is too large; the int32 accumulators of the kernels are "
+              "exact for K < ", kMaxK, " (split the layer along K)");
   TORCH_CHECK(ceil_div(K, kBlockK) == KB, "agentforge.", op, ": x has K=", K, " features but w_prepacked holds ",
               KB, " blocks of ", kBlockK, " (K in ", KB == 0 ? 0 : (KB - 1) * kBlockK + 1, "..", KB * kBlockK, ")");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 &&
@@ -90,7 +93,7 @@ Tensor matmul_prepacked(const Tensor& x, const Tensor& w, const Tensor& w_scale_
   const int64_t N = w.size(0), K = x.size(-1), KB = w.size(1) / kBlockBytes, Kp = KB * kBlockK;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  Tensor x2d = x.reshape({-1, K}).contiguous();
+  Tensor x2d = as_rows(x);
   const int64_t M = x2d.size(0);
   Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y.reshape(out_shape);
