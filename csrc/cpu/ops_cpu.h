@@ -46,6 +46,9 @@ Tensor prepack_codes(const Tensor& codes);
 // matmul output of that row is NaN, as F.linear's would be non-finite.
 void quantize_rows(const Tensor& x2d, int bits, int8_t* dst, int64_t Kp, float* scale, int32_t* row_sum);
 
+// x [..., K] as a contiguous [M, K] matrix of tokens (K = 0 included, where reshape(-1, K) fails).
+Tensor as_rows(const Tensor& x);
+
 int64_t act_qmax(int64_t bits, const char* op);  // 2^(bits-1) - 1, bits checked in [2, 8]
 
 void check_cpu(const Tensor& t, const char* op, const char* name);

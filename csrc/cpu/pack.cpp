@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <string>
+
 #include "cpu/ops_cpu.h"
 
 namespace agentforge {
@@ -35,8 +37,9 @@ inline int code_at(const uint8_t* row, int64_t bytes, int64_t k) {
   return k / 4 < bytes ? (row[k / 4] >> (2 * (k % 4))) & 3 : 1;
 }
 
-// Every code must be 0..2, and codes past element K (the padding) must be 1.
-void check_canonical(const Tensor& packed, int64_t K, const char* op) {
+// Every code must be 0..2, and codes past element K (the padding) must be 1. The hint about
+// K is only given to callers that chose K themselves.
+void check_canonical(const Tensor& packed, int64_t K, const char* op, bool caller_gave_k) {
   const int64_t N = packed.size(0), B = packed.size(1);
   const uint8_t* src = packed.data_ptr<uint8_t>();
   for (int64_t n = 0; n < N; ++n)
@@ -44,8 +47,21 @@ void check_canonical(const Tensor& packed, int64_t K, const char* op) {
       int c = (src[n * B + k / 4] >> (2 * (k % 4))) & 3;
       TORCH_CHECK(c != 3 && (k < K || c == 1), "agentforge.", op, ": corrupt packed ternary tensor: ",
                   c == 3 ? "invalid code 3" : "non-zero padding", " at row ", n, ", element ", k,
-                  " (is K=", K, " right?)");
+                  caller_gave_k ? " (is K=" + std::to_string(K) + " right?)" : std::string());
     }
+}
+
+// Canonical packed rows -> int8 codes, for an already validated tensor.
+Tensor unpack_codes(const Tensor& packed, int64_t K) {
+  const int64_t N = packed.size(0), B = packed.size(1);
+  Tensor out = at::empty({N, K}, packed.options().dtype(at::kChar));
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) dst[n * K + k] = static_cast<int8_t>(code_at(src + n * B, B, k) - 1);
+  });
+  return out;
 }
 
 }  // namespace
@@ -77,16 +93,8 @@ Tensor unpack_ternary(const Tensor& packed_in, int64_t K) {
   TORCH_CHECK(K >= 0 && ceil_div(K, 4) == packed_in.size(1), "agentforge.", op, ": K=", K, " needs ",
               ceil_div(K, 4), " bytes per row, packed has ", packed_in.size(1));
   Tensor packed = packed_in.contiguous();
-  check_canonical(packed, K, op);
-  const int64_t N = packed.size(0), B = packed.size(1);
-  Tensor out = at::empty({N, K}, packed.options().dtype(at::kChar));
-  const uint8_t* src = packed.data_ptr<uint8_t>();
-  int8_t* dst = out.data_ptr<int8_t>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = 0; k < K; ++k) dst[n * K + k] = static_cast<int8_t>(code_at(src + n * B, B, k) - 1);
-  });
-  return out;
+  check_canonical(packed, K, op, true);
+  return unpack_codes(packed, K);
 }
 
 Tensor pack_ternary_base3(const Tensor& codes_in) {
@@ -167,10 +175,14 @@ Tensor prepack_codes(const Tensor& codes_in) {
   return out;
 }
 
-Tensor prepack_ternary(const Tensor& packed) {
-  check_packed(packed, "prepack_ternary");
-  // unpack_ternary validates the codes; K = 4 bytes per column keeps the canonical padding
-  return prepack_codes(unpack_ternary(packed, packed.size(1) * 4));
+Tensor prepack_ternary(const Tensor& packed_in) {
+  const char* op = "prepack_ternary";
+  check_packed(packed_in, op);
+  // K = 4 codes per byte: the canonical padding codes (zeros) are carried over as weights
+  Tensor packed = packed_in.contiguous();
+  const int64_t K = packed.size(1) * 4;
+  check_canonical(packed, K, op, false);
+  return prepack_codes(unpack_codes(packed, K));
 }
 
 Tensor unprepack_ternary(const Tensor& w_in, int64_t K) {

@@ -7,11 +7,13 @@
 //                q = clamp(round(x * scale), -Qp - 1, Qp); x ≈ q / scale
 //   round is half to even (as torch.round); arithmetic in fp32.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 
 #include <emmintrin.h>
 
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 
@@ -46,15 +48,51 @@ void ternary_row(const float* src, int8_t* dst, int64_t K, float scale) {
   for (; k < K; ++k) dst[k] = round_clamped(src[k] / scale, -1.f, 1.f);
 }
 
+// Four consecutive elements as fp32 lanes (fp32 and bf16 rows; fp16 is cast to fp32 first).
+template <typename scalar_t>
+__m128 load4(const scalar_t* src);
+
+template <>
+inline __m128 load4<float>(const float* src) { return _mm_loadu_ps(src); }
+
+// bf16 is the top half of an fp32: one unpack widens it exactly.
+template <>
+inline __m128 load4<c10::BFloat16>(const c10::BFloat16* src) {
+  int64_t bits;
+  std::memcpy(&bits, src, 8);
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi64_si128(bits)));
+}
+
+// max |x| over a row, or NaN when the row holds NaN or Inf (|v| <= FLT_MAX fails for both).
+template <typename scalar_t>
+float absmax_or_nan(const scalar_t* src, int64_t K) {
+  const __m128 sign = _mm_set1_ps(-0.f), largest = _mm_set1_ps(FLT_MAX);
+  __m128 absmax = _mm_setzero_ps(), finite = _mm_castsi128_ps(_mm_set1_epi32(-1));
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const __m128 a = _mm_andnot_ps(sign, load4(src + k));
+    absmax = _mm_max_ps(absmax, a);
+    finite = _mm_and_ps(finite, _mm_cmple_ps(a, largest));
+  }
+  alignas(16) float m[4];
+  _mm_store_ps(m, absmax);
+  float result = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+  bool all_finite = _mm_movemask_ps(finite) == 0xF;
+  for (; k < K; ++k) {
+    const float a = std::fabs(static_cast<float>(src[k]));
+    all_finite = all_finite && a <= FLT_MAX;
+    result = a > result ? a : result;
+  }
+  return all_finite ? result : std::nanf("");
+}
+
 template <typename scalar_t>
 int32_t activation_row(const scalar_t* src, int8_t* dst, int64_t K, float scale, float qmax) {
   const __m128 s = _mm_set1_ps(scale), lo = _mm_set1_ps(-qmax - 1.f), hi = _mm_set1_ps(qmax);
   __m128i sum4 = _mm_setzero_si128();
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
-    alignas(16) float f[4];
-    for (int i = 0; i < 4; ++i) f[i] = static_cast<float>(src[k + i]);
-    __m128i q = round_clamped(_mm_mul_ps(_mm_load_ps(f), s), lo, hi);
+    __m128i q = round_clamped(_mm_mul_ps(load4(src + k), s), lo, hi);
     sum4 = _mm_add_epi32(sum4, q);
     store4_i8(dst + k, q);
   }
@@ -79,6 +117,12 @@ void check_float(const Tensor& t, const char* op, const char* name) {
   auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "agentforge.", op, ": ", name,
               " must be float32, bfloat16 or float16, got ", dt);
+}
+
+Tensor as_rows(const Tensor& x) {
+  const int64_t K = x.size(-1);
+  const int64_t M = K > 0 ? x.numel() / K : c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  return x.reshape({M, K}).contiguous();
 }
 
 int64_t act_qmax(int64_t bits, const char* op) {
@@ -129,15 +173,9 @@ void quantize_rows_impl(const scalar_t* x, int64_t M, int64_t K, float qmax, int
     for (int64_t m = m0; m < m1; ++m) {
       const scalar_t* row = x + m * K;
       int8_t* q = dst + m * Kp;
-      float absmax = 0.f;
-      bool finite = true;
-      for (int64_t k = 0; k < K; ++k) {
-        float v = static_cast<float>(row[k]);
-        finite = finite && std::isfinite(v);
-        absmax = std::fabs(v) > absmax ? std::fabs(v) : absmax;
-      }
+      const float absmax = absmax_or_nan(row, K);
       int32_t sum = 0;
-      if (!finite) {
+      if (std::isnan(absmax)) {
         scale[m] = std::nanf("");
         for (int64_t k = 0; k < Kp; ++k) q[k] = 0;
       } else {
@@ -153,10 +191,13 @@ void quantize_rows_impl(const scalar_t* x, int64_t M, int64_t K, float qmax, int
 }  // namespace
 
 void quantize_rows(const Tensor& x2d, int bits, int8_t* dst, int64_t Kp, float* scale, int32_t* row_sum) {
+  // fp16 has no SSE2 conversion: torch's vectorised cast (exact) beats a scalar one per element
+  if (x2d.scalar_type() == at::kHalf) return quantize_rows(x2d.to(at::kFloat), bits, dst, Kp, scale, row_sum);
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "quantize_rows", [&] {
-    quantize_rows_impl<scalar_t>(x2d.data_ptr<scalar_t>(), x2d.size(0), x2d.size(1), qmax, dst, Kp, scale, row_sum);
-  });
+  if (x2d.scalar_type() == at::kBFloat16)
+    quantize_rows_impl(x2d.data_ptr<c10::BFloat16>(), x2d.size(0), x2d.size(1), qmax, dst, Kp, scale, row_sum);
+  else
+    quantize_rows_impl(x2d.data_ptr<float>(), x2d.size(0), x2d.size(1), qmax, dst, Kp, scale, row_sum);
 }
 
 std::tuple<Tensor, Tensor, Tensor> quantize_activations(const Tensor& x, int64_t bits) {
@@ -165,9 +206,8 @@ std::tuple<Tensor, Tensor, Tensor> quantize_activations(const Tensor& x, int64_t
   check_float(x, op, "x");
   act_qmax(bits, op);
   TORCH_CHECK(x.dim() >= 1, "agentforge.", op, ": x must have at least one dimension (tokens along the last)");
-  const int64_t K = x.size(-1);
-  Tensor x2d = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2d.size(0);
+  Tensor x2d = as_rows(x);
+  const int64_t M = x2d.size(0), K = x2d.size(1);
   auto lead = x.sizes().slice(0, x.dim() - 1);
   Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   Tensor scale = at::empty(lead, x.options().dtype(at::kFloat));

@@ -17,7 +17,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def quantize_ternary(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    wf = w.float()
+    wf = w.detach().float().contiguous()  # summed in row-major order, as the kernel does
     N, K = wf.shape
     if wf.numel() == 0:
         scale = torch.zeros(N if per_channel else 1)
@@ -49,14 +49,14 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     N, K = codes.shape
     c = torch.ones(N, _ceil_div(K, 4) * 4, dtype=torch.uint8)
     c[:, :K] = (codes + 1).to(torch.uint8)
-    c = c.view(N, -1, 4)
+    c = c.view(N, _ceil_div(K, 4), 4)
     return c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6
 
 
 def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
     shifts = torch.arange(0, 8, 2, dtype=torch.uint8)
     c = (packed[..., None] >> shifts) & 3
-    return c.reshape(packed.shape[0], -1)[:, :K].to(torch.int8) - 1
+    return c.reshape(packed.shape[0], packed.shape[1] * 4)[:, :K].to(torch.int8) - 1
 
 
 def pack_ternary_base3(codes: torch.Tensor) -> torch.Tensor:
@@ -64,13 +64,13 @@ def pack_ternary_base3(codes: torch.Tensor) -> torch.Tensor:
     c = torch.ones(N, _ceil_div(K, 5) * 5, dtype=torch.int32)
     c[:, :K] = codes.to(torch.int32) + 1
     powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
-    return (c.view(N, -1, 5) * powers).sum(-1).to(torch.uint8)
+    return (c.view(N, _ceil_div(K, 5), 5) * powers).sum(-1).to(torch.uint8)
 
 
 def unpack_ternary_base3(packed: torch.Tensor, K: int) -> torch.Tensor:
     powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
     c = (packed.to(torch.int32)[..., None] // powers) % 3
-    return c.reshape(packed.shape[0], -1)[:, :K].to(torch.int8) - 1
+    return c.reshape(packed.shape[0], packed.shape[1] * 5)[:, :K].to(torch.int8) - 1
 
 
 def prepack_ternary(packed: torch.Tensor) -> torch.Tensor:
@@ -98,11 +98,14 @@ def unprepack_ternary(w: torch.Tensor, K: int) -> torch.Tensor:
     return pack_ternary(c.to(torch.int8) - 1)
 
 
-def ternary_matmul(x: torch.Tensor, w_prepacked: torch.Tensor, w_scale: torch.Tensor,
-                   bias: torch.Tensor | None = None, act_bits: int = 8) -> torch.Tensor:
-    K = x.shape[-1]
-    codes = unpack_ternary(unprepack_ternary(w_prepacked, K), K)
-    return _dequant_matmul(x, codes, w_scale, bias, act_bits)
+def _quantize_dequantize_weight(w, per_channel):
+    codes, scale = quantize_ternary(w, per_channel)
+    return (codes.float() * (scale[:, None] if per_channel else scale)).to(w.dtype)
+
+
+def _quantize_dequantize_activations(x, bits):
+    q, scale, _ = quantize_activations(x, bits)
+    return (q.float() / scale[..., None]).to(x.dtype)
 
 
 def _dequant_matmul(x, codes, w_scale, bias, act_bits):
@@ -114,17 +117,72 @@ def _dequant_matmul(x, codes, w_scale, bias, act_bits):
     return y.to(x.dtype)
 
 
+def _flat(t):
+    return t.reshape(-1, t.shape[-1])
+
+
+# The straight-through estimator, written out as the kernels' autograd (csrc/autograd.cpp) does
+# it: quantizers are the identity in the backward pass. Forward values are the exact ones above.
+
+class _FakeQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, quantize_dequantize, arg):
+        return quantize_dequantize(t.detach(), arg)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class _BitLinearSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, per_channel):
+        ctx.save_for_backward(x, w)
+        ctx.per_channel, ctx.has_bias = per_channel, bias is not None
+        codes, scale = quantize_ternary(w, per_channel)
+        return _dequant_matmul(x.detach(), codes, scale, None if bias is None else bias.detach(), 8)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        w_q = _quantize_dequantize_weight(w, ctx.per_channel)
+        grad_x = (grad_y @ w_q.to(grad_y.dtype)).to(x.dtype)
+        grad_w = (_flat(grad_y).t() @ _flat(_quantize_dequantize_activations(x, 8)).to(grad_y.dtype)).to(w.dtype)
+        grad_b = _flat(grad_y).sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
+class _TernaryMatmulSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_prepacked, w_scale, bias, act_bits):
+        K = x.shape[-1]
+        codes = unpack_ternary(unprepack_ternary(w_prepacked, K), K)
+        ctx.save_for_backward(codes, w_scale)
+        ctx.has_bias = bias is not None
+        return _dequant_matmul(x.detach(), codes, w_scale, None if bias is None else bias.detach(), act_bits)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        codes, w_scale = ctx.saved_tensors
+        scale = w_scale[:, None] if w_scale.shape[0] > 1 else w_scale
+        grad_x = grad_y @ (codes.to(grad_y.dtype) * scale.to(grad_y.dtype))
+        grad_b = _flat(grad_y).sum(0) if ctx.has_bias else None
+        return grad_x, None, None, grad_b, None
+
+
+def ternary_matmul(x: torch.Tensor, w_prepacked: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None, act_bits: int = 8) -> torch.Tensor:
+    return _TernaryMatmulSTE.apply(x, w_prepacked, w_scale, bias, act_bits)
+
+
 def ternary_fake_quant(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-    codes, scale = quantize_ternary(w, per_channel)
-    return (codes.float() * (scale[:, None] if per_channel else scale)).to(w.dtype)
+    return _FakeQuantSTE.apply(w, _quantize_dequantize_weight, per_channel)
 
 
 def act_fake_quant(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    q, scale, _ = quantize_activations(x, bits)
-    return (q.float() / scale[..., None]).to(x.dtype)
+    return _FakeQuantSTE.apply(x, _quantize_dequantize_activations, bits)
 
 
 def bitlinear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
               per_channel: bool = False) -> torch.Tensor:
-    codes, scale = quantize_ternary(w, per_channel)
-    return _dequant_matmul(x, codes, scale, bias, 8)
+    return _BitLinearSTE.apply(x, w, bias, per_channel)

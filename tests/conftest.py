@@ -1,0 +1,40 @@
+"""Fixtures for the op tests. Plain helpers are in helpers.py."""
+import os
+
+# Nothing in the tests may reach the network (some model tests load transformers configs).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import agentforge.ops as ops  # noqa: E402
+
+from helpers import BACKENDS, supported_isas, using_isa  # noqa: E402
+
+
+def pytest_configure(config):
+    # Declared in pyproject.toml too; repeated so that tests/asan.sh, which runs the test
+    # files from outside the repository, does not warn about unknown marks.
+    config.addinivalue_line("markers", "slow: long-running test, deselect with -m 'not slow'")
+
+
+@pytest.fixture(params=supported_isas())
+def isa(request):
+    """Every kernel ISA this CPU can run; the previously active ISA is restored afterwards."""
+    with using_isa(request.param):
+        assert ops.cpu_info()["isa"] == request.param  # else every ISA would silently test the same kernels
+        yield request.param
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Force each matmul backend in turn (the kernels read the variable on every call)."""
+    monkeypatch.setenv("AGENTFORGE_BACKEND", request.param)
+    assert ops.cpu_info()["backend_override"] == request.param
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Every test draws its random inputs from the same seed: failures reproduce exactly.
+    torch.manual_seed(0)
