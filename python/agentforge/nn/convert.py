@@ -1,0 +1,80 @@
+"""Whole-model conversion: swap ``nn.Linear`` layers for BitLinear, freeze them to packed state,
+and record the result in a Hugging Face model's config so ``from_pretrained`` can rebuild it."""
+import sys
+
+from torch import nn
+
+from agentforge.nn.bitlinear import TRAINING, BitLinear
+
+DEFAULT_SKIP = ("lm_head", "embed")
+
+
+def linear_names(model: nn.Module, skip=DEFAULT_SKIP) -> list[str]:
+    """Qualified names of the plain ``nn.Linear`` layers whose name contains no ``skip`` pattern.
+
+    Subclasses of ``nn.Linear`` (BitLinear included) are left out: they may override ``forward``."""
+    return [name for name, module in model.named_modules()
+            if type(module) is nn.Linear and not any(pattern in name for pattern in skip)]
+
+
+def convert_to_bitnet(model: nn.Module, skip=DEFAULT_SKIP, per_channel: bool = False) -> nn.Module:
+    """Replace every plain ``nn.Linear`` of ``model`` whose qualified name contains none of the
+    ``skip`` substrings by a training-state BitLinear carrying the same weight and bias Parameters.
+    Converts in place and returns ``model``; raises ``ValueError`` when nothing is left to convert."""
+    skip = tuple(skip)
+    names = set(linear_names(model, skip))
+    if not names:
+        already = any(isinstance(m, BitLinear) for m in model.modules())
+        raise ValueError(f"convert_to_bitnet: {type(model).__name__} has no nn.Linear layer to convert"
+                         + (" (it is already converted)" if already else f" outside the skip patterns {skip}"))
+    # A Linear registered under several names (shared module) becomes one BitLinear everywhere.
+    replacements = {id(model.get_submodule(name)): None for name in names}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in replacements:
+            if replacements[id(module)] is None:
+                replacements[id(module)] = BitLinear.from_linear(module, per_channel)
+            model.set_submodule(name, replacements[id(module)])
+    record_in_config(model, skip=skip)
+    return model
+
+
+def pack_bitnet(model: nn.Module) -> nn.Module:
+    """Pack every training-state BitLinear of ``model`` (in place); returns ``model``."""
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    if not layers:
+        raise ValueError(f"pack_bitnet: {type(model).__name__} has no BitLinear layer; "
+                         "call convert_to_bitnet(model) first")
+    todo = [m for m in layers if m.state == TRAINING]
+    if not todo:
+        raise RuntimeError(f"pack_bitnet: every BitLinear layer of {type(model).__name__} is already packed")
+    for layer in todo:
+        layer.pack()
+    record_in_config(model)
+    return model
+
+
+def record_in_config(model: nn.Module, skip=None) -> None:
+    """Describe the model's BitLinear layers in ``model.config.quantization_config`` (Hugging Face
+    models only), which ``save_pretrained`` writes to config.json. ``skip`` defaults to the one
+    already recorded."""
+    transformers = sys.modules.get("transformers")  # an HF model means transformers is loaded
+    config = getattr(model, "config", None)
+    if transformers is None or not isinstance(config, transformers.PretrainedConfig):
+        return
+    from agentforge.nn.hf_quantizer import AgentForgeBitNetConfig
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
+    states = {m.state for m in layers.values()}
+    per_channel = {m.per_channel for m in layers.values()}
+    if len(states) > 1 or len(per_channel) > 1:
+        raise ValueError(f"{type(model).__name__} mixes BitLinear layers with states {sorted(states)} and "
+                         f"per_channel {sorted(per_channel)}, which one config.json cannot describe")
+    old = getattr(config, "quantization_config", None)
+    old = old if isinstance(old, AgentForgeBitNetConfig) else None
+    fields = dict(state=states.pop() if states else TRAINING, modules=sorted(layers),
+                  skip=list(skip) if skip is not None else (old.skip if old else list(DEFAULT_SKIP)),
+                  per_channel=per_channel.pop() if per_channel else False)
+    if old is not None:  # update in place: a loaded model's hf_quantizer holds this same object
+        old.update(**fields)
+    else:
+        config.quantization_config = AgentForgeBitNetConfig(**fields)
