@@ -1,0 +1,78 @@
+# agentforge developer commands. Everything runs inside a virtualenv ($(VENV)), created on
+# first use, so a fresh machine needs only python3 (>= 3.10), a C++17 compiler and make.
+#
+#   make install   venv + torch (only if absent) + build tools + agentforge[test], non-editable
+#   make test      the fast test suite (the README's test command)
+#   make run       agentforge bench (the pipeline command will take its place)
+#   make bench     the pytest-benchmark suites in benchmarks/
+#   make clean     build outputs and caches (keeps $(VENV); `make distclean` removes it too)
+#
+# Variables: PYTHON (interpreter that creates the venv), VENV, TORCH_VERSION, JOBS.
+
+PYTHON        ?= python3
+VENV          ?= .venv
+# Pinned: a bare `pip install torch` resolves to the newest CUDA build (GBs of wheels); with the
+# pin, pip's configured find-links supply the local CPU wheel on the project's machines.
+TORCH_VERSION ?= 2.13.0
+JOBS          ?= $(shell nproc 2>/dev/null || echo 2)
+BENCH_ARGS    ?=
+PYTEST_ARGS   ?=
+
+PY    := $(VENV)/bin/python
+PIP   := $(PY) -m pip
+STAMP := $(VENV)/.agentforge-installed
+
+export HF_HUB_OFFLINE := 1
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+# Reinstall when any build input changes (the install is non-editable).
+SOURCES := pyproject.toml CMakeLists.txt $(shell find cmake csrc python -type f \
+             \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \
+                -o -name '*.cmake' \) 2>/dev/null)
+
+.PHONY: install test run bench clean distclean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(SOURCES) | $(PY)
+	@if $(PY) -c 'import torch' 2>/dev/null; then \
+	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed in $(VENV)"; \
+	else \
+	  $(PIP) install "torch==$(TORCH_VERSION)"; \
+	fi
+	@if $(PY) -c 'import scikit_build_core, ninja, pybind11' 2>/dev/null; then \
+	  echo "build tools already installed in $(VENV)"; \
+	else \
+	  $(PIP) install scikit-build-core ninja pybind11; \
+	fi
+	@v=$$(cmake --version 2>/dev/null | head -n1 | awk '{print $$3}'); \
+	if [ -n "$$v" ] && [ "$$(printf '%s\n' 3.25 "$$v" | sort -V | head -n1)" = 3.25 ]; then \
+	  echo "cmake $$v found"; \
+	elif $(PY) -c 'import cmake' 2>/dev/null; then \
+	  echo "cmake from $(VENV)"; \
+	else \
+	  $(PIP) install "cmake>=3.25"; \
+	fi
+	$(PIP) install --no-build-isolation ".[test]"
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+run: $(STAMP)
+	$(VENV)/bin/agentforge bench $(BENCH_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-only $(PYTEST_ARGS)
+
+# build/editable belongs to an editable install (its _C is loaded from there): left alone.
+clean:
+	rm -rf build/cp* dist .pytest_cache .benchmarks .hypothesis $(STAMP)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,506 @@
+"""``agentforge bench``: the ternary matmul against torch ``F.linear``, as ratios measured in one run.
+
+What is timed, for every (N, K) weight shape and every M (tokens per call):
+
+* ``F.linear(x, w)`` in fp32 and in bf16 (x and w both in that dtype; the baselines);
+* ``agentforge.ops.ternary_matmul(x, w_prepacked, w_scale)`` with fp32 ``x``, once per CPU
+  backend (``int8`` and ``popcount``, forced through ``AGENTFORGE_BACKEND``, which the
+  dispatcher reads on every call). Weights are quantized, packed and prepacked before timing;
+  the timed call is the public Python op, so activation quantization, the epilogue and the
+  Python/dispatcher overhead are included.
+
+Method: every candidate is warmed up, then the candidates of one row are timed in turns
+(rotating order) for ``--reps`` rounds; each sample is the mean of enough back-to-back calls to
+last ``--min-sample-ms``; the reported time is the median sample. Ratios compare medians taken in
+the same run, so slow drifts (other processes, clock changes) hit all candidates alike.
+
+Throughput ``G weights/s = M * N * K / t / 1e9``: ternary weight-activation products per second;
+at M = 1 it is the number of weights streamed per second. By default weights stay in place
+between calls ("hot"); ``--cold`` rotates through enough copies of every weight matrix to exceed
+twice the last-level cache, so each call streams its weights from memory.
+
+The per-core figure runs ternary_matmul at M = 1 on one thread (``torch.set_num_threads(1)``)
+on a K = 2048 shape whose prepacked weights fill at most half of L2 (N2 rows) and on one with a
+quarter of its rows (N1), calling the two back to back in alternating order for thousands of
+pairs. It reports the per-call rate ``N2 * K / t2`` and the marginal rate
+``(N2 - N1) * K / median(t2 - t1)`` over the pairs, which cancels the fixed per-call cost
+(Python, dispatcher, activation quantization): the kernel's own cache-resident throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Iterator
+
+HELP = "time ternary_matmul (int8 and popcount backends) against F.linear fp32/bf16"
+
+DEFAULT_SHAPES = "2560x2560,4096x4096,11008x4096"
+DEFAULT_MS = "1,16,64"
+BACKENDS = ("int8", "popcount")
+BASELINES = ("fp32", "bf16")
+BACKEND_ENV = "AGENTFORGE_BACKEND"
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"4096x4096,11008x4096"`` -> ``[(4096, 4096), (11008, 4096)]`` as (N out, K in)."""
+    shapes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        parts = item.lower().replace("×", "x").split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"bad shape {item!r}: expected NxK, e.g. 4096x4096")
+        shapes.append((int(parts[0]), int(parts[1])))
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shapes given")
+    return shapes
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in BACKENDS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"backends must be among {', '.join(BACKENDS)}, got {text!r}")
+    return names
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES), metavar="NxK,...",
+                   help=f"weight shapes, N outputs x K inputs (default {DEFAULT_SHAPES})")
+    p.add_argument("--m", type=parse_ints, default=parse_ints(DEFAULT_MS), metavar="M,...",
+                   help=f"tokens per call (rows of x) (default {DEFAULT_MS})")
+    p.add_argument("--reps", type=int, default=7, help="timed rounds per candidate; the median is reported (default 7)")
+    p.add_argument("--min-sample-ms", type=float, default=20.0,
+                   help="each sample averages back-to-back calls lasting at least this long (default 20)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate first (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the main table (default: torch's default)")
+    p.add_argument("--backends", type=parse_backends, default=list(BACKENDS), metavar="B,...",
+                   help="ternary backends to time (default int8,popcount)")
+    p.add_argument("--cold", action="store_true",
+                   help="rotate through weight copies larger than 2x the last-level cache (weights streamed from memory)")
+    p.add_argument("--no-per-core", dest="per_core", action="store_false",
+                   help="skip the single-thread cache-resident kernel throughput")
+    p.add_argument("--per-core-seconds", type=float, default=1.5,
+                   help="timing budget per backend for the per-core kernel figure (default 1.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the weights and inputs")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write all measurements as JSON to FILE")
+
+
+# --- machine ---------------------------------------------------------------------------------
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def _cache_bytes(level: int) -> int | None:
+    """Size of the data/unified cache of the given level seen by CPU 0 (sysfs), or None."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(f"{base}/{entry}/level") as f:
+                if int(f.read()) != level:
+                    continue
+            with open(f"{base}/{entry}/type") as f:
+                if f.read().strip() not in ("Data", "Unified"):
+                    continue
+            with open(f"{base}/{entry}/size") as f:
+                size = f.read().strip().upper()
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        digits = size.rstrip("KMG")
+        if digits.isdigit():
+            return int(digits) * mult
+    return None
+
+
+def machine_info() -> dict:
+    import torch
+
+    import agentforge
+    from agentforge import ops
+
+    info = ops.cpu_info()
+    cpu = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu,
+        "cpu_family_model": f"{family}/{model}" if family and model else None,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "l2_bytes": _cache_bytes(2),
+        "l3_bytes": _cache_bytes(3),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "agentforge": agentforge.__version__,
+        "extension_loaded": ops.extension_loaded(),
+        "isa": info.get("isa"),
+        "detected_isa": info.get("detected_isa"),
+        "python": platform.python_version(),
+        "loadavg_at_start": [round(v, 2) for v in load] if load else None,
+    }
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "?"
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def format_machine(m: dict) -> str:
+    fam = f" (family/model {m['cpu_family_model']})" if m["cpu_family_model"] else ""
+    lines = [
+        f"machine : {m['cpu']}{fam}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
+        f"L2 {_fmt_bytes(m['l2_bytes'])}/core, L3 {_fmt_bytes(m['l3_bytes'])}",
+        f"software: torch {m['torch']} ({m['torch_threads']} threads), agentforge {m['agentforge']}, "
+        f"python {m['python']}",
+        f"kernels : isa {m['isa']} (detected {m['detected_isa']}), native extension "
+        f"{'loaded' if m['extension_loaded'] else 'NOT loaded: timing the pure-PyTorch reference'}",
+    ]
+    if m["loadavg_at_start"]:
+        lines.append(f"load    : {m['loadavg_at_start'][0]} (1-min load average at start; "
+                     f"other processes inflate and scatter timings)")
+    return "\n".join(lines)
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def forced_backend(name: str | None) -> Iterator[None]:
+    """Force the backend of ``ternary_matmul`` inside the block (None: the dispatcher chooses).
+
+    The C++ dispatcher reads ``AGENTFORGE_BACKEND`` on every call, and ``os.environ`` writes
+    through to the C environment, so this takes effect at once and is undone on exit."""
+    old = os.environ.get(BACKEND_ENV)
+    if name is None:
+        os.environ.pop(BACKEND_ENV, None)
+    else:
+        os.environ[BACKEND_ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = old
+
+
+class Candidate:
+    """One thing to time: ``fn()`` runs a single call; ``backend`` is forced around each sample."""
+
+    def __init__(self, name: str, fn: Callable[[], object], backend: str | None = None):
+        self.name, self.fn, self.backend = name, fn, backend
+        self.inner = 1
+        self.samples: list[float] = []
+
+    def run(self, n: int) -> float:
+        fn = self.fn
+        with forced_backend(self.backend):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - t0) / n
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def measure(cands: list[Candidate], reps: int, min_sample_s: float, warmup: int) -> None:
+    """Warm up and calibrate each candidate, then time them in turns; fills ``samples``."""
+    for c in cands:
+        c.run(max(1, warmup))
+        t = c.run(1)
+        c.inner = max(1, min(100_000, math.ceil(min_sample_s / max(t, 1e-7))))
+        c.samples = []
+    for r in range(reps):
+        k = r % len(cands)
+        for c in cands[k:] + cands[:k]:  # rotate so no candidate always runs right after the same one
+            c.samples.append(c.run(c.inner))
+
+
+def _cycling(make: Callable[[object], Callable[[], object]], copies: list) -> Callable[[], object]:
+    if len(copies) == 1:
+        return make(copies[0])
+    fns = itertools.cycle([make(w) for w in copies])
+    return lambda: next(fns)()
+
+
+def _copies_needed(nbytes: int, cold: bool, llc: int | None) -> int:
+    if not cold:
+        return 1
+    return max(1, math.ceil(2 * (llc or 32 << 20) / max(nbytes, 1)))
+
+
+# --- the benchmarks --------------------------------------------------------------------------
+
+def _auto_pick(ops, x, wp, scale) -> str | None:
+    """The backend the dispatcher measures and picks for this call's shape class."""
+    if not ops.extension_loaded():
+        return None
+    ops.set_isa(ops.cpu_info()["isa"])  # same ISA; clears the measured table
+    with forced_backend(None):
+        ops.ternary_matmul(x, wp, scale)
+    table = ops.cpu_info()["dispatch"]
+    return table[0]["backend"] if len(table) == 1 else None
+
+
+def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, seed, log) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from agentforge import ops
+
+    rows = []
+    gen = torch.Generator().manual_seed(seed)
+    for N, K in shapes:
+        w = torch.randn(N, K, generator=gen) * 0.02
+        codes, scale = ops.quantize_ternary(w)
+        wp = ops.prepack_ternary(ops.pack_ternary(codes))
+        weights = {
+            "fp32": [w] + [w.clone() for _ in range(_copies_needed(w.nbytes, cold, llc) - 1)],
+            "ternary": [wp] + [wp.clone() for _ in range(_copies_needed(wp.nbytes, cold, llc) - 1)],
+        }
+        wb = w.bfloat16()
+        weights["bf16"] = [wb] + [wb.clone() for _ in range(_copies_needed(wb.nbytes, cold, llc) - 1)]
+        for M in ms:
+            log(f"  {N}x{K} M={M} ...")
+            x = torch.randn(M, K, generator=gen)
+            xb = x.bfloat16()
+            cands = [
+                Candidate("fp32", _cycling(lambda wt: (lambda: F.linear(x, wt)), weights["fp32"])),
+                Candidate("bf16", _cycling(lambda wt: (lambda: F.linear(xb, wt)), weights["bf16"])),
+            ]
+            for b in backends:
+                cands.append(Candidate(b, _cycling(lambda wt: (lambda: ops.ternary_matmul(x, wt, scale)),
+                                                   weights["ternary"]), backend=b))
+            # Sanity: the backends compute the same exact integer products, so they must agree.
+            outs = {}
+            for b in backends:
+                with forced_backend(b):
+                    outs[b] = ops.ternary_matmul(x, wp, scale)
+            agree = all(torch.equal(outs[backends[0]], o) for o in outs.values())
+            measure(cands, reps, min_sample_s, warmup)
+            t = {c.name: c.median for c in cands}
+            row = {"N": N, "K": K, "M": M, "ms": {k: v * 1e3 for k, v in t.items()},
+                   "samples_ms": {c.name: [s * 1e3 for s in c.samples] for c in cands},
+                   "inner_calls": {c.name: c.inner for c in cands},
+                   "speedup": {b: {base: t[base] / t[b] for base in BASELINES} for b in backends},
+                   "gweights_per_s": {k: M * N * K / v / 1e9 for k, v in t.items()},
+                   "backends_agree": agree,
+                   "auto_pick": _auto_pick(ops, x, wp, scale)}
+            if not agree:
+                log(f"  WARNING: backends disagree at {N}x{K} M={M}")
+            rows.append(row)
+        del weights, w, wb, wp
+    return rows
+
+
+def paired_times(f1: Callable[[], object], f2: Callable[[], object], seconds: float, warmup_s: float,
+                 chunks: int = 5) -> tuple[list[int], list[int]]:
+    """Time ``f1`` and ``f2`` back to back, in alternating order, for about ``seconds``; returns
+    the per-call times (ns) of each. Adjacent calls see the same machine state, so the per-pair
+    difference ``t2 - t1`` is robust to slow drifts and to other processes."""
+    pc = time.perf_counter_ns
+    deadline = pc() + int(warmup_s * 1e9)
+    while pc() < deadline:
+        f1()
+        f2()
+    a: list[int] = []
+    b: list[int] = []
+    deadline = pc() + int(seconds * 1e9)
+    i = 0
+    while pc() < deadline or i < 2 * chunks:
+        if i & 1:
+            t0 = pc(); f1(); t1 = pc(); f2(); t2 = pc()  # noqa: E702
+            a.append(t1 - t0)
+            b.append(t2 - t1)
+        else:
+            t0 = pc(); f2(); t1 = pc(); f1(); t2 = pc()  # noqa: E702
+            b.append(t1 - t0)
+            a.append(t2 - t1)
+        i += 1
+    return a, b
+
+
+def bench_per_core(backends, seconds, l2, seed, log) -> dict:
+    import torch
+
+    from agentforge import ops
+
+    K = 2048
+    budget = (l2 or 512 << 10) // 2
+    N2 = max(256, budget // (K // 4) // 64 * 64)
+    N1 = N2 // 4
+    gen = torch.Generator().manual_seed(seed + 1)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {"K": K, "N1": N1, "N2": N2, "l2_bytes": l2, "threads": 1, "backends": {}}
+    try:
+        x = torch.randn(1, K, generator=gen)
+        fns = {}
+        for N in (N1, N2):
+            codes, scale = ops.quantize_ternary(torch.randn(N, K, generator=gen))
+            wp = ops.prepack_ternary(ops.pack_ternary(codes))
+            out["prepacked_bytes"] = wp.nbytes
+            fns[N] = (lambda wp=wp, s=scale: ops.ternary_matmul(x, wp, s))
+        log(f"  per-core: M=1, K={K}, N={N1} and {N2}, 1 thread ...")
+        for b in backends:
+            with forced_backend(b):
+                a, c = paired_times(fns[N1], fns[N2], seconds, warmup_s=seconds / 4)
+            diffs = [y - z for y, z in zip(c, a)]
+            chunks = [statistics.median(diffs[i::5]) for i in range(5)]  # interleaved fifths: a spread
+            d = statistics.median(diffs)
+            t2 = statistics.median(c)
+            out["backends"][b] = {
+                "pairs": len(diffs),
+                "t_n1_us": statistics.median(a) / 1e3,
+                "t_n2_us": t2 / 1e3,
+                "per_call_gweights_per_s": N2 * K / t2,
+                "marginal_gweights_per_s": (N2 - N1) * K / d if d > 0 else None,
+                "marginal_fifths_gweights_per_s": [(N2 - N1) * K / v if v > 0 else None for v in chunks],
+            }
+    finally:
+        torch.set_num_threads(prev_threads)
+    return out
+
+
+# --- output ----------------------------------------------------------------------------------
+
+def _ratio(v: float) -> str:
+    return f"{v:.2f}x" if v < 10 else f"{v:.1f}x"
+
+
+def _ms(v: float) -> str:
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def format_table(rows: list[dict], backends: list[str]) -> str:
+    head = ["N x K", "M", "fp32 ms", "bf16 ms"] + [f"{b} ms" for b in backends]
+    for b in backends:
+        head += [f"{b} vs fp32", f"{b} vs bf16"]
+    head += [f"{b} Gw/s" for b in backends] + ["auto picks"]
+    body = []
+    for r in rows:
+        line = [f"{r['N']}x{r['K']}", str(r["M"]), _ms(r["ms"]["fp32"]), _ms(r["ms"]["bf16"])]
+        line += [_ms(r["ms"][b]) for b in backends]
+        for b in backends:
+            line += [_ratio(r["speedup"][b]["fp32"]), _ratio(r["speedup"][b]["bf16"])]
+        line += [f"{r['gweights_per_s'][b]:.1f}" for b in backends]
+        line.append((r["auto_pick"] or "?") + ("" if r["backends_agree"] else " (MISMATCH)"))
+        body.append(line)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([fmt(head), sep] + [fmt(b) for b in body])
+
+
+def format_per_core(pc: dict) -> str:
+    lines = [f"kernel, cache-resident, one core (torch.set_num_threads(1)): M=1, K={pc['K']}, N={pc['N1']} and "
+             f"{pc['N2']} ({pc['prepacked_bytes'] >> 10} KiB prepacked, L2 {_fmt_bytes(pc['l2_bytes'])}/core)"]
+    for b, v in pc["backends"].items():
+        marg = v["marginal_gweights_per_s"]
+        marg_s = f"{marg:.1f}" if marg is not None else "n/a"
+        lines.append(f"  {b:>8}: {marg_s} G ternary weights/s per core, marginal "
+                     f"((N2-N1)*K / median paired time difference, fixed per-call cost removed); "
+                     f"{v['per_call_gweights_per_s']:.1f} per whole call ({v['t_n2_us']:.1f} us incl. Python)")
+    return "\n".join(lines)
+
+
+LEGEND = """\
+fp32/bf16 ms: torch F.linear(x, w) with x, w in that dtype. <backend> ms: agentforge.ops.ternary_matmul on
+fp32 x with weights prepacked beforehand, backend forced by AGENTFORGE_BACKEND; includes activation
+quantization and the Python call. Times are medians of {reps} interleaved samples. "vs": speedup of the
+ternary op over F.linear (t_F.linear / t_ternary, > 1 = faster). Gw/s: M*N*K / t / 1e9 weight-activation
+products per second (at M=1: weights streamed per second). auto picks: the backend the dispatcher measures
+and chooses when none is forced. Weights: {mode}."""
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from agentforge import ops
+
+    if args.reps < 1:
+        print("agentforge bench: --reps must be >= 1", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("agentforge bench: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    machine = machine_info()
+    print(format_machine(machine), flush=True)
+    if not ops.extension_loaded():
+        log("agentforge bench: the native extension is not loaded; the ternary numbers are the slow reference")
+    mode = (f"cold (rotating copies > 2x L3 {_fmt_bytes(machine['l3_bytes'])})" if args.cold
+            else "hot (the same weights every call; small ternary weights stay in cache)")
+    t0 = time.perf_counter()
+    log(f"timing {len(args.shapes)} shapes x {len(args.m)} M values, {args.reps} reps ...")
+    rows = bench_matmul(args.shapes, args.m, args.backends, args.reps, args.min_sample_ms / 1e3, args.warmup,
+                        args.cold, machine["l3_bytes"], args.seed, log)
+    per_core = None
+    if args.per_core and ops.extension_loaded():
+        per_core = bench_per_core(args.backends, args.per_core_seconds, machine["l2_bytes"], args.seed, log)
+    elapsed = time.perf_counter() - t0
+
+    print()
+    print(f"ternary_matmul vs F.linear, {torch.get_num_threads()} threads, weights {'cold' if args.cold else 'hot'}:")
+    print(format_table(rows, args.backends))
+    print(LEGEND.format(reps=args.reps, mode=mode))
+    if per_core:
+        print()
+        print(format_per_core(per_core))
+    dispatch = ops.cpu_info().get("dispatch", [])
+    print(f"\nbench took {elapsed:.0f} s")
+
+    if args.json:
+        doc = {"machine": machine, "threads": torch.get_num_threads(), "cold": args.cold, "reps": args.reps,
+               "min_sample_ms": args.min_sample_ms, "elapsed_s": elapsed, "matmul": rows, "per_core": per_core,
+               "dispatch_last_row": dispatch, "argv": sys.argv[1:]}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        log(f"wrote {args.json}")
+    return 0
