@@ -3,6 +3,8 @@ import os
 
 # Nothing in the tests may reach the network (some model tests load transformers configs).
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Training code logs to W&B; tests never do (offline runs would litter the working directory).
+os.environ["WANDB_MODE"] = "disabled"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
