@@ -194,11 +194,12 @@ def test_import_agentforge_stays_fast_and_registers_lazily():
 def test_quantizer_registers_at_once_when_transformers_was_imported_first(monkeypatch):
     from transformers.quantizers import auto
 
-    from agentforge.nn import _hf_hook
+    from agentforge._import_hooks import after_import
+    from agentforge.nn import _register_quantizer
 
     monkeypatch.delitem(auto.AUTO_QUANTIZER_MAPPING, "agentforge_bitnet")
     monkeypatch.delitem(auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "agentforge_bitnet")
-    _hf_hook.install()
+    after_import("transformers.quantizers.auto", _register_quantizer)
     assert auto.AUTO_QUANTIZER_MAPPING["agentforge_bitnet"].__name__ == "AgentForgeBitNetQuantizer"
     assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING["agentforge_bitnet"] is AgentForgeBitNetConfig
 

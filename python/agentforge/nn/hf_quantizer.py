@@ -7,7 +7,7 @@ A converted model's config.json carries::
                             "skip": ["lm_head", "embed"], "per_channel": false}
 
 and ``from_pretrained`` (after ``import agentforge``, which registers this module lazily; see
-``_hf_hook``) swaps the listed ``nn.Linear`` layers for BitLinear before the weights load:
+``agentforge._import_hooks``) swaps the listed ``nn.Linear`` layers for BitLinear before the weights load:
 
 * training state: a BitLinear with a latent ``weight``, loaded like any ``nn.Linear``.
 * packed state: transformers' loader sets tensors by state-dict name, so each layer is first a
