@@ -1,0 +1,189 @@
+"""Cost measurements: generation throughput, parameter count, stored bytes and peak memory.
+
+These report what was measured on this machine in this process; compare two models only with
+numbers taken the same way in the same run.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable, Iterable, TypeVar
+
+import torch
+
+from agentforge.eval._common import evaluation_mode, model_device, require_positive
+
+T = TypeVar("T")
+
+_CLEAR_REFS = "/proc/self/clear_refs"
+_PROC_STATUS = "/proc/self/status"
+_RESET_PEAK_RSS = "5"  # proc(5): writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+
+
+# --- throughput ------------------------------------------------------------------------------
+
+def tokens_per_second(model: Any, *, prompt_len: int = 16, new_tokens: int = 32, batch_size: int = 1,
+                      repeats: int = 3, vocab_size: int | None = None) -> float:
+    """Greedy generation throughput in new tokens per second (``batch_size * new_tokens`` per call).
+
+    Prompts are random token ids (seeded, so every model sees the same prompts) of
+    ``prompt_len`` tokens from ``vocab_size`` (default ``model.config.vocab_size``). Every call
+    is forced to generate exactly ``new_tokens`` (eos suppressed through ``min_new_tokens``,
+    and checked). One untimed warm-up call pays the one-off costs (lazy initialisation,
+    allocator growth); the result is the median of ``repeats`` timed calls. Runs under
+    ``torch.inference_mode``, so measure a model after training it, not between steps of a
+    model that caches tensors lazily.
+    """
+    require_positive("tokens_per_second", prompt_len=prompt_len, new_tokens=new_tokens,
+                     batch_size=batch_size, repeats=repeats)
+    vocab_size = vocab_size or _config_vocab_size(model)
+    device = model_device(model)
+    prompts = torch.randint(vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = prompts.to(device)
+
+    def timed_generation() -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        output = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                min_new_tokens=new_tokens, max_new_tokens=new_tokens, do_sample=False,
+                                num_beams=1, pad_token_id=_pad_token_id(model))
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        if output.shape[1] != prompt_len + new_tokens:
+            raise RuntimeError(f"tokens_per_second: generate returned {output.shape[1] - prompt_len} new tokens, "
+                               f"expected exactly {new_tokens}")
+        return elapsed
+
+    with evaluation_mode(model), torch.inference_mode():
+        timed_generation()  # warm-up
+        seconds = statistics.median(timed_generation() for _ in range(repeats))
+    return batch_size * new_tokens / seconds
+
+
+def _config_vocab_size(model: Any) -> int:
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab_size:
+        raise ValueError("tokens_per_second: the model has no config.vocab_size; pass vocab_size=")
+    return vocab_size
+
+
+def _pad_token_id(model: Any) -> int:
+    # Every row is full length and none can finish early, so padding never happens; passing an
+    # id only keeps generate from warning that it had to pick one.
+    pad_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    return 0 if pad_id is None else pad_id
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- size ------------------------------------------------------------------------------------
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Number of parameter elements, each tensor counted once (tied weights count once).
+
+    Counts ``nn.Parameter`` s only: weights held as buffers, such as packed ternary layers,
+    are not parameters; :func:`parameter_bytes` measures those."""
+    return sum(tensor.numel() for tensor in _unique_tensors(model.parameters()))
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors as stored: every tensor of ``model.state_dict()``
+    (parameters and persistent buffers, plus what modules store instead, e.g. the canonical
+    packed weights of a packed BitLinear) counted once, at its own dtype's element size.
+    Non-persistent buffers (rotary tables, kernel-layout copies) are derived state and excluded.
+    """
+    return sum(tensor.numel() * tensor.element_size()
+               for tensor in _unique_tensors(model.state_dict(keep_vars=True).values()))
+
+
+def _unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Drop repeats of a tensor: the same object, or another view of the same memory with the
+    same layout (tied weights appear under two names in a state dict)."""
+    unique, seen = [], set()
+    for tensor in tensors:
+        if tensor.device.type == "meta":  # no memory to compare; identity is all there is
+            key: tuple = ("meta", id(tensor))
+        else:
+            key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in seen:
+            seen.add(key)
+            unique.append(tensor)
+    return unique
+
+
+# --- peak memory -----------------------------------------------------------------------------
+
+def peak_memory_bytes(fn: Callable[[], T], *, device: torch.device | str | None = None) -> tuple[T, int]:
+    """Run ``fn()`` and return ``(its result, peak memory in bytes during the call)``.
+
+    ``device`` says which memory to watch (default: CUDA when available, else CPU); pass the
+    model's device. The value is an absolute peak, including what was allocated before the
+    call (the model's weights; on CPU also the interpreter and libraries).
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensor
+      memory only, not the caching allocator's reserve).
+    * CPU on Linux: the process's peak resident set size, ``VmHWM`` from ``/proc/self/status``,
+      after resetting it to the current RSS by writing "5" to ``/proc/self/clear_refs``.
+    * Fallback, where that reset is impossible (kernel without it, restricted ``/proc``, other
+      Unix systems): the process's lifetime peak RSS, with a ``RuntimeWarning``. It equals the
+      call's peak when the call sets a new high for the process, and is an upper bound otherwise.
+    """
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return _cuda_peak(fn, device)
+    if device.type != "cpu":
+        raise ValueError(f"peak_memory_bytes: cannot measure memory on device type {device.type!r}")
+    if _reset_peak_rss():
+        result = fn()
+        return result, _proc_status_bytes("VmHWM")
+    warnings.warn("peak_memory_bytes: cannot reset the peak RSS here; reporting the process's lifetime "
+                  "peak, an upper bound on the call's peak", RuntimeWarning, stacklevel=2)
+    result = fn()
+    return result, _lifetime_peak_rss()
+
+
+def _cuda_peak(fn: Callable[[], T], device: torch.device) -> tuple[T, int]:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)  # kernels still queued may allocate
+    return result, torch.cuda.max_memory_allocated(device)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS; False where this system does not allow it."""
+    try:
+        with open(_CLEAR_REFS, "w") as clear_refs:
+            clear_refs.write(_RESET_PEAK_RSS)
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` in bytes."""
+    with open(_PROC_STATUS) as status:
+        match = re.search(rf"^{field}:\s+(\d+)\s+kB$", status.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"peak_memory_bytes: {_PROC_STATUS} has no {field} field")
+    return int(match.group(1)) * 1024
+
+
+def _lifetime_peak_rss() -> int:
+    try:
+        return _proc_status_bytes("VmHWM")
+    except OSError:
+        pass
+    try:
+        import resource  # Unix only
+    except ImportError:
+        raise RuntimeError("peak_memory_bytes: cannot read CPU peak memory on this platform "
+                           "(no /proc and no resource module)") from None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux and BSDs KiB
