@@ -40,3 +40,14 @@ def backend(request, monkeypatch):
 def _seed():
     # Every test draws its random inputs from the same seed: failures reproduce exactly.
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module of tiny models: thread start-up costs more than their
+    math, oversubscribed threads on a busy 2-core machine stall each other (measured 10-50x
+    slower), and subprocess workers that run on one thread then compare bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
