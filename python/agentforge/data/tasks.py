@@ -10,9 +10,10 @@ short prompt whose answer follows directly, then eos:
     memory     kv_recall         a7=3 k2=9 ?k2=        → 9
                spell_backward    rev cat=              → tac
     speed      add_small         4+5=                  → 9
-               letter_counting   count l in hello=     → 2
+               count_bits        bits 13=              → 3
+    (none)     letter_counting   count l in hello=     → 2
 
-reasoning-gym generates and scores five of them (its `score_answer` on the original entry);
+reasoning-gym generates and scores six of them (its `score_answer` on the original entry);
 kv_recall is generated here and scored by exact match. `/` in basic_arithmetic is floor
 division, as in reasoning-gym.
 
@@ -211,6 +212,10 @@ def _render_letter_counting(entry: dict) -> tuple[str, str]:
     return f"count {entry['metadata']['target_letter']} in {span}=", entry["answer"]
 
 
+def _render_count_bits(entry: dict) -> tuple[str, str]:
+    return f"bits {entry['metadata']['number']}=", entry["answer"]
+
+
 def _chain_sum_levels(table: Sequence[tuple[int, int, int, int]]) -> list[dict]:
     return [dict(min_terms=a, max_terms=b, min_digits=c, max_digits=d) for a, b, c, d in table]
 
@@ -251,6 +256,8 @@ LETTER_COUNTING_LEVELS = [
     for a, b in [(1, 1), (1, 2), (2, 2), (2, 3), (3, 4), (4, 5), (5, 7), (7, 9), (9, 12), (12, 16)]
 ]
 KV_RECALL_LEVELS = [dict(pairs=k) for k in (2, 3, 4, 5, 6, 7, 8, 9, 10, 12)]
+# numbers of up to 6, 8, ..., 24 bits: level 0 already has 63 prompts, enough for a held-out split
+COUNT_BITS_LEVELS = [dict(min_n=1, max_n=2 ** (6 + 2 * level) - 1) for level in range(NUM_LEVELS)]
 
 FAMILIES: dict[str, TaskFamily] = {
     family.name: family
@@ -264,8 +271,10 @@ FAMILIES: dict[str, TaskFamily] = {
             "spell_backward", "memory", "spell_backward", SPELL_BACKWARD_LEVELS, _render_spell_backward
         ),
         ReasoningGymFamily("add_small", "speed", "chain_sum", ADD_SMALL_LEVELS, _render_expression),
+        ReasoningGymFamily("count_bits", "speed", "count_bits", COUNT_BITS_LEVELS, _render_count_bits),
+        # not in a domain: reasoning-gym's answers are lopsided (91 % are "1" at level 0)
         ReasoningGymFamily(
-            "letter_counting", "speed", "letter_counting", LETTER_COUNTING_LEVELS, _render_letter_counting
+            "letter_counting", "counting", "letter_counting", LETTER_COUNTING_LEVELS, _render_letter_counting
         ),
     ]
 }
@@ -273,7 +282,7 @@ FAMILIES: dict[str, TaskFamily] = {
 DOMAINS: dict[str, tuple[str, ...]] = {
     "reasoning": ("chain_sum", "basic_arithmetic"),
     "memory": ("kv_recall", "spell_backward"),
-    "speed": ("add_small", "letter_counting"),
+    "speed": ("add_small", "count_bits"),
 }
 
 

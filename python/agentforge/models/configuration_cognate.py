@@ -2,6 +2,10 @@
 from transformers import PreTrainedConfig
 
 PRESETS: dict[str, dict] = {
+    # ~40k parameters: for tests, where a phase must run end to end in seconds
+    "micro": dict(vocab_size=512, hidden_size=32, num_heads=2, intermediate_size=64, num_prelude_layers=1,
+                  num_core_layers=1, window=64, max_position_embeddings=256, memory_dim=16, memory_hidden=16,
+                  memory_chunk=8, max_recursion=2),
     # ~1.1M parameters: the default CPU run (whole Cognate phase in a few minutes on 2 cores)
     "tiny": dict(vocab_size=2048, hidden_size=128, num_heads=4, intermediate_size=352, num_prelude_layers=2,
                  num_core_layers=1, window=128, max_position_embeddings=512, memory_dim=64, memory_hidden=128,
@@ -72,7 +76,7 @@ class CognateConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "CognateConfig":
-        """The ``tiny`` or ``small`` architecture, with any field overridden."""
+        """The ``micro`` (tests), ``tiny`` or ``small`` architecture, with any field overridden."""
         if name not in PRESETS:
             raise ValueError(f"CognateConfig: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

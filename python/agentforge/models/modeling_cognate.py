@@ -105,11 +105,19 @@ def _rms_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+def _clip_norm(g: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Each sequence's gradient matrix scaled down to Frobenius norm ``max_norm`` if it is larger:
+    one surprising chunk must not blow the memory up (unclipped writes diverged at lr 0.2)."""
+    norm = g.flatten(1).norm(dim=1).clamp(min=1e-12)[:, None, None]
+    return g * (max_norm / norm).clamp(max=1.0)
+
+
 class NeuralMemory(nn.Module):
     """Titans long-term memory: an MLP M(x) = W2 silu(W1 x) per sequence, learned at test time.
 
     For each chunk of ``memory_chunk`` tokens: first read y = M(q) with the memory as it was after
-    the previous chunk, then write the chunk: g = ∇_W mean ||M(k) - v||², surprise
+    the previous chunk, then write the chunk: g = ∇_W mean ||M(k) - v||² (q, k, v RMS-normalised,
+    g clipped to norm 1 per sequence), surprise
     S <- η S - θ g, memory W <- (1 - α) W + S, where η (momentum), θ (learning rate, at most
     ``memory_max_lr``) and α (forgetting) come from the chunk's mean input. The gradient is written
     out by hand (two small matmuls), so the update needs no autograd of its own and the outer
@@ -152,8 +160,7 @@ class NeuralMemory(nn.Module):
     def forward(self, x: torch.Tensor, pad_left: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         C = self.config.memory_chunk
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        q, k = _rms_normalize(q), _rms_normalize(k)
+        q, k, v = (_rms_normalize(t) for t in self.to_qkv(x).chunk(3, dim=-1))
         w1, w2 = self.w1.expand(B, -1, -1), self.w2.expand(B, -1, -1)
         s1, s2 = torch.zeros_like(w1), torch.zeros_like(w2)
         n_chunks = math.ceil(int((T - pad_left).max()) / C) if T else 0
@@ -170,7 +177,7 @@ class NeuralMemory(nn.Module):
             chunk_mean = (take(x) * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
             rates = torch.sigmoid(F.linear(chunk_mean, self.rate_weight, self.rate_bias))
             eta, theta, alpha = (r[:, None, None] for r in rates.unbind(-1))
-            g1, g2 = self._gradient(w1, w2, take(k), take(v), valid)
+            g1, g2 = (_clip_norm(g, 1.0) for g in self._gradient(w1, w2, take(k), take(v), valid))
             s1, s2 = eta * s1 - theta * self.config.memory_max_lr * g1, eta * s2 - theta * self.config.memory_max_lr * g2
             w1, w2 = (1 - alpha) * w1 + s1, (1 - alpha) * w2 + s2
         if not reads:

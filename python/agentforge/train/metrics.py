@@ -54,8 +54,9 @@ class MetricsLogger:
             import wandb
 
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self._wandb_run = wandb.init(mode=mode, dir=str(out_dir), project=project,
-                                         name=run_name or phase, config=config)
+            # silent: W&B's banner and run summary would drown the pipeline's own progress lines
+            self._wandb_run = wandb.init(mode=mode, dir=str(out_dir), project=project, name=run_name or phase,
+                                         config=config, settings=wandb.Settings(silent=True))
 
     def log(self, metrics: dict, *, step: int | None = None) -> dict:
         """Append ``{"phase", "step", **metrics}`` and send the numbers to W&B; returns the row."""

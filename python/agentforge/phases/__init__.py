@@ -1,0 +1,60 @@
+"""The eight pipeline phases. Each is one module with ``run(inputs, settings, ctx) -> PhaseResult``
+and a ``Settings`` dataclass; phases meet only through the model directories they write.
+
+``inputs`` maps the names a phase needs (e.g. ``"siblings"``) to artifact directories written by
+earlier phases; ``ctx`` says where this phase writes and how it reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass
+class PhaseContext:
+    """Where a phase writes and how it reports. ``out_dir`` is the phase's own directory."""
+
+    out_dir: Path
+    seed: int = 0
+    wandb_mode: str | None = None  # None: env WANDB_MODE, else offline
+    progress: bool = True
+    say: Callable[[str], None] = print  # one human-readable progress line
+
+    def __post_init__(self):
+        self.out_dir = Path(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class PhaseResult:
+    """``artifacts``: name -> model directory (or list of them); ``metrics``: the headline figures
+    of the phase, also written to its ``summary.json``."""
+
+    artifacts: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def settings_from_dict(cls, values: dict[str, Any], where: str):
+    """``cls(**values)`` for a settings dataclass, with a one-line error naming an unknown key or a
+    value of the wrong type (the allowed keys are listed)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; allowed: {sorted(fields)}")
+    for name, value in values.items():
+        default = getattr(cls, name, None) if fields[name].default is not dataclasses.MISSING else None
+        if default is not None and not _same_kind(default, value):
+            raise ValueError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
+    return cls(**values)
+
+
+def _same_kind(default, value) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
