@@ -51,3 +51,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def cognate_micro(tmp_path_factory):
+    """Phase 1 run once on the micro preset: (phase dir, PhaseResult). Later phases' tests start
+    from its trunk and siblings."""
+    from agentforge.phases import PhaseContext, cognate
+
+    out = tmp_path_factory.mktemp("cognate")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = cognate.run({}, cognate.PRESETS["micro"], PhaseContext(out_dir=out, progress=False, say=lambda _: None))
+    finally:
+        torch.set_num_threads(before)
+    return out, result

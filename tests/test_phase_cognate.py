@@ -14,10 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def phase_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cognate")
-    result = cognate.run({}, cognate.PRESETS["micro"], PhaseContext(out_dir=out, progress=False, say=lambda _: None))
-    return out, result
+def phase_dir(cognate_micro):
+    return cognate_micro
 
 
 def test_writes_trunk_and_three_siblings_that_reload(phase_dir):
