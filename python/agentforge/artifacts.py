@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 MANIFEST = "agentforge.json"
 MANIFEST_FORMAT = 1
@@ -219,15 +219,19 @@ def _read_manifest(path: Path) -> dict:
     return data
 
 
-def save_model_dir(model, tokenizer, path: str | os.PathLike, metadata: dict) -> Path:
+def save_model_dir(model, tokenizer, path: str | os.PathLike, metadata: dict,
+                   write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``model`` (and ``tokenizer`` unless None) as a Hugging Face model directory at ``path``
     with ``agentforge.json`` = ``{"format", "metadata", "files": {name: sha256}}``; atomic: a
-    crash leaves the previous directory (or none). ``metadata`` must be JSON-serialisable."""
+    crash leaves the previous directory (or none). ``metadata`` must be JSON-serialisable.
+    ``write_extra(directory)`` may add files of its own (e.g. a mixing head); they are hashed too."""
     json.dumps(metadata)  # fail before writing anything
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)  # transformers v5 writes safetensors only
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
         manifest = {"format": MANIFEST_FORMAT, "metadata": metadata, "files": sha256_dir(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(path)
@@ -254,3 +258,12 @@ def load_model_dir(path: str | os.PathLike, *, verify: bool = True, **model_kwar
 def read_metadata(path: str | os.PathLike) -> dict:
     """The ``metadata`` that ``save_model_dir`` recorded for the directory at ``path``."""
     return _read_manifest(Path(path))["metadata"]
+
+
+def verify_model_dir(path: str | os.PathLike) -> dict:
+    """Hash-check a directory written by ``save_model_dir`` without loading it; returns its
+    metadata, or raises ``CorruptArtifact`` (also when it is missing or half-written)."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    verify_hashes(path, manifest["files"], ignore=(MANIFEST,))
+    return manifest["metadata"]

@@ -157,20 +157,45 @@ class NeuralMemory(nn.Module):
         g1 = torch.einsum("bch,bcm->bhm", d_pre, k)
         return g1, g2
 
-    def forward(self, x: torch.Tensor, pad_left: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad_left: torch.Tensor, extra_parents: torch.Tensor | None = None) -> torch.Tensor:
+        """Memory output for every column. With ``extra_parents`` [B, E], the last E columns are
+        extra tokens (Quiet-STaR thoughts): each reads the memory its parent column read, and
+        they write nothing, so no token learns from columns after its parent."""
+        n_extra = 0 if extra_parents is None else extra_parents.shape[1]
+        T = x.shape[1] - n_extra
+        q, k, v = (_rms_normalize(t) for t in self.to_qkv(x).chunk(3, dim=-1))
+        states, reads = self._read_and_write(x[:, :T], q[:, :T], k[:, :T], v[:, :T], pad_left)
+        if not reads:
+            return torch.zeros_like(x)
+        # Row b's chunks hold its real tokens in order; put token t back at column pad_left[b] + t.
+        flat = torch.cat(reads, dim=1)
+        columns = torch.arange(T, device=x.device)
+        src = (columns - pad_left[:, None]).clamp(min=0)
+        y = flat.gather(1, src[..., None].expand(-1, -1, flat.shape[-1]))
+        y = y * (columns >= pad_left[:, None])[..., None]
+        if n_extra:
+            chunk = (extra_parents - pad_left[:, None]) // self.config.memory_chunk
+            q_extra = q[:, T:]
+            y_extra = sum(self._read(w1, w2, q_extra)[0] * (chunk == j)[..., None] for j, (w1, w2) in enumerate(states))
+            y = torch.cat((y, y_extra), dim=1)
+        return self.out_proj(y)
+
+    def _read_and_write(self, x, q, k, v, pad_left):
+        """Walk the chunks: read each with the memory as it stands, then write it. Returns the
+        memory state each chunk read with and the reads."""
         B, T, _ = x.shape
         C = self.config.memory_chunk
-        q, k, v = (_rms_normalize(t) for t in self.to_qkv(x).chunk(3, dim=-1))
         w1, w2 = self.w1.expand(B, -1, -1), self.w2.expand(B, -1, -1)
         s1, s2 = torch.zeros_like(w1), torch.zeros_like(w2)
         n_chunks = math.ceil(int((T - pad_left).max()) / C) if T else 0
         offsets = torch.arange(C, device=x.device)
-        reads = []
+        states, reads = [], []
         for j in range(n_chunks):
             idx = pad_left[:, None] + j * C + offsets  # [B, C] columns of this chunk in each row
             valid = (idx < T).to(x.dtype)
             idx = idx.clamp(max=T - 1)
             take = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+            states.append((w1, w2))
             reads.append(self._read(w1, w2, take(q))[0])
             if j == n_chunks - 1:
                 break  # the last write would never be read
@@ -180,13 +205,7 @@ class NeuralMemory(nn.Module):
             g1, g2 = (_clip_norm(g, 1.0) for g in self._gradient(w1, w2, take(k), take(v), valid))
             s1, s2 = eta * s1 - theta * self.config.memory_max_lr * g1, eta * s2 - theta * self.config.memory_max_lr * g2
             w1, w2 = (1 - alpha) * w1 + s1, (1 - alpha) * w2 + s2
-        if not reads:
-            return torch.zeros_like(x)
-        # Row b's chunks hold its real tokens in order; put token t back at column pad_left[b] + t.
-        flat = torch.cat(reads, dim=1)
-        src = (torch.arange(T, device=x.device) - pad_left[:, None]).clamp(min=0)
-        y = flat.gather(1, src[..., None].expand(-1, -1, flat.shape[-1]))
-        return self.out_proj(y * (torch.arange(T, device=x.device) >= pad_left[:, None])[..., None])
+        return states, reads
 
 
 class CognateBlock(nn.Module):
@@ -202,11 +221,11 @@ class CognateBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(d, config.intermediate_size)
 
-    def forward(self, x, rope, mask, pad_left):
+    def forward(self, x, rope, mask, pad_left, extra_parents=None):
         h = self.attn_norm(x)
         a = self.attn(h, rope, mask)
         if self.memory is not None:
-            m = self.memory(h, pad_left)
+            m = self.memory(h, pad_left, extra_parents)
             g = torch.sigmoid(self.memory_gate(torch.cat((a, m), dim=-1)))
             a = g * a + (1 - g) * m
         x = x + a
@@ -265,16 +284,32 @@ class CognateModel(CognatePreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None):
-        valid, pad_left = _left_padding(input_ids, attention_mask)
+                position_ids: torch.LongTensor | None = None, extra_parents: torch.Tensor | None = None,
+                extra_mask: torch.Tensor | None = None):
+        """``attention_mask`` [B, Q]: left padding of the real tokens. Extra tokens (Quiet-STaR
+        thoughts): the last E columns, with ``extra_parents`` [B, E] (the real column each extends),
+        ``extra_mask`` [B, E, Q] (which columns each may attend to; real tokens never see them) and
+        ``position_ids`` [B, Q] given; they read the memory as their parent did and write nothing."""
+        n_extra = 0 if extra_parents is None else extra_parents.shape[1]
+        n_real = input_ids.shape[1] - n_extra
+        real_mask = attention_mask[:, :n_real] if attention_mask is not None else None
+        valid, pad_left = _left_padding(input_ids[:, :n_real], real_mask)
+        if n_extra:
+            if extra_mask is None or position_ids is None:
+                raise ValueError("Cognate: extra tokens need extra_mask [B, E, Q] and position_ids [B, Q]")
+            valid = torch.cat((valid, torch.ones_like(extra_parents, dtype=torch.bool)), dim=1)
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
         x = self.embed_tokens(input_ids)
         head_dim = self.config.hidden_size // self.config.num_heads
         rope = rope_tables(position_ids, head_dim, self.config.rope_theta, x.dtype)
         mask = attention_mask_4d(position_ids, valid, self.config.window)
+        if n_extra:
+            mask = mask.clone()
+            mask[:, :, :n_real, n_real:] = False  # the real sequence never sees a thought
+            mask[:, :, n_real:, :] &= extra_mask[:, None].bool()
         for block in self.prelude:
-            x = block(x, rope, mask, pad_left)
+            x = block(x, rope, mask, pad_left, extra_parents)
         out, ponder, steps = self._recur(x, rope, mask, pad_left)
         weight = valid.to(out.dtype)
         n = weight.sum().clamp(min=1)
@@ -341,7 +376,8 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
                 **kwargs) -> CognateCausalLMOutput:
-        hidden, ponder, steps = self.model(input_ids, attention_mask, position_ids)
+        hidden, ponder, steps = self.model(input_ids, attention_mask, position_ids, kwargs.get("extra_parents"),
+                                           kwargs.get("extra_mask"))
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

@@ -189,52 +189,77 @@ def _cached_history(log_path: Path) -> dict:
 
 def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
     """Evolve, pick the champion by selection fitness, compare it with its parents on the test
-    split, save it, and write the history and summary."""
-    from agentforge.artifacts import atomic_write_json, save_model_dir
+    split, save it, and write the history and summary. Under torchrun every rank takes its share
+    of each generation's candidates; rank 0 alone measures the finalists and writes."""
     from agentforge.eval import peak_memory_bytes
-    from agentforge.train import MetricsLogger
+    from agentforge.train import MetricsLogger, distributed
 
     started = time.perf_counter()
+    distributed.maybe_init()
     torch.manual_seed(ctx.seed)
     base, tokenizer, trunk_meta = _load(Path(inputs["trunk"]))
     parents = [_load(Path(p))[0] for p in inputs["siblings"]]
     data = _data_settings(settings, trunk_meta)
     ctx.say(f"{NAME}: held-out data (selection: validation split, final: test split)")
     selection, final = build_held_out(tokenizer, settings, data, ctx.seed)
-    parent_reports = [measure(p, tokenizer, selection, settings.eval_batch_size) for p in parents]
+    # one reference for every rank, so that all ranks rank the candidates alike
+    parent_reports = distributed.broadcast_from_main(
+        [measure(p, tokenizer, selection, settings.eval_batch_size) for p in parents] if distributed.is_main() else None)
     reference = _reference(parent_reports)
-
-    with MetricsLogger(ctx.out_dir, phase=f"{NAME}/candidate") as candidates_log:
-        def evaluate(recipes: list[dict]) -> list[float]:
-            values = []
-            for recipe in recipes:
-                report = measure(build(recipe, parents, base), tokenizer, selection, settings.eval_batch_size)
-                values.append(fitness(report, reference, settings))
-                candidates_log.log({"recipe": recipe, "recipe_hash": evolve.recipe_hash(recipe),
-                                    "fitness": values[-1], **_flat(report)})
-            return values
-
-        space = search_space(parents, settings)
-        cache = _cached_history(ctx.out_dir)
-        evolution = evolve.Evolution(space, _evolution_settings(settings, ctx.seed), evaluate, cache=cache,
+    space = search_space(parents, settings)
+    with MetricsLogger(ctx.out_dir, phase=f"{NAME}/candidate", wandb_mode=ctx.wandb_mode,
+                       enabled=distributed.is_main()) as log:
+        evaluate = _candidate_evaluator(parents, base, tokenizer, selection, reference, settings, log)
+        evolution = evolve.Evolution(space, _evolution_settings(settings, ctx.seed), evaluate,
+                                     cache=_cached_history(ctx.out_dir),
                                      on_generation=lambda row: ctx.say(
                                          f"{NAME}: generation {row['generation']}: best {row['best_fitness']:.4f}, "
                                          f"mean {row['mean_fitness']:.4f}"))
         result, peak = peak_memory_bytes(evolution.run, device="cpu")
-    with MetricsLogger(ctx.out_dir, phase=f"{NAME}/generation") as generations_log:
-        for row in result.generations:
-            generations_log.log(row, step=row["generation"])
+    headline = {}
+    if distributed.is_main():
+        headline = _finish(inputs, settings, ctx, evolution, result, space, parents, base, tokenizer, final, data,
+                           {"search_peak_rss_bytes": peak, "world_size": distributed.world_size(),
+                            "phase_seconds": time.perf_counter() - started})
+    distributed.barrier()
+    return PhaseResult(artifacts={"champion": ctx.out_dir / "champion"}, metrics=headline)
 
+
+def _candidate_evaluator(parents, base, tokenizer, selection, reference, settings, log):
+    """``evaluate(recipes) -> fitness values``: rank r measures recipes r, r + world, ...; the
+    reports are gathered so every rank returns every value, and each candidate is logged."""
+    from agentforge.train import distributed
+
+    def evaluate(recipes: list[dict]) -> list[float]:
+        rank, world = distributed.rank(), distributed.world_size()
+        mine = [(i, measure(build(r, parents, base), tokenizer, selection, settings.eval_batch_size))
+                for i, r in enumerate(recipes) if i % world == rank]
+        reports = dict(pair for part in distributed.all_gather(mine) for pair in part)
+        values = [fitness(reports[i], reference, settings) for i in range(len(recipes))]
+        for i, (recipe, value) in enumerate(zip(recipes, values)):
+            log.log({"recipe": recipe, "recipe_hash": evolve.recipe_hash(recipe), "fitness": value, **_flat(reports[i])})
+        return values
+
+    return evaluate
+
+
+def _finish(inputs, settings, ctx, evolution, result, space, parents, base, tokenizer, final, data, extra) -> dict:
+    """Rank 0: score the champion, the parents and each method's best on the test split; save the
+    champion; write the generation rows, summary.json and the headline row."""
+    from agentforge.artifacts import atomic_write_json, save_model_dir
+    from agentforge.train import MetricsLogger
+
+    # the candidate rows went to W&B already; these summaries live in metrics.jsonl
+    with MetricsLogger(ctx.out_dir, phase=f"{NAME}/generation", wandb_mode="disabled") as log:
+        for row in result.generations:
+            log.log(row, step=row["generation"])
     ctx.say(f"{NAME}: champion {result.best['method']}; scoring it, the parents and each method's best on the test split")
     champion = build(result.best, parents, base)
     final_reports = {"champion": measure(champion, tokenizer, final, settings.eval_batch_size)}
     for i, parent in enumerate(parents):
         final_reports[f"parent_{i}"] = measure(parent, tokenizer, final, settings.eval_batch_size)
-    final_reference = _reference([final_reports[f"parent_{i}"] for i in range(len(parents))])
-    ablation = _ablation(evolution, space, parents, base, tokenizer, final, final_reference, settings)
-
-    champion_dir = ctx.out_dir / "champion"
-    final_fitness = {name: fitness(r, final_reference, settings) for name, r in final_reports.items()}
+    reference = _reference([final_reports[f"parent_{i}"] for i in range(len(parents))])
+    final_fitness = {name: fitness(r, reference, settings) for name, r in final_reports.items()}
     best_parent = max((n for n in final_fitness if n.startswith("parent_")), key=final_fitness.get)
     summary = {
         "settings": dataclasses.asdict(settings), "data": data,
@@ -242,21 +267,22 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
         "final_fitness": final_fitness, "final_reports": final_reports,
         "margin_over_best_parent": final_fitness["champion"] - final_fitness[best_parent], "best_parent": best_parent,
         "beats_every_parent": all(final_fitness["champion"] > v for n, v in final_fitness.items() if n != "champion"),
-        "ablation": ablation, "generations": len(result.generations), "stop_reason": result.stop_reason,
-        "evaluations": len(evolution.cache), "phase_seconds": time.perf_counter() - started,
-        "search_peak_rss_bytes": peak,
+        "ablation": _ablation(evolution, space, parents, base, tokenizer, final, reference, settings),
+        "generations": len(result.generations), "stop_reason": result.stop_reason,
+        "evaluations": len(evolution.cache), **extra,
     }
-    save_model_dir(champion, tokenizer, champion_dir,
+    save_model_dir(champion, tokenizer, ctx.out_dir / "champion",
                    {"phase": NAME, "recipe": result.best, "parents": [str(p) for p in inputs["siblings"]],
-                    "base": str(inputs["trunk"]), "final_fitness": final_fitness["champion"]})
+                    "base": str(inputs["trunk"]), "final_fitness": final_fitness["champion"], "data": data})
     atomic_write_json(ctx.out_dir / "summary.json", summary)
-    headline = {"champion_final_fitness": final_fitness["champion"],
+    headline = {"champion_method": result.best["method"], "champion_final_fitness": final_fitness["champion"],
                 "best_parent_final_fitness": final_fitness[best_parent],
-                "margin_over_best_parent": summary["margin_over_best_parent"], "generations": len(result.generations),
-                "evaluations": summary["evaluations"], "phase_seconds": summary["phase_seconds"]}
-    with MetricsLogger(ctx.out_dir, phase=NAME) as log:
+                "margin_over_best_parent": summary["margin_over_best_parent"],
+                "generations": len(result.generations), "evaluations": summary["evaluations"],
+                "phase_seconds": extra["phase_seconds"]}
+    with MetricsLogger(ctx.out_dir, phase=NAME, wandb_mode="disabled") as log:
         log.log(headline)
-    return PhaseResult(artifacts={"champion": champion_dir}, metrics=headline)
+    return headline
 
 
 def _evolution_settings(settings: Settings, seed: int) -> evolve.EvolutionSettings:
@@ -278,6 +304,45 @@ def _ablation(evolution, space, parents, base, tokenizer, final, reference, sett
                          "best_selection_fitness": evolution.cache.get(evolve.recipe_hash(best)),
                          "best_final_fitness": final_fitness(best)}
     return table
+
+
+def figures(phase_dir: Path) -> list:
+    """Report figures: best and mean selection fitness per generation, and the champion's recipe
+    against the best recipe of every method on the test split. ``[(title, Figure, [source])]``."""
+    import json
+
+    from matplotlib.figure import Figure
+
+    from agentforge.train import read_metrics
+
+    phase_dir = Path(phase_dir)
+    rows = read_metrics(phase_dir, phase=f"{NAME}/generation")
+    out = []
+    if rows:
+        fig = Figure(figsize=(6, 3), layout="constrained")
+        ax = fig.add_subplot()
+        ax.plot([r["generation"] for r in rows], [r["best_fitness"] for r in rows], "o-", label="best so far")
+        ax.plot([r["generation"] for r in rows], [r["mean_fitness"] for r in rows], "s--", label="population mean")
+        ax.set_xlabel("generation")
+        ax.set_ylabel("selection fitness (validation split)")
+        ax.legend()
+        out.append(("EvoMerge fitness per generation", fig, [phase_dir / "metrics.jsonl"]))
+    summary_path = phase_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        methods = list(summary["ablation"])
+        fig = Figure(figsize=(7, 3.2), layout="constrained")
+        ax = fig.add_subplot()
+        ax.bar(methods, [summary["ablation"][m]["best_final_fitness"] for m in methods], color="tab:blue",
+               label="best recipe of the method")
+        ax.axhline(summary["final_fitness"]["champion"], color="tab:red", label="champion")
+        ax.axhline(summary["final_fitness"][summary["best_parent"]], color="k", ls=":", label="best parent")
+        ax.set_ylabel("fitness on the test split")
+        ax.set_title(f"champion: {json.dumps(summary['champion_recipe'])[:90]}", fontsize="small")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize="small")
+        out.append(("EvoMerge: each method's best recipe vs the champion (test split)", fig, [summary_path]))
+    return out
 
 
 def _flat(report: dict) -> dict:
