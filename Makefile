@@ -3,11 +3,11 @@
 #
 #   make install   venv + torch (only if absent) + build tools + agentforge[test], non-editable
 #   make test      the fast test suite (the README's test command)
-#   make run       agentforge bench (the pipeline command will take its place)
+#   make run       agentforge run on the tiny preset (the phases that exist), then where its report is
 #   make bench     the pytest-benchmark suites in benchmarks/
 #   make clean     build outputs and caches (keeps $(VENV); `make distclean` removes it too)
 #
-# Variables: PYTHON (interpreter that creates the venv), VENV, TORCH_VERSION, JOBS.
+# Variables: PYTHON (interpreter that creates the venv), VENV, TORCH_VERSION, JOBS, RUN_DIR, RUN_ARGS.
 
 PYTHON        ?= python3
 VENV          ?= .venv
@@ -17,6 +17,9 @@ TORCH_VERSION ?= 2.13.0
 JOBS          ?= $(shell nproc 2>/dev/null || echo 2)
 BENCH_ARGS    ?=
 PYTEST_ARGS   ?=
+# `make run` starts RUN_DIR, or resumes it when it already holds a run (after Ctrl-C, kill -9, ...).
+RUN_DIR       ?= runs/tiny
+RUN_ARGS      ?= --preset tiny
 
 PY    := $(VENV)/bin/python
 PIP   := $(PY) -m pip
@@ -64,7 +67,12 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 run: $(STAMP)
-	$(VENV)/bin/agentforge bench $(BENCH_ARGS)
+	@if [ -f $(RUN_DIR)/run.json ]; then \
+	  $(VENV)/bin/agentforge run --resume $(RUN_DIR); \
+	else \
+	  $(VENV)/bin/agentforge run $(RUN_ARGS) --out $(RUN_DIR); \
+	fi
+	@echo "open $(RUN_DIR)/report.html; models: $(VENV)/bin/agentforge models $(RUN_DIR)"
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only $(PYTEST_ARGS)

@@ -12,15 +12,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _is_main_process() -> bool:
+    from agentforge.train.distributed import is_main
+
+    return is_main()
+
+
 @dataclass
 class PhaseContext:
-    """Where a phase writes and how it reports. ``out_dir`` is the phase's own directory."""
+    """Where a phase writes and how it reports. ``out_dir`` is the phase's own directory.
+
+    Under torchrun every rank runs the phase (training is data-parallel inside
+    ``agentforge.train.train``), but only the rank with ``is_main`` writes model directories,
+    summaries and metrics, and evaluates; the others return the same artifact paths."""
 
     out_dir: Path
     seed: int = 0
     wandb_mode: str | None = None  # None: env WANDB_MODE, else offline
     progress: bool = True
     say: Callable[[str], None] = print  # one human-readable progress line
+    is_main: bool = field(default_factory=_is_main_process)
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)

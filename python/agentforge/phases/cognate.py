@@ -121,6 +121,13 @@ def build_data(settings: Settings, seed: int, tokenizer=None) -> PhaseData:
     )
 
 
+def data_record(settings: Settings, seed: int) -> dict:
+    """What decides the held-out split of the text documents (and the task levels trained on),
+    recorded with the trunk so that later phases evaluate on documents it never trained on."""
+    return {"seq_len": settings.seq_len, "text_docs": settings.text_docs, "task_levels": list(settings.task_levels),
+            "seed": seed}
+
+
 def trunk_mixture(data: PhaseData, settings: Settings, rows: int, seed: int):
     from agentforge.data import mixture
 
@@ -264,7 +271,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
     """Train the trunk and the three siblings (reusing finished ones), evaluate, write the summary."""
     from agentforge.artifacts import atomic_write_json, save_model_dir
     from agentforge.eval import unigram_perplexity
-    from agentforge.train import MetricsLogger
+    from agentforge.train import MetricsLogger, barrier
 
     started = time.perf_counter()
     torch.manual_seed(ctx.seed)
@@ -280,7 +287,10 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
         ctx.say(f"{NAME}: training the trunk ({settings.trunk_steps} steps)")
         rows = trunk_mixture(data, settings, settings.trunk_steps * settings.batch_size, ctx.seed)
         timings["trunk_s"] = _train_stage(trunk, rows, settings, settings.trunk_steps, 1.0, ctx, "trunk").elapsed_s
-        save_model_dir(trunk, data.tokenizer, trunk_dir, {"phase": NAME, "role": "trunk", "parents": []})
+        if ctx.is_main:  # under torchrun every rank holds the same trained trunk; one writes it
+            save_model_dir(trunk, data.tokenizer, trunk_dir, {"phase": NAME, "role": "trunk", "parents": [],
+                                                              "data": data_record(settings, ctx.seed)})
+        barrier()  # no rank looks for a finished model while rank 0 is still writing it
 
     models = {"trunk": trunk}
     for name, (domain, overrides) in SIBLINGS.items():
@@ -293,11 +303,16 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
         rows = sibling_mixture(data, settings, domain, settings.sibling_steps * settings.batch_size, ctx.seed + 1)
         timings[f"{name}_s"] = _train_stage(sibling, rows, settings, settings.sibling_steps,
                                             settings.sibling_lr_scale, ctx, name).elapsed_s
-        save_model_dir(sibling, data.tokenizer, ctx.out_dir / name,
-                       {"phase": NAME, "role": "sibling", "domain": domain, "behaviour": overrides,
-                        "parents": [str(trunk_dir)]})
+        if ctx.is_main:
+            save_model_dir(sibling, data.tokenizer, ctx.out_dir / name,
+                           {"phase": NAME, "role": "sibling", "domain": domain, "behaviour": overrides,
+                            "parents": [str(trunk_dir)]})
+        barrier()
         models[name] = sibling
 
+    artifacts = {"trunk": trunk_dir, "siblings": [ctx.out_dir / n for n in SIBLINGS]}
+    if not ctx.is_main:  # evaluation, summary and metrics are rank 0's work; the other ranks are done
+        return PhaseResult(artifacts=artifacts)
     ctx.say(f"{NAME}: evaluating on held-out data")
     text = held_out_text(data, settings)
     reports = {name: evaluate_model(model, data, text, settings) for name, model in models.items()}
@@ -313,8 +328,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
     atomic_write_json(ctx.out_dir / "summary.json", summary)
     with MetricsLogger(ctx.out_dir, phase=NAME) as log:
         log.log(_flat_metrics(summary))
-    return PhaseResult(artifacts={"trunk": trunk_dir, "siblings": [ctx.out_dir / n for n in SIBLINGS]},
-                       metrics=_flat_metrics(summary))
+    return PhaseResult(artifacts=artifacts, metrics=_flat_metrics(summary))
 
 
 def _identical_shapes(models) -> bool:
@@ -336,6 +350,45 @@ def _flat_metrics(summary: dict) -> dict:
         row[f"{name}/specialisation_gap"] = s["gap"]
         row[f"{name}/specialisation_nll_gap"] = s["nll_gap"]
     return row
+
+
+def figures(phase_dir: Path) -> list:
+    """The report's figures for this phase, drawn from the summary row of ``phase_dir/metrics.jsonl``:
+    held-out accuracy and answer NLL per domain for the trunk and each sibling, and each model's
+    ACT passes beside its forward throughput. Returns ``[(title, matplotlib Figure, [source file])]``."""
+    from matplotlib.figure import Figure
+
+    from agentforge.train import read_metrics
+
+    source = Path(phase_dir) / "metrics.jsonl"
+    rows = read_metrics(source, phase=NAME)
+    if not rows:
+        return []
+    row, models = rows[-1], ["trunk", *SIBLINGS]
+    domains = [domain for domain, _ in SIBLINGS.values()]
+    width = 0.8 / len(models)
+    out = []
+    for key, title, label in (("accuracy", "Held-out accuracy per domain", "exact-match accuracy"),
+                              ("answer_nll", "Held-out answer NLL per domain (lower is better)",
+                               "mean NLL of answer tokens (nats)")):
+        fig = Figure(figsize=(7, 3.2), layout="constrained")
+        ax = fig.add_subplot()
+        for i, model in enumerate(models):
+            offsets = [d + (i - (len(models) - 1) / 2) * width for d in range(len(domains))]
+            ax.bar(offsets, [row[f"{model}/{key}/{domain}"] for domain in domains], width, label=model)
+        ax.set_xticks(range(len(domains)), domains)
+        ax.set_xlabel("held-out domain")
+        ax.set_ylabel(label)
+        ax.legend(title="model", fontsize="small")
+        out.append((title, fig, [source]))
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    passes, speed = fig.subplots(1, 2)
+    passes.bar(models, [row[f"{model}/act_steps"] for model in models], color="tab:purple")
+    passes.set_ylabel("mean ACT passes per token")
+    speed.bar(models, [row[f"{model}/forward_tokens_per_s"] for model in models], color="tab:green")
+    speed.set_ylabel("forward tokens/s (held-out text)")
+    out.append(("ACT passes and forward throughput", fig, [source]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

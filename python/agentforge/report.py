@@ -1,0 +1,256 @@
+"""``DIR/report.html``: one self-contained page about a run (no external files or scripts; every
+plot is a matplotlib PNG embedded as a data URI), rebuilt from what is on disk:
+
+* the run: directory, id, preset, seed, status, times (``run.json``);
+* one row per phase: state, time, artifacts and all its headline metrics (``DIR/metrics.jsonl``);
+* training curves: the loss of every training stage, from each ``metrics.jsonl`` under a phase;
+* each phase's own figures: a phase module may define ``figures(phase_dir)`` returning
+  ``[(title, matplotlib Figure, [the files its numbers come from])]``;
+* the model lineage: models and their parents from the registry.
+
+Under every figure the files it was drawn from are named, relative to the run directory.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from agentforge.artifacts import atomic_write_text
+from agentforge.rundir import read_record, read_run
+
+REPORT_FILE = "report.html"
+METRICS_FILE = "metrics.jsonl"
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; } .source { font-family: monospace; }
+.completed { color: #1a7f37; } .failed, .incomplete { color: #b42318; } .skipped { color: #777; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _esc(value: Any) -> str:
+    return html.escape(_fmt(value))
+
+
+def _png(fig) -> str:
+    """A matplotlib Figure as a ``data:image/png;base64,...`` URI."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(run_dir: Path, title: str, fig, sources: list) -> str:
+    names = ", ".join(f'<span class="source">{_esc(_relative(run_dir, Path(s)))}</span>' for s in sources)
+    return (f'<figure><img src="{_png(fig)}" alt="{_esc(title)}">'
+            f"<figcaption><b>{_esc(title)}</b>. Source: {names}</figcaption></figure>")
+
+
+def _relative(run_dir: Path, path: Path) -> str:
+    try:
+        return path.resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _rows(path: Path) -> list[dict]:
+    from agentforge.train import read_metrics
+
+    return read_metrics(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def training_curves(phase_dir: Path) -> list[tuple[str, Any, list[Path]]]:
+    """One figure per phase: training loss against step for every ``metrics.jsonl`` under
+    ``phase_dir`` that holds per-step losses (one line per training stage)."""
+    from matplotlib.figure import Figure
+
+    curves = []
+    for path in sorted(phase_dir.rglob(METRICS_FILE)):
+        if any(part.startswith(".") for part in path.relative_to(phase_dir).parts):
+            continue  # a temp directory of an unfinished write
+        points = [(r["step"], r["loss"]) for r in _rows(path)
+                  if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))]
+        if points:
+            curves.append((path, points))
+    if not curves:
+        return []
+    fig = Figure(figsize=(7, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    for path, points in curves:
+        label = path.parent.relative_to(phase_dir).as_posix() if path.parent != phase_dir else phase_dir.name
+        ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.legend(title="stage", fontsize="small")
+    return [(f"{phase_dir.name}: training loss", fig, [path for path, _ in curves])]
+
+
+def phase_figures(phase_dir: Path, module) -> list[tuple[str, Any, list[Path]]]:
+    """The phase module's own ``figures(phase_dir)`` (none when it defines no such function)."""
+    if module is None or not callable(getattr(module, "figures", None)):
+        return []
+    figures = list(module.figures(phase_dir))
+    for entry in figures:
+        if len(entry) != 3 or not entry[2]:
+            raise ValueError(f"{module.__name__}.figures() must return (title, Figure, [source files]) "
+                             f"entries; got one of length {len(entry)} for {entry[0]!r}")
+    return figures
+
+
+def _depths(models: list[dict]) -> dict[str, int]:
+    """Generation of each model: 0 without a parent in the run, else 1 + its deepest parent's."""
+    by_id = {m["id"]: m for m in models}
+    depth: dict[str, int] = {}
+
+    def visit(model_id: str, seen: tuple = ()) -> int:
+        if model_id not in depth:
+            parents = [p for p in by_id[model_id]["parents"] if p in by_id and p not in seen]
+            depth[model_id] = 1 + max((visit(p, seen + (model_id,)) for p in parents), default=-1)
+        return depth[model_id]
+
+    for model_id in by_id:
+        visit(model_id)
+    return depth
+
+
+def lineage_figure(models: list[dict]):
+    """Models as boxes in columns by generation, coloured by phase, arrows from parent to child."""
+    from matplotlib.figure import Figure
+
+    depth = _depths(models)
+    columns: dict[int, list[str]] = {}
+    for model in models:
+        columns.setdefault(depth[model["id"]], []).append(model["id"])
+    tallest = max(len(c) for c in columns.values())
+    fig = Figure(figsize=(2.6 * len(columns) + 1, 0.8 * tallest + 0.8), layout="constrained")
+    ax = fig.add_subplot()
+    position = {mid: (x, -y) for x, ids in columns.items() for y, mid in enumerate(ids)}
+    phases = list(dict.fromkeys(m["phase"] for m in models))
+    colours = {phase: f"C{i % 10}" for i, phase in enumerate(phases)}
+    for model in models:
+        for parent in model["parents"]:
+            if parent in position:
+                ax.annotate("", xy=position[model["id"]], xytext=position[parent],
+                            arrowprops={"arrowstyle": "->", "color": "#555", "shrinkA": 38, "shrinkB": 38})
+    for model in models:
+        params = f"\n{model['parameters']:,} params" if model["parameters"] else ""
+        ax.text(*position[model["id"]], model["id"] + params, ha="center", va="center", fontsize=8,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": colours[model["phase"]], "linewidth": 2})
+    ax.set_xlim(-0.7, len(columns) - 0.3)
+    ax.set_ylim(-tallest + 0.4, 0.6)
+    ax.axis("off")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def _summary_section(run_dir: Path, info: dict | None, states: dict[str, str]) -> str:
+    info = info or {}
+    config = info.get("config", {})
+    done = sum(state == "completed" for state in states.values())
+    items = [("directory", run_dir), ("run id", info.get("id", "?")), ("preset", config.get("preset", "?")),
+             ("seed", config.get("seed", "?")), ("status", info.get("status", "?")),
+             ("phases completed", f"{done} of {len(states)}"), ("created", info.get("created", "?")),
+             ("updated", info.get("updated", "?"))]
+    if info.get("error"):
+        items.append(("error", info["error"]))
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items)
+    return f'<section id="summary"><h2>Run</h2><table>{rows}</table></section>'
+
+
+def _phase_table(run_dir: Path, phases, states: dict[str, str]) -> str:
+    metrics = {row["phase"]: row for row in _rows(run_dir / METRICS_FILE)}
+    body = []
+    for spec in phases:
+        state = states[spec.name]
+        record = read_record(run_dir / spec.dirname) if state == "completed" else None
+        row = metrics.get(spec.name, {})
+        numbers = {k: v for k, v in row.items() if k not in ("phase", "step", "seconds")}
+        details = "".join(f"<tr><td>{_esc(k)}</td><td class=num>{_esc(v)}</td></tr>" for k, v in numbers.items())
+        shown = f"<details><summary>{len(numbers)} metrics</summary><table>{details}</table></details>" if numbers else ""
+        artifacts = ", ".join(f"{k} ({len(v)})" if isinstance(v, list) else k
+                              for k, v in (record or {}).get("artifacts", {}).items())
+        css = state.split(" ")[0].replace("not", "skipped")
+        seconds = _fmt(row["seconds"]) if "seconds" in row else ""
+        body.append(f"<tr><td class=num>{spec.number}</td><td>{_esc(spec.name)}</td><td class={css}>{_esc(state)}</td>"
+                    f"<td class=num>{_esc(seconds)}</td><td>{_esc(artifacts)}</td><td>{shown}</td></tr>")
+    head = "<tr><th>#</th><th>phase</th><th>state</th><th>seconds</th><th>artifacts</th><th>metrics</th></tr>"
+    return (f'<section id="phases"><h2>Phases</h2><table>{head}{"".join(body)}</table>'
+            f'<p class="source">Source: {METRICS_FILE}, NN-phase/phase.json</p></section>')
+
+
+def _lineage_section(run_dir: Path, models: list[dict]) -> str:
+    if not models:
+        return '<section id="lineage"><h2>Model lineage</h2><p>No models registered yet.</p></section>'
+    fig = _figure(run_dir, "Model lineage (arrows from parent to child)", lineage_figure(models),
+                  [run_dir / "registry.sqlite"])
+    head = "<tr><th>model</th><th>path</th><th>parameters</th><th>bytes</th><th>sha256</th><th>parents</th></tr>"
+    rows = "".join(f"<tr><td>{_esc(m['id'])}</td><td class=source>{_esc(m['path'])}</td>"
+                   f"<td class=num>{_esc(m['parameters'] or '')}</td><td class=num>{_esc(m['bytes'])}</td>"
+                   f"<td class=source>{_esc(m['sha256'][:16])}</td><td>{_esc(', '.join(m['parents']) or '-')}</td></tr>"
+                   for m in models)
+    return f'<section id="lineage"><h2>Model lineage</h2>{fig}<table>{head}{rows}</table></section>'
+
+
+def render(run_dir: Path, phases=None) -> str:
+    """The report of the run in ``run_dir`` as one HTML string."""
+    from agentforge import pipeline
+    from agentforge.registry import REGISTRY_FILE, Registry
+
+    phases = pipeline.PHASES if phases is None else phases
+    info = read_run(run_dir)
+    states = pipeline.phase_states(run_dir, phases)
+    curves, own = [], []
+    for spec in phases:
+        if states[spec.name] == "completed":
+            phase_dir = run_dir / spec.dirname
+            curves += training_curves(phase_dir)
+            own += phase_figures(phase_dir, pipeline.implementation(spec))
+    models = []
+    if (run_dir / REGISTRY_FILE).exists():
+        with Registry(run_dir / REGISTRY_FILE) as registry:
+            models = registry.models()
+    title = f"agentforge run {run_dir.name}"
+    parts = [
+        f"<h1>{_esc(title)}</h1>",
+        _summary_section(run_dir, info, states),
+        _phase_table(run_dir, phases, states),
+        '<section id="training"><h2>Training curves</h2>'
+        + ("".join(_figure(run_dir, *c) for c in curves) or "<p>No training metrics yet.</p>") + "</section>",
+        '<section id="phase-figures"><h2>Phase results</h2>'
+        + ("".join(_figure(run_dir, *f) for f in own) or "<p>No phase figures yet.</p>") + "</section>",
+        _lineage_section(run_dir, models),
+        '<section id="config"><h2>Configuration</h2><pre>'
+        + _esc(json.dumps((info or {}).get("config", {}), indent=2)) + "</pre></section>",
+    ]
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def write_report(run_dir: str | Path, phases=None) -> Path:
+    """Write ``run_dir/report.html`` atomically and return its path."""
+    run_dir = Path(run_dir)
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, render(run_dir, phases))
+    return path

@@ -1,0 +1,159 @@
+"""The agentforge command line: --help on every command; bad input ends with one line on stderr,
+exit code 2 and nothing written; a failure while working with one line and exit code 1; and
+status, models and report on a finished run (of the small test phases, run in-process)."""
+import json
+import os
+import shutil
+
+import pytest
+
+from agentforge import cli, pipeline, rundir
+from agentforge.artifacts import CorruptArtifact
+from pipeline_helpers import TEST_PHASES, agentforge, tree
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def main(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def test_phases(monkeypatch):
+    """The commands see the test pipeline (seedling -> polish -> unbuilt) instead of the real one."""
+    monkeypatch.setattr(pipeline, "PHASES", TEST_PHASES)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    info, steps = pipeline.prepare(out=run_dir, preset="micro", phases=TEST_PHASES)
+    pipeline.execute(info, steps, phases=TEST_PHASES, progress=False, say=lambda _: None)
+    return run_dir
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: agentforge {command}")
+
+
+def test_python_dash_m_runs_the_command_line():
+    proc = agentforge("status")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].split()[:3] == ["01", "cognate", "implemented"]
+    assert "08  compression" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: exit 2, one line, nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "micro", "--set", "cognate.trunk_stepz=3"], "cognate: unknown setting(s) ['trunk_stepz']; allowed: ["),
+    (["--preset", "micro", "--set", "cognate.trunk_steps=many"], "cognate.trunk_steps: expected int, got 'many'"),
+    (["--preset", "huge"], "unknown preset 'huge'; allowed: micro, tiny, small"),
+    (["--set", "quietstep.steps=3"], "--set quietstep.steps: unknown config key 'quietstep'; allowed: "),
+    (["--from", "cognat"], "--from: unknown phase 'cognat'; phases: cognate, evomerge, quietstar,"),
+    (["--from", "evomerge", "--to", "cognate"], "--from evomerge comes after --to cognate"),
+])
+def test_a_bad_config_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code, stdout, stderr = main(capsys, "run", "--out", out, *args)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith(f"agentforge run: error: {message}") and stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_bad_config_file_is_one_line_and_writes_nothing(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: micro\ncognate:\n  trunk_steps: 1.5\n")
+    code, _, stderr = main(capsys, "run", "--out", tmp_path / "run", "--config", path)
+    assert (code, stderr) == (2, "agentforge run: error: cognate.trunk_steps: expected int, got 1.5\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_input_artifact_is_one_line_and_writes_nothing(tmp_path, capsys, test_phases):
+    code, _, stderr = main(capsys, "run", "--out", tmp_path / "run", "--preset", "micro", "--from", "polish")
+    assert code == 2 and stderr.count("\n") == 1
+    assert stderr.startswith(f"agentforge run: error: polish needs seedling.model, but {tmp_path / 'run' / '01-seedling'} "
+                             "holds no completed seedling phase; run seedling first")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_held_by_another_run_is_refused_untouched(finished_run, capsys, test_phases):
+    with rundir.RunLock(finished_run):  # this test process plays the other run
+        before = tree(finished_run)
+        code, _, stderr = main(capsys, "run", "--resume", finished_run)
+        status = main(capsys, "status", finished_run)[1]
+        after = tree(finished_run)
+    assert code == 2
+    assert stderr == f"agentforge run: error: {finished_run} is held by another run (pid {os.getpid()})\n"
+    assert f"running (pid {os.getpid()})" in status.splitlines()[0]
+    assert after == before
+
+
+def test_a_new_run_refuses_a_directory_that_holds_one(finished_run, capsys, test_phases):
+    code, _, stderr = main(capsys, "run", "--out", finished_run)
+    assert code == 2 and stderr == (f"agentforge run: error: {finished_run} already holds a run; continue it with "
+                                    f"--resume {finished_run}, or choose another --out\n")
+    code, _, stderr = main(capsys, "run", "--resume", finished_run.parent / "nothing")
+    assert code == 2 and "no run there" in stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# failures while working: exit 1, one line; --debug shows the traceback
+
+
+def test_a_failure_is_one_line_with_exit_code_1_and_debug_shows_the_traceback(finished_run, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(finished_run / "02-polish" / "model", model)
+    (model / "config.json").write_text("{}")
+    code, _, stderr = main(capsys, "generate", model, "--prompt", "hi")
+    assert code == 1 and stderr.count("\n") == 1
+    assert stderr.startswith(f"agentforge generate: error: CorruptArtifact: {model}: config.json has changed since it "
+                             "was written") and stderr.endswith("(--debug shows the traceback)\n")
+    with pytest.raises(CorruptArtifact):
+        cli.main(["generate", str(model), "--prompt", "hi", "--debug"])
+
+
+def test_generate_refuses_a_model_without_a_tokenizer_and_an_unknown_model(finished_run, capsys, test_phases):
+    code, _, stderr = main(capsys, "generate", finished_run / "polish", "--prompt", "hi")
+    assert code == 2 and stderr.endswith("the model has no tokenizer, so it cannot read a prompt\n")
+    code, _, stderr = main(capsys, "generate", finished_run / "polish", "--model", "other", "--prompt", "hi")
+    assert (code, stderr) == (2, "agentforge generate: error: --model other: not a model of 02-polish; choose from model\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# status, models, report
+
+
+def test_status_lists_each_phase_of_a_run(finished_run, capsys, test_phases):
+    code, out, _ = main(capsys, "status", finished_run)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].endswith(f"in {finished_run}: completed")
+    assert lines[1].startswith("preset micro, seed 0; created ")
+    assert lines[3].split()[:3] == ["01", "seedling", "completed"]
+    assert lines[4].split()[:3] == ["02", "polish", "completed"] and lines[4].split()[-2:] == ["seedling.model", "model"]
+    assert lines[5].split()[:4] == ["03", "unbuilt", "not", "implemented"]
+
+
+def test_models_lists_the_registry(finished_run, capsys):
+    code, out, _ = main(capsys, "models", finished_run)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["model", "parameters", "bytes", "sha256", "parents", "path"]
+    assert [line.split()[0] for line in lines[1:]] == ["seedling/model", "polish/model"]
+    assert lines[2].split()[4:] == ["seedling/model", "02-polish/model"]
+    code, out, _ = main(capsys, "models", finished_run, "--json")
+    assert [m["id"] for m in json.loads(out)] == ["seedling/model", "polish/model"]
+
+
+def test_report_regenerates_the_page(finished_run, capsys, test_phases):
+    (finished_run / "report.html").unlink()
+    code, out, _ = main(capsys, "report", finished_run)
+    assert code == 0 and out == f"{finished_run / 'report.html'}\n"
+    assert (finished_run / "report.html").stat().st_size > 10_000
