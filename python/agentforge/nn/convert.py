@@ -65,15 +65,17 @@ def record_in_config(model: nn.Module, skip=None) -> None:
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
     states = {m.state for m in layers.values()}
-    per_channel = {m.per_channel for m in layers.values()}
-    if len(states) > 1 or len(per_channel) > 1:
-        raise ValueError(f"{type(model).__name__} mixes BitLinear layers with states {sorted(states)} and "
-                         f"per_channel {sorted(per_channel)}, which one config.json cannot describe")
+    if len(states) > 1:
+        raise ValueError(f"{type(model).__name__} mixes BitLinear layers with states {sorted(states)}, "
+                         "which one config.json cannot describe")
+    flags = {m.per_channel for m in layers.values()}
+    # one flag when every layer agrees, else the names of the per-channel layers
+    per_channel = flags.pop() if len(flags) == 1 else sorted(n for n, m in layers.items() if m.per_channel)
     old = getattr(config, "quantization_config", None)
     old = old if isinstance(old, AgentForgeBitNetConfig) else None
     fields = dict(state=states.pop() if states else TRAINING, modules=sorted(layers),
                   skip=list(skip) if skip is not None else (old.skip if old else list(DEFAULT_SKIP)),
-                  per_channel=per_channel.pop() if per_channel else False)
+                  per_channel=per_channel if layers else False)
     if old is not None:  # update in place: a loaded model's hf_quantizer holds this same object
         old.update(**fields)
     else:

@@ -6,6 +6,9 @@ A converted model's config.json carries::
                             "modules": ["model.layers.0.self_attn.q_proj", ...],
                             "skip": ["lm_head", "embed"], "per_channel": false}
 
+``per_channel`` is true or false for every layer, or the list of the layers that have per-channel
+scales (the others per-tensor), when a calibration chose per layer.
+
 and ``from_pretrained`` (after ``import agentforge``, which registers this module lazily; see
 ``agentforge._import_hooks``) swaps the listed ``nn.Linear`` layers for BitLinear before the weights load:
 
@@ -30,19 +33,32 @@ QUANT_METHOD = "agentforge_bitnet"
 
 class AgentForgeBitNetConfig(QuantizationConfigMixin):
     """Which layers are BitLinear (``modules``, qualified names; ``None`` means every ``nn.Linear``
-    outside ``skip``), their ``state`` and whether scales are ``per_channel``."""
+    outside ``skip``), their ``state`` and whether scales are ``per_channel``: a bool for every
+    layer, or the list of the layers with per-channel scales."""
 
     def __init__(self, state: str = TRAINING, modules: list[str] | None = None, skip=DEFAULT_SKIP,
-                 per_channel: bool = False, quant_method: str = QUANT_METHOD):
+                 per_channel: bool | list[str] = False, quant_method: str = QUANT_METHOD):
         if state not in (TRAINING, PACKED):
             raise ValueError(f"{QUANT_METHOD}: state must be '{TRAINING}' or '{PACKED}', got {state!r}")
         if quant_method != QUANT_METHOD:
             raise ValueError(f"AgentForgeBitNetConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if isinstance(per_channel, (list, tuple)):
+            unknown = sorted(set(per_channel) - set(modules)) if modules is not None else []
+            if not all(isinstance(name, str) for name in per_channel) or unknown:
+                raise ValueError(f"{QUANT_METHOD}: per_channel must be a bool or a list of layer names from "
+                                 f"'modules'; got {unknown or per_channel}")
+            per_channel = sorted(per_channel)
+        else:
+            per_channel = bool(per_channel)
         self.quant_method = QUANT_METHOD
         self.state = state
         self.modules = list(modules) if modules is not None else None
         self.skip = list(skip)
-        self.per_channel = bool(per_channel)
+        self.per_channel = per_channel
+
+    def per_channel_of(self, name: str) -> bool:
+        """Whether layer ``name`` (as listed in ``modules``) has per-channel scales."""
+        return name in self.per_channel if isinstance(self.per_channel, list) else self.per_channel
 
 
 class _PackedSlot(nn.Module):
@@ -113,9 +129,10 @@ def _find_linear(model: nn.Module, name: str) -> tuple[str, nn.Linear]:
                      f"{type(model).__name__} has no nn.Linear of that name")
 
 
-def _check_checkpoint(index: dict, layers: dict[str, nn.Linear], cfg: AgentForgeBitNetConfig, prefix: str) -> None:
+def _check_checkpoint(index: dict, layers: dict[str, nn.Linear], per_channel: dict[str, bool],
+                      cfg: AgentForgeBitNetConfig, prefix: str) -> None:
     for name, linear in layers.items():
-        for suffix, (dtypes, shape) in _expected_tensors(linear, cfg.state, cfg.per_channel).items():
+        for suffix, (dtypes, shape) in _expected_tensors(linear, cfg.state, per_channel[name]).items():
             key = next((k for k in _spellings(f"{name}.{suffix}", prefix) if k in index), None)
             if key is None:
                 raise ValueError(f"{QUANT_METHOD}: the checkpoint has no tensor '{name}.{suffix}' that config.json "
@@ -139,15 +156,21 @@ class AgentForgeBitNetQuantizer(HfQuantizer):
             raise ValueError(f"{QUANT_METHOD}: state='packed' needs a packed checkpoint; load the float model with "
                              "state='training' and call agentforge.nn.pack_bitnet(model)")
         names = cfg.modules if cfg.modules is not None else linear_names(model, cfg.skip)
-        layers = dict(_find_linear(model, name) for name in names)
+        layers, per_channel = {}, {}
+        for name in names:  # the model may spell a name with or without its base-model prefix
+            found, linear = _find_linear(model, name)
+            layers[found], per_channel[found] = linear, cfg.per_channel_of(name)
         if self.pre_quantized and kwargs.get("checkpoint_files"):
-            _check_checkpoint(_checkpoint_index(kwargs["checkpoint_files"]), layers, cfg, model.base_model_prefix)
+            _check_checkpoint(_checkpoint_index(kwargs["checkpoint_files"]), layers, per_channel, cfg,
+                              model.base_model_prefix)
         for name, linear in layers.items():
-            new = (_PackedSlot(linear, cfg.per_channel) if cfg.state == PACKED
+            new = (_PackedSlot(linear, per_channel[name]) if cfg.state == PACKED
                    else BitLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  per_channel=cfg.per_channel, device="meta", dtype=linear.weight.dtype))
+                                  per_channel=per_channel[name], device="meta", dtype=linear.weight.dtype))
             model.set_submodule(name, new)
         cfg.modules = sorted(layers)
+        if isinstance(cfg.per_channel, list):
+            cfg.per_channel = sorted(name for name, flag in per_channel.items() if flag)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -1,0 +1,293 @@
+"""The BitNet phase's algorithms on small hand-checkable cases: the λ warm-up, calibration errors
+and choices, sensitivity, conversion with per-layer scales (saved and reloaded), byte and
+sparsity accounting, the gradient-flow check, settings and the evaluation cache."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from agentforge import ops
+from agentforge.nn import BitLinear, convert_to_bitnet, pack_bitnet
+from agentforge.phases import bitnet
+from agentforge.quant import (bitlinear_layers, calibrate, choose_per_channel, convert_as_calibrated, generation_memory,
+                              gradient_flow, layer_inputs, layer_time_share, output_error, require_state,
+                              resident_tensor_bytes, ternary_layer_stats, totals, warmup_lambda)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_llama(seed=0, hidden=32, intermediate=64):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def mean_nll_on(ids):
+    def mean_nll(model):
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=ids).loss)
+    return mean_nll
+
+
+# --- λ warm-up -------------------------------------------------------------------------------
+
+def test_warmup_lambda_is_linear_then_one():
+    assert [warmup_lambda(s, 4) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert warmup_lambda(0, 0) == 1.0  # no warm-up: fully ternary from the first step
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+def linear(weight, bias=None):
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def test_output_error_is_zero_when_weights_and_inputs_are_exactly_representable():
+    layer = linear(0.5 * torch.tensor([[1.0, -1.0], [1.0, 1.0]]))  # |w| all equal: absmean codes are exact
+    x = torch.tensor([[1.0, -1.0], [1.0, 0.0]])  # int8 absmax maps these exactly to ±127 and 0
+    assert output_error(x, layer, per_channel=False) < 1e-8
+
+
+def test_output_error_by_hand_for_rows_of_different_magnitude():
+    layer = linear(torch.tensor([[1.0, -1.0], [0.01, -0.01]]))
+    x = torch.tensor([[1.0, 0.0]])  # y = [1, 0.01]
+    scale = (2 + 0.02) / 4 + 1e-5  # per tensor: mean|W| + eps; row 2 rounds to all zeros
+    expected = ((1 - scale) ** 2 + 0.01 ** 2) / (1 + 0.01 ** 2)
+    assert output_error(x, layer, per_channel=False) == pytest.approx(expected, rel=1e-4)
+    assert output_error(x, layer, per_channel=True) < 1e-6  # one scale per row represents both rows
+
+
+def test_per_channel_is_chosen_only_for_a_large_enough_gain():
+    assert choose_per_channel(1.0, 0.90, min_gain=0.05)
+    assert not choose_per_channel(1.0, 0.97, min_gain=0.05)
+    assert not choose_per_channel(1.0, 1.0, min_gain=0.0)
+
+
+class CalledTwice(nn.Module):
+    """A weight-shared layer applied twice per forward (like Cognate's recursive core)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.shared = nn.Linear(4, 4)
+
+    def forward(self, input_ids):
+        return self.shared(self.shared(self.embed(input_ids)))
+
+
+def test_layer_inputs_records_every_call_and_subsamples():
+    model = CalledTwice()
+    ids = torch.randint(0, 10, (2, 3))
+    inputs = layer_inputs(model, ["shared"], [{"input_ids": ids}], max_tokens=100)
+    assert inputs["shared"].shape == (12, 4)  # 6 tokens x 2 calls
+    first = model.embed(ids).reshape(-1, 4)
+    torch.testing.assert_close(inputs["shared"][:6], first.detach())
+    assert layer_inputs(model, ["shared"], [{"input_ids": ids}], max_tokens=5)["shared"].shape == (5, 4)
+    assert not model.shared._forward_pre_hooks  # hooks removed
+
+
+def test_calibrate_measures_chooses_flags_and_leaves_the_model_alone():
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 64, (4, 16))
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    records = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), min_gain=0.05, n_sensitive=2,
+                        max_tokens=64)
+    assert [r.name for r in records] == names
+    for r in records:
+        assert r.per_channel == choose_per_channel(r.error_per_tensor, r.error_per_channel, 0.05)
+        assert 0 < r.error_per_channel and 0 < r.error_per_tensor
+    ranked = sorted(records, key=lambda r: r.loss_increase, reverse=True)
+    assert [r.sensitive for r in ranked] == [True, True] + [False] * (len(records) - 2)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def test_loss_increase_is_the_loss_with_that_layer_ternary():
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 64, (2, 16))
+    name = "model.layers.0.mlp.down_proj"
+    record = calibrate(model, [name], [{"input_ids": ids}], mean_nll_on(ids), min_gain=0.05, n_sensitive=1,
+                       max_tokens=64)[0]
+    base = mean_nll_on(ids)(model)
+    model.set_submodule(name, BitLinear.from_linear(model.get_submodule(name), record.per_channel))
+    assert record.loss_increase == pytest.approx(mean_nll_on(ids)(model) - base, abs=1e-6)
+
+
+def test_calibrate_rejects_bad_arguments():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="no layers"):
+        calibrate(model, [], [], mean_nll_on(None), min_gain=0.05, n_sensitive=1, max_tokens=8)
+    with pytest.raises(ValueError, match="min_gain"):
+        calibrate(model, ["model.layers.0.mlp.up_proj"], [], mean_nll_on(None), min_gain=1.5, n_sensitive=1,
+                  max_tokens=8)
+
+
+# --- conversion with per-layer scales --------------------------------------------------------
+
+def calibration_for(model, per_channel_names, losses):
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
+    return [{"name": n, "per_channel": n in per_channel_names, "loss_increase": losses.get(n, 0.0)} for n in names]
+
+
+def test_convert_applies_per_layer_scales_and_keeps_the_most_sensitive_float():
+    model = tiny_llama()
+    per_channel = {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"}
+    calibration = calibration_for(model, per_channel, {"model.layers.0.mlp.down_proj": 0.5})
+    kept = convert_as_calibrated(model, calibration, skip=["lm_head", "embed"], keep_fp=1)
+    assert kept == ["model.layers.0.mlp.down_proj"]
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    layers = bitlinear_layers(model)
+    assert len(layers) == 6 and {n for n, m in layers.items() if m.per_channel} == per_channel
+    config = model.config.quantization_config
+    assert config.per_channel == sorted(per_channel) and "model.layers.0.mlp.down_proj" in config.skip
+
+
+def test_mixed_per_channel_model_saves_and_reloads_in_both_states(tmp_path):
+    model = tiny_llama()
+    per_channel = {"model.layers.0.self_attn.v_proj", "model.layers.0.mlp.gate_proj"}
+    convert_as_calibrated(model, calibration_for(model, per_channel, {}), skip=["lm_head", "embed"])
+    ids = torch.randint(0, 64, (2, 8))
+    model.save_pretrained(tmp_path / "latent")
+    saved = json.loads((tmp_path / "latent" / "config.json").read_text())["quantization_config"]
+    assert saved["per_channel"] == sorted(per_channel)
+    latent = AutoModelForCausalLM.from_pretrained(tmp_path / "latent")
+    assert {n for n, m in bitlinear_layers(latent).items() if m.per_channel} == per_channel
+    pack_bitnet(model.eval())
+    model.save_pretrained(tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    scales = {n: m.w_scale.numel() for n, m in bitlinear_layers(packed).items()}
+    assert all(scales[n] == (packed.get_submodule(n).out_features if n in per_channel else 1) for n in scales)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids).logits, latent(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_a_per_channel_list_naming_an_unknown_layer_is_refused():
+    from agentforge.nn.hf_quantizer import AgentForgeBitNetConfig
+
+    with pytest.raises(ValueError, match="per_channel"):
+        AgentForgeBitNetConfig(modules=["a.q_proj"], per_channel=["a.k_proj"])
+
+
+# --- accounting ------------------------------------------------------------------------------
+
+def test_bits_and_sparsity_come_from_the_stored_codes(tmp_path):
+    a, b = nn.Linear(8, 4, bias=False), nn.Linear(6, 3, bias=False)  # K = 8 packs exactly, K = 6 pads
+    codes = {name: ops.quantize_ternary(layer.weight.detach(), per_channel=pc)
+             for name, layer, pc in (("a", a, False), ("b", b, True))}
+    save_file({f"{n}.weight_packed": ops.pack_ternary(c) for n, (c, _) in codes.items()}
+              | {f"{n}.weight_scale": s for n, (_, s) in codes.items()}, tmp_path / "model.safetensors")
+    stats = ternary_layer_stats(tmp_path, {"a": 8, "b": 6})
+    assert stats["a"]["bits_per_weight"] == 2.0 and stats["a"]["scale_bytes"] == 4
+    assert stats["b"]["bits_per_weight"] == pytest.approx(8 * 3 * 2 / 18) and stats["b"]["scale_bytes"] == 12
+    for name, (c, _) in codes.items():
+        assert stats[name]["sparsity"] == pytest.approx(float((c == 0).float().mean()))
+    total = totals(stats)
+    assert total["ternary_weights"] == 50
+    assert total["bits_per_weight_with_scales"] == pytest.approx(8 * (8 + 6 + 16) / 50)
+    with pytest.raises(ValueError, match="no packed weights"):
+        ternary_layer_stats(tmp_path, {"a": 8, "missing": 4})
+
+
+def test_resident_bytes_shrink_when_packed():
+    model = tiny_llama(hidden=64, intermediate=128)
+    float_bytes = resident_tensor_bytes(model)
+    convert_to_bitnet(model)
+    pack_bitnet(model)
+    linear_weights = sum(m.in_features * m.out_features for m in bitlinear_layers(model).values())
+    assert float_bytes - resident_tensor_bytes(model) >= linear_weights * 4 * 0.8  # fp32 -> ~2 bits each
+
+
+def test_layer_time_share_is_a_fraction_that_grows_with_the_layers_timed():
+    model = tiny_llama().eval()
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
+    some = layer_time_share(model, names[:1], prompt_len=4, new_tokens=3)
+    every = layer_time_share(model, names, prompt_len=4, new_tokens=3)
+    assert 0 < some < every < 1
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_generation_memory_of_a_fresh_process(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    report = generation_memory(tmp_path, batch_size=2, prompt_len=4, new_tokens=2)
+    assert report["peak_bytes"] >= report["baseline_bytes"] > 0
+    assert report["model_bytes"] == report["peak_bytes"] - report["baseline_bytes"]
+    with pytest.raises(ValueError, match="not a model directory"):
+        generation_memory(tmp_path / "missing", batch_size=1, prompt_len=4, new_tokens=2)
+
+
+def test_require_state_refuses_a_model_that_lost_or_mixed_its_ternary_layers():
+    model = tiny_llama()
+    with pytest.raises(RuntimeError, match="found 0 BitLinear"):
+        require_state(model, "training", "curriculum input")
+    convert_to_bitnet(model)
+    require_state(model, "training")
+    model.model.layers[0].mlp.up_proj.pack()
+    with pytest.raises(RuntimeError, match="1 are not"):
+        require_state(model, "training")
+
+
+# --- gradient flow ---------------------------------------------------------------------------
+
+def test_gradient_flow_finds_every_latent_weight_or_names_the_one_without():
+    model = convert_to_bitnet(tiny_llama())
+    ids = torch.randint(0, 64, (2, 8))
+    report = gradient_flow(model, {"input_ids": ids, "labels": ids})
+    assert report["ok"] and report["layers"] == 7 and report["min_grad_norm"] > 0
+    assert all(p.grad is None for p in model.parameters())  # the check leaves no gradients behind
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    report = gradient_flow(model, {"input_ids": ids, "labels": ids})
+    assert not report["ok"] and report["bad_layers"] == ["model.layers.0.mlp.up_proj"]
+
+
+# --- settings, data record, cache ------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lambda_warmup_fraction", 1.5, "lambda_warmup_fraction"),
+    ("keep_sensitive_fp", 4, "keep_sensitive_fp"),
+    ("speed_batch_sizes", [1, 0], "speed_batch_sizes"),
+    ("per_channel_min_gain", 1.0, "per_channel_min_gain"),
+    ("text_weight", 0.0, "text_weight"),
+    ("skip", [""], "skip"),
+    ("steps", 0, "steps"),
+    ("calibration_tokens", 1.5, "calibration_tokens"),
+])
+def test_bad_settings_are_one_line_errors(field, value, message):
+    with pytest.raises(ValueError, match=message) as error:
+        bitnet.Settings(**{field: value})
+    assert "\n" not in str(error.value)
+
+
+def test_missing_model_input_is_a_clear_error(tmp_path):
+    from agentforge.phases import PhaseContext
+
+    with pytest.raises(ValueError, match="inputs must name 'model'"):
+        bitnet.run({"champion": tmp_path}, bitnet.PRESETS["micro"], PhaseContext(out_dir=tmp_path, say=lambda _: None))
+
+
+def test_the_input_models_data_record_decides_the_held_out_split():
+    settings = bitnet.Settings(seq_len=32, text_docs=10, task_levels=[0])
+    assert bitnet.data_record(settings, {}, seed=3) == {"seq_len": 32, "text_docs": 10, "task_levels": [0], "seed": 3}
+    recorded = {"data": {"seq_len": 64, "text_docs": 300, "task_levels": [0, 1], "seed": 0}}
+    assert bitnet.data_record(settings, recorded, seed=3) == recorded["data"]
+
+
+def test_evaluation_cache_measures_once_and_survives_a_restart(tmp_path):
+    calls = []
+    cache = bitnet.EvaluationCache(tmp_path / "evaluations.json")
+    assert cache.get("fp", lambda: calls.append(1) or {"perplexity": 2.0}) == {"perplexity": 2.0}
+    assert cache.get("fp", lambda: calls.append(1) or {}) == {"perplexity": 2.0}
+    again = bitnet.EvaluationCache(tmp_path / "evaluations.json")
+    assert again.get("fp", lambda: math.nan) == {"perplexity": 2.0} and calls == [1]
