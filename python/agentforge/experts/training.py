@@ -1,0 +1,204 @@
+"""Training one expert's z on its domain's tasks, through ``agentforge.train`` (atomic checkpoints,
+exact resume, metrics.jsonl), in up to two stages that both keep a KL penalty to the base model:
+
+1. cross-entropy on the answers of packed task rows (answer-only labels), the cheap dense signal;
+2. REINFORCE on verified rewards: sample an answer from the adapted model, score it with the task's
+   own scorer (reward in [0, 1]), and push up the log-probability of answers that beat the
+   leave-one-out mean reward of their batch (an unbiased baseline).
+
+The penalty is the exact KL(p_z ‖ p_base) over the vocabulary, averaged over the answer positions,
+where p_base is the same model with z = 1 (evaluated without gradients).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from agentforge.experts.svf import SVDBasis, SVFExpert, installed
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainSettings:
+    """How long and how hard one expert trains (``ce_steps`` and ``rl_steps`` may each be 0, not both)."""
+
+    ce_steps: int = 30
+    rl_steps: int = 30
+    batch_size: int = 32
+    seq_len: int = 32  # packed rows for the cross-entropy stage (compact items fit several per row)
+    lr: float = 3e-2  # AdamW on z (MuGrokfast "finetune" preset, no decay for a 1-D vector)
+    rl_lr: float = 1e-2  # lower: REINFORCE's gradient is far noisier than the cross-entropy's
+    kl_weight: float = 0.05
+    temperature: float = 1.0  # sampling temperature of the REINFORCE stage
+    checkpoint_every: int = 0  # 0: only at the end of each stage
+
+    def __post_init__(self):
+        if self.ce_steps < 0 or self.rl_steps < 0 or self.ce_steps + self.rl_steps == 0:
+            raise ValueError(f"expert training needs ce_steps + rl_steps > 0 (both >= 0), got "
+                             f"{self.ce_steps} and {self.rl_steps}")
+        if self.kl_weight < 0 or self.temperature <= 0:
+            raise ValueError(f"expert training needs kl_weight >= 0 and temperature > 0, got "
+                             f"{self.kl_weight} and {self.temperature}")
+
+
+def answer_kl(logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where ``mask`` is true of KL(softmax(logits) ‖ softmax(base_logits))."""
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_q = F.log_softmax(base_logits.float(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def cross_entropy_loss(base: torch.nn.Module, kl_weight: float):
+    """``loss_fn(expert, batch)`` for packed task rows: answer cross-entropy + ``kl_weight`` · KL."""
+
+    def loss_fn(expert, batch):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        logits = expert(**inputs).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX)
+        with torch.no_grad():
+            base_logits = base(**inputs).logits[:, :-1]
+        kl = answer_kl(logits, base_logits, mask)
+        return ce + kl_weight * kl, {"ce": ce.item(), "kl": kl.item()}
+
+    return loss_fn
+
+
+def prompt_rows(tokenizer, items: Sequence, width: int | None = None) -> list[dict]:
+    """REINFORCE training rows: each item's prompt left-padded to ``width`` (default: the longest),
+    its reference answer as ``labels`` (for the record) and its index in ``items``."""
+    prompts = tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([it.answer for it in items], add_special_tokens=False)["input_ids"]
+    width = width or max(map(len, prompts))
+    answer_width = max(map(len, answers))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for index, (prompt, answer) in enumerate(zip(prompts, answers)):
+        if len(prompt) > width:
+            raise ValueError(f"item {items[index].prompt!r} has {len(prompt)} prompt tokens, more than width={width}")
+        rows.append({"input_ids": [pad] * (width - len(prompt)) + prompt,
+                     "attention_mask": [0] * (width - len(prompt)) + [1] * len(prompt),
+                     "labels": answer + [IGNORE_INDEX] * (answer_width - len(answer)), "item": index})
+    return rows
+
+
+def _sample(model, basis: SVDBasis, z: torch.Tensor, batch, tokenizer, max_new_tokens: int,
+            temperature: float) -> torch.Tensor:
+    """New tokens sampled from the adapted model after each (left-padded) prompt of the batch."""
+    with torch.no_grad(), installed(model, basis.adapted(z.detach())):
+        output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
+                                eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return output[:, batch["input_ids"].shape[1]:]
+
+
+def _until_eos_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """True for each sampled token up to and including the first eos of its row."""
+    is_eos = (tokens == eos).long()
+    return (is_eos.cumsum(1) - is_eos) == 0
+
+
+def leave_one_out_baseline(rewards: torch.Tensor) -> torch.Tensor:
+    """Each sample's baseline is the mean reward of the *other* samples of its batch (unbiased)."""
+    n = rewards.numel()
+    if n < 2:
+        return torch.zeros_like(rewards)
+    return (rewards.sum() - rewards) / (n - 1)
+
+
+def reinforce_loss(base: torch.nn.Module, tokenizer, items: Sequence, kl_weight: float, temperature: float,
+                   max_new_tokens: int, score):
+    """``loss_fn(expert, batch)`` for ``prompt_rows``: −mean((r − b) · log π(answer)) + ``kl_weight`` · KL,
+    with r = ``score(item, sampled answer)`` and b the leave-one-out baseline; the extras report
+    the batch's mean reward."""
+    from agentforge.train import distributed
+
+    eos = tokenizer.eos_token_id
+
+    def loss_fn(expert, batch):
+        svf = distributed.unwrap(expert)
+        sampled = _sample(base, svf.basis, svf.z, batch, tokenizer, max_new_tokens, temperature)
+        keep = _until_eos_mask(sampled, eos)
+        answers = [tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(sampled, keep)]
+        rewards = torch.tensor([float(score(items[i], a)) for i, a in zip(batch["item"].tolist(), answers)])
+        advantage = (rewards - leave_one_out_baseline(rewards)).to(sampled.device)
+        ids = torch.cat([batch["input_ids"], sampled], dim=1)
+        # tokens after a row's eos stay visible (the mask must stay left-padded); causality keeps
+        # them from touching the answer's log-probabilities, and ``keep`` drops their own terms
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(sampled)], dim=1)
+        width = batch["input_ids"].shape[1]
+        logits = expert(input_ids=ids, attention_mask=mask).logits[:, width - 1:-1]
+        log_probs = F.log_softmax(logits.float(), dim=-1).gather(-1, sampled[..., None]).squeeze(-1)
+        policy = -(advantage * (log_probs * keep).sum(1)).mean()
+        with torch.no_grad():
+            base_logits = base(input_ids=ids, attention_mask=mask).logits[:, width - 1:-1]
+        kl = answer_kl(logits, base_logits, keep)
+        return policy + kl_weight * kl, {"reward": rewards.mean().item(), "kl": kl.item()}
+
+    return loss_fn
+
+
+def _stage(expert: SVFExpert, rows, steps: int, lr: float, settings: TrainSettings, loss_fn, out_dir: Path,
+           phase: str, seed: int, wandb_mode, progress: bool):
+    from agentforge.optim import MuGrokfast
+    from agentforge.train import TrainConfig, train
+
+    optimizer = MuGrokfast.from_preset(expert, "finetune", total_steps=steps, adamw_lr=lr)
+    cfg = TrainConfig(steps=steps, batch_size=settings.batch_size, checkpoint_every=settings.checkpoint_every,
+                      log_every=10, seed=seed, wandb_mode=wandb_mode, run_name=phase, progress=progress)
+    return train(expert, rows, cfg, optimizer=optimizer, out_dir=out_dir, phase=phase, loss_fn=loss_fn)
+
+
+def train_expert(model, basis: SVDBasis, tokenizer, items: Sequence, settings: TrainSettings, out_dir: Path,
+                 name: str, *, seed: int = 0, wandb_mode: str | None = None,
+                 progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """Train an expert's flat z on ``items`` (cross-entropy stage, then REINFORCE stage); a rerun
+    resumes each stage from its checkpoint in ``out_dir``. Returns ``(z, {stage: TrainResult})``."""
+    if not items:
+        raise ValueError(f"expert {name}: no training items")
+    expert = SVFExpert(model, basis)
+    model.eval()  # the base stays deterministic; only z trains
+    with frozen(model):
+        results = _train_stages(expert, model, tokenizer, items, settings, Path(out_dir), name, seed, wandb_mode,
+                                progress)
+    return expert.z.detach().clone(), results
+
+
+def _train_stages(expert, model, tokenizer, items, settings, out_dir, name, seed, wandb_mode, progress) -> dict:
+    from agentforge.data import pack_tasks, score
+
+    results = {}
+    if settings.ce_steps:
+        rows = pack_tasks(tokenizer, items, settings.seq_len, seed=seed)
+        results["ce"] = _stage(expert, rows, settings.ce_steps, settings.lr, settings,
+                               cross_entropy_loss(model, settings.kl_weight), out_dir / "ce",
+                               f"experts/{name}/ce", seed, wandb_mode, progress)
+    if settings.rl_steps:
+        budget = max(len(tokenizer(it.answer, add_special_tokens=False)["input_ids"]) for it in items) + 1
+        loss_fn = reinforce_loss(model, tokenizer, items, settings.kl_weight, settings.temperature, budget, score)
+        results["rl"] = _stage(expert, prompt_rows(tokenizer, items), settings.rl_steps, settings.rl_lr, settings,
+                               loss_fn, out_dir / "rl", f"experts/{name}/rl", seed, wandb_mode, progress)
+    return results
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """No gradient for any of ``model``'s own parameters inside the block (the adapted weights
+    still carry z's gradient); the previous flags are restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
