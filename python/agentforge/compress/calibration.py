@@ -1,0 +1,123 @@
+"""Measuring a candidate tensor where it matters: at the output of the layers that use it, on
+calibration activations, rather than by weight MSE alone.
+
+``Calibration`` runs the model once on calibration batches with hooks on the modules that own
+the tensors to compress, keeps their inputs (the first ``max_calls`` calls of each: a
+weight-shared block runs several times per forward) and their outputs, and then scores any
+candidate tensor by re-running only those modules with it substituted
+(``torch.func.functional_call``):
+
+    error = Σ_calls ||f(x; Ŵ) − f(x; W)||² / Σ_calls ||f(x; W)||²
+
+averaged over the modules that share the tensor (an embedding tied to the LM head counts at
+both). It also gives each weight an importance for the codecs that can use one: the input
+energy ``Σ x_k²`` of a linear layer's column k (the diagonal of its Hessian ``XᵀX``), the
+token count of an embedding row, uniform elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from agentforge.compress.tensors import TensorSlot
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """Every tensor inside a module's output (tensor, tuple/list, dict or ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+class Calibration:
+    """Inputs and outputs of the owner modules of ``slots`` on ``batches`` (dicts with
+    ``input_ids`` and optionally ``attention_mask``)."""
+
+    def __init__(self, model: nn.Module, slots: list[TensorSlot], batches: list[dict], max_calls: int = 8):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        owners = {owner for slot in slots for owner, _ in slot.owners}
+        self.calls: dict[str, list] = {name: [] for name in owners}
+        hooks = [self.modules[name].register_forward_pre_hook(self._recorder(name, max_calls), with_kwargs=True)
+                 for name in owners]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    model(**batch)
+                self.outputs = {name: [_tensors(self.modules[name](*args, **kwargs)) for args, kwargs in calls]
+                                for name, calls in self.calls.items()}
+        finally:
+            for hook in hooks:
+                hook.remove()
+            model.train(was_training)
+
+    def _recorder(self, name: str, max_calls: int):
+        def record(module, args, kwargs):
+            if len(self.calls[name]) < max_calls:
+                self.calls[name].append((_detached(args), _detached(kwargs)))
+        return record
+
+    @torch.no_grad()
+    def output_error(self, slot: TensorSlot, candidate: torch.Tensor) -> float:
+        """Relative error at the outputs of the modules using ``slot`` when they use
+        ``candidate`` instead (mean over those modules)."""
+        candidate = candidate.to(slot.tensor.dtype).reshape(slot.tensor.shape)
+        errors = []
+        for owner, attr in slot.owners:
+            module, squared, reference_energy = self.modules[owner], 0.0, 0.0
+            for (args, kwargs), reference in zip(self.calls[owner], self.outputs[owner]):
+                out = _tensors(functional_call(module, {attr: candidate}, args, kwargs))
+                squared += sum(float((o - r).float().pow(2).sum()) for o, r in zip(out, reference))
+                reference_energy += sum(float(r.float().pow(2).sum()) for r in reference)
+            errors.append(squared / max(reference_energy, 1e-30))
+        return sum(errors) / len(errors)
+
+    def importance(self, slot: TensorSlot, floor: float) -> torch.Tensor | None:
+        """Per-weight importance, mean 1, mixed with a uniform ``floor`` (weights never exercised by
+        the calibration data still count); None when no owner gives one."""
+        maps = [m for m in (self._owner_importance(owner, attr, slot.tensor) for owner, attr in slot.owners)
+                if m is not None]
+        if not maps:
+            return None
+        mean = sum(m / m.mean().clamp(min=1e-30) for m in maps) / len(maps)
+        return (1 - floor) * mean + floor
+
+    def _owner_importance(self, owner: str, attr: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        module, calls = self.modules[owner], self.calls[owner]
+        if attr != "weight" or not calls or tensor.dim() != 2:
+            return None
+        if isinstance(module, nn.Embedding):
+            counts = sum(torch.bincount(args[0].reshape(-1), minlength=tensor.shape[0]).float() for args, _ in calls)
+            return counts[:, None].expand_as(tensor).clone()
+        if isinstance(module, nn.Linear):
+            energy = sum(args[0].float().reshape(-1, tensor.shape[1]).pow(2).sum(0) for args, _ in calls)
+            return energy[None, :].expand_as(tensor).clone()
+        return None
+
+
+def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable mean KL(teacher ‖ student) over the (masked) positions."""
+    teacher = F.log_softmax(teacher_logits.float(), -1)
+    per_token = (teacher.exp() * (teacher - F.log_softmax(student_logits.float(), -1))).sum(-1)
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)

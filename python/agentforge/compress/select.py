@@ -1,0 +1,138 @@
+"""Choosing a codec per tensor: encode with every candidate, measure real bits per weight (the
+serialised bytes) and the layer-output error on calibration data, keep the least error that
+fits the bits budget; ternary layers take their smallest lossless layout.
+
+The rollback ladder raises one tensor's budget to the next rung (e.g. 4.25 -> 8.25 -> 16 -> 32
+bits, i.e. int8, fp16, fp32) when the quality gate fails and that tensor is the most damaging.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+
+from agentforge.compress import ternary
+from agentforge.compress.calibration import Calibration, kl_loss
+from agentforge.compress.codec import Codec, Encoded, Raw, RoundToNearest, decode
+from agentforge.compress.hyper import Hyper
+from agentforge.compress.seedlm import SeedLM
+from agentforge.compress.tensors import TensorSlot
+from agentforge.compress.vptq import VPTQ
+
+CANDIDATES: dict[str, Codec] = {
+    "fp32": Raw("float32"), "fp16": Raw("float16"),
+    "int8": RoundToNearest(8), "rtn4": RoundToNearest(4), "rtn3": RoundToNearest(3), "rtn2": RoundToNearest(2),
+    "seedlm4": SeedLM(8, 3), "seedlm3": SeedLM(12, 4),
+    "vptq4": VPTQ(4, (256, 256)), "vptq3": VPTQ(4, (256, 16)), "vptq2": VPTQ(4, (256,)),
+    "hyper4": Hyper(8, 1), "hyper3": Hyper(6, 1), "hyper2": Hyper(4, 0),
+}
+SMALL_TENSOR_CANDIDATES = ("fp16", "fp32")
+SMALL_TENSOR_BUDGET = 16.0
+TERNARY = "ternary"
+
+
+@dataclass
+class Trial:
+    """One candidate codec on one tensor: what it stored, how many bits per weight, the relative
+    layer-output error it causes and how long encoding took."""
+
+    codec: str
+    encoded: Encoded
+    bits: float
+    error: float
+    seconds: float
+
+
+@dataclass
+class TensorChoice:
+    """A tensor, every candidate tried on it, its current bits budget and the chosen candidate."""
+
+    slot: TensorSlot
+    trials: dict[str, Trial]
+    budget: float
+    choice: str = ""
+    small: bool = False  # a norm, bias or other small tensor: fp16/fp32 only
+    history: list[str] = field(default_factory=list)  # earlier choices the ladder dropped
+
+    def __post_init__(self):
+        if not self.choice:
+            self.choice = best_within(self.trials, self.budget)
+
+    @property
+    def trial(self) -> Trial:
+        return self.trials[self.choice]
+
+    @property
+    def lossy(self) -> bool:
+        return self.choice not in (TERNARY, "fp32")
+
+
+def best_within(trials: dict[str, Trial], budget: float) -> str:
+    """The least-error candidate whose measured bits fit ``budget`` (ties: fewer bits); the
+    smallest one when none fits."""
+    fitting = [t for t in trials.values() if t.bits <= budget + 1e-9]
+    if not fitting:
+        return min(trials.values(), key=lambda t: t.bits).codec
+    return min(fitting, key=lambda t: (t.error, t.bits)).codec
+
+
+def try_codecs(slot: TensorSlot, calibration: Calibration, names, importance_floor: float) -> dict[str, Trial]:
+    """Encode ``slot`` with each named candidate and measure it."""
+    importance = calibration.importance(slot, importance_floor)
+    trials = {}
+    for name in names:
+        codec = CANDIDATES[name]
+        started = time.perf_counter()
+        encoded = codec.encode(slot.tensor, importance)
+        seconds = time.perf_counter() - started
+        error = calibration.output_error(slot, codec.decode(encoded))
+        trials[name] = Trial(name, encoded, encoded.bits_per_weight, error, seconds)
+    return trials
+
+
+def plan(slots: list[TensorSlot], calibration: Calibration, candidates, budget: float, min_numel: int,
+         importance_floor: float, say=lambda _: None) -> list[TensorChoice]:
+    """A TensorChoice for every slot: ternary layers lossless, small tensors among
+    ``SMALL_TENSOR_CANDIDATES`` at 16 bits, matrices among ``candidates`` within ``budget``."""
+    choices = []
+    for slot in slots:
+        if slot.group == "ternary":
+            started = time.perf_counter()
+            encoded = ternary.smallest(slot.tensor, slot.per_channel)
+            trials = {TERNARY: Trial(TERNARY, encoded, encoded.bits_per_weight, 0.0, time.perf_counter() - started)}
+            choices.append(TensorChoice(slot, trials, budget=trials[TERNARY].bits))
+            continue
+        small = slot.tensor.numel() < min_numel or slot.tensor.dim() < 2
+        # fp16 and fp32 are always tried: they are the ladder's top rungs
+        names = SMALL_TENSOR_CANDIDATES if small else tuple(dict.fromkeys((*candidates, *SMALL_TENSOR_CANDIDATES)))
+        if not small:
+            say(f"  {slot.name} {list(slot.tensor.shape)}: trying {', '.join(names)}")
+        choices.append(TensorChoice(slot, try_codecs(slot, calibration, names, importance_floor),
+                                    budget=SMALL_TENSOR_BUDGET if small else budget, small=small))
+    return choices
+
+
+def escalate(choice: TensorChoice, ladder: list[float]) -> bool:
+    """Move ``choice`` to the next budget rung above its current bits where a different candidate
+    wins; False when it is already lossless or no rung changes it."""
+    if not choice.lossy:
+        return False
+    current = choice.trial.bits
+    for rung in sorted(ladder):
+        if rung > current + 1e-9 and best_within(choice.trials, rung) != choice.choice:
+            choice.history.append(choice.choice)
+            choice.budget, choice.choice = rung, best_within(choice.trials, rung)
+            return True
+    return False
+
+
+@torch.no_grad()
+def solo_damage(model, choice: TensorChoice, batches: list[dict], reference_logits: list[torch.Tensor]) -> float:
+    """Mean logit KL(model ‖ model with only this tensor decoded) on ``batches``: how much this
+    one codec choice costs end to end."""
+    tensor = decode(choice.trial.encoded).to(choice.slot.tensor.dtype)
+    kls = [float(kl_loss(ref, functional_call(model, {choice.slot.name: tensor}, (), batch).logits))
+           for batch, ref in zip(batches, reference_logits)]
+    return sum(kls) / len(kls)
