@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor | tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
+StopFn = Callable[[dict[str, float]], bool]
 
 
 @dataclass
@@ -196,7 +197,7 @@ def _checkpoint(ckpt_dir: Path, model, optimizer, run: _RunState, cfg: TrainConf
 
 def train(model: nn.Module, data, cfg: TrainConfig, *, optimizer: torch.optim.Optimizer,
           out_dir: str | Path, phase: str = "train", loss_fn: LossFn | None = None,
-          eval_fn: EvalFn | None = None, resume: bool = True) -> TrainResult:
+          eval_fn: EvalFn | None = None, resume: bool = True, stop_fn: StopFn | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps on ``data``.
 
     ``data``: a ``datasets.Dataset`` or an indexable of dict rows with fixed-length int columns
@@ -206,6 +207,9 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, optimizer: torch.optim.Op
     run forward passes through it (``distributed.unwrap(model)`` gives the attributes).
     ``eval_fn(model) -> {name: number}``: every ``cfg.eval_every`` steps and at the end, on rank 0.
     ``resume``: continue from ``out_dir/checkpoint`` if one exists (exactly, same process layout).
+    ``stop_fn(eval results) -> bool``: True ends training after that evaluation (a target reached);
+    every rank sees the same results, so all stop together. ``TrainResult.step`` says where; the
+    run is checkpointed there (a resumed run would continue from that step).
     Under torchrun the process group is joined and the model wrapped in DDP here; rank 0 alone
     writes. The model is left unwrapped, in train mode, on this rank's device.
     """
@@ -244,12 +248,15 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, optimizer: torch.optim.Op
             if evaluated:
                 run.last_eval = _evaluate(model, eval_fn)
                 row.update({f"eval/{k}": v for k, v in run.last_eval.items()})
+            stop = evaluated and stop_fn is not None and stop_fn(run.last_eval)
             if evaluated or _due(run.step, cfg.log_every, cfg.steps):
                 logger.log(row, step=run.step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            if _due(run.step, cfg.checkpoint_every, cfg.steps):
+            if stop or _due(run.step, cfg.checkpoint_every, cfg.steps):
                 _checkpoint(out_dir / CHECKPOINT_DIR, model, optimizer, run, cfg, fingerprint, logger)
             bar.update(1)
+            if stop:
+                break
     finally:
         bar.close()
         logger.close()

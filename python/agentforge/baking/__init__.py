@@ -1,0 +1,22 @@
+"""Prompt baking: make a model behave, without a prompt, as it does with one.
+
+    from agentforge.baking import BakeSettings, bake
+    result = bake(model, tokenizer, prompt, train_inputs, held_out_inputs, BakeSettings(), out_dir=d,
+                  strength=0.5)                 # half-baked: half of the held-out KL removed
+    result.model, result.kl_before, result.kl_after
+
+* :mod:`~agentforge.baking.kl`: the objective, token-level KL(P_θ(·|u, x) ‖ P_θ′(·|x)) over the
+  full vocabulary on the prompted model's own sampled trajectories, and its measurement.
+* :mod:`~agentforge.baking.baker`: :func:`bake` (full weights or LoRA, half-baking by measured KL
+  reduction), :func:`prompt_pursuit` (re-baking) and :func:`bake_stack` (several prompts).
+* :mod:`~agentforge.baking.lora`: peft adapters, with BitLinear layers kept quantization-aware.
+* :mod:`~agentforge.baking.cycles`: the plateau detector and candidate prompts of the phase.
+"""
+from agentforge.baking.baker import BakeResult, BakeSettings, Kept, bake, bake_stack, prompt_pursuit
+from agentforge.baking.cycles import plateaued, prompt_edits, propose_prompts, relative_gain
+from agentforge.baking.kl import BakingData, kl_loss, measured_kl, prompted_trajectories, token_kl
+from agentforge.baking.lora import BitLinearLora, add_lora, merge_lora
+
+__all__ = ["BakeSettings", "BakeResult", "Kept", "bake", "bake_stack", "prompt_pursuit", "plateaued",
+           "relative_gain", "prompt_edits", "propose_prompts", "BakingData", "kl_loss", "measured_kl",
+           "prompted_trajectories", "token_kl", "BitLinearLora", "add_lora", "merge_lora"]

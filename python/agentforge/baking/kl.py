@@ -1,0 +1,216 @@
+"""The prompt-baking objective (Bhargava et al. 2024, arXiv:2409.13697) and its data.
+
+Baking prompt ``u`` into weights θ′ minimises KL(P_θ(·|u, x) ‖ P_θ′(·|x)): the unprompted model
+must predict, token by token, what the prompted original predicts. As in the reference code
+(amanb2000/prompt_weight_equivalence) the KL is taken over the full vocabulary, on trajectories
+``y`` that the *prompted* model samples itself, at every position of ``y``:
+
+    teacher (prompted, frozen):  [pad][u + "\\n"][x][y]     logits before each y_t, computed once
+    student (the model baked):         [pad][x][y]          logits before each y_t, trained
+
+Rows are left-padded, so ``y`` always ends in the last column of both: the last ``len(y)``
+predictions of the teacher and of the student line up column for column. A row stores the
+teacher's log-probabilities ``[Y, vocab]`` (right-aligned like ``y``; ``Y`` = the longest
+continuation) next to the student's ``input_ids``/``attention_mask``/``labels`` (``labels`` =
+``y`` in its columns, -100 elsewhere), which is the row format ``agentforge.train.train`` feeds
+to :func:`kl_loss`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from agentforge.eval._common import evaluation_mode, model_device
+
+IGNORE_INDEX = -100
+SEPARATOR = "\n"  # between the baked prompt and the input it precedes
+
+
+def token_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) over the last dimension, from log-probabilities
+    ``[..., V]`` of the teacher p and the student q; computed in fp32, returns ``[...]``."""
+    if teacher_logprobs.shape != student_logprobs.shape:
+        raise ValueError(f"token_kl: teacher shape {tuple(teacher_logprobs.shape)} differs from student shape "
+                         f"{tuple(student_logprobs.shape)}")
+    return F.kl_div(student_logprobs.float(), teacher_logprobs.float(), log_target=True, reduction="none").sum(-1)
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of a left-padded batch, with position ids counted from each row's first real token
+    (what a row alone would get; Llama-family models do not derive them from the mask)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+
+
+def kl_loss(model, batch: dict[str, torch.Tensor], anchor_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean token KL(teacher ‖ model) over the continuation tokens of a batch of baking rows
+    (the ``loss_fn`` of ``agentforge.train.train``; reports the tokens it averaged over).
+
+    Rows that also carry a retention anchor (``anchor_ids``/``anchor_logprobs``, see
+    :func:`anchor_rows`) add ``anchor_weight`` × the mean token KL(model before baking ‖ model)
+    on that unrelated text, which keeps what the prompt has nothing to do with in place."""
+    teacher = batch["teacher_logprobs"]
+    span = teacher.shape[1]
+    logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])[:, -span - 1:-1]
+    targets = batch["labels"][:, -span:] != IGNORE_INDEX
+    kl = token_kl(teacher[targets], logits[targets].float().log_softmax(-1)).mean()
+    extras = {"kl_tokens": float(targets.sum())}
+    if "anchor_ids" not in batch:
+        return kl, extras
+    anchor_logits = model(input_ids=batch["anchor_ids"]).logits[:, :-1].float().log_softmax(-1)
+    anchor_kl = token_kl(batch["anchor_logprobs"], anchor_logits).mean()
+    return kl + anchor_weight * anchor_kl, {**extras, "bake_kl": float(kl), "anchor_kl": float(anchor_kl)}
+
+
+@torch.no_grad()
+def anchor_rows(model, texts: Sequence[Sequence[int]], *, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The retention anchor: ``model``'s next-token log-probabilities at every position of some
+    unrelated text rows (equal-length token id lists), taken before baking changes it."""
+    if not texts:
+        raise ValueError("baking: the retention anchor needs at least one text row")
+    ids = torch.tensor([list(t) for t in texts], dtype=torch.long)
+    device = model_device(model)
+    rows = []
+    with evaluation_mode(model):
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            logprobs = model(input_ids=chunk.to(device)).logits[:, :-1].float().log_softmax(-1).cpu()
+            rows += [{"anchor_ids": row, "anchor_logprobs": lp} for row, lp in zip(chunk, logprobs)]
+    return rows
+
+
+@dataclass
+class BakingData:
+    """Trajectories of the prompted model on some inputs, as training/evaluation rows.
+
+    ``rows``: one dict of tensors per trajectory (see the module docstring); ``prompt`` the
+    prompt that made them; ``continuations`` the sampled token ids (for inspection)."""
+
+    prompt: str
+    rows: list[dict[str, torch.Tensor]]
+    continuations: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        """Continuation tokens the KL is measured on."""
+        return sum(len(c) for c in self.continuations)
+
+
+def encode(tokenizer, prompt: str, inputs: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of ``prompt + SEPARATOR`` and of each input, encoded separately and without
+    special tokens, so the unprompted input is exactly the tail of the prompted one."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"baking: the prompt must be a non-empty string, got {prompt!r}")
+    if isinstance(inputs, str) or not inputs:
+        raise ValueError("baking: inputs must be a non-empty sequence of strings")
+    prompt_ids = tokenizer(prompt + SEPARATOR, add_special_tokens=False)["input_ids"]
+    input_ids = tokenizer(list(inputs), add_special_tokens=False)["input_ids"]
+    empty = [text for text, ids in zip(inputs, input_ids) if not ids]
+    if empty:
+        raise ValueError(f"baking: input {empty[0]!r} encodes to no tokens")
+    return prompt_ids, input_ids
+
+
+def _left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def _special_ids(tokenizer) -> tuple[int, int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("baking: the tokenizer has no eos token (trajectories end at eos)")
+    return eos, eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def sample_continuations(model, contexts: list[list[int]], *, eos: int, pad: int, max_new_tokens: int,
+                         temperature: float, batch_size: int, seed: int) -> list[list[int]]:
+    """One sampled continuation per context (plain ancestral sampling at ``temperature``, no top-k
+    or top-p), each cut after its first eos. Seeded, and the caller's RNG stream is untouched."""
+    from agentforge.train.checkpoint import preserved_rng
+
+    device = model_device(model)
+    out = []
+    with evaluation_mode(model), preserved_rng():
+        torch.manual_seed(seed)
+        for start in range(0, len(contexts), batch_size):
+            ids, mask = _left_padded(contexts[start:start + batch_size], pad)
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                       temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                       eos_token_id=eos, pad_token_id=pad)
+            out += [_until_eos(row, eos) for row in generated[:, ids.shape[1]:].tolist()]
+    return out
+
+
+@torch.no_grad()
+def teacher_rows(model, prompt_ids: list[int], inputs: list[list[int]], continuations: list[list[int]], *,
+                 pad: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Baking rows: the prompted model's log-probabilities before every continuation token, next
+    to the unprompted student's left-padded ids, mask and labels (same width for every row)."""
+    span = max(len(c) for c in continuations)
+    student_ids, student_mask = _left_padded([x + y for x, y in zip(inputs, continuations)], pad)
+    device = model_device(model)
+    rows = []
+    with evaluation_mode(model):
+        for start in range(0, len(inputs), batch_size):
+            chunk = range(start, min(start + batch_size, len(inputs)))
+            ids, mask = _left_padded([prompt_ids + inputs[i] + continuations[i] for i in chunk], pad)
+            logprobs = forward_logits(model, ids.to(device), mask.to(device))[:, -span - 1:-1].float().log_softmax(-1)
+            for offset, i in enumerate(chunk):
+                labels = torch.full_like(student_ids[i], IGNORE_INDEX)
+                labels[len(labels) - len(continuations[i]):] = torch.tensor(continuations[i])
+                teacher = logprobs[offset].cpu()
+                teacher[:span - len(continuations[i])] = 0.0  # columns before this row's continuation
+                rows.append({"input_ids": student_ids[i], "attention_mask": student_mask[i], "labels": labels,
+                             "teacher_logprobs": teacher})
+    return rows
+
+
+def prompted_trajectories(model, tokenizer, prompt: str, inputs: Sequence[str], *, samples_per_input: int = 1,
+                          max_new_tokens: int = 16, temperature: float = 1.0, batch_size: int = 32,
+                          seed: int = 0) -> BakingData:
+    """Sample ``samples_per_input`` continuations of ``prompt + SEPARATOR + x`` for every input
+    ``x`` from ``model`` and score them with the same prompted model: the data that bakes
+    ``prompt`` into (a copy of) ``model``, or measures how far a model is from it."""
+    for name, value in (("samples_per_input", samples_per_input), ("max_new_tokens", max_new_tokens),
+                        ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"baking: {name} must be a positive int, got {value!r}")
+    if not temperature > 0:
+        raise ValueError(f"baking: temperature must be > 0, got {temperature!r}")
+    eos, pad = _special_ids(tokenizer)
+    prompt_ids, input_ids = encode(tokenizer, prompt, inputs)
+    inputs_repeated = [ids for ids in input_ids for _ in range(samples_per_input)]
+    continuations = sample_continuations(model, [prompt_ids + x for x in inputs_repeated], eos=eos, pad=pad,
+                                         max_new_tokens=max_new_tokens, temperature=temperature,
+                                         batch_size=batch_size, seed=seed)
+    rows = teacher_rows(model, prompt_ids, inputs_repeated, continuations, pad=pad, batch_size=batch_size)
+    return BakingData(prompt=prompt, rows=rows, continuations=continuations)
+
+
+@torch.no_grad()
+def measured_kl(model, data: BakingData, *, batch_size: int = 32) -> float:
+    """KL(prompted teacher ‖ ``model`` unprompted) in nats per continuation token, averaged over
+    every token of ``data`` (token-weighted, independent of the batch size)."""
+    total, tokens = 0.0, 0
+    device = model_device(model)
+    with evaluation_mode(model):
+        for start in range(0, len(data.rows), batch_size):
+            batch = {k: torch.stack([r[k] for r in data.rows[start:start + batch_size]]).to(device)
+                     for k in data.rows[0]}
+            loss, extra = kl_loss(model, batch)
+            total += float(loss) * extra["kl_tokens"]
+            tokens += int(extra["kl_tokens"])
+    return total / tokens
