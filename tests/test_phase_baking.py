@@ -7,7 +7,7 @@ import torch
 
 from agentforge.artifacts import load_model_dir, save_model_dir
 from agentforge.nn import BitLinear, convert_to_bitnet
-from agentforge.phases import PhaseContext, baking
+from agentforge.phases import PhaseContext, baking, settings_from_dict
 from agentforge.train import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +88,7 @@ def test_phase_refuses_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="inputs need 'model'"):
         baking.run({}, baking.PRESETS["micro"], PhaseContext(out_dir=tmp_path, progress=False, say=lambda _: None))
     with pytest.raises(ValueError, match="unknown setting"):
-        baking.settings_from_dict(baking.Settings, {"strenght": 0.5}, "baking")
+        settings_from_dict(baking.Settings, {"strenght": 0.5}, "baking")
     for bad, message in ((dict(strength=1.0), "strength"), (dict(bake_method="prefix"), "bake_method"),
                          (dict(tool_families=["nope"]), "tool_families"), (dict(persona_prompts=[]), "persona_prompts"),
                          (dict(candidates=0), "candidates")):

@@ -9,7 +9,7 @@ import torch
 
 from agentforge.artifacts import load_model_dir, save_model_dir
 from agentforge.nn import BitLinear, convert_to_bitnet
-from agentforge.phases import PhaseContext, curriculum
+from agentforge.phases import PhaseContext, curriculum, settings_from_dict
 from agentforge.train import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,4 +106,4 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         curriculum.run({"model": tmp_path}, dataclasses.replace(curriculum.PRESETS["micro"], hard_wall=2.0),
                        quiet(tmp_path))
     with pytest.raises(ValueError, match="unknown setting"):
-        curriculum.settings_from_dict(curriculum.Settings, {"stepz": 3}, "curriculum")
+        settings_from_dict(curriculum.Settings, {"stepz": 3}, "curriculum")

@@ -255,6 +255,18 @@ def load_model_dir(path: str | os.PathLike, *, verify: bool = True, **model_kwar
     return model, tokenizer, manifest["metadata"]
 
 
+def load_finished_model_dir(path: str | os.PathLike):
+    """``load_model_dir(path)`` if a previous run completed that directory (every hash checks out),
+    else None: how a rerun of a phase reuses its finished models and redoes the rest."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        return load_model_dir(path)
+    except CorruptArtifact:
+        return None
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The ``metadata`` that ``save_model_dir`` recorded for the directory at ``path``."""
     return _read_manifest(Path(path))["metadata"]

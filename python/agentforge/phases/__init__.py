@@ -69,3 +69,46 @@ def _same_kind(default, value) -> bool:
     if isinstance(default, (list, tuple)):
         return isinstance(value, (list, tuple))
     return isinstance(value, type(default))
+
+
+def standalone_main(name: str, inputs: dict[str, str], argv: list[str] | None = None) -> int:
+    """``python -m agentforge.phases.<name>``: run phase ``name`` on its own, outside a pipeline run.
+    ``inputs`` maps each input directory the phase needs to its help text (``siblings`` takes
+    several); settings come from ``--preset`` plus ``--set KEY=JSON`` overrides."""
+    import argparse
+    import importlib
+    import json
+    import os
+
+    module = importlib.import_module(f"agentforge.phases.{name}")
+    parser = argparse.ArgumentParser(prog=f"python -m agentforge.phases.{name}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for input_name, help_text in inputs.items():
+        parser.add_argument(f"--{input_name}", required=True, type=Path,
+                            nargs="+" if input_name == "siblings" else None,
+                            help=help_text)
+    parser.add_argument("--preset", choices=sorted(module.PRESETS), default="tiny")
+    parser.add_argument("--out", required=True, type=Path, help="phase directory (reused on a rerun)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override a setting, e.g. --set steps=200 or --set task_levels=[0,1] (repeatable)")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: the value must be JSON (e.g. 200, 0.5, true, [1, 8], '\"lora\"')")
+    try:
+        settings = settings_from_dict(module.Settings, {**dataclasses.asdict(module.PRESETS[args.preset]),
+                                                        **overrides}, name)
+    except ValueError as e:
+        parser.error(str(e))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = module.run({key: getattr(args, key) for key in inputs}, settings,
+                        PhaseContext(out_dir=args.out, seed=args.seed))
+    print(json.dumps(result.metrics, indent=2, default=str))
+    return 0

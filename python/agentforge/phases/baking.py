@@ -31,7 +31,6 @@ Run alone: ``python -m agentforge.phases.baking --preset tiny --model DIR --out 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from agentforge.phases import PhaseContext, PhaseResult, settings_from_dict
+from agentforge.phases import PhaseContext, PhaseResult, standalone_main
 from agentforge.tools import TOOL_PROMPT
 
 NAME = "baking"
@@ -594,25 +593,7 @@ def figures(phase_dir: Path) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agentforge.phases.baking", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--model", required=True, type=Path, help="input model directory")
-    parser.add_argument("--out", required=True, type=Path, help="phase directory (reused on a rerun)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override a setting, e.g. --set bake_method='\"lora\"' (repeatable)")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = json.loads(value)
-    settings = settings_from_dict(Settings, {**dataclasses.asdict(PRESETS[args.preset]), **overrides}, NAME)
-    result = run({"model": args.model}, settings, PhaseContext(out_dir=args.out, seed=args.seed))
-    print(json.dumps(result.metrics, indent=2))
-    return 0
+    return standalone_main(NAME, {'model': 'input model directory'}, argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ Run alone: ``python -m agentforge.phases.bitnet --model DIR --preset tiny --out 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -52,7 +51,8 @@ from pathlib import Path
 
 import torch
 
-from agentforge.phases import PhaseContext, PhaseResult, settings_from_dict
+from agentforge.artifacts import load_finished_model_dir
+from agentforge.phases import PhaseContext, PhaseResult, standalone_main
 from agentforge.quant import (bitlinear_layers, convert_as_calibrated, gradient_flow, require_state, set_lambda,
                               warmup_lambda)
 
@@ -261,18 +261,6 @@ def finetune(model, rows, settings: Settings, ctx: PhaseContext, stage: str):
 # the phase
 
 
-def _finished(path: Path):
-    """The model directory at ``path`` if a previous run completed it (hash-verified), else None."""
-    from agentforge.artifacts import CorruptArtifact, load_model_dir
-
-    if not (path / "agentforge.json").is_file():
-        return None
-    try:
-        return load_model_dir(path)
-    except CorruptArtifact:
-        return None
-
-
 def _calibrate(fp, data: PhaseData, settings: Settings, seed: int) -> list[dict]:
     from agentforge.eval import perplexity
     from agentforge.nn.convert import linear_names
@@ -348,7 +336,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
         ctx.say(f"{NAME}: measuring the float input model")
         cache.get("fp", lambda: measure(fp, tokenizer, data, settings.eval_batch_size))
 
-    done = _finished(latent_dir)
+    done = load_finished_model_dir(latent_dir)
     if done:
         latent, quant = done[0], done[2]["quantization"]
     else:
@@ -363,7 +351,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
         _fp_control(fp, tokenizer, data, settings, ctx, cache)
     if not ctx.is_main:
         return PhaseResult(artifacts=artifacts)
-    if _finished(packed_dir) is None:
+    if load_finished_model_dir(packed_dir) is None:
         save_model_dir(pack_bitnet(copy.deepcopy(latent)), tokenizer, packed_dir,
                        {"phase": NAME, "role": "packed", "parents": [str(source)], "latent": str(latent_dir),
                         "data": record, "quantization": quant})
@@ -584,27 +572,7 @@ def figures(phase_dir: Path) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agentforge.phases.bitnet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, type=Path, help="input HF causal LM directory (with tokenizer)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", required=True, type=Path, help="phase directory (reused on a rerun)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override a setting, e.g. --set steps=200 (repeatable)")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value) if sep else parser.error(f"--set {item!r}: expected KEY=VALUE")
-        except json.JSONDecodeError:
-            parser.error(f"--set {item!r}: the value must be JSON (e.g. 200, 0.5, true, [1, 8])")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = settings_from_dict(Settings, {**dataclasses.asdict(PRESETS[args.preset]), **overrides}, NAME)
-    result = run({"model": args.model}, settings, PhaseContext(out_dir=args.out, seed=args.seed))
-    print(json.dumps(result.metrics, indent=2))
-    return 0
+    return standalone_main(NAME, {'model': 'input HF causal LM directory (with tokenizer)'}, argv)
 
 
 if __name__ == "__main__":

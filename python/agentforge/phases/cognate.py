@@ -24,9 +24,7 @@ Run alone: ``python -m agentforge.phases.cognate --preset tiny --out DIR``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -35,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from agentforge.phases import PhaseContext, PhaseResult, settings_from_dict
+from agentforge.artifacts import load_finished_model_dir
+from agentforge.phases import PhaseContext, PhaseResult, standalone_main
 
 NAME = "cognate"
 # The trunk keeps its ponder cost low, so that it learns to use its recursion before the speed
@@ -162,18 +161,6 @@ def _train_stage(model, rows, settings: Settings, steps: int, lr_scale: float, c
                  phase=f"{NAME}/{stage}")
 
 
-def _finished(path: Path):
-    """The model directory at ``path`` if a previous run completed it (hash-verified), else None."""
-    from agentforge.artifacts import CorruptArtifact, load_model_dir
-
-    if not (path / "agentforge.json").is_file():
-        return None
-    try:
-        return load_model_dir(path)
-    except CorruptArtifact:
-        return None
-
-
 def new_trunk_model(settings: Settings, tokenizer):
     from agentforge.models import CognateConfig, CognateForCausalLM
 
@@ -276,7 +263,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
     started = time.perf_counter()
     torch.manual_seed(ctx.seed)
     trunk_dir = ctx.out_dir / "trunk"
-    done = _finished(trunk_dir)
+    done = load_finished_model_dir(trunk_dir)
     ctx.say(f"{NAME}: building data (tokenizer {'reused' if done else 'trained'})")
     data = build_data(settings, ctx.seed, tokenizer=done[1] if done else None)
     timings = {}
@@ -294,7 +281,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
 
     models = {"trunk": trunk}
     for name, (domain, overrides) in SIBLINGS.items():
-        done = _finished(ctx.out_dir / name)
+        done = load_finished_model_dir(ctx.out_dir / name)
         if done:
             models[name] = done[0]
             continue
@@ -392,24 +379,7 @@ def figures(phase_dir: Path) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agentforge.phases.cognate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", required=True, type=Path, help="phase directory (reused on a rerun)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override a setting, e.g. --set trunk_steps=100 (repeatable)")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = json.loads(value)
-    settings = settings_from_dict(Settings, {**dataclasses.asdict(PRESETS[args.preset]), **overrides}, NAME)
-    result = run({}, settings, PhaseContext(out_dir=args.out, seed=args.seed))
-    print(json.dumps(result.metrics, indent=2))
-    return 0
+    return standalone_main(NAME, {}, argv)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ import dataclasses
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from agentforge.phases import PhaseContext, PhaseResult
+from agentforge.phases import PhaseContext, PhaseResult, standalone_main
 
 NAME = "compression"
 ARTIFACT = "model.afz"
@@ -512,34 +513,8 @@ def figures(phase_dir: Path) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import sys
-
-    from agentforge.phases import settings_from_dict
-
-    parser = argparse.ArgumentParser(prog="python -m agentforge.phases.compression", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, type=Path, help="the phase-7 (or any latent BitNet) model dir")
-    parser.add_argument("--packed", required=True, type=Path, help="the phase-4 packed model dir (size reference)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", required=True, type=Path, help="phase directory (reused on a rerun)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override a setting, e.g. --set bits_budget=3.25 (repeatable)")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = json.loads(value)
-    settings = settings_from_dict(Settings, {**dataclasses.asdict(PRESETS[args.preset]), **overrides}, NAME)
-    result = run({"model": args.model, "packed": args.packed}, settings, PhaseContext(out_dir=args.out, seed=args.seed))
-    json.dump(result.metrics, sys.stdout, indent=2)
-    print()
-    return 0
+    return standalone_main(NAME, {'model': 'the phase-7 (or any latent BitNet) model dir', 'packed': 'the phase-4 packed model dir (size reference)'}, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

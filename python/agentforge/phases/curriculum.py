@@ -27,7 +27,6 @@ Run alone: ``python -m agentforge.phases.curriculum --model DIR --preset tiny --
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -38,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from agentforge.phases import PhaseContext, PhaseResult, settings_from_dict
+from agentforge.artifacts import load_finished_model_dir
+from agentforge.phases import PhaseContext, PhaseResult, standalone_main
 
 NAME = "curriculum"
 FAMILIES = ["chain_sum", "basic_arithmetic", "kv_recall", "spell_backward", "add_small", "count_bits"]
@@ -114,17 +114,6 @@ def _load(path: Path):
     if tokenizer is None or tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise ValueError(f"{NAME}: {path} needs a tokenizer with eos and pad tokens (save it with the model)")
     return model, tokenizer, metadata
-
-
-def _finished(path: Path):
-    from agentforge.artifacts import CorruptArtifact, load_model_dir
-
-    if not (path / "agentforge.json").is_file():
-        return None
-    try:
-        return load_model_dir(path)
-    except CorruptArtifact:
-        return None
 
 
 def _weights_hash(path: Path) -> str:
@@ -285,7 +274,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
     _check_settings(settings)
     input_dir, out = Path(inputs["model"]), ctx.out_dir
     artifacts = {"model": out / "model"}
-    if (out / "summary.json").is_file() and _finished(out / "model") is not None:
+    if (out / "summary.json").is_file() and load_finished_model_dir(out / "model") is not None:
         ctx.say(f"{NAME}: finished earlier; reusing {out / 'model'}")
         return PhaseResult(artifacts=artifacts, metrics=json.loads((out / "summary.json").read_text())["headline"])
     torch.manual_seed(ctx.seed)
@@ -310,7 +299,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
                        lambda: evaluate(model, tokenizer, held, settings, ctx.seed, with_tools=False))
     timings["evaluate_before_s"] = time.perf_counter() - clock
 
-    done = _finished(out / "model")
+    done = load_finished_model_dir(out / "model")
     clock = time.perf_counter()
     if done is not None and (out / "record.json").is_file():
         model, record = done[0], json.loads((out / "record.json").read_text())
@@ -340,7 +329,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
     control_meta = None
     if settings.control:
         clock = time.perf_counter()
-        control_done = _finished(out / "control")
+        control_done = load_finished_model_dir(out / "control")
         if control_done is None:
             ctx.say(f"{NAME}: equal-compute control ({record['steps']} steps on {record['examples']} random tasks)")
             control, _, n_tasks = train_control(input_dir, settings, record, ctx)
@@ -476,25 +465,7 @@ def figures(phase_dir: Path) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agentforge.phases.curriculum", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, type=Path, help="input model directory (BitNet latent)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", required=True, type=Path, help="phase directory (reused on a rerun)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override a setting, e.g. --set total_steps=60 (repeatable)")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = json.loads(value)
-    settings = settings_from_dict(Settings, {**dataclasses.asdict(PRESETS[args.preset]), **overrides}, NAME)
-    result = run({"model": args.model}, settings, PhaseContext(out_dir=args.out, seed=args.seed))
-    print(json.dumps(result.metrics, indent=2))
-    return 0
+    return standalone_main(NAME, {'model': 'input model directory (BitNet latent)'}, argv)
 
 
 if __name__ == "__main__":

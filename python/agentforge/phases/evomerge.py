@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from agentforge.merge import evolve
-from agentforge.phases import PhaseContext, PhaseResult
+from agentforge.phases import PhaseContext, PhaseResult, standalone_main
 
 NAME = "evomerge"
 
@@ -220,7 +221,7 @@ def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
     if distributed.is_main():
         headline = _finish(inputs, settings, ctx, evolution, result, space, parents, base, tokenizer, final, data,
                            {"search_peak_rss_bytes": peak, "world_size": distributed.world_size(),
-                            "phase_seconds": time.perf_counter() - started})
+                            "search_seconds": time.perf_counter() - started})
     distributed.barrier()
     return PhaseResult(artifacts={"champion": ctx.out_dir / "champion"}, metrics=headline)
 
@@ -249,6 +250,7 @@ def _finish(inputs, settings, ctx, evolution, result, space, parents, base, toke
     from agentforge.artifacts import atomic_write_json, save_model_dir
     from agentforge.train import MetricsLogger
 
+    finish_started = time.perf_counter()
     # the candidate rows went to W&B already; these summaries live in metrics.jsonl
     with MetricsLogger(ctx.out_dir, phase=f"{NAME}/generation", wandb_mode="disabled") as log:
         for row in result.generations:
@@ -271,6 +273,7 @@ def _finish(inputs, settings, ctx, evolution, result, space, parents, base, toke
         "generations": len(result.generations), "stop_reason": result.stop_reason,
         "evaluations": len(evolution.cache), **extra,
     }
+    summary["phase_seconds"] = extra["search_seconds"] + time.perf_counter() - finish_started  # search + test scoring
     save_model_dir(champion, tokenizer, ctx.out_dir / "champion",
                    {"phase": NAME, "recipe": result.best, "parents": [str(p) for p in inputs["siblings"]],
                     "base": str(inputs["trunk"]), "final_fitness": final_fitness["champion"], "data": data})
@@ -279,7 +282,7 @@ def _finish(inputs, settings, ctx, evolution, result, space, parents, base, toke
                 "best_parent_final_fitness": final_fitness[best_parent],
                 "margin_over_best_parent": summary["margin_over_best_parent"],
                 "generations": len(result.generations), "evaluations": summary["evaluations"],
-                "phase_seconds": extra["phase_seconds"]}
+                "phase_seconds": summary["phase_seconds"]}
     with MetricsLogger(ctx.out_dir, phase=NAME, wandb_mode="disabled") as log:
         log.log(headline)
     return headline
@@ -350,3 +353,12 @@ def _flat(report: dict) -> dict:
     for group in ("accuracy", "answer_nll"):
         row.update({f"{group}/{d}": v for d, v in report[group].items()})
     return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone_main(NAME, {"siblings": "the three Cognate sibling model directories",
+                                  "trunk": "the shared trunk (base of the task vectors)"}, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,10 +25,8 @@ Run alone: ``python -m agentforge.phases.experts --model DIR --out DIR [--preset
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agentforge.phases import PhaseContext, PhaseResult, settings_from_dict
+from agentforge.phases import PhaseContext, PhaseResult, standalone_main
 
 NAME = "experts"
 ALL_FAMILIES = ["chain_sum", "basic_arithmetic", "kv_recall", "spell_backward", "add_small", "count_bits"]
@@ -483,25 +481,7 @@ def _pareto_figure(summary: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agentforge.phases.experts", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, type=Path, help="input model directory")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", required=True, type=Path, help="phase directory (reused on a rerun)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override a setting, e.g. --set ce_steps=80 (repeatable)")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = json.loads(value)
-    settings = settings_from_dict(Settings, {**dataclasses.asdict(PRESETS[args.preset]), **overrides}, NAME)
-    result = run({"model": args.model}, settings, PhaseContext(out_dir=args.out, seed=args.seed))
-    print(json.dumps(result.metrics, indent=2))
-    return 0
+    return standalone_main(NAME, {'model': 'input model directory'}, argv)
 
 
 if __name__ == "__main__":

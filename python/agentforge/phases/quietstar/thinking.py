@@ -108,7 +108,6 @@ class Layout:
         first ``n_steps`` steps; ``real_positions`` [B, T] are the real tokens' positions."""
         B, P = self.parents.shape
         T = real_positions.shape[1]
-        E = n_steps * P
         device = self.parents.device
         step = torch.arange(n_steps, device=device).repeat_interleave(P)  # [E]
         index = torch.arange(P, device=device).repeat(n_steps)  # [E]
