@@ -18,7 +18,6 @@ base, ``ThinkingModel.load`` the thinker). Later phases train the base LM.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -307,14 +306,25 @@ def _summary(settings, tasks, results, trained, control_run, control_steps, seed
             "loglik_minus_parent": bootstrap_interval(r["answer_loglik"], results["parent"]["answer_loglik"],
                                                       settings.bootstrap, seed),
         }
-    thinking_vs_off = bootstrap_interval(results["thinking"]["answer_loglik"], results["not_thinking"]["answer_loglik"],
-                                         settings.bootstrap, seed)
+
+    def thinking_minus(other: str, metric: str) -> dict:
+        return bootstrap_interval(results["thinking"][metric], results[other][metric], settings.bootstrap, seed)
+
+    thinking_vs_off = thinking_minus("not_thinking", "answer_loglik")
+    vs_control = {metric: thinking_minus("control", metric) for metric in ("accuracy", "answer_loglik")}
     headline = {f"{name}/{metric}": table[name][metric]["mean"] for name in table for metric in ("accuracy", "answer_loglik")}
     headline.update(thinking_minus_off_loglik=thinking_vs_off["mean"], thinker_train_seconds=trained.elapsed_s,
                     control_steps=control_steps, phase_seconds=seconds, test_items=n_items,
-                    thinking_helps=thinking_vs_off["low"] > 0)
+                    thinking_minus_control_accuracy=vs_control["accuracy"]["mean"],
+                    thinking_minus_control_loglik=vs_control["answer_loglik"]["mean"],
+                    # thoughts help the model that has them (CI above zero) ...
+                    thoughts_raise_loglik=thinking_vs_off["low"] > 0,
+                    # ... and the phase beats spending the same time on plain fine-tuning
+                    beats_equal_compute_control=vs_control["answer_loglik"]["low"] > 0
+                    and vs_control["accuracy"]["mean"] >= 0)
     return {"settings": dataclasses.asdict(settings), "tasks": tasks, "table": table,
-            "thinking_minus_not_thinking_loglik": thinking_vs_off, "thinker_losses": trained.losses,
+            "thinking_minus_not_thinking_loglik": thinking_vs_off, "thinking_minus_control": vs_control,
+            "thinker_losses": trained.losses,
             "control_losses": control_run.losses, "headline": headline}
 
 
