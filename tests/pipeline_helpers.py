@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from agentforge import rundir
-from agentforge.artifacts import sha256_dir
+from agentforge.artifacts import sha256_dir, sha256_file
 from agentforge.pipeline import PhaseSpec, check_models
 from agentforge.registry import REGISTRY_FILE, Registry
 
@@ -55,7 +55,8 @@ def assert_consistent(run_dir: Path, phases) -> None:
         registered = {m["path"]: m for m in models if m["phase"] == name}
         assert sorted(registered) == sorted(p.relative_to(run_dir).as_posix() for p in paths)
         for path in paths:
-            assert registered[path.relative_to(run_dir).as_posix()]["sha256"] == rundir.files_digest(sha256_dir(path))
+            files = sha256_dir(path) if path.is_dir() else {path.name: sha256_file(path)}  # model.afz is one file
+            assert registered[path.relative_to(run_dir).as_posix()]["sha256"] == rundir.files_digest(files)
     ids = {m["id"] for m in models}
     for handoff in handoffs:
         assert handoff["from_phase"] in completed and handoff["to_phase"] in completed
