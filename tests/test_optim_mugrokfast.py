@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from agentforge.optim import MuGrokfast, split_parameters
+from agentforge.optim import MuGrokfast, Muon, split_parameters
 
 HIDDEN_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -103,14 +103,15 @@ def test_grokfast_filter_by_hand():
 
 
 def reference_optimizers(model, settings):
-    """torch's own Muon + AdamW on the split spelled out by name (independent of split_parameters)."""
+    """Muon (torch's update, tested against torch in test_optim_muon.py) + torch's AdamW on the
+    split spelled out by name (independent of split_parameters)."""
     named = list(model.named_parameters())
     is_embedding = lambda name: "embed_tokens" in name or "lm_head" in name  # noqa: E731
     muon = [p for n, p in named if p.ndim == 2 and not is_embedding(n)]
     decayed = [p for n, p in named if p.ndim == 2 and is_embedding(n)]
     not_decayed = [p for n, p in named if p.ndim == 1]
     return [
-        torch.optim.Muon(muon, lr=settings["muon_lr"], weight_decay=settings["weight_decay"],
+        Muon(muon, lr=settings["muon_lr"], weight_decay=settings["weight_decay"],
                          momentum=settings["momentum"], adjust_lr_fn="original"),
         torch.optim.AdamW([{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}],
                           lr=settings["adamw_lr"], betas=settings["adamw_betas"],

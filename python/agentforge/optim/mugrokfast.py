@@ -1,4 +1,4 @@
-"""MuGrokfast: torch's Muon on hidden matrices + torch's AdamW on the rest, a Grokfast gradient
+"""MuGrokfast: Muon on hidden matrices + torch's AdamW on the rest, a Grokfast gradient
 filter in front of both, a warm-up + cosine schedule that drives both, and optional QK-clip.
 
 Order inside one `step()`:
@@ -7,7 +7,9 @@ Order inside one `step()`:
    `g = g + lambda*ema`, amplifying the slow component (the paper's sign). The EMA starts at the
    first gradient, as in the reference code. `lambda = 0` skips the filter (no EMA memory), and
    the optimizer is then exactly Muon + AdamW.
-2. The inner `torch.optim.Muon` and `torch.optim.AdamW` step with the filtered gradients.
+2. The inner Muon (`agentforge.optim.muon`: torch's, with Newton–Schulz in fp32 on
+   CPUs without native bf16) and
+   `torch.optim.AdamW` step with the filtered gradients.
 3. The schedule writes the next update's `lr` into every inner param group.
 4. QK-clip, if enabled, rescales the registered attention heads.
 """
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from agentforge.optim.grouping import NamedParameters, split_parameters
+from agentforge.optim.muon import Muon
 from agentforge.optim.presets import resolve_preset
 from agentforge.optim.qk_clip import check_attention_module, qk_clip_
 from agentforge.optim.schedule import lr_factor
@@ -34,7 +37,7 @@ STATE_DICT_KEYS = ("steps_done", "settings", "inner", "grokfast_ema")
 class MuGrokfast(torch.optim.Optimizer):
     """Muon + AdamW + Grokfast + warm-up/cosine schedule + optional QK-clip, for one model.
 
-    Parameters are split by `split_parameters`: 2-D hidden matrices go to `torch.optim.Muon`,
+    Parameters are split by `split_parameters`: 2-D hidden matrices go to Muon,
     embeddings, the LM head and all non-2-D parameters to `torch.optim.AdamW`. The AdamW side has
     two param groups: `adamw` (embeddings, LM head, other >=2-D tensors; decayed) and
     `adamw_no_decay` (1-D norm gains and biases: decaying RMSNorm gains toward 0 fights the
@@ -287,7 +290,7 @@ def _build_inner_optimizers(
     """One torch Muon and one torch AdamW (a side without parameters is left out)."""
     inner: dict[str, torch.optim.Optimizer] = {}
     if muon_params:
-        inner["muon"] = torch.optim.Muon(
+        inner["muon"] = Muon(
             [{"params": muon_params, "name": "muon", "base_lr": muon_lr}],
             lr=muon_lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=muon_adjust_lr_fn)
     decayed = [(name, p) for name, p in adamw_params if p.ndim >= 2]
