@@ -125,6 +125,22 @@ def test_trajectories_score_the_continuation_with_the_prompted_model(tokenizer, 
     assert again.continuations == data.continuations
 
 
+def test_tool_trajectories_run_the_calls_and_learn_only_the_models_tokens(tokenizer, inputs):
+    model = cognate(tokenizer)
+    data = prompted_trajectories(model, tokenizer, PROMPT, inputs[2], max_new_tokens=6, seed=2, tools=True)
+    assert data.written is not None and data.tokens == sum(map(sum, data.written))
+    for row, continuation, written in zip(data.rows, data.continuations, data.written):
+        labels = row["labels"][-len(continuation):]
+        expected = [token if w else -100 for token, w in zip(continuation, written)]
+        assert labels.tolist() == expected
+    # a trajectory with a runtime result: its tokens stay in the context but carry no label
+    row = torch.tensor([[5, 6, 7, 8]])
+    teacher = torch.zeros(1, 3, len(tokenizer)).log_softmax(-1)
+    batch = {"input_ids": row, "attention_mask": torch.ones_like(row), "teacher_logprobs": teacher,
+             "labels": torch.tensor([[-100, 6, -100, 8]])}
+    assert kl_loss(model, batch)[1]["kl_tokens"] == 2
+
+
 def test_measured_kl_is_token_weighted_and_batch_size_free(tokenizer, inputs):
     model = cognate(tokenizer)
     data = prompted_trajectories(model, tokenizer, PROMPT, inputs[2], max_new_tokens=4, seed=1)

@@ -11,7 +11,8 @@ from torch import nn
 
 from agentforge import tools
 from agentforge.tools import (OUTPUT_LIMIT, TOOL_PROMPT, ToolCall, ToolResult, follows_tool_format,
-                              generate_with_tools, generate_with_tools_batch, parse_tool_call, run_tool)
+                              generate_with_tools, generate_with_tools_batch, parse_tool_call, run_tool,
+                              tool_trajectories)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -270,6 +271,29 @@ def test_max_new_tokens_counts_model_tokens_only(tokenizer):
     text, _ = generate_with_tools(model, tokenizer, "q=", max_new_tokens=len(
         tokenizer("[calc: 9*9]", add_special_tokens=False)["input_ids"]))
     assert text == "[calc: 9*9][out: 81]"
+
+
+def test_tool_trajectories_mark_what_the_runtime_wrote(tokenizer):
+    script = {"37*48=": "[calc: 37*48][out: 1776]1776", "x=": "7"}
+    model = ScriptedModel(tokenizer, script)
+    contexts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in script]
+    for context, (ids, written) in zip(contexts, tool_trajectories(model, tokenizer, contexts, max_new_tokens=30,
+                                                                   temperature=0.0)):
+        assert len(ids) == len(written) and ids[-1] == tokenizer.eos_token_id and written[-1]
+        by_runtime = tokenizer.decode([i for i, w in zip(ids, written) if not w])
+        by_model = tokenizer.decode([i for i, w in zip(ids, written) if w], skip_special_tokens=True)
+        prompt = tokenizer.decode(context)
+        assert by_runtime == ("[out: 1776]" if prompt == "37*48=" else "")
+        assert by_model == script[prompt].replace(by_runtime, "")
+
+
+def test_sampled_tool_generation_is_seeded(tokenizer):
+    model = ScriptedModel(tokenizer, {"q=": "[calc: 9*9][out: 81]81"})  # near-uniform next-token distribution
+    sample = lambda seed: generate_with_tools_batch(model, tokenizer, ["q="] * 3, max_new_tokens=8,  # noqa: E731
+                                                    temperature=1.0, seed=seed)
+    first = sample(5)
+    assert first == sample(5) and first != sample(6)
+    assert len({text for text, _ in first}) > 1  # the rows of one batch draw different tokens
 
 
 def test_bad_arguments_are_one_line_errors(tokenizer):

@@ -44,7 +44,8 @@ from fractions import Fraction
 from pathlib import Path
 
 __all__ = ["TOOL_PROMPT", "TOOLS", "ToolCall", "ToolResult", "parse_tool_call", "run_tool", "format_result",
-           "generate_with_tools", "generate_with_tools_batch", "follows_tool_format", "trace_segments"]
+           "generate_with_tools", "generate_with_tools_batch", "tool_trajectories", "follows_tool_format",
+           "trace_segments"]
 
 TOOLS = ("calc", "py")
 TOOL_PROMPT = ("Tools: [calc: EXPR] does arithmetic (+ - * / // % ** and parentheses); [py: CODE] runs Python "
@@ -417,10 +418,13 @@ class _Row:
     calls: list = field(default_factory=list)
     new_tokens: int = 0
     finished: bool = False
+    written: list = field(default_factory=list)  # per id after the prompt: True if the model wrote it
+    ended_by_eos: bool = False
 
 
-def _step_rows(model, rows: list[_Row], pad_id: int) -> list[int]:
-    """The greedy next token of each row (one forward pass over the left-padded batch)."""
+def _step_rows(model, rows: list[_Row], pad_id: int, temperature: float = 0.0, generator=None) -> list[int]:
+    """The next token of each row (one forward pass over the left-padded batch): greedy, or
+    sampled at ``temperature`` > 0 with ``generator``."""
     import torch
 
     from agentforge.eval._common import model_device
@@ -434,14 +438,17 @@ def _step_rows(model, rows: list[_Row], pad_id: int) -> list[int]:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     device = model_device(model)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                   position_ids=positions.to(device)).logits
-    return logits[:, -1].argmax(-1).tolist()
+                   position_ids=positions.to(device)).logits[:, -1].float().cpu()
+    if temperature <= 0:
+        return logits.argmax(-1).tolist()
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0].tolist()
 
 
 def _advance(row: _Row, token: int, tokenizer, max_calls: int) -> None:
     """Append ``token``; if it closes a call, cut the text after the ']', run the call and append
     its ``[out: ...]`` (as ids the model reads next)."""
     row.ids.append(token)
+    row.written.append(True)
     row.new_tokens += 1
     text = row.done_text + tokenizer.decode(row.ids[row.segment_start:], skip_special_tokens=True)
     found = _first_new_call(text, len(row.done_text))
@@ -451,47 +458,89 @@ def _advance(row: _Row, token: int, tokenizer, max_calls: int) -> None:
     result = run_tool(call) if len(row.calls) < max_calls else ToolResult(f"error: at most {max_calls} tool calls", False)
     row.calls.append((call, result))
     # a token that ran past the ']' is re-encoded without its overhang
-    row.ids[row.segment_start:] = tokenizer(text[len(row.done_text):end], add_special_tokens=False)["input_ids"]
-    row.ids += tokenizer(format_result(result), add_special_tokens=False)["input_ids"]
+    prompt_length = len(row.ids) - len(row.written)
+    segment = tokenizer(text[len(row.done_text):end], add_special_tokens=False)["input_ids"]
+    output = tokenizer(format_result(result), add_special_tokens=False)["input_ids"]
+    row.ids[row.segment_start:] = segment + output
+    row.written[row.segment_start - prompt_length:] = [True] * len(segment) + [False] * len(output)
     row.done_text = text[:end] + format_result(result)
     row.segment_start = len(row.ids)
 
 
-def generate_with_tools_batch(model, tokenizer, prompts, *, max_new_tokens: int, max_calls: int = 2,
-                              batch_size: int = 32) -> list[tuple[str, list]]:
-    """``generate_with_tools`` for many prompts at once (left-padded batches; every row runs its
-    own calls). Returns one ``(completion_text, calls)`` per prompt, in order."""
-    from agentforge.eval._common import evaluation_mode
-
-    if isinstance(prompts, str):
-        raise TypeError("generate_with_tools_batch: prompts must be a sequence of strings, not one string")
+def _check_generation_arguments(max_new_tokens, max_calls, batch_size, temperature) -> None:
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"generate_with_tools: {name} must be a positive int, got {value!r}")
     if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 0:
         raise ValueError(f"generate_with_tools: max_calls must be an int >= 0, got {max_calls!r}")
+    if not temperature >= 0:
+        raise ValueError(f"generate_with_tools: temperature must be >= 0 (0: greedy), got {temperature!r}")
+
+
+def _eos_and_pad(tokenizer) -> tuple[int, int]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("generate_with_tools: the tokenizer has no eos token")
-    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    return eos, eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
+def _generate_rows(model, tokenizer, rows: list[_Row], *, max_new_tokens: int, max_calls: int, batch_size: int,
+                   temperature: float, seed: int) -> None:
+    """Advance every row until eos or ``max_new_tokens`` model tokens, running its calls."""
+    import torch
+
+    from agentforge.eval._common import evaluation_mode
+
+    eos, pad = _eos_and_pad(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    with evaluation_mode(model):
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            while active := [row for row in batch if not row.finished]:
+                for row, token in zip(active, _step_rows(model, active, pad, temperature, generator)):
+                    if token == eos:
+                        row.finished = row.ended_by_eos = True
+                        continue
+                    _advance(row, token, tokenizer, max_calls)
+                    row.finished = row.new_tokens >= max_new_tokens
+
+
+def generate_with_tools_batch(model, tokenizer, prompts, *, max_new_tokens: int, max_calls: int = 2,
+                              batch_size: int = 32, temperature: float = 0.0, seed: int = 0) -> list[tuple[str, list]]:
+    """``generate_with_tools`` for many prompts at once (left-padded batches; every row runs its
+    own calls), greedy or sampled at ``temperature`` (seeded by ``seed``). Returns one
+    ``(completion_text, calls)`` per prompt, in order."""
+    if isinstance(prompts, str):
+        raise TypeError("generate_with_tools_batch: prompts must be a sequence of strings, not one string")
+    _check_generation_arguments(max_new_tokens, max_calls, batch_size, temperature)
     rows = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError(f"generate_with_tools: prompt {prompt!r} encodes to no tokens")
         rows.append(_Row(ids=list(ids), segment_start=len(ids)))
-    with evaluation_mode(model):
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            while active := [row for row in batch if not row.finished]:
-                for row, token in zip(active, _step_rows(model, active, pad)):
-                    if token == eos:
-                        row.finished = True
-                        continue
-                    _advance(row, token, tokenizer, max_calls)
-                    row.finished = row.new_tokens >= max_new_tokens
+    _generate_rows(model, tokenizer, rows, max_new_tokens=max_new_tokens, max_calls=max_calls, batch_size=batch_size,
+                   temperature=temperature, seed=seed)
     return [(row.done_text + tokenizer.decode(row.ids[row.segment_start:], skip_special_tokens=True), row.calls)
             for row in rows]
+
+
+def tool_trajectories(model, tokenizer, contexts: list[list[int]], *, max_new_tokens: int, max_calls: int = 2,
+                      batch_size: int = 32, temperature: float = 1.0, seed: int = 0) -> list[tuple[list, list]]:
+    """Continuations of token-id ``contexts`` with the tool calls executed, as training data:
+    per context ``(ids, written)``, the new ids (the model's tokens, each call's ``[out: ...]``
+    and the eos that ended it, if one did) and for each whether the model wrote it (False for
+    the tool results, which a model trained on the trajectory must not be taught to guess)."""
+    _check_generation_arguments(max_new_tokens, max_calls, batch_size, temperature)
+    if not contexts or any(not context for context in contexts):
+        raise ValueError("tool_trajectories: contexts must be a non-empty list of non-empty token id lists")
+    eos, _ = _eos_and_pad(tokenizer)
+    rows = [_Row(ids=list(context), segment_start=len(context)) for context in contexts]
+    _generate_rows(model, tokenizer, rows, max_new_tokens=max_new_tokens, max_calls=max_calls, batch_size=batch_size,
+                   temperature=temperature, seed=seed)
+    ending = lambda row: [eos] if row.ended_by_eos else []  # noqa: E731
+    return [(row.ids[len(context):] + ending(row), row.written + [True] * len(ending(row)))
+            for row, context in zip(rows, contexts)]
 
 
 def generate_with_tools(model, tokenizer, prompt: str, *, max_new_tokens: int, max_calls: int = 2):

@@ -46,6 +46,7 @@ class BakeSettings:
     samples_per_input: int = 2  # trajectories sampled per training input
     max_new_tokens: int = 16  # trajectory length (a trajectory also ends at eos)
     temperature: float = 1.0  # of the prompted model's sampling
+    tools: bool = False  # trajectories run the tool calls they write (prompts about tool use)
     batch_size: int = 32
     max_steps: int = 60
     eval_every: int = 5  # steps between held-out KL measurements (the stop decisions)
@@ -215,7 +216,7 @@ def bake(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[str], held_o
     _check_disjoint(inputs, held_out)
     check_bakeable(model)
     sample = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                  batch_size=settings.batch_size)
+                  batch_size=settings.batch_size, tools=settings.tools)
     data = prompted_trajectories(model, tokenizer, prompt, inputs, samples_per_input=settings.samples_per_input,
                                  seed=seed, **sample)
     measure = prompted_trajectories(model, tokenizer, prompt, held_out, seed=seed + 1, **sample)

@@ -14,6 +14,10 @@ teacher's log-probabilities ``[Y, vocab]`` (right-aligned like ``y``; ``Y`` = th
 continuation) next to the student's ``input_ids``/``attention_mask``/``labels`` (``labels`` =
 ``y`` in its columns, -100 elsewhere), which is the row format ``agentforge.train.train`` feeds
 to :func:`kl_loss`.
+
+A prompt about tool use is baked on trajectories with the calls executed (``tools=True``):
+``y`` then holds the runtime's ``[out: ...]`` results too, which stay in the context but carry
+no label, so the KL is taken only where the model itself writes.
 """
 from __future__ import annotations
 
@@ -87,16 +91,20 @@ class BakingData:
     """Trajectories of the prompted model on some inputs, as training/evaluation rows.
 
     ``rows``: one dict of tensors per trajectory (see the module docstring); ``prompt`` the
-    prompt that made them; ``continuations`` the sampled token ids (for inspection)."""
+    prompt that made them; ``continuations`` the sampled token ids (for inspection) and
+    ``written`` which of them the model wrote (None: all; False marks tool results)."""
 
     prompt: str
     rows: list[dict[str, torch.Tensor]]
     continuations: list[list[int]]
+    written: list[list[bool]] | None = None
 
     @property
     def tokens(self) -> int:
         """Continuation tokens the KL is measured on."""
-        return sum(len(c) for c in self.continuations)
+        if self.written is None:
+            return sum(len(c) for c in self.continuations)
+        return sum(sum(w) for w in self.written)
 
 
 def encode(tokenizer, prompt: str, inputs: Sequence[str]) -> tuple[list[int], list[list[int]]]:
@@ -156,9 +164,10 @@ def sample_continuations(model, contexts: list[list[int]], *, eos: int, pad: int
 
 @torch.no_grad()
 def teacher_rows(model, prompt_ids: list[int], inputs: list[list[int]], continuations: list[list[int]], *,
-                 pad: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+                 pad: int, batch_size: int, written: list[list[bool]] | None = None) -> list[dict[str, torch.Tensor]]:
     """Baking rows: the prompted model's log-probabilities before every continuation token, next
-    to the unprompted student's left-padded ids, mask and labels (same width for every row)."""
+    to the unprompted student's left-padded ids, mask and labels (same width for every row).
+    ``written``: per continuation token, whether it gets a label (None: every one)."""
     span = max(len(c) for c in continuations)
     student_ids, student_mask = _left_padded([x + y for x, y in zip(inputs, continuations)], pad)
     device = model_device(model)
@@ -170,7 +179,10 @@ def teacher_rows(model, prompt_ids: list[int], inputs: list[list[int]], continua
             logprobs = forward_logits(model, ids.to(device), mask.to(device))[:, -span - 1:-1].float().log_softmax(-1)
             for offset, i in enumerate(chunk):
                 labels = torch.full_like(student_ids[i], IGNORE_INDEX)
-                labels[len(labels) - len(continuations[i]):] = torch.tensor(continuations[i])
+                target = torch.tensor(continuations[i])
+                if written is not None:
+                    target[~torch.tensor(written[i], dtype=torch.bool)] = IGNORE_INDEX
+                labels[len(labels) - len(continuations[i]):] = target
                 teacher = logprobs[offset].cpu()
                 teacher[:span - len(continuations[i])] = 0.0  # columns before this row's continuation
                 rows.append({"input_ids": student_ids[i], "attention_mask": student_mask[i], "labels": labels,
@@ -180,10 +192,12 @@ def teacher_rows(model, prompt_ids: list[int], inputs: list[list[int]], continua
 
 def prompted_trajectories(model, tokenizer, prompt: str, inputs: Sequence[str], *, samples_per_input: int = 1,
                           max_new_tokens: int = 16, temperature: float = 1.0, batch_size: int = 32,
-                          seed: int = 0) -> BakingData:
+                          seed: int = 0, tools: bool = False) -> BakingData:
     """Sample ``samples_per_input`` continuations of ``prompt + SEPARATOR + x`` for every input
     ``x`` from ``model`` and score them with the same prompted model: the data that bakes
-    ``prompt`` into (a copy of) ``model``, or measures how far a model is from it."""
+    ``prompt`` into (a copy of) ``model``, or measures how far a model is from it. With
+    ``tools`` the calls the model writes are executed as it samples (``agentforge.tools``) and
+    ``max_new_tokens`` counts only the model's own tokens."""
     for name, value in (("samples_per_input", samples_per_input), ("max_new_tokens", max_new_tokens),
                         ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -193,11 +207,20 @@ def prompted_trajectories(model, tokenizer, prompt: str, inputs: Sequence[str], 
     eos, pad = _special_ids(tokenizer)
     prompt_ids, input_ids = encode(tokenizer, prompt, inputs)
     inputs_repeated = [ids for ids in input_ids for _ in range(samples_per_input)]
-    continuations = sample_continuations(model, [prompt_ids + x for x in inputs_repeated], eos=eos, pad=pad,
-                                         max_new_tokens=max_new_tokens, temperature=temperature,
-                                         batch_size=batch_size, seed=seed)
-    rows = teacher_rows(model, prompt_ids, inputs_repeated, continuations, pad=pad, batch_size=batch_size)
-    return BakingData(prompt=prompt, rows=rows, continuations=continuations)
+    contexts = [prompt_ids + x for x in inputs_repeated]
+    written = None
+    if tools:
+        from agentforge.tools import tool_trajectories
+
+        continuations, written = map(list, zip(*tool_trajectories(
+            model, tokenizer, contexts, max_new_tokens=max_new_tokens, temperature=temperature,
+            batch_size=batch_size, seed=seed)))
+    else:
+        continuations = sample_continuations(model, contexts, eos=eos, pad=pad, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, batch_size=batch_size, seed=seed)
+    rows = teacher_rows(model, prompt_ids, inputs_repeated, continuations, pad=pad, batch_size=batch_size,
+                        written=written)
+    return BakingData(prompt=prompt, rows=rows, continuations=continuations, written=written)
 
 
 @torch.no_grad()

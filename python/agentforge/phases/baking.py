@@ -7,7 +7,11 @@ Two cycles alternate, starting with A:
 
     A (tools)    prompts describing the tool-call format of ``agentforge.tools``; scored in
                  context by tool-call format adherence and answer accuracy, with the tools
-                 executed (``generate_with_tools_batch``), on held-out arithmetic items
+                 executed (``generate_with_tools_batch``), on held-out arithmetic items; baked
+                 on trajectories that execute the calls too and run the whole tool budget, so
+                 a bake sees complete calls, their results and the answers after them (six
+                 plain sampled tokens, as before, baked the opening "[calc:" but never the
+                 closing bracket: 8 % format unprompted after a full bake, now 97 %)
     B (persona)  prompts describing how the model should think and answer; scored in context
                  by held-out task accuracy and the probability of the right answer
 
@@ -87,8 +91,8 @@ class Settings:
     samples_per_input: int = 1  # trajectories sampled per input
     selection_items: int = 18  # validation items: candidate scores and the half-bake stop rule
     final_items: int = 36  # test items: the report
-    max_new_tokens: int = 6  # trajectory length
-    tool_new_tokens: int = 12  # generation budget when scoring tool use (tool results not counted)
+    max_new_tokens: int = 6  # trajectory length of persona bakes
+    tool_new_tokens: int = 12  # model tokens of tool-use generation and tool-bake trajectories (results not counted)
     bake_steps: int = 40
     eval_every: int = 5
     batch_size: int = 16
@@ -151,12 +155,19 @@ PRESETS: dict[str, Settings] = {
 }
 
 
-def bake_settings(settings: Settings):
-    """The ``BakeSettings`` every bake of the phase uses."""
+def trajectory_settings(settings: Settings, cycle: str) -> dict:
+    """How a cycle's baking trajectories are sampled: tool prompts run their calls over the tool
+    generation budget (so a bake covers whole calls, results and answers), the persona plain."""
+    tools = cycle == "tools"
+    return {"tools": tools, "max_new_tokens": settings.tool_new_tokens if tools else settings.max_new_tokens}
+
+
+def bake_settings(settings: Settings, cycle: str):
+    """The ``BakeSettings`` of the phase's bakes of a ``cycle``'s prompts."""
     from agentforge.baking import BakeSettings
 
     return BakeSettings(method=settings.bake_method, lora_rank=settings.lora_rank, lora_alpha=2.0 * settings.lora_rank,
-                        samples_per_input=settings.samples_per_input, max_new_tokens=settings.max_new_tokens,
+                        samples_per_input=settings.samples_per_input, **trajectory_settings(settings, cycle),
                         batch_size=settings.batch_size, max_steps=settings.bake_steps, eval_every=settings.eval_every,
                         optimizer_preset=settings.optimizer_preset, lr_scale=settings.lr_scale,
                         anchor_weight=settings.anchor_weight)
@@ -315,7 +326,7 @@ def _bake_winner(state: CycleState, winner: str, index: int, tokenizer, data: Ph
     previous = copy.deepcopy(state.model)  # full baking trains in place; a rollback needs the original
     out_dir = ctx.out_dir / "bakes" / f"{index:02d}-{cycle}"
     result = bake(state.model, tokenizer, winner, data.bake_inputs[cycle], [it.prompt for it in data.selection[cycle]],
-                  bake_settings(settings), out_dir=out_dir, strength=1.0 if first_full else settings.strength,
+                  bake_settings(settings, cycle), out_dir=out_dir, strength=1.0 if first_full else settings.strength,
                   keep=(settings.strength,) if first_full else (), anchor=data.anchor, seed=ctx.seed + 7 * index,
                   wandb_mode="disabled", progress=False)
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a finished bake is never resumed; its log stays
@@ -417,7 +428,8 @@ def tool_prompt_bake(original, state: CycleState, tokenizer, data: PhaseData, se
     if state.full_bake is not None or not settings.measure_full_bake:
         return state.full_bake
     result = bake(copy.deepcopy(original), tokenizer, state.best["tools"] or settings.tool_prompts[0],
-                  data.bake_inputs["tools"], [it.prompt for it in data.selection["tools"]], bake_settings(settings),
+                  data.bake_inputs["tools"], [it.prompt for it in data.selection["tools"]],
+                  bake_settings(settings, "tools"),
                   out_dir=ctx.out_dir / "bakes" / "report-tools", strength=1.0, keep=(settings.strength,),
                   anchor=data.anchor, seed=ctx.seed + 1, wandb_mode="disabled", progress=False)
     shutil.rmtree(ctx.out_dir / "bakes" / "report-tools" / "checkpoint", ignore_errors=True)
@@ -444,7 +456,7 @@ def final_report(original, state: CycleState, tokenizer, data: PhaseData, settin
     for cycle, prompt in prompts.items():
         shown = models if cycle == "tools" else {n: models[n] for n in ("original", "final")}
         trajectories = prompted_trajectories(original, tokenizer, prompt, [it.prompt for it in data.final[cycle]],
-                                             max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                                             batch_size=settings.batch_size, **trajectory_settings(settings, cycle),
                                              seed=ctx.seed + 99)
         report["kl"][cycle] = {n: measured_kl(m, trajectories, batch_size=settings.batch_size) for n, m in shown.items()}
         report["behaviour"][cycle] = {

@@ -63,7 +63,9 @@ class Settings:
     total_steps: int = 120  # the phase's step budget (the optimizer's schedule spans it)
     batch_size: int = 8
     seq_len: int = 128
-    optimizer: str = "qat"  # MuGrokfast preset: the latent weights must move far enough to flip codes
+    # MuGrokfast preset. On the tiny run "qat" (BitNet's rates) raised held-out text perplexity
+    # 6.97 -> 11.24 within 42 steps and "finetune" 6.97 -> 8.41, at the same task accuracy
+    optimizer: str = "finetune"
     lr_scale: float = 1.0
     replay_examples: int = 96  # older examples mixed into each round
     tools: bool = True
