@@ -333,8 +333,9 @@ def _bake_winner(state: CycleState, winner: str, index: int, tokenizer, data: Ph
     model, kl_after = result.model, result.kl_after
     if first_full:  # continue with the half-baked copy; the fully baked model is kept for the report
         state.full_bake = result
-        if settings.strength in result.kept:
-            model, kl_after = result.kept[settings.strength].model, result.kept[settings.strength].kl
+        if settings.strength in result.kept:  # a copy: later bakes train state.model in place
+            kept = result.kept[settings.strength]
+            model, kl_after = copy.deepcopy(kept.model), kept.kl
     fields = {"bake": result.summary()}
     if result.stop_reason == "no effect" or result.reduction <= 0:
         state.model = previous
