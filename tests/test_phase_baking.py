@@ -94,3 +94,11 @@ def test_phase_refuses_bad_inputs(tmp_path):
                          (dict(candidates=0), "candidates")):
         with pytest.raises(ValueError, match=message):
             baking.Settings(**bad)
+
+
+@pytest.mark.parametrize("total,count", [(10, 3), (5, 10), (100, 0), (7, 7), (1000, 32)])
+def test_anchor_and_text_rows_are_spread_over_the_split(total, count):
+    rows = baking.spread(total, count)
+    assert len(rows) == min(total, count) and rows == sorted(set(rows)) and all(0 <= r < total for r in rows)
+    if count and total >= 2 * count:  # not the first rows: every stretch of the split is represented
+        assert rows[0] >= total // (2 * count) - 1 and rows[-1] >= total - total // count
