@@ -100,6 +100,15 @@ def test_mixing_weight_stays_in_the_open_unit_interval():
     assert ((w >= 0) & (w <= 1)).all() and 0.05 < head(torch.zeros(1, 8), torch.zeros(1, 8)).item() < 0.2
 
 
+@pytest.mark.parametrize("init", [0.01, 0.5, 0.9])
+def test_mixing_head_starts_at_its_initial_weight(init):
+    head = MixingHead(8, 16, init)
+    torch.nn.init.zeros_(head.net[2].weight)  # the bias alone sets the start
+    assert head(torch.randn(3, 8), torch.randn(3, 8)).tolist() == pytest.approx([init] * 3, abs=1e-6)
+    with pytest.raises(ValueError, match="mixing_init"):
+        ThoughtSettings(mixing_init=1.0)
+
+
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory):
     tokenizer = train_tokenizer(load_text("stdlib", max_docs=10), 300)

@@ -39,6 +39,7 @@ class Settings:
     temperature: float = 1.0
     reinforce_weight: float = 1.0
     base_loss_weight: float = 0.5
+    mixing_init: float = 0.12
     positions: str = "answers"
     steps: int = 30
     batch_size: int = 8

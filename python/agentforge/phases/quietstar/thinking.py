@@ -28,6 +28,8 @@ Loss = mean NLL of the mixed predictions + base_loss_weight · the plain next-to
 """
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +55,7 @@ class ThoughtSettings:
     clamp_negative_rewards: bool = False  # the paper keeps only better-than-mean thoughts
     positions: str = "answers"  # "all" positions, or those whose next token carries a label
     mixing_hidden: int = 64
+    mixing_init: float = 0.12  # the mixing head's initial weight on the post-thought prediction
     start_id: int = -1
     end_id: int = -1
 
@@ -64,6 +67,8 @@ class ThoughtSettings:
             raise ValueError(f"quietstar: positions must be 'all' or 'answers', got {self.positions!r}")
         if not self.temperature > 0:
             raise ValueError(f"quietstar: temperature must be > 0, got {self.temperature}")
+        if not 0 < self.mixing_init < 1:
+            raise ValueError(f"quietstar: mixing_init must be in (0, 1), got {self.mixing_init}")
 
     @property
     def steps(self) -> int:
@@ -196,13 +201,14 @@ def reinforce_loss(reward, logprob, scored, n: int, clamp_negative: bool = False
 
 class MixingHead(nn.Module):
     """w = σ(MLP([h_base; h_thought])) in (0, 1): how much of the post-thought prediction to use.
-    The output bias starts at −2 (w ≈ 0.12), so training starts from the base model."""
+    The output bias starts at logit(``init_weight``) (0.12 by default), so training starts close
+    to the base model."""
 
-    def __init__(self, d: int, hidden: int):
+    def __init__(self, d: int, hidden: int, init_weight: float = 0.12):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(2 * d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         with torch.no_grad():
-            self.net[2].bias.fill_(-2.0)
+            self.net[2].bias.fill_(math.log(init_weight / (1 - init_weight)))
 
     def forward(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(torch.cat((h_base, h_thought), dim=-1))).squeeze(-1)
@@ -224,7 +230,7 @@ class ThinkingModel(nn.Module):
             raise ValueError("quietstar: settings need the start/end token ids (see add_thought_tokens)")
         self.base = base
         self.settings = settings
-        self.mixing_head = MixingHead(base.config.hidden_size, settings.mixing_hidden)
+        self.mixing_head = MixingHead(base.config.hidden_size, settings.mixing_hidden, settings.mixing_init)
 
     # --- training ---------------------------------------------------------------------------
 
