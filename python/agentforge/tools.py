@@ -538,9 +538,11 @@ def tool_trajectories(model, tokenizer, contexts: list[list[int]], *, max_new_to
     rows = [_Row(ids=list(context), segment_start=len(context)) for context in contexts]
     _generate_rows(model, tokenizer, rows, max_new_tokens=max_new_tokens, max_calls=max_calls, batch_size=batch_size,
                    temperature=temperature, seed=seed)
-    ending = lambda row: [eos] if row.ended_by_eos else []  # noqa: E731
-    return [(row.ids[len(context):] + ending(row), row.written + [True] * len(ending(row)))
-            for row, context in zip(rows, contexts)]
+    trajectories = []
+    for row, context in zip(rows, contexts):
+        ending = [eos] if row.ended_by_eos else []
+        trajectories.append((row.ids[len(context):] + ending, row.written + [True] * len(ending)))
+    return trajectories
 
 
 def generate_with_tools(model, tokenizer, prompt: str, *, max_new_tokens: int, max_calls: int = 2):

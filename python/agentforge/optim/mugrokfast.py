@@ -7,9 +7,8 @@ Order inside one `step()`:
    `g = g + lambda*ema`, amplifying the slow component (the paper's sign). The EMA starts at the
    first gradient, as in the reference code. `lambda = 0` skips the filter (no EMA memory), and
    the optimizer is then exactly Muon + AdamW.
-2. The inner Muon (`agentforge.optim.muon`: torch's, with Newton–Schulz in fp32 on
-   CPUs without native bf16) and
-   `torch.optim.AdamW` step with the filtered gradients.
+2. The inner Muon (`agentforge.optim.muon`: torch's, with Newton–Schulz in fp32 on CPUs
+   without native bf16) and `torch.optim.AdamW` step with the filtered gradients.
 3. The schedule writes the next update's `lr` into every inner param group.
 4. QK-clip, if enabled, rescales the registered attention heads.
 """
@@ -287,7 +286,7 @@ def _build_inner_optimizers(
     muon_params: NamedParameters, adamw_params: NamedParameters, *, muon_lr: float, adamw_lr: float,
     weight_decay: float, adamw_betas: tuple[float, float], momentum: float, muon_adjust_lr_fn: str,
 ) -> dict[str, torch.optim.Optimizer]:
-    """One torch Muon and one torch AdamW (a side without parameters is left out)."""
+    """One Muon and one torch AdamW (a side without parameters is left out)."""
     inner: dict[str, torch.optim.Optimizer] = {}
     if muon_params:
         inner["muon"] = Muon(

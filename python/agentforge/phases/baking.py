@@ -10,8 +10,7 @@ Two cycles alternate, starting with A:
                  executed (``generate_with_tools_batch``), on held-out arithmetic items; baked
                  on trajectories that execute the calls too and run the whole tool budget, so
                  a bake sees complete calls, their results and the answers after them (six
-                 plain sampled tokens, as before, baked the opening "[calc:" but never the
-                 closing bracket: 8 % format unprompted after a full bake, now 97 %)
+                 plain sampled tokens baked the opening "[calc:" but never the closing bracket)
     B (persona)  prompts describing how the model should think and answer; scored in context
                  by held-out task accuracy and the probability of the right answer
 
@@ -22,8 +21,9 @@ KL(prompted ‖ unprompted) is gone), unless it does no better in context than n
 A bake that raises validation perplexity by more than ``retention_tolerance`` over the input
 model, or lowers the probability of the right answers on the validation tasks of the families
 the tools are not for by more than ``task_retention`` (a tool prompt baked too deep makes the
-model open a calculator call before any answer), is rolled back. A cycle plateaus when its unprompted score gains less than
-``plateau_threshold`` (relative) over ``plateau_window`` iterations; then the other cycle runs.
+model open a calculator call before any answer), is rolled back. A cycle plateaus when its
+unprompted score gains less than ``plateau_threshold`` (relative) over ``plateau_window``
+iterations; then the other cycle runs.
 The phase stops when both have plateaued with nothing gained in between, or at the iteration
 or time budget. The first tool bake is run to full strength once, keeping the half-baked copy,
 so the report shows the KL before, half-baked and fully baked from one training run.
