@@ -56,14 +56,16 @@ def one_thread():
 @pytest.fixture(scope="session")
 def cognate_micro(tmp_path_factory):
     """Phase 1 run once on the micro preset: (phase dir, PhaseResult). Later phases' tests start
-    from its trunk and siblings."""
-    from agentforge.phases import PhaseContext, cognate
+    from its trunk and siblings (and its data.json, the run's data spec)."""
+    from agentforge.phases import cognate
+    from agentforge.runtime import run_alone
 
     out = tmp_path_factory.mktemp("cognate")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = cognate.run({}, cognate.PRESETS["micro"], PhaseContext(out_dir=out, progress=False, say=lambda _: None))
+        result = run_alone(cognate.SPEC, {}, out, preset="micro", wandb_mode="disabled", progress=False,
+                           say=lambda _: None)
     finally:
         torch.set_num_threads(before)
     return out, result

@@ -13,19 +13,20 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from agentforge.artifacts import read_metadata, save_model_dir
 from agentforge.data import load_text, train_tokenizer
+from agentforge.data.spec import DataSpec
+from agentforge.figures import bitnet as bitnet_figures
 from agentforge.nn import BitLinear
-from agentforge.phases import PhaseContext, bitnet
+from agentforge.phases import bitnet
+from agentforge.rundir import read_record
 from agentforge.train import read_metrics
+from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Cognate's nn.Linear layers: attention, SwiGLU, the neural memory's projections and its gate
 COGNATE_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "to_qkv",
                    "out_proj", "memory_gate"}
-
-
-def quiet(out, seed=0):
-    return PhaseContext(out_dir=out, seed=seed, progress=False, say=lambda _: None)
+MODELS = {"fp", "ternary_before", "finetuned"}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def on_cognate(cognate_micro, tmp_path_factory):
     _, cognate_result = cognate_micro
     out = tmp_path_factory.mktemp("bitnet")
     inputs = {"model": cognate_result.artifacts["trunk"]}
-    return out, inputs, bitnet.run(inputs, bitnet.PRESETS["micro"], quiet(out))
+    return out, inputs, run_micro(bitnet.SPEC, inputs, out)
 
 
 def bitlinears(model):
@@ -67,12 +68,12 @@ def test_latent_output_keeps_training_ternary(on_cognate):
 
 
 def test_outputs_record_their_lineage_and_data(on_cognate, cognate_micro):
-    _, inputs, result = on_cognate
-    trunk = read_metadata(inputs["model"])
+    out, inputs, result = on_cognate
     for name in ("packed", "latent"):
         meta = read_metadata(result.artifacts[name])
-        assert meta["phase"] == "bitnet" and meta["parents"] == [str(inputs["model"])]
-        assert meta["data"] == trunk["data"]
+        [parent] = meta["parents"]
+        assert meta["phase"] == "bitnet" and (result.artifacts[name] / parent["path"]).resolve() == inputs["model"].resolve()
+        assert parent["sha256"] == read_record(out)["inputs"]["model"]
         assert len(meta["quantization"]["calibration"]) == len(bitlinears(
             AutoModelForCausalLM.from_pretrained(result.artifacts["latent"])))
 
@@ -80,7 +81,7 @@ def test_outputs_record_their_lineage_and_data(on_cognate, cognate_micro):
 def test_summary_holds_the_measurements_the_issue_asks_for(on_cognate):
     out, _, result = on_cognate
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["models"]) == set(bitnet.MODELS)
+    assert set(summary["models"]) == MODELS
     for report in summary["models"].values():
         assert report["perplexity"] > 1 and set(report["accuracy"]) == {"reasoning", "memory", "speed"}
     sizes = summary["sizes"]
@@ -109,7 +110,7 @@ def test_metrics_jsonl_carries_the_same_numbers(on_cognate):
     assert len(layers) == len(summary["sizes"]["layers"]) and all("sparsity" in row for row in layers)
     steps = read_metrics(out / "train" / "ternary", phase="bitnet/ternary")
     assert steps[-1]["step"] == bitnet.PRESETS["micro"].steps and steps[-1]["lambda"] == 1.0
-    assert [len(f) for f in bitnet.figures(out)] == [3, 3, 3, 3]
+    assert [len(f) for f in bitnet_figures.figures(out)] == [3, 3, 3, 3]
 
 
 def test_rerun_reuses_the_outputs_and_the_evaluations(on_cognate, monkeypatch):
@@ -124,7 +125,7 @@ def test_rerun_reuses_the_outputs_and_the_evaluations(on_cognate, monkeypatch):
 
     monkeypatch.setattr(bitnet, "finetune", no_training)
     monkeypatch.setattr(bitnet, "measure", no_measuring)
-    again = bitnet.run(inputs, bitnet.PRESETS["micro"], quiet(out))
+    again = run_micro(bitnet.SPEC, inputs, out)
     assert again.metrics["finetuned/perplexity"] == result.metrics["finetuned/perplexity"]
     assert manifests == {name: (result.artifacts[name] / "agentforge.json").read_text()
                          for name in ("packed", "latent")}
@@ -144,19 +145,19 @@ def llama_dir(tmp_path_factory):
 
 
 def test_any_llama_family_model_converts_and_packs_with_the_float_control(llama_dir, tmp_path):
-    settings = bitnet.Settings(**{**dataclasses.asdict(bitnet.PRESETS["micro"]), "fp_control": True})
-    result = bitnet.run({"model": llama_dir}, settings, quiet(tmp_path))
+    result = run_micro(bitnet.SPEC, {"model": llama_dir}, tmp_path, fp_control=True)
     packed = AutoModelForCausalLM.from_pretrained(result.artifacts["packed"])
     assert isinstance(packed, LlamaForCausalLM) and len(bitlinears(packed)) == 14
     assert all(m.state == "packed" for m in bitlinears(packed).values())
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["data"]["seq_len"] == bitnet.PRESETS["micro"].seq_len  # no recorded data: own settings
+    assert read_record(tmp_path)["data"] == dataclasses.asdict(DataSpec(seq_len=48, text_docs=20, task_levels=[0]))
     assert summary["targets"]["accuracy_retention"] is None or summary["models"]["fp"]["accuracy_mean"] > 0
     control = summary["models"]["fp_control"]
     assert control["perplexity"] < summary["models"]["fp"]["perplexity"]  # the same training helps the float model
     assert summary["targets"]["perplexity_ratio_vs_control"] == pytest.approx(
         summary["models"]["finetuned"]["perplexity"] / control["perplexity"])
-    assert read_metrics(tmp_path / "train" / "fp_control", phase="bitnet/fp_control")[-1]["step"] == settings.steps
+    assert read_metrics(tmp_path / "train" / "fp_control", phase="bitnet/fp_control")[-1]["step"] == \
+        bitnet.PRESETS["micro"].steps
 
 
 @pytest.mark.slow
@@ -177,11 +178,11 @@ def test_smollm2_converts_and_recovers_held_out_perplexity(tmp_path):
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     save_model_dir(model, tokenizer, tmp_path / "smollm2", {"role": "pretrained", "source": str(gguf)})
-    settings = bitnet.Settings(calibration_rows=4, calibration_tokens=256, sensitive_layers=5, steps=30,
-                               batch_size=8, train_items=40, checkpoint_every=30, seq_len=64, text_docs=40,
-                               task_levels=[0], eval_items=2, eval_text_rows=16, eval_batch_size=8,
-                               speed_batch_sizes=[1], speed_new_tokens=4)
-    result = bitnet.run({"model": tmp_path / "smollm2"}, settings, quiet(tmp_path / "phase"))
-    ppl = {name: result.metrics[f"{name}/perplexity"] for name in bitnet.MODELS}
+    result = run_micro(bitnet.SPEC, {"model": tmp_path / "smollm2"}, tmp_path / "phase",
+                       data=DataSpec(seq_len=64, text_docs=40, task_levels=[0]), calibration_rows=4,
+                       calibration_tokens=256, sensitive_layers=5, steps=30, batch_size=8, train_items=40,
+                       checkpoint_every=30, eval_items=2, eval_text_rows=16, eval_batch_size=8,
+                       speed_batch_sizes=[1], speed_new_tokens=4)
+    ppl = {name: result.metrics[f"{name}/perplexity"] for name in MODELS}
     print("SmolLM2-135M-Instruct held-out perplexity:", json.dumps(ppl))
     assert ppl["finetuned"] < ppl["ternary_before"]

@@ -1,8 +1,7 @@
 """The BitNet phase's algorithms on small hand-checkable cases: the λ warm-up, calibration errors
 and choices, sensitivity, conversion with per-layer scales (saved and reloaded), byte and
-sparsity accounting, the gradient-flow check, settings and the evaluation cache."""
+sparsity accounting, the gradient-flow check and settings."""
 import json
-import math
 
 import pytest
 import torch
@@ -252,7 +251,7 @@ def test_gradient_flow_finds_every_latent_weight_or_names_the_one_without():
     assert not report["ok"] and report["bad_layers"] == ["model.layers.0.mlp.up_proj"]
 
 
-# --- settings, data record, cache ------------------------------------------------------------
+# --- settings --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value, message", [
     ("lambda_warmup_fraction", 1.5, "lambda_warmup_fraction"),
@@ -271,23 +270,8 @@ def test_bad_settings_are_one_line_errors(field, value, message):
 
 
 def test_missing_model_input_is_a_clear_error(tmp_path):
-    from agentforge.phases import PhaseContext
+    from agentforge.errors import ConfigError
+    from agentforge.runtime import run_alone
 
-    with pytest.raises(ValueError, match="inputs must name 'model'"):
-        bitnet.run({"champion": tmp_path}, bitnet.PRESETS["micro"], PhaseContext(out_dir=tmp_path, say=lambda _: None))
-
-
-def test_the_input_models_data_record_decides_the_held_out_split():
-    settings = bitnet.Settings(seq_len=32, text_docs=10, task_levels=[0])
-    assert bitnet.data_record(settings, {}, seed=3) == {"seq_len": 32, "text_docs": 10, "task_levels": [0], "seed": 3}
-    recorded = {"data": {"seq_len": 64, "text_docs": 300, "task_levels": [0, 1], "seed": 0}}
-    assert bitnet.data_record(settings, recorded, seed=3) == recorded["data"]
-
-
-def test_evaluation_cache_measures_once_and_survives_a_restart(tmp_path):
-    calls = []
-    cache = bitnet.EvaluationCache(tmp_path / "evaluations.json")
-    assert cache.get("fp", lambda: calls.append(1) or {"perplexity": 2.0}) == {"perplexity": 2.0}
-    assert cache.get("fp", lambda: calls.append(1) or {}) == {"perplexity": 2.0}
-    again = bitnet.EvaluationCache(tmp_path / "evaluations.json")
-    assert again.get("fp", lambda: math.nan) == {"perplexity": 2.0} and calls == [1]
+    with pytest.raises(ConfigError, match="input 'model' is missing"):
+        run_alone(bitnet.SPEC, {"champion": tmp_path}, tmp_path, preset="micro", say=lambda _: None)

@@ -181,9 +181,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def sha256_dir(path: str | os.PathLike) -> dict[str, str]:
-    """``{relative POSIX path: sha256}`` for every file under ``path``, sorted by path."""
+    """``{relative POSIX path: sha256}`` for every file under ``path``, sorted by path. Hidden
+    entries (``.DS_Store``, editor swap files, temp names) are not part of an artifact."""
     root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
 
 
@@ -195,7 +197,7 @@ def verify_hashes(root: str | os.PathLike, expected: dict[str, str], *, ignore: 
     problems = [f"{name} is missing" for name in expected if name not in actual]
     problems += [f"{name} has changed since it was written" for name in expected
                  if name in actual and actual[name] != expected[name]]
-    problems += [f"{name} was not part of it when it was written" for name in actual if name not in expected]
+    problems += [f"{name} was not part of it when it was written (remove it)" for name in actual if name not in expected]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CorruptArtifact(f"{root}: {problems[0]}{more}; re-run the phase that wrote it")
@@ -265,6 +267,14 @@ def load_finished_model_dir(path: str | os.PathLike):
         return load_model_dir(path)
     except CorruptArtifact:
         return None
+
+
+def read_manifest_files(path: str | os.PathLike) -> dict[str, str]:
+    """``{relative path: sha256}`` that ``save_model_dir`` recorded for the directory at ``path``."""
+    files = _read_manifest(Path(path))["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CorruptArtifact(f"{path}: {MANIFEST} has a malformed file list; re-run the phase that wrote it")
+    return files
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def one_line(error: BaseException) -> str:
     """An exception as one line: our own errors by their message, others with their type."""
-    from agentforge.config import ConfigError
-    from agentforge.pipeline import PipelineError
+    from agentforge.errors import ConfigError
+    from agentforge.errors import PipelineError
 
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     message = lines[0] if lines else ""
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print("agentforge: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from agentforge.config import ConfigError
+        from agentforge.errors import ConfigError
 
         if args.debug or os.environ.get("AGENTFORGE_DEBUG") == "1":
             raise

@@ -1,35 +1,41 @@
-"""The run configuration: ``{"seed": int, "preset": str, <phase>: {setting: value}, ...}`` with one
-settings mapping per implemented phase.
+"""The run configuration: one typed object, validated once, carried as it is.
+
+    config = resolve(PHASES, preset="tiny", file="my.yaml", sets=["bitnet.steps=200"])
+    config.seed, config.preset, config.data            # DataSpec: the run's held-out data
+    config["bitnet"].steps                             # each phase's Settings object
+    config.to_dict()                                   # plain values: run.json, --print-config
 
 Built in layers, each checked before anything is written:
 
 1. a preset (``micro``: seconds per phase, for tests and CI; ``tiny``: the default user run;
-   ``small``: one GPU), taken from each implemented phase module's ``PRESETS[preset]``;
-2. a YAML file (``--config FILE``) with the same shape, e.g. ``{preset: micro, cognate: {trunk_steps: 40}}``;
-3. ``--set KEY=VALUE`` overrides (``seed=1``, ``cognate.trunk_steps=40``, ``cognate.task_levels=[0,1]``),
-   each value parsed as a YAML scalar or list.
+   ``small``: one GPU): the data spec's and every phase's ``PRESETS[preset]``;
+2. a YAML file (``--config FILE``) of the same shape, e.g. ``{preset: micro, bitnet: {steps: 40}}``;
+   a run's ``run.json`` works too (its ``config`` is taken);
+3. ``--set KEY=VALUE`` overrides, the key a dotted path (``seed=1``, ``data.seq_len=96``,
+   ``bitnet.steps=40``, ``baking.lora.rank=4``), the value a YAML scalar or list.
 
-Every mistake raises ``ConfigError`` with one line that names the bad key and what is allowed.
+Every mistake raises ``ConfigError`` with one line naming the key and what it accepts.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from agentforge.phases import settings_from_dict
+from agentforge.data.spec import PRESETS as DATA_PRESETS
+from agentforge.data.spec import DataSpec
+from agentforge.errors import ConfigError
+from agentforge.settings import from_dict, shown, to_dict
 
 PRESETS = ("micro", "tiny", "small")
 DEFAULT_PRESET = "tiny"
-RUN_KEYS = ("seed", "preset")
-
-
-class ConfigError(ValueError):
-    """A bad configuration or command line, found before anything is written (exit code 2)."""
+RUN_KEYS = ("seed", "preset", "data")
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept this range
 
 
 class _Loader(yaml.SafeLoader):
@@ -47,125 +53,142 @@ def parse_value(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+        raise ConfigError(f"{where}: not valid YAML ({shown(' '.join(str(e).split()))})") from None
 
 
 def load_file(path: str | Path) -> dict:
-    """The mapping in a YAML config file."""
+    """The mapping in a YAML config file, or the ``config`` of a run's ``run.json``."""
     path = Path(path)
     try:
         text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     values = parse_value(text, f"--config {path}")
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values, got {type(values).__name__}")
+    if isinstance(values.get("config"), dict) and "created" in values:  # a run.json
+        return values["config"]
     return values
 
 
-def preset_config(preset: str, implemented: dict[str, Any], seed: int = 0) -> dict:
-    """The config of ``preset``: each implemented phase's ``PRESETS[preset]`` as a plain dict.
-    ``implemented`` maps phase name -> its module, in pipeline order."""
+@dataclass
+class RunConfig:
+    """The resolved configuration of a run: seed, preset, data spec and each phase's settings."""
+
+    seed: int
+    preset: str
+    data: DataSpec
+    phases: dict[str, Any]
+
+    def __getitem__(self, phase: str) -> Any:
+        return self.phases[phase]
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "preset": self.preset, "data": to_dict(self.data),
+                **{name: to_dict(settings) for name, settings in self.phases.items()}}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _preset_values(preset: str, specs) -> dict:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    config: dict[str, Any] = {"seed": seed, "preset": preset}
-    for name, module in implemented.items():
-        if preset not in module.PRESETS:
-            raise ConfigError(f"preset {preset!r} is not defined for phase {name} "
-                              f"(it defines: {', '.join(sorted(module.PRESETS))})")
-        config[name] = dataclasses.asdict(module.PRESETS[preset])
-    return config
+    values: dict[str, Any] = {"seed": 0, "preset": preset, "data": to_dict(DATA_PRESETS[preset])}
+    for spec in specs:
+        values[spec.name] = to_dict(spec.presets[preset])
+    return values
 
 
-def _check_key(key: str, implemented: dict[str, Any], all_phases: list[str], where: str) -> None:
-    if key in RUN_KEYS or key in implemented:
-        return
-    if key in all_phases:
-        raise ConfigError(f"{where}: phase {key} is not implemented yet, so it takes no settings")
-    raise ConfigError(f"{where}: unknown config key {key!r}; allowed: {', '.join([*RUN_KEYS, *implemented])}")
-
-
-def _merge(config: dict, values: dict, implemented: dict[str, Any], all_phases: list[str], where: str) -> None:
+def _merge(target: dict, values: dict, where: str, allowed: list[str]) -> None:
+    """Apply ``values`` (nested mappings) onto ``target``; top-level keys must be in ``allowed``."""
     for key, value in values.items():
-        _check_key(key, implemented, all_phases, where)
-        if key in implemented:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown config key {key!r}; allowed: {', '.join(allowed)}")
+        if key == "preset":
+            continue
+        if isinstance(target.get(key), dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {key} must be a mapping of settings, got {value!r}")
-            config[key].update(value)
+                raise ConfigError(f"{where}: {key} must be a mapping of settings, got {shown(value)}")
+            _merge_nested(target[key], value)
         else:
-            config[key] = value
+            target[key] = copy.deepcopy(value)
 
 
-def _parse_set(item: str, implemented: dict[str, Any], all_phases: list[str]) -> dict:
-    """``"cognate.trunk_steps=40"`` -> ``{"cognate": {"trunk_steps": 40}}``."""
+def _merge_nested(target: dict, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_nested(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def parse_set(item: str, default_prefix: str | None = None, known: tuple[str, ...] = ()) -> dict:
+    """``"bitnet.steps=40"`` -> ``{"bitnet": {"steps": 40}}``. With ``default_prefix`` (a phase run
+    alone), a key whose first part is not in ``known`` belongs to that phase: ``steps=40``."""
     key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. seed=1 or cognate.trunk_steps=40")
-    phase, dot, setting = key.partition(".")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {shown(item)}: expected KEY=VALUE, e.g. seed=1 or bitnet.steps=40")
     if key == "preset":
         raise ConfigError("--set preset=...: use --preset")
-    _check_key(phase, implemented, all_phases, f"--set {key}")
-    value = parse_value(text, f"--set {key}")
-    if phase in RUN_KEYS:
-        if dot:
-            raise ConfigError(f"--set {key}: {phase} has no sub-keys")
-        return {phase: value}
-    if not dot or not setting:
-        raise ConfigError(f"--set {key}: name a setting of {phase}, e.g. --set {phase}.SETTING=VALUE")
-    return {phase: {setting: value}}
+    parts = key.split(".")
+    if default_prefix is not None and parts[0] not in known:
+        parts = [default_prefix, *parts]
+    if parts[0] in ("seed",) and len(parts) > 1:
+        raise ConfigError(f"--set {key}: {parts[0]} has no sub-keys")
+    value: Any = parse_value(text, f"--set {key}")
+    for part in reversed(parts):
+        value = {part: value}
+    return value
 
 
-def validate(config: dict, implemented: dict[str, Any]) -> None:
-    """Check the run keys and build each phase's ``Settings`` (unknown keys and wrong types refused)."""
-    seed = config.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed: expected an int >= 0, got {seed!r}")
-    for name, module in implemented.items():
-        try:
-            settings_from_dict(module.Settings, config[name], name)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(str(e)) from None
+def build(values: dict, specs) -> RunConfig:
+    """A ``RunConfig`` from plain values (every section checked)."""
+    seed = values.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed: expected an int in [0, {MAX_SEED}], got {shown(seed)}")
+    return RunConfig(seed=seed, preset=values["preset"], data=from_dict(DataSpec, values["data"], "data"),
+                     phases={spec.name: from_dict(spec.settings, values[spec.name], spec.name) for spec in specs})
 
 
-def resolve(implemented: dict[str, Any], all_phases: list[str], *, preset: str | None = None,
-            file: str | Path | None = None, sets: list[str] = (), saved: dict | None = None) -> dict:
+def resolve(specs, *, preset: str | None = None, file: str | Path | None = None, sets: list[str] = (),
+            saved: dict | None = None, standalone: str | None = None) -> RunConfig:
     """The validated config: ``saved`` (a resumed run's config) or the preset's, then the file's
-    values, then ``sets``. ``implemented``: phase name -> module; ``all_phases``: every phase name.
-
-    A resumed run keeps its own settings unless ``preset`` names another preset; phases implemented
-    since it started get the preset's settings."""
+    values, then ``sets``. A resumed run keeps its own values unless ``preset`` names another
+    preset. ``standalone``: the one phase run alone, whose settings a bare ``--set KEY`` names."""
+    specs = list(specs)
     values = load_file(file) if file else {}
     name = preset or values.get("preset") or (saved or {}).get("preset") or DEFAULT_PRESET
     if not isinstance(name, str):
-        raise ConfigError(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
-    config = preset_config(name, implemented, seed=(saved or {}).get("seed", 0))
+        raise ConfigError(f"preset: expected one of {', '.join(PRESETS)}, got {shown(name)}")
+    config = _preset_values(name, specs)
+    allowed = [*RUN_KEYS, *(spec.name for spec in specs)]
     if saved is not None and saved.get("preset") == name:
-        config.update({k: copy.deepcopy(v) for k, v in saved.items() if k in RUN_KEYS or k in implemented})
-    _merge(config, {k: v for k, v in values.items() if k != "preset"}, implemented, all_phases, f"--config {file}")
+        _merge(config, {k: v for k, v in saved.items() if k in allowed}, "run.json", allowed)
+    _merge(config, values, f"--config {file}", allowed)
     for item in sets:
-        _merge(config, _parse_set(item, implemented, all_phases), implemented, all_phases, f"--set {item}")
-    validate(config, implemented)
-    return config
-
-
-def settings_of(config: dict, phase: str, module: Any):
-    """The ``Settings`` object of ``phase`` (validated by ``resolve``)."""
-    return settings_from_dict(module.Settings, config[phase], phase)
+        _merge(config, parse_set(item, standalone, tuple(allowed)), f"--set {shown(item)}", allowed)
+    return build(config, specs)
 
 
 def first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
     """``"cognate.trunk_steps: 12 -> 40"`` for the first key whose value differs, else None.
-    Keys only in ``new`` (phases implemented since ``old`` was saved) do not count."""
+    Keys only in ``new`` do not count."""
     for key in old:
         where = f"{prefix}{key}"
         if key not in new:
-            return f"{where}: {old[key]!r} -> (absent)"
+            return f"{where}: {shown(old[key])} -> (absent)"
         if isinstance(old[key], dict) and isinstance(new[key], dict):
             found = first_difference(old[key], new[key], f"{where}.")
             if found:
                 return found
         elif old[key] != new[key]:
-            return f"{where}: {old[key]!r} -> {new[key]!r}"
+            return f"{where}: {shown(old[key])} -> {shown(new[key])}"
     return None
+
+
+def settings_json(settings: Any) -> str:
+    """A settings object as canonical JSON (what a phase's records compare)."""
+    return json.dumps(to_dict(settings), sort_keys=True)

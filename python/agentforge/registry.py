@@ -12,9 +12,14 @@ Tables:
 A phase's rows are written only after its ``phase.json`` proves it complete, and in one
 transaction that first deletes whatever that phase had: recording a phase twice leaves the
 same rows, and a crash between the two leaves the old rows or the new ones, never a mixture.
+
+The registry is derived data: everything in it comes from the phase records. A damaged file is
+rebuilt from them (``open_registry``), and a run directory that cannot be written (read-only, a
+copy) is read through a registry built in memory (``registry_of``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,7 +67,8 @@ class Registry:
         self.path = Path(path)
         self.conn = sqlite3.connect(self.path, timeout=30)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        if str(path) != ":memory:":
+            self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         with self.conn:
             self.conn.executescript(SCHEMA)
@@ -93,24 +99,23 @@ class Registry:
         with self.conn:
             self._delete_phase(run_id, phase)
 
-    def record_phase(self, run_id: str, run_dir: Path, phase: str, phase_dir: Path, record: dict,
-                     handoffs: list[tuple[str, str, str]]) -> None:
+    def record_phase(self, run_id: str, run_dir: Path, spec, phase_dir: Path, record: dict) -> None:
         """Replace a completed phase's rows: one model row per artifact path in its ``phase.json``
-        ``record`` and one handoff row per ``(from_phase, artifact, input)`` it consumed."""
-        rows = self._model_rows(run_id, run_dir, phase, phase_dir, record)
+        ``record`` and one handoff row per input of ``spec`` (the phase's ``PhaseSpec``)."""
+        rows = self._model_rows(run_id, run_dir, spec.name, phase_dir, record)
         with self.conn:
-            self._delete_phase(run_id, phase)
+            self._delete_phase(run_id, spec.name)
             self.conn.executemany(
                 "INSERT INTO models (run, id, phase, artifact, name, path, parameters, bytes, sha256, metrics, "
                 "parents) VALUES (:run, :id, :phase, :artifact, :name, :path, :parameters, :bytes, :sha256, "
                 ":metrics, :parents)", rows)
-            for from_phase, artifact, input_name in handoffs:
+            for input_name, need in spec.needs.items():
                 ids = [r["id"] for r in self.conn.execute(
                     "SELECT id FROM models WHERE run=? AND phase=? AND artifact=? ORDER BY rowid",
-                    (run_id, from_phase, artifact))]
+                    (run_id, need.producer, need.artifact))]
                 self.conn.execute("INSERT INTO handoffs (run, from_phase, artifact, to_phase, input, models) "
                                   "VALUES (?, ?, ?, ?, ?, ?)",
-                                  (run_id, from_phase, artifact, phase, input_name, json.dumps(ids)))
+                                  (run_id, need.producer, need.artifact, spec.name, input_name, json.dumps(ids)))
 
     def _delete_phase(self, run_id: str, phase: str) -> None:
         self.conn.execute("DELETE FROM models WHERE run=? AND phase=?", (run_id, phase))
@@ -127,14 +132,15 @@ class Registry:
                 files = {k[len(prefix) + 1:]: v for k, v in record["files"].items() if k.startswith(prefix + "/")}
                 if not files:  # a single-file artifact
                     files = {relative.name: record["files"][prefix]}
+                sizes = [size for k, size in record["sizes"].items() if k == prefix or k.startswith(prefix + "/")]
                 metadata = _metadata(path)
                 row = {"run": run_id, "id": f"{phase}/{name}", "phase": phase, "artifact": artifact, "name": name,
                        "path": path.relative_to(run_dir).as_posix(), "parameters": parameter_count(path),
-                       "bytes": sum((path / f if path.is_dir() else path).stat().st_size for f in files),
+                       "bytes": sum(sizes),
                        "sha256": files_digest(files),
                        "metrics": json.dumps({**{k[len(name) + 1:]: v for k, v in record.get("metrics", {}).items()
                                                  if k.startswith(name + "/")}, **metadata.get("metrics", {})}),
-                       "parents": json.dumps([_parent_id(p, run_dir, known) for p in metadata.get("parents", [])])}
+                       "parents": json.dumps([_parent_id(p, path, run_dir, known) for p in metadata.get("parents", [])])}
                 known[row["path"]] = row["id"]
                 rows.append(row)
         return rows
@@ -162,16 +168,61 @@ class Registry:
         return [{**dict(r), "models": json.loads(r["models"])} for r in self.conn.execute(query + " ORDER BY rowid", args)]
 
 
-def _parent_id(parent: Any, run_dir: Path, known: dict[str, str]) -> str:
-    """A parent path from ``agentforge.json`` as the id of the registry model stored there, or the
-    path itself when it lies outside the run."""
+def _parent_id(parent: Any, child: Path, run_dir: Path, known: dict[str, str]) -> str:
+    """A parent from ``agentforge.json`` (``{"path": relative to the child, "sha256"}``) as the id of
+    the registry model stored there, or its path when it lies outside the run."""
+    relative = parent.get("path", "") if isinstance(parent, dict) else str(parent)
+    location = (child / relative).resolve()
     try:
-        relative = Path(parent).resolve().relative_to(run_dir.resolve()).as_posix()
+        inside = location.relative_to(run_dir.resolve()).as_posix()
     except ValueError:
-        return str(parent)
-    return known.get(relative, str(parent))
+        return str(location)
+    return known.get(inside, inside)
 
 
 def open_registry(run_dir: str | os.PathLike) -> Registry:
-    """The registry of the run in ``run_dir`` (created when absent)."""
-    return Registry(Path(run_dir) / REGISTRY_FILE)
+    """The registry of the run in ``run_dir`` (created when absent). A file that is not a SQLite
+    database any more is replaced by an empty one, which the pipeline fills from the records."""
+    path = Path(run_dir) / REGISTRY_FILE
+    try:
+        registry = Registry(path)
+        registry.conn.execute("SELECT count(*) FROM models").fetchone()
+        return registry
+    except sqlite3.DatabaseError:
+        for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        return Registry(path)
+
+
+def fill(registry: Registry, run_dir: Path, run_id: str, phases) -> None:
+    """Record every phase of ``run_dir`` whose record is intact; forget the others."""
+    from agentforge.rundir import read_record, record_problem
+
+    for spec in phases:
+        phase_dir = run_dir / spec.dirname
+        record = read_record(phase_dir)
+        if record is not None and record_problem(phase_dir, record) is None:
+            registry.record_phase(run_id, run_dir, spec, phase_dir, record)
+        else:
+            registry.forget_phase(run_id, spec.name)
+
+
+def sync_registry(run_dir: Path, run_id: str, phases) -> None:
+    """Bring ``DIR/registry.sqlite`` in line with the phase records on disk."""
+    with open_registry(run_dir) as registry:
+        fill(registry, run_dir, run_id, phases)
+
+
+def registry_of(run_dir: Path, phases) -> Registry:
+    """A registry of the run in ``run_dir`` built in memory from its records (nothing is written:
+    works on a read-only or damaged run directory)."""
+    from agentforge.rundir import read_run
+
+    info = read_run(run_dir) or {}
+    registry = Registry(":memory:")
+    run_id = info.get("id", run_dir.name)
+    registry.record_run(run_id, run_dir, info.get("config", {}), info.get("status", "unknown"),
+                        info.get("created", now()))
+    fill(registry, run_dir, run_id, phases)
+    return registry

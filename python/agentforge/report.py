@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agentforge.artifacts import atomic_write_text
-from agentforge.rundir import read_record, read_run
+from agentforge.rundir import phase_states, read_record, read_run
 
 REPORT_FILE = "report.html"
 METRICS_FILE = "metrics.jsonl"
@@ -104,10 +104,13 @@ def training_curves(phase_dir: Path) -> list[tuple[str, Any, list[Path]]]:
     return [(f"{phase_dir.name}: training loss", fig, [path for path, _ in curves])]
 
 
-def phase_figures(phase_dir: Path, module) -> list[tuple[str, Any, list[Path]]]:
-    """The phase module's own ``figures(phase_dir)`` (none when it defines no such function)."""
-    if module is None or not callable(getattr(module, "figures", None)):
+def phase_figures(phase_dir: Path, spec) -> list[tuple[str, Any, list[Path]]]:
+    """The figures of the module ``spec.figures`` names (none when it names none)."""
+    import importlib
+
+    if not spec.figures:
         return []
+    module = importlib.import_module(spec.figures)
     figures = list(module.figures(phase_dir))
     for entry in figures:
         if len(entry) != 3 or not entry[2]:
@@ -213,24 +216,20 @@ def _lineage_section(run_dir: Path, models: list[dict]) -> str:
     return f'<section id="lineage"><h2>Model lineage</h2>{fig}<table>{head}{rows}</table></section>'
 
 
-def render(run_dir: Path, phases=None) -> str:
-    """The report of the run in ``run_dir`` as one HTML string."""
-    from agentforge import pipeline
-    from agentforge.registry import REGISTRY_FILE, Registry
+def render(run_dir: Path, phases) -> str:
+    """The report of the run in ``run_dir`` (whose phases are ``phases``) as one HTML string."""
+    from agentforge.registry import registry_of
 
-    phases = pipeline.PHASES if phases is None else phases
     info = read_run(run_dir)
-    states = pipeline.phase_states(run_dir, phases)
+    states = phase_states(run_dir, phases)
     curves, own = [], []
     for spec in phases:
         if states[spec.name] == "completed":
             phase_dir = run_dir / spec.dirname
             curves += training_curves(phase_dir)
-            own += phase_figures(phase_dir, pipeline.implementation(spec))
-    models = []
-    if (run_dir / REGISTRY_FILE).exists():
-        with Registry(run_dir / REGISTRY_FILE) as registry:
-            models = registry.models()
+            own += phase_figures(phase_dir, spec)
+    with registry_of(run_dir, phases) as registry:
+        models = registry.models()
     title = f"agentforge run {run_dir.name}"
     parts = [
         f"<h1>{_esc(title)}</h1>",
@@ -248,7 +247,7 @@ def render(run_dir: Path, phases=None) -> str:
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
-def write_report(run_dir: str | Path, phases=None) -> Path:
+def write_report(run_dir: str | Path, phases) -> Path:
     """Write ``run_dir/report.html`` atomically and return its path."""
     run_dir = Path(run_dir)
     path = run_dir / REPORT_FILE

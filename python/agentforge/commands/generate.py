@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
 
 def phase_models(phase_dir: Path) -> dict[str, Path]:
     """``{name: model directory}`` of a completed phase, named as in the registry."""
-    from agentforge.config import ConfigError
+    from agentforge.errors import ConfigError
     from agentforge.rundir import PHASE_FILE, absolute_artifacts, read_record
 
     record = read_record(phase_dir)
@@ -39,7 +39,7 @@ def phase_models(phase_dir: Path) -> dict[str, Path]:
 def resolve_target(target: str, model: str | None) -> Path:
     """The model directory that TARGET and ``--model`` name."""
     from agentforge.artifacts import MANIFEST
-    from agentforge.config import ConfigError
+    from agentforge.errors import ConfigError
 
     path = Path(target)
     if (path / MANIFEST).is_file():
@@ -59,7 +59,7 @@ def resolve_target(target: str, model: str | None) -> Path:
 
 def run(args) -> int:
     from agentforge.artifacts import load_model_dir
-    from agentforge.config import ConfigError
+    from agentforge.errors import ConfigError
     from agentforge.eval import generate_answers
 
     if args.max_new_tokens < 1:

@@ -16,13 +16,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from agentforge.commands.status import table
-    from agentforge.config import ConfigError
-    from agentforge.registry import REGISTRY_FILE, Registry
+    from agentforge.errors import ConfigError
+    from agentforge.pipeline import default_phases
+    from agentforge.registry import registry_of
+    from agentforge.rundir import RUN_FILE, read_run
 
-    path = Path(args.dir) / REGISTRY_FILE
-    if not path.exists():
-        raise ConfigError(f"{args.dir}: no {REGISTRY_FILE} (not a run directory, or no run has started there)")
-    with Registry(path) as registry:
+    if read_run(args.dir) is None:
+        raise ConfigError(f"{args.dir}: no run there ({RUN_FILE} is missing)")
+    with registry_of(Path(args.dir), default_phases()) as registry:
         models = registry.models()
     if args.json:
         print(json.dumps(models, indent=2))

@@ -13,11 +13,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from agentforge.config import ConfigError
+    from agentforge.errors import ConfigError
+    from agentforge.pipeline import default_phases
     from agentforge.report import write_report
     from agentforge.rundir import RUN_FILE, read_run
 
     if read_run(args.dir) is None:
         raise ConfigError(f"{args.dir}: no run there ({RUN_FILE} is missing)")
-    print(write_report(Path(args.dir)))
+    print(write_report(Path(args.dir), default_phases()))
     return 0

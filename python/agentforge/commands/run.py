@@ -7,8 +7,7 @@
     agentforge run --out runs/p1 --to cognate        only the phases up to cognate
     torchrun --nproc_per_node 2 -m agentforge run --preset micro --out runs/ddp
 
-Phases that are not implemented yet are skipped with a notice, and so are the phases that need
-their artifacts. The run directory holds NN-phase/ (one per phase; phase.json marks it complete),
+The run directory holds NN-phase/ (one per phase; phase.json marks it complete),
 run.json, metrics.jsonl, registry.sqlite and report.html. Everything is checked before anything is
 written: a bad config, a missing input artifact or a directory held by another run exits with
 code 2 and one line saying why.
@@ -37,14 +36,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--wandb", choices=("online", "offline", "disabled"),
                         help="W&B mode of the training logs (default: environment WANDB_MODE, else offline)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, accepted back by --config) and exit; writes nothing")
 
 
-def _header(info: dict, steps) -> str:
-    to_run = [s.spec.name for s in steps if s.action == "run"]
-    skipped = [s.spec.name for s in steps if s.action == "skip"]
-    config = info["config"]
-    return (f"agentforge run: {info['dir']} (preset {config['preset']}, seed {config['seed']}); "
-            f"phases to run: {', '.join(to_run) or 'none'}" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+def _header(run) -> str:
+    skipped = [spec.name for spec in run.phases if spec.name not in run.selected]
+    return (f"agentforge run: {run.dir} (preset {run.config.preset}, seed {run.config.seed}); "
+            f"phases to run: {', '.join(run.selected) or 'none'}"
+            + (f"; not selected: {', '.join(skipped)}" if skipped else ""))
 
 
 def run(args) -> int:
@@ -54,24 +54,29 @@ def run(args) -> int:
     # between the pipeline's lines (set before transformers is imported; the trainer keeps its bar).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from agentforge import pipeline
-    from agentforge.report import REPORT_FILE
+    from agentforge.report import REPORT_FILE, write_report
     from agentforge.train import distributed
 
     distributed.maybe_init()  # under torchrun: join the process group first, so the ranks can agree
     try:
-        info, steps = pipeline.on_main(pipeline.prepare, out=args.out, resume=args.resume, preset=args.preset,
-                                       config_file=args.config, sets=args.sets, start=args.start, stop=args.stop,
-                                       allow_config_change=args.allow_config_change)
+        planned = distributed.on_main(pipeline.prepare, out=args.out, resume=args.resume, preset=args.preset,
+                                      config_file=args.config, sets=args.sets, start=args.start, stop=args.stop,
+                                      allow_config_change=args.allow_config_change)
+        if args.print_config:
+            if distributed.is_main():
+                print(planned.config.to_yaml(), end="")
+            return 0
         if distributed.is_main():
-            print(_header(info, steps), flush=True)
+            print(_header(planned), flush=True)
         try:
-            pipeline.execute(info, steps, wandb_mode=args.wandb, progress=not args.no_progress,
-                             say=lambda line: print(line, flush=True))
+            pipeline.execute(planned, wandb_mode=args.wandb, progress=not args.no_progress,
+                             say=lambda line: print(line, flush=True), on_change=write_report)
         except KeyboardInterrupt:
-            print(f"agentforge run: interrupted; continue with: agentforge run --resume {info['dir']}", file=sys.stderr)
+            print(f"agentforge run: interrupted; continue with: agentforge run --resume {planned.dir}",
+                  file=sys.stderr)
             return 130
         if distributed.is_main():
-            print(f"report: {info['dir']}/{REPORT_FILE}")
+            print(f"report: {planned.dir}/{REPORT_FILE}")
         return 0
     finally:
         distributed.shutdown()

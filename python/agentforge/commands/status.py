@@ -1,5 +1,4 @@
-"""``agentforge status [DIR]``: the eight pipeline phases, which are implemented, and what each
-needs and hands over; with DIR, the run's status, who holds it, and the state of each phase there.
+"""``agentforge status [DIR]``: the eight pipeline phases, what each does, needs and hands over; with DIR, the run's status, who holds it, and the state of each phase there.
 """
 from __future__ import annotations
 
@@ -33,8 +32,9 @@ def run_status(run_dir: Path, info: dict) -> str:
 
 def run(args) -> int:
     from agentforge import pipeline, rundir
-    from agentforge.config import ConfigError
+    from agentforge.errors import ConfigError
 
+    phases = pipeline.default_phases()
     states, seconds = {}, {}
     if args.dir:
         run_dir = Path(args.dir)
@@ -44,15 +44,15 @@ def run(args) -> int:
         config = info["config"]
         print(f"run {info['id']} in {run_dir}: {run_status(run_dir, info)}")
         print(f"preset {config['preset']}, seed {config['seed']}; created {info['created']}, updated {info.get('updated')}")
-        states = pipeline.phase_states(run_dir)
-        for spec in pipeline.PHASES:
+        states = rundir.phase_states(run_dir, phases)
+        for spec in phases:
             record = rundir.read_record(run_dir / spec.dirname)
             if states[spec.name] == "completed":
                 seconds[spec.name] = f"{record['seconds']:.1f} s"
     rows = [["#", "phase", "state", "time", "needs", "provides"]]
-    for spec in pipeline.PHASES:
-        state = states.get(spec.name) or ("implemented" if pipeline.implementation(spec) else "not implemented")
-        needs = ", ".join(f"{producer}.{artifact}" for producer, artifact in spec.needs.values()) or "-"
-        rows.append([f"{spec.number:02d}", spec.name, state, seconds.get(spec.name, ""), needs, ", ".join(spec.provides)])
+    for spec in phases:
+        needs = ", ".join(need.source for need in spec.needs.values()) or "-"
+        rows.append([f"{spec.number:02d}", spec.name, states.get(spec.name, spec.summary), seconds.get(spec.name, ""),
+                     needs, ", ".join(spec.provides)])
     print(table(rows))
     return 0

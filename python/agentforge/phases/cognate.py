@@ -2,6 +2,7 @@
 
 1. Data: a byte-level BPE tokenizer trained on Python stdlib sources + pydoc prose + task strings;
    packed text rows; packed task rows per domain (reasoning, memory, speed; answer-only loss).
+   The run's data spec (``data.json``) is recorded here and handed to every later phase.
 2. Trunk: a Cognate model trained from scratch on a mixture of text and all three domains
    (MuGrokfast, "pretrain" preset, a low ponder cost so that it learns to use its recursion).
 3. Siblings: three copies of the trunk, each trained further (at half the trunk's rates) on a
@@ -15,28 +16,26 @@
    of the answer tokens (graded where accuracy is still near zero); mean ACT passes; forward
    and generation tokens/s; parameter counts.
 
-Outputs in the phase directory: ``trunk/`` and ``reasoning/``, ``memory/``, ``speed/`` (HF model
-directories with tokenizer and ``agentforge.json``), ``train/<stage>/`` (checkpoints and training
-metrics), ``metrics.jsonl`` and ``summary.json``. A rerun reuses every finished model directory
-(hash-verified) and resumes a stage from its last checkpoint.
+Outputs: ``trunk/`` and ``reasoning/``, ``memory/``, ``speed/`` (HF model directories with
+tokenizer and ``agentforge.json``), ``data.json``, ``train/<stage>/`` (checkpoints and training
+metrics), ``metrics.jsonl`` and ``summary.json``.
 
 Run alone: ``python -m agentforge.phases.cognate --preset tiny --out DIR``.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from agentforge.artifacts import load_finished_model_dir
-from agentforge.phases import PhaseContext, PhaseResult, standalone_main
+from agentforge.errors import HandoffError
+from agentforge.runtime import Built, PhaseResult, PhaseRun, PhaseSpec, a_file, model_dir, standalone_main
+from agentforge.settings import Checked, setting
 
-NAME = "cognate"
 # The trunk keeps its ponder cost low, so that it learns to use its recursion before the speed
 # sibling is taught to skip it (at 0.01 the trunk halted after ~1.1 passes and kept no depth).
 TRUNK_BEHAVIOUR = {"ponder_weight": 0.001}
@@ -48,35 +47,30 @@ SIBLINGS: dict[str, tuple[str, dict]] = {
 
 
 @dataclass
-class Settings:
+class Settings(Checked):
     """What the phase trains on and for how long (per-preset values in ``PRESETS``)."""
 
-    model_preset: str = "tiny"  # CognateConfig preset: micro, tiny or small
-    vocab_size: int = 2048
-    seq_len: int = 64
-    text_docs: int = 300  # stdlib source files (pydoc prose is always added)
-    task_levels: list = field(default_factory=lambda: [0, 1])
-    train_items: int = 2000  # training items per family and level
-    eval_items: int = 100  # held-out test items per family and level
-    eval_text_rows: int = 256  # held-out text rows for perplexity, ACT passes and throughput
-    batch_size: int = 32
-    trunk_steps: int = 180
-    sibling_steps: int = 50
-    text_weight: float = 0.2  # share of text rows in the trunk mixture; the domains share the rest
-    own_domain_weight: float = 0.6  # a sibling's own domain; text and the other domains share the rest
-    sibling_lr_scale: float = 0.5  # sibling learning rates relative to the trunk's (pretrain preset)
-    checkpoint_every: int = 50
-    eval_batch_size: int = 64
+    model_preset: str = setting("tiny", choices=("micro", "tiny", "small"), doc="CognateConfig preset")
+    vocab_size: int = setting(2048, "[258, 65536]", doc="BPE tokens, specials included")
+    train_items: int = setting(2000, "[1, 1000000]", doc="training items per family and level")
+    eval_items: int = setting(100, "[1, 100000]", doc="held-out test items per family and level")
+    eval_text_rows: int = setting(256, "[1, 1000000]", doc="held-out text rows: perplexity, ACT passes, throughput")
+    batch_size: int = setting(32, "[1, 65536]")
+    trunk_steps: int = setting(180, "[1, 10000000]")
+    sibling_steps: int = setting(50, "[1, 10000000]")
+    text_weight: float = setting(0.2, "(0, 1)", doc="share of text rows in the trunk mixture")
+    own_domain_weight: float = setting(0.6, "(0, 1)", doc="a sibling's own domain in its mixture")
+    sibling_lr_scale: float = setting(0.5, "(0, 10]", doc="sibling learning rates relative to the trunk's")
+    checkpoint_every: int = setting(50, "[0, 10000000]")
+    eval_batch_size: int = setting(64, "[1, 65536]")
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(model_preset="micro", vocab_size=384, seq_len=48, text_docs=20, task_levels=[0],
-                      train_items=200, eval_items=8, eval_text_rows=32, batch_size=8, trunk_steps=12,
-                      sibling_steps=6, checkpoint_every=6, eval_batch_size=32),
+    "micro": Settings(model_preset="micro", vocab_size=384, train_items=200, eval_items=8, eval_text_rows=32,
+                      batch_size=8, trunk_steps=12, sibling_steps=6, checkpoint_every=6, eval_batch_size=32),
     "tiny": Settings(),
-    "small": Settings(model_preset="small", vocab_size=8192, seq_len=256, text_docs=1500, task_levels=[0, 1, 2, 3],
-                      train_items=10000, eval_items=100, batch_size=64, trunk_steps=4000, sibling_steps=1000,
-                      checkpoint_every=250),
+    "small": Settings(model_preset="small", vocab_size=8192, train_items=10000, eval_items=100, batch_size=64,
+                      trunk_steps=4000, sibling_steps=1000, checkpoint_every=250),
 }
 
 
@@ -86,79 +80,59 @@ PRESETS: dict[str, Settings] = {
 
 @dataclass
 class PhaseData:
-    tokenizer: object
     text: object  # DatasetDict: train / validation / test packed text rows
     domains: dict  # domain -> packed training task rows
     test_items: dict  # domain -> held-out TaskItems
     test_rows: dict  # domain -> the held-out items packed (answer-only labels), for answer NLL
 
 
-def _task_items(families, split: str, n: int, levels, seed: int):
-    from agentforge.data import make_split
+def new_tokenizer(p: PhaseRun, settings: Settings):
+    """A byte-level BPE trained on the run's documents and the training task strings."""
+    from agentforge.data import train_tokenizer
+    from agentforge.eval.suite import EvalSuite, documents
 
-    return [item for family in families for level in levels for item in make_split(family, split, n, seed=seed, level=level)]
-
-
-def build_data(settings: Settings, seed: int, tokenizer=None) -> PhaseData:
-    """Tokenizer (trained unless given), text splits, per-domain training rows and held-out items."""
-    from agentforge.data import DOMAINS, load_text, pack_tasks, text_splits, train_tokenizer
-
-    texts = load_text("stdlib", max_docs=settings.text_docs) + load_text("pydoc")
-    train_items = {d: _task_items(fams, "train", settings.train_items, settings.task_levels, seed)
-                   for d, fams in DOMAINS.items()}
-    if tokenizer is None:
-        task_strings = [item.prompt + item.answer for items in train_items.values() for item in items]
-        tokenizer = train_tokenizer(texts + task_strings, settings.vocab_size, seed=seed)
-    test_items = {d: _task_items(fams, "test", settings.eval_items, settings.task_levels, seed)
-                  for d, fams in DOMAINS.items()}
-    return PhaseData(
-        tokenizer=tokenizer,
-        text=text_splits(tokenizer, texts, settings.seq_len, seed=seed),
-        domains={d: pack_tasks(tokenizer, items, settings.seq_len, seed=seed) for d, items in train_items.items()},
-        test_items=test_items,
-        test_rows={d: pack_tasks(tokenizer, items, settings.seq_len, seed=seed) for d, items in test_items.items()},
-    )
+    train_items = EvalSuite(p.data, None, p.seed).items("train", settings.train_items)
+    return train_tokenizer(documents(p.data) + [it.prompt + it.answer for it in train_items], settings.vocab_size,
+                           seed=p.seed)
 
 
-def data_record(settings: Settings, seed: int) -> dict:
-    """What decides the held-out split of the text documents (and the task levels trained on),
-    recorded with the trunk so that later phases evaluate on documents it never trained on."""
-    return {"seq_len": settings.seq_len, "text_docs": settings.text_docs, "task_levels": list(settings.task_levels),
-            "seed": seed}
+def build_data(p: PhaseRun, settings: Settings, tokenizer) -> PhaseData:
+    suite = p.suite(tokenizer)
+    test_items = suite.by_domain("test", settings.eval_items)
+    return PhaseData(text=suite.splits,
+                     domains={d: suite.rows(its) for d, its in suite.by_domain("train", settings.train_items).items()},
+                     test_items=test_items, test_rows={d: suite.rows(its) for d, its in test_items.items()})
 
 
-def trunk_mixture(data: PhaseData, settings: Settings, rows: int, seed: int):
-    from agentforge.data import mixture
+def mixture(data: PhaseData, rows: int, seed: int, weights: dict[str, float]):
+    from agentforge.data import mixture as mix
 
+    return mix({"text": data.text["train"], **data.domains}, weights, rows, seed=seed)
+
+
+def trunk_weights(data: PhaseData, settings: Settings) -> dict[str, float]:
     share = (1 - settings.text_weight) / len(data.domains)
-    return mixture({"text": data.text["train"], **data.domains},
-                   {"text": settings.text_weight, **{d: share for d in data.domains}}, rows, seed=seed)
+    return {"text": settings.text_weight, **{d: share for d in data.domains}}
 
 
-def sibling_mixture(data: PhaseData, settings: Settings, domain: str, rows: int, seed: int):
-    from agentforge.data import mixture
-
+def sibling_weights(data: PhaseData, settings: Settings, domain: str) -> dict[str, float]:
     rest = (1 - settings.own_domain_weight) / len(data.domains)  # text and each other domain
-    weights = {"text": rest, **{d: settings.own_domain_weight if d == domain else rest for d in data.domains}}
-    return mixture({"text": data.text["train"], **data.domains}, weights, rows, seed=seed)
+    return {"text": rest, **{d: settings.own_domain_weight if d == domain else rest for d in data.domains}}
 
 
 # ---------------------------------------------------------------------------------------------
-# training stages
+# models and training
 
 
-def _train_stage(model, rows, settings: Settings, steps: int, lr_scale: float, ctx: PhaseContext, stage: str):
+def train_stage(p: PhaseRun, model, rows, steps: int, lr_scale: float, stage: str):
     from agentforge.optim import PRESETS as OPTIMIZER_PRESETS
     from agentforge.optim import MuGrokfast
-    from agentforge.train import TrainConfig, train
 
+    settings = p.settings
     rates = {key: OPTIMIZER_PRESETS["pretrain"][key] * lr_scale for key in ("muon_lr", "adamw_lr")}
     optimizer = MuGrokfast.from_preset(model, "pretrain", total_steps=steps, **rates)
-    cfg = TrainConfig(steps=steps, batch_size=settings.batch_size, checkpoint_every=settings.checkpoint_every,
-                      log_every=10, seed=ctx.seed, wandb_mode=ctx.wandb_mode, run_name=f"{NAME}/{stage}",
-                      progress=ctx.progress)
-    return train(model, rows, cfg, optimizer=optimizer, out_dir=ctx.out_dir / "train" / stage,
-                 phase=f"{NAME}/{stage}")
+    return p.train(model, rows, stage, optimizer=optimizer, steps=steps, batch_size=settings.batch_size,
+                   checkpoint_every=settings.checkpoint_every)
 
 
 def new_trunk_model(settings: Settings, tokenizer):
@@ -201,36 +175,16 @@ def act_passes_and_throughput(model, rows, batch_size: int) -> tuple[float, floa
     return passes / max(tokens, 1), tokens / max(seconds, 1e-9)
 
 
-def _answer_budget(tokenizer, items) -> int:
-    """New tokens that cover the longest held-out answer plus eos (and nothing more to generate)."""
-    return max(len(tokenizer(item.answer, add_special_tokens=False)["input_ids"]) for item in items) + 1
+def evaluate_model(model, suite, held, settings: Settings) -> dict:
+    """Held-out perplexity, per-domain accuracy and answer NLL, per-family accuracy, ACT passes
+    and tokens/s."""
+    from agentforge.eval import parameter_count, tokens_per_second
 
-
-def held_out_text(data: PhaseData, settings: Settings):
-    """The held-out text rows every model (and the unigram control) is scored on."""
-    return data.text["test"].select(range(min(settings.eval_text_rows, len(data.text["test"]))))
-
-
-def evaluate_model(model, data: PhaseData, text, settings: Settings) -> dict:
-    """Held-out perplexity on ``text``, per-domain and per-family accuracy, ACT passes and tokens/s."""
-    from agentforge.data import score
-    from agentforge.eval import parameter_count, perplexity, task_accuracy, tokens_per_second
-
-    act_steps, forward_tokens_per_s = act_passes_and_throughput(model, text, settings.eval_batch_size)
-    report = {"perplexity": perplexity(model, text, batch_size=settings.eval_batch_size),
-              "act_steps": act_steps, "forward_tokens_per_s": forward_tokens_per_s,
-              "tokens_per_s": tokens_per_second(model, prompt_len=16, new_tokens=16),
-              "parameters": parameter_count(model), "accuracy": {}, "answer_nll": {}, "family_accuracy": {}}
-    for domain, items in data.test_items.items():
-        # mean negative log-likelihood of the held-out answers: graded where accuracy is still ~0
-        report["answer_nll"][domain] = math.log(perplexity(model, data.test_rows[domain],
-                                                           batch_size=settings.eval_batch_size))
-        result = task_accuracy(model, data.tokenizer, items, score=score,
-                               max_new_tokens=_answer_budget(data.tokenizer, items),
-                               batch_size=settings.eval_batch_size)
-        report["accuracy"][domain] = result.accuracy
-        report["family_accuracy"].update(result.per_family)
-    return report
+    act_steps, forward_tokens_per_s = act_passes_and_throughput(model, held.text, settings.eval_batch_size)
+    report = suite.measure(model, held, batch_size=settings.eval_batch_size)
+    return {**report, "act_steps": act_steps, "forward_tokens_per_s": forward_tokens_per_s,
+            "tokens_per_s": tokens_per_second(model, prompt_len=16, new_tokens=16),
+            "parameters": parameter_count(model)}
 
 
 def specialisation(reports: dict[str, dict]) -> dict[str, dict]:
@@ -250,87 +204,12 @@ def specialisation(reports: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# the phase
-
-
-def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
-    """Train the trunk and the three siblings (reusing finished ones), evaluate, write the summary."""
-    from agentforge.artifacts import atomic_write_json, save_model_dir
-    from agentforge.eval import unigram_perplexity
-    from agentforge.train import MetricsLogger, barrier
-
-    started = time.perf_counter()
-    torch.manual_seed(ctx.seed)
-    trunk_dir = ctx.out_dir / "trunk"
-    done = load_finished_model_dir(trunk_dir)
-    ctx.say(f"{NAME}: building data (tokenizer {'reused' if done else 'trained'})")
-    data = build_data(settings, ctx.seed, tokenizer=done[1] if done else None)
-    timings = {}
-    if done:
-        trunk = done[0]
-    else:
-        trunk = new_trunk_model(settings, data.tokenizer)
-        ctx.say(f"{NAME}: training the trunk ({settings.trunk_steps} steps)")
-        rows = trunk_mixture(data, settings, settings.trunk_steps * settings.batch_size, ctx.seed)
-        timings["trunk_s"] = _train_stage(trunk, rows, settings, settings.trunk_steps, 1.0, ctx, "trunk").elapsed_s
-        if ctx.is_main:  # under torchrun every rank holds the same trained trunk; one writes it
-            save_model_dir(trunk, data.tokenizer, trunk_dir, {"phase": NAME, "role": "trunk", "parents": [],
-                                                              "data": data_record(settings, ctx.seed)})
-        barrier()  # no rank looks for a finished model while rank 0 is still writing it
-
-    models = {"trunk": trunk}
-    for name, (domain, overrides) in SIBLINGS.items():
-        done = load_finished_model_dir(ctx.out_dir / name)
-        if done:
-            models[name] = done[0]
-            continue
-        sibling = sibling_from(trunk, overrides)
-        ctx.say(f"{NAME}: specialising the {name} sibling ({settings.sibling_steps} steps)")
-        rows = sibling_mixture(data, settings, domain, settings.sibling_steps * settings.batch_size, ctx.seed + 1)
-        timings[f"{name}_s"] = _train_stage(sibling, rows, settings, settings.sibling_steps,
-                                            settings.sibling_lr_scale, ctx, name).elapsed_s
-        if ctx.is_main:
-            save_model_dir(sibling, data.tokenizer, ctx.out_dir / name,
-                           {"phase": NAME, "role": "sibling", "domain": domain, "behaviour": overrides,
-                            "parents": [str(trunk_dir)]})
-        barrier()
-        models[name] = sibling
-
-    artifacts = {"trunk": trunk_dir, "siblings": [ctx.out_dir / n for n in SIBLINGS]}
-    if not ctx.is_main:  # evaluation, summary and metrics are rank 0's work; the other ranks are done
-        return PhaseResult(artifacts=artifacts)
-    ctx.say(f"{NAME}: evaluating on held-out data")
-    text = held_out_text(data, settings)
-    reports = {name: evaluate_model(model, data, text, settings) for name, model in models.items()}
-    summary = {
-        "settings": dataclasses.asdict(settings),
-        "unigram_perplexity": unigram_perplexity(data.text["train"], text, len(data.tokenizer)),
-        "models": reports,
-        "specialisation": specialisation(reports),
-        "identical_shapes": _identical_shapes([models[n] for n in SIBLINGS]),
-        "train_seconds": timings,
-        "phase_seconds": time.perf_counter() - started,
-    }
-    atomic_write_json(ctx.out_dir / "summary.json", summary)
-    with MetricsLogger(ctx.out_dir, phase=NAME) as log:
-        log.log(_flat_metrics(summary))
-    return PhaseResult(artifacts=artifacts, metrics=_flat_metrics(summary))
-
-
-def _identical_shapes(models) -> bool:
-    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
-    return all(s == shapes[0] for s in shapes)
-
-
-def _flat_metrics(summary: dict) -> dict:
+def flat_metrics(summary: dict) -> dict:
     """The headline numbers as one flat row (metrics.jsonl and the pipeline report)."""
-    row = {"unigram_perplexity": summary["unigram_perplexity"], "phase_seconds": summary["phase_seconds"]}
+    row = {"unigram_perplexity": summary["unigram_perplexity"]}
     for name, report in summary["models"].items():
-        row[f"{name}/perplexity"] = report["perplexity"]
-        row[f"{name}/act_steps"] = report["act_steps"]
-        row[f"{name}/tokens_per_s"] = report["tokens_per_s"]
-        row[f"{name}/forward_tokens_per_s"] = report["forward_tokens_per_s"]
+        for key in ("perplexity", "act_steps", "tokens_per_s", "forward_tokens_per_s"):
+            row[f"{name}/{key}"] = report[key]
         row.update({f"{name}/accuracy/{d}": acc for d, acc in report["accuracy"].items()})
         row.update({f"{name}/answer_nll/{d}": nll for d, nll in report["answer_nll"].items()})
     for name, s in summary["specialisation"].items():
@@ -339,47 +218,95 @@ def _flat_metrics(summary: dict) -> dict:
     return row
 
 
-def figures(phase_dir: Path) -> list:
-    """The report's figures for this phase, drawn from the summary row of ``phase_dir/metrics.jsonl``:
-    held-out accuracy and answer NLL per domain for the trunk and each sibling, and each model's
-    ACT passes beside its forward throughput. Returns ``[(title, matplotlib Figure, [source file])]``."""
-    from matplotlib.figure import Figure
+# ---------------------------------------------------------------------------------------------
+# the phase
 
-    from agentforge.train import read_metrics
 
-    source = Path(phase_dir) / "metrics.jsonl"
-    rows = read_metrics(source, phase=NAME)
-    if not rows:
-        return []
-    row, models = rows[-1], ["trunk", *SIBLINGS]
-    domains = [domain for domain, _ in SIBLINGS.values()]
-    width = 0.8 / len(models)
-    out = []
-    for key, title, label in (("accuracy", "Held-out accuracy per domain", "exact-match accuracy"),
-                              ("answer_nll", "Held-out answer NLL per domain (lower is better)",
-                               "mean NLL of answer tokens (nats)")):
-        fig = Figure(figsize=(7, 3.2), layout="constrained")
-        ax = fig.add_subplot()
-        for i, model in enumerate(models):
-            offsets = [d + (i - (len(models) - 1) / 2) * width for d in range(len(domains))]
-            ax.bar(offsets, [row[f"{model}/{key}/{domain}"] for domain in domains], width, label=model)
-        ax.set_xticks(range(len(domains)), domains)
-        ax.set_xlabel("held-out domain")
-        ax.set_ylabel(label)
-        ax.legend(title="model", fontsize="small")
-        out.append((title, fig, [source]))
-    fig = Figure(figsize=(7, 3.2), layout="constrained")
-    passes, speed = fig.subplots(1, 2)
-    passes.bar(models, [row[f"{model}/act_steps"] for model in models], color="tab:purple")
-    passes.set_ylabel("mean ACT passes per token")
-    speed.bar(models, [row[f"{model}/forward_tokens_per_s"] for model in models], color="tab:green")
-    speed.set_ylabel("forward tokens/s (held-out text)")
-    out.append(("ACT passes and forward throughput", fig, [source]))
-    return out
+def run(p: PhaseRun) -> PhaseResult:
+    """Tokenizer and data, the trunk, the three siblings, held-out evaluation, the data spec."""
+    from agentforge.data.spec import DATA_FILE, write_data_spec
+    from agentforge.eval import unigram_perplexity
+
+    settings = p.settings
+    torch.manual_seed(p.seed)
+    done = p.finished("trunk")
+    tokenizer = done.tokenizer if done else new_tokenizer(p, settings)
+    data = build_data(p, settings, tokenizer)
+
+    def build_trunk() -> Built:
+        trunk = new_trunk_model(settings, tokenizer)
+        rows = mixture(data, settings.trunk_steps * settings.batch_size, p.seed, trunk_weights(data, settings))
+        train_stage(p, trunk, rows, settings.trunk_steps, 1.0, "trunk")
+        return Built(trunk, tokenizer, {"role": "trunk"})
+
+    trunk = p.model_step("trunk", build_trunk)
+    models = {"trunk": trunk}
+    for name, (domain, overrides) in SIBLINGS.items():
+        def build_sibling(domain=domain, overrides=overrides, name=name) -> Built:
+            sibling = sibling_from(trunk.model, overrides)
+            rows = mixture(data, settings.sibling_steps * settings.batch_size, p.seed + 1,
+                           sibling_weights(data, settings, domain))
+            train_stage(p, sibling, rows, settings.sibling_steps, settings.sibling_lr_scale, name)
+            return Built(sibling, tokenizer, {"role": "sibling", "domain": domain, "behaviour": overrides,
+                                              "parents": [trunk.path]})
+
+        models[name] = p.model_step(name, build_sibling)
+
+    suite = p.suite(tokenizer)
+    held = suite.held_out("test", settings.eval_items, settings.eval_text_rows)
+    reports = p.step("evaluate", lambda: {name: evaluate_model(m.model, suite, held, settings)
+                                          for name, m in models.items()})
+    summary = {"unigram_perplexity": p.step("unigram", lambda: unigram_perplexity(
+                   data.text["train"], held.text, len(tokenizer))),
+               "models": reports, "specialisation": specialisation(reports),
+               "identical_shapes": identical_shapes([models[n].model for n in SIBLINGS])}
+    data_file = write_data_spec(p.out_dir / DATA_FILE, p.data, p.seed) if p.is_main else p.out_dir / DATA_FILE
+    return p.finish({"trunk": trunk.path, "siblings": [models[n].path for n in SIBLINGS], "data": data_file},
+                    flat_metrics(summary), summary)
+
+
+def identical_shapes(models) -> bool:
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
+    return all(s == shapes[0] for s in shapes)
+
+
+def check_siblings(siblings) -> None:
+    """Cognate's guarantee: exactly three sibling model directories with one set of parameter
+    names and shapes (so they can be merged), each naming the same parent (the trunk)."""
+    from agentforge.artifacts import read_metadata
+    from agentforge.rundir import tensor_shapes
+
+    if not isinstance(siblings, (list, tuple)) or len(siblings) != 3:
+        count = len(siblings) if isinstance(siblings, (list, tuple)) else "not a list of"
+        raise HandoffError(f"siblings: expected exactly 3 sibling models, got {count}")
+    for sibling in siblings:
+        model_dir(sibling)
+    shapes = tensor_shapes(Path(siblings[0]))
+    parents = set()
+    for sibling in map(Path, siblings):
+        theirs = tensor_shapes(sibling)
+        if theirs.keys() != shapes.keys():
+            odd = sorted(theirs.keys() ^ shapes.keys())[0]
+            raise HandoffError(f"siblings/{sibling.name}: parameter {odd} is in only some of the siblings")
+        for key, shape in shapes.items():
+            if theirs[key] != shape:
+                raise HandoffError(f"siblings/{sibling.name}: parameter {key} has shape {list(theirs[key])}, "
+                                   f"{Path(siblings[0]).name}'s has {list(shape)}")
+        recorded = read_metadata(sibling).get("parents", [])
+        parents |= {(sibling / p["path"]).resolve() for p in recorded if isinstance(p, dict)}
+    if len(parents) != 1:
+        raise HandoffError(f"siblings: they must name one common parent (the trunk), they name {len(parents)}")
+
+
+SPEC = PhaseSpec(
+    number=1, name="cognate", summary="a shared trunk, then three siblings (reasoning, memory, speed)",
+    settings=Settings, presets=PRESETS, run=run,
+    provides={"trunk": model_dir, "siblings": check_siblings, "data": a_file},
+    figures="agentforge.figures.cognate")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return standalone_main(NAME, {}, argv)
+    return standalone_main(SPEC, argv)
 
 
 if __name__ == "__main__":

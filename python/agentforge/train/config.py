@@ -42,6 +42,7 @@ class TrainConfig:
     eval_every: int = 0
     wandb_mode: str | None = None
     wandb_project: str = "agentforge"
+    wandb_group: str | None = None  # one pipeline run: its W&B runs share this group
     run_name: str | None = None
     amp: str = "auto"
     progress: bool = True
@@ -65,6 +66,7 @@ class TrainConfig:
         self._require(isinstance(self.wandb_project, str) and self.wandb_project != "", "wandb_project",
                       "a non-empty string")
         self._require(self.run_name is None or isinstance(self.run_name, str), "run_name", "None or a string")
+        self._require(self.wandb_group is None or isinstance(self.wandb_group, str), "wandb_group", "None or a string")
         self._require(self.amp in AMP_MODES, "amp", f"one of {'/'.join(AMP_MODES)}")
         self._require(isinstance(self.progress, bool), "progress", "a bool")
 

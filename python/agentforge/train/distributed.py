@@ -70,6 +70,29 @@ def broadcast_from_main(obj):
     return box[0]
 
 
+def on_main(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0 only; every rank returns its result or raises its error, so
+    no rank waits forever for a rank that failed. On the other ranks the error is re-raised as the
+    same class when it is one of agentforge's one-line errors (``agentforge.errors``), else as a
+    ``RuntimeError`` naming the original."""
+    from agentforge import errors
+
+    outcome, error = None, None
+    if is_main():
+        try:
+            outcome = ("ok", fn(*args, **kwargs))
+        except Exception as e:
+            outcome, error = ("error", (type(e).__name__, str(e))), e
+    status, value = broadcast_from_main(outcome)
+    if error is not None:
+        raise error
+    if status == "error":
+        name, message = value
+        raise getattr(errors, name, None)(message) if hasattr(errors, name) else RuntimeError(
+            f"rank 0 failed: {name}: {message}")
+    return value
+
+
 def all_gather(obj) -> list:
     """Every rank's ``obj`` in rank order, on every rank (picklable objects)."""
     if not (_initialized() and dist.get_world_size() > 1):

@@ -157,25 +157,17 @@ def _start(model, optimizer, cfg: TrainConfig, fingerprint: dict, ckpt_dir: Path
 
 
 def _evaluate(model: nn.Module, eval_fn: EvalFn) -> dict[str, float]:
-    """``eval_fn`` on rank 0 (eval mode, no grad, training RNG untouched); every rank gets the result
-    or, when it fails, an error instead of waiting forever for rank 0."""
-    outcome, error = None, None
-    if distributed.is_main():
+    """``eval_fn`` on rank 0 (eval mode, no grad, training RNG untouched); every rank gets the result."""
+    def evaluate() -> dict[str, float]:
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), preserved_rng():
-                outcome = ("ok", {k: float(v) for k, v in eval_fn(model).items()})
-        except Exception as e:
-            outcome, error = ("error", f"{type(e).__name__}: {e}"), e
+                return {k: float(v) for k, v in eval_fn(model).items()}
         finally:
             model.train(was_training)
-    status, value = distributed.broadcast_from_main(outcome)
-    if error is not None:
-        raise error
-    if status == "error":
-        raise RuntimeError(f"eval_fn failed on rank 0 ({value})")
-    return value
+
+    return distributed.on_main(evaluate)
 
 
 def _checkpoint(ckpt_dir: Path, model, optimizer, run: _RunState, cfg: TrainConfig, fingerprint: dict,
@@ -230,7 +222,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, optimizer: torch.optim.Op
     if world > 1:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     logger = MetricsLogger(out_dir, phase=phase, wandb_mode=cfg.resolved_wandb_mode(), project=cfg.wandb_project,
-                           run_name=cfg.run_name, enabled=distributed.is_main(),
+                           run_name=cfg.run_name, wandb_group=cfg.wandb_group, enabled=distributed.is_main(),
                            config={**asdict(cfg), "phase": phase, "world_size": world})
     logger.truncate_after(run.step)  # rows after the checkpoint belong to lost work
     show_bar = cfg.progress and distributed.is_main() and sys.stderr.isatty()

@@ -36,14 +36,15 @@ def read_metrics(path: str | os.PathLike, phase: str | None = None) -> list[dict
 class MetricsLogger:
     """Appends rows to ``out_dir/metrics.jsonl`` and logs them to W&B.
 
-    ``enabled=False`` (non-main ranks) makes every method a no-op. ``wandb_mode``:
+    ``enabled=False`` (non-main ranks) makes every method a no-op. ``wandb_group``: the pipeline
+    run's id, so that W&B groups a run's phases (``job_type`` = the phase). ``wandb_mode``:
     online/offline/disabled, None = env ``WANDB_MODE`` or "offline"; with "disabled" wandb is not
     even imported. Use as a context manager or call ``close()``, which finishes the W&B run (keep
     one W&B run open at a time: close a phase's own logger before ``train`` opens one)."""
 
     def __init__(self, out_dir: str | os.PathLike, *, phase: str, wandb_mode: str | None = None,
                  project: str = "agentforge", run_name: str | None = None, config: dict | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, wandb_group: str | None = None):
         self.path = Path(out_dir) / METRICS_FILE
         self.phase = phase
         self.enabled = enabled
@@ -55,8 +56,10 @@ class MetricsLogger:
 
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             # silent: W&B's banner and run summary would drown the pipeline's own progress lines
+            # one pipeline run is one W&B group; each phase's runs share its job_type
             self._wandb_run = wandb.init(mode=mode, dir=str(out_dir), project=project, name=run_name or phase,
-                                         config=config, settings=wandb.Settings(silent=True))
+                                         group=wandb_group, job_type=phase.split("/")[0], config=config,
+                                         settings=wandb.Settings(silent=True))
 
     def log(self, metrics: dict, *, step: int | None = None) -> dict:
         """Append ``{"phase", "step", **metrics}`` and send the numbers to W&B; returns the row."""

@@ -1,0 +1,478 @@
+"""The phase runtime: what every phase is written on.
+
+A phase is a module with a ``Settings`` class, its ``PRESETS`` and ``SPEC = PhaseSpec(...)``,
+which names what the phase needs, what it provides (with the contract each artifact keeps) and
+its ``run(p: PhaseRun) -> PhaseResult``. ``run`` reads as a short list of named steps:
+
+    def run(p: PhaseRun) -> PhaseResult:
+        fp = p.load("model")                                           # an input, verified once
+        calibration = p.step("calibrate", lambda: calibrate(fp, ...))  # JSON, memoised on disk
+        latent = p.model_step("latent", lambda: finetune(fp, ...))     # a model directory, memoised
+        report = p.step("measure", lambda: p.suite(fp.tokenizer).measure(...))
+        return p.finish({"latent": latent.path}, headline, summary)
+
+Every step is memoised under the phase directory, keyed by the phase's inputs (their digests),
+settings, data spec and seed: rerunning a phase (after Ctrl-C, ``kill -9`` or a crash) redoes
+only the steps that did not finish, and training inside a step resumes from its own checkpoint.
+Under torchrun every rank runs the phase: ``step`` computes on rank 0 and hands every rank the
+value, ``model_step`` builds on every rank (training is data-parallel) and saves on rank 0 behind
+a barrier, and ``finish`` writes the summary and metrics on rank 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+from agentforge.errors import ConfigError, HandoffError
+from agentforge.rundir import PROGRESS_FILE
+from agentforge.settings import to_dict
+
+STEPS_DIR = "steps"
+SUMMARY_FILE = "summary.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# what a phase declares
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a phase: ``source`` is ``"producer.artifact"`` in the pipeline, ``help`` is its
+    standalone command-line help, ``many`` marks a list of model directories."""
+
+    source: str
+    help: str
+    many: bool = False
+
+    @property
+    def producer(self) -> str:
+        return self.source.split(".", 1)[0]
+
+    @property
+    def artifact(self) -> str:
+        return self.source.split(".", 1)[1]
+
+
+@dataclass
+class PhaseResult:
+    """``artifacts``: name -> path (or list of paths) inside the phase directory; ``metrics``: the
+    headline figures (also the phase's row in the run's metrics.jsonl)."""
+
+    artifacts: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """One phase: its number and name, settings class and presets, inputs (``needs``), artifacts
+    with the contract each keeps (``provides``: name -> ``check(value)`` raising ``HandoffError``),
+    ``run``, and the module whose ``figures(phase_dir)`` draws its report figures."""
+
+    number: int
+    name: str
+    summary: str
+    settings: type
+    presets: dict[str, Any]
+    run: Callable[["PhaseRun"], PhaseResult] = field(compare=False)
+    needs: dict[str, Input] = field(default_factory=dict)
+    provides: dict[str, Callable[[Any], None]] = field(default_factory=dict, compare=False)
+    figures: str | None = None
+
+    @property
+    def dirname(self) -> str:
+        """The phase's directory in a run: ``NN-name``."""
+        return f"{self.number:02d}-{self.name}"
+
+    def check(self, artifacts: dict[str, Any]) -> None:
+        """Every provided artifact is there and keeps its contract (``HandoffError`` otherwise)."""
+        missing = [name for name in self.provides if name not in artifacts]
+        if missing:
+            raise HandoffError(f"{self.name} did not hand over {', '.join(missing)} "
+                               f"(it returned: {', '.join(artifacts) or 'nothing'})")
+        for name, contract in self.provides.items():
+            contract(artifacts[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# contracts
+
+
+def model_dir(value: Any) -> None:
+    """Contract: a model directory written by ``save_model_dir`` (manifest, config, weights)."""
+    from agentforge.artifacts import CorruptArtifact, MANIFEST, read_metadata
+
+    path = Path(value)
+    if not path.is_dir():
+        raise HandoffError(f"{path} is not a directory")
+    try:
+        read_metadata(path)
+    except CorruptArtifact as e:
+        raise HandoffError(str(e)) from None
+    for needed in ("config.json",):
+        if not (path / needed).is_file():
+            raise HandoffError(f"{path}: {needed} is missing, next to its {MANIFEST}")
+
+
+def model_dirs(value: Any) -> None:
+    """Contract: a non-empty list of model directories."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise HandoffError(f"expected a list of model directories, got {value!r}")
+    for path in value:
+        model_dir(path)
+
+
+def a_file(value: Any) -> None:
+    """Contract: a regular file."""
+    if not Path(value).is_file():
+        raise HandoffError(f"{value} is not a file")
+
+
+# ---------------------------------------------------------------------------------------------
+# running one phase
+
+
+class Loaded(NamedTuple):
+    """A model with its tokenizer, its ``agentforge.json`` metadata and its directory."""
+
+    model: Any
+    tokenizer: Any
+    metadata: dict
+    path: Path
+
+
+class Built(NamedTuple):
+    """What a ``model_step`` builds: the model, its tokenizer, metadata for ``agentforge.json``
+    (``parents``: the paths of the models it came from) and files of its own (``write_extra(dir)``)."""
+
+    model: Any
+    tokenizer: Any
+    metadata: dict
+    write_extra: Callable[[Path], None] | None = None
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def input_digest(value: Any) -> str:
+    """The identity of an input given outside a pipeline run: the sha256 of each model
+    directory's manifest (which lists the sha256 of every file) or of each file."""
+    from agentforge.artifacts import MANIFEST, sha256_file
+
+    paths = [Path(p) for p in value] if isinstance(value, (list, tuple)) else [Path(value)]
+    return _digest([sha256_file(p / MANIFEST if p.is_dir() else p) for p in paths])
+
+
+class PhaseRun:
+    """One phase running in ``out_dir``: its settings, inputs, data spec and seed, and the steps
+    it takes (see the module docstring).
+
+    ``inputs``: input name -> path (or list of paths). ``digests``: the pipeline's digest of each
+    input (computed from the files otherwise). ``verified``: whether the caller has verified the
+    inputs' files (the pipeline does, once per handoff); otherwise ``load`` hash-checks them."""
+
+    def __init__(self, spec: PhaseSpec, settings: Any, inputs: dict[str, Any], out_dir: str | os.PathLike, *,
+                 seed: int, data, digests: dict[str, str] | None = None, verified: bool = False,
+                 wandb_mode: str | None = None, wandb_group: str | None = None, progress: bool = True,
+                 say: Callable[[str], None] = print):
+        from agentforge.train import distributed
+
+        self.spec, self.settings, self.seed, self.data = spec, settings, seed, data
+        self.inputs = {name: [Path(p) for p in v] if isinstance(v, (list, tuple)) else Path(v)
+                       for name, v in inputs.items()}
+        missing = sorted(set(spec.needs) - set(self.inputs))
+        if missing:
+            raise ConfigError(f"{spec.name}: input {missing[0]!r} is missing ({spec.needs[missing[0]].help})")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.digests = digests if digests is not None else {n: input_digest(v) for n, v in self.inputs.items()}
+        self.verified = verified
+        self.wandb_mode, self.wandb_group, self.progress = wandb_mode, wandb_group, progress
+        self.is_main = distributed.is_main()
+        self._say = say if self.is_main else (lambda _: None)
+        self._suites: dict[int, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.key = _digest({"phase": spec.name, "settings": to_dict(settings), "data": to_dict(data),
+                            "seed": seed, "inputs": self.digests})
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def say(self, line: str) -> None:
+        """One progress line, on rank 0 (also the last line of ``progress.log``, which
+        ``agentforge status`` shows for a running phase)."""
+        if self.is_main:
+            with open(self.out_dir / PROGRESS_FILE, "a", encoding="utf-8") as f:
+                f.write(f"{line}\n")
+        self._say(f"{self.spec.name}: {line}")
+
+    def bar(self, iterable, what: str, total: int | None = None):
+        """``iterable`` with a progress bar (what, n of N, rate, ETA) when progress is on."""
+        import sys
+
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=f"{self.spec.name}: {what}", total=total, leave=False, dynamic_ncols=True,
+                    disable=not (self.progress and self.is_main and sys.stderr.isatty()))
+
+    # --- data and inputs ----------------------------------------------------------------------
+
+    def suite(self, tokenizer):
+        """The run's held-out data for ``tokenizer`` (``agentforge.eval.EvalSuite``), built once."""
+        from agentforge.eval import EvalSuite
+
+        if id(tokenizer) not in self._suites:
+            self._suites[id(tokenizer)] = (tokenizer, EvalSuite(self.data, tokenizer, self.seed))
+        return self._suites[id(tokenizer)][1]
+
+    def load(self, name: str, index: int | None = None, **model_kwargs) -> Loaded:
+        """Input ``name`` (item ``index`` of a list input) loaded: hash-checked here unless the
+        caller verified it already."""
+        from agentforge.artifacts import load_model_dir
+
+        path = self.inputs[name][index] if index is not None else self.inputs[name]
+        model, tokenizer, metadata = load_model_dir(path, verify=not self.verified, **model_kwargs)
+        return Loaded(model, tokenizer, metadata, Path(path))
+
+    # --- steps --------------------------------------------------------------------------------
+
+    def _step_key(self, name: str) -> str:
+        return _digest({"run": self.key, "step": name})
+
+    def _timed(self, name: str, compute: Callable[[], Any]) -> Any:
+        began = time.perf_counter()
+        value = compute()
+        self.timings[name] = round(time.perf_counter() - began, 3)
+        return value
+
+    def step(self, name: str, compute: Callable[[], Any], *, everywhere: bool = False) -> Any:
+        """``compute()`` (a JSON value), memoised in ``steps/<name>.json``: a rerun with the same
+        inputs, settings, data and seed reads it back. It runs on rank 0 and every rank gets the
+        value, or on every rank with ``everywhere`` (it trains data-parallel). The value is
+        returned as JSON gives it back, so a fresh run and a rerun see the same thing."""
+        from agentforge.artifacts import atomic_write_json
+        from agentforge.train import distributed
+
+        path, key = self.out_dir / STEPS_DIR / f"{name}.json", self._step_key(name)
+        done = _read_step(path, key)
+        if done is not None:
+            return done["value"]
+        self.say(f"{name} ...")
+        value = self._timed(name, compute) if everywhere else distributed.on_main(self._timed, name, compute)
+        value = json.loads(json.dumps(value))
+        if self.is_main:
+            atomic_write_json(path, {"key": key, "value": value})
+        distributed.barrier()
+        return value
+
+    def finished(self, name: str, *, directory: str | None = None) -> Loaded | None:
+        """The model of step ``name`` when a previous run finished it with the same key, else None."""
+        from agentforge.artifacts import CorruptArtifact, load_model_dir
+
+        path = self.out_dir / (directory or name)
+        try:
+            model, tokenizer, metadata = load_model_dir(path)
+        except (CorruptArtifact, OSError, ValueError):
+            return None
+        return Loaded(model, tokenizer, metadata, path) if metadata.get("step_key") == self._step_key(name) else None
+
+    def model_step(self, name: str, build: Callable[[], Built], *, directory: str | None = None) -> Loaded:
+        """The model ``build()`` makes, saved as a model directory (``directory``, default ``name``)
+        on rank 0 behind a barrier, or read back when a previous run finished it with the same key.
+        ``build`` runs on every rank (training is data-parallel)."""
+        from agentforge.artifacts import save_model_dir
+        from agentforge.train import distributed
+
+        done = self.finished(name, directory=directory)
+        if done is not None:
+            return done
+        path = self.out_dir / (directory or name)
+        self.say(f"{name} ...")
+        built = self._timed(name, build)
+        metadata = {**built.metadata, "phase": self.spec.name, "step": name, "step_key": self._step_key(name),
+                    "parents": [self.parent(p, path) for p in built.metadata.get("parents", [])]}
+        if self.is_main:
+            save_model_dir(built.model, built.tokenizer, path, metadata, write_extra=built.write_extra)
+        distributed.barrier()
+        return Loaded(built.model, built.tokenizer, metadata, path)
+
+    def parent(self, source: Any, child: Path) -> dict:
+        """A parent as the child's manifest records it: its path relative to the child's directory
+        (a run directory can be moved or copied) and, for an input, its digest."""
+        source = Path(source)
+        digest = next((self.digests[n] for n, v in self.inputs.items()
+                       if source in (v if isinstance(v, list) else [v])), None)
+        return {"path": os.path.relpath(source.absolute(), child.absolute()), "sha256": digest}
+
+    # --- training and writing -----------------------------------------------------------------
+
+    def train(self, model, rows, stage: str, *, optimizer, steps: int, batch_size: int, loss_fn=None,
+              checkpoint_every: int = 0, log_every: int = 10, seed: int | None = None, **kwargs):
+        """``agentforge.train.train`` in ``train/<stage>``, logged as ``<phase>/<stage>``."""
+        from agentforge.train import TrainConfig, train
+
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
+                          seed=self.seed if seed is None else seed, wandb_mode=self.wandb_mode,
+                          wandb_group=self.wandb_group, run_name=f"{self.spec.name}/{stage}", progress=self.progress)
+        return train(model, rows, cfg, optimizer=optimizer, out_dir=self.out_dir / "train" / stage,
+                     phase=f"{self.spec.name}/{stage}", loss_fn=loss_fn, **kwargs)
+
+    def logger(self, suffix: str | None = None, *, wandb: bool = False):
+        """A ``MetricsLogger`` for ``<phase>[/<suffix>]`` rows in the phase's metrics.jsonl (to W&B
+        too with ``wandb``), enabled on rank 0 only."""
+        from agentforge.train import MetricsLogger
+
+        return MetricsLogger(self.out_dir, phase=f"{self.spec.name}/{suffix}" if suffix else self.spec.name,
+                             wandb_mode=self.wandb_mode if wandb else "disabled", wandb_group=self.wandb_group,
+                             enabled=self.is_main)
+
+    def finish(self, artifacts: dict[str, Any], headline: dict, summary: dict | None = None,
+               rows: dict[str, list[dict]] | None = None) -> PhaseResult:
+        """Rank 0 writes ``summary.json`` (``summary`` plus the headline, settings and step timings)
+        and the phase's metrics rows: ``rows`` per suffix, then the headline row (replacing rows an
+        interrupted earlier finish wrote). Every rank returns the ``PhaseResult``."""
+        from agentforge.artifacts import atomic_write_json
+        from agentforge.train import distributed
+
+        headline = {**headline, "phase_seconds": round(time.perf_counter() - self.started, 3)}
+        if self.is_main:
+            atomic_write_json(self.out_dir / SUMMARY_FILE, {**(summary or {}), "headline": headline,
+                                                            "settings": to_dict(self.settings),
+                                                            "step_seconds": self.timings})
+            rows = rows or {}
+            _drop_rows(self.out_dir, {f"{self.spec.name}/{s}" for s in rows} | {self.spec.name})
+            for suffix, entries in rows.items():
+                with self.logger(suffix) as log:
+                    for i, row in enumerate(entries):
+                        log.log(row, step=row.get("step", i))
+            with self.logger(wandb=True) as log:
+                log.log(headline)
+        distributed.barrier()
+        return PhaseResult(artifacts, headline if self.is_main else {})
+
+
+def _read_step(path: Path, key: str) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") == key and "value" in record else None
+
+
+def _drop_rows(out_dir: Path, phases: set[str]) -> None:
+    """Remove the rows of ``phases`` from ``out_dir/metrics.jsonl`` (they are about to be rewritten)."""
+    from agentforge.artifacts import atomic_write_text
+    from agentforge.train import read_metrics
+
+    path = out_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [row for row in read_metrics(path) if row.get("phase") not in phases]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+# ---------------------------------------------------------------------------------------------
+# recording a finished phase, and running one alone
+
+REPORT_FILES = (SUMMARY_FILE, "metrics.jsonl")
+
+
+def _relative_artifacts(phase_dir: Path, spec: PhaseSpec, artifacts: dict) -> dict:
+    from agentforge.errors import PipelineError
+    from agentforge.rundir import artifact_paths
+
+    relative = {}
+    for name, value in artifacts.items():
+        paths = artifact_paths(value)
+        for path in paths:
+            if not Path(path).resolve().is_relative_to(phase_dir.resolve()):
+                raise PipelineError(f"{spec.name} returned artifact {name} at {path}, outside its directory {phase_dir}")
+            if not Path(path).exists():
+                raise HandoffError(f"{spec.name} returned artifact {name} at {path}, which does not exist")
+        as_text = [Path(p).resolve().relative_to(phase_dir.resolve()).as_posix() for p in paths]
+        relative[name] = as_text if isinstance(value, (list, tuple)) else as_text[0]
+    return relative
+
+
+def record_phase(phase_dir: Path, spec: PhaseSpec, artifacts: dict, metrics: dict, start: dict,
+                 seconds: float) -> dict:
+    """Check what a phase handed over against its contracts, then write its ``phase.json`` (the
+    completion marker); returns the record. The pipeline and a phase run alone both use it."""
+    from agentforge import rundir
+    from agentforge.train import distributed
+
+    relative = _relative_artifacts(phase_dir, spec, artifacts)
+    try:
+        spec.check(rundir.absolute_artifacts(phase_dir, {"artifacts": relative}))
+    except HandoffError as e:
+        raise HandoffError(f"{spec.name} broke its handoff contract: {e}") from None
+    record = rundir.finished_record(phase_dir, {**start, "number": spec.number}, relative, list(REPORT_FILES),
+                                    metrics, seconds, distributed.world_size())
+    rundir.write_record(phase_dir, record)
+    rundir.remove_dead_temps(phase_dir)
+    return record
+
+
+def run_alone(spec: PhaseSpec, inputs: dict[str, Any], out_dir: str | os.PathLike, *, settings: Any = None,
+              preset: str = "tiny", data=None, seed: int = 0, wandb_mode: str | None = None, progress: bool = True,
+              say: Callable[[str], None] = print) -> PhaseResult:
+    """Run phase ``spec`` outside a pipeline run, in ``out_dir`` (reused on a rerun), and record it
+    in ``out_dir/phase.json`` as the pipeline would. ``settings`` and ``data`` default to
+    ``preset``'s; inputs are hash-checked when loaded."""
+    from agentforge.data.spec import PRESETS as DATA_PRESETS
+
+    settings = spec.presets[preset] if settings is None else settings
+    data = DATA_PRESETS[preset] if data is None else data
+    p = PhaseRun(spec, settings, inputs, out_dir, seed=seed, data=data, wandb_mode=wandb_mode, progress=progress,
+                 say=say)
+    result = spec.run(p)
+    if p.is_main:
+        start = {"phase": spec.name, "settings": to_dict(settings), "data": to_dict(data), "seed": seed,
+                 "inputs": p.digests}
+        record_phase(p.out_dir, spec, result.artifacts, result.metrics, start, time.perf_counter() - p.started)
+    return result
+
+
+def standalone_main(spec: PhaseSpec, argv: list[str] | None = None) -> int:
+    """``python -m agentforge.phases.<name>``: run one phase alone. Inputs are ``--<input> DIR``;
+    settings come from ``--preset`` and ``--set KEY=VALUE`` (the same syntax as ``agentforge run``:
+    ``--set steps=200``, ``--set data.seq_len=96``); ``--data data.json`` takes the data spec a
+    pipeline run recorded (default: the preset's)."""
+    import argparse
+    import importlib
+    import sys
+
+    from agentforge import config as configuration
+    from agentforge.data.spec import read_data_spec
+
+    module = importlib.import_module(spec.run.__module__)
+    parser = argparse.ArgumentParser(prog=f"python -m {spec.run.__module__}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, need in spec.needs.items():
+        parser.add_argument(f"--{name}", required=True, type=Path, nargs="+" if need.many else None, help=need.help)
+    parser.add_argument("--preset", choices=configuration.PRESETS, default="tiny")
+    parser.add_argument("--out", required=True, type=Path, help="phase directory (reused on a rerun)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, help="a run's data.json (its data spec and seed); default: the preset's")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set steps=200 or --set data.seq_len=96 (repeatable)")
+    parser.add_argument("--wandb", choices=("online", "offline", "disabled"), help="W&B mode (default: offline)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        sets = [*args.sets, f"seed={args.seed}"]
+        if args.data is not None:
+            recorded, seed = read_data_spec(args.data)
+            sets = [*(f"data.{k}={json.dumps(v)}" for k, v in to_dict(recorded).items()), *sets[:-1], f"seed={seed}"]
+        config = configuration.resolve([spec], preset=args.preset, sets=sets, standalone=spec.name)
+        result = run_alone(spec, {name: getattr(args, name) for name in spec.needs}, args.out,
+                           settings=config[spec.name], data=config.data, seed=config.seed, wandb_mode=args.wandb)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    print(json.dumps(result.metrics, indent=2, default=str))
+    sys.stdout.flush()
+    return 0
