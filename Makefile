@@ -1,19 +1,31 @@
 # agentforge developer commands. Everything runs inside a virtualenv ($(VENV)), created on
 # first use, so a fresh machine needs only python3 (>= 3.10), a C++17 compiler and make.
 #
-#   make install   venv + torch (only if absent) + build tools + agentforge[test], non-editable
+#   make install   venv + torch (only if absent) + build tools + agentforge[pipeline,test,lint], non-editable
 #   make test      the fast test suite (the README's test command)
 #   make run       agentforge run on the tiny preset (the phases that exist), then where its report is
 #   make bench     the pytest-benchmark suites in benchmarks/
 #   make clean     build outputs and caches (keeps $(VENV); `make distclean` removes it too)
 #
-# Variables: PYTHON (interpreter that creates the venv), VENV, TORCH_VERSION, JOBS, RUN_DIR, RUN_ARGS.
+# Variables: PYTHON (interpreter that creates the venv), VENV, TORCH_VERSION, TORCH_INDEX, EXTRAS, JOBS,
+# VERBOSE, RUN_DIR, RUN_ARGS.
 
 PYTHON        ?= python3
 VENV          ?= .venv
-# Pinned: a bare `pip install torch` resolves to the newest CUDA build (GBs of wheels); with the
-# pin, pip's configured find-links supply the local CPU wheel on the project's machines.
+# The extension is compiled against this torch and runs only with it (same minor version).
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from. PyPI's Linux torch is the CUDA build (several GB with its nvidia-*
+# packages, whatever the version pin); on a machine without an NVIDIA GPU the CPU build comes
+# from PyTorch's CPU index (its 2.13.0+cpu sorts above PyPI's 2.13.0, so pip takes it). With a
+# GPU, or to use only pip's own configuration (a local wheel directory, a mirror), set it empty:
+# `make install TORCH_INDEX=`.
+# The default: the CPU index when there is no nvidia-smi and the index resolves (else pip's own
+# configuration, e.g. a local wheel directory on a machine with no route to it).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(if $(shell getent hosts download.pytorch.org 2>/dev/null),$(TORCH_CPU_INDEX)))
+EXTRAS        ?= pipeline,test,lint
+# VERBOSE=1: show the compiler's progress (the C++ build takes a few minutes on 2 cores)
+VERBOSE       ?=
 JOBS          ?= $(shell nproc 2>/dev/null || echo 2)
 BENCH_ARGS    ?=
 PYTEST_ARGS   ?=
@@ -45,7 +57,7 @@ $(STAMP): $(SOURCES) | $(PY)
 	@if $(PY) -c 'import torch' 2>/dev/null; then \
 	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed in $(VENV)"; \
 	else \
-	  $(PIP) install "torch==$(TORCH_VERSION)"; \
+	  $(PIP) install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)); \
 	fi
 	@if $(PY) -c 'import scikit_build_core, ninja, pybind11' 2>/dev/null; then \
 	  echo "build tools already installed in $(VENV)"; \
@@ -60,7 +72,8 @@ $(STAMP): $(SOURCES) | $(PY)
 	else \
 	  $(PIP) install "cmake>=3.25"; \
 	fi
-	$(PIP) install --no-build-isolation ".[test]"
+	@echo "building the C++ extension (a few minutes on 2 cores; VERBOSE=1 shows the compiler)"
+	$(PIP) install --no-build-isolation $(if $(VERBOSE),-v -Cbuild.verbose=true) ".[$(EXTRAS)]"
 	@touch $@
 
 test: $(STAMP)

@@ -3,7 +3,7 @@
 A ``small`` run (``CognateConfig`` small, ~25M parameters, vocab 8192, sequences of 256) is meant
 for a GPU; this measures, on whatever machine runs it, one candidate's evaluation exactly as the
 phase does it: merge three siblings (``build``) and measure the merged model on the small
-preset's selection split (``measure``: perplexity and throughput on the text rows, greedy answers
+preset's selection split (``measure``: perplexity on the text rows, greedy answers
 and answer NLL for every domain). A generation evaluates about ``population`` new candidates, so
 ``extra_info["generation_s"]`` = median candidate time x population.
 
@@ -18,6 +18,9 @@ changes the depth, while every parameter-space method yields a model of the pare
 import pytest
 import torch
 
+from agentforge.data.spec import PRESETS as DATA_PRESETS
+from agentforge.eval import EvalSuite
+from agentforge.eval.suite import documents
 from agentforge.phases import cognate, evomerge
 
 SMALL = evomerge.PRESETS["small"]
@@ -26,12 +29,11 @@ pytestmark = pytest.mark.benchmark(min_rounds=1, warmup=False)
 
 @pytest.fixture(scope="module")
 def small_setup():
-    from agentforge.data import load_text, train_tokenizer
+    from agentforge.data import train_tokenizer
     from agentforge.merge import evolve
 
-    settings = cognate.PRESETS["small"]
-    texts = load_text("stdlib", max_docs=settings.text_docs) + load_text("pydoc")
-    tokenizer = train_tokenizer(texts, settings.vocab_size, max_chars=2_000_000)
+    settings, spec = cognate.PRESETS["small"], DATA_PRESETS["small"]
+    tokenizer = train_tokenizer(documents(spec), settings.vocab_size, max_chars=2_000_000)
     torch.manual_seed(0)
     trunk = cognate.new_trunk_model(settings, tokenizer).eval()
     siblings = [cognate.sibling_from(trunk, overrides).eval() for _, overrides in cognate.SIBLINGS.values()]
@@ -39,19 +41,19 @@ def small_setup():
         with torch.no_grad():
             for p in sibling.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-    data = {"seq_len": SMALL.seq_len, "text_docs": SMALL.text_docs, "task_levels": SMALL.task_levels}
-    selection, _ = evomerge.build_held_out(tokenizer, SMALL, data, seed=0)
+    suite = EvalSuite(spec, tokenizer, seed=0)
+    selection, _ = evomerge.held_out_sets(suite, SMALL)
     space = evomerge.search_space(siblings, SMALL)
-    return tokenizer, trunk, siblings, selection, space, evolve
+    return suite, trunk, siblings, selection, space, evolve
 
 
 @pytest.mark.parametrize("method", ["linear", "dfs"])  # every parameter-space merge costs what linear does
 def test_small_preset_candidate_evaluation(benchmark, small_setup, method):
-    tokenizer, trunk, siblings, selection, space, _ = small_setup
+    suite, trunk, siblings, selection, space, _ = small_setup
     recipe = space.default(method)
 
     def evaluate_candidate():
-        return evomerge.measure(evomerge.build(recipe, siblings, trunk), tokenizer, selection, SMALL.eval_batch_size)
+        return evomerge.measure(suite, evomerge.build(recipe, siblings, trunk), selection, SMALL.eval_batch_size)
 
     benchmark.group = "EvoMerge small preset: one candidate (merge + selection-split measurement)"
     report = benchmark.pedantic(evaluate_candidate, rounds=1, iterations=1)

@@ -5,21 +5,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pipeline_phase_polish
+import pipeline_phase_seedling
 from agentforge import rundir
 from agentforge.artifacts import sha256_dir, sha256_file
-from agentforge.pipeline import PhaseSpec, check_models
+from agentforge.data.spec import DATA_ARTIFACT
 from agentforge.registry import REGISTRY_FILE, Registry
 
 # One thread: the subprocesses run next to each other on a shared 2-core machine, and a run that
 # resumes must compute exactly what the uninterrupted one computed.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
-# seedling -> polish -> unbuilt: two real phases and one whose module does not exist.
-TEST_PHASES = [
-    PhaseSpec(1, "seedling", "pipeline_phase_seedling", {}, ("model",), check_models("model")),
-    PhaseSpec(2, "polish", "pipeline_phase_polish", {"model": ("seedling", "model")}, ("model",), check_models("model")),
-    PhaseSpec(3, "unbuilt", "pipeline_phase_unbuilt", {"model": ("polish", "model")}, ("model",), check_models("model")),
-]
+# seedling -> polish: two small real phases on the runtime.
+TEST_PHASES = [pipeline_phase_seedling.SPEC, pipeline_phase_polish.SPEC]
 
 
 def agentforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -50,13 +48,14 @@ def assert_consistent(run_dir: Path, phases) -> None:
         models, handoffs = registry.models(), registry.handoffs()
     assert {m["phase"] for m in models} <= set(completed)
     for name, (phase_dir, record) in completed.items():
-        paths = [p for value in rundir.absolute_artifacts(phase_dir, record).values()
-                 for p in rundir.artifact_paths(value)]
+        paths = [p for artifact, value in rundir.absolute_artifacts(phase_dir, record).items()
+                 if artifact != DATA_ARTIFACT for p in rundir.artifact_paths(value)]
         registered = {m["path"]: m for m in models if m["phase"] == name}
         assert sorted(registered) == sorted(p.relative_to(run_dir).as_posix() for p in paths)
         for path in paths:
             files = sha256_dir(path) if path.is_dir() else {path.name: sha256_file(path)}  # model.afz is one file
             assert registered[path.relative_to(run_dir).as_posix()]["sha256"] == rundir.files_digest(files)
+        assert rundir.verify(phase_dir, record) == [], name
     ids = {m["id"] for m in models}
     for handoff in handoffs:
         assert handoff["from_phase"] in completed and handoff["to_phase"] in completed

@@ -6,33 +6,31 @@ from pathlib import Path
 
 import torch
 
-from agentforge.artifacts import load_model_dir, save_model_dir
-from agentforge.phases import PhaseContext, PhaseResult
-from agentforge.train import TrainConfig, train
+from agentforge.runtime import Built, Input, PhaseResult, PhaseRun, PhaseSpec, model_dir
+from agentforge.settings import Checked, setting
 from train_worker_tiny import counting_dataset
-
-NAME = "polish"
 
 
 @dataclass
-class Settings:
-    steps: int = 4
-    lr: float = 0.01
+class Settings(Checked):
+    steps: int = setting(4, "[1, 1000]")
+    lr: float = setting(0.01, "(0, 1]")
 
 
 PRESETS = {"micro": Settings(), "tiny": Settings(steps=8), "small": Settings(steps=16)}
 
 
-def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
-    model, _, _ = load_model_dir(inputs["model"])
-    result = train(model, counting_dataset(rows=32), TrainConfig(steps=settings.steps, batch_size=8, log_every=1,
-                                                                 checkpoint_every=2, seed=ctx.seed, progress=False),
-                   optimizer=torch.optim.AdamW(model.parameters(), lr=settings.lr), out_dir=ctx.out_dir / "train",
-                   phase=f"{NAME}/train")
-    path = ctx.out_dir / "model"
-    if ctx.is_main:
-        save_model_dir(model, None, path, {"phase": NAME, "parents": [str(Path(inputs["model"]))]})
-    return PhaseResult(artifacts={"model": path}, metrics={"model/final_loss": result.losses[-1]})
+def run(p: PhaseRun) -> PhaseResult:
+    source = p.load("model")
+
+    def build() -> Built:
+        result = p.train(source.model, counting_dataset(rows=32), "train", steps=p.settings.steps, batch_size=8,
+                         optimizer=torch.optim.AdamW(source.model.parameters(), lr=p.settings.lr), log_every=1,
+                         checkpoint_every=2)
+        return Built(source.model, None, {"parents": [source.path], "final_loss": result.losses[-1]})
+
+    model = p.model_step("model", build)
+    return p.finish({"model": model.path}, {"model/final_loss": model.metadata["final_loss"]})
 
 
 def figures(phase_dir: Path) -> list:
@@ -41,8 +39,13 @@ def figures(phase_dir: Path) -> list:
 
     from agentforge.train import read_metrics
 
-    source = phase_dir / "train" / "metrics.jsonl"
+    source = phase_dir / "train" / "train" / "metrics.jsonl"
     rows = read_metrics(source)
     fig = Figure(figsize=(4, 3))
     fig.add_subplot().plot([r["step"] for r in rows], [r["grad_norm"] for r in rows])
     return [("Gradient norm per step", fig, [source])]
+
+
+SPEC = PhaseSpec(number=2, name="polish", summary="a few training steps", settings=Settings, presets=PRESETS,
+                 run=run, needs={"model": Input("seedling.model", "the model to train")},
+                 provides={"model": model_dir}, figures="pipeline_phase_polish")

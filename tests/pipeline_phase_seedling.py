@@ -1,33 +1,38 @@
-"""A small real phase for the pipeline tests (phase modules are found by name; see
-pipeline_helpers.TEST_PHASES): it builds a tiny Llama from a config and hands it over as
-``model``. A pipeline test of the orchestration then takes a second, not a Cognate run."""
+"""A small real phase for the pipeline tests (see pipeline_helpers.TEST_PHASES): it builds a tiny
+Llama from a config and hands it over as ``model``, with the run's data spec as ``data`` (the
+first phase of a pipeline records it). A test of the orchestration then takes a second."""
 from dataclasses import dataclass
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from agentforge.artifacts import save_model_dir
-from agentforge.phases import PhaseContext, PhaseResult
-
-NAME = "seedling"
+from agentforge.data.spec import DATA_FILE, write_data_spec
+from agentforge.runtime import Built, PhaseResult, PhaseRun, PhaseSpec, a_file, model_dir
+from agentforge.settings import Checked, setting
 
 
 @dataclass
-class Settings:
-    hidden_size: int = 16
-    layers: int = 1
+class Settings(Checked):
+    hidden_size: int = setting(16, "[2, 256]")
+    layers: int = setting(1, "[1, 4]")
 
 
 PRESETS = {"micro": Settings(), "tiny": Settings(hidden_size=32), "small": Settings(hidden_size=64, layers=2)}
 
 
-def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
-    torch.manual_seed(ctx.seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=settings.hidden_size, intermediate_size=32,
-                                         num_hidden_layers=settings.layers, num_attention_heads=2,
-                                         num_key_value_heads=2, max_position_embeddings=32))
-    path = ctx.out_dir / "model"
-    ctx.say(f"{NAME}: {model.num_parameters()} parameters")
-    if ctx.is_main:
-        save_model_dir(model, None, path, {"phase": NAME, "parents": []})
-    return PhaseResult(artifacts={"model": path}, metrics={"model/parameters": model.num_parameters()})
+def new_model(settings: Settings) -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=settings.hidden_size, intermediate_size=32,
+                                        num_hidden_layers=settings.layers, num_attention_heads=2,
+                                        num_key_value_heads=2, max_position_embeddings=32))
+
+
+def run(p: PhaseRun) -> PhaseResult:
+    torch.manual_seed(p.seed)
+    model = p.model_step("model", lambda: Built(new_model(p.settings), None, {"role": "seedling"}))
+    p.say(f"{model.model.num_parameters()} parameters")
+    data = write_data_spec(p.out_dir / DATA_FILE, p.data, p.seed) if p.is_main else p.out_dir / DATA_FILE
+    return p.finish({"model": model.path, "data": data}, {"model/parameters": model.model.num_parameters()})
+
+
+SPEC = PhaseSpec(number=1, name="seedling", summary="a tiny Llama from a config", settings=Settings, presets=PRESETS,
+                 run=run, provides={"model": model_dir, "data": a_file})

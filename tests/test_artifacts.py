@@ -175,3 +175,37 @@ def test_load_model_dir_without_verify_skips_hashing(tmp_path):
     save_model_dir(tiny_model(), None, tmp_path / "m", {"phase": "p"})
     (tmp_path / "m" / "notes.txt").write_text("added by hand")
     load_model_dir(tmp_path / "m", verify=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusing what must never be loaded, and a full disk
+
+
+def test_a_pickle_file_is_refused_by_name_without_loading_it(tmp_path):
+    save_model_dir(tiny_model(), None, tmp_path / "m", {})
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\x80\x04 never unpickled")
+    with pytest.raises(CorruptArtifact, match=r"pytorch_model.bin is a pickle file, which can run code when loaded; "
+                                              r"agentforge loads safetensors only"):
+        load_model_dir(tmp_path / "m", verify=False)
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", 10**6), ("vocab_size", 10**9), ("hidden_size", 4096)])
+def test_a_config_larger_than_its_weights_is_refused_before_any_model_is_built(tmp_path, key, value):
+    save_model_dir(tiny_model(), None, tmp_path / "m", {})
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CorruptArtifact, match=rf"config.json declares {key}={value}, more than its weights hold"):
+        load_model_dir(tmp_path / "m", verify=False)
+
+
+def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"^\[Errno 28\] the disk holding .* is full \(.* MiB free\) while writing "
+                                      r".*a.json; free some space, then resume$"):
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+    assert hidden_leftovers(tmp_path) == []

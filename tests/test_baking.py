@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from agentforge.baking import (BakeSettings, add_lora, bake, bake_stack, measured_kl, merge_lora, plateaued,
-                               prompt_edits, prompt_pursuit, prompted_trajectories, propose_prompts, relative_gain,
-                               token_kl)
+from agentforge.baking import (BakeSettings, add_lora, bake, bake_stack, cycle_bake_settings, measured_kl, merge_lora,
+                               plateaued, prompt_edits, prompt_pursuit, prompted_trajectories, propose_prompts,
+                               relative_gain, token_kl)
 from agentforge.baking.kl import kl_loss
 from agentforge.nn import BitLinear, convert_to_bitnet, pack_bitnet
 
@@ -275,6 +275,14 @@ def test_candidate_prompts_rebake_the_best_then_try_the_pool_then_edits():
         propose_prompts(["", "  "], None, 2, random.Random(0))
 
 
+def test_each_cycle_sets_its_trajectories_on_a_copy_of_the_bake_settings():
+    settings = BakeSettings(max_new_tokens=6, tools=True)
+    tools, persona = cycle_bake_settings(settings, "tools", 12), cycle_bake_settings(settings, "persona", 12)
+    assert (tools.tools, tools.max_new_tokens) == (True, 12)  # tool prompts: calls run over the tool budget
+    assert (persona.tools, persona.max_new_tokens) == (False, 6)
+    assert settings == BakeSettings(max_new_tokens=6, tools=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad inputs
 
@@ -296,6 +304,10 @@ def test_bad_inputs_fail_with_one_line_errors(tokenizer, inputs, tmp_path):
         BakeSettings(method="prefix")
     with pytest.raises(ValueError, match="max_steps"):
         BakeSettings(max_steps=0)
+    with pytest.raises(ValueError, match="optimizer_preset"):
+        BakeSettings(optimizer_preset="sgd")
+    with pytest.raises(ValueError, match="lora_targets"):
+        BakeSettings(lora_targets=[" "])
     packed = pack_bitnet(cognate(tokenizer, bitnet=True))
     with pytest.raises(ValueError, match="packed"):
         bake(packed, tokenizer, PROMPT, train, validation, settings, out_dir=tmp_path)

@@ -74,6 +74,10 @@ def test_rans_decode_many_matches_single_streams():
         assert np.array_equal(decoded, original)
 
 
+def test_rans_decode_many_of_no_streams_is_empty():
+    assert rans.decode_many([]) == []  # a model without a rANS-coded layer
+
+
 def test_rans_detects_a_corrupt_stream():
     symbols = np.random.default_rng(2).choice(3, size=6000)
     parts = rans.encode(symbols, 3)

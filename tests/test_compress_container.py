@@ -75,6 +75,26 @@ def test_lossless_container_reproduces_the_model_on_the_kernels(which, request, 
     assert torch.allclose(logits(model, vocab), logits(reference, vocab), atol=1e-5)
 
 
+@pytest.mark.parametrize("storage", ["base3", None])
+def test_container_without_a_rans_coded_layer_loads(storage, tmp_path):
+    """Float only (no ternary layer at all), or ternary layers in base 3 only: no rANS stream to decode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agentforge.compress import Ternary
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    reference = LlamaForCausalLM(config) if storage is None else convert_to_bitnet(LlamaForCausalLM(config))
+    save_model_dir(reference, None, tmp_path / "model", {"phase": "test", "parents": []})
+    records = [TensorRecord(slot.names, slot.group, Raw("float32").encode(slot.tensor) if slot.group != "ternary"
+                            else Ternary(storage, slot.per_channel).encode(slot.tensor))
+               for slot in model_tensors(reference)]
+    write_container(tmp_path / "m.afz", Container(records, carried_files(tmp_path / "model"), {}))
+    model = load(tmp_path / "m.afz")[0]
+    assert torch.allclose(logits(model, 96), logits(reference.eval(), 96), atol=1e-5)
+
+
 def test_lossy_tensor_loads_as_its_decoded_value(latent_dir, tmp_path):
     from torch.func import functional_call
 

@@ -10,7 +10,9 @@ from agentforge.compress.codec import Encoded
 from agentforge.compress.distill import Distillation
 from agentforge.compress.select import TensorChoice, Trial, best_within, escalate, plan, solo_damage
 from agentforge.compress.ternary import smallest
+from agentforge.eval.capture import capture_calls
 from agentforge.nn import convert_to_bitnet
+from agentforge.quant import layer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,6 +47,43 @@ def toy():
 
 def slot_of(model, name):
     return next(s for s in model_tensors(model) if name in s.names)
+
+
+class SharedThrice(nn.Module):
+    """One linear layer applied three times per forward to a residual stream updated in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.shared = nn.Linear(4, 4)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for _ in range(3):
+            h.add_(self.shared(h))  # the input of this call changes after it
+        return h
+
+
+def test_capture_keeps_copies_of_the_first_calls_and_leaves_the_model_as_it_was():
+    model = SharedThrice().train()
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    calls = capture_calls(model, ["shared"], [{"input_ids": ids}], max_calls=2, with_kwargs=True)
+    (first_args, first_kwargs), (second_args, _) = calls["shared"]
+    with torch.no_grad():
+        x = model.embed(ids)
+        assert torch.equal(first_args[0], x) and first_kwargs == {}
+        assert torch.equal(second_args[0], x + model.shared(x))  # copied before the in-place update
+    assert model.training and not model.shared._forward_pre_hooks and not first_args[0].requires_grad
+
+
+def test_both_calibrations_see_the_same_layer_inputs(toy):
+    """The ternary calibration (quant.layer_inputs) and the codec calibration capture alike."""
+    model, batches = toy
+    flat = layer_inputs(model, ["proj", "head"], batches, max_tokens=1000)
+    calibration = Calibration(model, model_tensors(model), batches)
+    for name in ("proj", "head"):
+        [(args, _)] = calibration.calls[name]
+        assert torch.equal(flat[name], args[0].reshape(-1, 4))
 
 
 def test_output_error_is_zero_for_the_tensor_and_one_for_twice_it(toy):

@@ -1,13 +1,17 @@
 """agentforge.merge: each method on hand-computed cases, identities, DFS scale folding against a
-forward-hook reference, Cognate and Llama models, bad input."""
+forward-hook reference, Cognate and Llama models, layer stacks found on the model, FLOPs per
+token counted from the structure, bad input."""
 import math
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from agentforge.merge import METHODS, merge, merged_model
 from agentforge.merge import methods as m
+from agentforge.merge.compute import flops_per_token, stack_passes
+from agentforge.merge.layers import layer_stacks
 from agentforge.models import CognateConfig, CognateForCausalLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,6 +166,59 @@ def test_dfs_on_cognate_follows_the_path_with_memory_layers():
     child = merged_model("dfs", parents, path=[(2, 1), (0, 0), (1, 1)], scales=[1.0, 0.7, 1.3])
     assert child.config.num_prelude_layers == 3 and child.config.memory_layers == [0, 2]
     assert torch.isfinite(child(TOKENS).logits).all()
+
+
+# --- layer stacks and compute ----------------------------------------------------------------------
+
+class Stage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(4, 4)
+        self.extra = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])  # inside a block: not a stack
+
+
+class Unusual(nn.Module):
+    """A model whose repeated blocks live under a name no merge code knows."""
+
+    def __init__(self, seed):
+        torch.manual_seed(seed)
+        super().__init__()
+        self.embed = nn.Embedding(8, 4)
+        self.trunk = nn.Module()
+        self.trunk.stages = nn.ModuleList([Stage() for _ in range(3)])
+        self.mixed = nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])  # two kinds of module: not a stack
+        self.head = nn.Linear(4, 8)
+
+
+def test_layer_stacks_are_the_models_module_lists_of_repeated_blocks():
+    assert layer_stacks(tiny_llama(0)) == {"model.layers": 3}
+    assert layer_stacks(tiny_cognate(0)) == {"model.prelude": 2, "model.core": 1}
+    models = [Unusual(s) for s in (1, 2, 3)]
+    assert layer_stacks(models[0]) == {"trunk.stages": 3}
+    out = merge("frankenmerge", models, layers=[2, 0, 1])
+    for stage, source in enumerate([2, 0, 1]):
+        for key in (f"trunk.stages.{stage}.mix.weight", f"trunk.stages.{stage}.extra.1.bias"):
+            assert torch.equal(out[key], models[source].state_dict()[key])
+    torch.testing.assert_close(out["head.weight"], sum(mm.head.weight for mm in models) / 3)
+
+
+def test_layer_methods_need_the_models_not_state_dicts():
+    with pytest.raises(ValueError, match="needs the models themselves"):
+        merge("frankenmerge", [tiny_llama(1).state_dict()] * 2, layers=[0, 1, 0])
+
+
+def test_flops_per_token_count_each_weight_matrix_per_pass():
+    llama = tiny_llama(0)
+    per_layer = 4 * 32 * 32 + 3 * 32 * 48  # attention projections, SwiGLU
+    assert flops_per_token(llama) == 2 * (3 * per_layer + 48 * 32)  # the tied-or-not LM head is a product
+    short, deep = (CognateForCausalLM(CognateConfig.from_preset("micro", vocab_size=48, max_recursion=r))
+                   for r in (2, 4))
+    assert stack_passes(deep) == {"model.prelude": 1, "model.core": 4}
+    core = sum(p.numel() for p in short.model.core.parameters() if p.dim() >= 2)
+    assert flops_per_token(deep) - flops_per_token(short) == 2 * 2 * core  # two more core passes
+    parents = [tiny_llama(1), tiny_llama(2)]
+    longer = merged_model("dfs", parents, path=[(0, 0), (1, 1), (0, 1), (1, 2)])
+    assert flops_per_token(longer) - flops_per_token(parents[0]) == 2 * per_layer  # one more block on the path
 
 
 # --- bad input -------------------------------------------------------------------------------------

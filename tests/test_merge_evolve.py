@@ -5,7 +5,9 @@ import random
 
 import pytest
 
+from agentforge.errors import ConfigError
 from agentforge.merge import evolve
+from agentforge.settings import undeclared
 
 SPACE = evolve.SearchSpace(n_sources=3, layer_slots=4, stack_layers=3)
 
@@ -71,8 +73,8 @@ def run_search(seed=0, generations=12, **overrides):
         calls.append(len(recipes))
         return [synthetic_fitness(r) for r in recipes]
 
-    settings = evolve.EvolutionSettings(generations=generations, seed=seed, patience=generations, **overrides)
-    evolution = evolve.Evolution(SPACE, settings, evaluate)
+    settings = evolve.EvolutionSettings(generations=generations, patience=generations, **overrides)
+    evolution = evolve.Evolution(SPACE, settings, evaluate, seed=seed)
     return evolution, evolution.run(), calls
 
 
@@ -94,7 +96,7 @@ def test_cache_prevents_re_evaluation_and_replays_identically():
     assert sum(calls) == len(evolution.cache)  # every recipe evaluated once
     replay_calls = []
     replay = evolve.Evolution(SPACE, evolution.settings, lambda rs: replay_calls.append(rs) or [0.0] * len(rs),
-                              cache=dict(evolution.cache))
+                              seed=evolution.seed, cache=dict(evolution.cache))
     again = replay.run()
     assert replay_calls == [] and again.best == result.best and again.generations == result.generations
 
@@ -105,8 +107,8 @@ def test_runs_are_deterministic_per_seed():
 
 
 def test_early_stop_after_patience_generations_without_gain():
-    settings = evolve.EvolutionSettings(generations=20, patience=2, seed=0)
-    result = evolve.Evolution(SPACE, settings, lambda rs: [0.0] * len(rs)).run()
+    settings = evolve.EvolutionSettings(generations=20, patience=2)
+    result = evolve.Evolution(SPACE, settings, lambda rs: [0.0] * len(rs), seed=0).run()
     assert len(result.generations) == 3 and "no gain" in result.stop_reason
 
 
@@ -118,5 +120,16 @@ def test_diversity_guard_keeps_several_methods():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="unknown merge methods"):
         evolve.SearchSpace(n_sources=3, layer_slots=2, stack_layers=2, methods=("linear", "soup"))
-    with pytest.raises(ValueError, match="population > elites"):
-        evolve.Evolution(SPACE, evolve.EvolutionSettings(population=2, elites=2), lambda rs: [])
+    with pytest.raises(ConfigError, match="population > elites"):
+        evolve.EvolutionSettings(population=2, elites=2)
+    with pytest.raises(ConfigError, match=r"generations: expected an int in \[1, 100000\], got 0"):
+        evolve.EvolutionSettings(generations=0)
+    assert undeclared(evolve.EvolutionSettings) == []
+
+
+def test_describe_is_short_and_readable():
+    assert evolve.describe(SPACE.default("slerp")) == "slerp: sources 0 and 1 at t 0.5; config of source 0"
+    assert evolve.describe(SPACE.default("dfs")) == \
+        "dfs: 3-step layer path, branch scales 1, weights 1/1/1; config of source 0"
+    assert evolve.describe(SPACE.default("frankenmerge")) == \
+        "frankenmerge: layers from sources 0120, weights 1/1/1; config of source 0"

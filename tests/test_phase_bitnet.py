@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from agentforge.artifacts import read_metadata, save_model_dir
+from agentforge.artifacts import read_metadata, save_model_dir, sha256_file
 from agentforge.data import load_text, train_tokenizer
 from agentforge.data.spec import DataSpec
 from agentforge.figures import bitnet as bitnet_figures
@@ -73,7 +73,7 @@ def test_outputs_record_their_lineage_and_data(on_cognate, cognate_micro):
         meta = read_metadata(result.artifacts[name])
         [parent] = meta["parents"]
         assert meta["phase"] == "bitnet" and (result.artifacts[name] / parent["path"]).resolve() == inputs["model"].resolve()
-        assert parent["sha256"] == read_record(out)["inputs"]["model"]
+        assert parent["sha256"] == sha256_file(inputs["model"] / "agentforge.json")
         assert len(meta["quantization"]["calibration"]) == len(bitlinears(
             AutoModelForCausalLM.from_pretrained(result.artifacts["latent"])))
 

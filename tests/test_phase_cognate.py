@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from agentforge.artifacts import load_model_dir
+from agentforge.artifacts import load_model_dir, sha256_file
 from agentforge.data.spec import read_data_spec
 from agentforge.data.spec import PRESETS as DATA_PRESETS
 from agentforge.phases import cognate
@@ -34,7 +34,7 @@ def test_writes_trunk_and_three_siblings_that_reload(phase_dir):
         assert {k: meta[k] for k in ("phase", "step", "role", "domain", "behaviour")} == {
             "phase": "cognate", "step": name, "role": "sibling", "domain": domain, "behaviour": behaviour}
         [parent] = meta["parents"]
-        assert parent["path"] == "../trunk" and parent["sha256"] is None  # a step's output, not an input
+        assert parent["path"] == "../trunk" and parent["sha256"] == sha256_file(out / "trunk" / "agentforge.json")
         assert {k: v.shape for k, v in model.state_dict().items()} == shapes
         assert all(getattr(model.config, key) == value for key, value in behaviour.items())
         assert not torch.equal(model.model.embed_tokens.weight, trunk.model.embed_tokens.weight)  # it trained

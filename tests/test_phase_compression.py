@@ -1,26 +1,31 @@
 """Phase 8 end to end on the micro preset: a converted micro Cognate (and a tiny Llama) compressed
-into one container, gated, reported and reloaded; the rollback ladder when the gate cannot pass."""
+into one container, gated, reported and reloaded; the rollback ladder when the gate cannot pass;
+reruns that reuse the memoised steps, and a damaged artifact rebuilt byte for byte."""
 import copy
-import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 
-from agentforge.artifacts import load_model_dir, save_model_dir
+from agentforge.artifacts import MANIFEST, load_model_dir, save_model_dir, sha256_file
 from agentforge.compress import load, read_container
+from agentforge.errors import ConfigError
+from agentforge.figures import compression as compression_figures
 from agentforge.nn import convert_to_bitnet, pack_bitnet
-from agentforge.phases import PhaseContext, compression
+from agentforge.phases import compression
+from agentforge.settings import undeclared
 from agentforge.train import read_metrics
+from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def bitnet_dirs(model, tokenizer, metadata, root):
-    """(latent dir, packed dir) of ``model`` converted to BitNet, as phase 4 hands them over."""
+def bitnet_dirs(model, tokenizer, root):
+    """(latent dir, packed dir) of ``model`` converted to BitNet, as phases 7 and 4 hand them over."""
     convert_to_bitnet(model)
     latent, packed = root / "latent", root / "packed"
-    meta = {"phase": "experts", "parents": [], "data": metadata.get("data", {})}
+    meta = {"phase": "experts", "parents": []}
     save_model_dir(model, tokenizer, latent, meta)
     save_model_dir(pack_bitnet(copy.deepcopy(model)), tokenizer, packed, meta)
     return latent, packed
@@ -29,18 +34,16 @@ def bitnet_dirs(model, tokenizer, metadata, root):
 @pytest.fixture(scope="module")
 def phase_run(cognate_micro, tmp_path_factory):
     root = tmp_path_factory.mktemp("compression")
-    model, tokenizer, metadata = load_model_dir(cognate_micro[1].artifacts["trunk"])
-    latent, packed = bitnet_dirs(model, tokenizer, metadata, root)
+    model, tokenizer, _ = load_model_dir(cognate_micro[1].artifacts["trunk"])
+    latent, packed = bitnet_dirs(model, tokenizer, root)
     inputs = {"model": latent, "packed": packed}
-    lines = []
-    ctx = PhaseContext(out_dir=root / "phase", progress=False, wandb_mode="disabled", say=lines.append)
-    return inputs, ctx, compression.run(inputs, compression.PRESETS["micro"], ctx), lines
+    return root / "phase", inputs, run_micro(compression.SPEC, inputs, root / "phase")
 
 
 def test_micro_phase_writes_a_gated_artifact_with_exact_accounting(phase_run):
-    inputs, ctx, result, lines = phase_run
+    out, _, result = phase_run
     artifact = result.artifacts["artifact"]
-    summary = json.loads((ctx.out_dir / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["bytes"]["total"] == artifact.stat().st_size == result.metrics["artifact_bytes"]
     groups = summary["bytes"]["groups"]
     assert 1.5 < groups["ternary"]["bits_per_weight"] < 2.1 and groups["embedding"]["bits_per_weight"] <= 4.25 + 1e-9
@@ -52,33 +55,70 @@ def test_micro_phase_writes_a_gated_artifact_with_exact_accounting(phase_run):
     assert tensors["model.embed_tokens.weight"]["names"] == ["model.embed_tokens.weight", "lm_head.weight"]
     assert all(t["codec"].startswith("ternary-") for t in summary["tensors"] if t["group"] == "ternary")
     assert summary["decompression_seconds"] > 0 and summary["tokens_per_s"]["compressed"] > 0
-    assert any("attempt 0" in line for line in lines)
+    assert any("attempt 0" in line for line in (out / "progress.log").read_text().splitlines())
 
 
-def test_micro_artifact_loads_and_generates(phase_run):
-    _, _, result, _ = phase_run
-    model, tokenizer, metadata = load(result.artifacts["artifact"])
+def test_micro_artifact_loads_generates_and_names_its_parents_relatively(phase_run):
+    out, inputs, result = phase_run
+    artifact = result.artifacts["artifact"]
+    model, tokenizer, metadata = load(artifact)
     assert metadata["phase"] == "compression" and len(metadata["parents"]) == 2
+    for parent, name in zip(metadata["parents"], ("model", "packed")):
+        assert not parent["path"].startswith("/") and parent["sha256"] == sha256_file(inputs[name] / MANIFEST)
+        assert (artifact / parent["path"]).resolve() == inputs[name].resolve()
+    assert str(out) not in json.dumps(read_container(artifact).metadata)
     ids = tokenizer("1+2=", return_tensors="pt")["input_ids"]
-    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert out.shape[1] > ids.shape[1]
+    generated = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > ids.shape[1]
 
 
 def test_micro_phase_metrics_and_figures(phase_run):
-    _, ctx, result, _ = phase_run
-    assert read_metrics(ctx.out_dir, phase="compression")[-1]["artifact_bytes"] == result.metrics["artifact_bytes"]
-    assert len(read_metrics(ctx.out_dir, phase="compression/tensor")) == len(read_container(result.artifacts["artifact"]).tensors)
-    figures = compression.figures(ctx.out_dir)
+    out, _, result = phase_run
+    headline = read_metrics(out, phase="compression")[-1]
+    assert headline["artifact_bytes"] == result.metrics["artifact_bytes"]
+    assert result.metrics == {k: v for k, v in headline.items() if k not in ("phase", "step")}
+    assert len(read_metrics(out, phase="compression/tensor")) == len(read_container(result.artifacts["artifact"]).tensors)
+    assert len(read_metrics(out, phase="compression/sweep")) == len(compression.PRESETS["micro"].sweep_budgets)
+    assert len(read_metrics(out, phase="compression/attempt")) == result.metrics["rollbacks"] + 1
+    figures = compression_figures.figures(out)
     assert [title.split(":")[0] for title, _, _ in figures] == ["Compression"] * 3
 
 
-def test_rerun_reuses_the_verified_artifact(phase_run):
-    inputs, ctx, result, _ = phase_run
+def refuse(what):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"a rerun must not {what} again")
+    return refused
+
+
+def test_rerun_reuses_every_step(phase_run, monkeypatch):
+    out, inputs, result = phase_run
     before = result.artifacts["artifact"].read_bytes()
-    lines = []
-    again = compression.run(inputs, compression.PRESETS["micro"], dataclasses.replace(ctx, say=lines.append))
-    assert lines == ["compression: reusing the verified artifact of a previous run"]
-    assert again.metrics == result.metrics and result.artifacts["artifact"].read_bytes() == before
+    for name, what in (("encode_plan", "encode"), ("ladder", "climb the ladder"), ("sweep", "sweep"),
+                       ("measure", "measure"), ("final_report", "report")):
+        monkeypatch.setattr(compression, name, refuse(what))
+    again = run_micro(compression.SPEC, inputs, out)
+    assert {k: v for k, v in again.metrics.items() if k != "phase_seconds"} == \
+        {k: v for k, v in result.metrics.items() if k != "phase_seconds"}
+    assert again.artifacts["artifact"].read_bytes() == before
+
+
+def test_a_damaged_artifact_is_rebuilt_byte_for_byte_from_the_saved_plan(phase_run, monkeypatch):
+    out, inputs, result = phase_run
+    copied = out.with_name("phase-copy")  # beside the original: the parents' relative paths are the same
+    shutil.copytree(out, copied)
+    artifact = copied / "model.afz"
+    artifact.write_bytes(artifact.read_bytes()[:-10])
+    monkeypatch.setattr(compression, "encode_plan", refuse("encode"))
+    again = run_micro(compression.SPEC, inputs, copied)
+    assert artifact.read_bytes() == result.artifacts["artifact"].read_bytes()
+    assert again.metrics["artifact_bytes"] == result.metrics["artifact_bytes"]
+    assert "model.afz is missing or changed" in (copied / "progress.log").read_text()
+
+
+def test_two_runs_with_the_same_seed_write_the_same_artifact(phase_run):
+    out, inputs, result = phase_run
+    again = run_micro(compression.SPEC, inputs, out.with_name("phase-again"))  # beside it: same relative parents
+    assert again.artifacts["artifact"].read_bytes() == result.artifacts["artifact"].read_bytes()
 
 
 def test_failing_gate_climbs_the_ladder_on_a_tiny_llama(cognate_micro, tmp_path):
@@ -86,19 +126,17 @@ def test_failing_gate_climbs_the_ladder_on_a_tiny_llama(cognate_micro, tmp_path)
     each attempt raises the most damaging tensor one rung, and the artifact is still written."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _, tokenizer, metadata = load_model_dir(cognate_micro[1].artifacts["trunk"])
+    _, tokenizer, _ = load_model_dir(cognate_micro[1].artifacts["trunk"])
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    latent, packed = bitnet_dirs(LlamaForCausalLM(config), tokenizer, metadata, tmp_path)
-    settings = dataclasses.replace(compression.PRESETS["micro"], max_perplexity_ratio=0.5, max_rollbacks=2,
-                                   kd_steps=0, sweep_budgets=[4.25])
-    ctx = PhaseContext(out_dir=tmp_path / "phase", progress=False, wandb_mode="disabled", say=lambda _: None)
-    compression.run({"model": latent, "packed": packed}, settings, ctx)
-    summary = json.loads((ctx.out_dir / "summary.json").read_text())
+    latent, packed = bitnet_dirs(LlamaForCausalLM(config), tokenizer, tmp_path)
+    result = run_micro(compression.SPEC, {"model": latent, "packed": packed}, tmp_path / "phase",
+                       max_perplexity_ratio=0.5, max_rollbacks=2, kd_steps=0, sweep_budgets=[4.25])
+    summary = json.loads((tmp_path / "phase" / "summary.json").read_text())
     attempts = summary["attempts"]
-    assert len(attempts) == 3 and not summary["gate_passed"]
+    assert len(attempts) == 3 and not summary["gate_passed"] and result.artifacts["artifact"].is_file()
     for earlier, later in zip(attempts, attempts[1:]):
         rollback = earlier["rollback"]
         assert later["choices"][rollback["tensor"]] == rollback["now"] != rollback["dropped"]
@@ -106,7 +144,20 @@ def test_failing_gate_climbs_the_ladder_on_a_tiny_llama(cognate_micro, tmp_path)
     assert {t["group"] for t in summary["tensors"]} == {"ternary", "embedding", "lm_head", "rest"}
 
 
-def test_bad_inputs_fail_before_any_work(tmp_path):
-    ctx = PhaseContext(out_dir=tmp_path / "phase", progress=False, say=lambda _: None)
-    with pytest.raises(ValueError, match="input 'packed' must be a model directory"):
-        compression.run({"model": tmp_path}, compression.PRESETS["micro"], ctx)
+def test_bad_inputs_fail_before_any_work(phase_run, tmp_path):
+    _, inputs, _ = phase_run
+    with pytest.raises(ConfigError, match="input 'packed' is missing"):
+        run_micro(compression.SPEC, {"model": inputs["model"]}, tmp_path / "a")
+    not_a_dir = tmp_path / "packed.bin"
+    not_a_dir.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="input 'packed' must be a model directory"):
+        run_micro(compression.SPEC, {"model": inputs["model"], "packed": not_a_dir}, tmp_path / "b")
+    assert not (tmp_path / "b" / "steps").exists()
+
+
+def test_settings_declare_every_value():
+    assert undeclared(compression.Settings) == []
+    with pytest.raises(ConfigError, match="candidates"):
+        compression.Settings(candidates=["rtn4", "zip"])
+    with pytest.raises(ConfigError, match="bits_budget"):
+        compression.Settings(bits_budget=0.0)

@@ -1,16 +1,22 @@
 """Phase 5 end to end on the micro preset: on the micro Cognate trunk (two levels, control and all
 evaluations) and on the same trunk converted to BitNet (quantization-aware: the BitLinear layers
 survive training and saving; a hard wall of 1.0 stops it after the first level)."""
-import dataclasses
 import json
 
 import pytest
 import torch
 
-from agentforge.artifacts import load_model_dir, save_model_dir
-from agentforge.nn import BitLinear, convert_to_bitnet
-from agentforge.phases import PhaseContext, curriculum, settings_from_dict
+from agentforge.artifacts import load_model_dir, read_metadata, save_model_dir
+from agentforge.errors import ConfigError
+from agentforge.figures import curriculum as curriculum_figures
+from agentforge.nn import convert_to_bitnet
+from agentforge.phases import curriculum
+from agentforge.quant import bitlinear_layers
+from agentforge.rundir import read_record
+from agentforge.runtime import run_alone
+from agentforge.settings import from_dict, replace, undeclared
 from agentforge.train import read_metrics
+from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,23 +24,22 @@ LEVEL_KEYS = {"level", "accuracy", "mastered", "skipped", "hints", "hint_correct
               "dream_kept", "rounds", "steps", "remaining"}
 
 
-def quiet(out):
-    return PhaseContext(out_dir=out, progress=False, say=lambda _: None, wandb_mode="disabled")
-
-
 @pytest.fixture(scope="module")
 def on_cognate(cognate_micro, tmp_path_factory):
     out = tmp_path_factory.mktemp("curriculum")
     inputs = {"model": cognate_micro[1].artifacts["trunk"]}
-    return out, inputs, curriculum.run(inputs, curriculum.PRESETS["micro"], quiet(out))
+    return out, inputs, run_micro(curriculum.SPEC, inputs, out)
 
 
-def test_model_reloads_with_its_lineage_and_data_record(on_cognate, cognate_micro):
+def test_model_reloads_with_its_lineage_and_record(on_cognate):
     out, inputs, result = on_cognate
     model, tokenizer, meta = load_model_dir(result.artifacts["model"])
-    _, _, parent_meta = load_model_dir(inputs["model"])
-    assert meta["phase"] == "curriculum" and meta["parents"] == [str(inputs["model"])]
-    assert meta["data"] == parent_meta["data"] and tokenizer is not None
+    [parent] = meta["parents"]
+    assert meta["phase"] == "curriculum" and tokenizer is not None
+    assert (result.artifacts["model"] / parent["path"]).resolve() == inputs["model"].resolve()
+    assert parent["sha256"] == read_record(out)["inputs"]["model"]
+    assert meta["steps"] == meta["curriculum"]["steps"] and meta["stop_reason"] == meta["curriculum"]["stop_reason"]
+    assert all("seconds" not in row for row in meta["curriculum"]["levels"])  # metadata holds no timings
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
 
 
@@ -57,53 +62,71 @@ def test_levels_rounds_and_summary_are_recorded(on_cognate):
     assert summary["tools"]["after"]["without"]["n"] == 10  # micro: one arithmetic family, one item per level
     assert 0.0 <= summary["self_prediction"]["after"]["accuracy"] <= 1.0
     assert summary["baselines"] == result.metrics["baseline_levels"]
+    assert all(summary["perplexity"][name] > 1 for name in ("before", "after", "control"))
 
 
 def test_the_control_has_equal_compute(on_cognate):
-    out, _, _ = on_cognate
-    record = json.loads((out / "record.json").read_text())
+    out, _, result = on_cognate
+    record = read_metadata(result.artifacts["model"])["curriculum"]
     _, _, control_meta = load_model_dir(out / "control")
     assert control_meta["steps"] == record["steps"] and control_meta["tasks"] == record["examples"]
 
 
-def test_rerun_reuses_the_finished_phase(on_cognate):
+def test_rerun_reuses_the_finished_phase(on_cognate, monkeypatch):
     out, inputs, result = on_cognate
-    before = (out / "metrics.jsonl").read_text()
-    again = curriculum.run(inputs, curriculum.PRESETS["micro"], quiet(out))
-    assert again.metrics == result.metrics and (out / "metrics.jsonl").read_text() == before
+    rows = {suffix: read_metrics(out, phase=f"curriculum/{suffix}") for suffix in ("level", "round")}
+    manifest = (result.artifacts["model"] / "agentforge.json").read_text()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a rerun must not train or evaluate again")
+
+    for name in ("assess", "evaluate", "train_curriculum", "train_control"):
+        monkeypatch.setattr(curriculum, name, no_work)
+    again = run_micro(curriculum.SPEC, inputs, out)
+    timed = ("phase_seconds", "curriculum_seconds")
+    assert {k: v for k, v in again.metrics.items() if k not in timed} == \
+        {k: v for k, v in result.metrics.items() if k not in timed}
+    assert rows == {suffix: read_metrics(out, phase=f"curriculum/{suffix}") for suffix in ("level", "round")}
+    assert (result.artifacts["model"] / "agentforge.json").read_text() == manifest
 
 
 def test_figures(on_cognate):
     out, _, _ = on_cognate
-    titles = [title for title, _, _ in curriculum.figures(out)]
+    titles = [title for title, _, _ in curriculum_figures.figures(out)]
     assert len(titles) == 3 and any("remaining" in t for t in titles)
 
 
 def test_bitnet_model_stays_ternary_and_hits_the_hard_wall(cognate_micro, tmp_path):
-    model, tokenizer, meta = load_model_dir(cognate_micro[1].artifacts["trunk"])
+    model, tokenizer, _ = load_model_dir(cognate_micro[1].artifacts["trunk"])
     convert_to_bitnet(model)
-    save_model_dir(model, tokenizer, tmp_path / "latent", {"phase": "bitnet", "parents": [], "data": meta["data"]})
-    settings = dataclasses.replace(curriculum.PRESETS["micro"], hard_wall=1.0, control=False, text_rows=0)
-    result = curriculum.run({"model": tmp_path / "latent"}, settings, quiet(tmp_path / "phase"))
-    trained, _, _ = load_model_dir(result.artifacts["model"])
-    layers = {name: m for name, m in trained.named_modules() if isinstance(m, BitLinear)}
-    assert set(layers) == set(curriculum.bitlinear_layers(model)) and all(m.state == "training" for m in layers.values())
+    save_model_dir(model, tokenizer, tmp_path / "latent", {"phase": "bitnet", "parents": []})
+    result = run_micro(curriculum.SPEC, {"model": tmp_path / "latent"}, tmp_path / "phase", hard_wall=1.0,
+                       control=False, text_rows=0)
+    trained, _, meta = load_model_dir(result.artifacts["model"])
+    layers = bitlinear_layers(trained)
+    assert set(layers) == set(bitlinear_layers(model)) and all(m.state == "training" for m in layers.values())
+    assert meta["bitlinear_layers"] == len(layers)
     moved = [name for name, m in layers.items()
              if not torch.equal(m.weight, model.get_submodule(name).weight)]
     assert moved  # the latent weights were trained through the STE
     summary = json.loads((tmp_path / "phase" / "summary.json").read_text())
     assert summary["curriculum"]["stop_reason"].startswith("hard wall at level 0")
     assert len(summary["curriculum"]["levels"]) == 1 and "control" not in summary["per_level"]
+    assert summary["perplexity"]["after"] is None and not (tmp_path / "phase" / "control").exists()
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path):
-    with pytest.raises(ValueError, match="inputs must name 'model'"):
-        curriculum.run({}, curriculum.PRESETS["micro"], quiet(tmp_path))
-    bad = dataclasses.replace(curriculum.PRESETS["micro"], families=["chess"])
-    with pytest.raises(ValueError, match="unknown or empty"):
-        curriculum.run({"model": tmp_path}, bad, quiet(tmp_path))
-    with pytest.raises(ValueError, match="hard_wall must be in"):
-        curriculum.run({"model": tmp_path}, dataclasses.replace(curriculum.PRESETS["micro"], hard_wall=2.0),
-                       quiet(tmp_path))
-    with pytest.raises(ValueError, match="unknown setting"):
-        settings_from_dict(curriculum.Settings, {"stepz": 3}, "curriculum")
+def test_bad_inputs_and_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="input 'model' is missing"):
+        run_alone(curriculum.SPEC, {}, tmp_path, preset="micro", say=lambda _: None)
+    micro = curriculum.PRESETS["micro"]
+    with pytest.raises(ConfigError, match="families: expected a list of one of"):
+        replace(micro, {"families": ["chess"]}, "curriculum")
+    with pytest.raises(ConfigError, match="families: expected"):
+        replace(micro, {"families": []}, "curriculum")
+    with pytest.raises(ConfigError, match=r"hard_wall: expected a number in \[0, 1\]"):
+        replace(micro, {"hard_wall": 2.0}, "curriculum")
+    with pytest.raises(ConfigError, match="optimizer: expected one of"):
+        replace(micro, {"optimizer": "sgd"}, "curriculum")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        from_dict(curriculum.Settings, {"stepz": 3}, "curriculum")
+    assert undeclared(curriculum.Settings) == []

@@ -1,7 +1,8 @@
 """The curriculum's algorithms on small hand-checkable cases: the question state machine driven by
-a scripted answerer, failure diagnosis and hint escalation, the stopping rules, the temperature
-schedule, example packing, held-out sets and variants, the baseline choice, bootstrap intervals,
-tool demonstrations, and (measured) that accuracy falls with the difficulty level."""
+a scripted answerer, failure diagnosis and hint escalation, the stopping rules, the record the
+trained model keeps, the temperature schedule, example packing, held-out sets and variants, the
+baseline choice, bootstrap intervals, tool demonstrations, and (measured) that accuracy falls with
+the difficulty level."""
 import collections
 import math
 import types
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from agentforge.curriculum import hints, measure, rows, selfmodel, tasks
-from agentforge.curriculum.loop import stop_reason
+from agentforge.curriculum.loop import Record, stop_reason
 from agentforge.curriculum.state import CORRECTED, HINT, MASTER, MASTERED, SKIP, SKIPPED, VARIANT, LevelState
 from agentforge.data import TaskItem, score
 from agentforge.data.tasks import split_of
@@ -104,6 +105,15 @@ def test_max_hints_zero_skips_at_the_first_failure_and_bad_settings_are_refused(
         LevelState([item("2+2=", "4")], Variants(), mastery=0)
     with pytest.raises(ValueError, match="not active"):
         state.record(state.questions[0], "4", True)
+
+
+def test_the_record_summary_keeps_no_wall_clock_times():
+    record = Record(levels=[{"level": 0, "accuracy": 0.5, "seconds": 1.25}], visited={"add_small": [0]}, steps=3,
+                    examples=[rows.task_example("1+1=", "2"), rows.task_example("hint: x; 1+1=", "2", rows.HINTED)])
+    summary = record.summary()
+    assert summary["levels"] == [{"level": 0, "accuracy": 0.5}] and record.levels[0]["seconds"] == 1.25
+    assert summary["examples"] == 2 and summary["examples_by_kind"] == {"task": 1, "hinted": 1}
+    assert summary["steps"] == 3 and summary["visited"] == {"add_small": [0]}
 
 
 def test_stop_rules_hard_wall_budget_and_last_level():

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from agentforge.pipeline import PHASES
+from agentforge.pipeline import default_phases
 
 
 def _cli(module_name: str, argv: list[str]):
@@ -21,10 +21,10 @@ def _cli(module_name: str, argv: list[str]):
         sys.argv = saved
 
 
-@pytest.mark.parametrize("spec", PHASES, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", default_phases(), ids=lambda s: s.name)
 def test_help_names_the_phase_and_its_inputs(spec, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _cli(spec.module, ["--help"])
+        _cli(spec.run.__module__, ["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert f"python -m agentforge.phases.{spec.name}" in text
@@ -33,10 +33,12 @@ def test_help_names_the_phase_and_its_inputs(spec, capsys):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--set", "no_such_setting=1"], "unknown setting(s) ['no_such_setting']"),
-    (["--set", "seq_len"], "expected KEY=VALUE"),
-    (["--set", "seq_len=abc"], "the value must be JSON"),
-    (["--set", 'seq_len="long"'], "seq_len: expected int"),
+    (["--set", "no_such_setting=1"], "cognate: unknown setting 'no_such_setting'"),
+    (["--set", "trunk_steps"], "expected KEY=VALUE"),
+    (["--set", "trunk_steps=[1"], "not valid YAML"),
+    (["--set", "trunk_steps=long"], "cognate.trunk_steps: expected an int in [1, 10000000], got 'long'"),
+    (["--set", "cognate.trunk_steps=0"], "cognate.trunk_steps: expected an int in [1, 10000000], got 0"),
+    (["--set", "data.seq_len=4"], "data.seq_len: expected an int in [8, 8192], got 4"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
 ])
 def test_bad_settings_exit_2_before_anything_is_written(bad, message, tmp_path, capsys):

@@ -6,32 +6,42 @@ import pytest
 
 from agentforge import config, pipeline
 from agentforge.config import ConfigError
+from agentforge.data.spec import PRESETS as DATA_PRESETS
 from agentforge.phases import cognate
 from pipeline_helpers import TEST_PHASES
 
-MODULES = pipeline.implemented(TEST_PHASES)  # seedling, polish
-NAMES = [s.name for s in TEST_PHASES]
-
 
 def resolve(**options):
-    return config.resolve(MODULES, NAMES, **options)
+    return config.resolve(TEST_PHASES, **options).to_dict()
 
 
-def test_each_preset_takes_every_implemented_phase_preset():
+def test_each_preset_takes_every_phase_preset():
     for preset in config.PRESETS:
-        built = config.resolve(pipeline.implemented(pipeline.PHASES), [s.name for s in pipeline.PHASES], preset=preset)
-        assert built["preset"] == preset and built["seed"] == 0
-        assert built["cognate"] == dataclasses.asdict(cognate.PRESETS[preset])
+        built = config.resolve(pipeline.default_phases()[:1], preset=preset)
+        assert built.preset == preset and built.seed == 0 and built.data == DATA_PRESETS[preset]
+        assert built["cognate"] == cognate.PRESETS[preset]
     assert resolve()["preset"] == "tiny"  # the default
 
 
 def test_file_then_sets_override_the_preset(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: micro\nseed: 3\npolish:\n  lr: 1e-3\n  steps: 7\n")
-    built = resolve(file=path, sets=["polish.steps=9", "seed=5", "seedling.layers=2"])
-    assert built == {"seed": 5, "preset": "micro", "seedling": {"hidden_size": 16, "layers": 2},
-                     "polish": {"steps": 9, "lr": 0.001}}
+    built = resolve(file=path, sets=["polish.steps=9", "seed=5", "seedling.layers=2", "data.seq_len=96"])
+    assert built == {"seed": 5, "preset": "micro", "data": {**dataclasses.asdict(DATA_PRESETS["micro"]), "seq_len": 96},
+                     "seedling": {"hidden_size": 16, "layers": 2}, "polish": {"steps": 9, "lr": 0.001}}
     assert resolve(file=path, preset="tiny")["preset"] == "tiny"  # --preset wins over the file's
+
+
+def test_a_run_json_is_accepted_back_as_a_config(tmp_path):
+    import json
+
+    built = resolve(preset="micro", sets=["polish.steps=11"])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"id": "x", "created": "2026-12-07T00:00:00+00:00", "config": built}))
+    assert resolve(file=path) == built
+    yaml_path = tmp_path / "printed.yaml"
+    yaml_path.write_text(config.resolve(TEST_PHASES, preset="micro", sets=["polish.steps=11"]).to_yaml())
+    assert resolve(file=yaml_path) == built  # what --print-config prints
 
 
 def test_values_parse_as_yaml():
@@ -44,22 +54,27 @@ def test_values_parse_as_yaml():
 
 @pytest.mark.parametrize("options, message", [
     ({"preset": "huge"}, "unknown preset 'huge'; allowed: micro, tiny, small"),
-    ({"sets": ["polish.stepz=3"]}, "polish: unknown setting(s) ['stepz']; allowed: ['lr', 'steps']"),
-    ({"sets": ["polish.steps=many"]}, "polish.steps: expected int, got 'many'"),
-    ({"sets": ["polish.lr=[1]"]}, "polish.lr: expected float, got [1]"),
-    ({"sets": ["seed=-1"]}, "seed: expected an int >= 0, got -1"),
-    ({"sets": ["polsh.steps=3"]}, "--set polsh.steps: unknown config key 'polsh'; allowed: seed, preset, seedling, polish"),
-    ({"sets": ["unbuilt.steps=3"]}, "--set unbuilt.steps: phase unbuilt is not implemented yet, so it takes no settings"),
-    ({"sets": ["polish=3"]}, "--set polish: name a setting of polish, e.g. --set polish.SETTING=VALUE"),
-    ({"sets": ["steps"]}, "--set 'steps': expected KEY=VALUE, e.g. seed=1 or cognate.trunk_steps=40"),
+    ({"sets": ["polish.stepz=3"]}, "polish: unknown setting 'stepz'; allowed: steps, lr"),
+    ({"sets": ["polish.steps=many"]}, "polish.steps: expected an int in [1, 1000], got 'many'"),
+    ({"sets": ["polish.steps=0"]}, "polish.steps: expected an int in [1, 1000], got 0"),
+    ({"sets": ["polish.lr=[1]"]}, "polish.lr: expected a number in (0, 1], got [1]"),
+    ({"sets": ["seed=-1"]}, "seed: expected an int in [0, 4294967295], got -1"),
+    ({"sets": ["seed=1e23"]}, "seed: expected an int in [0, 4294967295], got 1e+23"),
+    ({"sets": ["data.seq_len=0"]}, "data.seq_len: expected an int in [8, 8192], got 0"),
+    ({"sets": ["polsh.steps=3"]}, "--set polsh.steps=3: unknown config key 'polsh'; allowed: seed, preset, data, "
+                                  "seedling, polish"),
+    ({"sets": ["polish=3"]}, "--set polish=3: polish must be a mapping of settings, got 3"),
+    ({"sets": ["steps"]}, "--set 'steps': expected KEY=VALUE, e.g. seed=1 or bitnet.steps=40"),
     ({"sets": ["preset=micro"]}, "--set preset=...: use --preset"),
     ({"sets": ["polish.steps=[1"]}, "--set polish.steps: not valid YAML"),
+    ({"sets": ["polish.steps=" + "9" * 4_000_000]}, "--set polish.steps: not a readable value (Exceeds the limit"),
+    ({"sets": ["polish.steps=" + "9" * 4_000]}, "polish.steps: expected an int in [1, 1000], got 9999"),
 ])
 def test_every_mistake_is_one_line_naming_the_key(options, message):
     with pytest.raises(ConfigError) as caught:
         resolve(**options)
     assert str(caught.value).startswith(message)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
 
 
 @pytest.mark.parametrize("text, message", [
@@ -78,11 +93,9 @@ def test_bad_config_files_are_refused(tmp_path, text, message):
 
 
 def test_a_preset_a_phase_lacks_is_refused():
-    class Partial:  # a phase module that defines only one preset
-        PRESETS = {"micro": cognate.PRESETS["micro"]}
-
-    with pytest.raises(ConfigError, match=r"^preset 'small' is not defined for phase partial \(it defines: micro\)$"):
-        config.preset_config("small", {"partial": Partial})
+    partial = dataclasses.replace(TEST_PHASES[1], presets={"micro": TEST_PHASES[1].presets["micro"]})
+    with pytest.raises(ConfigError, match=r"^preset 'small' is not defined for phase polish \(it defines: micro\)$"):
+        config.resolve([TEST_PHASES[0], partial], preset="small")
 
 
 def test_a_resumed_run_keeps_its_settings_and_new_phases_get_the_preset():
@@ -94,3 +107,14 @@ def test_a_resumed_run_keeps_its_settings_and_new_phases_get_the_preset():
     changed = resolve(saved=saved, sets=["seedling.layers=3"])
     assert config.first_difference(saved, changed) == "seedling.layers: 1 -> 3"
     assert resolve(saved=saved, preset="tiny")["seedling"]["hidden_size"] == 32  # another preset: rebuilt
+
+
+def test_every_setting_of_every_phase_declares_what_it_accepts():
+    from agentforge.data.spec import DataSpec
+    from agentforge.settings import undeclared
+
+    for spec in pipeline.default_phases():
+        assert undeclared(spec.settings) == [], spec.name
+        for preset in config.PRESETS:
+            assert isinstance(spec.presets[preset], spec.settings)
+    assert undeclared(DataSpec) == []

@@ -1,6 +1,7 @@
 """agentforge.registry: SQLite in WAL mode; a phase's model and handoff rows replaced in one
 transaction, so recording twice leaves the same rows and forgetting leaves none behind."""
 import sqlite3
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from agentforge import rundir
 from agentforge.artifacts import save_model_dir, sha256_dir
 from agentforge.registry import Registry, open_registry
+from agentforge.runtime import Input
+
+MAKE = SimpleNamespace(name="make", needs={})
+MERGE = SimpleNamespace(name="merge", needs={"models": Input("make.children", "the children to merge")})
 
 
 def tiny_llama(hidden: int) -> LlamaForCausalLM:
@@ -24,7 +29,8 @@ def record_for(phase_dir, artifacts, metrics=None):
         files.update(rundir.artifact_files(phase_dir, value))
     relative = {k: [p.relative_to(phase_dir).as_posix() for p in v] if isinstance(v, list)
                 else v.relative_to(phase_dir).as_posix() for k, v in artifacts.items()}
-    return {"artifacts": relative, "files": files, "metrics": metrics or {}}
+    sizes = {name: (phase_dir / name).stat().st_size for name in files}
+    return {"artifacts": relative, "files": files, "sizes": sizes, "metrics": metrics or {}}
 
 
 @pytest.fixture
@@ -51,8 +57,8 @@ def run(tmp_path):
 
 
 def record_both(run_dir, registry, records):
-    registry.record_phase("r1", run_dir, "make", run_dir / "01-make", records["make"], [])
-    registry.record_phase("r1", run_dir, "merge", run_dir / "02-merge", records["merge"], [("make", "children", "models")])
+    registry.record_phase("r1", run_dir, MAKE, run_dir / "01-make", records["make"])
+    registry.record_phase("r1", run_dir, MERGE, run_dir / "02-merge", records["merge"])
 
 
 def test_the_database_is_in_wal_mode(run):
@@ -106,11 +112,11 @@ def test_a_transaction_that_fails_half_way_leaves_the_previous_rows(run):
     run_dir, registry, records = run
     record_both(run_dir, registry, records)
     before = registry.models(), registry.handoffs()
-    # the merge phase's rows are deleted and its model inserted; then the second handoff row for
-    # the same input violates the primary key and the whole transaction rolls back
+    # the merge phase's rows are deleted and its model inserted; then a second model of the same
+    # id violates the primary key and the whole transaction rolls back
+    twice = {**records["merge"], "artifacts": {"merged": "merged", "copies": ["merged"]}}
     with pytest.raises(sqlite3.IntegrityError):
-        registry.record_phase("r1", run_dir, "merge", run_dir / "02-merge", records["merge"],
-                              [("make", "children", "models"), ("make", "base", "models")])
+        registry.record_phase("r1", run_dir, MERGE, run_dir / "02-merge", twice)
     assert (registry.models(), registry.handoffs()) == before
 
 

@@ -30,6 +30,31 @@ class CorruptArtifact(RuntimeError):
     """An artifact on disk is incomplete or differs from what was written."""
 
 
+class DiskFull(OSError):
+    """A write failed because the file system ran out of space."""
+
+
+# Pickle files run code when loaded; agentforge reads weights from safetensors only.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Config fields that size a model: none may exceed what the stored weights hold.
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size")
+LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "num_prelude_layers", "num_core_layers")
+_LOW_SPACE = 16 << 20  # bytes: below this, a failed write is taken for a full disk
+
+
+def _disk_full(path: Path, error: BaseException) -> DiskFull | None:
+    """A ``DiskFull`` that names where and how much is free, when ``error`` (an OSError with
+    ENOSPC/EDQUOT, or a library's error while the disk is nearly full) came from a full disk."""
+    import errno
+
+    target = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(target).free
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or free < _LOW_SPACE:
+        return DiskFull(errno.ENOSPC, f"the disk holding {target} is full ({free / 2**20:.1f} MiB free) while "
+                                      f"writing {path}; free some space, then resume")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # atomic files
 
@@ -86,9 +111,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are ordinary readable files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        full = _disk_full(path, e) if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from e
         raise
     _fsync_dir(path.parent)
 
@@ -160,10 +188,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         _swap_in(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(OSError):
             recover_directory(path)  # a failure between the swap's two renames: put the old one back
+        full = _disk_full(path, e) if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from e
         raise
 
 
@@ -239,6 +270,44 @@ def save_model_dir(model, tokenizer, path: str | os.PathLike, metadata: dict,
     return Path(path)
 
 
+def tensor_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` over a directory's safetensors files, read from their headers only."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(path, framework="np") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
+
+
+def check_loadable(path: str | os.PathLike) -> None:
+    """Refuse, before anything is built from it, a model directory that holds a pickle file or
+    whose config declares a model larger than its stored weights (a config edited to a million
+    layers would otherwise build them). ``CorruptArtifact`` with one line."""
+    import re
+
+    path = Path(path)
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CorruptArtifact(f"{path}: {pickles[0]} is a pickle file, which can run code when loaded; agentforge "
+                              "loads safetensors only (remove it, or convert the weights to safetensors)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptArtifact(f"{path}: config.json is missing or unreadable ({e})") from None
+    shapes = tensor_shapes(path)
+    if not isinstance(config, dict) or not shapes:
+        raise CorruptArtifact(f"{path}: no config mapping or no safetensors weights")
+    largest = max(max(shape, default=1) for shape in shapes.values())
+    depth = 1 + max((int(i) for name in shapes for i in re.findall(r"\.(\d+)\.", name)), default=0)
+    for key, limit in [*((k, largest) for k in SIZE_KEYS), *((k, depth) for k in LAYER_KEYS)]:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise CorruptArtifact(f"{path}: config.json declares {key}={value}, more than its weights hold ({limit}); "
+                                  "the config does not belong to these weights")
+
+
 def load_model_dir(path: str | os.PathLike, *, verify: bool = True, **model_kwargs):
     """Load a directory written by ``save_model_dir``: ``(model, tokenizer or None, metadata)``.
 
@@ -251,7 +320,8 @@ def load_model_dir(path: str | os.PathLike, *, verify: bool = True, **model_kwar
     manifest = _read_manifest(path)
     if verify:
         verify_hashes(path, manifest["files"], ignore=(MANIFEST,))
-    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    check_loadable(path)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **model_kwargs)
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     return model, tokenizer, manifest["metadata"]

@@ -30,7 +30,7 @@ import yaml
 from agentforge.data.spec import PRESETS as DATA_PRESETS
 from agentforge.data.spec import DataSpec
 from agentforge.errors import ConfigError
-from agentforge.settings import from_dict, shown, to_dict
+from agentforge.settings import clip, from_dict, shown, to_dict
 
 PRESETS = ("micro", "tiny", "small")
 DEFAULT_PRESET = "tiny"
@@ -53,7 +53,9 @@ def parse_value(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({shown(' '.join(str(e).split()))})") from None
+        raise ConfigError(f"{where}: not valid YAML ({clip(' '.join(str(e).split()))})") from None
+    except ValueError as e:  # e.g. an int of more digits than Python converts
+        raise ConfigError(f"{where}: not a readable value ({clip(str(e))})") from None
 
 
 def load_file(path: str | Path) -> dict:
@@ -98,6 +100,9 @@ def _preset_values(preset: str, specs) -> dict:
         raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     values: dict[str, Any] = {"seed": 0, "preset": preset, "data": to_dict(DATA_PRESETS[preset])}
     for spec in specs:
+        if preset not in spec.presets:
+            raise ConfigError(f"preset {preset!r} is not defined for phase {spec.name} "
+                              f"(it defines: {', '.join(sorted(spec.presets))})")
         values[spec.name] = to_dict(spec.presets[preset])
     return values
 
@@ -147,6 +152,8 @@ def parse_set(item: str, default_prefix: str | None = None, known: tuple[str, ..
 def build(values: dict, specs) -> RunConfig:
     """A ``RunConfig`` from plain values (every section checked)."""
     seed = values.get("seed")
+    if isinstance(seed, float) and seed.is_integer() and 0 <= seed <= MAX_SEED:
+        seed = int(seed)  # YAML reads 1e3 as a float
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed: expected an int in [0, {MAX_SEED}], got {shown(seed)}")
     return RunConfig(seed=seed, preset=values["preset"], data=from_dict(DataSpec, values["data"], "data"),
@@ -169,7 +176,7 @@ def resolve(specs, *, preset: str | None = None, file: str | Path | None = None,
         _merge(config, {k: v for k, v in saved.items() if k in allowed}, "run.json", allowed)
     _merge(config, values, f"--config {file}", allowed)
     for item in sets:
-        _merge(config, parse_set(item, standalone, tuple(allowed)), f"--set {shown(item)}", allowed)
+        _merge(config, parse_set(item, standalone, tuple(allowed)), f"--set {clip(item)}", allowed)
     return build(config, specs)
 
 

@@ -32,13 +32,13 @@ from typing import Callable
 
 from agentforge import config as configuration
 from agentforge import rundir
+from agentforge.data.spec import DATA_ARTIFACT
 from agentforge.errors import ConfigError, HandoffError, PipelineError
 from agentforge.runtime import PhaseRun, PhaseSpec, record_phase
 from agentforge.settings import to_dict
 from agentforge.train import distributed
 
 PHASE_MODULES = ("cognate", "evomerge", "quietstar", "bitnet", "curriculum", "baking", "experts", "compression")
-DATA_ARTIFACT = "data"  # the first phase hands over the run's data spec under this name
 
 
 @functools.cache
@@ -133,7 +133,14 @@ def prepare(*, out: str | os.PathLike | None = None, resume: str | os.PathLike |
     if holder is not None:
         raise ConfigError(f"{run_dir} is held by another run (pid {holder})")
     info["dir"] = str(run_dir)  # where it is now: a run directory may have been moved
-    return Run(run_dir, info, config, phases, _selection(run_dir, phases, info["from"], info["to"]))
+    selected = _selection(run_dir, phases, info["from"], info["to"])
+    first = phases[0]
+    if first.name not in selected and len(selected) > 0:
+        record = rundir.read_record(run_dir / first.dirname)
+        if record is not None and DATA_ARTIFACT in record["artifacts"]:
+            _check_data_spec(rundir.absolute_artifacts(run_dir / first.dirname, record)[DATA_ARTIFACT], config,
+                             first.name)
+    return Run(run_dir, info, config, phases, selected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +210,7 @@ def _run_phase(run: Run, spec: PhaseSpec, label: str, wandb_mode: str | None, pr
     if state == "complete":
         say(f"{label}: complete, reused")
         return
+    distributed.on_main(_check_free_space, run, spec, inputs)
     say(f"{label}: {'resuming' if state == 'resume' else 'starting'} in {phase_dir}")
     distributed.barrier()
     began = time.perf_counter()
@@ -242,16 +250,40 @@ def _gather_inputs(run: Run, spec: PhaseSpec) -> tuple[dict, dict]:
     for name, need in spec.needs.items():
         inputs[name], digests[name] = _handoff(run, need.producer, need.artifact, spec.name, name)
     if spec is not run.phases[0]:
-        from agentforge.data.spec import read_data_spec
-
         path, digests[DATA_ARTIFACT] = _handoff(run, run.phases[0].name, DATA_ARTIFACT, spec.name, DATA_ARTIFACT)
-        recorded, seed = read_data_spec(path)
-        change = configuration.first_difference({"data": to_dict(recorded), "seed": seed},
-                                                {"data": to_dict(run.config.data), "seed": run.config.seed})
-        if change:
-            raise ConfigError(f"the run's data spec ({path}) and the config differ: {change}; the held-out data is "
-                              f"fixed by {run.phases[0].name}, so rerun it (--from {run.phases[0].name}) to change it")
+        _check_data_spec(path, run.config, run.phases[0].name)
     return inputs, digests
+
+
+def _check_data_spec(path: Path, config: configuration.RunConfig, first: str) -> None:
+    """The data spec the first phase recorded at ``path`` must be the config's (one line otherwise)."""
+    from agentforge.data.spec import read_data_spec
+
+    recorded, seed = read_data_spec(path)
+    change = configuration.first_difference({"data": to_dict(recorded), "seed": seed},
+                                            {"data": to_dict(config.data), "seed": config.seed})
+    if change:
+        raise ConfigError(f"the run's data spec ({path}) and the config differ: {change}; the held-out data is "
+                          f"fixed by {first}, so rerun it (--from {first}) to change it")
+
+
+def _bytes_of(value) -> int:
+    return sum(p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+               for p in rundir.artifact_paths(value))
+
+
+def _check_free_space(run: Run, spec: PhaseSpec, inputs: dict) -> None:
+    """Rank 0: refuse to start a phase whose expected writes exceed the free space (one line
+    naming where, how much is free and how much the phase needs)."""
+    import shutil
+
+    from agentforge.artifacts import DiskFull
+
+    needed = spec.disk_needed(run.config[spec.name], sum(_bytes_of(v) for v in inputs.values()))
+    free = shutil.disk_usage(run.dir).free
+    if free < needed:
+        raise DiskFull(28, f"the disk holding {run.dir} has {free / 2**20:.0f} MiB free; {spec.name} needs about "
+                           f"{needed / 2**20:.0f} MiB; free some space (or move the run), then resume")
 
 
 def _same_start(record: dict | None, start: dict) -> bool:

@@ -27,7 +27,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from agentforge.rundir import artifact_paths, files_digest, now, tensor_shapes
+from agentforge.data.spec import DATA_ARTIFACT
+from agentforge.artifacts import tensor_shapes
+from agentforge.rundir import artifact_paths, files_digest, now
 
 REGISTRY_FILE = "registry.sqlite"
 
@@ -125,6 +127,8 @@ class Registry:
         known = {r["path"]: r["id"] for r in self.conn.execute("SELECT id, path FROM models WHERE run=?", (run_id,))}
         rows = []
         for artifact, value in record["artifacts"].items():
+            if artifact == DATA_ARTIFACT:
+                continue
             for relative in artifact_paths(value):
                 path = phase_dir / relative
                 name = relative.name if isinstance(value, list) else artifact

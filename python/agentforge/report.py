@@ -1,6 +1,9 @@
 """``DIR/report.html``: one self-contained page about a run (no external files or scripts; every
 plot is a matplotlib PNG embedded as a data URI), rebuilt from what is on disk:
 
+* first, what each phase did: its headline effect against its control on held-out data, the 95 %
+  interval, and a plain verdict (helped / no measurable effect / hurt), from each phase's
+  ``summary.json`` (``effects``);
 * the run: directory, id, preset, seed, status, times (``run.json``);
 * one row per phase: state, time, artifacts and all its headline metrics (``DIR/metrics.jsonl``);
 * training curves: the loss of every training stage, from each ``metrics.jsonl`` under a phase;
@@ -33,7 +36,9 @@ th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: left; vertica
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; } .source { font-family: monospace; }
-.completed { color: #1a7f37; } .failed, .incomplete { color: #b42318; } .skipped { color: #777; }
+.completed, .helped { color: #1a7f37; } .failed, .incomplete, .hurt { color: #b42318; }
+.skipped, .none { color: #777; } .running { color: #9a6700; }
+table.verdicts td, table.verdicts th { font-size: 1.05em; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 """
 
@@ -79,9 +84,10 @@ def _rows(path: Path) -> list[dict]:
 
 
 def training_curves(phase_dir: Path) -> list[tuple[str, Any, list[Path]]]:
-    """One figure per phase: training loss against step for every ``metrics.jsonl`` under
-    ``phase_dir`` that holds per-step losses (one line per training stage)."""
+    """One figure per phase: a panel per training stage (its own step axis) with the training loss
+    of every ``metrics.jsonl`` under ``phase_dir`` that holds per-step losses."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     curves = []
     for path in sorted(phase_dir.rglob(METRICS_FILE)):
@@ -93,15 +99,18 @@ def training_curves(phase_dir: Path) -> list[tuple[str, Any, list[Path]]]:
             curves.append((path, points))
     if not curves:
         return []
-    fig = Figure(figsize=(7, 3.4), layout="constrained")
-    ax = fig.add_subplot()
-    for path, points in curves:
-        label = path.parent.relative_to(phase_dir).as_posix() if path.parent != phase_dir else phase_dir.name
-        ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.legend(title="stage", fontsize="small")
-    return [(f"{phase_dir.name}: training loss", fig, [path for path, _ in curves])]
+    columns = min(len(curves), 3)
+    rows = -(-len(curves) // columns)
+    fig = Figure(figsize=(3.6 * columns, 2.6 * rows), layout="constrained")
+    for index, (path, points) in enumerate(curves):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        ax.set_title(path.parent.relative_to(phase_dir).as_posix() if path.parent != phase_dir else phase_dir.name,
+                     fontsize="medium")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return [(f"{phase_dir.name}: training loss per stage", fig, [path for path, _ in curves])]
 
 
 def phase_figures(phase_dir: Path, spec) -> list[tuple[str, Any, list[Path]]]:
@@ -144,7 +153,7 @@ def lineage_figure(models: list[dict]):
     for model in models:
         columns.setdefault(depth[model["id"]], []).append(model["id"])
     tallest = max(len(c) for c in columns.values())
-    fig = Figure(figsize=(2.6 * len(columns) + 1, 0.8 * tallest + 0.8), layout="constrained")
+    fig = Figure(figsize=(3.2 * len(columns) + 1, 1.0 * tallest + 1), layout="constrained")
     ax = fig.add_subplot()
     position = {mid: (x, -y) for x, ids in columns.items() for y, mid in enumerate(ids)}
     phases = list(dict.fromkeys(m["phase"] for m in models))
@@ -153,15 +162,25 @@ def lineage_figure(models: list[dict]):
         for parent in model["parents"]:
             if parent in position:
                 ax.annotate("", xy=position[model["id"]], xytext=position[parent],
-                            arrowprops={"arrowstyle": "->", "color": "#555", "shrinkA": 38, "shrinkB": 38})
+                            arrowprops={"arrowstyle": "->", "color": "#555", "shrinkA": 45, "shrinkB": 45})
     for model in models:
         params = f"\n{model['parameters']:,} params" if model["parameters"] else ""
-        ax.text(*position[model["id"]], model["id"] + params, ha="center", va="center", fontsize=8,
+        ax.text(*position[model["id"]], model["id"] + params, ha="center", va="center", fontsize=11,
                 bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": colours[model["phase"]], "linewidth": 2})
     ax.set_xlim(-0.7, len(columns) - 0.3)
     ax.set_ylim(-tallest + 0.4, 0.6)
     ax.axis("off")
     return fig
+
+
+def effects(run_dir: Path, spec) -> list[dict]:
+    """The ``effects`` a completed phase recorded in its summary.json (none when it recorded none)."""
+    try:
+        summary = json.loads((run_dir / spec.dirname / "summary.json").read_text())
+    except (OSError, ValueError):
+        return []
+    found = summary.get("effects") if isinstance(summary, dict) else None
+    return [e for e in found if isinstance(e, dict) and "verdict" in e] if isinstance(found, list) else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,13 +213,43 @@ def _phase_table(run_dir: Path, phases, states: dict[str, str]) -> str:
         shown = f"<details><summary>{len(numbers)} metrics</summary><table>{details}</table></details>" if numbers else ""
         artifacts = ", ".join(f"{k} ({len(v)})" if isinstance(v, list) else k
                               for k, v in (record or {}).get("artifacts", {}).items())
-        css = state.split(" ")[0].replace("not", "skipped")
+        css = state.split(" ")[0].replace("not", "skipped")  # "not started" is greyed
         seconds = _fmt(row["seconds"]) if "seconds" in row else ""
         body.append(f"<tr><td class=num>{spec.number}</td><td>{_esc(spec.name)}</td><td class={css}>{_esc(state)}</td>"
                     f"<td class=num>{_esc(seconds)}</td><td>{_esc(artifacts)}</td><td>{shown}</td></tr>")
     head = "<tr><th>#</th><th>phase</th><th>state</th><th>seconds</th><th>artifacts</th><th>metrics</th></tr>"
     return (f'<section id="phases"><h2>Phases</h2><table>{head}{"".join(body)}</table>'
             f'<p class="source">Source: {METRICS_FILE}, NN-phase/phase.json</p></section>')
+
+
+def _effect_cells(effect: dict) -> str:
+    interval = (f"[{_fmt(effect['low'])}, {_fmt(effect['high'])}]"
+                if effect.get("low") is not None and effect.get("high") is not None else "not measured")
+    css = {"helped": "helped", "hurt": "hurt"}.get(effect["verdict"], "none")
+    return (f"<td>{_esc(effect['what'])} <small>(vs {_esc(effect['control'])}; {_esc(effect['better'])} is better)"
+            f"</small></td><td class=num>{_esc(effect['value'])}</td><td class=num>{_esc(interval)}</td>"
+            f"<td class={css}><b>{_esc(effect['verdict'])}</b></td>")
+
+
+def _verdict_table(run_dir: Path, phases, states: dict[str, str]) -> str:
+    """The first table: each phase's headline effect against its control, and a verdict."""
+    body = []
+    for spec in phases:
+        state = states[spec.name]
+        found = effects(run_dir, spec) if state == "completed" else []
+        head = f"<td class=num>{spec.number}</td><td>{_esc(spec.name)}</td>"
+        if not found:
+            css = state.split(" ")[0]
+            body.append(f"<tr>{head}<td colspan=4 class={css}>{_esc(state)}</td></tr>")
+            continue
+        for i, effect in enumerate(found):
+            body.append(f"<tr>{head if i == 0 else '<td></td><td></td>'}{_effect_cells(effect)}</tr>")
+    header = "<tr><th>#</th><th>phase</th><th>headline effect on held-out data</th><th>value</th><th>95 % interval</th>" \
+             "<th>verdict</th></tr>"
+    return (f'<section id="verdicts"><h2>What each phase did</h2><table class=verdicts>{header}{"".join(body)}</table>'
+            "<p>Value: the phase's model minus its control. Verdict: <i>helped</i> or <i>hurt</i> when the 95 % "
+            "interval excludes zero, otherwise <i>no measurable effect</i>. "
+            '<span class="source">Source: NN-phase/summary.json (effects)</span></p></section>')
 
 
 def _lineage_section(run_dir: Path, models: list[dict]) -> str:
@@ -233,6 +282,7 @@ def render(run_dir: Path, phases) -> str:
     title = f"agentforge run {run_dir.name}"
     parts = [
         f"<h1>{_esc(title)}</h1>",
+        _verdict_table(run_dir, phases, states),
         _summary_section(run_dir, info, states),
         _phase_table(run_dir, phases, states),
         '<section id="training"><h2>Training curves</h2>'

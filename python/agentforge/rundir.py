@@ -287,17 +287,6 @@ def write_record(phase_dir: Path, record: dict, name: str = PHASE_FILE) -> None:
     atomic_write_json(phase_dir / name, {"format": RECORD_FORMAT, **record})
 
 
-def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """``{tensor name: shape}`` over a directory's safetensors files, read from their headers only."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(path, framework="np") as f:
-            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-    return shapes
-
-
 def clear_directory(path: Path) -> None:
     """Remove ``path`` and everything in it (a phase's work from another config or input)."""
     shutil.rmtree(path, ignore_errors=True)

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -33,6 +33,8 @@ from agentforge.rundir import PROGRESS_FILE
 from agentforge.settings import to_dict
 
 STEPS_DIR = "steps"
+# What a phase writes beyond its inputs' size: summaries, metrics, tokenizers, small checkpoints.
+DEFAULT_DISK = 64 << 20
 SUMMARY_FILE = "summary.json"
 
 
@@ -68,6 +70,31 @@ class PhaseResult:
 
 
 @dataclass(frozen=True)
+class Effect:
+    """A phase's headline: what it changed against its control, on held-out data. ``value`` is the
+    phase's model minus the control (``low``/``high``: a 95 % interval when one was measured);
+    ``better`` says which sign is an improvement ("higher" or "lower")."""
+
+    what: str
+    control: str
+    value: float
+    low: float | None = None
+    high: float | None = None
+    better: str = "higher"
+
+    def verdict(self) -> str:
+        """``helped`` or ``hurt`` when the interval excludes zero, else ``no measurable effect``
+        (no interval: the sign alone decides nothing)."""
+        if self.low is None or self.high is None or self.low <= 0 <= self.high:
+            return "no measurable effect"
+        improved = (self.low > 0) == (self.better == "higher")
+        return "helped" if improved else "hurt"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "verdict": self.verdict()}
+
+
+@dataclass(frozen=True)
 class PhaseSpec:
     """One phase: its number and name, settings class and presets, inputs (``needs``), artifacts
     with the contract each keeps (``provides``: name -> ``check(value)`` raising ``HandoffError``),
@@ -82,6 +109,9 @@ class PhaseSpec:
     needs: dict[str, Input] = field(default_factory=dict)
     provides: dict[str, Callable[[Any], None]] = field(default_factory=dict, compare=False)
     figures: str | None = None
+    # bytes the phase writes, from its settings and its inputs' bytes (checked against free space)
+    disk_needed: Callable[[Any, int], int] = field(default=lambda settings, input_bytes: DEFAULT_DISK + 6 * input_bytes,
+                                                   compare=False)
 
     @property
     def dirname(self) -> str:
@@ -95,7 +125,10 @@ class PhaseSpec:
             raise HandoffError(f"{self.name} did not hand over {', '.join(missing)} "
                                f"(it returned: {', '.join(artifacts) or 'nothing'})")
         for name, contract in self.provides.items():
-            contract(artifacts[name])
+            try:
+                contract(artifacts[name])
+            except HandoffError as e:
+                raise HandoffError(f"{self.name} broke its handoff contract: {name}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +314,33 @@ class PhaseRun:
             return None
         return Loaded(model, tokenizer, metadata, path) if metadata.get("step_key") == self._step_key(name) else None
 
+    def done(self, name: str) -> bool:
+        """Whether JSON step ``name`` finished earlier with the same key (its value is on disk)."""
+        return _read_step(self.out_dir / STEPS_DIR / f"{name}.json", self._step_key(name)) is not None
+
+    def forget(self, *names: str) -> None:
+        """Drop the memos of JSON steps ``names`` (a file one vouched for was lost): they run again."""
+        from agentforge.train import distributed
+
+        if self.is_main:
+            for name in names:
+                (self.out_dir / STEPS_DIR / f"{name}.json").unlink(missing_ok=True)
+        distributed.barrier()
+
+    def file_step(self, name: str, compute: Callable[[], dict], path: Path, *, dependents: tuple[str, ...] = (),
+                  everywhere: bool = False) -> dict:
+        """``step(name, compute)`` where ``compute`` writes ``path`` and returns a record holding its
+        ``sha256``: when the memoised record no longer matches the file, the step runs again, and
+        so do its ``dependents`` (steps that read the file)."""
+        from agentforge.artifacts import sha256_file
+
+        record = self.step(name, compute, everywhere=everywhere)
+        if not (path.is_file() and sha256_file(path) == record["sha256"]):
+            self.say(f"{path.name} is missing or changed since step {name} wrote it: {name} runs again")
+            self.forget(name, *dependents)
+            record = self.step(name, compute, everywhere=everywhere)
+        return record
+
     def model_step(self, name: str, build: Callable[[], Built], *, directory: str | None = None) -> Loaded:
         """The model ``build()`` makes, saved as a model directory (``directory``, default ``name``)
         on rank 0 behind a barrier, or read back when a previous run finished it with the same key.
@@ -301,13 +361,17 @@ class PhaseRun:
         distributed.barrier()
         return Loaded(built.model, built.tokenizer, metadata, path)
 
-    def parent(self, source: Any, child: Path) -> dict:
+    @staticmethod
+    def parent(source: Any, child: Path) -> dict:
         """A parent as the child's manifest records it: its path relative to the child's directory
-        (a run directory can be moved or copied) and, for an input, its digest."""
+        (a run directory can be moved or copied) and the sha256 of the parent's own manifest
+        (which lists the sha256 of each of its files), or None for a parent without one."""
+        from agentforge.artifacts import MANIFEST, sha256_file
+
         source = Path(source)
-        digest = next((self.digests[n] for n, v in self.inputs.items()
-                       if source in (v if isinstance(v, list) else [v])), None)
-        return {"path": os.path.relpath(source.absolute(), child.absolute()), "sha256": digest}
+        manifest = source / MANIFEST
+        return {"path": os.path.relpath(source.absolute(), child.absolute()),
+                "sha256": sha256_file(manifest) if manifest.is_file() else None}
 
     # --- training and writing -----------------------------------------------------------------
 
@@ -332,16 +396,18 @@ class PhaseRun:
                              enabled=self.is_main)
 
     def finish(self, artifacts: dict[str, Any], headline: dict, summary: dict | None = None,
-               rows: dict[str, list[dict]] | None = None) -> PhaseResult:
-        """Rank 0 writes ``summary.json`` (``summary`` plus the headline, settings and step timings)
-        and the phase's metrics rows: ``rows`` per suffix, then the headline row (replacing rows an
-        interrupted earlier finish wrote). Every rank returns the ``PhaseResult``."""
+               rows: dict[str, list[dict]] | None = None, effects: list[Effect] = ()) -> PhaseResult:
+        """Rank 0 writes ``summary.json`` (``summary`` plus the headline, the ``effects`` the report's
+        first table shows, settings and step timings) and the phase's metrics rows: ``rows`` per
+        suffix, then the headline row (replacing rows an interrupted earlier finish wrote). Every
+        rank returns the ``PhaseResult``."""
         from agentforge.artifacts import atomic_write_json
         from agentforge.train import distributed
 
         headline = {**headline, "phase_seconds": round(time.perf_counter() - self.started, 3)}
         if self.is_main:
             atomic_write_json(self.out_dir / SUMMARY_FILE, {**(summary or {}), "headline": headline,
+                                                            "effects": [e.to_dict() for e in effects],
                                                             "settings": to_dict(self.settings),
                                                             "step_seconds": self.timings})
             rows = rows or {}
@@ -406,10 +472,7 @@ def record_phase(phase_dir: Path, spec: PhaseSpec, artifacts: dict, metrics: dic
     from agentforge.train import distributed
 
     relative = _relative_artifacts(phase_dir, spec, artifacts)
-    try:
-        spec.check(rundir.absolute_artifacts(phase_dir, {"artifacts": relative}))
-    except HandoffError as e:
-        raise HandoffError(f"{spec.name} broke its handoff contract: {e}") from None
+    spec.check(rundir.absolute_artifacts(phase_dir, {"artifacts": relative}))
     record = rundir.finished_record(phase_dir, {**start, "number": spec.number}, relative, list(REPORT_FILES),
                                     metrics, seconds, distributed.world_size())
     rundir.write_record(phase_dir, record)
@@ -424,7 +487,9 @@ def run_alone(spec: PhaseSpec, inputs: dict[str, Any], out_dir: str | os.PathLik
     in ``out_dir/phase.json`` as the pipeline would. ``settings`` and ``data`` default to
     ``preset``'s; inputs are hash-checked when loaded."""
     from agentforge.data.spec import PRESETS as DATA_PRESETS
+    from agentforge.train import distributed
 
+    distributed.maybe_init()  # under torchrun: join the process group before the ranks are told apart
     settings = spec.presets[preset] if settings is None else settings
     data = DATA_PRESETS[preset] if data is None else data
     p = PhaseRun(spec, settings, inputs, out_dir, seed=seed, data=data, wandb_mode=wandb_mode, progress=progress,
@@ -449,8 +514,8 @@ def standalone_main(spec: PhaseSpec, argv: list[str] | None = None) -> int:
     from agentforge import config as configuration
     from agentforge.data.spec import read_data_spec
 
-    module = importlib.import_module(spec.run.__module__)
-    parser = argparse.ArgumentParser(prog=f"python -m {spec.run.__module__}", description=module.__doc__,
+    module = importlib.import_module(f"agentforge.phases.{spec.name}")
+    parser = argparse.ArgumentParser(prog=f"python -m agentforge.phases.{spec.name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, need in spec.needs.items():
         parser.add_argument(f"--{name}", required=True, type=Path, nargs="+" if need.many else None, help=need.help)

@@ -15,6 +15,7 @@ object is built, so a bad value fails before any work starts.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -32,12 +33,14 @@ def setting(default: Any, interval: str | None = None, *, choices: tuple | None 
             length: str | None = None, doc: str = "") -> Any:
     """A settings field: its default and what it accepts. ``interval`` (``"[1, 100]"``, ``"(0, 1)"``,
     ``"[0, inf)"``) bounds a number, or each number of a list; ``choices`` lists the allowed values
-    (of a string, or of each element of a list); ``length`` bounds a list's length. A class as
-    ``default`` is a nested settings dataclass built with its own defaults."""
+    (of a string, or of each element of a list); ``length`` bounds a list's length. A settings
+    class as ``default`` nests one built with its own defaults; a settings object nests a copy of it."""
     metadata = {"interval": _parse_interval(interval) if interval else None, "choices": choices,
                 "length": _parse_interval(length) if length else None, "doc": doc}
     if isinstance(default, type):
         return dataclasses.field(default_factory=default, metadata=metadata)
+    if dataclasses.is_dataclass(default):  # nested settings with non-default values: each object its own copy
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: list(default) if isinstance(default, list) else dict(default),
                                  metadata=metadata)
@@ -65,10 +68,17 @@ def _inside(value: float, interval) -> bool:
     return (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
 
 
+def clip(text: str) -> str:
+    """``text`` cut to a length that fits in a one-line error."""
+    return text if len(text) <= _MAX_SHOWN else f"{text[:_MAX_SHOWN]}... ({len(text)} characters)"
+
+
 def shown(value: Any) -> str:
     """``repr(value)``, clipped so that a huge bad value does not become a huge error line."""
-    text = repr(value)
-    return text if len(text) <= _MAX_SHOWN else f"{text[:_MAX_SHOWN]}... ({len(text)} characters)"
+    try:
+        return clip(repr(value))
+    except ValueError:  # an int too long to print
+        return f"an int of about {value.bit_length() * 3 // 10} digits"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +107,10 @@ def _describe(hint, meta: dict) -> str:
     base = {bool: "true or false", int: "an int", float: "a number", str: "a string"}.get(hint)
     if typing.get_origin(hint) is list:
         element = typing.get_args(hint)[0]
-        base = f"a list of {_describe(element, {**meta, 'length': None}).removeprefix('an ').removeprefix('a ')}s"
+        if meta.get("choices") is not None:
+            base = f"a list of values from {', '.join(map(str, meta['choices']))}"
+        else:
+            base = f"a list of {_describe(element, {**meta, 'length': None}).removeprefix('an ').removeprefix('a ')}s"
         if meta.get("length"):
             base += f" (length in {_interval_text(meta['length'])})"
         return ("null or " if optional else "") + base
@@ -141,8 +154,14 @@ def _valid(value, hint, meta: dict) -> bool:
     return ok
 
 
+_CHECKED: dict[str, type] = {}  # every settings class by name: resolves string annotations
+
+
 def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    # With ``from __future__ import annotations`` the field types are strings, resolved in the
+    # defining module; a module run as a script (``python -m``, runpy) is not importable by that
+    # name, so nested settings classes are also looked up among the known settings classes.
+    return typing.get_type_hints(cls, localns=_CHECKED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +171,10 @@ def _hints(cls) -> dict[str, Any]:
 @dataclasses.dataclass
 class Checked:
     """Base of every settings dataclass: checks each field against its declaration when built."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        _CHECKED[cls.__name__] = cls
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))

@@ -31,46 +31,38 @@ from torch import nn
 from agentforge.baking.cycles import plateaued
 from agentforge.baking.kl import BakingData, anchor_rows, kl_loss, measured_kl, prompted_trajectories
 from agentforge.baking.lora import DEFAULT_TARGETS, add_lora, check_bakeable, merge_lora
+from agentforge.optim.presets import PRESETS as OPTIMIZER_PRESETS
+from agentforge.settings import Checked, setting
 
 METHODS = ("full", "lora")
 
 
 @dataclass
-class BakeSettings:
-    """How one prompt is baked (the phase's presets choose the values)."""
+class BakeSettings(Checked):
+    """How one prompt is baked (the Baking phase nests these in its settings)."""
 
-    method: str = "full"  # "full": every weight; "lora": peft adapters, merged at the end
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: tuple = DEFAULT_TARGETS
-    samples_per_input: int = 2  # trajectories sampled per training input
-    max_new_tokens: int = 16  # trajectory length (a trajectory also ends at eos)
-    temperature: float = 1.0  # of the prompted model's sampling
-    tools: bool = False  # trajectories run the tool calls they write (prompts about tool use)
-    batch_size: int = 32
-    max_steps: int = 60
-    eval_every: int = 5  # steps between held-out KL measurements (the stop decisions)
-    optimizer_preset: str = "finetune"  # a MuGrokfast preset
-    lr_scale: float = 1.0  # multiplies the preset's learning rates
-    plateau_window: int = 2  # measurements without a relative reduction gain of ...
-    plateau_threshold: float = 0.02  # ... this much end a full bake
-    min_kl: float = 1e-4  # nats/token: a prompt that moves the model less has nothing to bake
-    anchor_weight: float = 0.0  # weight of the retention anchor's KL (when bake() is given anchor text)
+    method: str = setting("full", choices=METHODS, doc="full: every weight (tiny models); lora: peft adapters, merged")
+    lora_rank: int = setting(8, "[1, 4096]")
+    lora_alpha: float = setting(16.0, "(0, 100000]")
+    lora_targets: list[str] = setting(list(DEFAULT_TARGETS), length="[1, 64]", doc="layer name endings LoRA adapts")
+    samples_per_input: int = setting(2, "[1, 1024]", doc="trajectories sampled per training input")
+    max_new_tokens: int = setting(16, "[1, 65536]", doc="trajectory length (a trajectory also ends at eos)")
+    temperature: float = setting(1.0, "(0, 100]", doc="of the prompted model's sampling")
+    tools: bool = setting(False, doc="trajectories run the tool calls they write (prompts about tool use)")
+    batch_size: int = setting(32, "[1, 65536]")
+    max_steps: int = setting(60, "[1, 10000000]")
+    eval_every: int = setting(5, "[1, 10000000]", doc="steps between held-out KL measurements (the stop decisions)")
+    optimizer_preset: str = setting("finetune", choices=tuple(OPTIMIZER_PRESETS), doc="a MuGrokfast preset")
+    lr_scale: float = setting(1.0, "(0, 1000]", doc="multiplies the preset's learning rates")
+    plateau_window: int = setting(2, "[1, 10000]", doc="measurements without a relative reduction gain of ...")
+    plateau_threshold: float = setting(0.02, "[0, 100]", doc="... this much end a full bake")
+    min_kl: float = setting(1e-4, "[0, 100]", doc="nats/token: a prompt that moves the model less has nothing to bake")
+    anchor_weight: float = setting(0.0, "[0, 1000]",
+                                   doc="weight of the retention anchor's KL (when bake() is given anchor text)")
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"BakeSettings.method must be one of {METHODS}, got {self.method!r}")
-        for name in ("lora_rank", "samples_per_input", "max_new_tokens", "batch_size", "max_steps", "eval_every",
-                     "plateau_window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BakeSettings.{name} must be a positive int, got {value!r}")
-        for name in ("lora_alpha", "temperature", "lr_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"BakeSettings.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("plateau_threshold", "min_kl", "anchor_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"BakeSettings.{name} must be >= 0, got {getattr(self, name)!r}")
+    def check(self) -> None:
+        if not all(target.strip() for target in self.lora_targets):
+            self.fail("lora_targets", "must hold non-empty layer name endings")
 
 
 @dataclass
@@ -129,12 +121,9 @@ def _check_disjoint(inputs: Sequence[str], held_out: Sequence[str]) -> None:
 
 
 def _optimizer(student: nn.Module, settings: BakeSettings):
-    from agentforge.optim import PRESETS, MuGrokfast
+    from agentforge.optim import MuGrokfast
 
-    if settings.optimizer_preset not in PRESETS:
-        raise ValueError(f"BakeSettings.optimizer_preset must be one of {sorted(PRESETS)}, "
-                         f"got {settings.optimizer_preset!r}")
-    rates = {k: PRESETS[settings.optimizer_preset][k] * settings.lr_scale for k in ("muon_lr", "adamw_lr")}
+    rates = {k: OPTIMIZER_PRESETS[settings.optimizer_preset][k] * settings.lr_scale for k in ("muon_lr", "adamw_lr")}
     return MuGrokfast.from_preset(student, settings.optimizer_preset, total_steps=settings.max_steps, **rates)
 
 

@@ -1,9 +1,9 @@
 """Measuring a candidate tensor where it matters: at the output of the layers that use it, on
 calibration activations, rather than by weight MSE alone.
 
-``Calibration`` runs the model once on calibration batches with hooks on the modules that own
-the tensors to compress, keeps their inputs (the first ``max_calls`` calls of each: a
-weight-shared block runs several times per forward) and their outputs, and then scores any
+``Calibration`` runs the model once on calibration batches and keeps the inputs of the modules
+that own the tensors to compress (``agentforge.eval.capture``; the first ``max_calls`` calls of
+each: a weight-shared block runs several times per forward) and their outputs, and then scores any
 candidate tensor by re-running only those modules with it substituted
 (``torch.func.functional_call``):
 
@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from agentforge.compress.tensors import TensorSlot
+from agentforge.eval.capture import capture_calls
 
 
 def _tensors(output) -> list[torch.Tensor]:
@@ -35,16 +36,6 @@ def _tensors(output) -> list[torch.Tensor]:
     return []
 
 
-def _detached(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value
-
-
 class Calibration:
     """Inputs and outputs of the owner modules of ``slots`` on ``batches`` (dicts with
     ``input_ids`` and optionally ``attention_mask``)."""
@@ -52,28 +43,16 @@ class Calibration:
     def __init__(self, model: nn.Module, slots: list[TensorSlot], batches: list[dict], max_calls: int = 8):
         self.model = model
         self.modules = dict(model.named_modules())
-        owners = {owner for slot in slots for owner, _ in slot.owners}
-        self.calls: dict[str, list] = {name: [] for name in owners}
-        hooks = [self.modules[name].register_forward_pre_hook(self._recorder(name, max_calls), with_kwargs=True)
-                 for name in owners]
+        owners = list(dict.fromkeys(owner for slot in slots for owner, _ in slot.owners))
+        self.calls = capture_calls(model, owners, batches, max_calls=max_calls, with_kwargs=True)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                for batch in batches:
-                    model(**batch)
                 self.outputs = {name: [_tensors(self.modules[name](*args, **kwargs)) for args, kwargs in calls]
                                 for name, calls in self.calls.items()}
         finally:
-            for hook in hooks:
-                hook.remove()
             model.train(was_training)
-
-    def _recorder(self, name: str, max_calls: int):
-        def record(module, args, kwargs):
-            if len(self.calls[name]) < max_calls:
-                self.calls[name].append((_detached(args), _detached(kwargs)))
-        return record
 
     @torch.no_grad()
     def output_error(self, slot: TensorSlot, candidate: torch.Tensor) -> float:

@@ -80,7 +80,10 @@ def decode(parts: dict[str, np.ndarray], n: int) -> np.ndarray:
 def decode_many(streams: list[tuple[dict[str, np.ndarray], int]]) -> list[np.ndarray]:
     """Decode several streams at once: all their lanes advance in the same numpy step (one
     Python iteration per step of the longest stream instead of one per step of each), each lane
-    with its stream's frequency table and word stream."""
+    with its stream's frequency table and word stream. No streams decode to no arrays (a model
+    without a rANS-coded layer)."""
+    if not streams:
+        return []
     tables, states, words, lanes_of, steps, sizes = [], [], [], [], [], []
     for index, (parts, n) in enumerate(streams):
         freqs = parts["freqs"].astype(np.int64)

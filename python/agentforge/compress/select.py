@@ -4,18 +4,26 @@ fits the bits budget; ternary layers take their smallest lossless layout.
 
 The rollback ladder raises one tensor's budget to the next rung (e.g. 4.25 -> 8.25 -> 16 -> 32
 bits, i.e. int8, fp16, fp32) when the quality gate fails and that tensor is the most damaging.
+
+A plan is kept on disk as a container of every trial's encoding (``save_plan``) and a JSON
+record of the rest (``load_plan`` gives the choices back), so encoding is done once per model.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.func import functional_call
 
+from agentforge.artifacts import CorruptArtifact, atomic_write_bytes
 from agentforge.compress import ternary
 from agentforge.compress.calibration import Calibration, kl_loss
 from agentforge.compress.codec import Codec, Encoded, Raw, RoundToNearest, decode
+from agentforge.compress.container import Container, TensorRecord, parse, serialize
 from agentforge.compress.hyper import Hyper
 from agentforge.compress.seedlm import SeedLM
 from agentforge.compress.tensors import TensorSlot
@@ -111,6 +119,40 @@ def plan(slots: list[TensorSlot], calibration: Calibration, candidates, budget: 
             say(f"  {slot.name} {list(slot.tensor.shape)}: trying {', '.join(names)}")
         choices.append(TensorChoice(slot, try_codecs(slot, calibration, names, importance_floor),
                                     budget=SMALL_TENSOR_BUDGET if small else budget, small=small))
+    return choices
+
+
+def save_plan(choices: list[TensorChoice], path: str | os.PathLike) -> dict:
+    """Write every trial's encoding to the container at ``path`` (atomically); returns the JSON
+    record that, with that file, gives the choices back (:func:`load_plan`): per tensor its name,
+    budget, whether it is small and its trials (codec, bits, error, seconds), and the file's sha256."""
+    records = [TensorRecord([c.slot.name], c.slot.group, t.encoded) for c in choices for t in c.trials.values()]
+    data, _ = serialize(Container(records))
+    atomic_write_bytes(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(),
+            "tensors": [{"name": c.slot.name, "budget": c.budget, "small": c.small,
+                         "trials": [{"codec": t.codec, "bits": t.bits, "error": t.error, "seconds": t.seconds}
+                                    for t in c.trials.values()]} for c in choices]}
+
+
+def load_plan(record: dict, slots: list[TensorSlot], path: str | os.PathLike) -> list[TensorChoice]:
+    """The choices :func:`save_plan` recorded, for ``slots`` (the same model's), each as first
+    chosen. Raises ``CorruptArtifact`` when the file is not the one the record describes and
+    ``ValueError`` when the record is not about these slots."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CorruptArtifact(f"{path}: cannot read the codec plan ({e.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise CorruptArtifact(f"{path}: not the codec plan its record describes")
+    if [entry["name"] for entry in record["tensors"]] != [slot.name for slot in slots]:
+        raise ValueError("load_plan: the plan was made for other tensors")
+    encodings = iter(parse(data, str(path)).tensors)  # in the order save_plan wrote them
+    choices = []
+    for slot, entry in zip(slots, record["tensors"]):
+        trials = {t["codec"]: Trial(t["codec"], next(encodings).encoded, t["bits"], t["error"], t["seconds"])
+                  for t in entry["trials"]}
+        choices.append(TensorChoice(slot, trials, entry["budget"], small=entry["small"]))
     return choices
 
 

@@ -64,7 +64,8 @@ class Trainer:
         steps = min(steps, self.settings.total_steps - self.steps)
         if steps <= 0 or not examples:
             return None
-        packed, dropped = rows.pack(self.tokenizer, examples, self.settings.seq_len, seed=self.seed + self.calls)
+        packed, dropped = rows.pack(self.tokenizer, examples, self.settings.train_seq_len,
+                                    seed=self.seed + self.calls)
         self.dropped += dropped
         if not packed:
             return None
@@ -91,10 +92,14 @@ class Record:
     stop_reason: str = ""
 
     def summary(self) -> dict:
+        """The record without its rounds and wall-clock times: what the trained model's metadata
+        keeps, which must not depend on the machine (the level rows in metrics.jsonl keep their
+        seconds, and the rounds are rows there too)."""
         kinds: dict[str, int] = {}
         for example in self.examples:
             kinds[example.kind] = kinds.get(example.kind, 0) + 1
-        return {"levels": self.levels, "visited": self.visited, "steps": self.steps, "stop_reason": self.stop_reason,
+        levels = [{key: value for key, value in row.items() if key != "seconds"} for row in self.levels]
+        return {"levels": levels, "visited": self.visited, "steps": self.steps, "stop_reason": self.stop_reason,
                 "examples": len(self.examples), "examples_by_kind": kinds}
 
 

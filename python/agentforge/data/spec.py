@@ -15,6 +15,7 @@ from agentforge.errors import ConfigError
 from agentforge.settings import Checked, from_dict, setting, to_dict
 
 DATA_FILE = "data.json"
+DATA_ARTIFACT = "data"  # the first phase hands the spec over under this name; it is not a model
 
 
 @dataclass

@@ -115,20 +115,22 @@ class EvalSuite:
 
     def measure(self, model, held: HeldOut, *, batch_size: int, answers: bool = False) -> dict:
         """Perplexity on the held-out text; per domain the greedy-answer accuracy (reasoning-gym
-        scorers) and the mean NLL of the answer tokens (graded where accuracy is still near 0);
-        per family the accuracy; the means over domains; with ``answers`` the answers themselves."""
+        scorers), each item's score (``scores``: for paired intervals against another model) and
+        the mean NLL of the answer tokens (graded where accuracy is still near 0); per family the
+        accuracy; the means over domains; with ``answers`` the answers themselves."""
         from agentforge.data import score
         from agentforge.eval.lm import perplexity
         from agentforge.eval.tasks import generate_answers
 
         report: dict[str, Any] = {"perplexity": perplexity(model, held.text, batch_size=batch_size),
-                                  "accuracy": {}, "answer_nll": {}, "family_accuracy": {}}
+                                  "accuracy": {}, "answer_nll": {}, "family_accuracy": {}, "scores": {}}
         given = {}
         for domain, items in held.items.items():
             predicted = generate_answers(model, self.tokenizer, [it.prompt for it in items],
                                          max_new_tokens=answer_budget(self.tokenizer, items), batch_size=batch_size)
             scores = [score(it, a) for it, a in zip(items, predicted)]
             given[domain] = predicted
+            report["scores"][domain] = scores
             report["accuracy"][domain] = sum(scores) / len(items)
             for family in dict.fromkeys(it.family for it in items):
                 mine = [s for it, s in zip(items, scores) if it.family == family]

@@ -16,6 +16,9 @@ Methods (parameters as in a mergekit YAML recipe, so a recipe carries over):
     dfs               ``path``: (source, layer) steps through the main layer stack, ``scales``:
                       one residual-branch scale per step (Sakana's data-flow-space merge)
 
+The layer stacks of frankenmerge and dfs are the models' ``nn.ModuleList``s of repeated blocks
+(``agentforge.merge.layers``), so those two methods take the models themselves, not state dicts.
+
 τ_i = θ_i − θ_base. ``normalize=None`` means mergekit's default for the method. For frankenmerge
 and dfs, the tensors no layer choice covers (embeddings, norms, head; for dfs also any second
 layer stack, such as Cognate's recursive core) are the ``weights``-average of the sources.
@@ -32,6 +35,7 @@ from agentforge.merge import layers as _layers
 from agentforge.merge import methods as _m
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "frankenmerge", "dfs")
+LAYER_METHODS = ("frankenmerge", "dfs")  # they choose whole layers of the models' layer stacks
 TASK_VECTOR_METHODS = {  # name -> (sparsification, sign consensus, mergekit's default normalize)
     "task_arithmetic": (None, False, False),
     "ties": ("magnitude", True, True),
@@ -39,7 +43,7 @@ TASK_VECTOR_METHODS = {  # name -> (sparsification, sign consensus, mergekit's d
     "dare_ties": ("random", True, False),
 }
 
-__all__ = ["merge", "merged_model", "METHODS", "TASK_VECTOR_METHODS"]
+__all__ = ["merge", "merged_model", "dfs_stack_of", "METHODS", "TASK_VECTOR_METHODS"]
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -97,44 +101,57 @@ def merge(method: str, models: list, base=None, *, weights: list[float] | None =
     _check_same_layout(states, base_state)
     if normalize is None:
         normalize = TASK_VECTOR_METHODS[method][2] if method in TASK_VECTOR_METHODS else True
-    choice, out, rewired = _layer_plan(method, states, layers, path, scales)
+    stacks = _stacks_of(models[0], method) if method in LAYER_METHODS else {}
+    choice, out, rewired = _layer_plan(method, states, stacks, layers, path, scales)
     for key, reference in states[0].items():
-        if rewired and (_layers.split_layer_key(key) or ("",))[0] == rewired:
+        if rewired and key.startswith(f"{rewired}."):
             continue  # this stack is replaced by the DFS path
         tensors = [s[key] for s in states]
         if not reference.is_floating_point():
             out[key] = reference.clone()
             continue
-        merged = _merge_tensor(method, key, tensors, base_state, weights, density, t, normalize, seed, states, choice)
+        merged = _merge_tensor(method, key, tensors, base_state, weights, density, t, normalize, seed, states,
+                               (stacks, choice))
         out[key] = merged.to(reference.dtype)
     return out
 
 
-def dfs_stack_of(state: dict) -> str:
-    """The layer stack DFS rewires: the first one (``model.layers`` / Cognate's ``model.prelude``)."""
-    stacks = _layers.layer_stacks(state)
+def _stacks_of(model, method: str) -> dict[str, int]:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"merge: {method} chooses whole layers and needs the models themselves (nn.Module), "
+                         "whose layer stacks it finds on the model, not their state dicts")
+    return _layers.layer_stacks(model)
+
+
+def dfs_stack_of(model: nn.Module) -> str:
+    """The layer stack DFS rewires: the model's first one (Llama's ``model.layers``, Cognate's
+    ``model.prelude``)."""
+    stacks = _layers.layer_stacks(model)
     if not stacks:
-        raise ValueError("merge: dfs needs a model with numbered layers (e.g. model.layers.N.…)")
+        raise ValueError(f"merge: dfs needs a model with a stack of repeated blocks (an nn.ModuleList); "
+                         f"{type(model).__name__} has none")
     return next(iter(stacks))
 
 
-def _layer_plan(method, states, layers, path, scales):
+def _layer_plan(method, states, stacks, layers, path, scales):
     """FrankenMerge's slot -> source map; or DFS's new stack tensors and the stack they replace."""
     if method == "frankenmerge":
-        slots = _layers.layer_slots(states[0])
+        slots = _layers.layer_slots(stacks)
         if layers is None or len(layers) != len(slots) or any(not 0 <= s < len(states) for s in layers):
             raise ValueError(f"merge: frankenmerge needs layers= with one source index in 0..{len(states) - 1} per "
                              f"layer slot ({len(slots)}: {slots})")
         return dict(zip(slots, layers)), {}, None
     if method == "dfs":
-        stack = dfs_stack_of(states[0])
+        if not stacks:
+            raise ValueError("merge: dfs needs a model with a stack of repeated blocks (an nn.ModuleList)")
+        stack = next(iter(stacks))
         scales = [1.0] * len(path or []) if scales is None else list(scales)
-        _layers.check_dfs_path(states, stack, path or [], scales)
+        _layers.check_dfs_path(states, stack, stacks[stack], path or [], scales)
         return None, _layers.dfs_stack(states, stack, path, scales), stack
     return None, {}, None
 
 
-def _merge_tensor(method, key, tensors, base, weights, density, t, normalize, seed, states, choice):
+def _merge_tensor(method, key, tensors, base, weights, density, t, normalize, seed, states, layer_choice):
     if method == "linear":
         return _m.linear(tensors, weights, normalize)
     if method == "slerp":
@@ -145,7 +162,7 @@ def _merge_tensor(method, key, tensors, base, weights, density, t, normalize, se
                                     density=1.0 if density is None else density, consensus=consensus,
                                     normalize=normalize, generator=_tensor_generator(seed, key))
     if method == "frankenmerge":
-        chosen = _layers.frankenmerge_layer(key, states, choice)
+        chosen = _layers.frankenmerge_layer(key, states, *layer_choice)
         if chosen is not None:
             return chosen
     return _m.linear(tensors, weights, True)  # outside the layer choices: the weighted average

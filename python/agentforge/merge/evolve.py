@@ -17,6 +17,7 @@ tournament-selected parents (uniform crossover between recipes of one method, th
 A diversity guard keeps at least ``min_methods`` methods alive; the run stops early after
 ``patience`` generations without a gain of ``min_delta``. Fitness values are cached by recipe
 hash, so a recipe is never evaluated twice (and a resumed run replays its cached decisions).
+The settings are ``EvolutionSettings``; the random draws follow ``Evolution``'s ``seed``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agentforge.merge import METHODS
+from agentforge.settings import Checked, setting
 
 WEIGHT_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "frankenmerge", "dfs")
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
@@ -206,19 +208,47 @@ def recipe_sources(recipe: dict, n_sources: int) -> list[int]:
     return list(recipe["pair"]) if recipe["method"] == "slerp" else list(range(n_sources))
 
 
+def _numbers(values) -> str:
+    return "/".join(f"{v:.2g}" for v in values)
+
+
+def describe(recipe: dict) -> str:
+    """A recipe in a short readable line, e.g. ``ties: weights 1/0.42/0.8, density 0.5; config of
+    source 1`` (for titles and progress lines; the recipe itself is the JSON)."""
+    parts = []
+    if "pair" in recipe:
+        parts.append(f"sources {recipe['pair'][0]} and {recipe['pair'][1]} at t {recipe['t']:.2g}")
+    if "path" in recipe:
+        scales = recipe["scales"]
+        spread = f"{min(scales):.2g}" if min(scales) == max(scales) else f"{min(scales):.2g} to {max(scales):.2g}"
+        parts.append(f"{len(recipe['path'])}-step layer path, branch scales {spread}")
+    if "layers" in recipe:
+        parts.append("layers from sources " + "".join(str(s) for s in recipe["layers"]))
+    if "weights" in recipe:
+        parts.append(f"weights {_numbers(recipe['weights'])}")
+    if "density" in recipe:
+        parts.append(f"density {recipe['density']:.2g}")
+    return f"{recipe['method']}: {', '.join(parts)}; config of source {recipe['behaviour']}"
+
+
 @dataclass
-class EvolutionSettings:
-    population: int = 8
-    generations: int = 5
-    elites: int = 2
-    mutation_rate: float = 0.3
-    crossover_rate: float = 0.5
-    cma_per_generation: int = 2
-    tournament: int = 3
-    patience: int = 3
-    min_delta: float = 1e-3
-    min_methods: int = 2
-    seed: int = 0
+class EvolutionSettings(Checked):
+    """How the search runs: generation size and count, variation, early stopping."""
+
+    population: int = setting(8, "[2, 10000]", doc="recipes per generation")
+    generations: int = setting(5, "[1, 100000]", doc="at most this many generations")
+    elites: int = setting(2, "[0, 10000]", doc="best recipes carried over unchanged")
+    mutation_rate: float = setting(0.3, "[0, 1]", doc="per discrete gene, the chance of a new value")
+    crossover_rate: float = setting(0.5, "[0, 1]", doc="share of children crossed from two parents")
+    cma_per_generation: int = setting(2, "[0, 10000]", doc="CMA-ES recipes per generation (below 2: none)")
+    tournament: int = setting(3, "[1, 10000]", doc="contenders per tournament selection")
+    patience: int = setting(3, "[1, 100000]", doc="stop after this many generations without a gain")
+    min_delta: float = setting(1e-3, "[0, 1000]", doc="the smallest fitness gain that counts")
+    min_methods: int = setting(2, "[1, 8]", doc="methods kept alive in every generation")
+
+    def check(self) -> None:
+        if self.population <= self.elites:
+            self.fail("elites", f"must be below population ({self.population}): need population > elites")
 
 
 @dataclass
@@ -231,18 +261,17 @@ class EvolutionResult:
 
 class Evolution:
     """Runs the search; ``evaluate(recipes) -> fitness values`` is called once per generation with
-    the recipes that are not in ``cache`` (hash -> fitness), so it can spread them over ranks."""
+    the recipes that are not in ``cache`` (hash -> fitness), so it can spread them over ranks.
+    Every random draw (variation, CMA-ES) follows ``seed``."""
 
     def __init__(self, space: SearchSpace, settings: EvolutionSettings,
-                 evaluate: Callable[[list[dict]], list[float]], cache: dict | None = None,
+                 evaluate: Callable[[list[dict]], list[float]], *, seed: int = 0, cache: dict | None = None,
                  on_generation: Callable[[dict], None] = lambda row: None):
-        if settings.population < settings.elites + 1 or settings.generations < 1:
-            raise ValueError("evolve: need population > elites and at least one generation")
-        self.space, self.settings, self.evaluate = space, settings, evaluate
+        self.space, self.settings, self.evaluate, self.seed = space, settings, evaluate, seed
         self.cache = {} if cache is None else cache
         self.recipes: dict[str, dict] = {}  # hash -> recipe, for every recipe this run has met
         self.on_generation = on_generation
-        self.rng = random.Random(settings.seed)
+        self.rng = random.Random(seed)
         self._cma = None  # the running CMA-ES, its (method, dims), the recipe it varies, its open ask
         self._cma_method = None
         self._cma_template = None
@@ -345,7 +374,7 @@ class Evolution:
             return []
         if self._cma is None or self._cma_method != (best["method"], dims):
             self._cma = cma.CMAEvolutionStrategy(self.space.vector(best), 0.2, {
-                "seed": self.settings.seed + 1, "popsize": k, "bounds": [0, 1], "verbose": -9})
+                "seed": self.seed + 1, "popsize": k, "bounds": [0, 1], "verbose": -9})
             self._cma_method = (best["method"], dims)
         self._cma_template = best
         self._cma_asked = self._cma.ask()

@@ -273,8 +273,7 @@ def identical_shapes(models) -> bool:
 def check_siblings(siblings) -> None:
     """Cognate's guarantee: exactly three sibling model directories with one set of parameter
     names and shapes (so they can be merged), each naming the same parent (the trunk)."""
-    from agentforge.artifacts import read_metadata
-    from agentforge.rundir import tensor_shapes
+    from agentforge.artifacts import read_metadata, tensor_shapes
 
     if not isinstance(siblings, (list, tuple)) or len(siblings) != 3:
         count = len(siblings) if isinstance(siblings, (list, tuple)) else "not a list of"
@@ -298,11 +297,25 @@ def check_siblings(siblings) -> None:
         raise HandoffError(f"siblings: they must name one common parent (the trunk), they name {len(parents)}")
 
 
+def disk_needed(settings: Settings, input_bytes: int) -> int:
+    """Four models (trunk, three siblings), each also in its checkpoint with two optimizer
+    states of its size, plus the tokenizer, data and metrics."""
+    from agentforge.models import CognateConfig
+    from agentforge.runtime import DEFAULT_DISK
+
+    config = CognateConfig.from_preset(settings.model_preset, vocab_size=settings.vocab_size)
+    with torch.device("meta"):
+        from agentforge.models import CognateForCausalLM
+
+        parameters = sum(p.numel() for p in CognateForCausalLM(config).parameters())
+    return DEFAULT_DISK + 4 * 4 * 4 * parameters
+
+
 SPEC = PhaseSpec(
     number=1, name="cognate", summary="a shared trunk, then three siblings (reasoning, memory, speed)",
     settings=Settings, presets=PRESETS, run=run,
     provides={"trunk": model_dir, "siblings": check_siblings, "data": a_file},
-    figures="agentforge.figures.cognate")
+    figures="agentforge.figures.cognate", disk_needed=disk_needed)
 
 
 def main(argv: list[str] | None = None) -> int:

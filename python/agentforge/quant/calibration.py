@@ -42,35 +42,21 @@ class LayerCalibration:
         return asdict(self)
 
 
-@torch.no_grad()
 def layer_inputs(model: nn.Module, names: list[str], batches: list[dict], max_tokens: int,
                  seed: int = 0) -> dict[str, torch.Tensor]:
     """The inputs each named ``nn.Linear`` sees while ``model`` reads ``batches`` (dicts of
-    ``input_ids`` and optional ``attention_mask``), flattened to ``[tokens, in_features]`` and
-    subsampled (seeded, without replacement) to at most ``max_tokens`` rows per layer."""
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    ``input_ids`` and optional ``attention_mask``; captured by ``agentforge.eval.capture``),
+    flattened to ``[tokens, in_features]`` and subsampled (seeded, without replacement) to at most
+    ``max_tokens`` rows per layer."""
+    from agentforge.eval.capture import capture_calls
 
-    def recorder(name):
-        def hook(module, args):
-            seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in names]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    seen = capture_calls(model, names, batches, device="cpu")
     generator = torch.Generator().manual_seed(seed)
     inputs = {}
-    for name, parts in seen.items():
-        if not parts:
+    for name, calls in seen.items():
+        if not calls:
             raise ValueError(f"calibration: layer {name!r} was never called on the calibration rows")
-        x = torch.cat(parts)
+        x = torch.cat([args[0].reshape(-1, args[0].shape[-1]).float() for args in calls])
         if len(x) > max_tokens:
             x = x[torch.randperm(len(x), generator=generator)[:max_tokens]]
         inputs[name] = x

@@ -1,8 +1,22 @@
-"""The compression phase's report figures, drawn from its ``summary.json`` content. Each function
-returns ``(title, matplotlib Figure or None)``."""
+"""The compression phase's report figures, drawn from its ``summary.json``: bits per weight and
+codec of every tensor, the codecs tried on the largest tensors, quality against size. Each
+drawing function returns ``(title, matplotlib Figure or None)``."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from matplotlib.figure import Figure
+
+
+def figures(phase_dir: Path) -> list:
+    """Report figures from ``summary.json``: ``[(title, Figure, [source])]``."""
+    source = Path(phase_dir) / "summary.json"
+    if not source.is_file():
+        return []
+    summary = json.loads(source.read_text())
+    drawn = [bits_per_tensor(summary), codecs_tried(summary), quality_vs_size(summary)]
+    return [(title, fig, [source]) for title, fig in drawn if fig is not None]
 
 
 def bits_per_tensor(summary: dict):
