@@ -9,6 +9,7 @@ import pytest
 
 from agentforge import cli, pipeline, rundir
 from agentforge.artifacts import CorruptArtifact
+from agentforge.report import write_report
 from pipeline_helpers import TEST_PHASES, agentforge, tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +31,7 @@ def test_phases(monkeypatch):
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli") / "run"
     pipeline.execute(pipeline.prepare(out=run_dir, preset="micro", phases=TEST_PHASES), progress=False,
-                     say=lambda _: None)
+                     say=lambda _: None, on_change=write_report)
     return run_dir
 
 
@@ -149,7 +150,7 @@ def test_status_lists_each_phase_of_a_run(finished_run, capsys, test_phases):
     assert len(lines) == 5
 
 
-def test_models_lists_the_registry(finished_run, capsys):
+def test_models_lists_the_registry(finished_run, capsys, test_phases):
     code, out, _ = main(capsys, "models", finished_run)
     lines = out.splitlines()
     assert code == 0 and lines[0].split() == ["model", "parameters", "bytes", "sha256", "parents", "path"]

@@ -280,7 +280,7 @@ def test_cma_search_finds_the_measured_optimum():
         return Measurement(tuple(alphas), 1.0 - float(np.sum((np.array(alphas) - target) ** 2)), 0.01,
                            100 if any(alphas) else 0)
 
-    settings = SearchSettings(generations=8, population=6, sigma=0.3, w_latency=0.0, w_memory=0.0)
+    settings = SearchSettings(generations=8, population=6, sigma=0.3, w_compute=0.0, w_memory=0.0)
     search = MixtureSearch(evaluate, 3, settings)
     best = search.run([1.0, 0.0, 0.0], adapted_bytes=100)
     assert calls[0] == (0.0, 0.0, 0.0) and calls[1] == (1.0, 0.0, 0.0)  # the base first, then the start
@@ -295,6 +295,34 @@ def test_search_falls_back_to_the_base_when_adapting_does_not_pay():
 
     best = MixtureSearch(evaluate, 2, SearchSettings(generations=2, population=4)).run([1.0, 0.0], 100)
     assert best.alphas == (0.0, 0.0)
+
+
+def test_fitness_charges_counted_compute_relative_to_the_base_and_ignores_latency():
+    def evaluate(alphas):  # equal accuracy; the mixture costs 1.5x the base's FLOPs and is "faster"
+        adapted = any(alphas)
+        return Measurement(tuple(alphas), 0.5, 150.0 if adapted else 100.0, 100 if adapted else 0,
+                           latency_s=0.001 if adapted else 9.0)
+
+    search = MixtureSearch(evaluate, 2, SearchSettings(generations=0, w_nll=0.0, w_compute=0.1, w_memory=0.0))
+    assert search.run([1.0, 0.0], adapted_bytes=100).alphas == (0.0, 0.0)
+    assert search.fitness(search.measure([1.0, 0.0])) == pytest.approx(0.5 - 0.1 * 1.5)
+    assert search.fitness(search.reference) == pytest.approx(0.5 - 0.1)
+
+
+def test_search_settings_are_checked():
+    from agentforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="population: expected an int in"):
+        SearchSettings(population=1)
+    with pytest.raises(ConfigError, match="floor: must be below alpha_max"):
+        SearchSettings(alpha_max=0.5, floor=0.5)
+
+
+def test_build_flops_count_the_mixture_and_the_reconstruction():
+    basis = SVDBasis.of(Diagonal(), skip=())  # one 2x2 matrix, r = 2
+    assert basis.build_flops(0) == 0
+    assert basis.build_flops(1) == 3 * 2 + (2 + 2 * 2 + 2 * 2 * 2 * 2)
+    assert basis.build_flops(2) - basis.build_flops(1) == 3 * 2
 
 
 def test_sanitize_clips_floors_and_rounds():
@@ -348,6 +376,28 @@ def test_reinforce_gradient_vanishes_with_equal_rewards_and_not_otherwise(cognat
     alternating = iter([1.0, 0.0] * 3)
     varied, extras = gradient(lambda item, answer: next(alternating))
     assert varied.abs().max() > 0 and extras["reward"] == 0.5
+
+
+def test_expert_training_resumes_its_finished_stages_without_training(cognate_micro, tmp_path, monkeypatch):
+    from agentforge.artifacts import load_model_dir
+    from agentforge.data import make_split
+    from agentforge.experts import TrainSettings, in_directory, train_expert
+    from agentforge.train import loop
+
+    _, result = cognate_micro
+    model, tokenizer, _ = load_model_dir(result.artifacts["trunk"])
+    basis = SVDBasis.of(model)
+    items = make_split("add_small", "train", 8, seed=0, level=0)
+    settings = TrainSettings(ce_steps=2, rl_steps=1, batch_size=4)
+    z, results = train_expert(model, basis, tokenizer, items, settings, in_directory(tmp_path))
+    assert set(results) == {"ce", "rl"} and not torch.equal(z, basis.ones())
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a finished stage trained again")
+
+    monkeypatch.setattr(loop, "_step", no_step)
+    again, _ = train_expert(model, basis, tokenizer, items, settings, in_directory(tmp_path))
+    assert torch.equal(again, z)
 
 
 def test_expert_copy_does_not_share_z_with_the_basis():

@@ -1,15 +1,23 @@
 """Phase 3 end to end on the micro preset: a thinking model that reloads both ways, the four-way
-comparison with intervals, and a rerun that reuses the finished phase."""
+comparison with intervals, an equal-compute control of a counted number of steps, and a rerun
+that reuses the finished phase."""
 import json
 
 import pytest
 import torch
 
-from agentforge.artifacts import load_model_dir
-from agentforge.phases import PhaseContext, quietstar
-from agentforge.phases.quietstar.thinking import END, START, ThinkingModel
+from agentforge.artifacts import load_model_dir, sha256_file
+from agentforge.data.spec import DataSpec
+from agentforge.eval import EvalSuite
+from agentforge.figures import quietstar as quietstar_figures
+from agentforge.phases import quietstar
+from agentforge.quietstar import END, START, ThinkingModel, plain_steps, training_compute
+from agentforge.rundir import read_record
+from agentforge.train import read_metrics
+from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+MICRO = quietstar.PRESETS["micro"]
 
 
 @pytest.fixture(scope="module")
@@ -17,17 +25,19 @@ def phase(cognate_micro, tmp_path_factory):
     _, cognate_result = cognate_micro
     out = tmp_path_factory.mktemp("quietstar")
     inputs = {"model": cognate_result.artifacts["trunk"]}
-    ctx = PhaseContext(out_dir=out, progress=False, say=lambda _: None)
-    return out, inputs, quietstar.run(inputs, quietstar.PRESETS["micro"], ctx)
+    return out, inputs, run_micro(quietstar.SPEC, inputs, out)
 
 
 def test_thinking_model_reloads_as_base_and_as_thinker(phase):
-    out, inputs, result = phase
+    _, inputs, result = phase
     base, tokenizer, meta = load_model_dir(result.artifacts["model"])
-    assert meta["parents"] == [str(inputs["model"])] and "data" in meta
+    [parent] = meta["parents"]
+    assert (result.artifacts["model"] / parent["path"]).resolve() == inputs["model"].resolve()
+    assert parent["sha256"] == sha256_file(inputs["model"] / "agentforge.json")
     assert base.get_input_embeddings().weight.shape[0] == len(tokenizer)
     thinker, tok = ThinkingModel.load(result.artifacts["model"])
-    assert tok.convert_tokens_to_ids([START, END]) == [thinker.settings.start_id, thinker.settings.end_id]
+    assert tok.convert_tokens_to_ids([START, END]) == list(thinker.tokens)
+    assert thinker.settings == MICRO.thought
     ids = torch.tensor([tok("3+4=", add_special_tokens=False)["input_ids"]])
     new = thinker.generate(ids, max_new_tokens=2, eos_token_id=tok.eos_token_id)
     assert new.shape[0] == 1 and 1 <= new.shape[1] <= 2
@@ -41,16 +51,41 @@ def test_summary_compares_four_variants_with_intervals(phase):
         for stat in row.values():
             assert stat["low"] <= stat["mean"] <= stat["high"]
     assert summary["table"]["parent"]["accuracy_minus_parent"] == {"mean": 0.0, "low": 0.0, "high": 0.0}
-    assert len(summary["tasks"]) == quietstar.PRESETS["micro"].eval_pairs
-    assert result.metrics["test_items"] == quietstar.PRESETS["micro"].eval_pairs * quietstar.PRESETS["micro"].test_items
-    assert result.metrics["control_steps"] >= 1 and len(summary["control_losses"]) == result.metrics["control_steps"]
+    assert len(summary["tasks"]) == MICRO.eval_pairs
+    assert result.metrics["test_items"] == MICRO.eval_pairs * MICRO.test_items
+    assert len(summary["thinker_losses"]) == MICRO.steps
+    assert result.metrics == {k: v for k, v in read_metrics(out, phase="quietstar")[-1].items()
+                              if k not in ("phase", "step")}
+    assert [len(f) for f in quietstar_figures.figures(out)] == [3, 3]
+    effects = {(e["what"], e["control"]): e for e in summary["effects"]}
+    assert effects[("answer log-likelihood, thinking", "the equal-compute NLL control")]["value"] == \
+        result.metrics["thinking_minus_control_loglik"]
+    assert all(e["low"] <= e["value"] <= e["high"] for e in effects.values())
+
+
+def test_the_control_spends_the_thinkers_counted_compute(phase):
+    out, inputs, result = phase
+    summary = json.loads((out / "summary.json").read_text())
+    steps = result.metrics["control_steps"]
+    assert steps >= 1 and len(summary["control_losses"]) == steps
+    assert read_metrics(out / "train" / "control", phase="quietstar/control")[-1]["step"] == steps
+    # the count follows from the thinker's training rows and batch schedule alone
+    record = read_record(out)
+    suite = EvalSuite(DataSpec(**record["data"]), load_model_dir(inputs["model"])[1], record["seed"])
+    labels = torch.tensor(suite.rows(quietstar.task_items(suite, summary["tasks"], "train", MICRO.train_items))["labels"])
+    compute = training_compute(labels, MICRO.steps, MICRO.batch_size, record["seed"], MICRO.thought)
+    assert result.metrics["thinker_compute"] == compute
+    assert steps == plain_steps(compute, MICRO.batch_size, labels.shape[1])
+    assert abs(result.metrics["control_compute"] - compute) <= 3 * MICRO.batch_size * labels.shape[1] / 2
 
 
 def test_rerun_reuses_the_finished_phase(phase, monkeypatch):
     out, inputs, result = phase
-    monkeypatch.setattr(quietstar, "_train", lambda *a, **k: pytest.fail("retrained a finished phase"))
-    again = quietstar.run(inputs, quietstar.PRESETS["micro"], PhaseContext(out_dir=out, progress=False, say=lambda _: None))
-    assert again.metrics == result.metrics
+    monkeypatch.setattr(quietstar, "train_stage", lambda *a, **k: pytest.fail("retrained a finished phase"))
+    monkeypatch.setattr(quietstar, "measure_variants", lambda *a, **k: pytest.fail("measured again"))
+    again = run_micro(quietstar.SPEC, inputs, out)
+    assert {k: v for k, v in again.metrics.items() if k != "phase_seconds"} == \
+        {k: v for k, v in result.metrics.items() if k != "phase_seconds"}
 
 
 def test_bootstrap_interval_is_paired():

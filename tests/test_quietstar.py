@@ -1,6 +1,7 @@
 """Quiet-STaR's machinery: the thought attention layout, thoughts computed in parallel equal the
-same thoughts run as plain continuations, causality with the memory, REINFORCE's sign, the
-mixing head, a training step, generation with and without thoughts, save/load."""
+same thoughts run as plain continuations, causality with the memory, Cognate's custom 4D mask and
+the memory hooks that leave no trace, the counted compute, REINFORCE's sign, the mixing head, a
+training step, generation with and without thoughts, save/load."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -8,9 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from agentforge.artifacts import save_model_dir
 from agentforge.data import load_text, train_tokenizer
 from agentforge.models import CognateConfig, CognateForCausalLM
-from agentforge.phases.quietstar.thinking import (
+from agentforge.quietstar import (
     END, START, Layout, MixingHead, ThinkingModel, ThoughtSettings, add_thought_tokens, choose_positions,
-    hidden_states, reinforce_loss)
+    hidden_states, plain_steps, reinforce_loss, row_compute, training_compute)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = 40
@@ -79,6 +80,35 @@ def test_thoughts_never_see_the_future_with_the_memory_on():
     assert not torch.equal(a[:, 6:16], b[:, 6:16])
 
 
+def test_cognate_takes_a_custom_4d_mask_and_the_memory_hooks_go_away():
+    model = cognate()
+    x = torch.randint(2, V, (2, 12), generator=torch.Generator().manual_seed(4))
+    plain = model(x).logits
+    causal = torch.tril(torch.ones(12, 12, dtype=torch.bool))[None, None].expand(2, -1, -1, -1)
+    torch.testing.assert_close(model(x, attention_mask=causal).logits, plain, rtol=0, atol=0)
+    additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(model(x, attention_mask=additive).logits, plain, rtol=0, atol=0)
+    layout = Layout(torch.tensor([[3], [7]]), torch.tensor([[True], [True]]), 2)
+    hidden_states(model, torch.cat((x, torch.tensor([[11, 12], [13, 14]])), 1), None,
+                  layout.for_steps(2, torch.arange(12).expand(2, -1)))
+    memories = [m for m in model.modules() if m.__class__.__name__ == "NeuralMemory"]
+    assert memories and not any(m._forward_hooks or m._forward_pre_hooks for m in memories)
+    torch.testing.assert_close(model(x).logits, plain, rtol=0, atol=0)
+
+
+def test_counted_compute_follows_the_formula():
+    settings = ThoughtSettings(n_thoughts=2, thought_length=3, lookahead=2)  # S = 6 extra tokens per position
+    labels = torch.full((2, 10), -100)
+    labels[0, 4:7] = 5  # positions 3, 4, 5 think
+    # n · ((L + 3)·T + (L(L+1)/2 + 3·S)·P) with T = 10
+    assert row_compute(labels, settings).tolist() == [2 * (6 * 10 + (6 + 18) * 3), 2 * 6 * 10]
+    every = row_compute(labels, ThoughtSettings(n_thoughts=2, thought_length=3, lookahead=2, positions="all"))
+    assert every.tolist() == [2 * (6 * 10 + 24 * 9)] * 2
+    # two steps of two rows from a schedule over these two rows: every row twice
+    assert training_compute(labels, 2, 2, 0, settings) == 2 * int(row_compute(labels, settings).sum())
+    assert plain_steps(3 * 4 * 10 * 7 + 1, 4, 10) == 7 and plain_steps(1, 4, 10) == 1
+
+
 def test_reinforce_raises_the_probability_of_the_helpful_thought():
     # one position, two thoughts: thought 0 (token 3) made the true tokens likelier than thought 1 (token 7)
     logits = torch.zeros(2, 1, 10, requires_grad=True)
@@ -116,9 +146,8 @@ def thinker(tmp_path_factory):
     base = CognateForCausalLM(CognateConfig.from_preset("micro", vocab_size=len(tokenizer), memory_chunk=4,
                                                         eos_token_id=tokenizer.eos_token_id,
                                                         pad_token_id=tokenizer.pad_token_id))
-    start, end = add_thought_tokens(base, tokenizer)
-    settings = ThoughtSettings(n_thoughts=2, thought_length=3, lookahead=2, start_id=start, end_id=end)
-    return ThinkingModel(base, settings), tokenizer
+    tokens = add_thought_tokens(base, tokenizer)
+    return ThinkingModel(base, ThoughtSettings(n_thoughts=2, thought_length=3, lookahead=2), tokens), tokenizer
 
 
 def test_thought_tokens_are_added_and_initialised(thinker):
@@ -150,11 +179,11 @@ def test_generation_with_and_without_thoughts(thinker):
     eos = tokenizer.eos_token_id
     plain = model.generate(ids, max_new_tokens=4, eos_token_id=eos, think=False)
     reference = model.base.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=eos, pad_token_id=eos,
-                                    suppress_tokens=[model.settings.start_id, model.settings.end_id])
+                                    suppress_tokens=list(model.tokens))
     assert torch.equal(plain, reference[:, ids.shape[1]:ids.shape[1] + plain.shape[1]])
     new, thoughts = model.generate(ids, max_new_tokens=3, eos_token_id=eos, return_thoughts=True)
     assert new.shape[0] == 2 and all(t.shape == (2, 3) for t in thoughts)
-    assert not any(((t == model.settings.start_id) | (t == model.settings.end_id)).any() for t in thoughts)
+    assert not any(((t == model.tokens.start_id) | (t == model.tokens.end_id)).any() for t in thoughts)
 
 
 def test_save_and_load_round_trip(thinker, tmp_path):
@@ -162,7 +191,7 @@ def test_save_and_load_round_trip(thinker, tmp_path):
     model.eval()
     save_model_dir(model.base, tokenizer, tmp_path / "m", {"phase": "quietstar"}, write_extra=model.save_extras)
     loaded, loaded_tokenizer = ThinkingModel.load(tmp_path / "m")
-    assert loaded_tokenizer.convert_tokens_to_ids([START, END]) == [model.settings.start_id, model.settings.end_id]
+    assert loaded_tokenizer.convert_tokens_to_ids([START, END]) == list(model.tokens)
     ids = torch.tensor([loaded_tokenizer("12+7=", add_special_tokens=False)["input_ids"]])
     a, _ = model.next_token_logits(ids, greedy_thoughts=True)
     b, _ = loaded.next_token_logits(ids, greedy_thoughts=True)

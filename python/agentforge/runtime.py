@@ -514,7 +514,10 @@ def standalone_main(spec: PhaseSpec, argv: list[str] | None = None) -> int:
     from agentforge import config as configuration
     from agentforge.data.spec import read_data_spec
 
+    # ``python -m`` runs the phase module as __main__, a second copy of it; the importable module
+    # is the one whose classes resolve their (string) annotations and whose SPEC the pipeline uses.
     module = importlib.import_module(f"agentforge.phases.{spec.name}")
+    spec = module.SPEC
     parser = argparse.ArgumentParser(prog=f"python -m agentforge.phases.{spec.name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, need in spec.needs.items():

@@ -159,9 +159,14 @@ _CHECKED: dict[str, type] = {}  # every settings class by name: resolves string 
 
 def _hints(cls) -> dict[str, Any]:
     # With ``from __future__ import annotations`` the field types are strings, resolved in the
-    # defining module; a module run as a script (``python -m``, runpy) is not importable by that
-    # name, so nested settings classes are also looked up among the known settings classes.
-    return typing.get_type_hints(cls, localns=_CHECKED)
+    # defining module. A module run by runpy (``python -m``) is not in sys.modules under the name
+    # its classes carry, so there the strings are read against the known settings classes
+    # (``evolve.EvolutionSettings`` as ``EvolutionSettings``).
+    try:
+        return typing.get_type_hints(cls, localns=_CHECKED)
+    except NameError:
+        return {f.name: eval(re.sub(r"\b\w+\.(\w+)", r"\1", f.type), {"Any": Any}, _CHECKED)  # noqa: S307
+                if isinstance(f.type, str) else f.type for f in dataclasses.fields(cls)}
 
 
 # ---------------------------------------------------------------------------------------------

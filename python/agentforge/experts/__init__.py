@@ -1,19 +1,20 @@
 """Transformer²-style experts: singular-value fine-tuning, discovered and mixed by measurement.
 
     basis = SVDBasis.of(model)                                  # W = U diag(σ) Vᵀ, once per weight
-    z, _ = train_expert(model, basis, tok, items, TrainSettings(), out_dir, "memory")
+    z, _ = train_expert(model, basis, tok, items, TrainSettings(), in_directory(out_dir))  # resumable
     with installed(model, basis.adapted(z)):                    # W′ = U diag(σ ⊙ z) Vᵀ
         ...
     adaptive, tok, meta = load_adaptive("runs/tiny/07-experts/model")
     generate_answers(adaptive, tok, ["a7=3 k2=9 ?k2="])         # route, mix, answer
 
 Modules: ``svf`` (basis, adapted weights, composition, ternary re-quantization), ``training``
-(cross-entropy and REINFORCE with a KL penalty), ``discovery`` (capability, learning zone, gradient
-similarity, clustering), ``router`` (pass one), ``mixture`` (CMA-ES over α, Pareto front),
-``adaptive`` (the two-pass model, save and load), ``evaluation`` (per-item scores, bootstrap).
+(cross-entropy and REINFORCE with a KL penalty, in stages a rerun resumes), ``discovery``
+(capability, learning zone, gradient similarity, clustering), ``router`` (pass one), ``mixture``
+(CMA-ES over α, Pareto front), ``adaptive`` (the two-pass model, save and load), ``evaluation``
+(per-item scores, counted answer FLOPs, bootstrap).
 
-Directory format (written by ``save_adaptive``, read by ``load_adaptive``)
---------------------------------------------------------------------------
+Directory format (written by ``save_adaptive`` or ``adaptive_files``, read by ``load_adaptive``)
+-----------------------------------------------------------------------------------------------
 One ``agentforge.artifacts`` model directory; every file below is listed with its sha256 in
 ``agentforge.json``, so ``load_model_dir`` verifies the whole set.
 
@@ -39,18 +40,19 @@ To run a class's mixture: z′ = 1 + Σₖ αₖ (z_k − 1), W′ = U diag(σ �
 BitLinear targets W′ replaces the latent weight; quantize it to ternary (``ternary_weights``) to run
 the packed kernels.
 """
-from agentforge.experts.adaptive import AdaptiveModel, load_adaptive, save_adaptive
+from agentforge.experts.adaptive import AdaptiveModel, adaptive_files, load_adaptive, save_adaptive
 from agentforge.experts.discovery import Discovery, Unit, discover
-from agentforge.experts.evaluation import bootstrap_interval, item_scores, paired_gain
+from agentforge.experts.evaluation import answer_flops, bootstrap_interval, item_scores, paired_gain
 from agentforge.experts.mixture import Measurement, MixtureSearch, SearchSettings, pareto_front
 from agentforge.experts.router import Router, features_of, prompt_features
 from agentforge.experts.svf import (SVDBasis, SVFExpert, adapted_forward, compose, installed, target_weights,
                                     ternary_weights)
-from agentforge.experts.training import TrainSettings, train_expert
+from agentforge.experts.training import TrainSettings, in_directory, train_expert
 
 __all__ = [
     "SVDBasis", "SVFExpert", "adapted_forward", "compose", "installed", "target_weights", "ternary_weights",
-    "TrainSettings", "train_expert", "Unit", "Discovery", "discover", "Router", "features_of", "prompt_features",
-    "Measurement", "MixtureSearch", "SearchSettings", "pareto_front", "AdaptiveModel", "save_adaptive",
-    "load_adaptive", "item_scores", "bootstrap_interval", "paired_gain",
+    "TrainSettings", "in_directory", "train_expert", "Unit", "Discovery", "discover", "Router", "features_of",
+    "prompt_features", "Measurement", "MixtureSearch", "SearchSettings", "pareto_front", "AdaptiveModel",
+    "adaptive_files", "save_adaptive", "load_adaptive", "item_scores", "answer_flops", "bootstrap_interval",
+    "paired_gain",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -88,14 +88,11 @@ class AdaptiveModel(nn.Module):
         return result
 
 
-def save_adaptive(adaptive: AdaptiveModel, tokenizer, path: str | Path, metadata: dict,
-                  describe: dict | None = None) -> Path:
-    """Write the base model, tokenizer, expert z-vectors, router and ``experts.json`` as one hashed
-    model directory (atomic). ``describe`` adds JSON-ready facts to ``experts.json`` (e.g. the
-    units each expert was trained on)."""
+def adaptive_files(adaptive: AdaptiveModel, describe: dict | None = None) -> Callable[[Path], None]:
+    """``write(directory)``: the files that turn a saved base model into an experts directory (expert
+    z-vectors, router, ``experts.json``), for ``save_model_dir``'s ``write_extra``. ``describe``
+    adds JSON-ready facts to ``experts.json`` (e.g. the units each expert was trained on)."""
     import safetensors.torch
-
-    from agentforge.artifacts import save_model_dir
 
     tensors = {f"z/{name}": z.detach().float().contiguous() for name, z in zip(adaptive.expert_names, adaptive.experts)}
     tensors.update({f"sigma/{name}": s.contiguous() for name, s in adaptive.basis.singular_values().items()})
@@ -105,12 +102,21 @@ def save_adaptive(adaptive: AdaptiveModel, tokenizer, path: str | Path, metadata
                                                       "features": adaptive.router.linear.in_features},
             "mixtures": {cls: list(alphas) for cls, alphas in adaptive.mixtures.items()}, **(describe or {})}
 
-    def write_extra(directory: Path) -> None:
+    def write(directory: Path) -> None:
         safetensors.torch.save_file(tensors, str(directory / EXPERTS_FILE))
         safetensors.torch.save_file(router_state, str(directory / ROUTER_FILE))
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
 
-    return save_model_dir(adaptive.model, tokenizer, path, metadata, write_extra=write_extra)
+    return write
+
+
+def save_adaptive(adaptive: AdaptiveModel, tokenizer, path: str | Path, metadata: dict,
+                  describe: dict | None = None) -> Path:
+    """Write the base model, tokenizer, expert z-vectors, router and ``experts.json`` as one hashed
+    model directory (atomic); ``describe`` as in ``adaptive_files``."""
+    from agentforge.artifacts import save_model_dir
+
+    return save_model_dir(adaptive.model, tokenizer, path, metadata, write_extra=adaptive_files(adaptive, describe))
 
 
 def load_adaptive(path: str | Path, *, verify: bool = True):

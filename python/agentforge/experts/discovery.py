@@ -182,6 +182,13 @@ class Discovery:
                 "similarity": np.round(self.similarity, 4).tolist(),
                 "experts": {name: [u.name for u in units] for name, units in self.expert_units().items()}}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> "Discovery":
+        """The discovery ``to_dict`` recorded (its similarity rounded as recorded)."""
+        return cls({Unit.parse(name): acc for name, acc in record["accuracy"].items()}, tuple(record["zone_bounds"]),
+                   [Unit.parse(name) for name in record["zone"]], list(record["families"]),
+                   np.array(record["similarity"]), [name.split("+") for name in record["experts"]])
+
 
 def cluster_families(families: list[str], similarity: np.ndarray, accuracy: dict[str, float], n_experts: int,
                      capability_weight: float) -> list[list[str]]:

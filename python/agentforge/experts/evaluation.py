@@ -18,13 +18,27 @@ def item_scores(model, tokenizer, items: Sequence, *, batch_size: int = 64) -> n
     """The score in [0, 1] of the model's greedy answer to each item (its family's own scorer)."""
     from agentforge.data import score
     from agentforge.eval import generate_answers
+    from agentforge.eval.suite import answer_budget
 
     if not items:
         raise ValueError("item_scores: no items to answer")
-    budget = max(len(tokenizer(it.answer, add_special_tokens=False)["input_ids"]) for it in items) + 1
-    answers = generate_answers(model, tokenizer, [it.prompt for it in items], max_new_tokens=budget,
-                               batch_size=batch_size)
+    answers = generate_answers(model, tokenizer, [it.prompt for it in items],
+                               max_new_tokens=answer_budget(tokenizer, items), batch_size=batch_size)
     return np.array([score(item, answer) for item, answer in zip(items, answers)], dtype=np.float64)
+
+
+def answer_flops(model, tokenizer, items: Sequence) -> int:
+    """FLOPs of answering ``items`` as ``item_scores`` does, counted, not timed: 2 per weight of
+    every linear layer (the LM head included) for each token read or generated, the prompt and the
+    answer budget (the longest answer and eos). Attention scores and repeated recursion passes are
+    left out: an estimate, the same for every set of weights of one model."""
+    import torch
+
+    from agentforge.eval.suite import answer_budget
+
+    prompts = tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 2 * weights * (sum(map(len, prompts)) + answer_budget(tokenizer, items) * len(items))
 
 
 def bootstrap_interval(values: np.ndarray, *, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES,

@@ -2,17 +2,19 @@
 real evaluations of the adapted model.
 
 Every candidate α is *measured*: ``evaluate(alphas)`` answers the class's validation items with
-the mixture installed and returns its accuracy, the mean NLL of the reference answers, its latency
-(wall seconds per answered item, building the adapted weights included) and its memory (bytes of
-adapted weights the mixture keeps cached; 0 for the base model). CMA-ES (the ``cma`` package)
-maximises
+the mixture installed and returns its accuracy, the mean NLL of the reference answers, its compute
+(FLOPs per answered item, counted, not timed: answering the items plus building the mixture's
+adapted weights, spread over the items) and its memory (bytes of adapted weights the mixture keeps
+cached; 0 for the base model). CMA-ES (the ``cma`` package) maximises
 
-    accuracy − w_nll · answer NLL − w_latency · latency / latency(base) − w_memory · memory / memory(one copy)
+    accuracy − w_nll · answer NLL − w_compute · compute / compute(base) − w_memory · memory / memory(one copy)
 
 (the small NLL term separates the many candidates a few dozen items score alike) and every
-measured candidate is kept, so the Pareto front of (accuracy ↑, latency ↓, memory ↓) comes from
-measurements, not from the scalarisation. Weights below ``floor`` are set to 0, so a
-mixture can drop an expert or fall back to the base model (α = 0) when adapting does not pay.
+measured candidate is kept, so the Pareto front of (accuracy ↑, compute ↓, memory ↓) comes from
+measurements, not from the scalarisation. Nothing timed enters the fitness or the front: a
+candidate's wall-clock latency is recorded for the report only, so the same seed selects the same
+mixture on any machine. Weights below ``floor`` are set to 0, so a mixture can drop an expert or
+fall back to the base model (α = 0) when adapting does not pay.
 """
 from __future__ import annotations
 
@@ -21,36 +23,38 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from agentforge.settings import Checked, setting
+
 
 @dataclass(frozen=True)
 class Measurement:
-    """One evaluated mixture."""
+    """One evaluated mixture; ``latency_s`` (wall seconds per answered item) is reported, never selected on."""
 
     alphas: tuple[float, ...]
     accuracy: float
-    latency_s: float
+    compute: float  # FLOPs per answered item, the mixture's weight building included
     memory_bytes: int
     answer_nll: float = 0.0
+    latency_s: float = 0.0
 
 
 @dataclass
-class SearchSettings:
-    """CMA-ES over α ∈ [0, alpha_max]^N, from a start point with step size ``sigma``."""
+class SearchSettings(Checked):
+    """CMA-ES over α ∈ [0, alpha_max]^N, from a start point with step size ``sigma``, and the
+    fitness weights (see the module docstring)."""
 
-    generations: int = 2
-    population: int = 6
-    sigma: float = 0.3
-    alpha_max: float = 1.5
-    floor: float = 0.05
-    w_nll: float = 0.02
-    w_latency: float = 0.02
-    w_memory: float = 0.02
-    seed: int = 0
+    generations: int = setting(2, "[0, 10000]")
+    population: int = setting(4, "[2, 10000]")
+    sigma: float = setting(0.3, "(0, 100]", doc="CMA-ES initial step size")
+    alpha_max: float = setting(1.5, "(0, 100]")
+    floor: float = setting(0.05, "[0, 100]", doc="weights below it become 0 (the expert is dropped)")
+    w_nll: float = setting(0.02, "[0, 1000]", doc="fitness weight of the mean answer NLL")
+    w_compute: float = setting(0.02, "[0, 1000]", doc="fitness weight of the FLOPs per item, relative to the base's")
+    w_memory: float = setting(0.01, "[0, 1000]", doc="fitness weight of the cached adapted bytes, relative to a copy")
 
-    def __post_init__(self):
-        if self.generations < 0 or self.population < 2 or self.sigma <= 0 or self.alpha_max <= 0:
-            raise ValueError("mixture search needs generations >= 0, population >= 2, sigma > 0 and alpha_max > 0, got "
-                             f"{self.generations}, {self.population}, {self.sigma}, {self.alpha_max}")
+    def check(self) -> None:
+        if self.floor >= self.alpha_max:
+            self.fail("floor", f"must be below alpha_max ({self.alpha_max}), or every weight would be dropped")
 
 
 def sanitize(alphas: Sequence[float], settings: SearchSettings) -> tuple[float, ...]:
@@ -60,25 +64,27 @@ def sanitize(alphas: Sequence[float], settings: SearchSettings) -> tuple[float, 
 
 
 def pareto_front(measurements: Sequence[Measurement]) -> list[int]:
-    """Indices of the measurements no other one dominates (accuracy ≥, latency ≤, memory ≤, one strictly)."""
+    """Indices of the measurements no other one dominates (accuracy ≥, compute ≤, memory ≤, one strictly)."""
     def dominates(a: Measurement, b: Measurement) -> bool:
-        no_worse = a.accuracy >= b.accuracy and a.latency_s <= b.latency_s and a.memory_bytes <= b.memory_bytes
-        better = a.accuracy > b.accuracy or a.latency_s < b.latency_s or a.memory_bytes < b.memory_bytes
+        no_worse = a.accuracy >= b.accuracy and a.compute <= b.compute and a.memory_bytes <= b.memory_bytes
+        better = a.accuracy > b.accuracy or a.compute < b.compute or a.memory_bytes < b.memory_bytes
         return no_worse and better
 
     return [i for i, m in enumerate(measurements) if not any(dominates(o, m) for o in measurements)]
 
 
 class MixtureSearch:
-    """Search α for one class. ``evaluate(alphas) -> Measurement`` runs the real model."""
+    """Search α for one class. ``evaluate(alphas) -> Measurement`` runs the real model; ``seed``
+    seeds CMA-ES."""
 
     def __init__(self, evaluate: Callable[[tuple[float, ...]], Measurement], n_experts: int,
-                 settings: SearchSettings):
+                 settings: SearchSettings, *, seed: int = 0):
         if n_experts < 2:
             raise ValueError(f"mixture search needs at least 2 experts (CMA-ES needs 2 dimensions), got {n_experts}")
         self.evaluate = evaluate
         self.n_experts = n_experts
         self.settings = settings
+        self.seed = seed
         self.measured: dict[tuple[float, ...], Measurement] = {}
         self.reference: Measurement | None = None
         self.adapted_bytes = 0
@@ -93,9 +99,9 @@ class MixtureSearch:
     def fitness(self, m: Measurement) -> float:
         """The scalarised objective CMA-ES maximises (costs relative to the base model's)."""
         ref, s = self.reference, self.settings
-        latency = m.latency_s / ref.latency_s if ref.latency_s > 0 else 0.0
+        compute = m.compute / ref.compute if ref.compute > 0 else 0.0
         memory = m.memory_bytes / self.adapted_bytes if self.adapted_bytes else 0.0
-        return m.accuracy - s.w_nll * m.answer_nll - s.w_latency * latency - s.w_memory * memory
+        return m.accuracy - s.w_nll * m.answer_nll - s.w_compute * compute - s.w_memory * memory
 
     def run(self, start: Sequence[float], adapted_bytes: int) -> Measurement:
         """Measure the base model (α = 0) and ``start``, then run CMA-ES from ``start``; return the
@@ -108,7 +114,7 @@ class MixtureSearch:
         s = self.settings
         if s.generations:
             strategy = cma.CMAEvolutionStrategy(list(map(float, start)), s.sigma, {
-                "seed": s.seed + 1, "popsize": s.population, "bounds": [0, s.alpha_max], "verbose": -9})
+                "seed": self.seed + 1, "popsize": s.population, "bounds": [0, s.alpha_max], "verbose": -9})
             for _ in range(s.generations):
                 asked = strategy.ask()
                 strategy.tell(asked, [-self.fitness(self.measure(x)) for x in asked])  # cma minimises

@@ -91,6 +91,16 @@ class SVDBasis:
         """σ of each matrix (recorded with saved experts, to check a reloaded basis)."""
         return {name: self.factors[name][1] for name in self.names}
 
+    def build_flops(self, n_mixed: int) -> int:
+        """FLOPs of building one mixture's adapted weights, counted: z′ from ``n_mixed`` experts (a
+        subtraction, a scaling and an addition per z entry and expert), then U diag(σ ⊙ z′) Vᵀ per
+        matrix (r + N·r to scale, 2·N·r·K to multiply). 0 with nothing mixed: the base weights."""
+        if not n_mixed:
+            return 0
+        shapes = [(self.factors[n][0].shape[0], self.factors[n][1].numel(), self.factors[n][2].shape[1])
+                  for n in self.names]
+        return 3 * n_mixed * self.total + sum(r + n * r + 2 * n * r * k for n, r, k in shapes)
+
     def parameter_counts(self, lora_ranks: Sequence[int] = (1, 8, 16)) -> dict[str, int]:
         """Trainable numbers per expert: SVF's z against LoRA (r·(N + K) per matrix) at each rank."""
         shapes = [(self.factors[n][0].shape[0], self.factors[n][2].shape[1]) for n in self.names]

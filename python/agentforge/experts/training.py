@@ -14,37 +14,35 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from agentforge.experts.svf import SVDBasis, SVFExpert, installed
+from agentforge.settings import Checked, setting
 
 IGNORE_INDEX = -100
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(Checked):
     """How long and how hard one expert trains (``ce_steps`` and ``rl_steps`` may each be 0, not both)."""
 
-    ce_steps: int = 30
-    rl_steps: int = 30
-    batch_size: int = 32
-    seq_len: int = 32  # packed rows for the cross-entropy stage (compact items fit several per row)
-    lr: float = 3e-2  # AdamW on z (MuGrokfast "finetune" preset, no decay for a 1-D vector)
-    rl_lr: float = 1e-2  # lower: REINFORCE's gradient is far noisier than the cross-entropy's
-    kl_weight: float = 0.05
-    temperature: float = 1.0  # sampling temperature of the REINFORCE stage
-    checkpoint_every: int = 0  # 0: only at the end of each stage
+    ce_steps: int = setting(30, "[0, 10000000]", doc="cross-entropy steps")
+    rl_steps: int = setting(30, "[0, 10000000]", doc="REINFORCE steps after them")
+    batch_size: int = setting(32, "[1, 65536]")
+    seq_len: int = setting(32, "[8, 8192]", doc="tokens per packed task row of the cross-entropy stage and of "
+                           "discovery's gradients (compact items fit several per row; not the data spec's)")
+    lr: float = setting(3e-2, "(0, 10]", doc="AdamW on z (MuGrokfast finetune preset, no decay for a 1-D vector)")
+    rl_lr: float = setting(1e-2, "(0, 10]", doc="lower: REINFORCE's gradient is far noisier than the cross-entropy's")
+    kl_weight: float = setting(0.05, "[0, 1000]", doc="KL(p_z || p_base) penalty of both stages")
+    temperature: float = setting(1.0, "(0, 100]", doc="sampling temperature of the REINFORCE stage")
+    checkpoint_every: int = setting(0, "[0, 10000000]", doc="0: only at the end of each stage")
 
-    def __post_init__(self):
-        if self.ce_steps < 0 or self.rl_steps < 0 or self.ce_steps + self.rl_steps == 0:
-            raise ValueError(f"expert training needs ce_steps + rl_steps > 0 (both >= 0), got "
-                             f"{self.ce_steps} and {self.rl_steps}")
-        if self.kl_weight < 0 or self.temperature <= 0:
-            raise ValueError(f"expert training needs kl_weight >= 0 and temperature > 0, got "
-                             f"{self.kl_weight} and {self.temperature}")
+    def check(self) -> None:
+        if self.ce_steps + self.rl_steps == 0:
+            self.fail("rl_steps", "expert training needs ce_steps + rl_steps > 0")
 
 
 def answer_kl(logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -148,46 +146,61 @@ def reinforce_loss(base: torch.nn.Module, tokenizer, items: Sequence, kl_weight:
     return loss_fn
 
 
-def _stage(expert: SVFExpert, rows, steps: int, lr: float, settings: TrainSettings, loss_fn, out_dir: Path,
-           phase: str, seed: int, wandb_mode, progress: bool):
-    from agentforge.optim import MuGrokfast
+# ``fit(module, rows, stage, *, optimizer, steps, batch_size, loss_fn, checkpoint_every, log_every)``:
+# trains ``module`` through ``agentforge.train.train`` in a directory of its own per stage, where a
+# rerun resumes (a phase's ``PhaseRun.train``, or ``in_directory`` outside a phase)
+Fit = Callable[..., object]
+
+
+def in_directory(out_dir: Path, *, seed: int = 0, progress: bool = False) -> Fit:
+    """A ``Fit`` that trains each stage in ``out_dir/<stage>`` (checkpoints, metrics.jsonl), W&B off."""
     from agentforge.train import TrainConfig, train
 
+    def fit(module, rows, stage: str, *, optimizer, steps: int, batch_size: int, loss_fn, checkpoint_every: int,
+            log_every: int):
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
+                          seed=seed, wandb_mode="disabled", run_name=f"experts/{stage}", progress=progress)
+        return train(module, rows, cfg, optimizer=optimizer, out_dir=Path(out_dir) / stage, phase=f"experts/{stage}",
+                     loss_fn=loss_fn)
+
+    return fit
+
+
+def _stage(fit: Fit, expert: SVFExpert, rows, stage: str, steps: int, lr: float, settings: TrainSettings, loss_fn):
+    from agentforge.optim import MuGrokfast
+
     optimizer = MuGrokfast.from_preset(expert, "finetune", total_steps=steps, adamw_lr=lr)
-    cfg = TrainConfig(steps=steps, batch_size=settings.batch_size, checkpoint_every=settings.checkpoint_every,
-                      log_every=10, seed=seed, wandb_mode=wandb_mode, run_name=phase, progress=progress)
-    return train(expert, rows, cfg, optimizer=optimizer, out_dir=out_dir, phase=phase, loss_fn=loss_fn)
+    return fit(expert, rows, stage, optimizer=optimizer, steps=steps, batch_size=settings.batch_size, loss_fn=loss_fn,
+               checkpoint_every=settings.checkpoint_every, log_every=10)
 
 
-def train_expert(model, basis: SVDBasis, tokenizer, items: Sequence, settings: TrainSettings, out_dir: Path,
-                 name: str, *, seed: int = 0, wandb_mode: str | None = None,
-                 progress: bool = False) -> tuple[torch.Tensor, dict]:
-    """Train an expert's flat z on ``items`` (cross-entropy stage, then REINFORCE stage); a rerun
-    resumes each stage from its checkpoint in ``out_dir``. Returns ``(z, {stage: TrainResult})``."""
+def train_expert(model, basis: SVDBasis, tokenizer, items: Sequence, settings: TrainSettings, fit: Fit, *,
+                 seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Train an expert's flat z on ``items`` (cross-entropy stage ``ce``, then REINFORCE stage
+    ``rl``), each through ``fit``, which resumes a stage from its checkpoint; ``seed`` orders the
+    packed rows. Returns ``(z, {stage: TrainResult})``."""
     if not items:
-        raise ValueError(f"expert {name}: no training items")
+        raise ValueError("expert training: no training items")
     expert = SVFExpert(model, basis)
     model.eval()  # the base stays deterministic; only z trains
     with frozen(model):
-        results = _train_stages(expert, model, tokenizer, items, settings, Path(out_dir), name, seed, wandb_mode,
-                                progress)
+        results = _train_stages(fit, expert, model, tokenizer, items, settings, seed)
     return expert.z.detach().clone(), results
 
 
-def _train_stages(expert, model, tokenizer, items, settings, out_dir, name, seed, wandb_mode, progress) -> dict:
+def _train_stages(fit: Fit, expert, model, tokenizer, items, settings: TrainSettings, seed: int) -> dict:
     from agentforge.data import pack_tasks, score
 
     results = {}
     if settings.ce_steps:
         rows = pack_tasks(tokenizer, items, settings.seq_len, seed=seed)
-        results["ce"] = _stage(expert, rows, settings.ce_steps, settings.lr, settings,
-                               cross_entropy_loss(model, settings.kl_weight), out_dir / "ce",
-                               f"experts/{name}/ce", seed, wandb_mode, progress)
+        results["ce"] = _stage(fit, expert, rows, "ce", settings.ce_steps, settings.lr, settings,
+                               cross_entropy_loss(model, settings.kl_weight))
     if settings.rl_steps:
         budget = max(len(tokenizer(it.answer, add_special_tokens=False)["input_ids"]) for it in items) + 1
         loss_fn = reinforce_loss(model, tokenizer, items, settings.kl_weight, settings.temperature, budget, score)
-        results["rl"] = _stage(expert, prompt_rows(tokenizer, items), settings.rl_steps, settings.rl_lr, settings,
-                               loss_fn, out_dir / "rl", f"experts/{name}/rl", seed, wandb_mode, progress)
+        results["rl"] = _stage(fit, expert, prompt_rows(tokenizer, items), "rl", settings.rl_steps, settings.rl_lr,
+                               settings, loss_fn)
     return results
 
 

@@ -157,14 +157,12 @@ class NeuralMemory(nn.Module):
         g1 = torch.einsum("bch,bcm->bhm", d_pre, k)
         return g1, g2
 
-    def forward(self, x: torch.Tensor, pad_left: torch.Tensor, extra_parents: torch.Tensor | None = None) -> torch.Tensor:
-        """Memory output for every column. With ``extra_parents`` [B, E], the last E columns are
-        extra tokens (Quiet-STaR thoughts): each reads the memory its parent column read, and
-        they write nothing, so no token learns from columns after its parent."""
-        n_extra = 0 if extra_parents is None else extra_parents.shape[1]
-        T = x.shape[1] - n_extra
+    def forward(self, x: torch.Tensor, pad_left: torch.Tensor) -> torch.Tensor:
+        """Memory output for every column: each reads the memory as it was after the chunks
+        before its own."""
+        T = x.shape[1]
         q, k, v = (_rms_normalize(t) for t in self.to_qkv(x).chunk(3, dim=-1))
-        states, reads = self._read_and_write(x[:, :T], q[:, :T], k[:, :T], v[:, :T], pad_left)
+        _, reads = self._read_and_write(x, q, k, v, pad_left)
         if not reads:
             return torch.zeros_like(x)
         # Row b's chunks hold its real tokens in order; put token t back at column pad_left[b] + t.
@@ -173,11 +171,6 @@ class NeuralMemory(nn.Module):
         src = (columns - pad_left[:, None]).clamp(min=0)
         y = flat.gather(1, src[..., None].expand(-1, -1, flat.shape[-1]))
         y = y * (columns >= pad_left[:, None])[..., None]
-        if n_extra:
-            chunk = (extra_parents - pad_left[:, None]) // self.config.memory_chunk
-            q_extra = q[:, T:]
-            y_extra = sum(self._read(w1, w2, q_extra)[0] * (chunk == j)[..., None] for j, (w1, w2) in enumerate(states))
-            y = torch.cat((y, y_extra), dim=1)
         return self.out_proj(y)
 
     def _read_and_write(self, x, q, k, v, pad_left):
@@ -221,11 +214,11 @@ class CognateBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(d, config.intermediate_size)
 
-    def forward(self, x, rope, mask, pad_left, extra_parents=None):
+    def forward(self, x, rope, mask, pad_left):
         h = self.attn_norm(x)
         a = self.attn(h, rope, mask)
         if self.memory is not None:
-            m = self.memory(h, pad_left, extra_parents)
+            m = self.memory(h, pad_left)
             g = torch.sigmoid(self.memory_gate(torch.cat((a, m), dim=-1)))
             a = g * a + (1 - g) * m
         x = x + a
@@ -284,32 +277,25 @@ class CognateModel(CognatePreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, extra_parents: torch.Tensor | None = None,
-                extra_mask: torch.Tensor | None = None):
-        """``attention_mask`` [B, Q]: left padding of the real tokens. Extra tokens (Quiet-STaR
-        thoughts): the last E columns, with ``extra_parents`` [B, E] (the real column each extends),
-        ``extra_mask`` [B, E, Q] (which columns each may attend to; real tokens never see them) and
-        ``position_ids`` [B, Q] given; they read the memory as their parent did and write nothing."""
-        n_extra = 0 if extra_parents is None else extra_parents.shape[1]
-        n_real = input_ids.shape[1] - n_extra
-        real_mask = attention_mask[:, :n_real] if attention_mask is not None else None
-        valid, pad_left = _left_padding(input_ids[:, :n_real], real_mask)
-        if n_extra:
-            if extra_mask is None or position_ids is None:
-                raise ValueError("Cognate: extra tokens need extra_mask [B, E, Q] and position_ids [B, Q]")
-            valid = torch.cat((valid, torch.ones_like(extra_parents, dtype=torch.bool)), dim=1)
+                position_ids: torch.LongTensor | None = None):
+        """``attention_mask``: [B, T] left padding, or a custom [B, 1, T, T] mask (boolean, True
+        where a query may read a key, or additive float, 0 there), as Hugging Face models take
+        one; either way a query also reads only keys within ``window`` positions before its own.
+        A custom mask carries no padding, so the memory reads every column as one sequence from
+        column 0 (pass position_ids with it when the columns are not positions 0..T-1)."""
+        custom = attention_mask is not None and attention_mask.dim() == 4
+        valid, pad_left = _left_padding(input_ids, None if custom else attention_mask)
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
         x = self.embed_tokens(input_ids)
         head_dim = self.config.hidden_size // self.config.num_heads
         rope = rope_tables(position_ids, head_dim, self.config.rope_theta, x.dtype)
         mask = attention_mask_4d(position_ids, valid, self.config.window)
-        if n_extra:
-            mask = mask.clone()
-            mask[:, :, :n_real, n_real:] = False  # the real sequence never sees a thought
-            mask[:, :, n_real:, :] &= extra_mask[:, None].bool()
+        if custom:
+            allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            mask = mask & allowed | torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
         for block in self.prelude:
-            x = block(x, rope, mask, pad_left, extra_parents)
+            x = block(x, rope, mask, pad_left)
         out, ponder, steps = self._recur(x, rope, mask, pad_left)
         weight = valid.to(out.dtype)
         n = weight.sum().clamp(min=1)
@@ -376,8 +362,7 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
                 **kwargs) -> CognateCausalLMOutput:
-        hidden, ponder, steps = self.model(input_ids, attention_mask, position_ids, kwargs.get("extra_parents"),
-                                           kwargs.get("extra_mask"))
+        hidden, ponder, steps = self.model(input_ids, attention_mask, position_ids)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

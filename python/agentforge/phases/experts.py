@@ -1,130 +1,189 @@
 """Phase 7, Experts: Transformer²-style singular-value experts, discovered and mixed by measurement.
 
-Input ``{"model": dir}`` (in the pipeline the baked model, BitLinear layers in latent state; any HF
-causal LM works). Steps, each measured on the model itself:
+Input ``model`` (in the pipeline the baked model, BitLinear layers in latent state; any HF causal
+LM with a tokenizer works). Its task units are the ``families`` at the run's task levels (the data
+spec). Every setting is checked before the model loads, and what the model must offer (a
+tokenizer, adaptable linear layers, an LM head) right after, before the SVD. Steps, each measured
+on the model itself and memoised:
 
-1. SVD of every adapted weight (all linear layers but the LM head), once.
-2. Discovery (``agentforge.experts.discovery``): validation accuracy per unit (task family ×
+1. ``discovery``: the SVD of every adapted weight (all linear layers but the LM head), then
+   discovery (``agentforge.experts.discovery``): validation accuracy per unit (task family ×
    level), the learning zone, gradient similarity at z = 1, N experts by clustering.
-3. Each expert's z trained on the training split of its units: answer cross-entropy (and,
-   if ``rl_steps``, REINFORCE on verified rewards), both with a KL penalty to the base model.
-4. Router (pass one) trained on training prompts of every unit: class = the unit's expert, or
-   ``base`` for units outside the learning zone.
-5. Mixture search: per router class, CMA-ES over α on the validation items the router sends to
-   that class, every candidate measured (accuracy, latency, memory).
-6. Final comparison on the *test* split, which no step above saw: per-unit and per-domain accuracy
+2. ``expert_<name>``: each expert's z trained on the training split of its units: answer
+   cross-entropy (and, if ``train.rl_steps``, REINFORCE on verified rewards), both with a KL
+   penalty to the base model; an interrupted training resumes from its checkpoints.
+3. ``router`` (pass one), trained on training prompts of every unit: class = the unit's expert,
+   or ``base`` for units outside the learning zone.
+4. ``search``: per router class, CMA-ES over α on the validation items the router sends to that
+   class, every candidate measured: accuracy, answer NLL, memory and compute (FLOPs per answered
+   item, counted: answering plus building the mixture's weights). Its wall-clock latency is
+   reported, never selected on, so one seed selects one mixture on any machine.
+5. ``model``: the base model + experts + router + ``experts.json`` (see ``agentforge.experts``).
+6. ``comparison`` on the *test* split, which no step above saw: per-unit and per-domain accuracy
    of the base, of each expert alone and of the two-pass model, with bootstrap intervals and
    paired gains; held-out text perplexity of each (the KL penalty's retention control).
 
-Outputs: ``model/`` (base model + experts + router + ``experts.json``, see ``agentforge.experts``),
-``train/<expert>/`` (checkpoints), ``metrics.jsonl`` (search candidates, headline), ``summary.json``.
-A rerun reuses a finished ``model/`` and ``summary.json``; otherwise it resumes expert training
-from its checkpoints and measures again.
+Outputs: ``model/``, ``train/<expert>/`` (checkpoints), ``steps/`` (the memoised results),
+``metrics.jsonl`` (search candidates, headline), ``summary.json``. A rerun redoes only the steps
+that did not finish: a finished phase takes no SVD and trains, searches and measures nothing.
 
 Run alone: ``python -m agentforge.phases.experts --model DIR --out DIR [--preset tiny]``.
 """
-from __future__ import annotations
-
-import dataclasses
-import json
+# No ``from __future__ import annotations``: the settings' field types are read with
+# ``typing.get_type_hints``, which cannot resolve the nested ``TrainSettings`` from a string when
+# this module runs as ``__main__`` without being in ``sys.modules`` (runpy).
+import functools
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from agentforge.phases import PhaseContext, PhaseResult, standalone_main
+from agentforge.data import DOMAINS, FAMILIES
+from agentforge.errors import ConfigError
+from agentforge.experts.discovery import MAX_EXPERTS, MIN_EXPERTS, Discovery, Unit
+from agentforge.experts.mixture import SearchSettings
+from agentforge.experts.training import TrainSettings
+from agentforge.runtime import (Built, Effect, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir,
+                                standalone_main)
+from agentforge.settings import Checked, setting
 
-NAME = "experts"
-ALL_FAMILIES = ["chain_sum", "basic_arithmetic", "kv_recall", "spell_backward", "add_small", "count_bits"]
+DOMAIN_FAMILIES = [family for families in DOMAINS.values() for family in families]
 
 
 @dataclass
-class Settings:
+class Settings(Checked):
     """Discovery, training, search and evaluation sizes (per-preset values in ``PRESETS``)."""
 
-    n_experts: int = 3
-    families: list = field(default_factory=lambda: list(ALL_FAMILIES))
-    levels: list = field(default_factory=lambda: [0, 1])
-    zone_low: float = 0.2  # learning zone: units the base solves sometimes, not always (DESIGN: 20–80 %)
-    zone_high: float = 0.8
-    capability_weight: float = 0.5  # clustering distance: gradient direction + this × |Δ accuracy|
-    discovery_items: int = 32  # validation items per unit for capability
-    gradient_items: int = 32  # training items per unit for gradient similarity
-    train_items: int = 400  # training items per unit for its expert
-    ce_steps: int = 30
-    rl_steps: int = 30
-    batch_size: int = 32
-    seq_len: int = 32
-    lr: float = 3e-2
-    rl_lr: float = 1e-2
-    kl_weight: float = 0.05
-    router_items: int = 64  # training prompts per unit for the router
-    search_items: int = 40  # validation items per unit for the mixture search (after discovery's)
-    search_generations: int = 2
-    search_population: int = 4
-    alpha_max: float = 1.5
-    w_nll: float = 0.02  # search fitness: accuracy − w_nll·answer NLL − w_latency·latency − w_memory·memory
-    w_latency: float = 0.02
-    w_memory: float = 0.01
-    test_items: int = 80  # test items per unit for the final comparison (fewer where a level has fewer)
-    text_rows: int = 64  # held-out text rows for the perplexity control (0: skip it)
-    eval_batch_size: int = 128
-    checkpoint_every: int = 0
+    n_experts: int = setting(3, f"[{MIN_EXPERTS}, {MAX_EXPERTS}]", doc="experts the families are clustered into")
+    families: list[str] = setting(DOMAIN_FAMILIES, choices=tuple(FAMILIES), length="[1, 1000]",
+                                  doc="task families measured, each at the data spec's task levels")
+    zone_low: float = setting(0.2, "[0, 1]", doc="learning zone: units the base solves sometimes, not always")
+    zone_high: float = setting(0.8, "[0, 1]")
+    capability_weight: float = setting(0.5, "[0, 1000]", doc="clustering distance: gradient direction + this "
+                                                                "× |Δ accuracy|")
+    discovery_items: int = setting(32, "[1, 100000]", doc="validation items per unit for capability")
+    gradient_items: int = setting(32, "[1, 100000]", doc="training items per unit for gradient similarity")
+    train_items: int = setting(400, "[1, 1000000]", doc="training items per unit for its expert")
+    train: TrainSettings = setting(TrainSettings)
+    router_items: int = setting(64, "[1, 100000]", doc="training prompts per unit for the router")
+    search_items: int = setting(40, "[1, 100000]", doc="validation items per unit for the mixture search "
+                                                       "(after discovery's)")
+    search: SearchSettings = setting(SearchSettings)
+    test_items: int = setting(80, "[1, 100000]", doc="test items per unit for the final comparison (fewer "
+                                                     "where a level has fewer)")
+    text_rows: int = setting(64, "[0, 1000000]", doc="held-out text rows for the perplexity control (0: skip it)")
+    eval_batch_size: int = setting(128, "[1, 65536]")
+
+    def check(self) -> None:
+        if self.zone_high < self.zone_low:
+            self.fail("zone_high", f"must be at least zone_low ({self.zone_low})")
+        if len(set(self.families)) != len(self.families):
+            self.fail("families", "must name each family once")
+        if self.n_experts > len(self.families):
+            self.fail("n_experts", f"must be at most the number of families ({len(self.families)}): an expert "
+                                   "is a cluster of whole families")
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(families=["kv_recall", "add_small", "count_bits"], levels=[0], zone_low=0.0, zone_high=1.0,
-                      discovery_items=6, gradient_items=8, train_items=40, ce_steps=3, rl_steps=2, batch_size=4,
-                      router_items=8, search_items=4, search_generations=1, search_population=2, test_items=6,
-                      text_rows=4, eval_batch_size=32),
+    "micro": Settings(families=["kv_recall", "add_small", "count_bits"], zone_low=0.0, zone_high=1.0,
+                      discovery_items=6, gradient_items=8, train_items=40,
+                      train=TrainSettings(ce_steps=3, rl_steps=2, batch_size=4), router_items=8, search_items=4,
+                      search=SearchSettings(generations=1, population=2), test_items=6, text_rows=4,
+                      eval_batch_size=32),
     "tiny": Settings(),
-    "small": Settings(n_experts=4, levels=[0, 1, 2, 3], discovery_items=64, gradient_items=64, train_items=2000,
-                      ce_steps=300, rl_steps=100, seq_len=64, router_items=128, search_items=48, search_generations=4,
-                      search_population=8, test_items=200, text_rows=256),
+    "small": Settings(n_experts=4, discovery_items=64, gradient_items=64, train_items=2000,
+                      train=TrainSettings(ce_steps=300, rl_steps=100, seq_len=64), router_items=128, search_items=48,
+                      search=SearchSettings(generations=4, population=8), test_items=200, text_rows=256),
 }
 
 
 # ---------------------------------------------------------------------------------------------
-# building blocks
+# the model and its basis
 
 
-def _units(settings: Settings):
-    from agentforge.data import FAMILIES
-    from agentforge.experts import Unit
+def check_model(base: Loaded) -> None:
+    """What discovery, training and routing need of the model, checked before the SVD starts."""
+    from agentforge.experts import target_weights
 
-    unknown = sorted(set(settings.families) - set(FAMILIES))
-    if unknown:
-        raise ValueError(f"{NAME}.families: unknown task families {unknown}; choose from {sorted(FAMILIES)}")
-    return [Unit(f, level) for f in settings.families for level in settings.levels]
-
-
-def _train_settings(settings: Settings):
-    from agentforge.experts import TrainSettings
-
-    names = {f.name for f in dataclasses.fields(TrainSettings)}
-    return TrainSettings(**{k: v for k, v in dataclasses.asdict(settings).items() if k in names})
+    if base.tokenizer is None:
+        raise ConfigError(f"experts: {base.path} has no tokenizer; the phase needs one to pose its tasks")
+    if base.model.get_output_embeddings() is None:
+        raise ConfigError(f"experts: {type(base.model).__name__} has no LM head; the router reads the hidden "
+                          "state entering it")
+    try:
+        target_weights(base.model)
+    except ValueError as e:
+        raise ConfigError(f"experts: {base.path}: {e}") from None
 
 
-def train_experts(model, basis, tokenizer, discovery, settings: Settings, ctx: PhaseContext) -> dict:
-    """``{expert name: z}``, each trained on the training split of its units."""
+def task_units(p: PhaseRun) -> list[Unit]:
+    """Every family of the settings at every task level of the run's data spec."""
+    return [Unit(family, level) for family in p.settings.families for level in p.data.task_levels]
+
+
+def svd_basis(p: PhaseRun, model):
+    """The thin SVD of every adapted weight (the costly part of starting: minutes on a real model)."""
+    from agentforge.experts import SVDBasis
+
+    basis = SVDBasis.of(model)
+    p.say(f"SVD of {len(basis.names)} matrices: {basis.total} z values per expert")
+    return basis
+
+
+def _answer_scores(p: PhaseRun, model, tokenizer, items) -> np.ndarray:
+    from agentforge.experts import item_scores
+
+    return item_scores(model, tokenizer, items, batch_size=p.settings.eval_batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery, experts, router
+
+
+def discover_experts(p: PhaseRun, base: Loaded, basis, units) -> dict:
+    """The discovery record and the basis's parameter counts."""
+    from agentforge.experts import discover
+
+    settings = p.settings
+    p.say(f"measuring {len(units)} task units")
+    found = discover(base.model, basis, base.tokenizer, units, n_experts=settings.n_experts,
+                     zone=(settings.zone_low, settings.zone_high), capability_weight=settings.capability_weight,
+                     eval_items=settings.discovery_items, gradient_items=settings.gradient_items,
+                     seq_len=settings.train.seq_len, seed=p.seed, batch_size=settings.eval_batch_size)
+    p.say(f"experts {found.to_dict()['experts']}")
+    return {"discovery": found.to_dict(), "parameter_counts": basis.parameter_counts()}
+
+
+def train_one_expert(p: PhaseRun, base: Loaded, basis, name: str, units) -> list[float]:
+    """The z of expert ``name``, trained on the training split of its units in ``train/<name>/<stage>``."""
     from agentforge.experts import train_expert
     from agentforge.experts.discovery import unit_items
 
+    items = [it for unit_list in unit_items(units, "train", p.settings.train_items, p.seed).values()
+             for it in unit_list]
+    p.say(f"training expert {name} on {len(items)} items ({', '.join(u.name for u in units)})")
+
+    def fit(module, rows, stage: str, **kwargs):
+        return p.train(module, rows, f"{name}/{stage}", **kwargs)
+
+    z, _ = train_expert(base.model, basis, base.tokenizer, items, p.settings.train, fit, seed=p.seed)
+    return z.tolist()
+
+
+def train_experts(p: PhaseRun, base: Loaded, basis, discovery: Discovery) -> dict[str, torch.Tensor]:
+    """``{expert name: z}``, one step each, trained data-parallel on every rank; ``basis()`` takes
+    the SVD when a step needs it (a rerun of finished steps reads their z back)."""
     experts = {}
     for name, units in discovery.expert_units().items():
-        items = [it for unit_list in unit_items(units, "train", settings.train_items, ctx.seed).values()
-                 for it in unit_list]
-        ctx.say(f"{NAME}: training expert {name} on {len(items)} items ({', '.join(u.name for u in units)})")
-        experts[name], _ = train_expert(model, basis, tokenizer, items, _train_settings(settings),
-                                        ctx.out_dir / "train" / name, name,
-                                        seed=ctx.seed, wandb_mode=ctx.wandb_mode, progress=ctx.progress)
+        z = p.step(f"expert_{name}", lambda name=name, units=units: train_one_expert(p, base, basis(), name, units),
+                   everywhere=True)
+        experts[name] = torch.tensor(z, dtype=torch.float32)
     return experts
 
 
-def unit_classes(discovery, units) -> dict:
+def unit_classes(discovery: Discovery, units) -> dict:
     """Router class of every unit: the expert of its family (whatever its level: the prompt shows the
     family, not the level), or ``base`` for a family no expert was trained on."""
     from agentforge.experts.router import BASE_CLASS
@@ -132,57 +191,49 @@ def unit_classes(discovery, units) -> dict:
     return {u: discovery.expert_of(u.family) or BASE_CLASS for u in units}
 
 
-def train_router(model, tokenizer, classes: dict, settings: Settings, seed: int):
-    """The pass-one router, fitted on training prompts of every unit."""
+def fit_router(p: PhaseRun, base: Loaded, classes: dict) -> dict:
+    """The pass-one router, fitted on training prompts of every unit, as a JSON record."""
     from agentforge.experts import Router, features_of
     from agentforge.experts.discovery import unit_items
 
-    items = unit_items(list(classes), "train", settings.router_items, seed)
+    items = unit_items(list(classes), "train", p.settings.router_items, p.seed)
     prompts = [it.prompt for unit_list in items.values() for it in unit_list]
     labels = [classes[u] for u, unit_list in items.items() for _ in unit_list]
-    features = features_of(model, tokenizer, prompts, settings.eval_batch_size)
-    names = sorted(set(classes.values()))
-    return Router(features.shape[1], names).fit(features, labels)
+    features = features_of(base.model, base.tokenizer, prompts, p.settings.eval_batch_size)
+    with torch.random.fork_rng():
+        torch.manual_seed(p.seed)  # its initial weights, whatever ran before (a rerun may have trained nothing)
+        router = Router(features.shape[1], sorted(set(classes.values())))
+    router.fit(features, labels)
+    return {"classes": router.classes, "state": {k: v.tolist() for k, v in router.state_dict().items()}}
 
 
-def _answer_scores(model, tokenizer, items, settings: Settings) -> np.ndarray:
-    from agentforge.experts import item_scores
+def router_from(record: dict):
+    """The router ``fit_router`` recorded (float32 survives JSON exactly)."""
+    from agentforge.experts import Router
 
-    return item_scores(model, tokenizer, items, batch_size=settings.eval_batch_size)
+    router = Router(len(record["state"]["mean"]), record["classes"])
+    router.load_state_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in record["state"].items()})
+    return router
 
 
-def search_mixtures(model, basis, tokenizer, router, experts: dict, settings: Settings, ctx: PhaseContext,
-                    units) -> tuple[dict, dict]:
-    """Per router class, CMA-ES over α on the validation items the router sends to it. Returns
-    ``({class: α}, {class: candidate history})``."""
-    from agentforge.experts import Measurement, MixtureSearch, SearchSettings, compose, features_of, installed
+# ---------------------------------------------------------------------------------------------
+# the mixture search
+
+
+def search_mixtures(p: PhaseRun, base: Loaded, basis, router, experts: dict, units) -> dict:
+    """Per router class, CMA-ES over α on the validation items the router sends to it:
+    ``{"mixtures": {class: α}, "history": {class: measured candidates}}``."""
+    from agentforge.experts import MixtureSearch, features_of
     from agentforge.experts.discovery import unit_items
-    from agentforge.experts.evaluation import answer_nll
     from agentforge.experts.svf import adapted_bytes
 
+    settings, model, tokenizer = p.settings, base.model, base.tokenizer
     # the validation prompts after those discovery measured: selecting units on some items and then
     # judging mixtures on the same items would favour the base model by regression to the mean
-    pool = unit_items(units, "validation", settings.search_items, ctx.seed, skip=settings.discovery_items)
+    pool = unit_items(units, "validation", settings.search_items, p.seed, skip=settings.discovery_items)
     items = [it for unit_list in pool.values() for it in unit_list]
     routes = router.predict(features_of(model, tokenizer, [it.prompt for it in items], settings.eval_batch_size))
-    names, zs = list(experts), list(experts.values())
-    memory = adapted_bytes(model, basis.names)
-    search = SearchSettings(generations=settings.search_generations, population=settings.search_population,
-                            alpha_max=settings.alpha_max, w_nll=settings.w_nll, w_latency=settings.w_latency,
-                            w_memory=settings.w_memory, seed=ctx.seed)
-
-    def evaluator(class_items):
-        def evaluate(alphas) -> Measurement:
-            started = time.perf_counter()
-            weights = basis.adapted(compose(zs, alphas)) if any(alphas) else {}
-            with torch.no_grad(), installed(model, weights):
-                scores = _answer_scores(model, tokenizer, class_items, settings)
-                seconds = time.perf_counter() - started
-                nll = answer_nll(model, tokenizer, class_items, batch_size=settings.eval_batch_size)
-            return Measurement(tuple(alphas), float(scores.mean()), seconds / len(class_items),
-                               memory if any(alphas) else 0, float(nll.mean()))
-        return evaluate
-
+    names, memory = list(experts), adapted_bytes(model, basis.names)
     mixtures, histories = {}, {}
     for cls in router.classes:
         class_items = [it for it, route in zip(items, routes) if route == cls]
@@ -190,32 +241,65 @@ def search_mixtures(model, basis, tokenizer, router, experts: dict, settings: Se
         if not class_items:  # the router sends no validation prompt here: keep the class's own expert
             mixtures[cls] = start
             continue
-        ctx.say(f"{NAME}: mixture search for class {cls} on {len(class_items)} validation items")
-        searcher = MixtureSearch(evaluator(class_items), len(names), search)
+        p.say(f"mixture search for class {cls} on {len(class_items)} validation items")
+        evaluate = mixture_evaluator(p, base, basis, list(experts.values()), class_items, memory)
+        searcher = MixtureSearch(evaluate, len(names), settings.search, seed=p.seed)
         mixtures[cls] = list(searcher.run(start, memory).alphas)
         histories[cls] = searcher.history()
-    return mixtures, histories
+    return {"mixtures": mixtures, "history": histories}
+
+
+def mixture_evaluator(p: PhaseRun, base: Loaded, basis, zs: list, items: list, memory: int):
+    """``evaluate(alphas) -> Measurement`` on ``items``: accuracy, answer NLL, counted FLOPs per item
+    (answering, plus building the mixture's weights), cached bytes; latency for the report only."""
+    from agentforge.experts import Measurement, answer_flops, compose, installed
+    from agentforge.experts.evaluation import answer_nll
+
+    model, tokenizer = base.model, base.tokenizer
+    answering = answer_flops(model, tokenizer, items)
+
+    def evaluate(alphas) -> Measurement:
+        started = time.perf_counter()
+        weights = basis.adapted(compose(zs, alphas)) if any(alphas) else {}
+        with torch.no_grad(), installed(model, weights):
+            scores = _answer_scores(p, model, tokenizer, items)
+            seconds = time.perf_counter() - started
+            nll = answer_nll(model, tokenizer, items, batch_size=p.settings.eval_batch_size)
+        compute = (answering + basis.build_flops(sum(1 for a in alphas if a))) / len(items)
+        return Measurement(tuple(alphas), float(scores.mean()), compute, memory if any(alphas) else 0,
+                           float(nll.mean()), seconds / len(items))
+
+    return evaluate
 
 
 # ---------------------------------------------------------------------------------------------
-# the final comparison on the test split
+# the model directory and the final comparison on the test split
 
 
-def final_measurements(adaptive, tokenizer, experts: dict, items: list, routes: list, settings: Settings) -> dict:
+def build_model(base: Loaded, adaptive, discovery: Discovery, parameter_counts: dict) -> Built:
+    """The base model, unchanged, with the experts, the router and ``experts.json`` beside it."""
+    from agentforge.experts import adaptive_files
+
+    describe = {"units": discovery.to_dict()["experts"], "parameter_counts": parameter_counts}
+    return Built(base.model, base.tokenizer, {"experts": adaptive.expert_names, "parents": [base.path]},
+                 write_extra=adaptive_files(adaptive, describe))
+
+
+def final_measurements(p: PhaseRun, adaptive, tokenizer, experts: dict, items: list, routes: list) -> dict:
     """Per-item test scores and answer NLLs of the base, of each expert applied to every prompt,
     and of the two-pass model (its NLL under the mixture of the class ``routes`` gives each item)."""
     from agentforge.experts import compose, installed
     from agentforge.experts.evaluation import answer_nll
 
     model, basis = adaptive.model, adaptive.basis
-    batch = settings.eval_batch_size
-    scores = {"base": _answer_scores(model, tokenizer, items, settings)}
+    batch = p.settings.eval_batch_size
+    scores = {"base": _answer_scores(p, model, tokenizer, items)}
     nll = {"base": answer_nll(model, tokenizer, items, batch_size=batch)}
     for name, z in experts.items():
         with torch.no_grad(), installed(model, basis.adapted(compose([z], [1.0]))):
-            scores[name] = _answer_scores(model, tokenizer, items, settings)
+            scores[name] = _answer_scores(p, model, tokenizer, items)
             nll[name] = answer_nll(model, tokenizer, items, batch_size=batch)
-    scores["adaptive"] = _answer_scores(adaptive, tokenizer, items, settings)
+    scores["adaptive"] = _answer_scores(p, adaptive, tokenizer, items)
     nll["adaptive"] = np.empty(len(items))
     for cls in set(routes):
         rows = [i for i, route in enumerate(routes) if route == cls]
@@ -232,11 +316,10 @@ def _gain(measured: dict, metric: str, candidate: str, control: str, rows, seed:
     return paired_gain(first, second, seed=seed) if metric == "accuracy" else paired_gain(second, first, seed=seed)
 
 
-def compare(measured: dict, test_items: dict, discovery, router_accuracy: float, seed: int) -> dict:
+def compare(measured: dict, test_items: dict, discovery: Discovery, router_accuracy: float, seed: int) -> dict:
     """Accuracy and answer-NLL intervals per unit, per expert domain and per task domain; each
     expert's paired gain over the base on its own units; the two-pass model against the base and
     the best single expert on the whole mixed test set."""
-    from agentforge.data import DOMAINS
     from agentforge.experts import bootstrap_interval
 
     spans, start = {}, 0
@@ -266,18 +349,16 @@ def compare(measured: dict, test_items: dict, discovery, router_accuracy: float,
     return out
 
 
-def text_perplexities(adaptive, tokenizer, experts: dict, data: dict, settings: Settings) -> dict:
-    """Held-out text perplexity (documents the Cognate trunk never trained on) of the base and of
-    each expert: what the KL penalty is there to keep."""
-    from agentforge.data import load_text, text_splits
+def text_perplexities(p: PhaseRun, adaptive, tokenizer, experts: dict) -> dict:
+    """Held-out text perplexity (the run's test documents) of the base and of each expert: what
+    the KL penalty is there to keep."""
     from agentforge.eval import perplexity
     from agentforge.experts import compose, installed
 
-    if not settings.text_rows or not data:
+    settings = p.settings
+    if not settings.text_rows:
         return {}
-    texts = load_text("stdlib", max_docs=data["text_docs"]) + load_text("pydoc")
-    test = text_splits(tokenizer, texts, data["seq_len"], seed=data.get("seed", 0))["test"]
-    rows = test.select(range(min(settings.text_rows, len(test))))
+    rows = p.suite(tokenizer).text("test", settings.text_rows)
     model, basis = adaptive.model, adaptive.basis
     out = {"base": perplexity(model, rows, batch_size=settings.eval_batch_size)}
     for name, z in experts.items():
@@ -286,98 +367,71 @@ def text_perplexities(adaptive, tokenizer, experts: dict, data: dict, settings: 
     return out
 
 
+def final_comparison(p: PhaseRun, adaptive, tokenizer, experts: dict, discovery: Discovery, classes: dict) -> dict:
+    """The router's test accuracy, every model compared on the test items, and the held-out text
+    perplexities."""
+    from agentforge.experts import features_of
+    from agentforge.experts.discovery import unit_items
+
+    settings = p.settings
+    test_items = unit_items(list(classes), "test", settings.test_items, p.seed)
+    items = [it for unit_list in test_items.values() for it in unit_list]
+    routes = adaptive.router.predict(features_of(adaptive.model, tokenizer, [it.prompt for it in items],
+                                                 settings.eval_batch_size))
+    truth = [classes[u] for u, unit_list in test_items.items() for _ in unit_list]
+    router_accuracy = sum(r == t for r, t in zip(routes, truth)) / len(items)
+    p.say(f"final comparison on {len(items)} test items")
+    measured = final_measurements(p, adaptive, tokenizer, experts, items, routes)
+    return {"comparison": compare(measured, test_items, discovery, router_accuracy, p.seed),
+            "text_perplexity": text_perplexities(p, adaptive, tokenizer, experts)}
+
+
 # ---------------------------------------------------------------------------------------------
 # the phase
 
 
-def _finished(ctx: PhaseContext):
-    """The summary of a previous run whose model directory verifies, else None."""
-    from agentforge.artifacts import CorruptArtifact, MANIFEST, verify_hashes
+def run(p: PhaseRun) -> PhaseResult:
+    """Discover, train, route, search, save and compare (see the module docstring)."""
+    from agentforge.experts import AdaptiveModel
 
-    model_dir, summary = ctx.out_dir / "model", ctx.out_dir / "summary.json"
-    if not (model_dir / MANIFEST).is_file() or not summary.is_file():
-        return None
-    try:
-        verify_hashes(model_dir, json.loads((model_dir / MANIFEST).read_text())["files"], ignore=(MANIFEST,))
-    except (CorruptArtifact, ValueError, KeyError):
-        return None
-    return json.loads(summary.read_text())
-
-
-def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
-    """Discover, train, route, search and compare (see the module docstring); write ``model/``."""
-    from agentforge.artifacts import load_model_dir
-    from agentforge.experts import AdaptiveModel, SVDBasis, discover, features_of
-    from agentforge.experts.discovery import unit_items
-    from agentforge.train import barrier
-
-    if "model" not in inputs:
-        raise ValueError(f"{NAME}: needs inputs['model'], a model directory; got {sorted(inputs)}")
-    artifacts = {"model": ctx.out_dir / "model"}
-    done = _finished(ctx)
-    if done is not None:
-        ctx.say(f"{NAME}: reusing the finished model and summary in {ctx.out_dir}")
-        return PhaseResult(artifacts=artifacts, metrics=done["headline"])
-    started = time.perf_counter()
-    torch.manual_seed(ctx.seed)
-    model, tokenizer, metadata = load_model_dir(inputs["model"])
-    model.eval()
-    units = _units(settings)
-    timings = {}
-
-    def lap(name: str, since: list = [started]) -> None:  # noqa: B006 (a running clock)
-        now = time.perf_counter()
-        timings[name] = round(now - since[0], 2)
-        since[0] = now
-
-    basis = SVDBasis.of(model)
-    ctx.say(f"{NAME}: measuring {len(units)} task units, {basis.total} z values over {len(basis.names)} matrices")
-    discovery = discover(model, basis, tokenizer, units, n_experts=settings.n_experts,
-                         zone=(settings.zone_low, settings.zone_high), capability_weight=settings.capability_weight,
-                         eval_items=settings.discovery_items, gradient_items=settings.gradient_items,
-                         seq_len=settings.seq_len, seed=ctx.seed, batch_size=settings.eval_batch_size)
-    ctx.say(f"{NAME}: experts {discovery.to_dict()['experts']}")
-    lap("load_and_discovery_s")
-    experts = train_experts(model, basis, tokenizer, discovery, settings, ctx)
-    lap("training_s")
-    barrier()
-    if not ctx.is_main:  # training is data-parallel; routing, search, evaluation and writing are rank 0's
-        return PhaseResult(artifacts=artifacts)
+    torch.manual_seed(p.seed)
+    base = p.load("model")
+    base.model.eval()
+    check_model(base)
+    units = task_units(p)
+    basis = functools.cache(lambda: svd_basis(p, base.model))  # taken by the first step that needs it
+    found = p.step("discovery", lambda: discover_experts(p, base, basis(), units))
+    discovery = Discovery.from_dict(found["discovery"])
+    experts = train_experts(p, base, basis, discovery)
     classes = unit_classes(discovery, units)
-    router = train_router(model, tokenizer, classes, settings, ctx.seed)
-    test_items = unit_items(units, "test", settings.test_items, ctx.seed)
-    items = [it for unit_list in test_items.values() for it in unit_list]
-    routes = router.predict(features_of(model, tokenizer, [it.prompt for it in items], settings.eval_batch_size))
-    truth = [classes[u] for u, unit_list in test_items.items() for _ in unit_list]
-    router_accuracy = sum(r == t for r, t in zip(routes, truth)) / len(items)
-    lap("router_s")
-    mixtures, histories = search_mixtures(model, basis, tokenizer, router, experts, settings, ctx, units)
-    lap("search_s")
-    adaptive = AdaptiveModel(model, basis, experts, router, mixtures)
-    ctx.say(f"{NAME}: final comparison on {len(items)} test items")
-    comparison = compare(final_measurements(adaptive, tokenizer, experts, items, routes, settings), test_items,
-                         discovery, router_accuracy, ctx.seed)
-    perplexities = text_perplexities(adaptive, tokenizer, experts, metadata.get("data"), settings)
-    lap("evaluation_s")
-    summary = {"settings": dataclasses.asdict(settings), "discovery": discovery.to_dict(),
-               "classes": {u.name: c for u, c in classes.items()}, "mixtures": mixtures,
-               "parameter_counts": basis.parameter_counts(), "comparison": comparison,
-               "text_perplexity": perplexities, "timings": timings}
-    _save(adaptive, tokenizer, inputs, metadata, discovery, summary, ctx)
-    lap("save_s")
-    summary["phase_seconds"] = round(time.perf_counter() - started, 2)
-    summary["headline"] = headline(summary)
-    _write_reports(summary, histories, ctx)
-    return PhaseResult(artifacts=artifacts, metrics=summary["headline"])
+    router = router_from(p.step("router", lambda: fit_router(p, base, classes)))
+    search = p.step("search", lambda: search_mixtures(p, base, basis(), router, experts, units))
+    adaptive = functools.cache(lambda: AdaptiveModel(base.model, basis(), experts, router, search["mixtures"]))
+    model = p.model_step("model", lambda: build_model(base, adaptive(), discovery, found["parameter_counts"]))
+    results = p.step("comparison", lambda: final_comparison(p, adaptive(), base.tokenizer, experts, discovery,
+                                                            classes))
+    summary = {"discovery": found["discovery"], "classes": {u.name: c for u, c in classes.items()},
+               "mixtures": search["mixtures"], "parameter_counts": found["parameter_counts"], **results,
+               "search": search["history"]}
+    candidates = [{"class": cls, **row} for cls, rows in search["history"].items() for row in rows]
+    return p.finish({"model": model.path}, headline(summary), summary, rows={"candidate": candidates},
+                    effects=effects(summary["comparison"]))
 
 
-def _save(adaptive, tokenizer, inputs, metadata, discovery, summary, ctx: PhaseContext) -> None:
-    from agentforge.experts import save_adaptive
+def effects(comparison: dict) -> list[Effect]:
+    """The two-pass model against the base (the input) and against the best single expert on the
+    mixed test set: accuracy, and answer NLL for the base (paired differences, 95 % intervals)."""
+    def effect(what: str, control: str, gain: dict, better: str = "higher") -> Effect:
+        if better == "higher":
+            return Effect(what, control, gain["mean"], gain["low"], gain["high"])
+        # an NLL gain is control − model: the effect is model − control
+        return Effect(what, control, -gain["mean"], -gain["high"], -gain["low"], better="lower")
 
-    record = {"phase": NAME, "parents": [str(inputs["model"])], "data": metadata.get("data"),
-              "experts": adaptive.expert_names}
-    describe = {"units": discovery.to_dict()["experts"], "parameter_counts": summary["parameter_counts"]}
-    save_adaptive(adaptive, tokenizer, ctx.out_dir / "model", record, describe)
+    accuracy, nll = comparison["accuracy"], comparison["answer_nll"]
+    best = f"the best single expert ({comparison['best_single_expert']})"
+    return [effect("test accuracy, two-pass model", "the base model", accuracy["adaptive_vs_base"]),
+            effect("test answer NLL, two-pass model", "the base model", nll["adaptive_vs_base"], "lower"),
+            effect("test accuracy, two-pass model", best, accuracy["adaptive_vs_best_single"])]
 
 
 def headline(summary: dict) -> dict:
@@ -388,8 +442,7 @@ def headline(summary: dict) -> dict:
            "z_parameters": summary["parameter_counts"]["svf_z"],
            "lora_rank1_parameters": summary["parameter_counts"]["lora_rank1"],
            "router_test_accuracy": comparison["router_test_accuracy"],
-           "best_single_expert": comparison["best_single_expert"],
-           "phase_seconds": summary["phase_seconds"]}
+           "best_single_expert": comparison["best_single_expert"]}
     for model, interval in accuracy["mixed"].items():
         row[f"mixed_accuracy/{model}"] = interval["mean"]
         row[f"mixed_answer_nll/{model}"] = nll["mixed"][model]["mean"]
@@ -405,83 +458,16 @@ def headline(summary: dict) -> dict:
     return row
 
 
-def _write_reports(summary: dict, histories: dict, ctx: PhaseContext) -> None:
-    from agentforge.artifacts import atomic_write_json
-    from agentforge.train import MetricsLogger
-
-    summary["search"] = histories
-    with MetricsLogger(ctx.out_dir, phase=f"{NAME}/candidate", wandb_mode=ctx.wandb_mode) as log:
-        for cls, rows in histories.items():
-            for row in rows:
-                log.log({"class": cls, **row})
-    with MetricsLogger(ctx.out_dir, phase=NAME, wandb_mode="disabled") as log:
-        log.log(summary["headline"])
-    atomic_write_json(ctx.out_dir / "summary.json", summary)
-
-
-# ---------------------------------------------------------------------------------------------
-# report figures
-
-
-def figures(phase_dir: Path) -> list:
-    """Report figures from ``summary.json``: test accuracy and answer NLL per expert domain for the
-    base, each expert and the two-pass model (95 % bootstrap intervals), and the measured mixture
-    candidates of each router class with their Pareto front. ``[(title, Figure, [source file])]``."""
-    source = Path(phase_dir) / "summary.json"
-    if not source.is_file():
-        return []
-    summary = json.loads(source.read_text())
-    out = [(f"Experts: held-out {label} per expert domain", _domain_figure(summary, metric, label), [source])
-           for metric, label in (("accuracy", "accuracy"), ("answer_nll", "answer NLL (lower is better)"))]
-    if summary.get("search"):
-        out.append(("Experts: mixture candidates and Pareto front per router class", _pareto_figure(summary), [source]))
-    return out
-
-
-def _domain_figure(summary: dict, metric: str, label: str):
-    from matplotlib.figure import Figure
-
-    table = summary["comparison"][metric]["expert_domain"]
-    domains = list(table)
-    models = list(next(iter(table.values())))
-    fig = Figure(figsize=(7.5, 3.4), layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / len(models)
-    for i, model in enumerate(models):
-        x = [d + (i - (len(models) - 1) / 2) * width for d in range(len(domains))]
-        means = [table[d][model]["mean"] for d in domains]
-        errors = [[m - table[d][model]["low"] for d, m in zip(domains, means)],
-                  [table[d][model]["high"] - m for d, m in zip(domains, means)]]
-        ax.bar(x, means, width, yerr=errors, capsize=2, label=model)
-    ax.set_xticks(range(len(domains)), domains, fontsize="small")
-    ax.set_xlabel("expert domain (its learning-zone units, test split)")
-    ax.set_ylabel(f"{label}, 95 % CI")
-    ax.legend(title="model", fontsize="x-small", ncols=2)
-    return fig
-
-
-def _pareto_figure(summary: dict):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 3.4), layout="constrained")
-    ax = fig.add_subplot()
-    for i, (cls, rows) in enumerate(summary["search"].items()):
-        color = f"C{i}"
-        latency = [1000 * r["latency_s"] for r in rows]
-        accuracy = [r["accuracy"] for r in rows]
-        ax.scatter(latency, accuracy, s=[12 if r["memory_bytes"] else 40 for r in rows], color=color, alpha=0.4,
-                   label=f"{cls}: candidates")
-        front = sorted((l, a) for l, a, r in zip(latency, accuracy, rows) if r["pareto"])
-        ax.plot([l for l, _ in front], [a for _, a in front], "o-", color=color, label=f"{cls}: Pareto front")
-    ax.set_xlabel("measured latency (ms per answered item)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("large dots: α = 0 (base weights, no adapted copy in memory)", fontsize="small")
-    ax.legend(fontsize="x-small", ncols=2)
-    return fig
+SPEC = PhaseSpec(
+    number=7, name="experts", summary="Transformer²-style singular-value experts with a router and a CMA-ES mixture",
+    settings=Settings, presets=PRESETS, run=run,
+    needs={"model": Input("baking.model", "input model directory with a tokenizer (the baked model, latent "
+                                          "BitLinear layers; any HF causal LM works)")},
+    provides={"model": model_dir}, figures="agentforge.figures.experts")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return standalone_main(NAME, {'model': 'input model directory'}, argv)
+    return standalone_main(SPEC, argv)
 
 
 if __name__ == "__main__":

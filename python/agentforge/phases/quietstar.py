@@ -1,64 +1,76 @@
 """Phase 3, Quiet-STaR: the model learns to think before it speaks, measured against controls.
 
-1. Pick the held-out tasks: (family, level) pairs where the parent's accuracy on validation items
+Input ``model``: the EvoMerge champion (any HF causal LM directory with a tokenizer). Steps:
+
+1. ``tasks``: the held-out (family, level) pairs where the parent's accuracy on validation items
    is closest to the 20–60 % band (so that thinking has room to help and something to work with).
-2. Add learned start/end-of-thought tokens and a mixing head; train with the Quiet-STaR loss
-   (``thinking.py``: thoughts sampled in parallel at every answer position, teacher-forced
-   lookahead, REINFORCE against the mean of the n thoughts) on the training split of those
-   families, through the shared trainer.
-3. Control: the parent fine-tuned with plain NLL on the same rows for the same wall-clock time.
-4. On the test split (items training and selection never saw): accuracy and answer-token
-   log-likelihood of (a) the parent, (b) the Quiet-STaR model thinking, (c) the same model with
-   thinking off, (d) the control, with bootstrap 95 % intervals and paired differences to (a).
+2. ``model``: learned start/end-of-thought tokens and a mixing head are added, and the model is
+   trained with the Quiet-STaR loss (``agentforge.quietstar``: thoughts sampled in parallel at
+   every answer position, teacher-forced lookahead, REINFORCE against the mean of the n
+   thoughts) on the training split of those tasks, through the shared trainer.
+3. ``control``: the parent fine-tuned with plain NLL on the same rows for as many steps as spend
+   the thinker's counted compute (``agentforge.quietstar.compute``: tokens through the model,
+   3 per token of a forward and backward pass, 1 per token of a sampling pass, from the shapes
+   of the thinker's batches; the same number on every run), then measured.
+4. ``measure``: on the test split (items training and selection never saw), accuracy and
+   answer-token log-likelihood of (a) the parent, (b) the Quiet-STaR model thinking, (c) the same
+   model with thinking off; with the control's (d), bootstrap 95 % intervals and paired
+   differences to (a).
 
 Output ``model/``: the thinking model as an HF directory (the base LM with the two new tokens, its
 tokenizer, plus ``mixing_head.safetensors`` and ``quietstar.json``; ``from_pretrained`` loads the
-base, ``ThinkingModel.load`` the thinker). Later phases train the base LM.
+base, ``agentforge.quietstar.ThinkingModel.load`` the thinker). Later phases train the base LM.
+Also in the phase directory: ``train/thinker`` and ``train/control`` (checkpoints and training
+metrics), ``metrics.jsonl`` and ``summary.json``.
+
+Run alone: ``python -m agentforge.phases.quietstar --model DIR --preset tiny --out DIR``.
 """
 from __future__ import annotations
 
-import dataclasses
 import random
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+import sys
+from dataclasses import dataclass
 
 import torch
 
-from agentforge.phases import PhaseContext, PhaseResult
-from agentforge.phases.quietstar.thinking import IGNORE_INDEX, ThinkingModel, ThoughtSettings, add_thought_tokens
-
-NAME = "quietstar"
+from agentforge.errors import ConfigError
+from agentforge.quietstar import (IGNORE_INDEX, ThinkingModel, ThoughtSettings, add_thought_tokens, plain_steps,
+                                  training_compute)
+from agentforge.runtime import Built, Effect, Input, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
+from agentforge.settings import Checked, setting, to_dict
 
 
 @dataclass
-class Settings:
-    n_thoughts: int = 2
-    thought_length: int = 4
-    lookahead: int = 3
-    temperature: float = 1.0
-    reinforce_weight: float = 1.0
-    base_loss_weight: float = 0.5
-    mixing_init: float = 0.12
-    positions: str = "answers"
-    steps: int = 30
-    batch_size: int = 8
-    train_items: int = 600  # training items per chosen (family, level)
-    candidate_levels: list = field(default_factory=lambda: [0, 1, 2])
-    selection_items: int = 50  # validation items per candidate (family, level)
-    band: list = field(default_factory=lambda: [0.2, 0.6])  # the parent's accuracy band to evaluate in
-    eval_pairs: int = 4  # (family, level) pairs evaluated
-    test_items: int = 150  # test items per chosen pair (>= 500 in all for the tiny preset)
-    bootstrap: int = 1000
-    eval_batch_size: int = 64
+class Settings(Checked):
+    """How the phase picks tasks, trains the thinker and measures (per-preset values in ``PRESETS``)."""
+
+    thought: ThoughtSettings = setting(ThoughtSettings)
+    steps: int = setting(30, "[1, 10000000]", doc="thinker training steps")
+    batch_size: int = setting(8, "[1, 65536]")
+    train_items: int = setting(600, "[1, 1000000]", doc="training items per chosen (family, level)")
+    candidate_levels: list[int] = setting([0, 1, 2], "[0, 9]", length="[1, 10]",
+                                          doc="task levels searched for the accuracy band")
+    selection_items: int = setting(50, "[1, 100000]", doc="validation items per candidate (family, level)")
+    band: list[float] = setting([0.2, 0.6], "[0, 1]", length="[2, 2]",
+                                doc="the parent's accuracy band to evaluate in: [low, high]")
+    eval_pairs: int = setting(4, "[1, 1000]", doc="(family, level) pairs evaluated")
+    test_items: int = setting(150, "[1, 100000]", doc="test items per chosen pair")
+    bootstrap: int = setting(1000, "[1, 1000000]", doc="bootstrap rounds of the 95 % intervals")
+    eval_batch_size: int = setting(64, "[1, 65536]")
+
+    def check(self) -> None:
+        if self.band[0] > self.band[1]:
+            self.fail("band", "must be [low, high] with low <= high")
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(thought_length=2, lookahead=2, steps=3, batch_size=4, train_items=20, candidate_levels=[0],
-                      selection_items=8, eval_pairs=2, test_items=8, bootstrap=100, eval_batch_size=32),
+    "micro": Settings(thought=ThoughtSettings(thought_length=2, lookahead=2), steps=3, batch_size=4, train_items=20,
+                      candidate_levels=[0], selection_items=8, eval_pairs=2, test_items=8, bootstrap=100,
+                      eval_batch_size=32),
     "tiny": Settings(),
-    "small": Settings(thought_length=8, lookahead=4, steps=400, batch_size=16, train_items=5000,
-                      candidate_levels=[0, 1, 2, 3, 4], selection_items=100, eval_pairs=6, test_items=300),
+    "small": Settings(thought=ThoughtSettings(thought_length=8, lookahead=4), steps=400, batch_size=16,
+                      train_items=5000, candidate_levels=[0, 1, 2, 3, 4], selection_items=100, eval_pairs=6,
+                      test_items=300),
 }
 
 
@@ -66,34 +78,32 @@ PRESETS: dict[str, Settings] = {
 # tasks: where to evaluate, what to train on
 
 
-def choose_tasks(model, tokenizer, settings: Settings, seed: int) -> list[dict]:
+def choose_tasks(p: PhaseRun, model, suite) -> list[dict]:
     """The (family, level) pairs whose parent accuracy on validation items lies in (or, failing
     that, nearest to) the band; each with its measured accuracy."""
-    from agentforge.data import FAMILIES, make_split, score
+    from agentforge.data import FAMILIES, score
     from agentforge.eval import task_accuracy
+    from agentforge.eval.suite import answer_budget
 
+    settings = p.settings
     low, high = settings.band
+    candidates = [(family, level) for family in FAMILIES for level in settings.candidate_levels]
     measured = []
-    for family in FAMILIES:
-        for level in settings.candidate_levels:
-            items = make_split(family, "validation", settings.selection_items, seed=seed, level=level)
-            accuracy = task_accuracy(model, tokenizer, items, score=score, max_new_tokens=_budget(tokenizer, items),
-                                     batch_size=settings.eval_batch_size).accuracy
-            distance = 0.0 if low <= accuracy <= high else min(abs(accuracy - low), abs(accuracy - high))
-            measured.append({"family": family, "level": level, "parent_validation_accuracy": accuracy,
-                             "distance_to_band": distance})
+    for family, level in p.bar(candidates, "parent accuracy per task", total=len(candidates)):
+        items = suite.items("validation", settings.selection_items, [family], [level])
+        accuracy = task_accuracy(model, suite.tokenizer, items, score=score,
+                                 max_new_tokens=answer_budget(suite.tokenizer, items),
+                                 batch_size=settings.eval_batch_size).accuracy
+        distance = 0.0 if low <= accuracy <= high else min(abs(accuracy - low), abs(accuracy - high))
+        measured.append({"family": family, "level": level, "parent_validation_accuracy": accuracy,
+                         "distance_to_band": distance})
     measured.sort(key=lambda m: (m["distance_to_band"], -m["parent_validation_accuracy"]))
     return measured[:settings.eval_pairs]
 
 
-def _budget(tokenizer, items) -> int:
-    return max(len(tokenizer(it.answer, add_special_tokens=False)["input_ids"]) for it in items) + 1
-
-
-def task_rows(tokenizer, items, seq_len: int, seed: int):
-    from agentforge.data import pack_tasks
-
-    return pack_tasks(tokenizer, items, seq_len, seed=seed)
+def task_items(suite, tasks: list[dict], split: str, n: int) -> list:
+    """``n`` items of ``split`` for each chosen (family, level)."""
+    return [item for t in tasks for item in suite.items(split, n, [t["family"]], [t["level"]])]
 
 
 def item_rows(tokenizer, items) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +150,7 @@ def generated_accuracy(generate, tokenizer, items, batch_size: int) -> list[floa
     """Per item, the reasoning-gym score of the greedy answer produced by ``generate(ids, mask,
     max_new_tokens) -> new token ids``."""
     from agentforge.data import score
+    from agentforge.eval.suite import answer_budget
 
     scores = []
     for start in range(0, len(items), batch_size):
@@ -148,7 +159,7 @@ def generated_accuracy(generate, tokenizer, items, batch_size: int) -> list[floa
         width = max(map(len, prompts))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        new = generate(ids, mask, _budget(tokenizer, batch))
+        new = generate(ids, mask, answer_budget(tokenizer, batch))
         for item, tokens in zip(batch, new.tolist()):
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
@@ -166,137 +177,126 @@ def bootstrap_interval(values: list[float], reference: list[float] | None, round
     return {"mean": sum(data) / n, "low": means[int(0.025 * rounds)], "high": means[int(0.975 * rounds) - 1]}
 
 
+def hf_variant(model, tokenizer, thought_ids: list[int]):
+    """``(generate, scorer)`` of a plain HF model: greedy generation that never emits a thought
+    token (when its vocabulary has them), and the plain answer scorer."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    suppress = [i for i in thought_ids if i < vocab]
+
+    def generate(ids, mask, n):
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              **({"suppress_tokens": suppress} if suppress else {}))[:, ids.shape[1]:]
+
+    return generate, plain_scorer(model)
+
+
+def thinker_variants(thinker: ThinkingModel, eos: int) -> dict:
+    """``{name: (generate, scorer)}`` of the thinker with thinking on and off."""
+    def generate(think: bool):
+        return lambda i, m, n: thinker.generate(i, m, max_new_tokens=n, eos_token_id=eos, think=think)
+
+    return {"thinking": (generate(True), thinking_scorer(thinker)),
+            "not_thinking": (generate(False), plain_scorer(thinker.base))}
+
+
+def measure_variants(p: PhaseRun, variants: dict, tokenizer, items) -> dict:
+    """Per variant, each test item's generated accuracy and answer log-likelihood."""
+    batch_size = p.settings.eval_batch_size
+    ids, labels = item_rows(tokenizer, items)
+    return {name: {"accuracy": generated_accuracy(generate, tokenizer, items, batch_size),
+                   "answer_loglik": answer_loglik(scorer, ids, labels, batch_size)}
+            for name, (generate, scorer) in p.bar(variants.items(), "measuring", total=len(variants))}
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
 
-def _train(model, rows, settings: Settings, steps: int, ctx: PhaseContext, stage: str, loss_fn=None):
+def train_stage(p: PhaseRun, model, rows, steps: int, stage: str, loss_fn=None):
     from agentforge.optim import MuGrokfast
-    from agentforge.train import TrainConfig, train
 
     optimizer = MuGrokfast.from_preset(model, "finetune", total_steps=steps)
-    cfg = TrainConfig(steps=steps, batch_size=settings.batch_size, checkpoint_every=max(steps // 3, 1), log_every=5,
-                      seed=ctx.seed, wandb_mode=ctx.wandb_mode, run_name=f"{NAME}/{stage}", progress=ctx.progress)
-    return train(model, rows, cfg, optimizer=optimizer, out_dir=ctx.out_dir / "train" / stage,
-                 phase=f"{NAME}/{stage}", loss_fn=loss_fn)
+    return p.train(model, rows, stage, optimizer=optimizer, steps=steps, batch_size=p.settings.batch_size,
+                   loss_fn=loss_fn, checkpoint_every=max(steps // 3, 1), log_every=5)
 
 
-def _quietstar_loss(model, batch):
+def quietstar_loss(model, batch):
     out = model(input_ids=batch["input_ids"], labels=batch["labels"])
     return out.loss, out.metrics
 
 
-def _control_steps(control, rows, settings: Settings, seconds: float) -> int:
-    """Steps of plain NLL fine-tuning that take ``seconds``, from the time of a few probe steps."""
-    probe = torch.optim.AdamW(control.parameters(), lr=0.0)  # lr 0: timing only, nothing changes
-    batch = rows[:settings.batch_size]
-    ids, labels = torch.tensor(batch["input_ids"]), torch.tensor(batch["labels"])
-    started = time.perf_counter()
-    for _ in range(3):
-        control(input_ids=ids, labels=labels).loss.backward()
-        probe.step()
-        probe.zero_grad()
-    return max(1, round(seconds / ((time.perf_counter() - started) / 3)))
+def build_thinker(p: PhaseRun, rows) -> Built:
+    """The input model with the thought tokens and a mixing head, trained with the Quiet-STaR loss."""
+    thought = p.settings.thought
+    torch.manual_seed(p.seed)  # the new embedding rows and the mixing head start from the seed
+    base = p.load("model")
+    tokens = add_thought_tokens(base.model, base.tokenizer)
+    thinker = ThinkingModel(base.model, thought, tokens)
+    p.say(f"training the thinker ({p.settings.steps} steps, {thought.n_thoughts} thoughts of "
+          f"{thought.thought_length} tokens, lookahead {thought.lookahead})")
+    trained = train_stage(p, thinker, rows, p.settings.steps, "thinker", quietstar_loss)
+    return Built(thinker.base, base.tokenizer,
+                 {"role": "thinker", "thought_settings": {**to_dict(thought), **tokens._asdict()},
+                  "train_losses": trained.losses, "parents": [base.path]},
+                 write_extra=thinker.save_extras)
+
+
+def control_run(p: PhaseRun, rows, test_items, thought_ids: list[int]) -> dict:
+    """The parent fine-tuned with plain NLL for the thinker's counted compute, and its measurements."""
+    settings = p.settings
+    labels = torch.tensor(rows["labels"])
+    thinker_compute = training_compute(labels, settings.steps, settings.batch_size, p.seed, settings.thought)
+    steps = plain_steps(thinker_compute, settings.batch_size, labels.shape[1])
+    p.say(f"training the equal-compute control ({steps} plain NLL steps for the thinker's "
+          f"{thinker_compute} counted token passes)")
+    control = p.load("model")
+    trained = train_stage(p, control.model, rows, steps, "control")
+    variant = hf_variant(control.model.eval(), control.tokenizer, thought_ids)
+    measured = measure_variants(p, {"control": variant}, control.tokenizer, test_items)
+    return {"steps": steps, "thinker_compute": thinker_compute,
+            "control_compute": 3 * steps * settings.batch_size * labels.shape[1], "losses": trained.losses,
+            **measured["control"]}
+
+
+def measure(p: PhaseRun, parent, thinker_dir, test_items) -> dict:
+    """Parent and thinker (thinking and not) on the test items; thoughts are sampled from the seed."""
+    p.say(f"measuring parent and thinker (thinking / not) on {len(test_items)} test items")
+    thinker, tokenizer = ThinkingModel.load(thinker_dir)
+    torch.manual_seed(p.seed)
+    variants = {"parent": hf_variant(parent.model.eval(), parent.tokenizer, list(thinker.tokens)),
+                **thinker_variants(thinker, tokenizer.eos_token_id)}
+    return measure_variants(p, variants, tokenizer, test_items)
 
 
 # ---------------------------------------------------------------------------------------------
 # the phase
 
 
-def run(inputs: dict, settings: Settings, ctx: PhaseContext) -> PhaseResult:
-    """Select tasks, train the thinker and the equal-time control, measure all four, save."""
-    from agentforge.artifacts import atomic_write_json, load_model_dir, save_model_dir
-    from agentforge.data import make_split
-    from agentforge.train import MetricsLogger
+def run(p: PhaseRun) -> PhaseResult:
+    """Select tasks, train the thinker and the equal-compute control, measure all four."""
+    settings = p.settings
+    torch.manual_seed(p.seed)
+    parent = p.load("model")
+    if parent.tokenizer is None:
+        raise ConfigError(f"quietstar: {parent.path} has no tokenizer; the phase needs one to build its data")
+    suite = p.suite(parent.tokenizer)
+    tasks = p.step("tasks", lambda: choose_tasks(p, parent.model.eval(), suite))
+    rows = suite.rows(task_items(suite, tasks, "train", settings.train_items))
+    test_items = task_items(suite, tasks, "test", settings.test_items)
 
-    started = time.perf_counter()
-    torch.manual_seed(ctx.seed)
-    out_dir = ctx.out_dir / "model"
-    finished = _finished(ctx.out_dir)
-    if finished is not None:
-        return PhaseResult(artifacts={"model": out_dir}, metrics=finished["headline"])
-    parent, tokenizer, meta = load_model_dir(Path(inputs["model"]))
-    data = meta.get("data", {"seq_len": 64, "seed": ctx.seed})
-    ctx.say(f"{NAME}: choosing held-out tasks where the parent scores in {settings.band}")
-    tasks = choose_tasks(parent.eval(), tokenizer, settings, ctx.seed)
-    train_items = [it for t in tasks for it in make_split(t["family"], "train", settings.train_items, seed=ctx.seed,
-                                                          level=t["level"])]
-    test_items = [it for t in tasks for it in make_split(t["family"], "test", settings.test_items, seed=ctx.seed,
-                                                         level=t["level"])]
-    rows = task_rows(tokenizer, train_items, data["seq_len"], ctx.seed)
-
-    base = load_model_dir(Path(inputs["model"]))[0]
-    start, end = add_thought_tokens(base, tokenizer)
-    thought = ThoughtSettings(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(ThoughtSettings)
-                                 if hasattr(settings, f.name)}, start_id=start, end_id=end)
-    thinker = ThinkingModel(base, thought)
-    ctx.say(f"{NAME}: training the thinker ({settings.steps} steps, {thought.n_thoughts} thoughts of "
-            f"{thought.thought_length} tokens, lookahead {thought.lookahead})")
-    trained = _train(thinker, rows, settings, settings.steps, ctx, "thinker", _quietstar_loss)
-    control = load_model_dir(Path(inputs["model"]))[0]
-    control_steps = _control_steps(control, rows, settings, trained.elapsed_s)
-    ctx.say(f"{NAME}: training the equal-time control ({control_steps} plain NLL steps, {trained.elapsed_s:.0f} s)")
-    control_run = _train(control, rows, settings, control_steps, ctx, "control")
-
-    ctx.say(f"{NAME}: measuring parent, thinker (thinking / not) and control on {len(test_items)} test items")
-    results = _measure_all(parent.eval(), thinker.eval(), control.eval(), tokenizer, test_items, settings)
-    summary = _summary(settings, tasks, results, trained, control_run, control_steps, ctx.seed,
-                       time.perf_counter() - started, len(test_items))
-    if ctx.is_main:
-        save_model_dir(thinker.base, tokenizer, out_dir,
-                       {"phase": NAME, "parents": [str(inputs["model"])], "data": data,
-                        "thought_settings": dataclasses.asdict(thought)}, write_extra=thinker.save_extras)
-        atomic_write_json(ctx.out_dir / "summary.json", summary)
-        with MetricsLogger(ctx.out_dir, phase=NAME, wandb_mode="disabled") as log:
-            log.log(summary["headline"])
-    return PhaseResult(artifacts={"model": out_dir}, metrics=summary["headline"])
+    thinker = p.model_step("model", lambda: build_thinker(p, rows))
+    thought_ids = [thinker.metadata["thought_settings"][k] for k in ("start_id", "end_id")]
+    control = p.step("control", lambda: control_run(p, rows, test_items, thought_ids), everywhere=True)
+    results = {**p.step("measure", lambda: measure(p, parent, thinker.path, test_items)),
+               "control": {k: control[k] for k in ("accuracy", "answer_loglik")}}
+    summary = summarise(settings, tasks, results, thinker.metadata["train_losses"], control, p.seed)
+    return p.finish({"model": thinker.path}, summary.pop("headline"), summary, effects=effects(summary))
 
 
-def _finished(phase_dir: Path) -> dict | None:
-    """The summary of a previous complete run (its model directory verified), else None."""
-    import json
-
-    from agentforge.artifacts import CorruptArtifact, verify_model_dir
-
-    summary = phase_dir / "summary.json"
-    if not summary.is_file():
-        return None
-    try:
-        verify_model_dir(phase_dir / "model")
-    except CorruptArtifact:
-        return None
-    return json.loads(summary.read_text())
-
-
-def _measure_all(parent, thinker: ThinkingModel, control, tokenizer, items, settings: Settings) -> dict:
-    eos = tokenizer.eos_token_id
-
-    def hf_generate(model):
-        return lambda ids, mask, n: model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                                   eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                                   **_suppress(model, thinker))[:, ids.shape[1]:]
-
-    ids, labels = item_rows(tokenizer, items)
-    variants = {
-        "parent": (hf_generate(parent), plain_scorer(parent)),
-        "thinking": (lambda i, m, n: thinker.generate(i, m, max_new_tokens=n, eos_token_id=eos, think=True),
-                     thinking_scorer(thinker)),
-        "not_thinking": (lambda i, m, n: thinker.generate(i, m, max_new_tokens=n, eos_token_id=eos, think=False),
-                         plain_scorer(thinker.base)),
-        "control": (hf_generate(control), plain_scorer(control)),
-    }
-    return {name: {"accuracy": generated_accuracy(gen, tokenizer, items, settings.eval_batch_size),
-                   "answer_loglik": answer_loglik(scorer, ids, labels, settings.eval_batch_size)}
-            for name, (gen, scorer) in variants.items()}
-
-
-def _suppress(model, thinker: ThinkingModel) -> dict:
-    vocab = model.get_output_embeddings().weight.shape[0]
-    ids = [i for i in (thinker.settings.start_id, thinker.settings.end_id) if i < vocab]
-    return {"suppress_tokens": ids} if ids else {}
-
-
-def _summary(settings, tasks, results, trained, control_run, control_steps, seed, seconds, n_items) -> dict:
+def summarise(settings: Settings, tasks, results, thinker_losses, control, seed) -> dict:
+    """The four variants' means with 95 % intervals and paired differences, the thinker's and the
+    control's losses and compute, and the headline."""
     table = {}
     for name, r in results.items():
         table[name] = {
@@ -314,47 +314,47 @@ def _summary(settings, tasks, results, trained, control_run, control_steps, seed
     thinking_vs_off = thinking_minus("not_thinking", "answer_loglik")
     vs_control = {metric: thinking_minus("control", metric) for metric in ("accuracy", "answer_loglik")}
     headline = {f"{name}/{metric}": table[name][metric]["mean"] for name in table for metric in ("accuracy", "answer_loglik")}
-    headline.update(thinking_minus_off_loglik=thinking_vs_off["mean"], thinker_train_seconds=trained.elapsed_s,
-                    control_steps=control_steps, phase_seconds=seconds, test_items=n_items,
+    headline.update(thinking_minus_off_loglik=thinking_vs_off["mean"], control_steps=control["steps"],
+                    thinker_compute=control["thinker_compute"], control_compute=control["control_compute"],
+                    test_items=len(results["parent"]["accuracy"]),
                     thinking_minus_control_accuracy=vs_control["accuracy"]["mean"],
                     thinking_minus_control_loglik=vs_control["answer_loglik"]["mean"],
                     # thoughts help the model that has them (CI above zero) ...
                     thoughts_raise_loglik=thinking_vs_off["low"] > 0,
-                    # ... and the phase beats spending the same time on plain fine-tuning
+                    # ... and the phase beats spending the same compute on plain fine-tuning
                     beats_equal_compute_control=vs_control["answer_loglik"]["low"] > 0
                     and vs_control["accuracy"]["mean"] >= 0)
-    return {"settings": dataclasses.asdict(settings), "tasks": tasks, "table": table,
-            "thinking_minus_not_thinking_loglik": thinking_vs_off, "thinking_minus_control": vs_control,
-            "thinker_losses": trained.losses,
-            "control_losses": control_run.losses, "headline": headline}
+    return {"tasks": tasks, "table": table, "thinking_minus_not_thinking_loglik": thinking_vs_off,
+            "thinking_minus_control": vs_control, "thinker_losses": thinker_losses,
+            "control_losses": control["losses"],
+            "control": {k: control[k] for k in ("steps", "thinker_compute", "control_compute")},
+            "headline": headline}
 
 
-def figures(phase_dir: Path) -> list:
-    """Accuracy and answer log-likelihood (with 95 % intervals) of the four variants; the training
-    losses of the thinker and the control."""
-    import json
+def effects(summary: dict) -> list[Effect]:
+    """The thinker's answer log-likelihood and accuracy against the equal-compute control, and
+    its log-likelihood against itself not thinking (paired differences with 95 % intervals)."""
+    def effect(what: str, control: str, stat: dict) -> Effect:
+        return Effect(what, control, stat["mean"], stat["low"], stat["high"])
 
-    from matplotlib.figure import Figure
+    vs_control = summary["thinking_minus_control"]
+    return [effect("answer log-likelihood, thinking", "the equal-compute NLL control", vs_control["answer_loglik"]),
+            effect("accuracy, thinking", "the equal-compute NLL control", vs_control["accuracy"]),
+            effect("answer log-likelihood, thinking", "the same model not thinking",
+                   summary["thinking_minus_not_thinking_loglik"])]
 
-    summary_path = Path(phase_dir) / "summary.json"
-    if not summary_path.is_file():
-        return []
-    summary = json.loads(summary_path.read_text())
-    names = list(summary["table"])
-    fig = Figure(figsize=(8, 3.2), layout="constrained")
-    for ax, metric, label in zip(fig.subplots(1, 2), ("accuracy", "answer_loglik"),
-                                 ("test accuracy", "answer log-likelihood (nats)")):
-        stats = [summary["table"][n][metric] for n in names]
-        ax.bar(names, [s["mean"] for s in stats],
-               yerr=[[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]], capsize=4)
-        ax.set_ylabel(label)
-        ax.tick_params(axis="x", rotation=20)
-    out = [("Quiet-STaR vs controls on held-out tasks (95 % bootstrap intervals)", fig, [summary_path])]
-    fig = Figure(figsize=(6, 3), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(summary["thinker_losses"], label="Quiet-STaR loss (thinker)")
-    ax.plot(summary["control_losses"], label="plain NLL (equal-time control)")
-    ax.set_xlabel("step")
-    ax.legend()
-    out.append(("Quiet-STaR training loss vs the control", fig, [summary_path]))
-    return out
+
+SPEC = PhaseSpec(
+    number=3, name="quietstar", summary="learned thought tokens trained with REINFORCE, against an equal-compute NLL control",
+    settings=Settings, presets=PRESETS, run=run,
+    needs={"model": Input("evomerge.champion", "input model directory (the EvoMerge champion or any causal LM "
+                                               "with a tokenizer)")},
+    provides={"model": model_dir}, figures="agentforge.figures.quietstar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone_main(SPEC, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
