@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from agentforge import ops
 from agentforge.nn import BitLinear, convert_to_bitnet, pack_bitnet
 from agentforge.phases import bitnet
-from agentforge.quant import (bitlinear_layers, calibrate, choose_per_channel, convert_as_calibrated, generation_memory,
-                              gradient_flow, layer_inputs, layer_time_share, output_error, require_state,
-                              resident_tensor_bytes, ternary_layer_stats, totals, warmup_lambda)
+from agentforge.eval.speed import generation_memory, layer_time_share, resident_tensor_bytes
+from agentforge.quant import (bitlinear_layers, calibrate, choose_per_channel, convert_as_calibrated, gradient_flow,
+                              layer_inputs, output_error, require_state, ternary_layer_stats, totals, warmup_lambda)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

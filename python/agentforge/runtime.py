@@ -94,6 +94,12 @@ class Effect:
         return {**asdict(self), "verdict": self.verdict()}
 
 
+def default_disk_needed(settings: Any, input_bytes: int) -> int:
+    """What a phase writes, by default: a few copies of its inputs (models, checkpoints with
+    optimizer states) and its summaries."""
+    return DEFAULT_DISK + 6 * input_bytes
+
+
 @dataclass(frozen=True)
 class PhaseSpec:
     """One phase: its number and name, settings class and presets, inputs (``needs``), artifacts
@@ -110,8 +116,11 @@ class PhaseSpec:
     provides: dict[str, Callable[[Any], None]] = field(default_factory=dict, compare=False)
     figures: str | None = None
     # bytes the phase writes, from its settings and its inputs' bytes (checked against free space)
-    disk_needed: Callable[[Any, int], int] = field(default=lambda settings, input_bytes: DEFAULT_DISK + 6 * input_bytes,
-                                                   compare=False)
+    disk_needed: Callable[[Any, int], int] = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.disk_needed is None:
+            object.__setattr__(self, "disk_needed", default_disk_needed)
 
     @property
     def dirname(self) -> str:

@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agentforge.data.builders import mixture, pack_tasks, pack_text, text_splits
+    from agentforge.data.builders import document_split, mixture, pack_tasks, pack_text, text_splits
     from agentforge.data.sources import SOURCES, MissingDataPackage, load_records, load_text, smollm2_gguf
     from agentforge.data.tasks import DOMAINS, FAMILIES, NUM_LEVELS, TaskFamily, TaskItem, make_split, score
     from agentforge.data.tokenizer import train_tokenizer
@@ -30,7 +30,7 @@ _MODULE_OF = {
     **dict.fromkeys(
         ["TaskItem", "TaskFamily", "FAMILIES", "DOMAINS", "NUM_LEVELS", "make_split", "score"], "tasks"
     ),
-    **dict.fromkeys(["pack_text", "text_splits", "pack_tasks", "mixture"], "builders"),
+    **dict.fromkeys(["pack_text", "text_splits", "document_split", "pack_tasks", "mixture"], "builders"),
 }
 __all__ = list(_MODULE_OF)
 

@@ -87,6 +87,21 @@ def _held_out_count(fraction: float, n_docs: int, name: str) -> int:
     return max(1, round(fraction * n_docs))
 
 
+def document_split(n_docs: int, *, seed: int, validation: float = 0.05, test: float = 0.05) -> dict[str, list[int]]:
+    """Indices of the documents of each split: shuffled with `seed`, then validation, test, train.
+    Everything trained on text (the tokenizer too) must use only the train indices."""
+    n_val = _held_out_count(validation, n_docs, "validation")
+    n_test = _held_out_count(test, n_docs, "test")
+    if n_val + n_test >= n_docs:
+        raise ValueError(
+            f"{n_docs} documents cannot fill train, validation ({n_val}) and test ({n_test}); "
+            "pass more documents or smaller fractions"
+        )
+    order = list(range(n_docs))
+    random.Random(seed).shuffle(order)
+    return {"validation": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+
+
 def text_splits(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -96,24 +111,11 @@ def text_splits(
     validation: float = 0.05,
     test: float = 0.05,
 ) -> DatasetDict:
-    """Shuffle whole documents with `seed`, split them into train/validation/test, pack each split.
+    """Split whole documents with `document_split`, then pack each split.
 
     Splitting documents before packing keeps every document inside one split.
     """
-    n_val = _held_out_count(validation, len(texts), "validation")
-    n_test = _held_out_count(test, len(texts), "test")
-    if n_val + n_test >= len(texts):
-        raise ValueError(
-            f"{len(texts)} documents cannot fill train, validation ({n_val}) and test ({n_test}); "
-            "pass more documents or smaller fractions"
-        )
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    parts = {
-        "validation": order[:n_val],
-        "test": order[n_val : n_val + n_test],
-        "train": order[n_val + n_test :],
-    }
+    parts = document_split(len(texts), seed=seed, validation=validation, test=test)
     splits = {}
     for split in ("train", "validation", "test"):
         try:

@@ -232,7 +232,7 @@ def verify_and_measure(p: PhaseRun, fp, latent_dir: Path, packed_dir: Path, data
     summary reports."""
     from agentforge.artifacts import load_model_dir
     from agentforge.eval import perplexity
-    from agentforge.quant import speed_report
+    from agentforge.eval.speed import speed_report
 
     settings, tokenizer = p.settings, fp.tokenizer
     latent, packed = load_model_dir(latent_dir)[0], load_model_dir(packed_dir)[0]
