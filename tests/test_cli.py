@@ -165,3 +165,29 @@ def test_report_regenerates_the_page(finished_run, capsys, test_phases):
     code, out, _ = main(capsys, "report", finished_run)
     assert code == 0 and out == f"{finished_run / 'report.html'}\n"
     assert (finished_run / "report.html").stat().st_size > 10_000
+
+
+def test_online_wandb_without_a_key_fails_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a W&B login
+    code, _, stderr = main(capsys, "run", "--out", tmp_path / "run", "--preset", "micro", "--wandb", "online")
+    assert code == 2 and stderr == ("agentforge run: error: W&B mode online needs an API key: run `wandb login` or set "
+                                    "WANDB_API_KEY (or use --wandb offline)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_status_verify_lists_every_mismatch(finished_run, tmp_path, capsys, test_phases):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    assert main(capsys, "status", run_dir, "--verify")[0] == 0
+    summary = run_dir / "02-polish" / "summary.json"
+    summary.write_text(summary.read_text().replace("final_loss", "final_lost"))  # an edited report
+    seedling = run_dir / "01-seedling" / "phase.json"
+    record = json.loads(seedling.read_text())
+    record["files"]["model/config.json"] = "0" * 64  # a record edited to match other weights
+    seedling.write_text(json.dumps(record))
+    code, out, _ = main(capsys, "status", run_dir, "--verify")
+    assert code == 1
+    assert "01-seedling: model/config.json has changed since it was written" in out
+    assert "02-polish: summary.json has changed since it was written" in out
+    assert "02-polish: its input model (seedling.model) is not the artifact it consumed any more" in out

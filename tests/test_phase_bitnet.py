@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Cognate's nn.Linear layers: attention, SwiGLU, the neural memory's projections and its gate
 COGNATE_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "to_qkv",
                    "out_proj", "memory_gate"}
-MODELS = {"fp", "ternary_before", "finetuned"}
+MODELS = {"fp", "ternary_before", "finetuned", "fp_control"}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,12 @@ def test_summary_holds_the_measurements_the_issue_asks_for(on_cognate):
     assert summary["speed"]["packed"]["resident_tensor_bytes"] < summary["speed"]["fp"]["resident_tensor_bytes"]
     assert summary["targets"]["perplexity_ratio"] == pytest.approx(
         summary["models"]["finetuned"]["perplexity"] / summary["models"]["fp"]["perplexity"])
+    ratio, accuracy = summary["effects"]  # the headline: packed ternary against the float control trained alike
+    assert ratio["value"] == pytest.approx(summary["targets"]["perplexity_ratio_vs_control"], rel=1e-9)
+    assert ratio["low"] <= ratio["value"] <= ratio["high"] and ratio["neutral"] == 1.0
+    assert accuracy["value"] == pytest.approx(summary["models"]["finetuned"]["accuracy_mean"]
+                                              - summary["models"]["fp_control"]["accuracy_mean"])
+    assert {ratio["verdict"], accuracy["verdict"]} <= {"helped", "hurt", "no measurable effect"}
 
 
 def test_metrics_jsonl_carries_the_same_numbers(on_cognate):
@@ -145,7 +151,7 @@ def llama_dir(tmp_path_factory):
 
 
 def test_any_llama_family_model_converts_and_packs_with_the_float_control(llama_dir, tmp_path):
-    result = run_micro(bitnet.SPEC, {"model": llama_dir}, tmp_path, fp_control=True)
+    result = run_micro(bitnet.SPEC, {"model": llama_dir}, tmp_path)
     packed = AutoModelForCausalLM.from_pretrained(result.artifacts["packed"])
     assert isinstance(packed, LlamaForCausalLM) and len(bitlinears(packed)) == 14
     assert all(m.state == "packed" for m in bitlinears(packed).values())

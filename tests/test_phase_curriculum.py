@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from agentforge.artifacts import load_model_dir, read_metadata, save_model_dir
+from agentforge.artifacts import sha256_file, load_model_dir, read_metadata, save_model_dir
 from agentforge.errors import ConfigError
 from agentforge.figures import curriculum as curriculum_figures
 from agentforge.nn import convert_to_bitnet
@@ -37,7 +37,7 @@ def test_model_reloads_with_its_lineage_and_record(on_cognate):
     [parent] = meta["parents"]
     assert meta["phase"] == "curriculum" and tokenizer is not None
     assert (result.artifacts["model"] / parent["path"]).resolve() == inputs["model"].resolve()
-    assert parent["sha256"] == read_record(out)["inputs"]["model"]
+    assert parent["sha256"] == sha256_file(inputs["model"] / "agentforge.json")
     assert meta["steps"] == meta["curriculum"]["steps"] and meta["stop_reason"] == meta["curriculum"]["stop_reason"]
     assert all("seconds" not in row for row in meta["curriculum"]["levels"])  # metadata holds no timings
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
@@ -69,7 +69,10 @@ def test_the_control_has_equal_compute(on_cognate):
     out, _, result = on_cognate
     record = read_metadata(result.artifacts["model"])["curriculum"]
     _, _, control_meta = load_model_dir(out / "control")
-    assert control_meta["steps"] == record["steps"] and control_meta["tasks"] == record["examples"]
+    assert control_meta["steps"] == record["steps"]
+    # as many examples, and as many temperature-tagged samples of its own as the curriculum's self-model examples
+    assert control_meta["self"] == record["examples_by_kind"].get("self", 0)
+    assert control_meta["tasks"] + control_meta["self"] == record["examples"]
 
 
 def test_rerun_reuses_the_finished_phase(on_cognate, monkeypatch):
@@ -119,7 +122,7 @@ def test_bad_inputs_and_settings_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="input 'model' is missing"):
         run_alone(curriculum.SPEC, {}, tmp_path, preset="micro", say=lambda _: None)
     micro = curriculum.PRESETS["micro"]
-    with pytest.raises(ConfigError, match="families: expected a list of one of"):
+    with pytest.raises(ConfigError, match="families: expected a list of values from"):
         replace(micro, {"families": ["chess"]}, "curriculum")
     with pytest.raises(ConfigError, match="families: expected"):
         replace(micro, {"families": []}, "curriculum")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from agentforge.artifacts import load_model_dir, read_metadata, save_model_dir
+from agentforge.artifacts import sha256_file, load_model_dir, read_metadata, save_model_dir
 from agentforge.data import DOMAINS, load_text, make_split, pack_tasks, train_tokenizer
 from agentforge.data.spec import PRESETS as DATA_PRESETS
 from agentforge.eval import EvalSuite
@@ -47,7 +47,7 @@ def test_champion_reloads_with_its_recipe_and_lineage(on_cognate):
     assert meta["recipe"] == summary["champion_recipe"] and meta["recipe"]["method"] in MICRO.methods
     assert [(champion / p["path"]).resolve() for p in meta["parents"]] == [s.resolve() for s in inputs["siblings"]]
     assert (champion / meta["base"]["path"]).resolve() == inputs["trunk"].resolve()
-    assert meta["base"]["sha256"] == read_record(out)["inputs"]["trunk"]
+    assert meta["base"]["sha256"] == sha256_file(inputs["trunk"] / "agentforge.json")
     assert str(out.parent) not in json.dumps(meta)  # no absolute path: the run directory can move
     assert tokenizer is not None and torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
 

@@ -50,7 +50,7 @@ def test_summary_compares_four_variants_with_intervals(phase):
     for row in summary["table"].values():
         for stat in row.values():
             assert stat["low"] <= stat["mean"] <= stat["high"]
-    assert summary["table"]["parent"]["accuracy_minus_parent"] == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    assert summary["table"]["parent"]["accuracy_minus_parent"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 16}
     assert len(summary["tasks"]) == MICRO.eval_pairs
     assert result.metrics["test_items"] == MICRO.eval_pairs * MICRO.test_items
     assert len(summary["thinker_losses"]) == MICRO.steps
@@ -89,7 +89,26 @@ def test_rerun_reuses_the_finished_phase(phase, monkeypatch):
 
 
 def test_bootstrap_interval_is_paired():
-    same = quietstar.bootstrap_interval([1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0], 200, 0)
-    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0}
-    better = quietstar.bootstrap_interval([1.0] * 50, [0.0] * 50, 200, 0)
+    same = quietstar.interval([1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0], 200, 0)
+    assert (same["mean"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    better = quietstar.interval([1.0] * 50, [0.0] * 50, 200, 0)
     assert better["low"] == better["high"] == 1.0
+
+
+def test_thinking_with_zero_mixing_weight_scores_exactly_as_off(phase):
+    """Both arms are scored alike: with the mixing head's weight at zero, the thinking scorer's
+    prediction is the base prediction, so it must equal the not-thinking scorer's (which masks
+    the thought tokens too)."""
+    _, _, result = phase
+    thinker, tokenizer = ThinkingModel.load(result.artifacts["model"])
+    with torch.no_grad():
+        thinker.mixing_head.net[2].bias.fill_(-1e4)  # sigmoid(-1e4) == 0: no weight on the thought
+    suite = EvalSuite(DataSpec(seq_len=48, text_docs=20, task_levels=[0]), tokenizer, 0)
+    items = suite.items("test", 3, ["add_small", "count_bits"])
+    ids, labels = quietstar.item_rows(tokenizer, items)
+    torch.manual_seed(0)
+    thinking = quietstar.answer_loglik(quietstar.thinking_scorer(thinker.eval()), ids, labels, 8)
+    off = quietstar.answer_loglik(quietstar.plain_scorer(thinker.base, list(thinker.tokens)), ids, labels, 8)
+    assert thinking == pytest.approx(off, abs=1e-5)
+    unmasked = quietstar.answer_loglik(quietstar.plain_scorer(thinker.base), ids, labels, 8)
+    assert sum(unmasked) < sum(off)  # the bias the two scorers had: masking frees probability mass

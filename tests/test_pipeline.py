@@ -299,3 +299,21 @@ def test_a_phase_does_not_start_without_the_disk_space_it_needs(tmp_path, monkey
     monkeypatch.undo()
     start(resume=run_dir)
     assert_consistent(run_dir, TEST_PHASES)
+
+
+def test_the_python_tool_isolation_is_checked_before_anything_is_written_and_recorded(tmp_path, monkeypatch):
+    from agentforge.tools import sandbox
+
+    def no_bubblewrap():
+        raise sandbox.SandboxUnavailable("the Python tool needs bubblewrap for its OS isolation (apt-get install "
+                                         "bubblewrap); pass isolation='unsafe-inprocess' to run without it")
+
+    monkeypatch.setattr(sandbox, "_bwrap", no_bubblewrap)
+    with pytest.raises(ConfigError, match=r"needs bubblewrap .*; to run the Python tool without OS isolation, set "
+                                          r"tools.python=unsafe-inprocess \(recorded in run.json\)$"):
+        pipeline.prepare(out=tmp_path / "run", preset="micro", phases=TEST_PHASES)
+    assert not (tmp_path / "run").exists()
+    run, _ = start(out=tmp_path / "run", preset="micro", sets=["tools.python=unsafe-inprocess"])
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert recorded["config"]["tools"] == {"python": "unsafe-inprocess"}
+    assert recorded["tool_isolation"]["isolation"] == "unsafe-inprocess"

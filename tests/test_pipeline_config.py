@@ -28,7 +28,8 @@ def test_file_then_sets_override_the_preset(tmp_path):
     path.write_text("preset: micro\nseed: 3\npolish:\n  lr: 1e-3\n  steps: 7\n")
     built = resolve(file=path, sets=["polish.steps=9", "seed=5", "seedling.layers=2", "data.seq_len=96"])
     assert built == {"seed": 5, "preset": "micro", "data": {**dataclasses.asdict(DATA_PRESETS["micro"]), "seq_len": 96},
-                     "seedling": {"hidden_size": 16, "layers": 2}, "polish": {"steps": 9, "lr": 0.001}}
+                     "tools": {"python": "os"}, "seedling": {"hidden_size": 16, "layers": 2},
+                     "polish": {"steps": 9, "lr": 0.001}}
     assert resolve(file=path, preset="tiny")["preset"] == "tiny"  # --preset wins over the file's
 
 
@@ -62,7 +63,8 @@ def test_values_parse_as_yaml():
     ({"sets": ["seed=1e23"]}, "seed: expected an int in [0, 4294967295], got 1e+23"),
     ({"sets": ["data.seq_len=0"]}, "data.seq_len: expected an int in [8, 8192], got 0"),
     ({"sets": ["polsh.steps=3"]}, "--set polsh.steps=3: unknown config key 'polsh'; allowed: seed, preset, data, "
-                                  "seedling, polish"),
+                                  "tools, seedling, polish"),
+    ({"sets": ["tools.python=docker"]}, "tools.python: expected one of os, unsafe-inprocess, got 'docker'"),
     ({"sets": ["polish=3"]}, "--set polish=3: polish must be a mapping of settings, got 3"),
     ({"sets": ["steps"]}, "--set 'steps': expected KEY=VALUE, e.g. seed=1 or bitnet.steps=40"),
     ({"sets": ["preset=micro"]}, "--set preset=...: use --preset"),

@@ -2,6 +2,7 @@
 
     config = resolve(PHASES, preset="tiny", file="my.yaml", sets=["bitnet.steps=200"])
     config.seed, config.preset, config.data            # DataSpec: the run's held-out data
+    config.tools.python                                # the Python tool's isolation
     config["bitnet"].steps                             # each phase's Settings object
     config.to_dict()                                   # plain values: run.json, --print-config
 
@@ -31,10 +32,11 @@ from agentforge.data.spec import PRESETS as DATA_PRESETS
 from agentforge.data.spec import DataSpec
 from agentforge.errors import ConfigError
 from agentforge.settings import clip, from_dict, shown, to_dict
+from agentforge.tools.sandbox import ToolSettings
 
 PRESETS = ("micro", "tiny", "small")
 DEFAULT_PRESET = "tiny"
-RUN_KEYS = ("seed", "preset", "data")
+RUN_KEYS = ("seed", "preset", "data", "tools")
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept this range
 
 
@@ -77,18 +79,20 @@ def load_file(path: str | Path) -> dict:
 
 @dataclass
 class RunConfig:
-    """The resolved configuration of a run: seed, preset, data spec and each phase's settings."""
+    """The resolved configuration of a run: seed, preset, data spec, tool settings and each
+    phase's settings."""
 
     seed: int
     preset: str
     data: DataSpec
+    tools: ToolSettings
     phases: dict[str, Any]
 
     def __getitem__(self, phase: str) -> Any:
         return self.phases[phase]
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "preset": self.preset, "data": to_dict(self.data),
+        return {"seed": self.seed, "preset": self.preset, "data": to_dict(self.data), "tools": to_dict(self.tools),
                 **{name: to_dict(settings) for name, settings in self.phases.items()}}
 
     def to_yaml(self) -> str:
@@ -98,7 +102,8 @@ class RunConfig:
 def _preset_values(preset: str, specs) -> dict:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    values: dict[str, Any] = {"seed": 0, "preset": preset, "data": to_dict(DATA_PRESETS[preset])}
+    values: dict[str, Any] = {"seed": 0, "preset": preset, "data": to_dict(DATA_PRESETS[preset]),
+                              "tools": to_dict(ToolSettings())}
     for spec in specs:
         if preset not in spec.presets:
             raise ConfigError(f"preset {preset!r} is not defined for phase {spec.name} "
@@ -157,6 +162,7 @@ def build(values: dict, specs) -> RunConfig:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed: expected an int in [0, {MAX_SEED}], got {shown(seed)}")
     return RunConfig(seed=seed, preset=values["preset"], data=from_dict(DataSpec, values["data"], "data"),
+                     tools=from_dict(ToolSettings, values["tools"], "tools"),
                      phases={spec.name: from_dict(spec.settings, values[spec.name], spec.name) for spec in specs})
 
 

@@ -95,6 +95,19 @@ def _selection(run_dir: Path, phases: list[PhaseSpec], start: str | None, stop: 
     return selected
 
 
+def _tool_isolation(config: configuration.RunConfig) -> dict:
+    """What the Python tool's configured isolation gives here, for the run record; refused in one
+    line where it cannot be set up (``tools.python: unsafe-inprocess`` opts out, and is recorded)."""
+    from agentforge.tools.sandbox import SandboxUnavailable, describe_isolation
+
+    try:
+        return describe_isolation(config.tools.python)
+    except SandboxUnavailable as e:
+        reason = str(e).split(";")[0]  # the library's own advice names its argument, not the config key
+        raise ConfigError(f"{reason}; to run the Python tool without OS isolation, set "
+                          "tools.python=unsafe-inprocess (recorded in run.json)") from None
+
+
 def _check_new_run_dir(run_dir: Path) -> None:
     if (run_dir / rundir.RUN_FILE).exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --out")
@@ -133,6 +146,7 @@ def prepare(*, out: str | os.PathLike | None = None, resume: str | os.PathLike |
     if holder is not None:
         raise ConfigError(f"{run_dir} is held by another run (pid {holder})")
     info["dir"] = str(run_dir)  # where it is now: a run directory may have been moved
+    info["tool_isolation"] = _tool_isolation(config)
     selected = _selection(run_dir, phases, info["from"], info["to"])
     first = phases[0]
     if first.name not in selected and len(selected) > 0:
@@ -215,9 +229,9 @@ def _run_phase(run: Run, spec: PhaseSpec, label: str, wandb_mode: str | None, pr
     distributed.barrier()
     began = time.perf_counter()
     phase_run = PhaseRun(spec, run.config[spec.name], inputs, phase_dir, seed=run.config.seed, data=run.config.data,
-                         digests=digests, verified=True, wandb_mode=wandb_mode, wandb_group=run.info["id"],
-                         progress=progress, say=lambda line: say(f"{label.split()[0]} {line}"))
-    result = spec.run(phase_run)
+                         tools=run.config.tools, digests=digests, verified=True, wandb_mode=wandb_mode,
+                         wandb_group=run.info["id"], progress=progress, say=lambda line: say(f"{label.split()[0]} {line}"))
+    result = phase_run.run()
     distributed.barrier()
     distributed.on_main(_finish_phase, run, spec, result.artifacts, result.metrics, start,
                         time.perf_counter() - began)

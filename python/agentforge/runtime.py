@@ -72,8 +72,8 @@ class PhaseResult:
 @dataclass(frozen=True)
 class Effect:
     """A phase's headline: what it changed against its control, on held-out data. ``value`` is the
-    phase's model minus the control (``low``/``high``: a 95 % interval when one was measured);
-    ``better`` says which sign is an improvement ("higher" or "lower")."""
+    phase's model minus the control, or their ratio (``neutral`` = 1; ``low``/``high``: a 95 %
+    interval when one was measured); ``better`` says which way is an improvement."""
 
     what: str
     control: str
@@ -81,14 +81,20 @@ class Effect:
     low: float | None = None
     high: float | None = None
     better: str = "higher"
+    neutral: float = 0.0
 
     def verdict(self) -> str:
-        """``helped`` or ``hurt`` when the interval excludes zero, else ``no measurable effect``
-        (no interval: the sign alone decides nothing)."""
-        if self.low is None or self.high is None or self.low <= 0 <= self.high:
+        """``helped`` or ``hurt`` when the interval excludes the neutral value, else ``no
+        measurable effect`` (no interval: the sign alone decides nothing)."""
+        if self.low is None or self.high is None or self.low <= self.neutral <= self.high:
             return "no measurable effect"
-        improved = (self.low > 0) == (self.better == "higher")
+        improved = (self.low > self.neutral) == (self.better == "higher")
         return "helped" if improved else "hurt"
+
+    @classmethod
+    def of(cls, what: str, control: str, interval: dict, **kwargs) -> "Effect":
+        """From an interval as ``agentforge.eval.stats`` gives it (``mean``, ``low``, ``high``)."""
+        return cls(what, control, interval["mean"], interval["low"], interval["high"], **kwargs)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "verdict": self.verdict()}
@@ -216,15 +222,18 @@ class PhaseRun:
 
     ``inputs``: input name -> path (or list of paths). ``digests``: the pipeline's digest of each
     input (computed from the files otherwise). ``verified``: whether the caller has verified the
-    inputs' files (the pipeline does, once per handoff); otherwise ``load`` hash-checks them."""
+    inputs' files (the pipeline does, once per handoff); otherwise ``load`` hash-checks them.
+    ``tools``: the run's ``ToolSettings`` (the Python tool's isolation, in force while ``run`` runs)."""
 
     def __init__(self, spec: PhaseSpec, settings: Any, inputs: dict[str, Any], out_dir: str | os.PathLike, *,
-                 seed: int, data, digests: dict[str, str] | None = None, verified: bool = False,
+                 seed: int, data, tools=None, digests: dict[str, str] | None = None, verified: bool = False,
                  wandb_mode: str | None = None, wandb_group: str | None = None, progress: bool = True,
                  say: Callable[[str], None] = print):
+        from agentforge.tools.sandbox import ToolSettings
         from agentforge.train import distributed
 
         self.spec, self.settings, self.seed, self.data = spec, settings, seed, data
+        self.tools = tools if tools is not None else ToolSettings()
         self.inputs = {name: [Path(p) for p in v] if isinstance(v, (list, tuple)) else Path(v)
                        for name, v in inputs.items()}
         missing = sorted(set(spec.needs) - set(self.inputs))
@@ -244,6 +253,13 @@ class PhaseRun:
                             "seed": seed, "inputs": self.digests})
 
     # --- reporting --------------------------------------------------------------------------
+
+    def run(self) -> PhaseResult:
+        """The phase's ``run``, with the run's tool isolation in force for every tool call in it."""
+        from agentforge.tools.sandbox import isolation
+
+        with isolation(self.tools.python):
+            return self.spec.run(self)
 
     def say(self, line: str) -> None:
         """One progress line, on rank 0 (also the last line of ``progress.log``, which
@@ -490,8 +506,8 @@ def record_phase(phase_dir: Path, spec: PhaseSpec, artifacts: dict, metrics: dic
 
 
 def run_alone(spec: PhaseSpec, inputs: dict[str, Any], out_dir: str | os.PathLike, *, settings: Any = None,
-              preset: str = "tiny", data=None, seed: int = 0, wandb_mode: str | None = None, progress: bool = True,
-              say: Callable[[str], None] = print) -> PhaseResult:
+              preset: str = "tiny", data=None, tools=None, seed: int = 0, wandb_mode: str | None = None,
+              progress: bool = True, say: Callable[[str], None] = print) -> PhaseResult:
     """Run phase ``spec`` outside a pipeline run, in ``out_dir`` (reused on a rerun), and record it
     in ``out_dir/phase.json`` as the pipeline would. ``settings`` and ``data`` default to
     ``preset``'s; inputs are hash-checked when loaded."""
@@ -501,9 +517,9 @@ def run_alone(spec: PhaseSpec, inputs: dict[str, Any], out_dir: str | os.PathLik
     distributed.maybe_init()  # under torchrun: join the process group before the ranks are told apart
     settings = spec.presets[preset] if settings is None else settings
     data = DATA_PRESETS[preset] if data is None else data
-    p = PhaseRun(spec, settings, inputs, out_dir, seed=seed, data=data, wandb_mode=wandb_mode, progress=progress,
-                 say=say)
-    result = spec.run(p)
+    p = PhaseRun(spec, settings, inputs, out_dir, seed=seed, data=data, tools=tools, wandb_mode=wandb_mode,
+                 progress=progress, say=say)
+    result = p.run()
     if p.is_main:
         start = {"phase": spec.name, "settings": to_dict(settings), "data": to_dict(data), "seed": seed,
                  "inputs": p.digests}
@@ -547,7 +563,8 @@ def standalone_main(spec: PhaseSpec, argv: list[str] | None = None) -> int:
             sets = [*(f"data.{k}={json.dumps(v)}" for k, v in to_dict(recorded).items()), *sets[:-1], f"seed={seed}"]
         config = configuration.resolve([spec], preset=args.preset, sets=sets, standalone=spec.name)
         result = run_alone(spec, {name: getattr(args, name) for name in spec.needs}, args.out,
-                           settings=config[spec.name], data=config.data, seed=config.seed, wandb_mode=args.wandb)
+                           settings=config[spec.name], data=config.data, tools=config.tools, seed=config.seed,
+                           wandb_mode=args.wandb)
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(json.dumps(result.metrics, indent=2, default=str))

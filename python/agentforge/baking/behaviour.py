@@ -38,7 +38,8 @@ def tool_behaviour(model, tokenizer, prompt: str | None, items, *, max_new_token
     report = {"format": sum(formatted) / len(items), "accuracy": sum(correct) / len(items),
               "calls": sum(len(calls) for _, calls in outputs) / len(items)}
     return {**report, "score": (report["format"] + report["accuracy"]) / 2,
-            "examples": [text for text, _ in outputs[:3]]}
+            "examples": [text for text, _ in outputs[:3]],
+            "items": {"format": [float(f) for f in formatted], "accuracy": [float(c) for c in correct]}}
 
 
 def answer_rows(tokenizer, prompt: str | None, items):

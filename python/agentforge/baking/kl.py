@@ -227,13 +227,24 @@ def prompted_trajectories(model, tokenizer, prompt: str, inputs: Sequence[str], 
 def measured_kl(model, data: BakingData, *, batch_size: int = 32) -> float:
     """KL(prompted teacher ‖ ``model`` unprompted) in nats per continuation token, averaged over
     every token of ``data`` (token-weighted, independent of the batch size)."""
-    total, tokens = 0.0, 0
+    sums, tokens = row_kl(model, data, batch_size=batch_size)
+    return sum(sums) / sum(tokens)
+
+
+def row_kl(model, data: BakingData, *, batch_size: int = 32) -> tuple[list[float], list[int]]:
+    """Per trajectory: the summed token KL(prompted teacher ‖ ``model`` unprompted) and its number
+    of continuation tokens (for a paired interval of the KL two models leave)."""
+    sums, tokens = [], []
     device = model_device(model)
     with evaluation_mode(model):
         for start in range(0, len(data.rows), batch_size):
             batch = {k: torch.stack([r[k] for r in data.rows[start:start + batch_size]]).to(device)
                      for k in data.rows[0]}
-            loss, extra = kl_loss(model, batch)
-            total += float(loss) * extra["kl_tokens"]
-            tokens += int(extra["kl_tokens"])
-    return total / tokens
+            teacher = batch["teacher_logprobs"]
+            span = teacher.shape[1]
+            logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])[:, -span - 1:-1]
+            targets = batch["labels"][:, -span:] != IGNORE_INDEX
+            per_token = token_kl(teacher, logits.float().log_softmax(-1))
+            sums += torch.where(targets, per_token, 0.0).double().sum(1).tolist()  # padding can hold anything
+            tokens += targets.sum(1).tolist()
+    return sums, tokens

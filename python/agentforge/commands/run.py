@@ -54,11 +54,17 @@ def run(args) -> int:
     # between the pipeline's lines (set before transformers is imported; the trainer keeps its bar).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from agentforge import pipeline
+    from agentforge.errors import ConfigError
     from agentforge.report import REPORT_FILE, write_report
     from agentforge.train import distributed
+    from agentforge.train.config import require_wandb_key, resolve_wandb_mode
 
     distributed.maybe_init()  # under torchrun: join the process group first, so the ranks can agree
     try:
+        try:
+            require_wandb_key(resolve_wandb_mode(args.wandb))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         planned = distributed.on_main(pipeline.prepare, out=args.out, resume=args.resume, preset=args.preset,
                                       config_file=args.config, sets=args.sets, start=args.start, stop=args.stop,
                                       allow_config_change=args.allow_config_change)

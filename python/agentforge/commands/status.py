@@ -9,6 +9,9 @@ HELP = "list the pipeline phases, or the state of each phase in a run directory"
 
 def add_arguments(parser) -> None:
     parser.add_argument("dir", nargs="?", metavar="DIR", help="a run directory")
+    parser.add_argument("--verify", action="store_true",
+                        help="with DIR: hash every file each phase record lists and check that every phase's "
+                             "inputs are still what it consumed; list every mismatch (exit code 1 if any)")
 
 
 def table(rows: list[list[str]]) -> str:
@@ -55,4 +58,41 @@ def run(args) -> int:
         rows.append([f"{spec.number:02d}", spec.name, states.get(spec.name, spec.summary), seconds.get(spec.name, ""),
                      needs, ", ".join(spec.provides)])
     print(table(rows))
+    if args.verify:
+        if not args.dir:
+            raise ConfigError("--verify needs a run directory: agentforge status DIR --verify")
+        problems = verify_run(Path(args.dir), phases)
+        print("\n".join(problems) if problems else "verified: every file of every completed phase matches its record")
+        return 1 if problems else 0
     return 0
+
+
+def verify_run(run_dir: Path, phases) -> list[str]:
+    """Every mismatch in a run directory: files that differ from their phase's record, and phases
+    whose recorded input digests are not their producers' artifacts any more."""
+    from agentforge import rundir
+    from agentforge.data.spec import DATA_ARTIFACT
+
+    problems, records = [], {}
+    for spec in phases:
+        phase_dir = run_dir / spec.dirname
+        record = rundir.read_record(phase_dir)
+        if record is None:
+            continue
+        records[spec.name] = record
+        try:
+            problems += [f"{spec.dirname}: {problem}" for problem in rundir.verify(phase_dir, record)]
+        except Exception as e:  # an edited record (a path leaving its directory, a malformed entry)
+            problems.append(f"{spec.dirname}: {e}")
+    for spec in phases:
+        record = records.get(spec.name)
+        sources = {name: (need.producer, need.artifact) for name, need in spec.needs.items()}
+        if spec is not phases[0]:
+            sources[DATA_ARTIFACT] = (phases[0].name, DATA_ARTIFACT)
+        for name, (producer, artifact) in sources.items() if record else ():
+            recorded, theirs = record["inputs"].get(name), records.get(producer)
+            current = rundir.artifact_digest(theirs, artifact) if theirs and artifact in theirs["artifacts"] else None
+            if recorded != current:
+                problems.append(f"{spec.dirname}: its input {name} ({producer}.{artifact}) is not the artifact it "
+                                "consumed any more")
+    return problems

@@ -80,13 +80,30 @@ def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_
     return out
 
 
+TAGS = ("right", "wrong", "none")
+
+
+def shown_tag(temperature: float, temperatures: list[float], tag: str) -> str:
+    """The context prefix the samples at ``temperature`` are predicted after: their own tag
+    ("right"), the tag of the probe temperature farthest from it ("wrong"), or nothing ("none").
+    If the tag carries information, "right" predicts the samples better than the other two."""
+    if tag == "none":
+        return ""
+    if tag == "wrong":
+        temperature = max(temperatures, key=lambda t: abs(t - temperature))
+    return f"{self_tag(temperature)} "
+
+
 @torch.no_grad()
 def self_prediction(model, tokenizer, prompts: list[str], temperatures: list[float], *, max_new_tokens: int,
-                    seed: int, batch_size: int = 64) -> dict:
+                    seed: int, batch_size: int = 64, tag: str = "right") -> dict:
     """Self-prediction on ``prompts``: per temperature, the model samples, then predicts those
-    samples given the temperature tag. Returns ``{"accuracy", "nll", "tokens", "per_temperature":
-    {T: {"accuracy", "nll", "tokens"}}}`` (accuracy = greedy top-1 agreement over sample tokens,
-    the eos included when sampled; nll in nats per token)."""
+    samples given the temperature tag (``tag``: see ``shown_tag``; the samples are the same for
+    every ``tag``). Returns ``{"accuracy", "nll", "tokens", "per_temperature": {T: {"accuracy",
+    "nll", "tokens"}}}`` (accuracy = greedy top-1 agreement over sample tokens, the eos included
+    when sampled; nll in nats per token)."""
+    if tag not in TAGS:
+        raise ValueError(f"self_prediction: tag must be one of {TAGS}, got {tag!r}")
     from agentforge.eval._common import evaluation_mode, model_device
 
     device = model_device(model)
@@ -96,7 +113,8 @@ def self_prediction(model, tokenizer, prompts: list[str], temperatures: list[flo
     for t_index, temperature in enumerate(temperatures):
         samples = sample(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
                          seed=seed + t_index, batch_size=batch_size)
-        contexts = tokenizer([f"{self_tag(temperature)} {p}" for p in prompts], add_special_tokens=False)["input_ids"]
+        prefix = shown_tag(temperature, temperatures, tag)
+        contexts = tokenizer([f"{prefix}{p}" for p in prompts], add_special_tokens=False)["input_ids"]
         t_hits, t_nll, t_tokens = 0, 0.0, 0
         with evaluation_mode(model):
             for start in range(0, len(prompts), batch_size):

@@ -31,11 +31,20 @@ def perplexity(model: torch.nn.Module, data: Any, *, batch_size: int = 16) -> fl
     ``[batch, time, vocab]``; the loss is computed here from the logits (in fp32) rather than
     taken from ``.loss``, which is a per-batch mean.
     """
+    nll, tokens = row_nll(model, data, batch_size=batch_size)
+    if sum(tokens) == 0:
+        raise ValueError("perplexity: data has no target tokens (every shifted label is -100)")
+    return _exp(sum(nll) / sum(tokens))
+
+
+def row_nll(model: torch.nn.Module, data: Any, *, batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """Per row of ``data``: the summed next-token cross-entropy and the number of target tokens
+    (what :func:`perplexity` totals; per row, two models' perplexities get a paired interval)."""
     require_positive("perplexity", batch_size=batch_size)
     _require_columns("perplexity", data, ("input_ids", "labels"))
     columns = [name for name in ("input_ids", "attention_mask", "labels") if name in data.column_names]
     device = model_device(model)
-    total_nll, total_tokens = 0.0, 0
+    nll, tokens = [], []
     with evaluation_mode(model):
         for batch in _torch_batches("perplexity", data, columns, batch_size):
             labels = batch.pop("labels").to(device)
@@ -43,12 +52,10 @@ def perplexity(model: torch.nn.Module, data: Any, *, batch_size: int = 16) -> fl
             if logits.shape[:2] != labels.shape:
                 raise ValueError(f"perplexity: logits shape {tuple(logits.shape)} does not match labels "
                                  f"shape {tuple(labels.shape)} as [batch, time, vocab]")
-            nll, tokens = _next_token_nll_sum(logits, labels)
-            total_nll += nll
-            total_tokens += tokens
-    if total_tokens == 0:
-        raise ValueError("perplexity: data has no target tokens (every shifted label is -100)")
-    return _exp(total_nll / total_tokens)
+            row_sums, row_tokens = _next_token_nll(logits, labels)
+            nll += row_sums.tolist()
+            tokens += row_tokens.tolist()
+    return nll, tokens
 
 
 def unigram_perplexity(train_data: Any, eval_data: Any, vocab_size: int) -> float:
@@ -74,13 +81,14 @@ def unigram_perplexity(train_data: Any, eval_data: Any, vocab_size: int) -> floa
     return _exp(total_nll / total_tokens)
 
 
-def _next_token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed cross-entropy of logits[:, t] against labels[:, t + 1], and how many targets."""
+def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the summed cross-entropy of logits[:, t] against labels[:, t + 1] (in float64),
+    and how many targets."""
     logits = logits[:, :-1].float()  # fp32 softmax: bf16 log-probabilities are too coarse to average
     targets = labels[:, 1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="sum")
-    return float(nll), int((targets != IGNORE_INDEX).sum())
+                          ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(targets.shape).double().sum(1), (targets != IGNORE_INDEX).sum(1)
 
 
 def _torch_batches(caller: str, data: Any, columns: list[str],

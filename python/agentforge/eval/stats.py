@@ -31,3 +31,33 @@ def paired_difference(candidate, control, *, seed: int = 0, samples: int = SAMPL
         raise ValueError(f"paired_difference: score arrays differ in shape ({candidate.shape} vs {control.shape}); "
                          "pair the scores of the same items")
     return bootstrap_interval(candidate - control, seed=seed, samples=samples)
+
+
+def perplexity_ratio(nll, reference_nll, tokens, *, seed: int = 0, samples: int = SAMPLES) -> dict:
+    """The ratio of two models' perplexities on the same text rows, ``exp(Σ nll − Σ reference) / Σ
+    tokens)``, with a bootstrap interval over the rows (resampled together: paired). ``nll`` and
+    ``reference_nll`` are per-row summed NLLs, ``tokens`` the rows' target counts."""
+    nll, reference_nll = np.asarray(nll, dtype=np.float64), np.asarray(reference_nll, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if not nll.shape == reference_nll.shape == tokens.shape or nll.ndim != 1 or nll.size == 0:
+        raise ValueError("perplexity_ratio: need per-row NLLs of both models and token counts for the same rows")
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, nll.size, size=(samples, nll.size))
+    ratios = np.exp((nll[rows] - reference_nll[rows]).sum(1) / np.maximum(tokens[rows].sum(1), 1))
+    low, high = np.quantile(ratios, [(1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2])
+    return {"mean": float(np.exp((nll - reference_nll).sum() / tokens.sum())), "low": float(low), "high": float(high),
+            "n": int(nll.size)}
+
+
+def ratio_of_sums(numerator, denominator, *, seed: int = 0, samples: int = SAMPLES) -> dict:
+    """``Σ numerator / Σ denominator`` over the same rows (e.g. the KL two models leave on the same
+    trajectories), with a bootstrap interval over the rows resampled together."""
+    numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if numerator.shape != denominator.shape or numerator.ndim != 1 or numerator.size == 0:
+        raise ValueError("ratio_of_sums: need two per-row arrays of the same rows")
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, numerator.size, size=(samples, numerator.size))
+    ratios = numerator[rows].sum(1) / np.maximum(denominator[rows].sum(1), 1e-300)
+    low, high = np.quantile(ratios, [(1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2])
+    return {"mean": float(numerator.sum() / denominator.sum()), "low": float(low), "high": float(high),
+            "n": int(numerator.size)}

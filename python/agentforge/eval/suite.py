@@ -114,15 +114,18 @@ class EvalSuite:
                        n_rows, seed=self.seed if seed is None else seed)
 
     def measure(self, model, held: HeldOut, *, batch_size: int, answers: bool = False) -> dict:
-        """Perplexity on the held-out text; per domain the greedy-answer accuracy (reasoning-gym
+        """Perplexity on the held-out text (and each row's summed NLL and token count, for a paired
+        interval of two models' perplexity ratio); per domain the greedy-answer accuracy (reasoning-gym
         scorers), each item's score (``scores``: for paired intervals against another model) and
         the mean NLL of the answer tokens (graded where accuracy is still near 0); per family the
         accuracy; the means over domains; with ``answers`` the answers themselves."""
         from agentforge.data import score
-        from agentforge.eval.lm import perplexity
+        from agentforge.eval.lm import perplexity, row_nll
         from agentforge.eval.tasks import generate_answers
 
-        report: dict[str, Any] = {"perplexity": perplexity(model, held.text, batch_size=batch_size),
+        text_nll, text_tokens = row_nll(model, held.text, batch_size=batch_size)
+        report: dict[str, Any] = {"perplexity": math.exp(sum(text_nll) / max(sum(text_tokens), 1)),
+                                  "text_rows": {"nll": text_nll, "tokens": text_tokens},
                                   "accuracy": {}, "answer_nll": {}, "family_accuracy": {}, "scores": {}}
         given = {}
         for domain, items in held.items.items():

@@ -57,7 +57,7 @@ import torch
 from agentforge.baking import BakeSettings, CycleData, CycleRun, CycleState, cycle_bake_settings, run_cycles
 from agentforge.data import DOMAINS, FAMILIES
 from agentforge.errors import ConfigError
-from agentforge.runtime import Built, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
+from agentforge.runtime import Built, Effect, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
 from agentforge.settings import Checked, setting
 from agentforge.tools import TOOL_PROMPT
 
@@ -219,18 +219,20 @@ def report_models(p: PhaseRun, fp: Loaded, final: Loaded, data: PhaseData, cycle
 def measure_report(p: PhaseRun, tokenizer, data: PhaseData, models: dict, prompts: dict) -> dict:
     """KL of the tool and persona prompts, behaviour of the prompted original against the
     unprompted models, and text perplexity, all on the test split."""
-    from agentforge.baking import behaviour, measured_kl, prompted_trajectories
-    from agentforge.eval import perplexity
+    from agentforge.baking import behaviour, prompted_trajectories, row_kl
+    from agentforge.eval.lm import row_nll
 
     settings, original = p.settings, models["original"]
-    report = {"kl": {}, "behaviour": {}, "perplexity": {}}
+    report = {"kl": {}, "kl_rows": {}, "behaviour": {}, "perplexity": {}, "text_rows": {}}
     for cycle, prompt in prompts.items():
         shown = models if cycle == "tools" else {n: models[n] for n in ("original", "final")}
         bake = cycle_bake_settings(settings.bake, cycle, settings.tool_new_tokens)
         trajectories = prompted_trajectories(original, tokenizer, prompt, [it.prompt for it in data.final[cycle]],
                                              batch_size=bake.batch_size, tools=bake.tools,
                                              max_new_tokens=bake.max_new_tokens, seed=p.seed + 99)
-        report["kl"][cycle] = {n: measured_kl(m, trajectories, batch_size=bake.batch_size) for n, m in shown.items()}
+        report["kl_rows"][cycle] = {n: dict(zip(("sums", "tokens"), row_kl(m, trajectories, batch_size=bake.batch_size)))
+                                    for n, m in shown.items()}
+        report["kl"][cycle] = {n: sum(r["sums"]) / sum(r["tokens"]) for n, r in report["kl_rows"][cycle].items()}
 
         def measure(model, in_context: str | None) -> dict:
             return behaviour(cycle, model, tokenizer, in_context, data.final[cycle],
@@ -238,9 +240,37 @@ def measure_report(p: PhaseRun, tokenizer, data: PhaseData, models: dict, prompt
 
         report["behaviour"][cycle] = {"prompted_original": measure(original, prompt),
                                       **{n: measure(m, None) for n, m in shown.items()}}
-    report["perplexity"] = {n: perplexity(m, data.text_test, batch_size=settings.eval_batch_size)
-                            for n, m in models.items()}
+    for name, model in models.items():
+        nll, tokens = row_nll(model, data.text_test, batch_size=settings.eval_batch_size)
+        report["text_rows"][name] = {"nll": nll, "tokens": tokens}
+        report["perplexity"][name] = math.exp(sum(nll) / sum(tokens))
     return report
+
+
+DESCRIBED = {"final": "handed-on model", "full": "full bake (kept for the report only)"}
+
+
+def effects(report: dict, seed: int) -> list[Effect]:
+    """The handed-on model first (the one later phases get): the tool prompt's KL it removed, its
+    unprompted tool-call format rate against the unprompted input, and its text perplexity
+    against the input's; then the full bake the report also measures (not handed on)."""
+    from agentforge.eval.stats import paired_difference, perplexity_ratio, ratio_of_sums
+
+    kl, tools, text = report["kl_rows"]["tools"], report["behaviour"]["tools"], report["text_rows"]
+
+    def kl_removed(name: str) -> Effect:
+        left = ratio_of_sums(kl[name]["sums"], kl["original"]["sums"], seed=seed)
+        return Effect(f"tool-prompt KL removed, {DESCRIBED[name]}", "the unprompted input model",
+                      1 - left["mean"], 1 - left["high"], 1 - left["low"])
+
+    found = [kl_removed("final"),
+             Effect.of("tool-call format rate unprompted, handed-on model", "the unprompted input model",
+                       paired_difference(tools["final"]["items"]["format"], tools["original"]["items"]["format"],
+                                         seed=seed)),
+             Effect.of("text perplexity ratio, handed-on model", "the input model",
+                       perplexity_ratio(text["final"]["nll"], text["original"]["nll"], text["original"]["tokens"],
+                                        seed=seed), better="lower", neutral=1.0)]
+    return found + [kl_removed("full")] if "full" in kl else found
 
 
 def headline(report: dict) -> dict:
@@ -293,7 +323,7 @@ def run(p: PhaseRun) -> PhaseResult:
                "report": {"prompts": prompts, "full_bake": full_bake, **report},
                "validation_perplexity_input": cycles["validation_perplexity_input"]}
     return p.finish({"model": final.path}, {**headline(report), "baked_prompts": len(cycles["baked"])}, summary,
-                    rows={"iteration": cycles["rows"]})
+                    rows={"iteration": cycles["rows"]}, effects=effects(report, p.seed))
 
 
 SPEC = PhaseSpec(

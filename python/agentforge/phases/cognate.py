@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from agentforge.errors import HandoffError
-from agentforge.runtime import Built, PhaseResult, PhaseRun, PhaseSpec, a_file, model_dir, standalone_main
+from agentforge.runtime import Built, Effect, PhaseResult, PhaseRun, PhaseSpec, a_file, model_dir, standalone_main
 from agentforge.settings import Checked, setting
 
 # The trunk keeps its ponder cost low, so that it learns to use its recursion before the speed
@@ -262,7 +262,16 @@ def run(p: PhaseRun) -> PhaseResult:
                "identical_shapes": identical_shapes([models[n].model for n in SIBLINGS])}
     data_file = write_data_spec(p.out_dir / DATA_FILE, p.data, p.seed) if p.is_main else p.out_dir / DATA_FILE
     return p.finish({"trunk": trunk.path, "siblings": [models[n].path for n in SIBLINGS], "data": data_file},
-                    flat_metrics(summary), summary)
+                    flat_metrics(summary), summary, effects=effects(reports, p.seed))
+
+
+def effects(reports: dict, seed: int) -> list[Effect]:
+    """Each sibling's held-out accuracy on its own domain against the trunk's (paired over items)."""
+    from agentforge.eval.stats import paired_difference
+
+    return [Effect.of(f"{domain} accuracy, {name} sibling", "the trunk",
+                      paired_difference(reports[name]["scores"][domain], reports["trunk"]["scores"][domain], seed=seed))
+            for name, (domain, _) in SIBLINGS.items()]
 
 
 def identical_shapes(models) -> bool:

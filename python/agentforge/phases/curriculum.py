@@ -28,6 +28,8 @@ Run alone: ``python -m agentforge.phases.curriculum --model DIR --preset tiny --
 """
 from __future__ import annotations
 
+import math
+
 import sys
 from dataclasses import dataclass
 
@@ -37,7 +39,7 @@ from agentforge.data import DOMAINS, FAMILIES
 from agentforge.errors import ConfigError
 from agentforge.optim import PRESETS as OPTIMIZERS
 from agentforge.quant import bitlinear_layers
-from agentforge.runtime import Built, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
+from agentforge.runtime import Built, Effect, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
 from agentforge.settings import Checked, setting
 
 # the families of the three domains, in their order: what the curriculum trains by default
@@ -173,11 +175,14 @@ def evaluate(p: PhaseRun, model, tokenizer, held: HeldOut, with_tools: bool) -> 
 
     settings = p.settings
     scores = measure.item_scores(model, tokenizer, held.test, batch_size=settings.eval_batch_size)
+    predicted = {tag: selfmodel.self_prediction(model, tokenizer, held.probe_prompts, settings.probe_temperatures,
+                                                max_new_tokens=settings.self_model_new_tokens, seed=p.seed + 1,
+                                                batch_size=settings.eval_batch_size, tag=tag)
+                 for tag in selfmodel.TAGS}
     report = {"scores": {f"{family}/{level}": values for (family, level), values in scores.items()},
-              "self_prediction": selfmodel.self_prediction(model, tokenizer, held.probe_prompts,
-                                                           settings.probe_temperatures,
-                                                           max_new_tokens=settings.self_model_new_tokens,
-                                                           seed=p.seed + 1, batch_size=settings.eval_batch_size),
+              "self_prediction": predicted["right"],
+              # the ablations: if the temperature tag carries information, a wrong or missing tag does worse
+              "self_prediction_ablation": {tag: predicted[tag]["accuracy"] for tag in ("wrong", "none")},
               "perplexity": perplexity(model, held.text, batch_size=settings.eval_batch_size)
               if held.text is not None else None}
     if with_tools and held.tool_items:
@@ -224,26 +229,49 @@ def train_curriculum(p: PhaseRun, source: Loaded, baselines: dict, validation: d
 
 def train_control(p: PhaseRun, record: dict) -> Built:
     """Plain fine-tuning with equal compute: the same input, optimizer, schedule, batch and step
-    count as the curriculum, on as many random tasks (gold answers) from the levels it visited."""
+    count as the curriculum, on as many examples: random tasks (gold answers) from the levels it
+    visited, and as many temperature-tagged samples of its own as the curriculum trained on, so
+    that the self-prediction format is no advantage of the curriculum's alone."""
     import random
 
     from agentforge.curriculum import loop, rows, tasks
 
     settings = p.settings
-    p.say(f"equal-compute control ({record['steps']} steps on {record['examples']} random tasks)")
+    n_self = record["examples_by_kind"].get(rows.SELF, 0)
+    n_tasks = max(record["examples"] - n_self, 1)
+    p.say(f"equal-compute control ({record['steps']} steps on {n_tasks} random tasks and {n_self} own tagged samples)")
     source = load_input(p)
     rng, variants = random.Random(p.seed + 1), tasks.VariantSource(p.seed + 1)
     visited = record["visited"]
     families = [f for f in settings.families if visited.get(f)]
     items = []
-    for _ in range(max(record["examples"], 1)):
+    for _ in range(n_tasks):
         family = rng.choice(families)
         items += variants.take(family, rng.choice(visited[family]))
+    own = own_tagged_samples(source, [item.prompt for item in items], n_self, settings, p.seed + 1)
     trainer = loop.Trainer(source.model, source.tokenizer, settings, p.out_dir / "train" / "control", p.seed + 1,
                            phase=f"{p.spec.name}/control")
-    trainer.train([rows.task_example(item.prompt, item.answer) for item in items], max(record["steps"], 1))
+    trainer.train([rows.task_example(item.prompt, item.answer) for item in items] + own, max(record["steps"], 1))
     return Built(source.model, source.tokenizer, {"role": "control", "parents": [source.path],
-                                                  "steps": record["steps"], "tasks": len(items)})
+                                                  "steps": record["steps"], "tasks": len(items), "self": len(own)})
+
+
+def own_tagged_samples(source: Loaded, prompts: list[str], count: int, settings: Settings, seed: int) -> list:
+    """``count`` self-modeling examples of the control: its own samples of ``prompts`` at the
+    curriculum's first-level temperatures, each tagged with its temperature."""
+    from agentforge.curriculum import rows, selfmodel
+
+    temperatures = selfmodel.schedule_temperatures(1, max(settings.self_model_ranges, 1))
+    rounds = math.ceil(count / len(prompts)) if count and prompts else 0
+    examples = []
+    for i in range(rounds):  # all prompts at one temperature per round, the temperatures in turn
+        temperature = temperatures[i % len(temperatures)]
+        samples = selfmodel.sample(source.model, source.tokenizer, prompts, temperature=temperature,
+                                   max_new_tokens=settings.self_model_new_tokens, seed=seed + 104729 * i,
+                                   batch_size=settings.eval_batch_size)
+        examples += [rows.self_example(temperature, prompt, source.tokenizer.decode(ids, skip_special_tokens=True),
+                                       ended) for prompt, (ids, ended) in zip(prompts, samples)]
+    return examples[:count]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +301,25 @@ def run(p: PhaseRun) -> PhaseResult:
         reports["control"] = p.step("evaluate_control", lambda: evaluate(p, control.model, control.tokenizer, held,
                                                                          with_tools=False))
     summary = build_summary(settings, assessment, baselines, record, reports, n_layers, p.timings.get("model"))
-    return p.finish({"model": trained.path}, summary["headline"], summary)
+    return p.finish({"model": trained.path}, summary["headline"], summary, effects=effects(summary))
+
+
+def effects(summary: dict) -> list[Effect]:
+    """Held-out accuracy of the curriculum model against the equal-compute control (or, without a
+    control, against the input model), and its arithmetic accuracy with the tools against without."""
+    comparisons = summary["comparisons"]
+    key, control = (("after_vs_control", "plain fine-tuning of equal compute") if "after_vs_control" in comparisons
+                    else ("after_vs_before", "the input model"))
+    found = [effect("held-out task accuracy, curriculum model", control, comparisons[key]["all"])]
+    if "after" in summary["tools"]:
+        found.append(effect("arithmetic accuracy with the tool runtime", "the same model without it",
+                            summary["tools"]["after"]["without"]))
+    return found
+
+
+def effect(what: str, control: str, compared: dict) -> Effect:
+    """An ``Effect`` from ``agentforge.curriculum.measure.compare``'s paired comparison."""
+    return Effect(what, control, compared["difference"], compared["ci"][0], compared["ci"][1])
 
 
 def build_summary(settings: Settings, assessment: dict, baselines: dict, record: dict, reports: dict,
@@ -309,6 +355,8 @@ def build_summary(settings: Settings, assessment: dict, baselines: dict, record:
             "gain_over_control": comparisons["after_vs_control"]["all"]["difference"],
             "gain_over_control_ci": comparisons["after_vs_control"]["all"]["ci"]} if "control" in reports else {}),
         **{f"{name}/self_prediction": sp["accuracy"] for name, sp in self_prediction.items()},
+        **{f"{name}/self_prediction_{tag}_tag": accuracy for name, r in reports.items() if r is not None
+           for tag, accuracy in r.get("self_prediction_ablation", {}).items()},
         **{f"{name}/tool_gain": t["without"]["difference"] for name, t in tools.items()},
         **{f"{name}/perplexity": p for name, p in perplexity.items() if p is not None},
         **({"curriculum_seconds": curriculum_seconds} if curriculum_seconds is not None else {}),

@@ -43,7 +43,7 @@ import torch
 
 from agentforge.errors import ConfigError
 from agentforge.merge import METHODS, evolve
-from agentforge.runtime import Built, Input, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
+from agentforge.runtime import Built, Effect, Input, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
 from agentforge.settings import Checked, setting
 
 
@@ -253,7 +253,23 @@ def run(p: PhaseRun) -> PhaseResult:
     summary.update(evaluations=len(evolution.cache), search_peak_rss_bytes=max(candidates.peak_rss_bytes),
                    world_size=distributed.world_size())
     return p.finish({"champion": champion.path}, headline(summary), summary,
-                    rows={"candidate": candidates.rows, "generation": result.generations})
+                    rows={"candidate": candidates.rows, "generation": result.generations},
+                    effects=effects(summary, p.seed))
+
+
+def effects(summary: dict, seed: int) -> list[Effect]:
+    """The champion against the best parent (by test fitness) on the test split: accuracy over
+    the same items and the perplexity ratio over the same text rows (paired, 95 % intervals)."""
+    from agentforge.eval.stats import paired_difference, perplexity_ratio
+
+    champion, parent = summary["final_reports"]["champion"], summary["final_reports"][summary["best_parent"]]
+    scores = lambda report: [s for domain in report["scores"].values() for s in domain]  # noqa: E731
+    control = f"the best parent ({summary['best_parent']})"
+    return [Effect.of("held-out task accuracy, champion", control,
+                      paired_difference(scores(champion), scores(parent), seed=seed)),
+            Effect.of("text perplexity ratio, champion", control,
+                      perplexity_ratio(champion["text_rows"]["nll"], parent["text_rows"]["nll"],
+                                       parent["text_rows"]["tokens"], seed=seed), better="lower", neutral=1.0)]
 
 
 def summarise(settings: Settings, result: evolve.EvolutionResult, finals: dict, reference: dict, table: dict) -> dict:

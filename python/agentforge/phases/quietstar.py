@@ -27,7 +27,6 @@ Run alone: ``python -m agentforge.phases.quietstar --model DIR --preset tiny --o
 """
 from __future__ import annotations
 
-import random
 import sys
 from dataclasses import dataclass
 
@@ -133,9 +132,16 @@ def answer_loglik(scorer, ids: torch.Tensor, labels: torch.Tensor, batch_size: i
     return out
 
 
-def plain_scorer(model):
+def plain_scorer(model, masked: list[int] = ()):
+    """Log-probabilities of the labelled tokens under ``model``, the ``masked`` token ids (the
+    thought tokens, where the vocabulary has them) excluded before the softmax, exactly as the
+    thinking scorer excludes them: both arms must be scored alike."""
+    masked = list(masked)
+
     def score(ids, labels):
         logits = model(input_ids=ids).logits[:, :-1].float()
+        if masked:
+            logits[..., masked] = float("-inf")
         target = labels[:, 1:]
         logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
         return torch.nn.functional.pad(logp * (target != IGNORE_INDEX), (1, 0))
@@ -167,14 +173,13 @@ def generated_accuracy(generate, tokenizer, items, batch_size: int) -> list[floa
     return scores
 
 
-def bootstrap_interval(values: list[float], reference: list[float] | None, rounds: int, seed: int) -> dict:
-    """Mean and 95 % percentile-bootstrap interval of ``values`` (of ``values - reference`` item by
-    item when a reference is given: a paired difference)."""
-    data = values if reference is None else [a - b for a, b in zip(values, reference)]
-    rng = random.Random(seed)
-    n = len(data)
-    means = sorted(sum(data[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
-    return {"mean": sum(data) / n, "low": means[int(0.025 * rounds)], "high": means[int(0.975 * rounds) - 1]}
+def interval(values: list[float], reference: list[float] | None, rounds: int, seed: int) -> dict:
+    """Mean and 95 % bootstrap interval of ``values``, or of ``values - reference`` item by item."""
+    from agentforge.eval.stats import bootstrap_interval, paired_difference
+
+    if reference is None:
+        return bootstrap_interval(values, seed=seed, samples=rounds)
+    return paired_difference(values, reference, seed=seed, samples=rounds)
 
 
 def hf_variant(model, tokenizer, thought_ids: list[int]):
@@ -188,7 +193,7 @@ def hf_variant(model, tokenizer, thought_ids: list[int]):
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               **({"suppress_tokens": suppress} if suppress else {}))[:, ids.shape[1]:]
 
-    return generate, plain_scorer(model)
+    return generate, plain_scorer(model, suppress)
 
 
 def thinker_variants(thinker: ThinkingModel, eos: int) -> dict:
@@ -197,7 +202,7 @@ def thinker_variants(thinker: ThinkingModel, eos: int) -> dict:
         return lambda i, m, n: thinker.generate(i, m, max_new_tokens=n, eos_token_id=eos, think=think)
 
     return {"thinking": (generate(True), thinking_scorer(thinker)),
-            "not_thinking": (generate(False), plain_scorer(thinker.base))}
+            "not_thinking": (generate(False), plain_scorer(thinker.base, list(thinker.tokens)))}
 
 
 def measure_variants(p: PhaseRun, variants: dict, tokenizer, items) -> dict:
@@ -300,16 +305,16 @@ def summarise(settings: Settings, tasks, results, thinker_losses, control, seed)
     table = {}
     for name, r in results.items():
         table[name] = {
-            "accuracy": bootstrap_interval(r["accuracy"], None, settings.bootstrap, seed),
-            "answer_loglik": bootstrap_interval(r["answer_loglik"], None, settings.bootstrap, seed),
-            "accuracy_minus_parent": bootstrap_interval(r["accuracy"], results["parent"]["accuracy"],
+            "accuracy": interval(r["accuracy"], None, settings.bootstrap, seed),
+            "answer_loglik": interval(r["answer_loglik"], None, settings.bootstrap, seed),
+            "accuracy_minus_parent": interval(r["accuracy"], results["parent"]["accuracy"],
                                                         settings.bootstrap, seed),
-            "loglik_minus_parent": bootstrap_interval(r["answer_loglik"], results["parent"]["answer_loglik"],
+            "loglik_minus_parent": interval(r["answer_loglik"], results["parent"]["answer_loglik"],
                                                       settings.bootstrap, seed),
         }
 
     def thinking_minus(other: str, metric: str) -> dict:
-        return bootstrap_interval(results["thinking"][metric], results[other][metric], settings.bootstrap, seed)
+        return interval(results["thinking"][metric], results[other][metric], settings.bootstrap, seed)
 
     thinking_vs_off = thinking_minus("not_thinking", "answer_loglik")
     vs_control = {metric: thinking_minus("control", metric) for metric in ("accuracy", "answer_loglik")}

@@ -17,6 +17,22 @@ def resolve_wandb_mode(mode: str | None) -> str:
     return mode
 
 
+def require_wandb_key(mode: str) -> None:
+    """An online W&B run needs an API key; without one, fail before anything is written (W&B would
+    otherwise stop the run at its first log, or prompt for a key)."""
+    import netrc
+
+    if mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ValueError("W&B mode online needs an API key: run `wandb login` or set WANDB_API_KEY "
+                     "(or use --wandb offline)")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
