@@ -6,7 +6,15 @@ from agentforge.ops import cpu_info, extension_loaded
 from agentforge import nn  # noqa: F401  (BitLinear; registers the agentforge_bitnet HF quantizer lazily)
 
 __version__ = "0.1.0"
-__all__ = ["cpu_info", "extension_loaded", "__version__"]
+__all__ = ["cpu_info", "extension_loaded", "load", "__version__"]
+
+
+def load(path, **kwargs):
+    """Any artifact of a run (a ``model.afz``, a model directory, a phase directory) ready to
+    answer, with its experts and thinking head attached: see ``agentforge.loading``."""
+    from agentforge.loading import load as load_artifact
+
+    return load_artifact(path, **kwargs)
 
 
 

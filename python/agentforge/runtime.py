@@ -195,12 +195,14 @@ class Loaded(NamedTuple):
 
 class Built(NamedTuple):
     """What a ``model_step`` builds: the model, its tokenizer, metadata for ``agentforge.json``
-    (``parents``: the paths of the models it came from) and files of its own (``write_extra(dir)``)."""
+    (``parents``: the paths of the models it came from), files of its own (``write_extra(dir)``)
+    and files it keeps from its input as they are (``carry``: e.g. a thinking head)."""
 
     model: Any
     tokenizer: Any
     metadata: dict
     write_extra: Callable[[Path], None] | None = None
+    carry: tuple = ()
 
 
 def _digest(value: Any) -> str:
@@ -382,7 +384,7 @@ class PhaseRun:
         metadata = {**built.metadata, "phase": self.spec.name, "step": name, "step_key": self._step_key(name),
                     "parents": [self.parent(p, path) for p in built.metadata.get("parents", [])]}
         if self.is_main:
-            save_model_dir(built.model, built.tokenizer, path, metadata, write_extra=built.write_extra)
+            save_model_dir(built.model, built.tokenizer, path, metadata, write_extra=_extras(built))
         distributed.barrier()
         return Loaded(built.model, built.tokenizer, metadata, path)
 
@@ -445,6 +447,22 @@ class PhaseRun:
                 log.log(headline)
         distributed.barrier()
         return PhaseResult(artifacts, headline if self.is_main else {})
+
+
+def _extras(built: Built) -> Callable[[Path], None] | None:
+    """``write_extra`` for ``save_model_dir``: the built model's own files and the carried ones."""
+    import shutil
+
+    if not built.carry:
+        return built.write_extra
+
+    def write(directory: Path) -> None:
+        for source in map(Path, built.carry):
+            shutil.copyfile(source, directory / source.name)
+        if built.write_extra is not None:
+            built.write_extra(directory)
+
+    return write
 
 
 def _read_step(path: Path, key: str) -> dict | None:

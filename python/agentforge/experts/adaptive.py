@@ -1,4 +1,5 @@
-"""The two-pass adaptive model and the one directory that holds it (format in ``agentforge.experts``).
+"""The two-pass adaptive model and the one directory that holds it (format in ``agentforge.experts``;
+each router class's weight set for the shipped, packed model in ``agentforge.experts.deploy``).
 
 Pass one reads each prompt with the base weights and lets the router name its class; pass two
 installs that class's mixture z′ = 1 + Σₖ αₖ (zₖ − 1) of the expert vectors and answers. Adapted
@@ -94,7 +95,10 @@ def adaptive_files(adaptive: AdaptiveModel, describe: dict | None = None) -> Cal
     adds JSON-ready facts to ``experts.json`` (e.g. the units each expert was trained on)."""
     import safetensors.torch
 
+    from agentforge.experts.deploy import DEPLOYED_FILE, deployed_tensors
+
     tensors = {f"z/{name}": z.detach().float().contiguous() for name, z in zip(adaptive.expert_names, adaptive.experts)}
+    deployed = deployed_tensors(adaptive.model, adaptive.basis, adaptive.experts, adaptive.mixtures)
     tensors.update({f"sigma/{name}": s.contiguous() for name, s in adaptive.basis.singular_values().items()})
     router_state = {k: v.detach().contiguous() for k, v in adaptive.router.state_dict().items()}
     spec = {"format": FORMAT, "experts": adaptive.expert_names, "targets": adaptive.basis.names,
@@ -104,6 +108,7 @@ def adaptive_files(adaptive: AdaptiveModel, describe: dict | None = None) -> Cal
 
     def write(directory: Path) -> None:
         safetensors.torch.save_file(tensors, str(directory / EXPERTS_FILE))
+        safetensors.torch.save_file(deployed, str(directory / DEPLOYED_FILE))
         safetensors.torch.save_file(router_state, str(directory / ROUTER_FILE))
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
 
@@ -119,18 +124,17 @@ def save_adaptive(adaptive: AdaptiveModel, tokenizer, path: str | Path, metadata
     return save_model_dir(adaptive.model, tokenizer, path, metadata, write_extra=adaptive_files(adaptive, describe))
 
 
-def load_adaptive(path: str | Path, *, verify: bool = True):
-    """The two-pass model saved at ``path``: ``(AdaptiveModel, tokenizer, metadata)``. The base model
-    loads as ``load_model_dir`` loads it; the SVD is recomputed from its weights and checked
-    against the singular values recorded with the experts."""
+def adaptive_of(model: nn.Module, path: str | Path) -> AdaptiveModel:
+    """The two-pass model of an already loaded latent ``model`` and the experts saved beside it at
+    ``path``: the SVD is recomputed from its weights and checked against the singular values
+    recorded with the experts."""
     import safetensors.torch
 
-    from agentforge.artifacts import CorruptArtifact, load_model_dir
+    from agentforge.artifacts import CorruptArtifact
 
     path = Path(path)
     if not (path / SPEC_FILE).is_file():
         raise CorruptArtifact(f"{path}: no {SPEC_FILE}; not an experts directory (write it with save_adaptive)")
-    model, tokenizer, metadata = load_model_dir(path, verify=verify)
     spec = json.loads((path / SPEC_FILE).read_text())
     if spec.get("format") != FORMAT:
         raise CorruptArtifact(f"{path}: {SPEC_FILE} has format {spec.get('format')!r}, this loader reads {FORMAT}")
@@ -145,4 +149,13 @@ def load_adaptive(path: str | Path, *, verify: bool = True):
     router = Router(spec["router"]["features"], spec["router"]["classes"])
     router.load_state_dict(safetensors.torch.load_file(str(path / ROUTER_FILE)))
     experts = {name: tensors[f"z/{name}"] for name in spec["experts"]}
-    return AdaptiveModel(model, basis, experts, router, spec["mixtures"]).eval(), tokenizer, metadata
+    return AdaptiveModel(model, basis, experts, router, spec["mixtures"]).eval()
+
+
+def load_adaptive(path: str | Path, *, verify: bool = True):
+    """The two-pass model saved at ``path``: ``(AdaptiveModel, tokenizer, metadata)``. The base model
+    loads as ``load_model_dir`` loads it; see ``adaptive_of``."""
+    from agentforge.artifacts import load_model_dir
+
+    model, tokenizer, metadata = load_model_dir(path, verify=verify)
+    return adaptive_of(model, path), tokenizer, metadata

@@ -57,6 +57,7 @@ import torch
 from agentforge.baking import BakeSettings, CycleData, CycleRun, CycleState, cycle_bake_settings, run_cycles
 from agentforge.data import DOMAINS, FAMILIES
 from agentforge.errors import ConfigError
+from agentforge.quietstar import head_files
 from agentforge.runtime import Built, Effect, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
 from agentforge.settings import Checked, setting
 from agentforge.tools import TOOL_PROMPT
@@ -313,7 +314,8 @@ def run(p: PhaseRun) -> PhaseResult:
                                                CycleRun(tokenizer, data, settings, p.seed, p.out_dir, p.say)))
     cycles = p.step("cycles", lambda: state().record(), everywhere=True)
     final = p.model_step("model", lambda: Built(state().model, tokenizer, {"baked_prompts": cycles["baked"],
-                                                                           "parents": [fp.path]}))
+                                                                           "parents": [fp.path]},
+                                                carry=head_files(fp.path)))
     p.say(f"{len(cycles['baked'])} prompt(s) baked ({cycles['stop_reason']}); measuring on the test split")
     models, full_bake = report_models(p, fp, final, data, cycles, state)
     prompts = {"tools": full_bake["prompt"] if full_bake else cycles["best"]["tools"] or settings.tool_prompts[0],

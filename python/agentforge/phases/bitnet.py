@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from agentforge.errors import ConfigError
+from agentforge.quietstar import head_files
 from agentforge.quant import (bitlinear_layers, convert_as_calibrated, gradient_flow, require_state, set_lambda,
                               warmup_lambda)
 from agentforge.runtime import Built, Effect, Input, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
@@ -79,6 +80,9 @@ class Settings(Checked):
     speed_prompt_len: int = setting(16, "[1, 65536]")
     speed_new_tokens: int = setting(16, "[1, 65536]")
     measure_memory: bool = setting(True, doc="peak memory of each model in a fresh process (seconds each)")
+    head_steps: int = setting(10, "[0, 100000]", doc="steps re-fitting a Quiet-STaR thinking head (if the input "
+                                                     "has one) to the ternary model; 0 carries it as it is")
+    head_items: int = setting(100, "[1, 100000]", doc="training items per family and level for the head")
 
     def check(self) -> None:
         if self.keep_sensitive_fp > self.sensitive_layers:
@@ -90,7 +94,7 @@ class Settings(Checked):
 PRESETS: dict[str, Settings] = {
     "micro": Settings(calibration_rows=4, calibration_tokens=256, sensitive_layers=2, steps=6, batch_size=8,
                       train_items=40, checkpoint_every=3, eval_items=4, eval_text_rows=16, eval_batch_size=32,
-                      speed_batch_sizes=[1, 2], speed_new_tokens=4, measure_memory=False),
+                      speed_batch_sizes=[1, 2], speed_new_tokens=4, measure_memory=False, head_steps=2, head_items=8),
     "tiny": Settings(),
     "small": Settings(calibration_rows=64, calibration_tokens=8192, sensitive_layers=5, steps=2000, batch_size=64,
                       train_items=5000, checkpoint_every=250, eval_items=100, eval_text_rows=512,
@@ -163,6 +167,37 @@ def finetune(p: PhaseRun, model, rows, stage: str):
         set_lambda(layers, 1.0)  # the model leaves fine-tuning fully ternary, as it is saved
 
 
+def thinking_head(p: PhaseRun, student, fp):
+    """The input's Quiet-STaR thinking head, when it has one, re-fitted to the ternary model: its
+    mixing weights read hidden states that conversion and STE fine-tuning changed, so with the
+    model frozen the head alone trains ``head_steps`` Quiet-STaR steps on training task rows.
+    Returns the ``write_extra`` that saves it (None without a head)."""
+    from agentforge.quietstar import ThinkingModel
+
+    if not head_files(fp.path):
+        return None
+    thinker = ThinkingModel.attach(student, fp.path)
+    if p.settings.head_steps:
+        suite = p.suite(fp.tokenizer)
+        rows = suite.rows(suite.items("train", p.settings.head_items))
+        frozen = [param for param in student.parameters() if param.requires_grad]
+        for param in frozen:
+            param.requires_grad_(False)
+        try:
+            optimizer = torch.optim.AdamW(thinker.mixing_head.parameters(), lr=1e-3)
+            p.train(thinker, rows, "thinking_head", optimizer=optimizer, steps=p.settings.head_steps,
+                    batch_size=p.settings.batch_size, loss_fn=lambda model, batch: thinking_loss(model, batch))
+        finally:
+            for param in frozen:
+                param.requires_grad_(True)
+    return thinker.save_extras
+
+
+def thinking_loss(model, batch):
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    return out.loss, out.metrics
+
+
 def calibrate(p: PhaseRun, fp, data: PhaseData) -> list[dict]:
     from agentforge.eval import perplexity
     from agentforge.nn.convert import linear_names
@@ -210,7 +245,8 @@ def run(p: PhaseRun) -> PhaseResult:
 
     def build_latent() -> Built:
         finetune(p, student, data.train_rows, "ternary")
-        return Built(student, tokenizer, {"role": "latent", "quantization": quant, "parents": [fp.path]})
+        return Built(student, tokenizer, {"role": "latent", "quantization": quant, "parents": [fp.path]},
+                     write_extra=thinking_head(p, student, fp))
 
     latent = p.model_step("latent", build_latent)
 
@@ -221,7 +257,8 @@ def run(p: PhaseRun) -> PhaseResult:
 
     reports["fp_control"] = p.step("fp_control", control_report, everywhere=True)
     packed = p.model_step("packed", lambda: Built(pack_bitnet(copy.deepcopy(latent.model)), tokenizer,
-                                                  {"role": "packed", "quantization": quant, "parents": [fp.path]}))
+                                                  {"role": "packed", "quantization": quant, "parents": [fp.path]},
+                                                  carry=head_files(latent.path)))
     summary = verify_and_measure(p, fp, latent.path, packed.path, data, reports, quant)
     return p.finish({"packed": packed.path, "latent": latent.path}, flat_metrics(summary), summary,
                     rows={"layer": layer_rows(summary)}, effects=effects(reports, p.seed))

@@ -1,6 +1,7 @@
 """Phase 1, Cognate: three sibling models with a shared ancestor.
 
-1. Data: a byte-level BPE tokenizer trained on Python stdlib sources + pydoc prose + task strings;
+1. Data: a byte-level BPE tokenizer trained on the training split of the Python stdlib sources and
+   pydoc prose, plus the training task strings;
    packed text rows; packed task rows per domain (reasoning, memory, speed; answer-only loss).
    The run's data spec (``data.json``) is recorded here and handed to every later phase.
 2. Trunk: a Cognate model trained from scratch on a mixture of text and all three domains
@@ -87,12 +88,15 @@ class PhaseData:
 
 
 def new_tokenizer(p: PhaseRun, settings: Settings):
-    """A byte-level BPE trained on the run's documents and the training task strings."""
-    from agentforge.data import train_tokenizer
+    """A byte-level BPE trained on the run's training documents and training task strings only:
+    a tokenizer fitted to the test documents would lower their perplexity for free."""
+    from agentforge.data import document_split, train_tokenizer
     from agentforge.eval.suite import EvalSuite, documents
 
+    texts = documents(p.data)
+    train_docs = [texts[i] for i in sorted(document_split(len(texts), seed=p.seed)["train"])]
     train_items = EvalSuite(p.data, None, p.seed).items("train", settings.train_items)
-    return train_tokenizer(documents(p.data) + [it.prompt + it.answer for it in train_items], settings.vocab_size,
+    return train_tokenizer(train_docs + [it.prompt + it.answer for it in train_items], settings.vocab_size,
                            seed=p.seed)
 
 

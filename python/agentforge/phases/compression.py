@@ -252,11 +252,13 @@ def distill(p: PhaseRun, model, choices, data: PhaseData, attempt: int) -> dict:
 
 
 def _gate(p: PhaseRun, choices, tokenizer, data: PhaseData, reference: dict, path: Path) -> dict:
-    """Rank 0: write the artifact, load it back as a user would, and score it on the validation split."""
-    from agentforge.compress import load, write_container
+    """Rank 0: write the artifact, load it back as a user would (``agentforge.load``: experts and
+    their router attached), and score it on the validation split."""
+    from agentforge.compress import write_container
+    from agentforge.loading import load
 
     accounting = write_container(path, container_for(choices, p.inputs["model"], artifact_metadata(p)))
-    q = quality(reference, measure(p, load(path)[0], tokenizer, data.gate))
+    q = quality(reference, measure(p, load(path), tokenizer, data.gate))
     return {"bytes": accounting["total"], **q, "passed": passes(q, p.settings)}
 
 
@@ -294,7 +296,9 @@ def ladder(p: PhaseRun, model, tokenizer, choices, data: PhaseData, reference: d
                   "choices": {c.slot.name: c.choice for c in choices if c.slot.group != "ternary"}}
         attempts.append(record)
         p.say(f"attempt {attempt}: {gate['bytes']:,} bytes, perplexity x{gate['perplexity_ratio']:.3f}, "
-              f"accuracy retained {gate['accuracy_retained']:.1%} -> {'pass' if gate['passed'] else 'fail'}")
+              f"accuracy retained {gate['accuracy_retained']:.1%} (loss {gate['accuracy_loss']['mean']:+.3f}, 95 % "
+              f"[{gate['accuracy_loss']['low']:+.3f}, {gate['accuracy_loss']['high']:+.3f}]) -> "
+              f"{'pass' if gate['passed'] else 'fail'}")
         lossy = [c for c in choices if c.lossy]
         if gate["passed"] or not lossy or attempt == settings.max_rollbacks:
             break
@@ -391,23 +395,29 @@ def _decompression_seconds(path: Path, repeats: int = 3) -> float:
 
 
 def final_report(p: PhaseRun, model, tokenizer, slots, data: PhaseData) -> dict:
-    """Bytes, quality before/after on the test split, decompression time and tokens/s of ``model.afz``."""
-    from agentforge.compress import load, read_container, serialize
+    """Bytes; quality on the test split of the uncompressed model and of ``model.afz``, both as a
+    user runs them (``agentforge.load``: experts routed, two passes), and of the artifact thinking
+    when it carries a thinking head; decompression time and tokens/s."""
+    from agentforge.compress import read_container, serialize
+    from agentforge.loading import load
 
     path = p.out_dir / ARTIFACT
     container = read_container(path)
     _, accounting = serialize(container)
-    compressed = load(path)[0]
-    before, after = measure(p, model, tokenizer, data.final), measure(p, compressed, tokenizer, data.final)
+    compressed = load(path)
+    before, after = measure(p, load(p.inputs["model"]), tokenizer, data.final), measure(p, compressed, tokenizer,
+                                                                                         data.final)
+    thinking = ({"test_thinking": without_answers(measure(p, load(path, think=True), tokenizer, data.final))}
+                if compressed.thinker is not None else {})
     sizes = reference_sizes(p, slots)
     byte_counts = byte_report(accounting, container.tensors)
     return {"bytes": byte_counts, "reference_bytes": sizes,
             "ratio_vs_fp32": sizes["fp32"] / byte_counts["total"], "ratio_vs_fp16": sizes["fp16"] / byte_counts["total"],
             "ratio_vs_packed_dir": sizes["packed_dir"] / byte_counts["total"],
-            "test_before": without_answers(before), "test_after": without_answers(after),
-            "test_quality": quality(before, after),
+            "test_before": without_answers(before), "test_after": without_answers(after), **thinking,
+            "parts": compressed.parts, "test_quality": quality(before, after),
             "decompression_seconds": _decompression_seconds(path),
-            "tokens_per_s": {"compressed": _tokens_per_second(compressed), "uncompressed": _tokens_per_second(model)},
+            "tokens_per_s": {"compressed": _tokens_per_second(compressed.lm), "uncompressed": _tokens_per_second(model)},
             "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
 
 
@@ -459,7 +469,7 @@ def run(p: PhaseRun) -> PhaseResult:
     data = build_data(p, tokenizer)
     slots = model_tensors(model)
     plan = codec_plan(p, model, slots, data)
-    reference = p.step("measure_reference", lambda: measure(p, model, tokenizer, data.gate))
+    reference = p.step("measure_reference", lambda: measure(p, uncompressed(p), tokenizer, data.gate))
     built = p.file_step("ladder", lambda: ladder(p, model, tokenizer, plan(), data, reference),
                       p.out_dir / ARTIFACT, dependents=("final",), everywhere=True)
     size_quality = p.step("sweep", lambda: sweep(p, model, plan(), data))
@@ -470,18 +480,29 @@ def run(p: PhaseRun) -> PhaseResult:
                     effects=effects(summary, p.seed))
 
 
+def uncompressed(p: PhaseRun):
+    """The input model as a user runs it (``agentforge.load``: experts routed, two passes): the
+    reference the gate and the report compare the artifact with."""
+    from agentforge.loading import load
+
+    return load(p.inputs["model"])
+
+
 def effects(summary: dict, seed: int) -> list[Effect]:
     """``model.afz`` as loaded against the uncompressed model on the test split: perplexity ratio
-    and accuracy (paired, 95 % intervals)."""
+    and accuracy (paired, 95 % intervals); and the artifact thinking against not thinking."""
     from agentforge.eval.stats import paired_difference, perplexity_ratio
 
     before, after = summary["test_before"], summary["test_after"]
     scores = lambda report: [s for domain in report["scores"].values() for s in domain]  # noqa: E731
+    thinking = ([Effect.of("held-out task accuracy, artifact thinking", "the artifact not thinking",
+                           paired_difference(scores(summary["test_thinking"]), scores(after), seed=seed))]
+                if "test_thinking" in summary else [])
     return [Effect.of("text perplexity ratio, compressed artifact", "the uncompressed model",
                       perplexity_ratio(after["text_rows"]["nll"], before["text_rows"]["nll"],
                                        before["text_rows"]["tokens"], seed=seed), better="lower", neutral=1.0),
             Effect.of("held-out task accuracy, compressed artifact", "the uncompressed model",
-                      paired_difference(scores(after), scores(before), seed=seed))]
+                      paired_difference(scores(after), scores(before), seed=seed))] + thinking
 
 
 SPEC = PhaseSpec(

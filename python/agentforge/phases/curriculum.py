@@ -39,6 +39,7 @@ from agentforge.data import DOMAINS, FAMILIES
 from agentforge.errors import ConfigError
 from agentforge.optim import PRESETS as OPTIMIZERS
 from agentforge.quant import bitlinear_layers
+from agentforge.quietstar import head_files
 from agentforge.runtime import Built, Effect, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
 from agentforge.settings import Checked, setting
 
@@ -224,7 +225,8 @@ def train_curriculum(p: PhaseRun, source: Loaded, baselines: dict, validation: d
         raise RuntimeError("curriculum: training changed the model's BitLinear layers; refusing to save it")
     return Built(model, tokenizer, {"parents": [source.path], "baselines": baselines,
                                     "stop_reason": record["stop_reason"], "steps": record["steps"],
-                                    "bitlinear_layers": len(states), "curriculum": record})
+                                    "bitlinear_layers": len(states), "curriculum": record},
+                 carry=head_files(source.path))
 
 
 def train_control(p: PhaseRun, record: dict) -> Built:

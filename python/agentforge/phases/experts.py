@@ -279,10 +279,11 @@ def mixture_evaluator(p: PhaseRun, base: Loaded, basis, zs: list, items: list, m
 def build_model(base: Loaded, adaptive, discovery: Discovery, parameter_counts: dict) -> Built:
     """The base model, unchanged, with the experts, the router and ``experts.json`` beside it."""
     from agentforge.experts import adaptive_files
+    from agentforge.quietstar import head_files
 
     describe = {"units": discovery.to_dict()["experts"], "parameter_counts": parameter_counts}
     return Built(base.model, base.tokenizer, {"experts": adaptive.expert_names, "parents": [base.path]},
-                 write_extra=adaptive_files(adaptive, describe))
+                 write_extra=adaptive_files(adaptive, describe), carry=head_files(base.path))
 
 
 def final_measurements(p: PhaseRun, adaptive, tokenizer, experts: dict, items: list, routes: list) -> dict:

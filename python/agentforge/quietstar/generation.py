@@ -51,11 +51,11 @@ def chain_state(base, input_ids, attention_mask, chain) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_token_id: int,
-             think: bool = True, return_thoughts: bool = False, greedy_thoughts: bool = False):
+             think: bool = True, return_thoughts: bool = False, greedy_thoughts: bool = False, on_token=None):
     """Greedy decoding with the thinking model ``model``; each new token after a thought (hidden
     unless ``return_thoughts``). Rows are left-padded; finished rows keep emitting eos. Returns
     the new tokens [B, ≤ max] (and, with ``return_thoughts``, a list per step of the thought
-    tokens [B, L])."""
+    tokens [B, L]). ``on_token(tokens [B])`` sees each step's tokens as they come (streaming)."""
     was_training = model.training
     model.eval()
     mask = attention_mask
@@ -66,6 +66,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_
         token = torch.where(done, torch.full_like(done, eos_token_id, dtype=torch.long), logits.argmax(-1))
         out.append(token)
         thoughts.append(thought)
+        if on_token is not None:
+            on_token(token)
         done |= token == eos_token_id
         input_ids = torch.cat((input_ids, token[:, None]), 1)
         mask = None if mask is None else torch.cat((mask, torch.ones_like(token[:, None])), 1)

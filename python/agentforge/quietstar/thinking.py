@@ -23,6 +23,14 @@ from agentforge.settings import Checked, from_dict, setting, to_dict
 START, END = "<|startthought|>", "<|endthought|>"
 MIXING_HEAD_FILE = "mixing_head.safetensors"
 SETTINGS_FILE = "quietstar.json"
+HEAD_FILES = (SETTINGS_FILE, MIXING_HEAD_FILE)
+
+
+def head_files(directory) -> tuple[Path, ...]:
+    """The thinking head's files in a model directory (none when it has no head): what every later
+    phase carries into its own model, so the shipped artifact can still think."""
+    present = [Path(directory) / name for name in HEAD_FILES if (Path(directory) / name).is_file()]
+    return tuple(present) if len(present) == len(HEAD_FILES) else ()
 
 
 @dataclass
@@ -246,11 +254,23 @@ class ThinkingModel(nn.Module):
         return generation.next_token_logits(self, input_ids, attention_mask, think, greedy_thoughts)
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int, eos_token_id: int,
-                 think: bool = True, return_thoughts: bool = False, greedy_thoughts: bool = False):
+                 think: bool = True, return_thoughts: bool = False, greedy_thoughts: bool = False, on_token=None):
         """Greedy decoding, each token after a thought (``generation.generate``)."""
         return generation.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                    eos_token_id=eos_token_id, think=think, return_thoughts=return_thoughts,
-                                   greedy_thoughts=greedy_thoughts)
+                                   greedy_thoughts=greedy_thoughts, on_token=on_token)
+
+    @classmethod
+    def attach(cls, base, directory) -> "ThinkingModel":
+        """The thinking model of ``base`` (already loaded) from the head files in ``directory``."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        record = json.loads((directory / SETTINGS_FILE).read_text())
+        tokens = ThoughtTokens(record.pop("start_id"), record.pop("end_id"))
+        model = cls(base, from_dict(ThoughtSettings, record, str(directory / SETTINGS_FILE)), tokens)
+        model.mixing_head.load_state_dict(load_file(str(directory / MIXING_HEAD_FILE)))
+        return model.eval()
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -266,16 +286,10 @@ class ThinkingModel(nn.Module):
     @classmethod
     def load(cls, directory, **model_kwargs) -> tuple["ThinkingModel", object]:
         """``(thinking model, tokenizer)`` from a directory written by the Quiet-STaR phase."""
-        from safetensors.torch import load_file
-
         from agentforge.artifacts import load_model_dir
 
         directory = Path(directory)
         if not (directory / SETTINGS_FILE).is_file():
             raise FileNotFoundError(f"{directory} has no {SETTINGS_FILE}: it is not a Quiet-STaR model directory")
         base, tokenizer, _ = load_model_dir(directory, **model_kwargs)
-        record = json.loads((directory / SETTINGS_FILE).read_text())
-        tokens = ThoughtTokens(record.pop("start_id"), record.pop("end_id"))
-        model = cls(base, from_dict(ThoughtSettings, record, str(directory / SETTINGS_FILE)), tokens)
-        model.mixing_head.load_state_dict(load_file(str(directory / MIXING_HEAD_FILE)))
-        return model.eval(), tokenizer
+        return cls.attach(base, directory), tokenizer
