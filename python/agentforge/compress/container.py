@@ -21,6 +21,13 @@ Manifest::
 Offsets are relative to the payload start. ``read_container`` checks the magic, the lengths
 (a truncated file is named as such), the checksum, and that every part lies inside the payload
 with the length its dtype and shape need; any failure raises ``CorruptArtifact`` in one line.
+
+Nothing is inflated beyond a bound fixed before inflating, so a small hostile file cannot make a
+reader allocate gigabytes (a 312 KB file once carried a 2 GiB lzma stream): the manifest inflates
+to at most ``MAX_MANIFEST_BYTES``; a carried file to exactly its declared original length, which
+may be at most ``MAX_INFLATION`` times its stored length, and all of them together at most that
+times the container's size; and the tensors may hold at most ``MAX_WEIGHTS_PER_BYTE`` weights per
+byte of the container (the loader decodes every one). ``serialize`` never writes what these refuse.
 """
 from __future__ import annotations
 
@@ -46,6 +53,14 @@ HEADER = struct.Struct("<4sIQ")
 DIGEST_BYTES = 32
 PART_DTYPES = ("uint8", "uint16", "uint32", "int64", "float16", "float32")
 GROUPS = ("ternary", "embedding", "lm_head", "rest")
+# A real manifest is ~0.3 KB of JSON per tensor (80 KB for a 272-tensor model); 8 MiB of JSON
+# parses in well under a second into at most a few hundred MB of Python objects.
+MAX_MANIFEST_BYTES = 8 << 20
+# lzma shrinks a tokenizer.json ~8x and safetensors ~1.2x; a larger ratio is stored raw.
+MAX_INFLATION = 64
+# Real containers hold 2-7 weights per byte (ternary codes take >= 1 bit each unless a layer is
+# almost constant); decoding takes up to 8 bytes per weight (rANS symbols as int64).
+MAX_WEIGHTS_PER_BYTE = 64
 
 
 @dataclass
@@ -66,9 +81,10 @@ class Container:
 
 @functools.lru_cache(maxsize=16)  # the same tokenizer is serialised once per attempt and sweep point
 def _file_entry(data: bytes) -> tuple[str, bytes]:
-    """Carried files are stored lzma-compressed when that is smaller (tokenizer.json shrinks ~4x)."""
+    """Carried files are stored lzma-compressed when that is smaller (tokenizer.json shrinks ~8x)
+    and inflates at most ``MAX_INFLATION`` times (what a reader accepts)."""
     packed = lzma.compress(data, preset=9)
-    return ("lzma", packed) if len(packed) < len(data) else ("raw", data)
+    return ("lzma", packed) if len(packed) < len(data) <= MAX_INFLATION * len(packed) else ("raw", data)
 
 
 def serialize(container: Container) -> tuple[bytes, dict]:
@@ -99,9 +115,17 @@ def serialize(container: Container) -> tuple[bytes, dict]:
         file_bytes[name] = len(stored)
     manifest = {"format": "agentforge.compress", "version": VERSION, "payload_bytes": offset,
                 "tensors": tensors, "files": files, "metadata": container.metadata}
-    manifest_bytes = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
+    text = json.dumps(manifest, separators=(",", ":")).encode()
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"container: the manifest is {len(text)} bytes of JSON, more than a reader accepts "
+                         f"({MAX_MANIFEST_BYTES})")
+    manifest_bytes = zlib.compress(text, 9)
     body = HEADER.pack(MAGIC, VERSION, len(manifest_bytes)) + manifest_bytes + b"".join(payload)
     data = body + hashlib.sha256(body).digest()
+    weights = sum(record.encoded.numel for record in container.tensors)
+    if weights > MAX_WEIGHTS_PER_BYTE * len(data):
+        raise ValueError(f"container: {weights} weights in {len(data)} bytes, more than a reader accepts "
+                         f"({MAX_WEIGHTS_PER_BYTE} per byte)")
     accounting = {"header": HEADER.size, "manifest": len(manifest_bytes), "files": sum(file_bytes.values()),
                   "file_bytes": file_bytes,
                   "tensors": [record.encoded.nbytes for record in container.tensors],
@@ -127,20 +151,50 @@ def _manifest(data: bytes, where: str) -> tuple[dict, int]:
     start = HEADER.size + manifest_length
     if start + DIGEST_BYTES > len(data):
         raise CorruptArtifact(f"{where}: truncated ({len(data)} bytes; the manifest alone needs {start})")
+    text = _inflate(zlib.decompressobj(), data[HEADER.size:start], MAX_MANIFEST_BYTES, "the manifest", where)
     try:
-        manifest = json.loads(zlib.decompress(data[HEADER.size:start]))
-    except (zlib.error, ValueError) as e:
-        raise CorruptArtifact(f"{where}: the manifest is unreadable ({e})") from None
-    expected = start + int(manifest.get("payload_bytes", -1)) + DIGEST_BYTES
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CorruptArtifact(f"{where}: the manifest is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict):
+        raise CorruptArtifact(f"{where}: the manifest is a JSON {type(manifest).__name__}, not an object")
+    payload_bytes = manifest.get("payload_bytes")
+    if not _is_count(payload_bytes):
+        raise CorruptArtifact(f"{where}: the manifest's payload_bytes is {payload_bytes!r}, not a byte count")
+    expected = start + payload_bytes + DIGEST_BYTES
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "has trailing bytes"
         raise CorruptArtifact(f"{where}: {state} ({len(data)} bytes, the manifest says {expected})")
     return manifest, start
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _inflate(decompressor, stored: bytes, limit: int, what: str, where: str) -> bytes:
+    """``stored`` inflated by ``decompressor`` (zlib or lzma), never to more than ``limit``
+    bytes; the stream must end within them."""
+    try:
+        data = decompressor.decompress(stored, limit + 1)
+    except (zlib.error, lzma.LZMAError) as e:
+        raise CorruptArtifact(f"{where}: {what} does not decompress ({e})") from None
+    if len(data) > limit:
+        raise CorruptArtifact(f"{where}: {what} inflates to more than {limit} bytes")
+    if not decompressor.eof:
+        raise CorruptArtifact(f"{where}: {what} is a truncated compressed stream")
+    return data
+
+
 def _check_span(offset: int, length: int, payload: int, what: str, where: str) -> None:
-    if not (0 <= offset and 0 <= length and offset + length <= payload):
+    if not (_is_count(offset) and _is_count(length) and offset + length <= payload):
         raise CorruptArtifact(f"{where}: {what} lies outside the payload")
+
+
+def _numel(shape, what: str, where: str) -> int:
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CorruptArtifact(f"{where}: {what} has shape {shape!r}, not a list of sizes")
+    return math.prod(shape)
 
 
 def _part(payload: memoryview, entry: list, where: str) -> tuple[str, np.ndarray]:
@@ -148,25 +202,39 @@ def _part(payload: memoryview, entry: list, where: str) -> tuple[str, np.ndarray
     if dtype not in PART_DTYPES:
         raise CorruptArtifact(f"{where}: part {name!r} has unknown dtype {dtype!r}")
     _check_span(offset, length, len(payload), f"part {name!r}", where)
-    if length != math.prod(shape) * np.dtype(dtype).itemsize:
-        raise CorruptArtifact(f"{where}: part {name!r} is {length} bytes, {dtype} {shape} needs "
-                              f"{math.prod(shape) * np.dtype(dtype).itemsize}")
+    needed = _numel(shape, f"part {name!r}", where) * np.dtype(dtype).itemsize
+    if length != needed:
+        raise CorruptArtifact(f"{where}: part {name!r} is {length} bytes, {dtype} {shape} needs {needed}")
     return name, np.frombuffer(payload[offset:offset + length], dtype=dtype).reshape(shape).copy()
 
 
 def _file(payload: memoryview, entry: list, where: str) -> tuple[str, bytes]:
+    """A carried file, inflated to its declared length (checked by :func:`_check_inflation` first)."""
     name, method, offset, length, original = entry
-    if not isinstance(name, str) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-        raise CorruptArtifact(f"{where}: carried file name {name!r} points outside the model directory")
-    _check_span(offset, length, len(payload), f"file {name!r}", where)
     stored = bytes(payload[offset:offset + length])
-    try:
-        data = lzma.decompress(stored) if method == "lzma" else stored
-    except lzma.LZMAError as e:
-        raise CorruptArtifact(f"{where}: file {name!r} does not decompress ({e})") from None
-    if method not in ("raw", "lzma") or len(data) != original:
+    data = stored if method == "raw" else _inflate(lzma.LZMADecompressor(), stored, original, f"file {name!r}", where)
+    if len(data) != original:
         raise CorruptArtifact(f"{where}: file {name!r} ({method}) has {len(data)} bytes, expected {original}")
     return name, data
+
+
+def _check_files(entries: list, payload: int, size: int, where: str) -> None:
+    """Every carried file's entry before any is inflated: a safe name, a span inside the payload,
+    a known method, and declared lengths within ``MAX_INFLATION`` of what is stored (``size``:
+    the container's bytes, which bound them all together)."""
+    total = 0
+    for name, method, offset, length, original in entries:
+        if not isinstance(name, str) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise CorruptArtifact(f"{where}: carried file name {name!r} points outside the model directory")
+        _check_span(offset, length, payload, f"file {name!r}", where)
+        if method not in ("raw", "lzma") or not _is_count(original):
+            raise CorruptArtifact(f"{where}: file {name!r} has method {method!r} and length {original!r}")
+        if original > MAX_INFLATION * length:
+            raise CorruptArtifact(f"{where}: file {name!r} declares {original} bytes stored in {length}, more "
+                                  f"than {MAX_INFLATION}x")
+        total += original
+    if total > MAX_INFLATION * size:
+        raise CorruptArtifact(f"{where}: the carried files declare {total} bytes in a {size}-byte container")
 
 
 def parse(data: bytes, where: str = "container") -> Container:
@@ -177,6 +245,10 @@ def parse(data: bytes, where: str = "container") -> Container:
         raise CorruptArtifact(f"{where}: checksum mismatch (the file was changed or damaged after it was written)")
     payload = memoryview(data)[start:len(data) - DIGEST_BYTES]
     try:
+        weights = sum(_numel(entry["shape"], "a tensor", where) for entry in manifest["tensors"])
+        if weights > MAX_WEIGHTS_PER_BYTE * len(data):
+            raise CorruptArtifact(f"{where}: the tensors declare {weights} weights in a {len(data)}-byte container")
+        _check_files(manifest["files"], len(payload), len(data), where)
         tensors = [TensorRecord(entry["names"], entry["group"],
                                 Encoded(entry["codec"], entry["params"], tuple(entry["shape"]),
                                         dict(_part(payload, part, where) for part in entry["parts"])))

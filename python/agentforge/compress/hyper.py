@@ -29,6 +29,7 @@ from agentforge.compress.codec import Codec, Encoded, TrainableDecode, register,
 PLASTIC = 1.324717957244746  # the real root of g³ = g + 1; (1/g, 1/g²) is the best-spread 2-D winding
 SPREAD_QUANTILES = (0.6, 0.75, 0.85, 0.92, 0.97, 1.0)
 MATCH_CHUNK = 32768
+SEARCH_PAIRS = 1 << 20  # torch.quantile's input limit is 2^24; 6 full passes over 14M pairs took 37 s
 
 
 def trajectory(points: int) -> torch.Tensor:
@@ -93,16 +94,21 @@ class Hyper(Codec):
     def encode(self, weight, importance=None) -> Encoded:
         p = self._pairs(weight)
         c = p.mean(0)
-        spread = (p - c).abs().amax(1)
         rho = (p - c).norm(dim=1).max().clamp(min=1e-12)
+        # h is chosen on evenly spaced pairs (all of them up to SEARCH_PAIRS, which quantile()
+        # also needs), then every pair is quantised once with it
+        search = p if len(p) <= SEARCH_PAIRS else p[torch.arange(SEARCH_PAIRS) * len(p) // SEARCH_PAIRS]
+        spread = (search - c).abs().amax(1)
         best = None
         for q in SPREAD_QUANTILES:
-            h = torch.quantile(spread[:1 << 20], q).clamp(min=1e-12)  # quantile() caps its input size
-            index = self._quantize(p, c, h, rho)
-            error = (self.reconstruct(index, c, h, rho, p.numel()) - p.reshape(-1)).pow(2).sum()
+            h = torch.quantile(spread, q).clamp(min=1e-12)
+            index = self._quantize(search, c, h, rho)
+            error = (self.reconstruct(index, c, h, rho, search.numel()) - search.reshape(-1)).pow(2).sum()
             if best is None or error < best[0]:
                 best = (error, h, index)
         _, h, index = best
+        if search is not p:
+            index = self._quantize(p, c, h, rho)
         return self._pack(weight.shape, index, c, h, rho)
 
     def _pack(self, shape, index, c, h, rho) -> Encoded:

@@ -52,8 +52,8 @@ def decoded_state_dict(container: Container, where: str = "container") -> dict[s
             if record.group != "ternary":
                 tensor = codec_of(record.encoded).decode(record.encoded).contiguous()
                 state.update({name: tensor.clone() for name in record.names})
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise CorruptArtifact(f"{where}: a tensor does not decode ({e})") from None
+    except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
+        raise CorruptArtifact(f"{where}: a tensor does not decode ({type(e).__name__}: {e})") from None
     return state
 
 
@@ -61,7 +61,12 @@ def _packed_config(container: Container, where: str) -> bytes:
     """config.json with the BitLinear layers described in packed state (their stored form)."""
     if CONFIG not in container.files:
         raise CorruptArtifact(f"{where}: no {CONFIG} among the carried files")
-    config = json.loads(container.files[CONFIG])
+    try:
+        config = json.loads(container.files[CONFIG])
+    except (ValueError, RecursionError) as e:
+        raise CorruptArtifact(f"{where}: the carried {CONFIG} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise CorruptArtifact(f"{where}: the carried {CONFIG} is a JSON {type(config).__name__}, not an object")
     if any(record.group == "ternary" for record in container.tensors):
         quantization = config.get("quantization_config")
         if not isinstance(quantization, dict):

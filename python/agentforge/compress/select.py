@@ -2,6 +2,12 @@
 serialised bytes) and the layer-output error on calibration data, keep the least error that
 fits the bits budget; ternary layers take their smallest lossless layout.
 
+A matrix larger than ``trial_numel`` weights (a 28M-weight embedding) is scored on a sample of
+evenly spaced rows instead: each candidate encodes the sample, and its layer-output error is
+measured with only those rows replaced (scaled up by rows / sampled rows, an unbiased estimate of
+the whole matrix's). Then only the candidates that some budget the phase asks about chooses are
+encoded whole; the others keep their measurements without an encoding and are never chosen.
+
 The rollback ladder raises one tensor's budget to the next rung (e.g. 4.25 -> 8.25 -> 16 -> 32
 bits, i.e. int8, fp16, fp32) when the quality gate fails and that tensor is the most damaging.
 
@@ -10,6 +16,7 @@ record of the rest (``load_plan`` gives the choices back), so encoding is done o
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -44,13 +51,17 @@ TERNARY = "ternary"
 @dataclass
 class Trial:
     """One candidate codec on one tensor: what it stored, how many bits per weight, the relative
-    layer-output error it causes and how long encoding took."""
+    layer-output error it causes and how long encoding took. ``sample_rows``: how many rows it was
+    scored on when the tensor was sampled (its bits are then the whole tensor's when ``encoded``
+    is the whole tensor, else the sample's); ``encoded`` is None for a sampled candidate that no
+    asked budget chose, which can never be chosen."""
 
     codec: str
-    encoded: Encoded
+    encoded: Encoded | None
     bits: float
     error: float
     seconds: float
+    sample_rows: int | None = None
 
 
 @dataclass
@@ -78,32 +89,68 @@ class TensorChoice:
 
 
 def best_within(trials: dict[str, Trial], budget: float) -> str:
-    """The least-error candidate whose measured bits fit ``budget`` (ties: fewer bits); the
-    smallest one when none fits."""
-    fitting = [t for t in trials.values() if t.bits <= budget + 1e-9]
+    """The least-error encoded candidate whose measured bits fit ``budget`` (ties: fewer bits);
+    the smallest one when none fits."""
+    encoded = [t for t in trials.values() if t.encoded is not None]
+    fitting = [t for t in encoded if t.bits <= budget + 1e-9]
     if not fitting:
-        return min(trials.values(), key=lambda t: t.bits).codec
+        return min(encoded, key=lambda t: t.bits).codec
     return min(fitting, key=lambda t: (t.error, t.bits)).codec
 
 
-def try_codecs(slot: TensorSlot, calibration: Calibration, names, importance_floor: float) -> dict[str, Trial]:
-    """Encode ``slot`` with each named candidate and measure it."""
-    importance = calibration.importance(slot, importance_floor)
+def sample_rows(tensor: torch.Tensor, trial_numel: int | None) -> torch.Tensor | None:
+    """Evenly spaced rows of a matrix of more than ``trial_numel`` weights, as many as hold at
+    most that many (at least one); None when the whole matrix is scored."""
+    if trial_numel is None or tensor.numel() <= trial_numel:
+        return None
+    rows = tensor.shape[0]
+    count = min(rows, max(1, trial_numel // (tensor.numel() // rows)))
+    return torch.arange(count) * rows // count
+
+
+def try_codecs(slot: TensorSlot, calibration: Calibration, names, importance: torch.Tensor | None,
+               rows: torch.Tensor | None = None) -> dict[str, Trial]:
+    """Encode ``slot`` (its ``rows`` only, when given) with each named candidate and measure it."""
+    tensor = slot.tensor if rows is None else slot.tensor[rows]
+    importance = importance if rows is None or importance is None else importance[rows]
     trials = {}
     for name in names:
         codec = CANDIDATES[name]
         started = time.perf_counter()
-        encoded = codec.encode(slot.tensor, importance)
+        encoded = codec.encode(tensor, importance)
         seconds = time.perf_counter() - started
-        error = calibration.output_error(slot, codec.decode(encoded))
-        trials[name] = Trial(name, encoded, encoded.bits_per_weight, error, seconds)
+        error = calibration.output_error(slot, codec.decode(encoded), rows)
+        trials[name] = Trial(name, encoded, encoded.bits_per_weight, error, seconds,
+                             None if rows is None else len(rows))
     return trials
 
 
+def encode_chosen(slot: TensorSlot, trials: dict[str, Trial], budgets, importance: torch.Tensor | None) -> None:
+    """Encode the whole of ``slot`` with every candidate that one of ``budgets`` chooses among
+    ``trials`` (scored on a sample), again until the choices settle: a whole matrix's bits per
+    weight differ a little from its sample's (codebooks and scales amortised over more weights).
+    The candidates no budget chooses keep their measurements and lose their sample encoding."""
+    whole: set[str] = set()
+    while needed := {best_within(trials, b) for b in budgets} - whole:
+        for name in sorted(needed):
+            started = time.perf_counter()
+            encoded = CANDIDATES[name].encode(slot.tensor, importance)
+            trial = trials[name]
+            trials[name] = dataclasses.replace(trial, encoded=encoded, bits=encoded.bits_per_weight,
+                                               seconds=trial.seconds + time.perf_counter() - started)
+        whole |= needed
+    for name in trials.keys() - whole:
+        trials[name] = dataclasses.replace(trials[name], encoded=None)
+
+
 def plan(slots: list[TensorSlot], calibration: Calibration, candidates, budget: float, min_numel: int,
-         importance_floor: float, say=lambda _: None) -> list[TensorChoice]:
+         importance_floor: float, say=lambda _: None, *, budgets=(), trial_numel: int | None = None
+         ) -> list[TensorChoice]:
     """A TensorChoice for every slot: ternary layers lossless, small tensors among
-    ``SMALL_TENSOR_CANDIDATES`` at 16 bits, matrices among ``candidates`` within ``budget``."""
+    ``SMALL_TENSOR_CANDIDATES`` at 16 bits, matrices among ``candidates`` within ``budget``.
+    A matrix of more than ``trial_numel`` weights is scored on a row sample, and encoded whole
+    by the candidates that ``budget`` or one of ``budgets`` (every other budget that will be
+    asked: the ladder's rungs, the sweep's) chooses."""
     choices = []
     for slot in slots:
         if slot.group == "ternary":
@@ -115,23 +162,31 @@ def plan(slots: list[TensorSlot], calibration: Calibration, candidates, budget: 
         small = slot.tensor.numel() < min_numel or slot.tensor.dim() < 2
         # fp16 and fp32 are always tried: they are the ladder's top rungs
         names = SMALL_TENSOR_CANDIDATES if small else tuple(dict.fromkeys((*candidates, *SMALL_TENSOR_CANDIDATES)))
+        rows = None if small else sample_rows(slot.tensor, trial_numel)
         if not small:
-            say(f"  {slot.name} {list(slot.tensor.shape)}: trying {', '.join(names)}")
-        choices.append(TensorChoice(slot, try_codecs(slot, calibration, names, importance_floor),
-                                    budget=SMALL_TENSOR_BUDGET if small else budget, small=small))
+            sampled = "" if rows is None else f" on {len(rows)} of its rows"
+            say(f"  {slot.name} {list(slot.tensor.shape)}: trying {', '.join(names)}{sampled}")
+        importance = calibration.importance(slot, importance_floor)
+        trials = try_codecs(slot, calibration, names, importance, rows)
+        if rows is not None:
+            encode_chosen(slot, trials, {budget, *budgets}, importance)
+        choices.append(TensorChoice(slot, trials, budget=SMALL_TENSOR_BUDGET if small else budget, small=small))
     return choices
 
 
 def save_plan(choices: list[TensorChoice], path: str | os.PathLike) -> dict:
     """Write every trial's encoding to the container at ``path`` (atomically); returns the JSON
     record that, with that file, gives the choices back (:func:`load_plan`): per tensor its name,
-    budget, whether it is small and its trials (codec, bits, error, seconds), and the file's sha256."""
-    records = [TensorRecord([c.slot.name], c.slot.group, t.encoded) for c in choices for t in c.trials.values()]
+    budget, whether it is small and its trials (codec, bits, error, seconds, sample rows, whether
+    it is encoded), and the file's sha256."""
+    records = [TensorRecord([c.slot.name], c.slot.group, t.encoded) for c in choices for t in c.trials.values()
+               if t.encoded is not None]
     data, _ = serialize(Container(records))
     atomic_write_bytes(path, data)
     return {"sha256": hashlib.sha256(data).hexdigest(),
             "tensors": [{"name": c.slot.name, "budget": c.budget, "small": c.small,
-                         "trials": [{"codec": t.codec, "bits": t.bits, "error": t.error, "seconds": t.seconds}
+                         "trials": [{"codec": t.codec, "bits": t.bits, "error": t.error, "seconds": t.seconds,
+                                     "sample_rows": t.sample_rows, "encoded": t.encoded is not None}
                                     for t in c.trials.values()]} for c in choices]}
 
 
@@ -150,7 +205,8 @@ def load_plan(record: dict, slots: list[TensorSlot], path: str | os.PathLike) ->
     encodings = iter(parse(data, str(path)).tensors)  # in the order save_plan wrote them
     choices = []
     for slot, entry in zip(slots, record["tensors"]):
-        trials = {t["codec"]: Trial(t["codec"], next(encodings).encoded, t["bits"], t["error"], t["seconds"])
+        trials = {t["codec"]: Trial(t["codec"], next(encodings).encoded if t["encoded"] else None, t["bits"],
+                                    t["error"], t["seconds"], t["sample_rows"])
                   for t in entry["trials"]}
         choices.append(TensorChoice(slot, trials, entry["budget"], small=entry["small"]))
     return choices
