@@ -2,11 +2,13 @@
 and choices, sensitivity, conversion with per-layer scales (saved and reloaded), byte and
 sparsity accounting, the gradient-flow check and settings."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from agentforge import ops
@@ -15,6 +17,7 @@ from agentforge.phases import bitnet
 from agentforge.eval.speed import generation_memory, layer_time_share, resident_tensor_bytes
 from agentforge.quant import (bitlinear_layers, calibrate, choose_per_channel, convert_as_calibrated, gradient_flow,
                               layer_inputs, output_error, require_state, ternary_layer_stats, totals, warmup_lambda)
+from agentforge.quant import calibration
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,6 +135,156 @@ def test_calibrate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="min_gain"):
         calibrate(model, ["model.layers.0.mlp.up_proj"], [], mean_nll_on(None), min_gain=1.5, n_sensitive=1,
                   max_tokens=8)
+    with pytest.raises(ValueError, match="sensitivity"):
+        calibrate(model, ["model.layers.0.mlp.up_proj"], [], mean_nll_on(None), min_gain=0.05, n_sensitive=1,
+                  max_tokens=8, sensitivity="first-order")
+    with pytest.raises(ValueError, match="recheck"):
+        calibrate(model, ["model.layers.0.mlp.up_proj"], [], mean_nll_on(None), min_gain=0.05, n_sensitive=1,
+                  max_tokens=8, recheck=1.5)
+
+
+# --- Taylor sensitivity ----------------------------------------------------------------------
+
+class SharedLM(nn.Module):
+    """A tiny LM whose ``shared`` layer runs twice per forward, then a ``head`` (logits)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 8)
+        self.shared = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h)) + h.cumsum(1)))  # cumsum: tokens see earlier ones
+        return SimpleNamespace(logits=self.head(h))
+
+
+def doubled_output(name, layer, x):
+    # ΔY = Y, so ⟨G, ΔY⟩ is the derivative of the loss along (W, b); functional, as calling the
+    # layer would run the hook that asks for this again
+    return 2 * F.linear(x, layer.weight, layer.bias)
+
+
+def along_own_weights(model, names, ids):
+    """Per layer, d/dε of the summed NLL of each row of ``ids`` when that layer's weight and bias
+    are scaled by 1 + ε (every call of a shared layer included), by ordinary parameter gradients:
+    ``⟨∂ℓ_r/∂W, W⟩ + ⟨∂ℓ_r/∂b, b⟩``. Returns {name: [per row]}."""
+    out = {name: [] for name in names}
+    for row in ids:
+        model.zero_grad()
+        calibration._summed_nll(model, {"input_ids": row[None]}).backward()
+        for name in names:
+            layer = model.get_submodule(name)
+            along = (layer.weight.grad * layer.weight).sum()
+            if layer.bias is not None:
+                along = along + (layer.bias.grad * layer.bias).sum()
+            out[name].append(float(along))
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("make, names", [
+    (SharedLM, ["shared", "head"]),
+    (tiny_llama, ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]),
+])
+@pytest.mark.parametrize("pass_tokens", [16, 4096])  # one row a pass, and all rows in one pass
+def test_taylor_terms_equal_the_parameter_gradient_identities(make, names, pass_tokens):
+    """With ΔY = Y the two terms have closed forms in ordinary parameter gradients: the first is
+    Σ_r d_r / N, the second Σ_r d_r² / 2N, d_r the row's derivative along the layer's own weights."""
+    model = make().eval()
+    ids = torch.randint(0, 16, (3, 16), generator=torch.Generator().manual_seed(1))
+    tokens = 3 * 15
+    loss, terms = calibration.taylor_increases(model, names, [{"input_ids": ids}], doubled_output, pass_tokens)
+    with torch.no_grad():
+        assert loss == pytest.approx(float(calibration._summed_nll(model, {"input_ids": ids})) / tokens, rel=1e-6)
+    rows = along_own_weights(model, names, ids)
+    for name in names:
+        first, second = terms[name]
+        assert first == pytest.approx(sum(rows[name]) / tokens, rel=1e-4, abs=1e-7)
+        assert second == pytest.approx(sum(d * d for d in rows[name]) / (2 * tokens), rel=1e-4, abs=1e-9)
+        assert second > 0
+
+
+def test_taylor_pass_leaves_the_model_as_it_was():
+    model = tiny_llama().train()
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids = torch.randint(0, 64, (2, 16))
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
+    calibration.taylor_increases(model, names, [{"input_ids": ids}], doubled_output)
+    assert model.training and all(m.training for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_taylor_estimate_of_a_small_change_matches_the_measured_change():
+    """For ΔY = εY the expansion must agree with the loss actually measured to O(ε²)."""
+    model = tiny_llama().double().eval()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    name, eps = "model.layers.0.mlp.down_proj", 1e-3
+    _, terms = calibration.taylor_increases(model, [name], [{"input_ids": ids}],
+                                              lambda n, layer, x: (1 + eps) * F.linear(x, layer.weight, layer.bias))
+
+    @torch.no_grad()
+    def nll() -> float:  # in float64 throughout (transformers' loss casts the logits to float32)
+        logits = model(input_ids=ids).logits[:, :-1]
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+    base = nll()
+    with torch.no_grad():
+        model.get_submodule(name).weight.mul_(1 + eps)
+    measured = nll() - base
+    assert sum(terms[name]) == pytest.approx(measured, rel=0.02)
+
+
+def test_calibrate_taylor_flags_measured_layers_and_records_the_method():
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
+    kwargs = dict(min_gain=0.05, n_sensitive=2, max_tokens=64)
+    exact = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), sensitivity="exact", **kwargs)
+    alone = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), sensitivity="taylor", recheck=0, **kwargs)
+    assert all(r.loss_increase_method == "taylor" and r.loss_increase == r.loss_increase_estimate for r in alone)
+    assert [r.sensitive for r in sorted(alone, key=lambda r: r.loss_increase, reverse=True)] == [True] * 2 + [False] * 5
+    checked = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), sensitivity="taylor", recheck=0.1,
+                        **kwargs)
+    by_name = {r.name: r for r in exact}
+    measured = [r for r in checked if r.loss_increase_method == "exact"]
+    assert len(measured) >= 4  # twice the flags
+    for r in measured:
+        assert r.loss_increase == pytest.approx(by_name[r.name].loss_increase, abs=1e-6)
+    assert all(r.loss_increase_method == "exact" for r in checked if r.sensitive)
+    assert {r.name for r in measured} >= {r.name for r in sorted(alone, key=lambda r: -r.loss_increase)[:4]}
+    everything = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), sensitivity="taylor", recheck=1.0,
+                           **kwargs)
+    assert [r.sensitive for r in everything] == [r.sensitive for r in exact]
+    assert all(r.loss_increase_estimate is None for r in exact)
+
+
+def test_auto_sensitivity_is_exact_for_small_models_and_taylor_above(monkeypatch):
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 64, (2, 16))
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
+    kwargs = dict(min_gain=0.05, n_sensitive=1, max_tokens=64)
+    assert {r.loss_increase_method for r in calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids),
+                                                      **kwargs)} == {"exact"}
+    monkeypatch.setattr(calibration, "EXACT_MAX_LAYERS", len(names) - 1)
+    records = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), **kwargs)
+    assert {r.loss_increase_method for r in records} == {"exact", "taylor"}
+    assert all(r.loss_increase_estimate is not None for r in records)
+
+
+def test_taylor_refuses_batches_whose_loss_is_not_what_mean_nll_measures():
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 64, (2, 16))
+    labels = ids.clone()
+    labels[:, :8] = -100  # the estimate would differentiate half the tokens mean_nll scores
+    with pytest.raises(ValueError, match="not what mean_nll measures"):
+        calibrate(model, ["model.layers.0.mlp.up_proj"], [{"input_ids": ids, "labels": labels}], mean_nll_on(ids),
+                  min_gain=0.05, n_sensitive=1, max_tokens=64, sensitivity="taylor")
 
 
 # --- conversion with per-layer scales --------------------------------------------------------
