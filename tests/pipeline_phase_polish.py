@@ -17,7 +17,7 @@ class Settings(Checked):
     lr: float = setting(0.01, "(0, 1]")
 
 
-PRESETS = {"micro": Settings(), "tiny": Settings(steps=8), "small": Settings(steps=16)}
+PRESETS = {"micro": Settings(), "tiny": Settings(steps=8), "small": Settings(steps=16), "smol": Settings(steps=8)}
 
 
 def run(p: PhaseRun) -> PhaseResult:

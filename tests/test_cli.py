@@ -1,16 +1,22 @@
-"""The agentforge command line: --help on every command; bad input ends with one line on stderr,
-exit code 2 and nothing written; a failure while working with one line and exit code 1; and
-status, models and report on a finished run (of the small test phases, run in-process)."""
+"""The agentforge command line: --help on every command (no reST markup shown); bad input ends with
+one line on stderr, exit code 2 and nothing written; a failure while working with one line and exit
+code 1; a missing optional package names its extra; a closed pipe ends quietly; the kernels import
+with torch alone; and status, models and report on a finished run (of the small test phases, run
+in-process)."""
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from agentforge import cli, pipeline, rundir
 from agentforge.artifacts import CorruptArtifact
 from agentforge.report import write_report
-from pipeline_helpers import TEST_PHASES, agentforge, tree
+from pipeline_helpers import ENV, TEST_PHASES, agentforge, tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +46,18 @@ def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main([command, "--help"])
     assert exited.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: agentforge {command}")
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: agentforge {command}")
+    assert "``" not in out  # the module docstrings' reST literals are shown as `literal`
+
+
+def test_help_shows_literals_in_single_backticks(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "`agentforge generate TARGET --prompt TEXT`: open a model with `agentforge.load`" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "``" not in capsys.readouterr().out
 
 
 def test_python_dash_m_runs_the_command_line():
@@ -132,8 +149,9 @@ def test_a_failure_is_one_line_with_exit_code_1_and_debug_shows_the_traceback(fi
 def test_generate_refuses_a_model_without_a_tokenizer_and_an_unknown_model(finished_run, capsys, test_phases):
     code, _, stderr = main(capsys, "generate", finished_run / "polish", "--prompt", "hi")
     assert code == 2 and stderr.endswith("the model has no tokenizer, so it cannot read a prompt\n")
-    code, _, stderr = main(capsys, "generate", finished_run / "polish", "--model", "other", "--prompt", "hi")
-    assert (code, stderr) == (2, "agentforge generate: error: --model other: not a model of 02-polish; choose from model\n")
+    code, _, stderr = main(capsys, "generate", finished_run / "polish", "--artifact", "other", "--prompt", "hi")
+    assert (code, stderr) == (2, f"agentforge generate: error: {finished_run / '02-polish'}: choose the artifact to "
+                                 "load with artifact=... (it holds: model)\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,3 +209,98 @@ def test_status_verify_lists_every_mismatch(finished_run, tmp_path, capsys, test
     assert "01-seedling: model/config.json has changed since it was written" in out
     assert "02-polish: summary.json has changed since it was written" in out
     assert "02-polish: its input model (seedling.model) is not the artifact it consumed any more" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# the environment: optional packages, pipes
+
+
+def with_blocked(packages, *code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Python code run in a subprocess where importing any of ``packages`` fails as if it were not
+    installed (``sys.modules[name] = None`` makes the import raise ModuleNotFoundError)."""
+    block = f"import sys\nfor name in {sorted(packages)!r}:\n    sys.modules[name] = None\n"
+    return subprocess.run([sys.executable, "-c", block + "\n".join(code)], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def command_with_blocked(packages, *args: str) -> subprocess.CompletedProcess:
+    """``python -m agentforge ARGS`` with ``packages`` not importable."""
+    return with_blocked(packages, "import runpy", f"sys.argv = ['agentforge', *{list(map(str, args))!r}]",
+                        "runpy.run_module('agentforge', run_name='__main__')")
+
+
+@pytest.mark.parametrize("package, args", [
+    ("transformers", ["run", "--preset", "micro", "--print-config", "--out", "NEW"]),
+    ("yaml", ["status"]),
+    ("transformers", ["chat", "RUN/02-polish", "--message", "hi"]),
+])
+def test_a_missing_optional_package_names_its_extra(package, args, finished_run, tmp_path):
+    proc = command_with_blocked([package], *[a.replace("NEW", str(tmp_path / "run")).replace("RUN", str(finished_run))
+                                             for a in args])
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (f"agentforge {args[0]} needs the pipeline extra ({package} is not installed): "
+                           "pip install 'agentforge-ternary[pipeline]'\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_extras_named_are_pyprojects():
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == cli.DISTRIBUTION
+    import_names = {"pyyaml": "yaml"}  # the distributions whose import name is not their own
+    listed = {}
+    for extra in ("pipeline", "smol"):
+        for requirement in pyproject["project"]["optional-dependencies"][extra]:
+            name = requirement.split("=")[0].split(">")[0].split("<")[0].split("[")[0].strip().lower()
+            listed[import_names.get(name, name.replace("-", "_"))] = extra
+    assert listed == cli.EXTRA_OF
+
+
+def test_the_kernels_import_and_run_with_torch_alone():
+    """`import agentforge`, `agentforge.ops` and `agentforge.nn` import nothing beyond torch (no numpy
+    either: torch does not require it); BitLinear trains and runs packed; `agentforge bench` runs."""
+    blocked = [*cli.EXTRA_OF, "numpy", "pytest", "hypothesis"]
+    proc = with_blocked(blocked, """
+import torch, agentforge, agentforge.ops, agentforge.nn
+from agentforge.nn import BitLinear, convert_to_bitnet, pack_bitnet
+model = convert_to_bitnet(torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.GELU(), torch.nn.Linear(48, 32)))
+model(torch.randn(4, 64)).pow(2).mean().backward()
+assert all(p.grad is not None for p in model.parameters())
+pack_bitnet(model)
+with torch.no_grad():
+    y = model(torch.randn(4, 64))
+assert y.shape == (4, 32) and torch.isfinite(y).all() and isinstance(model[0], BitLinear)
+print("ok", agentforge.extension_loaded())
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "ok True\n"
+    proc = command_with_blocked(blocked, "bench", "--shapes", "128x128", "--m", "1", "--reps", "1", "--no-per-core")
+    assert proc.returncode == 0, proc.stderr
+    assert "128x128" in proc.stdout
+
+
+def closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """``python -m agentforge ARGS`` writing to a pipe whose reader has already gone, as in
+    ``agentforge status | head`` once head has exited."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "agentforge", *map(str, args)], stdout=write,
+                              stderr=subprocess.PIPE, env=ENV, text=True, timeout=300)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("args, codes", [(["status"], {141}), (["models", "--json", "RUN"], {141}),
+                                         (["--help"], {0, 141})], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_closed_pipe_ends_the_command_quietly(args, codes, finished_run):
+    """Exit code 141 as SIGPIPE ends a POSIX tool, and no traceback; argparse's --help ignores the
+    failed write itself (exit 0)."""
+    proc = closed_pipe(*[finished_run if a == "RUN" else a for a in args])
+    assert proc.returncode in codes and proc.stderr == ""
+
+
+def test_a_pipe_read_to_its_end_exits_0(finished_run):
+    proc = subprocess.run(f"{sys.executable} -m agentforge models --json {finished_run} | cat > /dev/null; "
+                          "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert (proc.stdout, proc.stderr) == ("0\n", "")

@@ -10,9 +10,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from agentforge import ops
-from agentforge.experts import (MixtureSearch, Router, SearchSettings, SVDBasis, SVFExpert, adapted_forward,
-                                bootstrap_interval, compose, installed, paired_gain, pareto_front,
-                                target_weights, ternary_weights)
+from agentforge.eval.stats import bootstrap_interval
+from agentforge.experts import (MixtureSearch, Router, SearchSettings, SVDBasis, SVFExpert, adapted_forward, compose,
+                                installed, paired_gain, pareto_front, target_weights, ternary_weights)
 from agentforge.experts.discovery import (Unit, average_linkage, cluster_families, cosine_similarity, learning_zone,
                                          widened_zone)
 from agentforge.experts.mixture import Measurement, sanitize

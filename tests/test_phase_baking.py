@@ -14,6 +14,7 @@ from agentforge.phases import baking
 from agentforge.rundir import read_record
 from agentforge.settings import from_dict
 from agentforge.train import read_metrics
+from agentforge.runtime import MEASURED
 from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,8 +61,8 @@ def test_rerun_reuses_the_cycles_and_the_report(on_trunk, monkeypatch):
     for name in ("run_cycles", "tool_prompt_bake", "measure_report"):
         monkeypatch.setattr(baking, name, no_work)
     again = run_micro(baking.SPEC, {"model": trunk}, out)
-    assert {k: v for k, v in again.metrics.items() if k != "phase_seconds"} == \
-        {k: v for k, v in result.metrics.items() if k != "phase_seconds"}
+    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == \
+        {k: v for k, v in result.metrics.items() if k not in MEASURED}
     assert (again.artifacts["model"] / "agentforge.json").read_text() == manifest
 
 

@@ -13,7 +13,7 @@ from agentforge.nn import convert_to_bitnet
 from agentforge.phases import curriculum
 from agentforge.quant import bitlinear_layers
 from agentforge.rundir import read_record
-from agentforge.runtime import run_alone
+from agentforge.runtime import MEASURED, run_alone
 from agentforge.settings import from_dict, replace, undeclared
 from agentforge.train import read_metrics
 from phase_helpers import run_micro
@@ -86,7 +86,7 @@ def test_rerun_reuses_the_finished_phase(on_cognate, monkeypatch):
     for name in ("assess", "evaluate", "train_curriculum", "train_control"):
         monkeypatch.setattr(curriculum, name, no_work)
     again = run_micro(curriculum.SPEC, inputs, out)
-    timed = ("phase_seconds", "curriculum_seconds")
+    timed = (*MEASURED, "curriculum_seconds")
     assert {k: v for k, v in again.metrics.items() if k not in timed} == \
         {k: v for k, v in result.metrics.items() if k not in timed}
     assert rows == {suffix: read_metrics(out, phase=f"curriculum/{suffix}") for suffix in ("level", "round")}

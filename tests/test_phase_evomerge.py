@@ -114,8 +114,11 @@ def test_a_search_cut_short_resumes_after_its_last_finished_generation(on_cognat
     monkeypatch.setattr(evomerge, "measure", lambda *args, **kwargs: measured.append(1) or measure(*args, **kwargs))
     run_micro(evomerge.SPEC, inputs, cut)
     second = [r for r in read_metrics(out, phase="evomerge/candidate") if r["generation"] == 1]
-    # generation 1 again, then the champion and three parents on the test split, then each method twice
-    assert len(measured) == len(second) + 4 + 2 * len(MICRO.methods)
+    # generation 1 again, then the champion and three parents on the test split, then each method's
+    # default and best recipe (once where they are one recipe)
+    table = json.loads((out / "steps" / "ablation.json").read_text())["value"]
+    distinct = sum(1 if row["best_is_default"] else 2 for row in table.values())
+    assert len(measured) == len(second) + 4 + distinct
     assert read_metrics(cut, phase="evomerge/candidate") == read_metrics(out, phase="evomerge/candidate")
     assert (cut / "champion" / "model.safetensors").read_bytes() == (out / "champion" / "model.safetensors").read_bytes()
 

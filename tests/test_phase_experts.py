@@ -22,6 +22,7 @@ from agentforge.phases import experts
 from agentforge.rundir import read_record
 from agentforge.settings import to_dict, undeclared
 from agentforge.train import read_metrics
+from agentforge.runtime import MEASURED
 from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,8 +116,8 @@ def test_rerun_reuses_everything(on_cognate, trunk, monkeypatch):
     files = model_files(result.artifacts["model"])
     monkeypatch.setattr(SVDBasis, "of", refuse)  # not even the SVD
     again = run_micro(experts.SPEC, {"model": trunk}, out)
-    assert {k: v for k, v in again.metrics.items() if k != "phase_seconds"} == \
-        {k: v for k, v in result.metrics.items() if k != "phase_seconds"}
+    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == \
+        {k: v for k, v in result.metrics.items() if k not in MEASURED}
     assert len(read_metrics(out)) == rows and model_files(result.artifacts["model"]) == files
 
 

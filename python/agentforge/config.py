@@ -9,7 +9,8 @@
 Built in layers, each checked before anything is written:
 
 1. a preset (``micro``: seconds per phase, for tests and CI; ``tiny``: the default user run;
-   ``small``: one GPU): the data spec's and every phase's ``PRESETS[preset]``;
+   ``small``: one GPU; ``smol``: a pretrained 135M base, SmolLM2-135M-Instruct unless
+   ``cognate.base_model`` names another): the data spec's and every phase's ``PRESETS[preset]``;
 2. a YAML file (``--config FILE``) of the same shape, e.g. ``{preset: micro, bitnet: {steps: 40}}``;
    a run's ``run.json`` works too (its ``config`` is taken);
 3. ``--set KEY=VALUE`` overrides, the key a dotted path (``seed=1``, ``data.seq_len=96``,
@@ -34,7 +35,7 @@ from agentforge.errors import ConfigError
 from agentforge.settings import clip, from_dict, shown, to_dict
 from agentforge.tools.sandbox import ToolSettings
 
-PRESETS = ("micro", "tiny", "small")
+PRESETS = ("micro", "tiny", "small", "smol")
 DEFAULT_PRESET = "tiny"
 RUN_KEYS = ("seed", "preset", "data", "tools")
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding accept this range

@@ -42,13 +42,17 @@ def _phase_artifact(phase_dir: Path, artifact: str | None) -> Path:
     record = rundir.read_record(phase_dir)
     if record is None:
         raise ConfigError(f"{phase_dir}: {rundir.PHASE_FILE} is missing or unreadable (the phase did not finish)")
-    models = {name: value for name, value in rundir.absolute_artifacts(phase_dir, record).items()
-              if name != DATA_ARTIFACT and not isinstance(value, list)}
+    models, recorded_as = {}, {}  # a list artifact's models (Cognate's siblings) go by their directory names
+    for key, value in rundir.absolute_artifacts(phase_dir, record).items():
+        if key == DATA_ARTIFACT:
+            continue
+        for name, path in ([(p.name, p) for p in value] if isinstance(value, list) else [(key, value)]):
+            models[name], recorded_as[name] = path, key
     name = artifact or next((n for n in PREFERRED if n in models), None)
     if name not in models:
         listed = ", ".join(models) or "none"
         raise ConfigError(f"{phase_dir}: choose the artifact to load with artifact=... (it holds: {listed})")
-    problems = rundir.verify(phase_dir, record, [name])
+    problems = rundir.verify(phase_dir, record, [recorded_as[name]])
     if problems:
         raise ConfigError(f"{phase_dir}: {name} does not match its record ({problems[0]}); re-run the phase")
     return models[name]

@@ -175,6 +175,7 @@ def execute(run: Run, *, wandb_mode: str | None = None, progress: bool = True,
             label = f"[{spec.number}/{len(run.phases)}] {spec.name}"
             if spec.name in run.selected:
                 _run_phase(run, spec, label, wandb_mode, progress, say)
+                distributed.on_main(_record_status, run, "running")  # run.json's ``updated`` moves on
                 if on_change is not None:
                     distributed.on_main(on_change, run.dir, run.phases)
             else:

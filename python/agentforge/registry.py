@@ -56,9 +56,14 @@ def parameter_count(path: Path) -> int | None:
 
 
 def _metadata(path: Path) -> dict:
-    """The ``metadata`` of an ``agentforge.json`` model directory ({} for other artifacts)."""
+    """The ``metadata`` of an ``agentforge.json`` model directory or of a ``model.afz`` container
+    (its parents among them; {} for other artifacts)."""
     from agentforge.artifacts import MANIFEST, read_metadata
 
+    if path.is_file() and path.suffix == ".afz":
+        from agentforge.compress.container import read_container
+
+        return read_container(path).metadata
     return read_metadata(path) if (path / MANIFEST).is_file() else {}
 
 

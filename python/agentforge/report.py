@@ -38,14 +38,14 @@ figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; 
 figcaption { font-size: 0.85em; color: #555; } .source { font-family: monospace; }
 .completed, .helped { color: #1a7f37; } .failed, .incomplete, .hurt { color: #b42318; }
 .skipped, .none { color: #777; } .running { color: #9a6700; }
-table.verdicts td, table.verdicts th { font-size: 1.05em; }
+table.verdicts td, table.verdicts th { font-size: 1.05em; } td.nowrap { white-space: nowrap; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 """
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value + 0.0:.4g}"  # + 0.0: a zero that came out of a negative sum shows as 0, not -0
     return str(value)
 
 
@@ -54,7 +54,10 @@ def _esc(value: Any) -> str:
 
 
 def _png(fig) -> str:
-    """A matplotlib Figure as a ``data:image/png;base64,...`` URI."""
+    """A matplotlib Figure as a ``data:image/png;base64,...`` URI, its empty axes marked as such."""
+    from agentforge.figures import mark_empty
+
+    mark_empty(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -87,7 +90,8 @@ def training_curves(phase_dir: Path) -> list[tuple[str, Any, list[Path]]]:
     """One figure per phase: a panel per training stage (its own step axis) with the training loss
     of every ``metrics.jsonl`` under ``phase_dir`` that holds per-step losses."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+
+    from agentforge.figures import integer_ticks
 
     curves = []
     for path in sorted(phase_dir.rglob(METRICS_FILE)):
@@ -109,7 +113,7 @@ def training_curves(phase_dir: Path) -> list[tuple[str, Any, list[Path]]]:
                      fontsize="medium")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        integer_ticks(ax.xaxis)
     return [(f"{phase_dir.name}: training loss per stage", fig, [path for path, _ in curves])]
 
 
@@ -144,31 +148,68 @@ def _depths(models: list[dict]) -> dict[str, int]:
     return depth
 
 
-def lineage_figure(models: list[dict]):
-    """Models as boxes in columns by generation, coloured by phase, arrows from parent to child."""
-    from matplotlib.figure import Figure
-
-    depth = _depths(models)
-    columns: dict[int, list[str]] = {}
-    for model in models:
-        columns.setdefault(depth[model["id"]], []).append(model["id"])
-    tallest = max(len(c) for c in columns.values())
-    fig = Figure(figsize=(3.2 * len(columns) + 1, 1.0 * tallest + 1), layout="constrained")
-    ax = fig.add_subplot()
-    position = {mid: (x, -y) for x, ids in columns.items() for y, mid in enumerate(ids)}
-    phases = list(dict.fromkeys(m["phase"] for m in models))
-    colours = {phase: f"C{i % 10}" for i, phase in enumerate(phases)}
+def _descendants_depth(models: list[dict]) -> dict[str, int]:
+    """Length of each model's longest line of descendants (0 for a model without children)."""
+    children: dict[str, list[str]] = {m["id"]: [] for m in models}
     for model in models:
         for parent in model["parents"]:
-            if parent in position:
-                ax.annotate("", xy=position[model["id"]], xytext=position[parent],
-                            arrowprops={"arrowstyle": "->", "color": "#555", "shrinkA": 45, "shrinkB": 45})
+            if parent in children and parent != model["id"]:
+                children[parent].append(model["id"])
+    reach: dict[str, int] = {}
+
+    def visit(model_id: str, seen: tuple = ()) -> int:
+        if model_id not in reach:
+            below = [c for c in children[model_id] if c not in seen]
+            reach[model_id] = 1 + max((visit(c, seen + (model_id,)) for c in below), default=-1)
+        return reach[model_id]
+
+    for model_id in children:
+        visit(model_id)
+    return reach
+
+
+def lineage_figure(models: list[dict]):
+    """Models top to bottom, one row per generation (a model sits a row below its deepest parent),
+    boxes coloured by phase, arrows from parent to child. Within a row the model with the longest
+    line of descendants comes first, so the main line runs straight down the left and side branches
+    stand beside it; an arrow that skips rows bends, so that it does not run through the boxes
+    between its ends. Top to bottom keeps the text readable however many phases a run has."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import FancyArrowPatch
+
+    depth, reach = _depths(models), _descendants_depth(models)
+    order = {m["id"]: i for i, m in enumerate(models)}
+    rows: dict[int, list[str]] = {}
     for model in models:
-        params = f"\n{model['parameters']:,} params" if model["parameters"] else ""
-        ax.text(*position[model["id"]], model["id"] + params, ha="center", va="center", fontsize=11,
-                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": colours[model["phase"]], "linewidth": 2})
-    ax.set_xlim(-0.7, len(columns) - 0.3)
-    ax.set_ylim(-tallest + 0.4, 0.6)
+        rows.setdefault(depth[model["id"]], []).append(model["id"])
+    for ids in rows.values():
+        ids.sort(key=lambda mid: (-reach[mid], order[mid]))
+    widest = max(len(ids) for ids in rows.values())
+    fig = Figure(figsize=(2.4 * widest + 0.4, 0.62 * len(rows) + 0.3), layout="constrained")
+    ax = fig.add_subplot()
+    position = {mid: (lane, -row) for row, ids in rows.items() for lane, mid in enumerate(ids)}
+    phases = list(dict.fromkeys(m["phase"] for m in models))
+    colours = {phase: f"C{i % 10}" for i, phase in enumerate(phases)}
+    boxes = {}
+    for model in models:
+        params = f"  ({model['parameters']:,} params)" if model["parameters"] else ""
+        boxes[model["id"]] = ax.text(*position[model["id"]], model["id"] + params, ha="center", va="center",
+                                     fontsize=9, zorder=3, bbox={"boxstyle": "round", "facecolor": "white",
+                                                                 "edgecolor": colours[model["phase"]], "linewidth": 2})
+    for model in models:
+        for parent in model["parents"]:
+            if parent not in position or parent == model["id"]:
+                continue
+            (x0, y0), (x1, y1) = position[parent], position[model["id"]]
+            bend = 0.0 if y0 - y1 <= 1 else (-0.35 if x1 <= x0 else 0.35)  # bow away from the boxes in between
+            # drawn above the boxes (zorder 4), so that each box has its place on the page when the
+            # arrow is clipped to the edges of the two boxes it joins
+            ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=12, color="#555",
+                                         lw=1, connectionstyle=f"arc3,rad={bend}", zorder=4,
+                                         patchA=boxes[parent].get_bbox_patch(),
+                                         patchB=boxes[model["id"]].get_bbox_patch(), shrinkA=2, shrinkB=2))
+    ax.set_xlim(-0.5, widest - 0.5)
+    ax.set_ylim(-len(rows) + 0.5, 0.5)
     ax.axis("off")
     return fig
 
@@ -227,8 +268,8 @@ def _effect_cells(effect: dict) -> str:
                 if effect.get("low") is not None and effect.get("high") is not None else "not measured")
     css = {"helped": "helped", "hurt": "hurt"}.get(effect["verdict"], "none")
     return (f"<td>{_esc(effect['what'])} <small>(vs {_esc(effect['control'])}; {_esc(effect['better'])} is better)"
-            f"</small></td><td class=num>{_esc(effect['value'])}</td><td class=num>{_esc(interval)}</td>"
-            f"<td class={css}><b>{_esc(effect['verdict'])}</b></td>")
+            f"</small></td><td class='num nowrap'>{_esc(effect['value'])}</td><td class='num nowrap'>{_esc(interval)}"
+            f"</td><td class='{css} nowrap'><b>{_esc(effect['verdict'])}</b></td>")
 
 
 def _verdict_table(run_dir: Path, phases, states: dict[str, str]) -> str:
@@ -247,8 +288,9 @@ def _verdict_table(run_dir: Path, phases, states: dict[str, str]) -> str:
     header = "<tr><th>#</th><th>phase</th><th>headline effect on held-out data</th><th>value</th><th>95 % interval</th>" \
              "<th>verdict</th></tr>"
     return (f'<section id="verdicts"><h2>What each phase did</h2><table class=verdicts>{header}{"".join(body)}</table>'
-            "<p>Value: the phase's model minus its control. Verdict: <i>helped</i> or <i>hurt</i> when the 95 % "
-            "interval excludes zero, otherwise <i>no measurable effect</i>. "
+            "<p>Value: the phase's model against its control, as a difference (no change: 0) or, where the effect "
+            "is a ratio, as a ratio (no change: 1). Verdict: <i>helped</i> or <i>hurt</i> when the 95 % interval "
+            "excludes no change, otherwise <i>no measurable effect</i>. "
             '<span class="source">Source: NN-phase/summary.json (effects)</span></p></section>')
 
 

@@ -20,6 +20,7 @@ a barrier, and ``finish`` writes the summary and metrics on rank 0.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from agentforge.errors import ConfigError, HandoffError
+from agentforge.heartbeat import Heartbeat, StageProgress
 from agentforge.rundir import PROGRESS_FILE
 from agentforge.settings import to_dict
 
@@ -36,6 +38,8 @@ STEPS_DIR = "steps"
 # What a phase writes beyond its inputs' size: summaries, metrics, tokenizers, small checkpoints.
 DEFAULT_DISK = 64 << 20
 SUMMARY_FILE = "summary.json"
+# Headline figures measured on the machine (wall clock, memory): reported, never compared between runs.
+MEASURED = ("phase_seconds", "phase_peak_rss_bytes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,6 +47,7 @@ SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
+
 class Input:
     """One input of a phase: ``source`` is ``"producer.artifact"`` in the pipeline, ``help`` is its
     standalone command-line help, ``many`` marks a list of model directories."""
@@ -251,6 +256,8 @@ class PhaseRun:
         self._suites: dict[int, Any] = {}
         self.timings: dict[str, float] = {}
         self.started = time.perf_counter()
+        self._rss = None  # the peak-RSS watch while run() runs
+        self._heartbeat = Heartbeat(lambda line: self.say(line, beat=True))
         self.key = _digest({"phase": spec.name, "settings": to_dict(settings), "data": to_dict(data),
                             "seed": seed, "inputs": self.digests})
 
@@ -258,27 +265,39 @@ class PhaseRun:
 
     def run(self) -> PhaseResult:
         """The phase's ``run``, with the run's tool isolation in force for every tool call in it."""
+        from agentforge.eval.speed import PeakRss
         from agentforge.tools.sandbox import isolation
 
-        with isolation(self.tools.python):
+        with isolation(self.tools.python), PeakRss() as self._rss, contextlib.ExitStack() as stack:
+            if self.is_main:
+                stack.enter_context(self._heartbeat)
             return self.spec.run(self)
 
-    def say(self, line: str) -> None:
+    def say(self, line: str, *, beat: bool = False) -> None:
         """One progress line, on rank 0 (also the last line of ``progress.log``, which
-        ``agentforge status`` shows for a running phase)."""
+        ``agentforge status`` shows for a running phase); ``beat``: a heartbeat line."""
         if self.is_main:
             with open(self.out_dir / PROGRESS_FILE, "a", encoding="utf-8") as f:
                 f.write(f"{line}\n")
+        self._heartbeat.heard(line, beat=beat)
         self._say(f"{self.spec.name}: {line}")
 
     def bar(self, iterable, what: str, total: int | None = None):
-        """``iterable`` with a progress bar (what, n of N, rate, ETA) when progress is on."""
+        """``iterable`` with a progress bar (what, n of N, rate, ETA) on a terminal with progress on;
+        elsewhere the heartbeat names the item (``what i/N``)."""
         import sys
 
         from tqdm import tqdm
 
-        return tqdm(iterable, desc=f"{self.spec.name}: {what}", total=total, leave=False, dynamic_ncols=True,
-                    disable=not (self.progress and self.is_main and sys.stderr.isatty()))
+        if self.progress and self.is_main and sys.stderr.isatty():
+            return tqdm(iterable, desc=f"{self.spec.name}: {what}", total=total, leave=False, dynamic_ncols=True)
+        return self._counted(iterable, what, total)
+
+    def _counted(self, iterable, what: str, total: int | None):
+        total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else "?"
+        for i, item in enumerate(iterable, start=1):
+            self._heartbeat.working_on(f"{what} {i}/{total}")
+            yield item
 
     # --- data and inputs ----------------------------------------------------------------------
 
@@ -301,8 +320,8 @@ class PhaseRun:
 
     # --- steps --------------------------------------------------------------------------------
 
-    def _step_key(self, name: str) -> str:
-        return _digest({"run": self.key, "step": name})
+    def _step_key(self, name: str, extra: str = "") -> str:
+        return _digest({"run": self.key, "step": name, **({"extra": extra} if extra else {})})
 
     def _timed(self, name: str, compute: Callable[[], Any]) -> Any:
         began = time.perf_counter()
@@ -310,7 +329,7 @@ class PhaseRun:
         self.timings[name] = round(time.perf_counter() - began, 3)
         return value
 
-    def step(self, name: str, compute: Callable[[], Any], *, everywhere: bool = False) -> Any:
+    def step(self, name: str, compute: Callable[[], Any], *, everywhere: bool = False, key: str = "") -> Any:
         """``compute()`` (a JSON value), memoised in ``steps/<name>.json``: a rerun with the same
         inputs, settings, data and seed reads it back. It runs on rank 0 and every rank gets the
         value, or on every rank with ``everywhere`` (it trains data-parallel). The value is
@@ -318,7 +337,7 @@ class PhaseRun:
         from agentforge.artifacts import atomic_write_json
         from agentforge.train import distributed
 
-        path, key = self.out_dir / STEPS_DIR / f"{name}.json", self._step_key(name)
+        path, key = self.out_dir / STEPS_DIR / f"{name}.json", self._step_key(name, key)
         done = _read_step(path, key)
         if done is not None:
             return done["value"]
@@ -330,8 +349,9 @@ class PhaseRun:
         distributed.barrier()
         return value
 
-    def finished(self, name: str, *, directory: str | None = None) -> Loaded | None:
-        """The model of step ``name`` when a previous run finished it with the same key, else None."""
+    def finished(self, name: str, *, directory: str | None = None, key: str = "") -> Loaded | None:
+        """The model of step ``name`` when a previous run finished it with the same key (``key``: a
+        digest of anything outside the run it depends on, such as a base model's files), else None."""
         from agentforge.artifacts import CorruptArtifact, load_model_dir
 
         path = self.out_dir / (directory or name)
@@ -339,7 +359,8 @@ class PhaseRun:
             model, tokenizer, metadata = load_model_dir(path)
         except (CorruptArtifact, OSError, ValueError):
             return None
-        return Loaded(model, tokenizer, metadata, path) if metadata.get("step_key") == self._step_key(name) else None
+        same = metadata.get("step_key") == self._step_key(name, key)
+        return Loaded(model, tokenizer, metadata, path) if same else None
 
     def done(self, name: str) -> bool:
         """Whether JSON step ``name`` finished earlier with the same key (its value is on disk)."""
@@ -368,20 +389,21 @@ class PhaseRun:
             record = self.step(name, compute, everywhere=everywhere)
         return record
 
-    def model_step(self, name: str, build: Callable[[], Built], *, directory: str | None = None) -> Loaded:
+    def model_step(self, name: str, build: Callable[[], Built], *, directory: str | None = None,
+                   key: str = "") -> Loaded:
         """The model ``build()`` makes, saved as a model directory (``directory``, default ``name``)
         on rank 0 behind a barrier, or read back when a previous run finished it with the same key.
         ``build`` runs on every rank (training is data-parallel)."""
         from agentforge.artifacts import save_model_dir
         from agentforge.train import distributed
 
-        done = self.finished(name, directory=directory)
+        done = self.finished(name, directory=directory, key=key)
         if done is not None:
             return done
         path = self.out_dir / (directory or name)
         self.say(f"{name} ...")
         built = self._timed(name, build)
-        metadata = {**built.metadata, "phase": self.spec.name, "step": name, "step_key": self._step_key(name),
+        metadata = {**built.metadata, "phase": self.spec.name, "step": name, "step_key": self._step_key(name, key),
                     "parents": [self.parent(p, path) for p in built.metadata.get("parents", [])]}
         if self.is_main:
             save_model_dir(built.model, built.tokenizer, path, metadata, write_extra=_extras(built))
@@ -410,8 +432,12 @@ class PhaseRun:
         cfg = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
                           seed=self.seed if seed is None else seed, wandb_mode=self.wandb_mode,
                           wandb_group=self.wandb_group, run_name=f"{self.spec.name}/{stage}", progress=self.progress)
-        return train(model, rows, cfg, optimizer=optimizer, out_dir=self.out_dir / "train" / stage,
-                     phase=f"{self.spec.name}/{stage}", loss_fn=loss_fn, **kwargs)
+        self._heartbeat.stage = StageProgress(stage)
+        try:
+            return train(model, rows, cfg, optimizer=optimizer, out_dir=self.out_dir / "train" / stage,
+                         phase=f"{self.spec.name}/{stage}", loss_fn=loss_fn, on_step=self._heartbeat.stage, **kwargs)
+        finally:
+            self._heartbeat.stage = None
 
     def logger(self, suffix: str | None = None, *, wandb: bool = False):
         """A ``MetricsLogger`` for ``<phase>[/<suffix>]`` rows in the phase's metrics.jsonl (to W&B
@@ -432,6 +458,8 @@ class PhaseRun:
         from agentforge.train import distributed
 
         headline = {**headline, "phase_seconds": round(time.perf_counter() - self.started, 3)}
+        if self._rss is not None:  # this process's peak RSS while the phase ran (after a resume: since then)
+            headline["phase_peak_rss_bytes"] = self._rss.peak
         if self.is_main:
             atomic_write_json(self.out_dir / SUMMARY_FILE, {**(summary or {}), "headline": headline,
                                                             "effects": [e.to_dict() for e in effects],

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from agentforge.eval._common import evaluation_mode, model_device
+from agentforge.eval._common import evaluation_mode, left_padded, model_device
 
 IGNORE_INDEX = -100
 SEPARATOR = "\n"  # between the baked prompt and the input it precedes
@@ -122,16 +122,6 @@ def encode(tokenizer, prompt: str, inputs: Sequence[str]) -> tuple[list[int], li
     return prompt_ids, input_ids
 
 
-def _left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
 def _special_ids(tokenizer) -> tuple[int, int]:
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -154,7 +144,7 @@ def sample_continuations(model, contexts: list[list[int]], *, eos: int, pad: int
     with evaluation_mode(model), preserved_rng():
         torch.manual_seed(seed)
         for start in range(0, len(contexts), batch_size):
-            ids, mask = _left_padded(contexts[start:start + batch_size], pad)
+            ids, mask = left_padded(contexts[start:start + batch_size], pad)
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
                                        temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                                        eos_token_id=eos, pad_token_id=pad)
@@ -169,13 +159,13 @@ def teacher_rows(model, prompt_ids: list[int], inputs: list[list[int]], continua
     to the unprompted student's left-padded ids, mask and labels (same width for every row).
     ``written``: per continuation token, whether it gets a label (None: every one)."""
     span = max(len(c) for c in continuations)
-    student_ids, student_mask = _left_padded([x + y for x, y in zip(inputs, continuations)], pad)
+    student_ids, student_mask = left_padded([x + y for x, y in zip(inputs, continuations)], pad)
     device = model_device(model)
     rows = []
     with evaluation_mode(model):
         for start in range(0, len(inputs), batch_size):
             chunk = range(start, min(start + batch_size, len(inputs)))
-            ids, mask = _left_padded([prompt_ids + inputs[i] + continuations[i] for i in chunk], pad)
+            ids, mask = left_padded([prompt_ids + inputs[i] + continuations[i] for i in chunk], pad)
             logprobs = forward_logits(model, ids.to(device), mask.to(device))[:, -span - 1:-1].float().log_softmax(-1)
             for offset, i in enumerate(chunk):
                 labels = torch.full_like(student_ids[i], IGNORE_INDEX)

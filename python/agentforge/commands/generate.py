@@ -1,72 +1,89 @@
-"""``agentforge generate TARGET --prompt TEXT``: load a model artifact (hash-verified) and print
-its greedy completion of the prompt, up to the end-of-sequence token.
+"""``agentforge generate TARGET --prompt TEXT``: open a model with ``agentforge.load`` and print its
+greedy completion of the prompt, up to the end-of-sequence token.
 
-TARGET is a run's phase (``runs/tiny/cognate`` or ``runs/tiny/01-cognate``) or a model directory.
-In a phase that hands over several models, ``--model`` picks one by name (``trunk``,
-``reasoning``, ...); the default is the first.
+TARGET is a ``model.afz``, a model directory, or a run's phase (``runs/tiny/08-compression``, or
+just ``runs/tiny/compression``); what it opens is hash-checked, and the experts and the Quiet-STaR
+thinking head it holds are attached. Where a phase hands over several models, ``--artifact``
+picks one (``trunk``, ``latent``, ...). An empty completion is said on stderr, so stdout holds
+only the model's text.
 
-    agentforge generate runs/tiny/cognate --model reasoning --prompt "12+7="
+    agentforge generate runs/tiny/compression --prompt "12+7="
+    agentforge generate runs/tiny/quietstar --prompt "12+7=" --think
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
-HELP = "load a model artifact and print its completion of a prompt"
+HELP = "print a model's completion of a prompt"
+
+
+def add_model_arguments(parser) -> None:
+    """The arguments that choose and open a model (shared with ``agentforge chat``)."""
+    parser.add_argument("target", metavar="TARGET",
+                        help="a model.afz, a model directory, or a run's phase (runs/tiny/08-compression or "
+                             "runs/tiny/compression)")
+    parser.add_argument("--artifact", metavar="NAME",
+                        help="in a phase that hands over several models, which one (e.g. trunk, latent); "
+                             "default: the one handed to the next phase")
+    parser.add_argument("--think", action="store_true",
+                        help="think before each token with the model's Quiet-STaR head (from the quietstar phase on)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the thoughts --think samples (default 0: the same command, the same answer)")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("target", metavar="DIR/PHASE", help="a run's phase directory, or a model directory")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the text to complete")
-    parser.add_argument("--model", help="which of the phase's models (default: the first it hands over)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generation budget (default 32)")
 
 
-def phase_models(phase_dir: Path) -> dict[str, Path]:
-    """``{name: model directory}`` of a completed phase, named as in the registry."""
-    from agentforge.errors import ConfigError
-    from agentforge.rundir import PHASE_FILE, absolute_artifacts, read_record
-
-    record = read_record(phase_dir)
-    if record is None:
-        raise ConfigError(f"{phase_dir}: no completed phase there ({PHASE_FILE} is missing)")
-    models = {}
-    for name, value in absolute_artifacts(phase_dir, record).items():
-        for path in value if isinstance(value, list) else [value]:
-            models[path.name if isinstance(value, list) else name] = path
-    return models
-
-
-def resolve_target(target: str, model: str | None) -> Path:
-    """The model directory that TARGET and ``--model`` name."""
-    from agentforge.artifacts import MANIFEST
+def resolve_target(target: str) -> Path:
+    """TARGET as a path; ``runs/tiny/compression`` names the run's ``08-compression``."""
     from agentforge.errors import ConfigError
 
     path = Path(target)
-    if (path / MANIFEST).is_file():
+    if path.exists():
         return path
-    if not path.is_dir():
-        numbered = sorted(path.parent.glob(f"[0-9][0-9]-{path.name}"))
-        if not numbered:
-            raise ConfigError(f"{target}: neither a model directory nor a phase of a run directory")
-        path = numbered[0]
-    models = phase_models(path)
-    if model is None:
-        return next(iter(models.values()))
-    if model not in models:
-        raise ConfigError(f"--model {model}: not a model of {path.name}; choose from {', '.join(models)}")
-    return models[model]
+    numbered = sorted(path.parent.glob(f"[0-9][0-9]-{path.name}")) if path.parent.is_dir() else []
+    if not numbered:
+        raise ConfigError(f"{target}: no such file or directory (nor a phase {path.name} in {path.parent})")
+    return numbered[0]
 
 
-def run(args) -> int:
-    from agentforge.artifacts import load_model_dir
+def load_agent(args):
+    """The ``Agent`` that ``args`` (target, --artifact, --think, --seed, --max-new-tokens) name, loaded
+    without the libraries' progress bars and notices, checked to be able to answer."""
     from agentforge.errors import ConfigError
-    from agentforge.eval import generate_answers
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model_dir = resolve_target(args.target, args.model)
-    model, tokenizer, _ = load_model_dir(model_dir)
-    if tokenizer is None:
-        raise ConfigError(f"{model_dir}: the model has no tokenizer, so it cannot read a prompt")
-    print(generate_answers(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens)[0])
+    # Loading a small model takes milliseconds; transformers' "Loading weights" bars and its
+    # generation notices would be the only thing on stderr besides the answer. Both are read when
+    # transformers is first imported, which is below; a user's own setting wins.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    from agentforge.loading import load
+
+    agent = load(resolve_target(args.target), artifact=args.artifact)
+    torch.manual_seed(args.seed)  # decoding is greedy; only the thoughts are sampled
+    if agent.tokenizer is None:
+        raise ConfigError(f"{args.target}: the model has no tokenizer, so it cannot read a prompt")
+    if args.think and not agent.parts["thinking"]:
+        raise ConfigError(f"--think: {args.target} has no Quiet-STaR thinking head (models from the quietstar phase "
+                          "on carry one)")
+    return agent
+
+
+def run(args) -> int:
+    agent = load_agent(args)
+    completion = agent.complete([args.prompt], max_new_tokens=args.max_new_tokens, think=args.think)[0]
+    if completion:
+        print(completion)
+    else:
+        print("(empty completion: the model's first new token ended the text, or it wrote only whitespace)",
+              file=sys.stderr)
     return 0

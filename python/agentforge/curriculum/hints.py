@@ -70,8 +70,8 @@ def other_operations(expression: str) -> set[int]:
 
 def _other_values(item: TaskItem) -> set[str]:
     """kv_recall: the values of the keys that were not asked for."""
-    pairs = item.prompt.split()[:-1]
-    asked = item.prompt.split()[-1].lstrip("?").rstrip("=")
+    pairs = item.question.split()[:-1]
+    asked = item.question.split()[-1].lstrip("?").rstrip("=")
     return {pair.split("=")[1] for pair in pairs if pair.split("=")[0] != asked}
 
 
@@ -91,7 +91,7 @@ def diagnose(item: TaskItem, prediction: str) -> str:
             return "sign"
         if abs(value - expected) == 1:
             return "off_by_one"
-        if item.family in ARITHMETIC and value in other_operations(item.prompt.rstrip("=")):
+        if item.family in ARITHMETIC and value in other_operations(item.question.rstrip("=")):
             return "operation"
         if item.family == "kv_recall" and guess in _other_values(item):
             return "other_key"

@@ -109,12 +109,12 @@ class Curriculum:
     ``probe_prompts`` are held-out prompts for the per-level self-prediction."""
 
     def __init__(self, model, tokenizer, settings, baselines: dict, validation: dict, probe_prompts: list,
-                 trainer: Trainer, seed: int, level_log=None, round_log=None, say=print):
+                 trainer: Trainer, seed: int, level_log=None, round_log=None, say=print, render=None):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.baselines, self.validation, self.probe_prompts = baselines, validation, probe_prompts
         self.trainer, self.seed, self.say = trainer, seed, say
         self.level_log, self.round_log = level_log, round_log
-        self.variants = tasks.VariantSource(seed)
+        self.variants = tasks.VariantSource(seed, render=render)
         self.rng = random.Random(seed)
         self.record = Record()
         self.practised: list = []  # items attempted so far: what dreams replay

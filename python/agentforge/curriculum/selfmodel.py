@@ -43,22 +43,12 @@ def schedule_temperatures(level: int, k: int) -> list[float]:
     return [round((ranges[i][0] + ranges[i][1]) / 2, 4) for i in picks]
 
 
-def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, seed: int,
            batch_size: int = 64) -> list[tuple[list[int], bool]]:
     """One sample per prompt at ``temperature`` (no top-k/top-p): ``(new token ids without eos,
     ended with eos)``. Seeded, and the caller's random state is left as it was."""
-    from agentforge.eval._common import evaluation_mode, model_device
+    from agentforge.eval._common import evaluation_mode, left_padded, model_device
 
     if temperature <= 0:
         raise ValueError(f"sample: temperature must be > 0, got {temperature}")
@@ -70,7 +60,7 @@ def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_
     with torch.random.fork_rng(devices=[]), evaluation_mode(model):
         torch.manual_seed(seed)
         for start in range(0, len(encoded), batch_size):
-            ids, mask = _left_padded(encoded[start:start + batch_size], pad)
+            ids, mask = left_padded(encoded[start:start + batch_size], pad)
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
                                        temperature=float(temperature), top_k=0, top_p=1.0,
                                        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
@@ -104,7 +94,7 @@ def self_prediction(model, tokenizer, prompts: list[str], temperatures: list[flo
     when sampled; nll in nats per token)."""
     if tag not in TAGS:
         raise ValueError(f"self_prediction: tag must be one of {TAGS}, got {tag!r}")
-    from agentforge.eval._common import evaluation_mode, model_device
+    from agentforge.eval._common import evaluation_mode, left_padded, model_device
 
     device = model_device(model)
     eos = tokenizer.eos_token_id
@@ -123,7 +113,7 @@ def self_prediction(model, tokenizer, prompts: list[str], temperatures: list[flo
                     target = ids + ([eos] if ended else [])
                     rows.append(context + target)
                     spans.append(len(target))
-                input_ids, mask = _left_padded(rows, pad)
+                input_ids, mask = left_padded(rows, pad)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                position_ids=positions.to(device)).logits.float().cpu()

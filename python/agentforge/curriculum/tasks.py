@@ -13,9 +13,10 @@ exactly one split).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agentforge.data import NUM_LEVELS, TaskItem, make_split, score
+from agentforge.data import NUM_LEVELS, TaskItem, make_split, rendered, score
 from agentforge.tools import ToolCall, run_tool
 
 # The tool that solves each family, as a function of the item: arithmetic goes to the
@@ -25,7 +26,7 @@ ARITHMETIC = ("chain_sum", "basic_arithmetic", "add_small")
 
 def tool_call_for(item: TaskItem) -> ToolCall | None:
     """The call that answers ``item``, or None for a family no tool helps (kv_recall)."""
-    body = item.prompt[:-1] if item.prompt.endswith("=") else item.prompt
+    body = item.question[:-1] if item.question.endswith("=") else item.question
     if item.family in ARITHMETIC:
         return ToolCall("calc", body)
     if item.family == "count_bits":
@@ -73,6 +74,7 @@ class VariantSource:
 
     seed: int
     chunk: int = 64
+    render: Callable[[TaskItem], str] | None = None  # how an item becomes the model's prompt (a chat template)
     _pools: dict = field(default_factory=dict)
 
     def take(self, family: str, level: int, n: int = 1) -> list[TaskItem]:
@@ -81,7 +83,8 @@ class VariantSource:
         stale = 0
         while len(pool["items"]) < n:
             # successive chunks come from distinct seed streams of the train split
-            chunk = make_split(family, "train", self.chunk, seed=self.seed * 1000 + pool["chunks"], level=level)
+            chunk = rendered(make_split(family, "train", self.chunk, seed=self.seed * 1000 + pool["chunks"], level=level),
+                             self.render)
             pool["chunks"] += 1
             fresh = []
             for item in chunk:
@@ -98,21 +101,21 @@ class HeldOut(dict):
     """``{(family, level): fixed items}`` of a held-out split ("validation" or "test"); a key
     not asked for before is made on first use, always the same items for the same key."""
 
-    def __init__(self, split: str, n: int, seed: int):
+    def __init__(self, split: str, n: int, seed: int, render: Callable[[TaskItem], str] | None = None):
         if split not in ("validation", "test"):
             raise ValueError(f"held_out: split must be 'validation' or 'test', got {split!r}")
         super().__init__()
-        self.split, self.n, self.seed = split, n, seed
+        self.split, self.n, self.seed, self.render = split, n, seed, render
 
     def __missing__(self, key: tuple[str, int]) -> list[TaskItem]:
         family, level = key
-        self[key] = make_split(family, self.split, self.n, seed=self.seed, level=level)
+        self[key] = rendered(make_split(family, self.split, self.n, seed=self.seed, level=level), self.render)
         return self[key]
 
 
-def held_out(families, split: str, n: int, seed: int, levels=range(NUM_LEVELS)) -> HeldOut:
+def held_out(families, split: str, n: int, seed: int, levels=range(NUM_LEVELS), render=None) -> HeldOut:
     """``HeldOut`` sets of ``split`` with ``n`` items per family and level, made for ``levels`` now."""
-    sets = HeldOut(split, n, seed)
+    sets = HeldOut(split, n, seed, render)
     for family in families:
         for level in levels:
             sets[(family, level)]  # noqa: B018  (made on first use)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from agentforge.data.builders import document_split, mixture, pack_tasks, pack_text, text_splits
     from agentforge.data.sources import SOURCES, MissingDataPackage, load_records, load_text, smollm2_gguf
-    from agentforge.data.tasks import DOMAINS, FAMILIES, NUM_LEVELS, TaskFamily, TaskItem, make_split, score
+    from agentforge.data.tasks import DOMAINS, FAMILIES, NUM_LEVELS, TaskFamily, TaskItem, make_split, rendered, score
     from agentforge.data.tokenizer import train_tokenizer
 
 _MODULE_OF = {
@@ -28,7 +28,7 @@ _MODULE_OF = {
         ["SOURCES", "MissingDataPackage", "load_text", "load_records", "smollm2_gguf"], "sources"
     ),
     **dict.fromkeys(
-        ["TaskItem", "TaskFamily", "FAMILIES", "DOMAINS", "NUM_LEVELS", "make_split", "score"], "tasks"
+        ["TaskItem", "TaskFamily", "FAMILIES", "DOMAINS", "NUM_LEVELS", "make_split", "rendered", "score"], "tasks"
     ),
     **dict.fromkeys(["pack_text", "text_splits", "document_split", "pack_tasks", "mixture"], "builders"),
 }

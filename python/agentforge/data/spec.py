@@ -23,12 +23,17 @@ class DataSpec(Checked):
     seq_len: int = setting(64, "[8, 8192]", doc="tokens per packed text and task row")
     text_docs: int = setting(300, "[10, 100000]", doc="Python stdlib source files (pydoc prose is always added)")
     task_levels: list[int] = setting([0, 1], "[0, 9]", length="[1, 10]", doc="task difficulty levels")
+    prompts: str = setting("auto", choices=("auto", "plain", "chat"),
+                           doc="task prompts as compact questions (plain) or in the tokenizer's chat template "
+                               "(chat); auto: chat when the tokenizer has a template (an instruct model)")
 
 
 PRESETS: dict[str, DataSpec] = {
     "micro": DataSpec(seq_len=48, text_docs=20, task_levels=[0]),
     "tiny": DataSpec(),
     "small": DataSpec(seq_len=256, text_docs=1500, task_levels=[0, 1, 2, 3]),
+    # a pretrained 135M instruct model (SmolLM2): rows hold a chat-templated task or two
+    "smol": DataSpec(seq_len=128, text_docs=200, task_levels=[0, 1]),
 }
 
 

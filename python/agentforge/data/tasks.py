@@ -28,12 +28,12 @@ import hashlib
 import random
 import string
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
     "NUM_LEVELS", "SPLITS", "TaskItem", "TaskFamily", "ReasoningGymFamily", "SpellBackwardFamily",
-    "KeyValueRecall", "FAMILIES", "DOMAINS", "make_split", "split_of", "score",
+    "KeyValueRecall", "FAMILIES", "DOMAINS", "make_split", "rendered", "split_of", "score",
 ]
 
 NUM_LEVELS = 10
@@ -48,12 +48,29 @@ _STREAM_BITS = 62
 @dataclass(frozen=True)
 class TaskItem:
     """One task: train on `prompt + answer + eos` (loss on answer and eos); evaluate by generating
-    from `prompt`. `entry` is the raw reasoning-gym entry used for scoring, None for our families."""
+    from `prompt`. `entry` is the raw reasoning-gym entry used for scoring, None for our families.
+    `question` is the compact question itself (`12+7=`): the same as `prompt` unless the prompt
+    was rendered for a model (e.g. in a chat template, see `rendered`); code that reads the task's
+    content (hints, tool calls) reads the question."""
 
     family: str
     prompt: str
     answer: str
     entry: dict | None = field(default=None, hash=False)  # dicts are unhashable
+    question: str = ""
+
+    def __post_init__(self):
+        if not self.question:
+            object.__setattr__(self, "question", self.prompt)
+
+
+def rendered(items: Sequence[TaskItem], render: Callable[[TaskItem], str] | None) -> list[TaskItem]:
+    """`items` with their prompts rendered for a model (``render(item) -> prompt``, e.g. the
+    question in a chat template); unchanged without a renderer. Scoring reads the answer and entry,
+    not the prompt."""
+    if render is None:
+        return list(items)
+    return [replace(item, prompt=render(item)) for item in items]
 
 
 def _stable_int(*parts: object) -> int:
@@ -277,6 +294,18 @@ FAMILIES: dict[str, TaskFamily] = {
             "letter_counting", "counting", "letter_counting", LETTER_COUNTING_LEVELS, _render_letter_counting
         ),
     ]
+}
+
+# What each family's compact question asks, in words: an instruct model is shown it above the
+# question (a model trained here learns the compact form instead).
+INSTRUCTIONS: dict[str, str] = {
+    "chain_sum": "Work out the expression. Reply with the number only.",
+    "basic_arithmetic": "Work out the expression. Reply with the number only.",
+    "add_small": "Work out the expression. Reply with the number only.",
+    "kv_recall": "Each pair is key=value. Reply with only the value of the key asked for after '?'.",
+    "spell_backward": "Spell the word after 'rev' backwards. Reply with the reversed word only.",
+    "count_bits": "How many 1 bits does the number after 'bits' have in binary? Reply with the number only.",
+    "letter_counting": "How many times does the letter occur in the text? Reply with the number only.",
 }
 
 DOMAINS: dict[str, tuple[str, ...]] = {

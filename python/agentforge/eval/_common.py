@@ -1,4 +1,5 @@
-"""Helpers shared by the measurements: where a model lives, running it in eval mode, argument checks."""
+"""Helpers shared by the measurements: where a model lives, running it in eval mode, left-padded
+batches, argument checks."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +13,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token sequences padded on the left to the longest (a
+    batch that generates continues every row from its last column)."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
 
 
 @contextlib.contextmanager

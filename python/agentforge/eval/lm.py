@@ -19,6 +19,9 @@ from agentforge.eval._common import evaluation_mode, model_device, require_posit
 
 IGNORE_INDEX = -100  # the label value that Hugging Face losses skip
 _UNIGRAM_CHUNK_ROWS = 1024  # rows of labels read at once while counting (bounds memory, not results)
+# fp32 logits per forward (a 49k-token vocabulary at 32 rows x 128 tokens would be 800 MB, and the
+# cross-entropy copies them); fewer rows per forward bound memory, not results
+_LOGITS_BYTES = 256 << 20
 
 
 def perplexity(model: torch.nn.Module, data: Any, *, batch_size: int = 16) -> float:
@@ -46,7 +49,7 @@ def row_nll(model: torch.nn.Module, data: Any, *, batch_size: int = 16) -> tuple
     device = model_device(model)
     nll, tokens = [], []
     with evaluation_mode(model):
-        for batch in _torch_batches("perplexity", data, columns, batch_size):
+        for batch in _torch_batches("perplexity", data, columns, _rows_per_forward(model, data, batch_size)):
             labels = batch.pop("labels").to(device)
             logits = model(**{name: tensor.to(device) for name, tensor in batch.items()}).logits
             if logits.shape[:2] != labels.shape:
@@ -56,6 +59,14 @@ def row_nll(model: torch.nn.Module, data: Any, *, batch_size: int = 16) -> tuple
             nll += row_sums.tolist()
             tokens += row_tokens.tolist()
     return nll, tokens
+
+
+def _rows_per_forward(model: torch.nn.Module, data: Any, batch_size: int) -> int:
+    """``batch_size``, or fewer rows where their logits would pass ``_LOGITS_BYTES``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if head is not None else getattr(getattr(model, "config", None), "vocab_size", 0)
+    width = len(data[0]["input_ids"]) if len(data) else 1
+    return max(1, min(batch_size, _LOGITS_BYTES // max(4 * vocab * width, 1)))
 
 
 def unigram_perplexity(train_data: Any, eval_data: Any, vocab_size: int) -> float:

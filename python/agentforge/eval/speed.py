@@ -182,6 +182,45 @@ def _proc_status_bytes(field: str) -> int:
     return int(match.group(1)) * 1024
 
 
+class PeakRss:
+    """The process's peak resident set size over a ``with`` block, from a daemon thread that
+    reads the current RSS every ``interval`` seconds: unlike ``VmHWM`` it survives code inside the
+    block resetting the peak (``peak_memory_bytes`` does). Where /proc is missing it reports the
+    process's lifetime peak."""
+
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        self.interval, self._peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="agentforge-peak-rss", daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            self._peak = max(self._peak, _proc_status_bytes("VmRSS"))
+        except OSError:
+            self._peak = max(self._peak, _lifetime_peak_rss())
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakRss:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def peak(self) -> int:
+        """Bytes: the highest RSS seen so far (now included)."""
+        self._sample()
+        return self._peak
+
+
 def _lifetime_peak_rss() -> int:
     try:
         return _proc_status_bytes("VmHWM")

@@ -56,11 +56,35 @@ def documents(spec: DataSpec) -> list[str]:
     return list(_documents(spec.text_docs))
 
 
+def uses_chat(spec: DataSpec, tokenizer) -> bool:
+    """Whether task prompts are rendered in ``tokenizer``'s chat template (see ``DataSpec.prompts``)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if spec.prompts == "chat" and not has_template:
+        raise ValueError("data.prompts=chat, but the tokenizer has no chat template")
+    return spec.prompts == "chat" or (spec.prompts == "auto" and has_template)
+
+
+def chat_renderer(tokenizer):
+    """``render(item) -> prompt``: the family's instruction and the compact question as the user's
+    turn of the tokenizer's chat template, ready for the assistant's answer (what an instruct model
+    was trained to see)."""
+    from agentforge.data.tasks import INSTRUCTIONS
+
+    def render(item) -> str:
+        question = f"{INSTRUCTIONS[item.family]}\n{item.question}" if item.family in INSTRUCTIONS else item.question
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    return render
+
+
 class EvalSuite:
-    """Text splits and task items of one run for one tokenizer (built on first use, then kept)."""
+    """Text splits and task items of one run for one tokenizer (built on first use, then kept).
+    ``render`` turns a task item into the prompt the model sees (None: its compact question)."""
 
     def __init__(self, spec: DataSpec, tokenizer, seed: int):
         self.spec, self.tokenizer, self.seed = spec, tokenizer, seed
+        self.render = chat_renderer(tokenizer) if uses_chat(spec, tokenizer) else None
 
     @functools.cached_property
     def splits(self):
@@ -79,12 +103,12 @@ class EvalSuite:
     def items(self, split: str, n: int, families=None, levels=None) -> list:
         """``n`` items of ``split`` per family and level (all domain families and the spec's levels
         by default), family by family."""
-        from agentforge.data import DOMAINS, make_split
+        from agentforge.data import DOMAINS, make_split, rendered
 
         families = families if families is not None else [f for fams in DOMAINS.values() for f in fams]
         levels = levels if levels is not None else self.spec.task_levels
-        return [item for family in families for level in levels
-                for item in make_split(family, split, n, seed=self.seed, level=level)]
+        return rendered([item for family in families for level in levels
+                         for item in make_split(family, split, n, seed=self.seed, level=level)], self.render)
 
     def by_domain(self, split: str, n: int, levels=None) -> dict[str, list]:
         """``{domain: items}``: ``n`` items of ``split`` per family and level of each domain."""

@@ -17,9 +17,7 @@ import math
 from collections import defaultdict
 from typing import Any, Callable, Protocol, Sequence
 
-import torch
-
-from agentforge.eval._common import evaluation_mode, model_device, require_positive
+from agentforge.eval._common import evaluation_mode, left_padded, model_device, require_positive
 
 DEFAULT_EXAMPLES = 5  # prompt/answer/prediction triples kept in a report for a human to read
 
@@ -126,12 +124,8 @@ def _encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
 def _generate_batch(model: Any, prompt_ids: list[list[int]], eos_id: int, pad_id: int,
                     max_new_tokens: int) -> list[list[int]]:
     """Greedy-generate after left-padded prompts; return only the new tokens of each row."""
-    width = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompt_ids):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
+    input_ids, attention_mask = left_padded(prompt_ids, pad_id)
+    width = input_ids.shape[1]
     device = model_device(model)
     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

@@ -42,7 +42,7 @@ the packed kernels.
 """
 from agentforge.experts.adaptive import AdaptiveModel, adaptive_files, load_adaptive, save_adaptive
 from agentforge.experts.discovery import Discovery, Unit, discover
-from agentforge.experts.evaluation import answer_flops, bootstrap_interval, item_scores, paired_gain
+from agentforge.experts.evaluation import answer_flops, item_scores, paired_gain
 from agentforge.experts.mixture import Measurement, MixtureSearch, SearchSettings, pareto_front
 from agentforge.experts.router import Router, features_of, prompt_features
 from agentforge.experts.svf import (SVDBasis, SVFExpert, adapted_forward, compose, installed, target_weights,
@@ -53,6 +53,6 @@ __all__ = [
     "SVDBasis", "SVFExpert", "adapted_forward", "compose", "installed", "target_weights", "ternary_weights",
     "TrainSettings", "in_directory", "train_expert", "Unit", "Discovery", "discover", "Router", "features_of",
     "prompt_features", "Measurement", "MixtureSearch", "SearchSettings", "pareto_front", "AdaptiveModel",
-    "adaptive_files", "save_adaptive", "load_adaptive", "item_scores", "answer_flops", "bootstrap_interval",
+    "adaptive_files", "save_adaptive", "load_adaptive", "item_scores", "answer_flops",
     "paired_gain",
 ]

@@ -51,12 +51,13 @@ class Unit:
         return cls(family, int(level))
 
 
-def unit_items(units: Sequence[Unit], split: str, n: int, seed: int, skip: int = 0) -> dict[Unit, list]:
+def unit_items(units: Sequence[Unit], split: str, n: int, seed: int, skip: int = 0, render=None) -> dict[Unit, list]:
     """Up to ``n`` items of ``split`` per unit, each prompt once, after skipping the first ``skip``
     distinct prompts (so two calls can take disjoint parts of one stream). A level with few
     distinct prompts (count_bits@0 has 63 in all) gives fewer items: repeated prompts would
-    count one item several times and make a confidence interval look tighter than it is."""
-    from agentforge.data import make_split
+    count one item several times and make a confidence interval look tighter than it is.
+    ``render`` turns each item into the prompt the model sees (``agentforge.data.rendered``)."""
+    from agentforge.data import make_split, rendered
 
     out = {}
     for unit in units:
@@ -67,7 +68,7 @@ def unit_items(units: Sequence[Unit], split: str, n: int, seed: int, skip: int =
             if item.prompt not in seen:
                 seen.add(item.prompt)
                 unique.append(item)
-        out[unit] = unique[skip:skip + n]
+        out[unit] = rendered(unique[skip:skip + n], render)
     return out
 
 
@@ -205,16 +206,17 @@ def cluster_families(families: list[str], similarity: np.ndarray, accuracy: dict
 
 def discover(model, basis: SVDBasis, tokenizer, units: Sequence[Unit], *, n_experts: int, zone: tuple[float, float],
              capability_weight: float, eval_items: int, gradient_items: int, seq_len: int, seed: int,
-             batch_size: int = 64) -> Discovery:
-    """Measure every unit, keep the learning zone, and cluster its families into ``n_experts`` experts."""
+             batch_size: int = 64, render=None) -> Discovery:
+    """Measure every unit, keep the learning zone, and cluster its families into ``n_experts`` experts
+    (``render``: how an item becomes the model's prompt, see ``unit_items``)."""
     if not MIN_EXPERTS <= n_experts <= MAX_EXPERTS:
         raise ValueError(f"n_experts must be in [{MIN_EXPERTS}, {MAX_EXPERTS}], got {n_experts}")
-    accuracy = capability(model, tokenizer, unit_items(units, "validation", eval_items, seed), batch_size)
+    accuracy = capability(model, tokenizer, unit_items(units, "validation", eval_items, seed, render=render), batch_size)
     zone_used = widened_zone(accuracy, *zone, n_experts)
     in_zone = learning_zone(accuracy, *zone_used)
     families = sorted({u.family for u in in_zone})
     zone_of = {f: [u for u in in_zone if u.family == f] for f in families}
-    train = unit_items(in_zone, "train", gradient_items, seed)
+    train = unit_items(in_zone, "train", gradient_items, seed, render=render)
     family_items = {f: [it for u in zone_of[f] for it in train[u]] for f in families}
     gradients = zone_gradients(model, basis, tokenizer, family_items, seq_len, seed)
     similarity = cosine_similarity(gradients)

@@ -10,8 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-CONFIDENCE = 0.95
-BOOTSTRAP_SAMPLES = 2000
+from agentforge.eval.stats import bootstrap_interval
 
 
 def item_scores(model, tokenizer, items: Sequence, *, batch_size: int = 64) -> np.ndarray:
@@ -39,23 +38,6 @@ def answer_flops(model, tokenizer, items: Sequence) -> int:
     prompts = tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     return 2 * weights * (sum(map(len, prompts)) + answer_budget(tokenizer, items) * len(items))
-
-
-def bootstrap_interval(values: np.ndarray, *, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES,
-                       confidence: float = CONFIDENCE) -> dict:
-    """``{"mean", "low", "high", "n"}``: the mean of ``values`` and its percentile bootstrap interval
-    (items resampled with replacement). Give it the paired differences of two models' scores on
-    the same items to get the interval of their difference."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"bootstrap_interval: need a non-empty 1-D array of per-item values, got shape {values.shape}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"bootstrap_interval: confidence must be in (0, 1), got {confidence}")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(samples, values.size))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return {"mean": float(values.mean()), "low": float(low), "high": float(high), "n": int(values.size)}
 
 
 def paired_gain(candidate: np.ndarray, control: np.ndarray, *, seed: int = 0) -> dict:

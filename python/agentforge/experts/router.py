@@ -40,15 +40,10 @@ def prompt_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``(input_ids, attention_mask)`` of prompts encoded alone, without special tokens."""
+    from agentforge.eval._common import left_padded
+
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, tokens in enumerate(ids):
-        input_ids[row, width - len(tokens):] = torch.tensor(tokens)
-        mask[row, width - len(tokens):] = 1
-    return input_ids, mask
+    return left_padded(ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def features_of(model, tokenizer, prompts: Sequence[str], batch_size: int = 128) -> torch.Tensor:

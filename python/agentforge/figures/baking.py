@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from agentforge.baking import CYCLES
+from agentforge.figures import integer_ticks
 
 
 def figures(phase_dir: Path) -> list:
@@ -32,6 +33,7 @@ def figures(phase_dir: Path) -> list:
                 ax.plot([r["iteration"] - 0.3, r["iteration"] + 0.3], [r["unprompted_before"], r["unprompted_after"]],
                         "o-", color=color, label=f"{cycle}: unprompted before -> after" if r is mine[0] else None)
         ax.set_xlabel("iteration")
+        integer_ticks(ax.xaxis)
         ax.set_ylabel("validation score (cycle's own measure)")
         ax.legend(fontsize="small")
         out.append(("Baking cycles: candidates in context and the unprompted model", fig, [phase_dir / "metrics.jsonl"]))
@@ -44,7 +46,8 @@ def figures(phase_dir: Path) -> list:
                 ax.plot([p["step"] for p in curve], [p["kl"] for p in curve], "o-", markersize=3,
                         label=f"{r['iteration']} {r['cycle']} ({r['outcome'][:24]})")
             ax.set_xlabel("baking step")
-            ax.set_ylabel("validation KL(prompted || unprompted), nats/token")
+            integer_ticks(ax.xaxis)
+            ax.set_ylabel("validation KL, nats/token\n(prompted || unprompted)")
             ax.legend(fontsize="small")
             out.append(("Held-out KL during each bake", fig, [phase_dir / "metrics.jsonl"]))
     summary_path = phase_dir / "summary.json"
@@ -54,13 +57,13 @@ def figures(phase_dir: Path) -> list:
         kl_ax, tools_ax = fig.subplots(1, 2)
         kl = report["kl"]["tools"]
         kl_ax.bar(list(kl), list(kl.values()), color="tab:purple")
-        kl_ax.set_ylabel("test KL(prompted original || model), nats/token")
+        kl_ax.set_ylabel("test KL, nats/token\n(prompted original || model)")
         behaviour = report["behaviour"]["tools"]
         names = list(behaviour)
         for i, key in enumerate(("format", "accuracy")):
             tools_ax.bar([n + i * 0.4 for n in range(len(names))], [behaviour[n][key] for n in names], 0.4, label=key)
         tools_ax.set_xticks([n + 0.2 for n in range(len(names))], names, rotation=20, fontsize="small")
-        tools_ax.set_ylabel("test share (unprompted unless 'prompted')")
+        tools_ax.set_ylabel("test share\n(unprompted unless 'prompted')")
         tools_ax.legend(fontsize="small")
         out.append(("Tool prompt on the test split: KL and behaviour", fig, [summary_path]))
     return out

@@ -1,5 +1,5 @@
 """Cognate's report figures: held-out accuracy and answer NLL per domain for the trunk and each
-sibling, and each model's ACT passes beside its forward throughput."""
+sibling, and (for Cognate models) each model's ACT passes beside its forward throughput."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,13 +34,17 @@ def figures(phase_dir: Path) -> list:
         ax.set_xticks(range(len(domains)), domains)
         ax.set_xlabel("held-out domain")
         ax.set_ylabel(label)
-        ax.legend(title="model", fontsize="small")
+        ax.legend(title="model", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         out.append((title, fig, [source]))
+    if "trunk/act_steps" not in row:  # a pretrained base: no ACT recursion to show
+        return out
     fig = Figure(figsize=(7, 3.2), layout="constrained")
     passes, speed = fig.subplots(1, 2)
     passes.bar(models, [row[f"{model}/act_steps"] for model in models], color="tab:purple")
     passes.set_ylabel("mean ACT passes per token")
     speed.bar(models, [row[f"{model}/forward_tokens_per_s"] for model in models], color="tab:green")
     speed.set_ylabel("forward tokens/s (held-out text)")
+    for ax in (passes, speed):
+        ax.tick_params(axis="x", rotation=20)
     out.append(("ACT passes and forward throughput", fig, [source]))
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agentforge.figures import integer_ticks
+
 
 def figures(phase_dir: Path) -> list:
     """Report figures: held-out accuracy per level before / after / control (95 % bootstrap
@@ -30,6 +32,7 @@ def figures(phase_dir: Path) -> list:
         for level in summary["headline"]["visited_levels"]:
             ax.axvspan(level - 0.45, level + 0.45, color="0.9", zorder=0)
         ax.set_xlabel("difficulty level (shaded: trained by the curriculum)")
+        integer_ticks(ax.xaxis)
         ax.set_ylabel("held-out test accuracy")
         ax.legend(title="model", fontsize="small")
         out.append(("Curriculum: held-out accuracy per level, before / after / control", fig, [summary_path]))
@@ -37,10 +40,15 @@ def figures(phase_dir: Path) -> list:
     if rounds:
         fig = Figure(figsize=(6, 3), layout="constrained")
         ax = fig.add_subplot()
-        for level in sorted({r["level"] for r in rounds}):
+        for i, level in enumerate(sorted({r["level"] for r in rounds})):
             mine = [r for r in rounds if r["level"] == level]
-            ax.plot([r["round"] for r in mine], [r["remaining"] for r in mine], "o-", label=f"level {level}")
+            # levels often share counts (each starts with the same number of questions): a marker
+            # smaller than the one before keeps an earlier level visible under a later one
+            ax.plot([r["round"] for r in mine], [r["remaining"] for r in mine], "os^Dv"[i % 5] + "-",
+                    markersize=max(9 - 2 * i, 3), label=f"level {level}")
         ax.set_xlabel("round")
+        integer_ticks(ax.xaxis)
+        integer_ticks(ax.yaxis)
         ax.set_ylabel("questions remaining")
         ax.legend(fontsize="small")
         out.append(("Curriculum: questions remaining over time", fig, [phase_dir / "metrics.jsonl"]))

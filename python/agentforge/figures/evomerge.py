@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agentforge.figures import integer_ticks
 from agentforge.merge.evolve import describe
 
 
@@ -25,13 +26,16 @@ def figures(phase_dir: Path) -> list:
         ax.plot([r["generation"] for r in rows], [r["best_fitness"] for r in rows], "o-", label="best so far")
         ax.plot([r["generation"] for r in rows], [r["mean_fitness"] for r in rows], "s--", label="population mean")
         ax.set_xlabel("generation")
+        integer_ticks(ax.xaxis)
         ax.set_ylabel("selection fitness (validation split)")
         ax.legend()
         out.append(("EvoMerge fitness per generation", fig, [phase_dir / "metrics.jsonl"]))
     summary_path = phase_dir / "summary.json"
     if summary_path.is_file():
-        out.append(("EvoMerge: each method's best recipe vs the champion (test split)",
-                    methods_figure(json.loads(summary_path.read_text())), [summary_path]))
+        summary = json.loads(summary_path.read_text())
+        title = ("each method's best recipe vs the champion" if summary["ablation"] else
+                 "the champion vs the best parent (no per-method ablation in this run)")
+        out.append((f"EvoMerge: {title} (test split)", methods_figure(summary), [summary_path]))
     return out
 
 

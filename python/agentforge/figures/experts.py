@@ -40,7 +40,7 @@ def _domain_figure(summary: dict, metric: str, label: str):
     ax.set_xticks(range(len(domains)), domains, fontsize="small")
     ax.set_xlabel("expert domain (its learning-zone units, test split)")
     ax.set_ylabel(f"{label}, 95 % CI")
-    ax.legend(title="model", fontsize="x-small", ncols=2)
+    ax.legend(title="model", fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agentforge.figures import integer_ticks
+
 
 def figures(phase_dir: Path) -> list:
     """The report's figures for this phase, drawn from ``phase_dir/summary.json``. Returns
@@ -31,6 +33,7 @@ def figures(phase_dir: Path) -> list:
     ax.plot(summary["thinker_losses"], label="Quiet-STaR loss (thinker)")
     ax.plot(summary["control_losses"], label="plain NLL (equal-compute control)")
     ax.set_xlabel("step")
+    integer_ticks(ax.xaxis)
     ax.legend()
     out.append(("Quiet-STaR training loss vs the control", fig, [summary_path]))
     return out

@@ -101,6 +101,16 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def columns_of(reads: list[torch.Tensor], T: int, pad_left: torch.Tensor) -> torch.Tensor:
+    """The memory reads of every chunk put back in their ``T`` columns: row b's chunks hold its
+    real tokens in order, so token t goes to column pad_left[b] + t (padding columns read zero)."""
+    flat = torch.cat(reads, dim=1)
+    columns = torch.arange(T, device=flat.device)
+    src = (columns - pad_left[:, None]).clamp(min=0)
+    y = flat.gather(1, src[..., None].expand(-1, -1, flat.shape[-1]))
+    return y * (columns >= pad_left[:, None])[..., None]
+
+
 def _rms_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
@@ -165,13 +175,7 @@ class NeuralMemory(nn.Module):
         _, reads = self._read_and_write(x, q, k, v, pad_left)
         if not reads:
             return torch.zeros_like(x)
-        # Row b's chunks hold its real tokens in order; put token t back at column pad_left[b] + t.
-        flat = torch.cat(reads, dim=1)
-        columns = torch.arange(T, device=x.device)
-        src = (columns - pad_left[:, None]).clamp(min=0)
-        y = flat.gather(1, src[..., None].expand(-1, -1, flat.shape[-1]))
-        y = y * (columns >= pad_left[:, None])[..., None]
-        return self.out_proj(y)
+        return self.out_proj(columns_of(reads, T, pad_left))
 
     def _read_and_write(self, x, q, k, v, pad_left):
         """Walk the chunks: read each with the memory as it stands, then write it. Returns the

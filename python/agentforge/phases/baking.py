@@ -130,6 +130,10 @@ PRESETS: dict[str, Settings] = {
                       bake=BakeSettings(**{**TINY_BAKE, "method": "lora", "lora_rank": 16, "lora_alpha": 32.0,
                                            "samples_per_input": 2, "max_new_tokens": 24, "max_steps": 300,
                                            "eval_every": 10, "batch_size": 32})),
+    "smol": Settings(candidates=2, bake_items=16, selection_items=6, final_items=12, tool_new_tokens=16,
+                     max_iterations=2, text_rows=16, eval_batch_size=16,
+                     bake=BakeSettings(**{**TINY_BAKE, "max_new_tokens": 12, "batch_size": 8, "max_steps": 12,
+                                          "eval_every": 4})),
 }
 
 

@@ -99,6 +99,9 @@ PRESETS: dict[str, Settings] = {
     "small": Settings(calibration_rows=64, calibration_tokens=8192, sensitive_layers=5, steps=2000, batch_size=64,
                       train_items=5000, checkpoint_every=250, eval_items=100, eval_text_rows=512,
                       speed_new_tokens=32),
+    "smol": Settings(calibration_rows=8, calibration_tokens=1024, steps=40, batch_size=8, train_items=100,
+                     checkpoint_every=20, eval_items=8, eval_text_rows=32, eval_batch_size=32, speed_batch_sizes=[1],
+                     speed_new_tokens=8, head_steps=4, head_items=16),
 }
 
 

@@ -1,5 +1,11 @@
 """Phase 1, Cognate: three sibling models with a shared ancestor.
 
+With ``base_model`` (``agentforge run --base``) the ancestor is a pretrained causal LM instead of
+a model trained here: its tokenizer (chat template and special tokens included) is the run's,
+the base itself is the trunk, and each sibling is a short fine-tune of it on a mixture dominated by
+its domain (LoRA merged back into the weights, or all weights), so that EvoMerge gets a shared
+ancestor and three task vectors. The steps below describe the from-scratch path.
+
 1. Data: a byte-level BPE tokenizer trained on the training split of the Python stdlib sources and
    pydoc prose, plus the training task strings;
    packed text rows; packed task rows per domain (reasoning, memory, speed; answer-only loss).
@@ -64,6 +70,18 @@ class Settings(Checked):
     sibling_lr_scale: float = setting(0.5, "(0, 10]", doc="sibling learning rates relative to the trunk's")
     checkpoint_every: int = setting(50, "[0, 10000000]")
     eval_batch_size: int = setting(64, "[1, 65536]")
+    base_model: str | None = setting(None, doc="a pretrained causal LM to start from: an HF model directory, a "
+                                               ".gguf file or 'smollm2' (None: train a Cognate model from scratch)")
+    sibling_method: str = setting("lora", choices=("lora", "full"),
+                                  doc="how siblings are tuned from a base: LoRA adapters merged back, or all weights")
+    lora_rank: int = setting(16, "[1, 1024]", doc="LoRA rank of a base's siblings")
+    sibling_lr: float = setting(2e-4, "(0, 1]", doc="AdamW learning rate of a base's siblings")
+
+    def check(self) -> None:
+        if self.base_model is not None:
+            from agentforge.models.base import base_path
+
+            base_path(self.base_model)
 
 
 PRESETS: dict[str, Settings] = {
@@ -72,6 +90,10 @@ PRESETS: dict[str, Settings] = {
     "tiny": Settings(),
     "small": Settings(model_preset="small", vocab_size=8192, train_items=10000, eval_items=100, batch_size=64,
                       trunk_steps=4000, sibling_steps=1000, checkpoint_every=250),
+    # LoRA: full fine-tuning costs the same ~7 s a step here but needs ~1.5 GB more for AdamW
+    "smol": Settings(base_model="smollm2", sibling_method="lora", lora_rank=16, sibling_lr=5e-4, train_items=200,
+                     eval_items=16, eval_text_rows=32, batch_size=8, sibling_steps=20, checkpoint_every=10,
+                     eval_batch_size=32),
 }
 
 
@@ -147,6 +169,29 @@ def new_trunk_model(settings: Settings, tokenizer):
     return CognateForCausalLM(config)
 
 
+def tuned_from_base(p: PhaseRun, base, rows, stage: str):
+    """A copy of the pretrained ``base`` fine-tuned on ``rows`` (AdamW; LoRA adapters on every
+    Linear layer merged back into the weights, or all weights), as a plain model of the base's class."""
+    import copy
+
+    settings = p.settings
+    model = copy.deepcopy(base)
+    if settings.sibling_method == "lora":
+        import warnings
+
+        from peft import LoraConfig, get_peft_model
+
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
+                                                     lora_dropout=0.0, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=settings.sibling_lr,
+                                  weight_decay=0.0)
+    p.train(model, rows, stage, optimizer=optimizer, steps=settings.sibling_steps, batch_size=settings.batch_size,
+            checkpoint_every=settings.checkpoint_every)
+    return (model.merge_and_unload() if settings.sibling_method == "lora" else model).eval()
+
+
 def sibling_from(trunk, overrides: dict):
     """A copy of ``trunk`` with its behaviour fields changed (no parameter changes shape)."""
     from agentforge.models import CognateConfig, CognateForCausalLM
@@ -184,11 +229,13 @@ def evaluate_model(model, suite, held, settings: Settings) -> dict:
     and tokens/s."""
     from agentforge.eval import parameter_count, tokens_per_second
 
-    act_steps, forward_tokens_per_s = act_passes_and_throughput(model, held.text, settings.eval_batch_size)
     report = suite.measure(model, held, batch_size=settings.eval_batch_size)
-    return {**report, "act_steps": act_steps, "forward_tokens_per_s": forward_tokens_per_s,
-            "tokens_per_s": tokens_per_second(model, prompt_len=16, new_tokens=16),
-            "parameters": parameter_count(model)}
+    report.update(tokens_per_s=tokens_per_second(model, prompt_len=16, new_tokens=16),
+                  parameters=parameter_count(model))
+    if settings.base_model is None:  # a Cognate model: ACT's passes per token
+        report["act_steps"], report["forward_tokens_per_s"] = act_passes_and_throughput(
+            model, held.text, settings.eval_batch_size)
+    return report
 
 
 def specialisation(reports: dict[str, dict]) -> dict[str, dict]:
@@ -213,7 +260,8 @@ def flat_metrics(summary: dict) -> dict:
     row = {"unigram_perplexity": summary["unigram_perplexity"]}
     for name, report in summary["models"].items():
         for key in ("perplexity", "act_steps", "tokens_per_s", "forward_tokens_per_s"):
-            row[f"{name}/{key}"] = report[key]
+            if key in report:
+                row[f"{name}/{key}"] = report[key]
         row.update({f"{name}/accuracy/{d}": acc for d, acc in report["accuracy"].items()})
         row.update({f"{name}/answer_nll/{d}": nll for d, nll in report["answer_nll"].items()})
     for name, s in summary["specialisation"].items():
@@ -233,6 +281,60 @@ def run(p: PhaseRun) -> PhaseResult:
 
     settings = p.settings
     torch.manual_seed(p.seed)
+    trunk, tokenizer, data = make_trunk(p, settings)
+    paths = {"trunk": trunk.path}  # models are read back one at a time: four 135M models do not fit 6 GB
+    for name, (domain, overrides) in SIBLINGS.items():
+        def build_sibling(domain=domain, overrides=overrides, name=name) -> Built:
+            rows = mixture(data, settings.sibling_steps * settings.batch_size, p.seed + 1,
+                           sibling_weights(data, settings, domain))
+            if settings.base_model is not None:
+                sibling, behaviour = tuned_from_base(p, trunk.model, rows, name), {}
+            else:
+                sibling, behaviour = sibling_from(trunk.model, overrides), overrides
+                train_stage(p, sibling, rows, settings.sibling_steps, settings.sibling_lr_scale, name)
+            return Built(sibling, tokenizer, {"role": "sibling", "domain": domain, "behaviour": behaviour,
+                                              "parents": [trunk.path]})
+
+        paths[name] = p.model_step(name, build_sibling, key=trunk.metadata["step_key"]).path
+
+    suite = p.suite(tokenizer)
+    held = suite.held_out("test", settings.eval_items, settings.eval_text_rows)
+
+    def evaluate_all() -> dict:
+        from agentforge.artifacts import load_model_dir
+
+        reports = {}
+        for i, (name, path) in enumerate(paths.items(), start=1):
+            p.say(f"evaluating {name} ({i}/{len(paths)}) on {sum(map(len, held.items.values()))} test items")
+            model = trunk.model if name == "trunk" else load_model_dir(path, verify=False)[0]
+            reports[name] = evaluate_model(model, suite, held, settings)
+        return reports
+
+    reports = p.step("evaluate", evaluate_all, key=trunk.metadata["step_key"])
+    summary = {"unigram_perplexity": p.step("unigram", lambda: unigram_perplexity(
+                   data.text["train"], held.text, len(tokenizer))),
+               "models": reports, "specialisation": specialisation(reports),
+               "identical_shapes": identical_shapes([paths[n] for n in SIBLINGS])}
+    data_file = write_data_spec(p.out_dir / DATA_FILE, p.data, p.seed) if p.is_main else p.out_dir / DATA_FILE
+    return p.finish({"trunk": trunk.path, "siblings": [paths[n] for n in SIBLINGS], "data": data_file},
+                    flat_metrics(summary), summary, effects=effects(reports, p.seed))
+
+
+def make_trunk(p: PhaseRun, settings: Settings):
+    """``(trunk, tokenizer, data)``: the base model as it is, or a Cognate model trained from
+    scratch with a tokenizer trained here."""
+    if settings.base_model is not None:
+        from agentforge.models.base import base_digest, load_base
+
+        digest = base_digest(settings.base_model)
+
+        def take_base() -> Built:
+            model, tokenizer = load_base(settings.base_model)
+            return Built(model, tokenizer, {"role": "trunk", "base": settings.base_model, "base_sha256": digest})
+
+        trunk = p.model_step("trunk", take_base, key=digest)
+        return trunk, trunk.tokenizer, build_data(p, settings, trunk.tokenizer)
+
     done = p.finished("trunk")
     tokenizer = done.tokenizer if done else new_tokenizer(p, settings)
     data = build_data(p, settings, tokenizer)
@@ -243,30 +345,7 @@ def run(p: PhaseRun) -> PhaseResult:
         train_stage(p, trunk, rows, settings.trunk_steps, 1.0, "trunk")
         return Built(trunk, tokenizer, {"role": "trunk"})
 
-    trunk = p.model_step("trunk", build_trunk)
-    models = {"trunk": trunk}
-    for name, (domain, overrides) in SIBLINGS.items():
-        def build_sibling(domain=domain, overrides=overrides, name=name) -> Built:
-            sibling = sibling_from(trunk.model, overrides)
-            rows = mixture(data, settings.sibling_steps * settings.batch_size, p.seed + 1,
-                           sibling_weights(data, settings, domain))
-            train_stage(p, sibling, rows, settings.sibling_steps, settings.sibling_lr_scale, name)
-            return Built(sibling, tokenizer, {"role": "sibling", "domain": domain, "behaviour": overrides,
-                                              "parents": [trunk.path]})
-
-        models[name] = p.model_step(name, build_sibling)
-
-    suite = p.suite(tokenizer)
-    held = suite.held_out("test", settings.eval_items, settings.eval_text_rows)
-    reports = p.step("evaluate", lambda: {name: evaluate_model(m.model, suite, held, settings)
-                                          for name, m in models.items()})
-    summary = {"unigram_perplexity": p.step("unigram", lambda: unigram_perplexity(
-                   data.text["train"], held.text, len(tokenizer))),
-               "models": reports, "specialisation": specialisation(reports),
-               "identical_shapes": identical_shapes([models[n].model for n in SIBLINGS])}
-    data_file = write_data_spec(p.out_dir / DATA_FILE, p.data, p.seed) if p.is_main else p.out_dir / DATA_FILE
-    return p.finish({"trunk": trunk.path, "siblings": [models[n].path for n in SIBLINGS], "data": data_file},
-                    flat_metrics(summary), summary, effects=effects(reports, p.seed))
+    return p.model_step("trunk", build_trunk), tokenizer, data
 
 
 def effects(reports: dict, seed: int) -> list[Effect]:
@@ -278,8 +357,11 @@ def effects(reports: dict, seed: int) -> list[Effect]:
             for name, (domain, _) in SIBLINGS.items()]
 
 
-def identical_shapes(models) -> bool:
-    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
+def identical_shapes(paths) -> bool:
+    """Whether the model directories at ``paths`` hold one set of parameter names and shapes."""
+    from agentforge.artifacts import tensor_shapes
+
+    shapes = [tensor_shapes(Path(path)) for path in paths]
     return all(s == shapes[0] for s in shapes)
 
 
@@ -316,11 +398,16 @@ def disk_needed(settings: Settings, input_bytes: int) -> int:
     from agentforge.models import CognateConfig
     from agentforge.runtime import DEFAULT_DISK
 
-    config = CognateConfig.from_preset(settings.model_preset, vocab_size=settings.vocab_size)
-    with torch.device("meta"):
-        from agentforge.models import CognateForCausalLM
+    if settings.base_model is not None:
+        from agentforge.models.base import base_parameter_count
 
-        parameters = sum(p.numel() for p in CognateForCausalLM(config).parameters())
+        parameters = base_parameter_count(settings.base_model)
+    else:
+        config = CognateConfig.from_preset(settings.model_preset, vocab_size=settings.vocab_size)
+        with torch.device("meta"):
+            from agentforge.models import CognateForCausalLM
+
+            parameters = sum(p.numel() for p in CognateForCausalLM(config).parameters())
     return DEFAULT_DISK + 4 * 4 * 4 * parameters
 
 

@@ -10,8 +10,10 @@ reference). Output: ``artifact``, the container ``model.afz`` (format in
 2. Per tensor (step ``plan``): ternary layers take their smallest exact layout (2-bit, base-3
    or rANS); small tensors (norms, biases) fp16; every matrix is encoded with every candidate
    codec (raw, RTN, SeedLM, VPTQ, hyper-compression) and the one with the least *layer-output*
-   error among those whose measured bits per weight fit the budget is chosen. Every encoding is
-   kept in ``steps/plan.afz``, so a rerun never encodes again.
+   error among those whose measured bits per weight fit the budget is chosen. A matrix above
+   ``trial_numel`` weights (a pretrained model's embedding) is scored on a row sample, and only
+   the candidates that the budget, a ladder rung or a sweep budget chooses encode it whole. Every
+   encoding is kept in ``steps/plan.afz``, so a rerun never encodes again.
 3. Knowledge distillation: logit KL to the uncompressed model on calibration rows, training only
    what the codecs leave trainable; kept only if it lowers the KL on rows it did not train on.
 4. Quality gate on the validation split (held-out text perplexity, task accuracy, against the
@@ -67,6 +69,11 @@ class Settings(Checked):
     min_numel: int = setting(4096, "[1, 1e12]", doc="smaller tensors are stored fp16")
     importance_floor: float = setting(0.25, "[0, 1]", doc="weight of the uniform part in VPTQ's importance")
     capture_rows: int = setting(16, "[1, 100000]", doc="calibration rows whose layer inputs score the candidates")
+    trial_numel: int = setting(1 << 19, "[1, 1e12]", doc="a larger matrix is scored on evenly spaced rows holding "
+                                                         "about this many weights; the candidates a budget chooses "
+                                                         "then encode it whole")
+    error_elements: int = setting(1 << 26, "[1, 1e12]", doc="per layer, the output elements (of its first captured "
+                                                            "calls) that score the candidates")
     calibration_rows: int = setting(256, "[1, 10000000]", doc="distillation rows (training split)")
     check_rows: int = setting(32, "[1, 100000]", doc="other training rows: does distillation help?")
     kd_steps: int = setting(40, "[0, 10000000]")
@@ -93,6 +100,9 @@ PRESETS: dict[str, Settings] = {
     "tiny": Settings(),
     "small": Settings(capture_rows=32, calibration_rows=1024, check_rows=64, kd_steps=200, kd_batch_size=16,
                       gate_items=25, gate_text_rows=256, final_items=100, final_text_rows=512),
+    "smol": Settings(candidates=["int8", "rtn4", "rtn2", "vptq4", "hyper4"], capture_rows=4, calibration_rows=32,
+                     check_rows=8, kd_steps=8, kd_batch_size=4, sweep_budgets=[2.25, 4.25], gate_items=4,
+                     gate_text_rows=16, final_items=8, final_text_rows=32, eval_batch_size=32),
 }
 
 
@@ -194,10 +204,12 @@ def encode_plan(p: PhaseRun, model, slots, data: PhaseData, path: Path) -> dict:
     from agentforge.compress.select import plan, save_plan
 
     settings = p.settings
-    calibration = Calibration(model, [s for s in slots if s.group != "ternary"], data.capture)
+    calibration = Calibration(model, [s for s in slots if s.group != "ternary"], data.capture,
+                              max_elements=settings.error_elements)
     p.say(f"encoding {len(slots)} tensors with every candidate codec")
     choices = plan(p.bar(slots, "encoding tensors", total=len(slots)), calibration, settings.candidates,
-                   settings.bits_budget, settings.min_numel, settings.importance_floor, say=p.say)
+                   settings.bits_budget, settings.min_numel, settings.importance_floor, say=p.say,
+                   budgets=[*settings.ladder, *settings.sweep_budgets], trial_numel=settings.trial_numel)
     return save_plan(choices, path)
 
 

@@ -108,6 +108,11 @@ PRESETS: dict[str, Settings] = {
                       tool_items_per_round=64, self_model_ranges=5, self_model_prompts=64,
                       self_examples_per_round=64, dream_samples=256, dream_steps=8, eval_items=100, eval_levels=10,
                       tool_eval_items=25, probe_prompts=128, text_rows=256),
+    "smol": Settings(levels=3, assess_items=6, questions_per_family=4, max_rounds=4, steps_per_round=3,
+                     steps_per_level=12, total_steps=24, batch_size=4, train_seq_len=192, replay_examples=16,
+                     tool_items_per_round=4, tool_new_tokens=24, self_model_ranges=2, self_model_prompts=6,
+                     self_examples_per_round=4, dream_samples=8, dream_steps=1, eval_items=8, eval_levels=3,
+                     tool_eval_items=4, probe_prompts=8, text_rows=16, eval_batch_size=32),
 }
 
 
@@ -149,7 +154,8 @@ def build_held_out(p: PhaseRun, tokenizer, validation: dict) -> HeldOut:
     from agentforge.curriculum import tasks
 
     settings = p.settings
-    test = tasks.held_out(settings.families, "test", settings.eval_items, p.seed, levels=range(settings.eval_levels))
+    test = tasks.held_out(settings.families, "test", settings.eval_items, p.seed, levels=range(settings.eval_levels),
+                          render=p.suite(tokenizer).render)
     tool_items = [item for (family, _), items in test.items() if family in tasks.ARITHMETIC
                   for item in items[:settings.tool_eval_items]]
     # probes: the easiest validation prompts of every family, where samples are still answers
@@ -219,7 +225,8 @@ def train_curriculum(p: PhaseRun, source: Loaded, baselines: dict, validation: d
         level_log.truncate_after(-1)  # rows of an interrupted earlier run describe lost work
         round_log.truncate_after(-1)
         curriculum = loop.Curriculum(model, tokenizer, settings, baselines, validation, held.probe_prompts, trainer,
-                                     p.seed, level_log=level_log, round_log=round_log, say=p.say)
+                                     p.seed, level_log=level_log, round_log=round_log, say=p.say,
+                                     render=p.suite(tokenizer).render)
         record = {**curriculum.run().summary(), "dropped_examples": trainer.dropped}
     if layer_states(model) != states:
         raise RuntimeError("curriculum: training changed the model's BitLinear layers; refusing to save it")
@@ -243,7 +250,7 @@ def train_control(p: PhaseRun, record: dict) -> Built:
     n_tasks = max(record["examples"] - n_self, 1)
     p.say(f"equal-compute control ({record['steps']} steps on {n_tasks} random tasks and {n_self} own tagged samples)")
     source = load_input(p)
-    rng, variants = random.Random(p.seed + 1), tasks.VariantSource(p.seed + 1)
+    rng, variants = random.Random(p.seed + 1), tasks.VariantSource(p.seed + 1, render=p.suite(source.tokenizer).render)
     visited = record["visited"]
     families = [f for f in settings.families if visited.get(f)]
     items = []
@@ -289,7 +296,7 @@ def run(p: PhaseRun) -> PhaseResult:
     source = load_input(p)
     model, tokenizer = source.model, source.tokenizer
     n_layers = len(bitlinear_layers(model))
-    validation = tasks.HeldOut("validation", settings.assess_items, p.seed)
+    validation = tasks.HeldOut("validation", settings.assess_items, p.seed, p.suite(tokenizer).render)
     assessment = score_table(p.step("assessment", lambda: assess(p, model, tokenizer, validation)))
     baselines = measure.baselines(assessment, settings.families, settings.target_accuracy)
     held = build_held_out(p, tokenizer, validation)

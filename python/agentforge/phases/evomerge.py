@@ -63,6 +63,8 @@ class Settings(Checked):
     final_items: int = setting(100, "[1, 100000]", doc="test items per family and level (final comparison)")
     final_text_rows: int = setting(256, "[1, 1000000]", doc="test text rows (final comparison)")
     eval_batch_size: int = setting(64, "[1, 65536]")
+    ablation: bool = setting(True, doc="score each method alone on the test split (its default recipe and its best "
+                                       "found: up to two test evaluations per method)")
 
     def check(self) -> None:
         if len(set(self.methods)) != len(self.methods):
@@ -77,6 +79,11 @@ PRESETS: dict[str, Settings] = {
     "small": Settings(evolution=evolve.EvolutionSettings(generations=50, population=16, elites=3, cma_per_generation=4,
                                                          patience=8),
                       selection_items=50, selection_text_rows=256, final_items=100, final_text_rows=512),
+    # a candidate's selection costs ~25 s here; the per-method ablation (16 test evaluations) is left out
+    "smol": Settings(evolution=evolve.EvolutionSettings(generations=2, population=4, elites=1, cma_per_generation=0,
+                                                        patience=2),
+                     methods=["linear", "task_arithmetic", "ties", "dare_ties", "slerp"], selection_items=4,
+                     selection_text_rows=16, final_items=12, final_text_rows=32, eval_batch_size=32, ablation=False),
 }
 
 COSTS = ("flops_per_token", "parameter_bytes")  # counted, so the fitness terms built on them are exact
@@ -193,16 +200,22 @@ def ablation(p: PhaseRun, evolution: evolve.Evolution, space: evolve.SearchSpace
              final, reference: dict) -> dict:
     """Each method alone: its default recipe and the best recipe of it that the search found,
     both scored on the test split."""
+    scored: dict[str, float] = {}  # a recipe that is both a method's default and its best is scored once
+
     def final_fitness(recipe: dict) -> float:
-        report = measure(suite, build(recipe, parents, base), final, p.settings.eval_batch_size)
-        return fitness(report, reference, p.settings)
+        key = evolve.recipe_hash(recipe)
+        if key not in scored:
+            report = measure(suite, build(recipe, parents, base), final, p.settings.eval_batch_size)
+            scored[key] = fitness(report, reference, p.settings)
+        return scored[key]
 
     table = {}
     for method in p.bar(space.methods, "ablation"):
         default, best = space.default(method), evolution.best_of(method) or space.default(method)
         table[method] = {"default_final_fitness": final_fitness(default), "best_recipe": best,
                          "best_selection_fitness": evolution.cache.get(evolve.recipe_hash(best)),
-                         "best_final_fitness": final_fitness(best)}
+                         "best_final_fitness": final_fitness(best),
+                         "best_is_default": evolve.recipe_hash(best) == evolve.recipe_hash(default)}
     return table
 
 
@@ -248,7 +261,8 @@ def run(p: PhaseRun) -> PhaseResult:
         "base": p.parent(p.inputs["trunk"], p.out_dir / "champion")}))
     finals = p.step("test_split", lambda: final_reports(p, champion.model, parents, suite, final))
     test_reference = reference_costs([finals[f"parent_{i}"] for i in range(len(parents))])
-    table = p.step("ablation", lambda: ablation(p, evolution, space, parents, base, suite, final, test_reference))
+    table = p.step("ablation", lambda: ablation(p, evolution, space, parents, base, suite, final, test_reference)) \
+        if settings.ablation else {}
     summary = summarise(settings, result, finals, test_reference, table)
     summary.update(evaluations=len(evolution.cache), search_peak_rss_bytes=max(candidates.peak_rss_bytes),
                    world_size=distributed.world_size())

@@ -96,6 +96,10 @@ PRESETS: dict[str, Settings] = {
     "small": Settings(n_experts=4, discovery_items=64, gradient_items=64, train_items=2000,
                       train=TrainSettings(ce_steps=300, rl_steps=100, seq_len=64), router_items=128, search_items=48,
                       search=SearchSettings(generations=4, population=8), test_items=200, text_rows=256),
+    "smol": Settings(discovery_items=8, gradient_items=8, train_items=64,
+                     train=TrainSettings(ce_steps=10, rl_steps=4, batch_size=8, seq_len=128), router_items=16,
+                     search_items=8, search=SearchSettings(generations=1, population=4), test_items=16, text_rows=16,
+                     eval_batch_size=32),
 }
 
 
@@ -121,6 +125,20 @@ def check_model(base: Loaded) -> None:
 def task_units(p: PhaseRun) -> list[Unit]:
     """Every family of the settings at every task level of the run's data spec."""
     return [Unit(family, level) for family in p.settings.families for level in p.data.task_levels]
+
+
+def check_row_length(p: PhaseRun, tokenizer, units) -> None:
+    """Every training item fits a row of ``train.seq_len`` (found before the SVD, not after it)."""
+    from agentforge.data import pack_tasks
+    from agentforge.experts.discovery import unit_items
+
+    render = p.suite(tokenizer).render
+    items = [it for its in unit_items(units, "train", p.settings.train_items, p.seed, render=render).values()
+             for it in its]
+    try:
+        pack_tasks(tokenizer, items, p.settings.train.seq_len, seed=p.seed)
+    except ValueError as error:
+        raise ConfigError(f"experts.train.seq_len: {error}") from None
 
 
 def svd_basis(p: PhaseRun, model):
@@ -151,7 +169,8 @@ def discover_experts(p: PhaseRun, base: Loaded, basis, units) -> dict:
     found = discover(base.model, basis, base.tokenizer, units, n_experts=settings.n_experts,
                      zone=(settings.zone_low, settings.zone_high), capability_weight=settings.capability_weight,
                      eval_items=settings.discovery_items, gradient_items=settings.gradient_items,
-                     seq_len=settings.train.seq_len, seed=p.seed, batch_size=settings.eval_batch_size)
+                     seq_len=settings.train.seq_len, seed=p.seed, batch_size=settings.eval_batch_size,
+                     render=p.suite(base.tokenizer).render)
     p.say(f"experts {found.to_dict()['experts']}")
     return {"discovery": found.to_dict(), "parameter_counts": basis.parameter_counts()}
 
@@ -161,7 +180,8 @@ def train_one_expert(p: PhaseRun, base: Loaded, basis, name: str, units) -> list
     from agentforge.experts import train_expert
     from agentforge.experts.discovery import unit_items
 
-    items = [it for unit_list in unit_items(units, "train", p.settings.train_items, p.seed).values()
+    render = p.suite(base.tokenizer).render
+    items = [it for unit_list in unit_items(units, "train", p.settings.train_items, p.seed, render=render).values()
              for it in unit_list]
     p.say(f"training expert {name} on {len(items)} items ({', '.join(u.name for u in units)})")
 
@@ -196,7 +216,7 @@ def fit_router(p: PhaseRun, base: Loaded, classes: dict) -> dict:
     from agentforge.experts import Router, features_of
     from agentforge.experts.discovery import unit_items
 
-    items = unit_items(list(classes), "train", p.settings.router_items, p.seed)
+    items = unit_items(list(classes), "train", p.settings.router_items, p.seed, render=p.suite(base.tokenizer).render)
     prompts = [it.prompt for unit_list in items.values() for it in unit_list]
     labels = [classes[u] for u, unit_list in items.items() for _ in unit_list]
     features = features_of(base.model, base.tokenizer, prompts, p.settings.eval_batch_size)
@@ -230,7 +250,8 @@ def search_mixtures(p: PhaseRun, base: Loaded, basis, router, experts: dict, uni
     settings, model, tokenizer = p.settings, base.model, base.tokenizer
     # the validation prompts after those discovery measured: selecting units on some items and then
     # judging mixtures on the same items would favour the base model by regression to the mean
-    pool = unit_items(units, "validation", settings.search_items, p.seed, skip=settings.discovery_items)
+    pool = unit_items(units, "validation", settings.search_items, p.seed, skip=settings.discovery_items,
+                      render=p.suite(tokenizer).render)
     items = [it for unit_list in pool.values() for it in unit_list]
     routes = router.predict(features_of(model, tokenizer, [it.prompt for it in items], settings.eval_batch_size))
     names, memory = list(experts), adapted_bytes(model, basis.names)
@@ -321,7 +342,7 @@ def compare(measured: dict, test_items: dict, discovery: Discovery, router_accur
     """Accuracy and answer-NLL intervals per unit, per expert domain and per task domain; each
     expert's paired gain over the base on its own units; the two-pass model against the base and
     the best single expert on the whole mixed test set."""
-    from agentforge.experts import bootstrap_interval
+    from agentforge.eval.stats import bootstrap_interval
 
     spans, start = {}, 0
     for unit, unit_list in test_items.items():
@@ -375,7 +396,7 @@ def final_comparison(p: PhaseRun, adaptive, tokenizer, experts: dict, discovery:
     from agentforge.experts.discovery import unit_items
 
     settings = p.settings
-    test_items = unit_items(list(classes), "test", settings.test_items, p.seed)
+    test_items = unit_items(list(classes), "test", settings.test_items, p.seed, render=p.suite(tokenizer).render)
     items = [it for unit_list in test_items.values() for it in unit_list]
     routes = adaptive.router.predict(features_of(adaptive.model, tokenizer, [it.prompt for it in items],
                                                  settings.eval_batch_size))
@@ -400,6 +421,7 @@ def run(p: PhaseRun) -> PhaseResult:
     base.model.eval()
     check_model(base)
     units = task_units(p)
+    check_row_length(p, base.tokenizer, units)
     basis = functools.cache(lambda: svd_basis(p, base.model))  # taken by the first step that needs it
     found = p.step("discovery", lambda: discover_experts(p, base, basis(), units))
     discovery = Discovery.from_dict(found["discovery"])

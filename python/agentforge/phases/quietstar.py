@@ -70,6 +70,8 @@ PRESETS: dict[str, Settings] = {
     "small": Settings(thought=ThoughtSettings(thought_length=8, lookahead=4), steps=400, batch_size=16,
                       train_items=5000, candidate_levels=[0, 1, 2, 3, 4], selection_items=100, eval_pairs=6,
                       test_items=300),
+    "smol": Settings(steps=8, batch_size=4, train_items=200, candidate_levels=[0, 1], selection_items=12,
+                     eval_pairs=2, test_items=40, eval_batch_size=16),
 }
 
 

@@ -100,19 +100,14 @@ def _memory_with_thoughts(memory, x, pad_left, n_real: int, parents):
     """The memory output for every column of ``x``: the first ``n_real`` columns as a plain pass
     computes them, each later column read with the state its parent column read; only the real
     columns write."""
-    from agentforge.models.modeling_cognate import _rms_normalize
+    from agentforge.models.modeling_cognate import _rms_normalize, columns_of
 
     T = n_real
     q, k, v = (_rms_normalize(t) for t in memory.to_qkv(x).chunk(3, dim=-1))
     states, reads = memory._read_and_write(x[:, :T], q[:, :T], k[:, :T], v[:, :T], pad_left)
     if not reads:
         return torch.zeros_like(x)
-    # Row b's chunks hold its real tokens in order; put token t back at column pad_left[b] + t.
-    flat = torch.cat(reads, dim=1)
-    columns = torch.arange(T, device=x.device)
-    src = (columns - pad_left[:, None]).clamp(min=0)
-    y = flat.gather(1, src[..., None].expand(-1, -1, flat.shape[-1]))
-    y = y * (columns >= pad_left[:, None])[..., None]
+    y = columns_of(reads, T, pad_left)
     chunk = (parents - pad_left[:, None]) // memory.config.memory_chunk
     q_extra = q[:, T:]
     y_extra = sum(memory._read(w1, w2, q_extra)[0] * (chunk == j)[..., None] for j, (w1, w2) in enumerate(states))

@@ -36,6 +36,21 @@ def device() -> torch.device:
     return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def choose_device(kind: str) -> None:
+    """``--device``: ``cpu`` hides the GPUs from torch (before CUDA starts), ``cuda`` requires one,
+    ``auto`` takes the GPU when torch sees one."""
+    from agentforge.errors import ConfigError
+
+    if kind == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif kind == "cuda" and not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"--device cuda: torch {torch.__version__} ({built}) sees no GPU; "
+                          "use --device cpu or install a CUDA torch")
+    elif kind not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device: expected auto, cpu or cuda, got {kind!r}")
+
+
 def maybe_init() -> bool:
     """Join the process group when launched by torchrun with more than one process (NCCL on CUDA,
     gloo on CPU) unless already joined. Returns whether a process group is active."""

@@ -189,7 +189,8 @@ def _checkpoint(ckpt_dir: Path, model, optimizer, run: _RunState, cfg: TrainConf
 
 def train(model: nn.Module, data, cfg: TrainConfig, *, optimizer: torch.optim.Optimizer,
           out_dir: str | Path, phase: str = "train", loss_fn: LossFn | None = None,
-          eval_fn: EvalFn | None = None, resume: bool = True, stop_fn: StopFn | None = None) -> TrainResult:
+          eval_fn: EvalFn | None = None, resume: bool = True, stop_fn: StopFn | None = None,
+          on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps on ``data``.
 
     ``data``: a ``datasets.Dataset`` or an indexable of dict rows with fixed-length int columns
@@ -202,6 +203,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, optimizer: torch.optim.Op
     ``stop_fn(eval results) -> bool``: True ends training after that evaluation (a target reached);
     every rank sees the same results, so all stop together. ``TrainResult.step`` says where; the
     run is checkpointed there (a resumed run would continue from that step).
+    ``on_step(step, steps, loss)``: after every optimizer step (progress shown elsewhere than a bar).
     Under torchrun the process group is joined and the model wrapped in DDP here; rank 0 alone
     writes. The model is left unwrapped, in train mode, on this rank's device.
     """
@@ -247,6 +249,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, optimizer: torch.optim.Op
             if stop or _due(run.step, cfg.checkpoint_every, cfg.steps):
                 _checkpoint(out_dir / CHECKPOINT_DIR, model, optimizer, run, cfg, fingerprint, logger)
             bar.update(1)
+            if on_step is not None:
+                on_step(run.step, cfg.steps, row["loss"])
             if stop:
                 break
     finally:
