@@ -16,7 +16,7 @@ namespace cpu {
 
 using at::Tensor;
 
-constexpr float kWeightEps = 1e-5f;  // scale = mean|w| + eps
+constexpr float kWeightEps = 1e-5f;  // scale = max(mean|w|, eps)
 constexpr float kActEps = 1e-5f;     // scale = Qp / max(absmax, eps)
 
 std::tuple<Tensor, Tensor> quantize_ternary(const Tensor& w, bool per_channel);

@@ -23,8 +23,9 @@ __all__ = [
 
 
 def quantize_ternary(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """BitNet b1.58 absmean: ``scale = mean|w| + 1e-5`` (per tensor, or per output row), codes
-    ``clamp(round(w / scale), -1, 1)`` as int8. Returns ``(codes [N, K], scale fp32 [1] or [N])``."""
+    """BitNet b1.58 absmean, exactly as the paper's code and Hugging Face's ``WeightQuant``:
+    ``scale = mean|w|.clamp(min=1e-5)`` (per tensor, or per output row), codes
+    ``clamp(round(w * (1 / scale)), -1, 1)`` as int8. Returns ``(codes [N, K], scale fp32 [1] or [N])``."""
     return _impl.quantize_ternary(w, per_channel)
 
 
@@ -72,7 +73,8 @@ def ternary_matmul(x: torch.Tensor, w_prepacked: torch.Tensor, w_scale: torch.Te
 
 
 def ternary_fake_quant(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-    """Quantize-dequantize the weights; the gradient passes straight through (STE)."""
+    """Quantize-dequantize the weights, ``codes / (1 / scale)`` as the reference code computes it;
+    the gradient passes straight through (STE)."""
     return _impl.ternary_fake_quant(w, per_channel)
 
 

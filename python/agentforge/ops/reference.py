@@ -16,20 +16,25 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def quantize_ternary(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    wf = w.detach().float().contiguous()  # summed in row-major order, as the kernel does
-    N, K = wf.shape
+def _ternary_quantize(w: torch.Tensor, per_channel: bool):
+    """The BitNet b1.58 reference weight quantizer (the paper's ``weight_quant``, Hugging Face's
+    ``WeightQuant``), per tensor or per output row: ``scale = mean|w|.clamp(min=1e-5)``, codes
+    ``(w * (1 / scale)).round().clamp(-1, 1)``. Returns codes, scale and ``1 / scale``."""
+    wf = w.detach().float().contiguous()  # reduced in row-major order, as the kernel does
     if wf.numel() == 0:
-        scale = torch.zeros(N if per_channel else 1)
-    elif per_channel:
-        scale = torch.linalg.vector_norm(wf, 1, dim=1) / K  # mean|w|, computed as the kernel does
+        scale = torch.zeros(wf.shape[0] if per_channel else 1)
     else:
-        scale = (torch.linalg.vector_norm(wf, 1) / (N * K)).reshape(1)
-    scale = scale + WEIGHT_EPS
+        scale = wf.abs().mean(dim=1) if per_channel else wf.abs().mean().reshape(1)
+    scale = scale.clamp(min=WEIGHT_EPS)
     if not torch.isfinite(scale).all():
         raise RuntimeError("agentforge.quantize_ternary: w contains NaN or Inf; ternary quantization needs finite weights")
-    s = scale[:, None] if per_channel else scale
-    codes = torch.round(wf / s).clamp(-1, 1).to(torch.int8)
+    inv = 1.0 / scale
+    codes = (wf * (inv[:, None] if per_channel else inv)).round().clamp(-1, 1).to(torch.int8)
+    return codes, scale, inv
+
+
+def quantize_ternary(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scale, _ = _ternary_quantize(w, per_channel)
     return codes, scale
 
 
@@ -99,8 +104,8 @@ def unprepack_ternary(w: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def _quantize_dequantize_weight(w, per_channel):
-    codes, scale = quantize_ternary(w, per_channel)
-    return (codes.float() * (scale[:, None] if per_channel else scale)).to(w.dtype)
+    codes, _, inv = _ternary_quantize(w, per_channel)
+    return (codes.float() / (inv[:, None] if per_channel else inv)).to(w.dtype)
 
 
 def _quantize_dequantize_activations(x, bits):
