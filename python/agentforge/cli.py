@@ -22,7 +22,7 @@ COMMANDS = {
     "models": "agentforge.commands.models",
     "report": "agentforge.commands.report",
     "generate": "agentforge.commands.generate",
-    "bench": "agentforge.bench",
+    "bench": "agentforge.commands.bench",
 }
 
 
