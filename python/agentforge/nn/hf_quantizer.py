@@ -117,7 +117,8 @@ def _checkpoint_index(files) -> dict[str, tuple[str, list[int]]]:
     return index
 
 
-def _expected_tensors(linear: nn.Linear, state: str, per_channel: bool, bits: float) -> dict[str, tuple[set, list[int]]]:
+def _expected_tensors(linear: nn.Linear, state: str, per_channel: bool,
+                      bits: float) -> dict[str, tuple[set, list[int]]]:
     """{suffix: (allowed safetensors dtypes, shape)} that a layer's checkpoint must hold."""
     N, K = linear.out_features, linear.in_features
     floats = {"F32", "F16", "BF16", "F64"}

@@ -18,9 +18,9 @@ else:
 
 __all__ = [
     "quantize_ternary", "quantize_activations", "pack_ternary", "unpack_ternary", "pack_ternary_base3",
-    "unpack_ternary_base3", "prepack_ternary", "unprepack_ternary", "prepacked_info", "ternary_matmul", "ternary_fake_quant",
-    "act_fake_quant", "bitlinear", "cpu_info", "extension_loaded", "set_isa", "reference", "cache_bytes",
-    "cold_layout", "last_level_cache_bytes", "read_bandwidth",
+    "unpack_ternary_base3", "prepack_ternary", "unprepack_ternary", "prepacked_info", "ternary_matmul",
+    "ternary_fake_quant", "act_fake_quant", "bitlinear", "cpu_info", "extension_loaded", "set_isa", "reference",
+    "cache_bytes", "cold_layout", "last_level_cache_bytes", "read_bandwidth",
 ]
 
 

@@ -83,8 +83,8 @@ def cold_layout(N: int, K: int) -> str:
 
 def read_bandwidth(nbytes: int | None = None, reps: int = 7) -> float:
     """The machine's read bandwidth in GB/s on torch's current threads: the best of ``reps`` reads
-    of a buffer (default 4x the last-level cache, so it streams from memory) by a STREAM-like
+    of a buffer (default 8x the last-level cache, where it streams from memory) by a STREAM-like
     kernel, each thread reading one contiguous share, as the GEMV's threads do."""
     if _C is None:
         raise RuntimeError("agentforge: read_bandwidth needs the native extension; reinstall agentforge")
-    return _C.read_bandwidth(nbytes or 4 * last_level_cache_bytes(), reps)
+    return _C.read_bandwidth(nbytes or 8 * last_level_cache_bytes(), reps)

@@ -88,9 +88,10 @@ def _check_prepacked_shape(op: str, w, K) -> None:
 
 @_fake("prepack_ternary")
 def _(packed, K=-1, layout="2bit"):
+    op = "prepack_ternary"
     torch._check(packed.dtype == torch.uint8 and packed.dim() == 2,
-                 lambda: f"agentforge.prepack_ternary: packed must be uint8 2-D, got {packed.dtype} {list(packed.shape)}")
-    torch._check(layout in BLOCK_K, lambda: f"agentforge.prepack_ternary: unknown layout '{layout}'; use '2bit' or 'base3'")
+                 lambda: f"agentforge.{op}: packed must be uint8 2-D, got {packed.dtype} {list(packed.shape)}")
+    torch._check(layout in BLOCK_K, lambda: f"agentforge.{op}: unknown layout '{layout}'; use '2bit' or 'base3'")
     K = 4 * packed.shape[1] if K == -1 else K
     torch._check(K >= 0 and _ceil_div(K, 4) == packed.shape[1],
                  lambda: f"agentforge.prepack_ternary: K={K} needs {_ceil_div(K, 4)} bytes per canonical row, packed "
