@@ -36,4 +36,17 @@ def pytest_terminal_summary(terminalreporter):
         for o in others:
             name = o.extra_info.get("impl", o.name)
             ratios = ", ".join(f"{_median(b) / _median(o):6.2f}x vs {b.extra_info.get('impl', b.name)}" for b in bases)
-            tr.write_line(f"  {name:<22} {_median(o) * 1e3:10.3f} ms   {ratios}")
+            tr.write_line(f"  {name:<22} {_median(o) * 1e3:10.3f} ms   {ratios}{_bandwidth(o)}")
+        for b in bases:
+            if _bandwidth(b):
+                tr.write_line(f"  {b.extra_info.get('impl', b.name):<22} {_median(b) * 1e3:10.3f} ms{_bandwidth(b)}")
+
+
+def _bandwidth(bench) -> str:
+    """", 16.2 GB/s = 84 % of 19.3 GB/s read bandwidth" for cold benchmarks, else ""."""
+    info = bench.extra_info
+    if "weight_bytes" not in info:
+        return ""
+    gbs = info["weight_bytes"] / _median(bench) / 1e9
+    bw = info["read_bandwidth_gbs"]
+    return f", {gbs:.1f} GB/s = {100 * gbs / bw:.0f} % of {bw:.1f} GB/s read bandwidth"

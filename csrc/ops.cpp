@@ -2,7 +2,9 @@
 // csrc/cpu/, CUDA kernels in csrc/cuda/ (when built); fake kernels, autograd and the
 // pure-PyTorch references are in python/agentforge/ops/.
 //
-// The module also binds cpu_info() with pybind11 (the one non-op binding).
+// The module also binds, with pybind11, the few functions that are not ops: cpu_info, set_isa,
+// and the two measurements (cold_layout, read_bandwidth) that the layout choice and
+// `agentforge bench --cold` rest on.
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -17,7 +19,7 @@ TORCH_LIBRARY(agentforge, m) {
   m.def("unpack_ternary(Tensor packed, int K) -> Tensor");
   m.def("pack_ternary_base3(Tensor codes) -> Tensor");
   m.def("unpack_ternary_base3(Tensor packed, int K) -> Tensor");
-  m.def("prepack_ternary(Tensor packed) -> Tensor");
+  m.def("prepack_ternary(Tensor packed, int K=-1, str layout=\"2bit\") -> Tensor");
   m.def("unprepack_ternary(Tensor w_prepacked, int K) -> Tensor");
   m.def("ternary_matmul(Tensor x, Tensor w_prepacked, Tensor w_scale, Tensor? bias=None, int act_bits=8) -> Tensor");
   m.def("ternary_fake_quant(Tensor w, bool per_channel=False) -> Tensor");
@@ -81,4 +83,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_info", &cpu_info, "Detected CPU features, the active kernel ISA and the measured backend table");
   m.def("set_isa", &agentforge::cpu::set_active_isa,
         "Use the kernels of a lower ISA (scalar, avx2, avx512) than the one detected; for tests and benchmarks");
+  m.def(
+      "cold_layout",
+      [](int64_t N, int64_t K) {
+        double us_2bit = 0, us_base3 = 0;
+        const auto layout = agentforge::cpu::cold_layout(N, K, &us_2bit, &us_base3);
+        return pybind11::make_tuple(agentforge::cpu::layout_name(layout), us_2bit, us_base3);
+      },
+      "(layout, us_2bit, us_base3): the prepacked layout whose M=1 matmul of N x K weights is faster with the "
+      "weights streamed from memory (caches flushed before each timed call), and the two best times");
+  m.def("read_bandwidth", &agentforge::cpu::read_bandwidth,
+        "Read bandwidth in GB/s of a STREAM-like kernel over a fresh nbytes buffer on torch's threads (one "
+        "contiguous share each), the best of reps passes");
 }

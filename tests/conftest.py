@@ -36,6 +36,18 @@ def backend(request, monkeypatch):
     return request.param
 
 
+# (prepacked layout, AGENTFORGE_BACKEND): every matmul kernel family. base3 weights have one kernel.
+KERNELS = {"2bit-int8": ("2bit", "int8"), "2bit-popcount": ("2bit", "popcount"), "base3": ("base3", "auto")}
+
+
+@pytest.fixture(params=list(KERNELS))
+def kernel(request, monkeypatch):
+    """Each prepacked layout with each backend that reads it; returns the layout to prepack in."""
+    layout, backend = KERNELS[request.param]
+    monkeypatch.setenv("AGENTFORGE_BACKEND", backend)
+    return layout
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     # Every test draws its random inputs from the same seed: failures reproduce exactly.

@@ -90,18 +90,22 @@ def random_activations(shape, dtype=torch.float32, generator=None) -> torch.Tens
     return x.to(dtype)
 
 
-def prepacked(codes: torch.Tensor) -> torch.Tensor:
-    """Int8 codes in {-1, 0, 1} -> the kernels' prepacked layout, through the canonical format."""
-    return ops.prepack_ternary(ops.pack_ternary(codes))
+PREPACK_LAYOUTS = ("2bit", "base3")
 
 
-def make_matmul_inputs(lead, N, K, dtype=torch.float32, per_channel=False, with_bias=False, generator=None):
+def prepacked(codes: torch.Tensor, layout: str = "2bit") -> torch.Tensor:
+    """Int8 codes in {-1, 0, 1} -> a prepacked tensor in `layout`, through the canonical format."""
+    return ops.prepack_ternary(ops.pack_ternary(codes), codes.shape[1], layout)
+
+
+def make_matmul_inputs(lead, N, K, dtype=torch.float32, per_channel=False, with_bias=False, generator=None,
+                       layout="2bit"):
     """Inputs for ternary_matmul: x [*lead, K], prepacked codes [N, K], fp32 scale [1] or [N], bias [N] or None."""
     x = random_activations((*lead, K), dtype, generator)
     codes = random_codes(N, K, generator)
     scale = torch.rand(N if per_channel else 1, generator=generator) + 0.05
     bias = torch.randn(N, generator=generator).to(dtype) if with_bias else None
-    return x, codes, prepacked(codes), scale, bias
+    return x, codes, prepacked(codes, layout), scale, bias
 
 
 def dequantized_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

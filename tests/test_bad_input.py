@@ -37,6 +37,23 @@ def with_byte(t, index, value):
     return t
 
 
+def with_header(w, offset, value):
+    """A copy of a prepacked tensor with header byte `offset` set and the header checksum fixed,
+    as a build with another format version, layout or tile would have written it."""
+    w = w.clone()
+    w[-1, offset] = value
+    h = 2166136261
+    for b in w[-1, :28].tolist():
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    w[-1, 28:32] = torch.tensor(list(h.to_bytes(4, "little")), dtype=torch.uint8)
+    return w
+
+
+def headerless(N=5, K=7):
+    """The prepacked layout of agentforge before format 2: [N, KB * 32], no header row."""
+    return torch.randint(0, 255, (N, -(-K // 128) * 32), dtype=torch.uint8)
+
+
 ONE = torch.ones(1)
 NAN_W = torch.tensor([[1.0, float("nan")], [0.5, 0.25]])
 INF_W = torch.tensor([[1.0, float("inf")], [0.5, 0.25]])
@@ -84,7 +101,12 @@ BAD_CALLS = {
     "ternary_matmul-0d-x": (lambda: mm(torch.tensor(1.0), w_pre(), ONE), r"ternary_matmul: x must have at least one dimension"),
     "ternary_matmul-1d-w": (lambda: mm(x(), w_pre()[0], ONE), r"ternary_matmul: w_prepacked must be a 2-D uint8"),
     "ternary_matmul-K-mismatch": (lambda: mm(x(3, 129), w_pre(5, 7), ONE),
-                                  r"ternary_matmul: x has K=129 features but w_prepacked holds 1 blocks of 128 \(K in 1..128\)"),
+                                  r"ternary_matmul: x has K=129 features \(x shape \[3, 129\]\) but w_prepacked was "
+                                  r"packed for K=7 \(w_prepacked shape \[6, 32\]\)"),
+    "ternary_matmul-K-same-block": (lambda: mm(x(2, 120), w_pre(5, 100), ONE),
+                                    r"ternary_matmul: x has K=120 features .* packed for K=100"),
+    "ternary_matmul-K-same-block-base3": (lambda: mm(x(2, 120), prepacked(codes(5, 100), "base3"), ONE),
+                                          r"ternary_matmul: x has K=120 features .* packed for K=100"),
     "ternary_matmul-scale-length": (lambda: mm(x(), w_pre(), torch.ones(2)),
                                     r"ternary_matmul: w_scale must be float32 of shape \[1\] or \[5\]"),
     "ternary_matmul-scale-2d": (lambda: mm(x(), w_pre(), torch.ones(5, 1)), r"ternary_matmul: w_scale must be float32 of shape"),
@@ -97,10 +119,47 @@ BAD_CALLS = {
     "unpack_ternary_base3-K-too-small": (lambda: ops.unpack_ternary_base3(packed5(5, 7), 5),
                                          r"unpack_ternary_base3: K=5 needs 1 bytes per row, packed has 2"),
     "unprepack_ternary-K-too-big": (lambda: ops.unprepack_ternary(w_pre(5, 7), 129),
-                                    r"unprepack_ternary: K=129 needs 64 prepacked bytes per row, got 32"),
+                                    r"unprepack_ternary: K=129 but w_prepacked \(shape \[6, 32\]\) was packed for K=7"),
     "unprepack_ternary-K-negative": (lambda: ops.unprepack_ternary(w_pre(5, 7), -3), r"unprepack_ternary: K=-3"),
+    "prepack_ternary-K-too-big": (lambda: ops.prepack_ternary(packed(5, 7), 9),
+                                  r"prepack_ternary: K=9 needs 3 bytes per canonical row, packed has 2"),
+    "prepack_ternary-bad-layout": (lambda: ops.prepack_ternary(packed(5, 7), 7, "3bit"),
+                                   r"prepack_ternary: unknown layout '3bit'; use '2bit' or 'base3'"),
+    "prepack_ternary-padding": (lambda: ops.prepack_ternary(ops.pack_ternary(-torch.ones(2, 8, dtype=torch.int8)), 6),
+                                r"prepack_ternary: .*non-zero padding at row 0, element 6 \(is K=6 right\?\)"),
+    # not a prepacked tensor: canonical bytes, the headerless format before version 2, views
     "ternary_matmul-w-not-prepacked": (lambda: mm(x(), packed(5, 7), ONE),
-                                       r"ternary_matmul: w_prepacked has 2 bytes per row, not a multiple of 32"),
+                                       r"ternary_matmul: w_prepacked of shape \[5, 2\] has no prepacked header"),
+    "ternary_matmul-w-format-1": (lambda: mm(x(), headerless(5, 7), ONE),
+                                  r"ternary_matmul: .*has no prepacked header.*older than prepack format 2"),
+    "ternary_matmul-row-slice": (lambda: mm(x(), w_pre(12, 7)[2:], ONE),
+                                 r"ternary_matmul: w_prepacked has shape \[11, 32\] but its header describes "
+                                 r"N=12, K=7 in the 2bit layout, i.e. shape \[13, 32\]: a slice"),
+    "ternary_matmul-row-slice-drops-header": (lambda: mm(x(), w_pre(12, 7)[:6], ONE),
+                                              r"ternary_matmul: w_prepacked of shape \[6, 32\] has no prepacked header "
+                                              r"in its last row: .*a slice or view"),
+    "ternary_matmul-column-slice": (lambda: mm(x(3, 300), w_pre(5, 300)[:, :64], ONE),
+                                    r"ternary_matmul: w_prepacked has shape \[6, 64\] but its header describes "
+                                    r"N=5, K=300 in the 2bit layout, i.e. shape \[6, 96\]"),
+    "ternary_matmul-reshape": (lambda: mm(x(3, 129), w_pre(5, 129).reshape(12, 32), ONE),
+                               r"ternary_matmul: w_prepacked of shape \[12, 32\] has no prepacked header"),
+    "unprepack_ternary-row-slice": (lambda: ops.unprepack_ternary(w_pre(12, 7)[2:], 7),
+                                    r"unprepack_ternary: w_prepacked has shape \[11, 32\] but its header describes"),
+    # corrupt or foreign headers
+    "ternary_matmul-header-byte": (lambda: mm(x(), with_byte(w_pre(5, 7), (-1, 9), 1), ONE),
+                                   r"ternary_matmul: the header of w_prepacked \(shape \[6, 32\]\) is corrupt"),
+    "ternary_matmul-header-checksum": (lambda: mm(x(), with_byte(w_pre(5, 7), (-1, 30), 0), ONE),
+                                       r"ternary_matmul: the header .* is corrupt: its checksum does not match"),
+    "ternary_matmul-header-version": (lambda: mm(x(), with_header(w_pre(5, 7), 4, 3), ONE),
+                                      r"ternary_matmul: w_prepacked has prepack format version 3; this build reads "
+                                      r"version 2"),
+    "ternary_matmul-header-layout": (lambda: mm(x(), with_header(w_pre(5, 7), 5, 9), ONE),
+                                     r"ternary_matmul: w_prepacked names layout 9, which this build does not know"),
+    "ternary_matmul-header-tile": (lambda: mm(x(), with_header(w_pre(5, 7), 6, 4), ONE),
+                                   r"ternary_matmul: w_prepacked was laid out in tiles of 4 rows; this build's kernels "
+                                   r"read tiles of 8"),
+    "ternary_matmul-header-other-layout": (lambda: mm(x(3, 300), with_header(w_pre(5, 300), 5, 2), ONE),
+                                           r"header describes N=5, K=300 in the base3 layout, i.e. shape \[6, 65\]"),
     # corrupt packed bytes
     "unpack_ternary-code-3": (lambda: ops.unpack_ternary(with_byte(packed(5, 7), (2, 0), 0b11), 7),
                               r"unpack_ternary: corrupt packed ternary tensor: invalid code 3 at row 2, element 0"),
@@ -116,7 +175,7 @@ BAD_CALLS = {
                                      r"unpack_ternary_base3: corrupt base-3 tensor: non-zero padding at row 3"),
     "prepack_ternary-code-3": (lambda: ops.prepack_ternary(with_byte(packed(5, 7), (0, 1), 0xFF)),
                                r"prepack_ternary: corrupt packed ternary tensor: invalid code 3"),
-    "unprepack_ternary-code-3": (lambda: ops.unprepack_ternary(with_byte(w_pre(5, 7), (1, 3), 0xFF), 7),
+    "unprepack_ternary-code-3": (lambda: ops.unprepack_ternary(with_byte(w_pre(5, 7), (0, 3), 0xFF), 7),
                                  r"unprepack_ternary: corrupt prepacked tensor: invalid code 3"),
     # activation bits out of range
     "quantize_activations-bits-1": (lambda: ops.quantize_activations(x(), 1), r"quantize_activations: bits must be in \[2, 8\], got 1"),
@@ -176,6 +235,12 @@ def test_set_isa_refuses_an_unknown_name():
         ops.set_isa("sse2")
 
 
+def test_popcount_backend_refuses_base3_weights(monkeypatch):
+    monkeypatch.setenv("AGENTFORGE_BACKEND", "popcount")
+    with pytest.raises(RuntimeError, match="the popcount backend reads the 2bit layout and these weights are base3"):
+        mm(x(), prepacked(codes(5, 7), "base3"), ONE)
+
+
 def test_unknown_backend_is_rejected(monkeypatch):
     monkeypatch.setenv("AGENTFORGE_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="AGENTFORGE_BACKEND='cuda' is not one of auto, int8, popcount"):
@@ -216,8 +281,9 @@ def test_pack_ops_empty(N, K):
     c = torch.zeros(N, K, dtype=torch.int8)
     p, p5 = ops.pack_ternary(c), ops.pack_ternary_base3(c)
     assert p.shape == (N, -(-K // 4)) and p5.shape == (N, -(-K // 5))
-    pre = ops.prepack_ternary(p)
-    assert pre.shape == (N, -(-K // 128) * 32)
+    pre = ops.prepack_ternary(p, K)
+    assert pre.shape == (N + 1, max(-(-K // 128) * 32, 32))
+    assert ops.prepack_ternary(p, K, "base3").shape == (N + 1, max(-(-K // 160) * 32, 32) + 1)
     assert_same(ops.unpack_ternary(p, K), c)
     assert_same(ops.unpack_ternary_base3(p5, K), c)
     assert_same(ops.unprepack_ternary(pre, K), p)
@@ -259,8 +325,8 @@ REFERENCE_PACK_FNS = {
     "pack_ternary_base3": lambda: ref.pack_ternary_base3(torch.zeros(0, 5, dtype=torch.int8)),
     "unpack_ternary": lambda: ref.unpack_ternary(torch.zeros(0, 2, dtype=torch.uint8), 5),
     "unpack_ternary_base3": lambda: ref.unpack_ternary_base3(torch.zeros(0, 1, dtype=torch.uint8), 5),
-    "prepack_ternary": lambda: ref.prepack_ternary(torch.zeros(0, 2, dtype=torch.uint8)),
-    "unprepack_ternary": lambda: ref.unprepack_ternary(torch.zeros(0, 32, dtype=torch.uint8), 5),
+    "prepack_ternary": lambda: ref.prepack_ternary(torch.zeros(0, 2, dtype=torch.uint8), 5)[:-1],  # the header row
+    "unprepack_ternary": lambda: ref.unprepack_ternary(ref.prepack_ternary(torch.zeros(0, 2, dtype=torch.uint8), 5), 5),
 }
 
 
@@ -276,3 +342,51 @@ def test_k_beyond_exact_accumulation_is_refused(op):
     call = (lambda: mm(x_big, w_pre(1, K), ONE)) if op == "ternary_matmul" else (lambda: ops.bitlinear(x_big, torch.ones(1, K)))
     with pytest.raises(RuntimeError, match=rf"{op}: K={K} is too large"):
         call()
+
+
+# --- fake kernels refuse what the real kernels refuse ---------------------------------------
+
+# Calls whose error is decided by shapes, dtypes and ranges alone, so torch.compile's fake
+# kernels must raise too (a fake kernel cannot read the header: the exact-K cases are above).
+SHAPE_ERRORS = {
+    "K-300-vs-1-block": (lambda: (x(3, 300), w_pre(5, 100), ONE, None, 8)),
+    "K-129-vs-1-block": (lambda: (x(3, 129), w_pre(5, 7), ONE, None, 8)),
+    "K-161-vs-1-base3-block": (lambda: (x(3, 161), prepacked(codes(5, 7), "base3"), ONE, None, 8)),
+    "headerless-rows": (lambda: (x(), packed(5, 7), ONE, None, 8)),
+    "1d-w": (lambda: (x(), w_pre()[0], ONE, None, 8)),
+    "int8-w": (lambda: (x(), w_pre().to(torch.int8), ONE, None, 8)),
+    "scale-length": (lambda: (x(), w_pre(), torch.ones(2), None, 8)),
+    "scale-dtype": (lambda: (x(), w_pre(), ONE.half(), None, 8)),
+    "bias-shape": (lambda: (x(), w_pre(), ONE, torch.ones(4), 8)),
+    "act-bits": (lambda: (x(), w_pre(), ONE, None, 9)),
+    "int-x": (lambda: (torch.ones(3, 7, dtype=torch.int32), w_pre(), ONE, None, 8)),
+    "0d-x": (lambda: (torch.tensor(1.0), w_pre(), ONE, None, 8)),
+}
+
+
+@pytest.mark.parametrize("make_args", SHAPE_ERRORS.values(), ids=SHAPE_ERRORS.keys())
+def test_fake_kernel_refuses_what_the_kernel_refuses(make_args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = make_args()
+    with pytest.raises(RuntimeError):
+        mm(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(RuntimeError):
+            torch.ops.agentforge.ternary_matmul(*fake)
+
+
+def test_fake_kernels_give_the_real_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for layout in ("2bit", "base3"):
+        p = packed(9, 300)
+        real = ops.prepack_ternary(p, 300, layout)
+        with FakeTensorMode() as mode:
+            fake_p = mode.from_tensor(p)
+            assert torch.ops.agentforge.prepack_ternary(fake_p, 300, layout).shape == real.shape
+            fake_w = mode.from_tensor(real)
+            assert torch.ops.agentforge.unprepack_ternary(fake_w, 300).shape == (9, 75)
+            assert torch.ops.agentforge.ternary_matmul(mode.from_tensor(x(2, 300)), fake_w,
+                                                       mode.from_tensor(ONE)).shape == (2, 9)

@@ -75,29 +75,46 @@ def test_pack_keeps_outputs_and_frees_latent_weight(K, N, per_channel):
     assert layer.w_scale.shape == ((N,) if per_channel else (1,))
 
 
-def test_packed_state_dict_is_canonical_and_round_trips():
+@pytest.mark.parametrize("bits, pack, per_byte", [(2, ops.pack_ternary, 4), (1.6, ops.pack_ternary_base3, 5)])
+def test_packed_state_dict_is_canonical_and_round_trips(bits, pack, per_byte):
     layer = make_layer(K=37, N=12, per_channel=True)
     codes, scale = ops.quantize_ternary(layer.weight.detach(), True)
-    layer.pack()
+    layer.pack(bits)
+    assert ops.prepacked_info(layer.w_prepacked)["layout"] == {2: "2bit", 1.6: "base3"}[bits]
     sd = layer.state_dict()
     assert set(sd) == {"bias", "weight_packed", "weight_scale"}
-    assert sd["weight_packed"].dtype == torch.uint8 and sd["weight_packed"].shape == (12, math.ceil(37 / 4))
-    assert torch.equal(sd["weight_packed"], ops.pack_ternary(codes))
+    assert sd["weight_packed"].dtype == torch.uint8 and sd["weight_packed"].shape == (12, math.ceil(37 / per_byte))
+    assert torch.equal(sd["weight_packed"], pack(codes))
     assert torch.equal(sd["weight_scale"], scale)
 
-    fresh = make_layer(K=37, N=12, per_channel=True, seed=5).pack()
+    fresh = make_layer(K=37, N=12, per_channel=True, seed=5).pack(bits)
     fresh.load_state_dict(sd)  # strict: no missing or unexpected keys
     x = torch.randn(3, 37)
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
     assert torch.equal(fresh.w_prepacked, layer.w_prepacked)
 
 
-def test_from_packed_builds_a_packed_layer():
-    layer = make_layer(K=33, N=8).pack()
+def test_both_widths_compute_the_same_layer():
+    two, one_six = make_layer(K=300, N=20).pack(2), make_layer(K=300, N=20).pack(1.6)
+    x = torch.randn(2, 5, 300)
+    with torch.no_grad():
+        assert torch.equal(two(x), one_six(x))
+    assert "bits=1.6" in repr(one_six)
+
+
+def test_pack_refuses_other_widths():
+    with pytest.raises(ValueError, match=r"bits must be 2 \(2-bit layout\) or 1.6"):
+        make_layer().pack(bits=1.58)
+
+
+@pytest.mark.parametrize("bits", [2, 1.6])
+def test_from_packed_builds_a_packed_layer(bits):
+    layer = make_layer(K=33, N=8).pack(bits)
     sd = layer.state_dict()
-    rebuilt = BitLinear.from_packed(sd["weight_packed"], sd["weight_scale"], in_features=33, bias=sd["bias"])
+    rebuilt = BitLinear.from_packed(sd["weight_packed"], sd["weight_scale"], in_features=33, bias=sd["bias"],
+                                    bits=bits)
     x = torch.randn(4, 33)
-    assert (rebuilt.in_features, rebuilt.out_features, rebuilt.state) == (33, 8, "packed")
+    assert (rebuilt.in_features, rebuilt.out_features, rebuilt.state, rebuilt.bits) == (33, 8, "packed", bits)
     torch.testing.assert_close(rebuilt(x), layer(x), rtol=0, atol=0)
 
 
@@ -122,6 +139,15 @@ def test_loading_packed_weights_into_a_training_layer_says_pack_first():
         make_layer().load_state_dict(sd)
 
 
+def test_corrupt_base3_checkpoint_is_a_clear_error():
+    sd = {k: v.clone() for k, v in make_layer().pack(1.6).state_dict().items()}
+    sd["weight_packed"].view(-1)[0] = 250
+    with pytest.raises(RuntimeError, match="base-3 byte above 242"):
+        make_layer(seed=3).pack(1.6).load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="needs 10 at 2 bits"):  # a 1.6-bit checkpoint into a 2-bit layer
+        make_layer(seed=3).pack(2).load_state_dict(make_layer().pack(1.6).state_dict())
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda sd: sd.update(weight_packed=sd["weight_packed"][:, :-1].contiguous()), "bytes per row"),
     (lambda sd: sd.update(weight_packed=sd["weight_packed"][:-1].contiguous()), "holds 23 rows and 1 scales"),
@@ -139,31 +165,35 @@ def test_corrupt_packed_checkpoint_is_a_clear_error(corrupt, message):
         make_layer(seed=3).pack().load_state_dict(sd)
 
 
-def _bits_per_weight(N, K):
+def _bits_per_weight(N, K, bits=2):
     """A packed BitLinear of shape N x K built from random canonical bytes (no float weights)."""
-    B = math.ceil(K / 4)
-    c = torch.randint(0, 3, (4, N, B), dtype=torch.uint8)
-    layer = BitLinear.from_packed(c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6, torch.ones(1), in_features=K)
+    codes = torch.randint(-1, 2, (N, K), dtype=torch.int8)
+    packed = ops.pack_ternary_base3(codes) if bits == 1.6 else ops.pack_ternary(codes)
+    layer = BitLinear.from_packed(packed, torch.ones(1), in_features=K, bits=bits)
     w = layer.w_prepacked
     weight_bits = w.numel() * w.element_size() * 8 / (N * K)
     with_scales = (w.numel() * w.element_size() + layer.w_scale.numel() * 4) * 8 / (N * K)
     return weight_bits, with_scales
 
 
+@pytest.mark.parametrize("bits", [2, 1.6])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008), (2560, 6912)])
-def test_packed_memory_realistic_shapes_at_most_2_01_bits(N, K):
-    bits, with_scales = _bits_per_weight(N, K)
-    print(f"\npacked {N}x{K}: {bits:.4f} bits/weight, {with_scales:.6f} with scales")
-    assert bits <= 2.01 and with_scales <= 2.01
+def test_packed_memory_realistic_shapes_pay_only_block_padding(N, K, bits):
+    # 1.6 bits in blocks of 160 weights: K = 4096 is 25.6 blocks, so 26 are stored (1.625 bits).
+    block = ops.reference.BLOCK_K[{2: "2bit", 1.6: "base3"}[bits]]
+    measured, with_scales = _bits_per_weight(N, K, bits)
+    print(f"\npacked {N}x{K} at {bits}: {measured:.4f} bits/weight, {with_scales:.6f} with scales")
+    assert measured <= bits * math.ceil(K / block) * block / K + 0.01 and with_scales <= measured + 0.01
 
 
+@pytest.mark.parametrize("bits", [2, 1.6])
 @pytest.mark.parametrize("N,K", [(4095, 4097), (1000, 999), (37, 5)])
-def test_packed_memory_odd_shapes_pays_only_the_kernel_block_padding(N, K):
-    # The kernel layout pads K to a multiple of ops.reference.BLOCK_K codes per row, so odd K
-    # costs 2 * ceil(K/BLOCK_K) * BLOCK_K / K bits; canonical storage pads K to a multiple of 4.
-    block = ops.reference.BLOCK_K
-    bits, with_scales = _bits_per_weight(N, K)
-    canonical = math.ceil(K / 4) * 8 / K
-    print(f"\npacked {N}x{K}: {bits:.4f} bits/weight ({with_scales:.4f} with scales), canonical {canonical:.4f}")
-    assert bits == pytest.approx(2 * math.ceil(K / block) * block / K)
-    assert bits < 2 + 2 * block / K
+def test_packed_memory_odd_shapes_pays_only_the_kernel_block_padding(N, K, bits):
+    # The kernel layout pads K to a multiple of the block (128 weights at 2 bits, 160 at 1.6)
+    # and adds one header row (plus one byte per row at 1.6, which names the layout).
+    block = ops.reference.BLOCK_K[{2: "2bit", 1.6: "base3"}[bits]]
+    measured, _ = _bits_per_weight(N, K, bits)
+    row = max(math.ceil(K / block) * 32, 32) + (bits == 1.6)
+    print(f"\npacked {N}x{K} at {bits}: {measured:.4f} bits/weight")
+    assert measured == pytest.approx((N + 1) * row * 8 / (N * K))
+    assert measured < bits + bits * block / K + row * 8 / (N * K) + 8 / K

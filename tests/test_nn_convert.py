@@ -139,9 +139,10 @@ def test_compile_fullgraph_training_forward_and_backward():
     assert torch._dynamo.explain(model)(x).graph_break_count == 0
 
 
-def test_compile_fullgraph_packed_forward():
+@pytest.mark.parametrize("bits", [2, 1.6])
+def test_compile_fullgraph_packed_forward(bits):
     torch._dynamo.reset()
-    model = pack_bitnet(convert_to_bitnet(mlp()))
+    model = pack_bitnet(convert_to_bitnet(mlp()), bits=bits)
     x = torch.randn(3, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x))

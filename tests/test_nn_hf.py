@@ -261,3 +261,64 @@ def test_hf_converters_reject_what_hf_cannot_hold():
         from_hf_bitnet(torch.zeros(2, 5, dtype=torch.uint8), torch.ones(1), "bitnet")
     with pytest.raises(ValueError, match="uint8"):
         unpack_hf_bitnet(torch.zeros(2, 5))
+
+
+# --- 1.6-bit (base-3) packed models -----------------------------------------------------------
+
+def _packed_copy(saved, bits):
+    model = convert_to_bitnet(tiny_llama())
+    model.load_state_dict(load(saved["root"] / "latent").state_dict())
+    return pack_bitnet(model.eval(), bits=bits)
+
+
+def test_a_1_6_bit_model_round_trips_through_save_and_load(saved, tmp_path):
+    model = _packed_copy(saved, 1.6)
+    model.save_pretrained(tmp_path / "base3")
+    config = json.loads((tmp_path / "base3" / "config.json").read_text())["quantization_config"]
+    assert config["bits"] == 1.6
+    tensors = load_file(tmp_path / "base3" / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj"
+    assert tensors[f"{q}.weight_packed"].shape == (64, 13)  # ceil(64 / 5) bytes per row
+    reloaded = load(tmp_path / "base3")
+    layers = [m for m in reloaded.modules() if isinstance(m, BitLinear)]
+    assert all(m.bits == 1.6 and ops.prepacked_info(m.w_prepacked)["layout"] == "base3" for m in layers)
+    ids = saved["ids"]
+    with torch.no_grad():  # the same ternary codes as the 2-bit model: the same logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, saved["model"](input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
+
+
+def test_mixed_widths_are_recorded_per_layer(saved, tmp_path):
+    model = convert_to_bitnet(tiny_llama())
+    model.load_state_dict(load(saved["root"] / "latent").state_dict())
+    for name, layer in model.named_modules():
+        if isinstance(layer, BitLinear):
+            layer.pack(1.6 if "mlp" in name else 2)
+    from agentforge.nn.convert import record_in_config
+
+    record_in_config(model)
+    model.save_pretrained(tmp_path / "mixed")
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    assert config["bits"] == sorted(n for n, m in model.named_modules() if isinstance(m, BitLinear) and "mlp" in n)
+    reloaded = load(tmp_path / "mixed")
+    assert {n: m.bits for n, m in reloaded.named_modules() if isinstance(m, BitLinear)} == \
+        {n: m.bits for n, m in model.named_modules() if isinstance(m, BitLinear)}
+
+
+def test_auto_width_measures_only_models_that_do_not_fit_in_cache(saved, monkeypatch):
+    assert {m.bits for m in _packed_copy(saved, "auto").modules() if isinstance(m, BitLinear)} == {2}
+    calls = []
+    monkeypatch.setattr(ops, "last_level_cache_bytes", lambda: 0)  # as if nothing fitted
+    monkeypatch.setattr(ops, "cold_layout", lambda N, K: calls.append((N, K)) or ("base3" if N == 128 else "2bit"))
+    model = _packed_copy(saved, "auto")
+    assert set(calls) == {(64, 64), (32, 64), (128, 64), (64, 128)}
+    assert all(m.bits == (1.6 if m.out_features == 128 else 2) for m in model.modules() if isinstance(m, BitLinear))
+
+
+def test_a_checkpoint_saved_before_1_6_bits_loads_as_2_bits(saved, tmp_path):
+    shutil.copytree(saved["root"] / "packed", tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    config = json.loads(path.read_text())
+    del config["quantization_config"]["bits"]
+    path.write_text(json.dumps(config))
+    assert all(m.bits == 2 for m in load(tmp_path / "old").modules() if isinstance(m, BitLinear))

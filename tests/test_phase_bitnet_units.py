@@ -63,7 +63,7 @@ def test_output_error_is_zero_when_weights_and_inputs_are_exactly_representable(
 def test_output_error_by_hand_for_rows_of_different_magnitude():
     layer = linear(torch.tensor([[1.0, -1.0], [0.01, -0.01]]))
     x = torch.tensor([[1.0, 0.0]])  # y = [1, 0.01]
-    scale = (2 + 0.02) / 4 + 1e-5  # per tensor: mean|W| + eps; row 2 rounds to all zeros
+    scale = (2 + 0.02) / 4  # per tensor: mean|W| (above the 1e-5 floor); row 2 rounds to all zeros
     expected = ((1 - scale) ** 2 + 0.01 ** 2) / (1 + 0.01 ** 2)
     assert output_error(x, layer, per_channel=False) == pytest.approx(expected, rel=1e-4)
     assert output_error(x, layer, per_channel=True) < 1e-6  # one scale per row represents both rows

@@ -32,7 +32,7 @@ def test_quantize_ternary_known_answer():
     w = torch.tensor([[0.0, 0.3, -0.3, 2.0, -2.0, 0.49]])
     codes, scale = ops.quantize_ternary(w)
     assert codes.tolist() == [[0, 0, 0, 1, -1, 1]]
-    torch.testing.assert_close(scale, torch.tensor([5.09 / 6 + 1e-5]))
+    torch.testing.assert_close(scale, torch.tensor([5.09 / 6]))
 
 
 def test_quantize_ternary_per_channel_scales_rows_independently():
@@ -42,7 +42,7 @@ def test_quantize_ternary_per_channel_scales_rows_independently():
     per_row, scale = ops.quantize_ternary(w, per_channel=True)
     assert per_tensor.tolist() == [[1, 1, -1, 1], [0, 0, 0, 0]]
     assert per_row.tolist() == [[1, 1, -1, 1], [1, -1, 0, 0]]
-    torch.testing.assert_close(scale, torch.tensor([1000.0 + 1e-5, 5e-4 + 1e-5]))
+    torch.testing.assert_close(scale, torch.tensor([1000.0, 5e-4]))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -60,6 +60,51 @@ def test_quantize_ternary_ignores_memory_layout(layout, per_channel):
     ref_codes, ref_scale = ref.quantize_ternary(w, per_channel)
     assert_same(codes, ref_codes)
     assert_same(scale, ref_scale)
+
+
+def paper_weight_quant(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BitNet b1.58 weight quantizer as the paper's code writes it, per tensor or per row:
+    scale = 1 / mean|w|.clamp(min=1e-5); codes = (w * scale).round().clamp(-1, 1)."""
+    wf = w.float()
+    scale = (wf.abs().mean(dim=-1, keepdim=True) if per_channel else wf.abs().mean()).clamp(min=1e-5)
+    inv = 1.0 / scale
+    return (wf * inv).round().clamp(-1, 1).to(torch.int8), scale.reshape(-1)
+
+
+ODD_WEIGHT_SHAPES = [(1, 1000), (3, 4099), (17, 129), (129, 1000), (7, 2049), (1000, 3)]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("shape", ODD_WEIGHT_SHAPES)
+def test_quantize_ternary_is_the_paper_formula_bit_for_bit(shape, per_channel):
+    # Weights of mixed magnitudes, some rows tiny (they hit the 1e-5 floor per channel).
+    g = torch.Generator().manual_seed(shape[0] * 7919 + shape[1])
+    w = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g).pow(4)
+    w[0] *= 1e-7
+    codes, scale = ops.quantize_ternary(w, per_channel)
+    want_codes, want_scale = paper_weight_quant(w, per_channel)
+    assert_same(codes, want_codes)
+    assert_same(scale, want_scale)
+    inv = 1.0 / (want_scale[:, None] if per_channel else want_scale)
+    assert_same(ops.ternary_fake_quant(w, per_channel), want_codes.float() / inv)
+
+
+@pytest.mark.parametrize("shape", ODD_WEIGHT_SHAPES)
+def test_ternary_fake_quant_equals_transformers_weight_quant(shape):
+    bitnet = pytest.importorskip("transformers.integrations.bitnet")
+    # WeightQuant.forward is @torch.compile'd; its undecorated body is the reference code itself.
+    forward = bitnet.WeightQuant.forward
+    forward = getattr(forward, "_torchdynamo_orig_callable", getattr(forward, "__wrapped__", forward))
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])) * 0.02
+    for dtype in (torch.float32, torch.bfloat16):
+        assert_same(ops.ternary_fake_quant(w.to(dtype)), forward(None, w.to(dtype)))
+
+
+def test_quantize_ternary_no_longer_adds_eps_to_the_scale():
+    # mean|w| + 1e-5 moved codes that sit near a rounding boundary; the reference clamps instead.
+    w = torch.tensor([[0.5, -0.5, 1.5, 1.5]])  # mean 1.0: w / scale = [0.5, -0.5, 1.5, 1.5]
+    codes, scale = ops.quantize_ternary(w)
+    assert scale.item() == 1.0 and codes.tolist() == [[0, 0, 1, 1]]  # half to even: 0.5 -> 0
 
 
 def test_reference_quantize_ternary_ignores_memory_layout():

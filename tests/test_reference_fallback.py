@@ -63,8 +63,10 @@ def test_ops_fall_back_to_reference_without_extension():
         ops.bitlinear(x, w).square().sum().backward()
         assert w.grad.abs().sum() > 0 and x.grad.abs().sum() > 0  # STE, not round()'s zero gradient
         codes, scale = ops.quantize_ternary(w.detach())
-        y = ops.ternary_matmul(x.detach(), ops.prepack_ternary(ops.pack_ternary(codes)), scale)
-        torch.testing.assert_close(y, ops.bitlinear(x.detach(), w.detach()), rtol=0, atol=0)
+        for layout in ("2bit", "base3"):
+            y = ops.ternary_matmul(x.detach(), ops.prepack_ternary(ops.pack_ternary(codes), 130, layout), scale)
+            torch.testing.assert_close(y, ops.bitlinear(x.detach(), w.detach()), rtol=0, atol=0)
+        assert ops.cold_layout(8, 130) == "2bit"  # nothing to measure without the kernels
         print("fallback ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

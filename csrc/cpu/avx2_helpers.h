@@ -20,21 +20,19 @@ inline __m256i code_plane(__m256i packed, int s, __m256i mask3) {
   return _mm256_and_si256(_mm256_srli_epi16(packed, 2 * s), mask3);
 }
 
-// Weight bit-planes of a 32-byte block: bits 2s (low) and 2s+1 (high) of every byte are the
-// code bits of elements 32s..32s+31; shifting one to bit 7 lets movemask gather it.
-// Code 2 (w = +1) has the high bit, code 0 (w = -1) neither.
-inline void weight_planes_simd(const uint8_t* block, uint64_t pos[2], uint64_t neg[2]) {
+// Code bit-planes of a 32-byte block (see weight_planes_scalar): bits 2s (low) and 2s+1 (high)
+// of every byte are the code bits of elements 32s..32s+31; shifting one to bit 7 lets movemask
+// gather it.
+inline void weight_planes_simd(const uint8_t* block, uint64_t lo[2], uint64_t hi[2]) {
   __m256i v = _mm256_loadu_si256((const __m256i*)block);
-  uint32_t lo[4], hi[4];
+  uint32_t l[4], h[4];
   for (int s = 0; s < 4; ++s) {
-    lo[s] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(v, 7 - 2 * s));
-    hi[s] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(v, 6 - 2 * s));
+    l[s] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(v, 7 - 2 * s));
+    h[s] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(v, 6 - 2 * s));
   }
-  for (int h = 0; h < 2; ++h) {
-    uint64_t l = lo[2 * h] | ((uint64_t)lo[2 * h + 1] << 32);
-    uint64_t p = hi[2 * h] | ((uint64_t)hi[2 * h + 1] << 32);
-    pos[h] = p;
-    neg[h] = ~(l | p);
+  for (int i = 0; i < 2; ++i) {
+    lo[i] = l[2 * i] | ((uint64_t)l[2 * i + 1] << 32);
+    hi[i] = h[2 * i] | ((uint64_t)h[2 * i + 1] << 32);
   }
 }
 

@@ -84,6 +84,11 @@ MatmulKernel matmul_kernel(Backend backend, Isa isa) {
   return (backend == Backend::int8 ? int8 : popcount)[static_cast<int>(isa)];
 }
 
+MatmulKernel base3_kernel(Isa isa) {
+  static const MatmulKernel kernels[] = {base3_matmul_scalar, base3_matmul_avx2, base3_matmul_avx512};
+  return kernels[static_cast<int>(isa)];
+}
+
 std::string backend_override() {
   const char* env = std::getenv("AGENTFORGE_BACKEND");
   std::string value = env ? env : "";

@@ -17,7 +17,8 @@ namespace agentforge {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunkBlocks = 32;
+constexpr int64_t kChunkBlocks = 32;      // GEMM: K chunk decoded at once
+constexpr int64_t kGemvChunkBlocks = 16;  // GEMV with M > 1: blocks of a tile reused from L1 per row of x
 
 // acc + Σ4 u8·s8 per int32 lane. GCC 12 copies every accumulator twice around each
 // _mm512_dpbusd_epi32 inside a loop (two register moves per multiply, which halved the GEMV
@@ -40,25 +41,29 @@ inline int32_t hsum512(__m512i v) {
   return hsum256(_mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)));
 }
 
-// c0 + c1/4 + c2/16 + c3/64 for the mask-decoded code planes of gemv_tiles; exact, because
-// each plane's accumulator only ever holds multiples of its scale.
+inline __m512i lo256(__m256i v) { return _mm512_castsi256_si512(v); }
+inline __m256i half(__m512i v, int h) { return h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v); }
+
+// Arithmetic right shift of every int32 lane (SIMDe 0.7 has no _mm512_srai_epi32: shift each
+// 256-bit half there).
+template <int S>
+inline __m512i srai(__m512i v) {
+#ifdef AF_SIMDE
+  return _mm512_inserti64x4(lo256(_mm256_srai_epi32(half(v, 0), S)), _mm256_srai_epi32(half(v, 1), S), 1);
+#else
+  return _mm512_srai_epi32(v, S);
+#endif
+}
+
+// c0 + c1/4 + c2/16 + c3/64 for the mask-decoded code planes of gemv_tile_2bit; exact,
+// because each plane's accumulator only ever holds multiples of its scale.
 inline __m256i combine_planes(const __m256i c[4]) {
   return _mm256_add_epi32(_mm256_add_epi32(c[0], _mm256_srai_epi32(c[1], 2)),
                           _mm256_add_epi32(_mm256_srai_epi32(c[2], 4), _mm256_srai_epi32(c[3], 6)));
 }
 
 inline __m512i combine_planes(const __m512i c[4]) {
-#ifdef AF_SIMDE  // SIMDe 0.7 has no _mm512_srai_epi32: combine each 256-bit half
-  __m256i lo[4], hi[4];
-  for (int s = 0; s < 4; ++s) {
-    lo[s] = _mm512_castsi512_si256(c[s]);
-    hi[s] = _mm512_extracti64x4_epi64(c[s], 1);
-  }
-  return _mm512_inserti64x4(_mm512_castsi256_si512(combine_planes(lo)), combine_planes(hi), 1);
-#else
-  return _mm512_add_epi32(_mm512_add_epi32(c[0], _mm512_srai_epi32(c[1], 2)),
-                          _mm512_add_epi32(_mm512_srai_epi32(c[2], 4), _mm512_srai_epi32(c[3], 6)));
-#endif
+  return _mm512_add_epi32(_mm512_add_epi32(c[0], srai<2>(c[1])), _mm512_add_epi32(srai<4>(c[2]), srai<6>(c[3])));
 }
 
 // Row sums of four row-pair vectors (lanes 0-7: row 2q, lanes 8-15: row 2q + 1), returned
@@ -74,84 +79,169 @@ inline __m256i row_sums(const __m512i s[4]) {
   return _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, c));
 }
 
-// GEMV over T consecutive row tiles of R rows each (T > 1 only for full tiles, R = 4). A tile
-// stores the R rows of one K block back to back, so one 64-byte load holds two rows; the
-// block's activations are broadcast to both halves and shared by every tile of the call.
-// Codes are decoded by masks alone: byte & 0x03 is code c0, & 0x0C is 4·c1, & 0x30 is 16·c2
-// and & 0xC0 is 64·c3 (elements 0..31, 32..63, 64..95, 96..127 of the block), each
-// multiplied into its own accumulator, which is divided back (exactly) at the end: 4 ands
-// and 4 vpdpbusd per 256 weights, no shifts. Bound: the 64· accumulator gains at most
-// 4·128·128 per block and lane, so it stays inside int32 for K < 2^21 (checked in matmul.cpp).
-template <int T, int R>
-void gemv_tiles(const MatmulArgs& a, const int8_t* x, int32_t x_sum, int32_t* out, int64_t n) {
-  constexpr int P = R / 2;  // row pairs per tile in zmm registers; an odd last row uses a ymm
-  constexpr bool odd = R % 2;
+// Adds the row sums of the P row-pair vectors and of the odd last row (when R is odd) to acc.
+template <int R>
+inline void add_rows(const __m512i pairs[], __m256i odd, int32_t* acc) {
+  constexpr int P = R / 2;
+  __m512i s[4];
+  for (int q = 0; q < 4; ++q) s[q] = q < P ? pairs[q] : _mm512_setzero_si512();
+  alignas(32) int32_t rows[8];
+  _mm256_store_si256((__m256i*)rows, row_sums(s));
+  for (int r = 0; r < 2 * P; ++r) acc[r] += rows[r];
+  if (R % 2) acc[R - 1] += hsum256(odd);
+}
+
+template <int R>
+inline void prefetch_ahead(const uint8_t* blk) {
+  for (int l = 0; l < (R * kBlockBytes + 63) / 64; ++l)
+    _mm_prefetch((const char*)(blk + kPrefetchBytes + 64 * l), _MM_HINT_T0);
+}
+
+// acc[r] += Σ c·x over blocks [kb0, kb1) of one 2bit tile of R ≤ 8 rows. A tile stores the R
+// rows of one block back to back, so one 64-byte load holds two rows; the block's activations
+// are broadcast to both halves. Codes are decoded by masks alone: byte & 0x03 is code c0,
+// & 0x0C is 4·c1, & 0x30 is 16·c2 and & 0xC0 is 64·c3 (elements 0..31, 32..63, 64..95,
+// 96..127 of the block), each multiplied into its own accumulator, which is divided back
+// (exactly) at the end: 4 ands and 4 vpdpbusd per 256 weights, no shifts. Bound: the 64·
+// accumulator gains at most 4·192·128 per block and lane (code 3 included), so it stays
+// inside int32 for K < 2^21 (checked in matmul.cpp).
+template <int R>
+void gemv_tile_2bit(const uint8_t* tile, int64_t kb0, int64_t kb1, const int8_t* x, int32_t* acc) {
+  constexpr int P = R / 2;  // row pairs in zmm registers; an odd last row uses a ymm
   const __m512i mask[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x30),
                            _mm512_set1_epi8((char)0xC0)};
-  const uint8_t* tile[T];
-  for (int t = 0; t < T; ++t) tile[t] = a.w + block_offset(a.N, a.KB, n + t * kTileRows, 0);
-  __m512i acc[T * P > 0 ? T * P : 1][4];
-  __m256i acc_odd[4];
-  for (int p = 0; p < T * P; ++p)
-    for (int s = 0; s < 4; ++s) acc[p][s] = _mm512_setzero_si512();
-  for (int s = 0; s < 4; ++s) acc_odd[s] = _mm256_setzero_si256();
-  for (int64_t kb = 0; kb < a.KB; ++kb) {
+  __m512i a[P > 0 ? P : 1][4];
+  __m256i a_odd[4];
+  for (int p = 0; p < P; ++p)
+    for (int s = 0; s < 4; ++s) a[p][s] = _mm512_setzero_si512();
+  for (int s = 0; s < 4; ++s) a_odd[s] = _mm256_setzero_si256();
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const uint8_t* blk = tile + kb * R * kBlockBytes;
+    prefetch_ahead<R>(blk);
     __m512i xs[4];
     for (int s = 0; s < 4; ++s)
       xs[s] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(x + kb * kBlockK + 32 * s)));
-    for (int t = 0; t < T; ++t)
-      for (int p = 0; p < P; ++p) {
-        const __m512i v = _mm512_loadu_si512((const void*)(tile[t] + (kb * R + 2 * p) * kBlockBytes));
-        for (int s = 0; s < 4; ++s) acc[t * P + p][s] = dpbusd(acc[t * P + p][s], _mm512_and_si512(v, mask[s]), xs[s]);
+    for (int p = 0; p < P; ++p) {
+      const __m512i v = _mm512_loadu_si512((const void*)(blk + 2 * p * kBlockBytes));
+      for (int s = 0; s < 4; ++s) a[p][s] = dpbusd(a[p][s], _mm512_and_si512(v, mask[s]), xs[s]);
+    }
+    if (R % 2) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(blk + (R - 1) * kBlockBytes));
+      for (int s = 0; s < 4; ++s) a_odd[s] = dpbusd(a_odd[s], _mm256_and_si256(v, half(mask[s], 0)), half(xs[s], 0));
+    }
+  }
+  __m512i pairs[P > 0 ? P : 1];
+  for (int p = 0; p < P; ++p) pairs[p] = combine_planes(a[p]);
+  add_rows<R>(pairs, combine_planes(a_odd), acc);
+}
+
+// acc[r] += Σ c·x over blocks [kb0, kb1) of one base3 tile. With states m_0 = q' and
+// m_(p+1) = 3 m_p mod 256 (byte adds), code c_p = floor(3 m_p / 256) = (3 m_p − m_(p+1)) / 256,
+// so Σ c_p x_p = (3 Σ m_p x_p − Σ m_(p+1) x_p) / 256: two vpdpbusd per code plane and no
+// decode at all. Per lane, 3A − B is a multiple of 256, so the shift is exact. Bound: A and B
+// gain at most 5·4·255·128 per block and lane; the window of kBase3Window blocks keeps
+// |3A − B| < 2^31.
+constexpr int64_t kBase3Window = 512;
+
+template <int R>
+void gemv_tile_base3(const uint8_t* tile, int64_t kb0, int64_t kb1, const int8_t* x, int32_t* acc) {
+  constexpr int P = R / 2;
+  constexpr int V = P + R % 2;  // vectors per block: row pairs, plus the odd last row in a low half
+  __m512i total[V];
+  for (int v = 0; v < V; ++v) total[v] = _mm512_setzero_si512();
+  for (int64_t w0 = kb0; w0 < kb1; w0 += kBase3Window) {
+    const int64_t w1 = kb1 - w0 < kBase3Window ? kb1 : w0 + kBase3Window;
+    __m512i A[V], B[V];
+    for (int v = 0; v < V; ++v) A[v] = B[v] = _mm512_setzero_si512();
+    for (int64_t kb = w0; kb < w1; ++kb) {
+      const uint8_t* blk = tile + kb * R * kBlockBytes;
+      prefetch_ahead<R>(blk);
+      __m512i xs[5];
+      for (int p = 0; p < 5; ++p)
+        xs[p] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(x + kb * kBase3BlockK + 32 * p)));
+      for (int v = 0; v < V; ++v) {
+        // the odd row's vector has zeros above it: m = 0 contributes nothing
+        __m512i m = v < P ? _mm512_loadu_si512((const void*)(blk + 2 * v * kBlockBytes))
+                          : lo256(_mm256_loadu_si256((const __m256i*)(blk + (R - 1) * kBlockBytes)));
+        if (v == P) m = _mm512_inserti64x4(m, _mm256_setzero_si256(), 1);
+        for (int p = 0; p < 5; ++p) {
+          A[v] = dpbusd(A[v], m, xs[p]);
+          m = _mm512_add_epi8(_mm512_add_epi8(m, m), m);
+          B[v] = dpbusd(B[v], m, xs[p]);
+        }
       }
-    if (odd) {
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(tile[0] + (kb * R + R - 1) * kBlockBytes));
-      for (int s = 0; s < 4; ++s)
-        acc_odd[s] = dpbusd(acc_odd[s], _mm256_and_si256(v, _mm512_castsi512_si256(mask[s])),
-                            _mm512_castsi512_si256(xs[s]));
     }
+    for (int v = 0; v < V; ++v)
+      total[v] = _mm512_add_epi32(total[v], srai<8>(_mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(A[v], A[v]), A[v]), B[v])));
   }
-  // Undo the plane scales, then sum the 8 lanes of each row for all pairs at once.
-  __m512i pair_sums[4];
-  for (int q = 0; q < 4; ++q) pair_sums[q] = q < T * P ? combine_planes(acc[q]) : _mm512_setzero_si512();
-  alignas(32) int32_t rows[8];
-  _mm256_store_si256((__m256i*)rows, _mm256_sub_epi32(row_sums(pair_sums), _mm256_set1_epi32(x_sum)));
-  for (int r = 0; r < 2 * T * P; ++r) out[n + r] = rows[r];
-  if (odd) out[n + R - 1] = hsum256(combine_planes(acc_odd)) - x_sum;
+  add_rows<R>(total, R % 2 ? half(total[V - 1], 0) : _mm256_setzero_si256(), acc);
 }
 
-void gemv_rows(const MatmulArgs& a, const int8_t* x, int32_t x_sum, int32_t* out, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 2 * kTileRows <= n1; n += 2 * kTileRows) gemv_tiles<2, 4>(a, x, x_sum, out, n);
-  for (; n < n1; n += kTileRows) {
-    switch (rows_in_tile(a.N, n)) {
-      case 4: gemv_tiles<1, 4>(a, x, x_sum, out, n); break;
-      case 3: gemv_tiles<1, 3>(a, x, x_sum, out, n); break;
-      case 2: gemv_tiles<1, 2>(a, x, x_sum, out, n); break;
-      default: gemv_tiles<1, 1>(a, x, x_sum, out, n); break;
+// GEMV (M ≤ 3): every tile is read once, front to back. With M > 1, a chunk of the tile is
+// multiplied by each row of x while it sits in L1, so memory sees one stream whatever M is.
+template <template <int> class Tile>
+void gemv_rows(const MatmulArgs& a, int64_t block_k, int64_t n0, int64_t n1) {
+  const int64_t Kp = a.KB * block_k;
+  const int64_t chunk = a.M == 1 ? a.KB : kGemvChunkBlocks;
+  for (int64_t n = n0; n < n1; n += kTileRows) {
+    const int64_t rows = rows_in_tile(a.N, n);
+    const uint8_t* tile = a.w + block_offset(a.N, a.KB, n, 0);
+    int32_t acc[3][kTileRows] = {};
+    for (int64_t kb0 = 0; kb0 < a.KB; kb0 += chunk) {
+      const int64_t kb1 = a.KB - kb0 < chunk ? a.KB : kb0 + chunk;
+      for (int64_t m = 0; m < a.M; ++m) Tile<kTileRows>::dispatch(rows, tile, kb0, kb1, a.x + m * Kp, acc[m]);
     }
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t r = 0; r < rows; ++r) a.out[m * a.N + n + r] = acc[m][r] - a.x_sum[m];
   }
 }
 
-void decode_chunk(const MatmulArgs& a, int64_t n, int64_t kb0, int64_t nkb, uint8_t codes[][kChunkBlocks * kBlockK]) {
+// Tile<8>::dispatch(rows, ...) calls the kernel instantiated for a tile of `rows` rows.
+#define AF_TILE_DISPATCH(Name, fn)                                                                          \
+  template <int R>                                                                                         \
+  struct Name {                                                                                            \
+    static void dispatch(int64_t rows, const uint8_t* t, int64_t kb0, int64_t kb1, const int8_t* x,         \
+                         int32_t* acc) {                                                                   \
+      if (rows == R) return fn<R>(t, kb0, kb1, x, acc);                                                    \
+      if constexpr (R > 1) Name<R - 1>::dispatch(rows, t, kb0, kb1, x, acc);                               \
+    }                                                                                                      \
+  };
+AF_TILE_DISPATCH(Tile2bit, gemv_tile_2bit)
+AF_TILE_DISPATCH(TileBase3, gemv_tile_base3)
+#undef AF_TILE_DISPATCH
+
+// GEMM: a K chunk of (up to) 4 rows of a tile decoded into plain u8 codes, zero padded to a
+// multiple of 64, then MR activation rows against the 4 code rows.
+constexpr int64_t kChunkCodes = kChunkBlocks * kBase3BlockK;
+
+void decode_2bit(const MatmulArgs& a, int64_t n, int64_t rows, int64_t kb0, int64_t nkb,
+                 uint8_t codes[][kChunkCodes]) {
   const __m256i mask3 = _mm256_set1_epi8(3);
-  const int64_t rows = rows_in_tile(a.N, n);
-  for (int64_t r = 0; r < kTileRows; ++r) {
+  for (int64_t r = 0; r < rows; ++r)
     for (int64_t kb = 0; kb < nkb; ++kb) {
-      uint8_t* dst = codes[r] + kb * kBlockK;
-      __m256i v = r < rows ? _mm256_loadu_si256((const __m256i*)(a.w + block_offset(a.N, a.KB, n + r, kb0 + kb)))
-                           : _mm256_setzero_si256();
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(a.w + block_offset(a.N, a.KB, n + r, kb0 + kb)));
       for (int s = 0; s < 4; ++s)
-        _mm256_storeu_si256((__m256i*)(dst + 32 * s), code_plane(v, s, mask3));
+        _mm256_storeu_si256((__m256i*)(codes[r] + kb * kBlockK + 32 * s), code_plane(v, s, mask3));
     }
-  }
 }
 
-// acc[i][r] += Σ_k codes[r][k] · x[i][k]; len is a multiple of 128, so 64-byte steps never
-// run past the chunk.
+void decode_base3(const MatmulArgs& a, int64_t n, int64_t rows, int64_t kb0, int64_t nkb,
+                  uint8_t codes[][kChunkCodes]) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const uint8_t* blk = a.w + block_offset(a.N, a.KB, n + r, kb0 + kb);
+      for (int j = 0; j < 32; ++j) {
+        uint8_t c[5];
+        base3_decode(blk[j], c);
+        for (int p = 0; p < 5; ++p) codes[r][kb * kBase3BlockK + 32 * p + j] = c[p];
+      }
+    }
+}
+
+// acc[i][r] += Σ_k codes[r][k] · x[i][k]; len is a multiple of 64 (codes zero padded).
 template <int MR>
-void gemm_micro(const uint8_t codes[][kChunkBlocks * kBlockK], const int8_t* x, int64_t x_stride, int64_t len,
-                int32_t acc_out[][kTileRows]) {
+void gemm_micro(const uint8_t codes[][kChunkCodes], const int8_t* x, int64_t x_stride, int64_t len,
+                int32_t acc_out[][4]) {
   __m512i acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < 4; ++r) acc[i][r] = _mm512_setzero_si512();
@@ -172,31 +262,38 @@ void gemm_micro(const uint8_t codes[][kChunkBlocks * kBlockK], const int8_t* x, 
     for (int r = 0; r < 4; ++r) acc_out[i][r] += hsum512(acc[i][r]);
 }
 
-// Outputs of a tile for a block of activation rows are summed locally and written once, so
-// threads on neighbouring tiles never share a cache line in the inner loop.
+// Outputs of 4 rows for a block of activation rows are summed locally and written once, so
+// threads on neighbouring tiles never share a cache line in the inner loop. A tile's two
+// halves are decoded in turn; the second reads the chunk from cache. With base3 blocks a
+// chunk's length may end mid-64: its zero codes meet activations past the row (or the 64
+// bytes of slack after the last row), which add nothing.
 constexpr int64_t kRowBlock = 64;
 
-void gemm_rows(const MatmulArgs& a, int64_t n0, int64_t n1) {
-  alignas(64) uint8_t codes[kTileRows][kChunkBlocks * kBlockK];
-  int32_t acc[kRowBlock][kTileRows];
-  const int64_t Kp = a.KB * kBlockK;
-  for (int64_t n = n0; n < n1; n += kTileRows) {
-    const int64_t rows = rows_in_tile(a.N, n);
+typedef void (*DecodeChunk)(const MatmulArgs&, int64_t, int64_t, int64_t, int64_t, uint8_t[][kChunkCodes]);
+
+void gemm_rows(const MatmulArgs& a, int64_t block_k, DecodeChunk decode, int64_t n0, int64_t n1) {
+  alignas(64) uint8_t codes[4][kChunkCodes];
+  int32_t acc[kRowBlock][4];
+  const int64_t Kp = a.KB * block_k;
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t rows = n1 - n < 4 ? n1 - n : 4;
     for (int64_t m0 = 0; m0 < a.M; m0 += kRowBlock) {
       const int64_t mb = a.M - m0 < kRowBlock ? a.M - m0 : kRowBlock;
       for (int64_t i = 0; i < mb; ++i)
-        for (int64_t r = 0; r < kTileRows; ++r) acc[i][r] = -a.x_sum[m0 + i];
+        for (int64_t r = 0; r < 4; ++r) acc[i][r] = -a.x_sum[m0 + i];
       for (int64_t kb0 = 0; kb0 < a.KB; kb0 += kChunkBlocks) {
         const int64_t nkb = a.KB - kb0 < kChunkBlocks ? a.KB - kb0 : kChunkBlocks;
-        decode_chunk(a, n, kb0, nkb, codes);
-        const int8_t* x = a.x + m0 * Kp + kb0 * kBlockK;
-        const int64_t len = nkb * kBlockK;
+        const int64_t len = nkb * block_k, padded = (len + 63) / 64 * 64;
+        for (int64_t r = 0; r < 4; ++r)
+          for (int64_t k = r < rows ? len : 0; k < padded; ++k) codes[r][k] = 0;
+        decode(a, n, rows, kb0, nkb, codes);
+        const int8_t* x = a.x + m0 * Kp + kb0 * block_k;
         int64_t i = 0;
-        for (; i + 4 <= mb; i += 4) gemm_micro<4>(codes, x + i * Kp, Kp, len, acc + i);
+        for (; i + 4 <= mb; i += 4) gemm_micro<4>(codes, x + i * Kp, Kp, padded, acc + i);
         switch (mb - i) {
-          case 3: gemm_micro<3>(codes, x + i * Kp, Kp, len, acc + i); break;
-          case 2: gemm_micro<2>(codes, x + i * Kp, Kp, len, acc + i); break;
-          case 1: gemm_micro<1>(codes, x + i * Kp, Kp, len, acc + i); break;
+          case 3: gemm_micro<3>(codes, x + i * Kp, Kp, padded, acc + i); break;
+          case 2: gemm_micro<2>(codes, x + i * Kp, Kp, padded, acc + i); break;
+          case 1: gemm_micro<1>(codes, x + i * Kp, Kp, padded, acc + i); break;
           default: break;
         }
       }
@@ -209,16 +306,18 @@ void gemm_rows(const MatmulArgs& a, int64_t n0, int64_t n1) {
 }  // namespace
 
 void int8_matmul_avx512(const MatmulArgs& a, int64_t n0, int64_t n1) {
-  if (a.M < 4) {
-    const int64_t Kp = a.KB * kBlockK;
-    for (int64_t m = 0; m < a.M; ++m) gemv_rows(a, a.x + m * Kp, a.x_sum[m], a.out + m * a.N, n0, n1);
-  } else {
-    gemm_rows(a, n0, n1);
-  }
+  if (a.M < 4) return gemv_rows<Tile2bit>(a, kBlockK, n0, n1);
+  gemm_rows(a, kBlockK, decode_2bit, n0, n1);
+}
+
+void base3_matmul_avx512(const MatmulArgs& a, int64_t n0, int64_t n1) {
+  if (a.M < 4) return gemv_rows<TileBase3>(a, kBase3BlockK, n0, n1);
+  gemm_rows(a, kBase3BlockK, decode_base3, n0, n1);
 }
 
 // All activation bit-planes of a 64-element half fit one zmm (bits ≤ 8 lanes): one vpopcntq
 // per weight plane counts every bit at once; the 2^b weights are applied once per output.
+// The dot product is Σ (lo + 2 hi) x − Σ x (see weight_planes_scalar).
 void popcount_matmul_avx512(const MatmulArgs& a, int64_t n0, int64_t n1) {
   const int bits = a.act_bits;
   const uint8_t lanes = (uint8_t)((1u << bits) - 1);  // a __mmask8
@@ -226,22 +325,22 @@ void popcount_matmul_avx512(const MatmulArgs& a, int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < a.M; ++m) {
       __m512i counts = _mm512_setzero_si512();
       for (int64_t kb = 0; kb < a.KB; ++kb) {
-        uint64_t pos[2], neg[2];
-        weight_planes_simd(a.w + block_offset(a.N, a.KB, n, kb), pos, neg);
+        uint64_t lo[2], hi[2];
+        weight_planes_simd(a.w + block_offset(a.N, a.KB, n, kb), lo, hi);
         const uint64_t* xp = a.planes + (m * a.KB + kb) * 2 * bits;
         for (int h = 0; h < 2; ++h) {
           // planes is padded by 8 words (matmul.cpp), so the full load stays in bounds
           __m512i xv = _mm512_maskz_mov_epi64(lanes, _mm512_loadu_si512((const void*)(xp + h * bits)));
-          __m512i pc = _mm512_popcnt_epi64(_mm512_and_si512(xv, _mm512_set1_epi64((long long)pos[h])));
-          __m512i nc = _mm512_popcnt_epi64(_mm512_and_si512(xv, _mm512_set1_epi64((long long)neg[h])));
-          counts = _mm512_add_epi64(counts, _mm512_sub_epi64(pc, nc));
+          __m512i lc = _mm512_popcnt_epi64(_mm512_and_si512(xv, _mm512_set1_epi64((long long)lo[h])));
+          __m512i hc = _mm512_popcnt_epi64(_mm512_and_si512(xv, _mm512_set1_epi64((long long)hi[h])));
+          counts = _mm512_add_epi64(counts, _mm512_add_epi64(lc, _mm512_add_epi64(hc, hc)));
         }
       }
       alignas(64) int64_t c[8];
       _mm512_store_si512((void*)c, counts);
       int64_t dot = 0;
       for (int b = 0; b < bits; ++b) dot += (b == bits - 1) ? -c[b] * (1LL << b) : c[b] * (1LL << b);
-      a.out[m * a.N + n] = (int32_t)dot;
+      a.out[m * a.N + n] = (int32_t)(dot - a.x_sum[m]);
     }
   }
 }

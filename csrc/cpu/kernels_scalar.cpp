@@ -23,6 +23,26 @@ void int8_matmul_scalar(const MatmulArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
+void base3_matmul_scalar(const MatmulArgs& a, int64_t n0, int64_t n1) {
+  const int64_t Kp = a.KB * kBase3BlockK;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* x = a.x + m * Kp;
+      int32_t acc = 0;
+      for (int64_t kb = 0; kb < a.KB; ++kb) {
+        const uint8_t* blk = a.w + block_offset(a.N, a.KB, n, kb);
+        const int8_t* xb = x + kb * kBase3BlockK;
+        for (int j = 0; j < 32; ++j) {
+          uint8_t codes[5];
+          base3_decode(blk[j], codes);
+          for (int s = 0; s < 5; ++s) acc += codes[s] * xb[32 * s + j];
+        }
+      }
+      a.out[m * a.N + n] = acc - a.x_sum[m];
+    }
+  }
+}
+
 void popcount_matmul_scalar(const MatmulArgs& a, int64_t n0, int64_t n1) {
   popcount_matmul_generic(a, n0, n1, weight_planes_scalar);
 }
@@ -39,6 +59,16 @@ void activation_planes(const int8_t* x, int64_t M, int64_t KB, int bits, uint64_
           out[b] = word;
         }
       }
+}
+
+// Eight independent 64-bit sums per cache line keep enough loads in flight; the compiler
+// vectorises the loop, and the returned sum keeps it from removing the reads.
+uint64_t read_stream_scalar(const uint8_t* p, int64_t bytes) {
+  const uint64_t* w = (const uint64_t*)p;
+  uint64_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < bytes / 8; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += w[i + j];
+  return s[0] ^ s[1] ^ s[2] ^ s[3] ^ s[4] ^ s[5] ^ s[6] ^ s[7];
 }
 
 }  // namespace cpu

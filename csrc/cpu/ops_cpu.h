@@ -10,13 +10,14 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/prepacked.h"
 
 namespace agentforge {
 namespace cpu {
 
 using at::Tensor;
 
-constexpr float kWeightEps = 1e-5f;  // scale = mean|w| + eps
+constexpr float kWeightEps = 1e-5f;  // scale = max(mean|w|, eps)
 constexpr float kActEps = 1e-5f;     // scale = Qp / max(absmax, eps)
 
 std::tuple<Tensor, Tensor> quantize_ternary(const Tensor& w, bool per_channel);
@@ -25,7 +26,7 @@ Tensor pack_ternary(const Tensor& codes);
 Tensor unpack_ternary(const Tensor& packed, int64_t K);
 Tensor pack_ternary_base3(const Tensor& codes);
 Tensor unpack_ternary_base3(const Tensor& packed, int64_t K);
-Tensor prepack_ternary(const Tensor& packed);
+Tensor prepack_ternary(const Tensor& packed, int64_t K, c10::string_view layout);
 Tensor unprepack_ternary(const Tensor& w, int64_t K);
 Tensor ternary_matmul(const Tensor& x, const Tensor& w, const Tensor& w_scale,
                       const std::optional<Tensor>& bias, int64_t act_bits);
@@ -38,8 +39,8 @@ Tensor bitlinear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
 // Ternary codes of a weight matrix plus its scale (per tensor: [1], per channel: [N]).
 std::tuple<Tensor, Tensor> ternary_codes(const Tensor& w, bool per_channel, const char* op);
 
-// Prepacked CPU layout (kernels.h) straight from int8 codes in {-1, 0, 1}.
-Tensor prepack_codes(const Tensor& codes);
+// A prepacked tensor (prepacked.h) straight from int8 codes in {-1, 0, 1}.
+Tensor prepack_codes(const Tensor& codes, Layout layout);
 
 // Per-token absmax quantization of a contiguous [M, K] float matrix into int8 rows of
 // length Kp >= K (zero padded). Rows with NaN/Inf get scale NaN and zero codes, so the
@@ -54,6 +55,14 @@ int64_t act_qmax(int64_t bits, const char* op);  // 2^(bits-1) - 1, bits checked
 void check_cpu(const Tensor& t, const char* op, const char* name);
 void check_float(const Tensor& t, const char* op, const char* name);
 
+// The faster layout for M = 1 with N x K weights streamed from memory (every cache flushed
+// before each timed call), measured here; the two best times in microseconds.
+Layout cold_layout(int64_t N, int64_t K, double* us_2bit, double* us_base3);
+
+// The read bandwidth in GB/s of a STREAM-like kernel over a fresh nbytes buffer on torch's
+// threads (each reads one contiguous share): the best of `reps` passes after a warm-up pass.
+double read_bandwidth(int64_t nbytes, int64_t reps);
+
 // --- instruction sets and backend choice (cpu_info.cpp) ---------------------------------
 
 enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
@@ -64,6 +73,7 @@ Isa detected_isa();
 Isa active_isa();
 void set_active_isa(const std::string& name);  // only ISAs the CPU supports
 MatmulKernel matmul_kernel(Backend backend, Isa isa);
+MatmulKernel base3_kernel(Isa isa);
 
 // The backend for a call, from measurements: the first call of a shape class times both
 // backends on its own inputs and the winner is kept. AGENTFORGE_BACKEND forces one.

@@ -1,14 +1,16 @@
-// Storage formats for ternary codes and the CPU kernels' prepacked layout.
+// Storage formats for ternary codes and the CPU kernels' prepacked layouts.
 //
 // Canonical 2-bit: uint8 [N, ceil(K/4)], code c = w + 1 in {0, 1, 2}, element k of a row in
 // bits 2*(k%4) of byte k/4 (first element lowest); the tail is padded with code 1 (w = 0).
 // Base-3 (1.6 bits): uint8 [N, ceil(K/5)], byte = sum_i c_i * 3^i over 5 elements, tail code 1.
+// Prepacked (kernels.h, prepacked.h): a header row, then the 2bit or base3 payload.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <string>
 
 #include "cpu/ops_cpu.h"
+#include "cpu/prepacked.h"
 
 namespace agentforge {
 namespace cpu {
@@ -143,10 +145,11 @@ Tensor unpack_ternary_base3(const Tensor& packed_in, int64_t K) {
   return out;
 }
 
-Tensor prepack_codes(const Tensor& codes_in) {
+Tensor prepack_codes(const Tensor& codes_in, Layout layout) {
   Tensor codes = codes_in.contiguous();
-  const int64_t N = codes.size(0), K = codes.size(1), KB = ceil_div(K, kBlockK);
-  Tensor out = at::empty({N, KB * kBlockBytes}, codes.options().dtype(at::kByte));
+  const int64_t N = codes.size(0), K = codes.size(1);
+  Tensor out = new_prepacked(N, K, layout, codes.options());
+  const int64_t KB = (K + block_weights(layout) - 1) / block_weights(layout);
   const int8_t* src = codes.data_ptr<int8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -154,20 +157,15 @@ Tensor prepack_codes(const Tensor& codes_in) {
       const int8_t* row = src + n * K;
       for (int64_t kb = 0; kb < KB; ++kb) {
         uint8_t* blk = dst + block_offset(N, KB, n, kb);
-        const int64_t base = kb * kBlockK;
-        if (base + kBlockK <= K) {  // full block: no bounds checks in the hot loop
-          for (int64_t j = 0; j < kBlockBytes; ++j)
-            blk[j] = static_cast<uint8_t>((row[base + j] + 1) | (row[base + 32 + j] + 1) << 2 |
-                                          (row[base + 64 + j] + 1) << 4 | (row[base + 96 + j] + 1) << 6);
-          continue;
-        }
+        const int64_t base = kb * block_weights(layout);
         for (int64_t j = 0; j < kBlockBytes; ++j) {
-          uint8_t byte = 0;
-          for (int s = 0; s < 4; ++s) {
+          uint8_t c[5];
+          for (int s = 0; s < (layout == Layout::base3 ? 5 : 4); ++s) {
             const int64_t k = base + 32 * s + j;
-            byte |= static_cast<uint8_t>((k < K ? row[k] + 1 : 1) << (2 * s));
+            c[s] = static_cast<uint8_t>(k < K ? row[k] + 1 : 1);
           }
-          blk[j] = byte;
+          blk[j] = layout == Layout::base3 ? base3_encode(c)
+                                           : static_cast<uint8_t>(c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6);
         }
       }
     }
@@ -175,33 +173,45 @@ Tensor prepack_codes(const Tensor& codes_in) {
   return out;
 }
 
-Tensor prepack_ternary(const Tensor& packed_in) {
+Tensor prepack_ternary(const Tensor& packed_in, int64_t K, c10::string_view layout_name) {
   const char* op = "prepack_ternary";
   check_packed(packed_in, op);
-  // K = 4 codes per byte: the canonical padding codes (zeros) are carried over as weights
+  const Layout layout = parse_layout(std::string(layout_name), op);
+  const int64_t B = packed_in.size(1);
+  // K = -1: every code of the canonical rows is a weight (its zero padding included)
+  if (K == -1) K = 4 * B;
+  TORCH_CHECK(K >= 0 && ceil_div(K, 4) == B, "agentforge.", op, ": K=", K, " needs ", ceil_div(K, 4),
+              " bytes per canonical row, packed has ", B);
   Tensor packed = packed_in.contiguous();
-  const int64_t K = packed.size(1) * 4;
-  check_canonical(packed, K, op, false);
-  return prepack_codes(unpack_codes(packed, K));
+  check_canonical(packed, K, op, true);  // codes in {0, 1, 2}, padding zero: files reach kernels only through here
+  return prepack_codes(unpack_codes(packed, K), layout);
 }
 
 Tensor unprepack_ternary(const Tensor& w_in, int64_t K) {
   const char* op = "unprepack_ternary";
-  check_packed(w_in, op);
+  check_cpu(w_in, op, "w_prepacked");
   Tensor w = w_in.contiguous();
-  const int64_t N = w.size(0), KB = ceil_div(K, kBlockK), B = ceil_div(K, 4);
-  TORCH_CHECK(K >= 0 && w.size(1) == KB * kBlockBytes, "agentforge.", op, ": K=", K, " needs ", KB * kBlockBytes,
-              " prepacked bytes per row, got ", w.size(1));
+  const Prepacked p = read_prepacked(w, op);
+  TORCH_CHECK(K == p.K, "agentforge.", op, ": K=", K, " but w_prepacked (shape ", w.sizes(), ") was packed for K=",
+              p.K);
+  const int64_t N = p.N, B = ceil_div(K, 4), bw = block_weights(p.layout);
   Tensor out = at::empty({N, B}, w.options());
-  const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t b = 0; b < B; ++b) {
       uint8_t byte = 0;
       for (int64_t i = 0; i < 4; ++i) {
-        int64_t k = 4 * b + i, kb = k / kBlockK, e = k % kBlockK;
-        int c = k < K ? (src[block_offset(N, KB, n, kb) + e % 32] >> (2 * (e / 32))) & 3 : 1;
-        TORCH_CHECK(c != 3, "agentforge.", op, ": corrupt prepacked tensor: invalid code 3 at row ", n);
+        const int64_t k = 4 * b + i, kb = k / bw, e = k % bw;
+        int c = 1;
+        if (k < K && p.layout == Layout::base3) {
+          uint8_t codes[5];
+          base3_decode(p.payload[block_offset(N, p.KB, n, kb) + e % 32], codes);
+          c = codes[e / 32];
+        } else if (k < K) {
+          c = (p.payload[block_offset(N, p.KB, n, kb) + e % 32] >> (2 * (e / 32))) & 3;
+        }
+        TORCH_CHECK(c != 3, "agentforge.", op, ": corrupt prepacked tensor: invalid code 3 at row ", n,
+                    ", element ", k);
         byte |= static_cast<uint8_t>(c << (2 * i));
       }
       dst[n * B + b] = byte;

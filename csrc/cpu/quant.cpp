@@ -2,7 +2,10 @@
 // quantization (absmax), plus their quantize-dequantize (fake quant) forms.
 //
 // Conventions, shared bit for bit with agentforge.ops.reference:
-//   weights:     scale = mean|w| + 1e-5 (per tensor or per row); code = clamp(round(w / scale), -1, 1)
+//   weights:     scale = max(mean|w|, 1e-5) (per tensor or per row); code = clamp(round(w * (1 / scale)), -1, 1);
+//                fake quant = code / (1 / scale). This is the BitNet b1.58 reference code (the paper's
+//                weight_quant, Hugging Face's WeightQuant) step for step, so codes and values agree bit for
+//                bit with it: the reciprocal is multiplied, not divided, and the mean is torch's own.
 //   activations: Qp = 2^(bits-1) - 1; scale = Qp / max(absmax, 1e-5) per token;
 //                q = clamp(round(x * scale), -Qp - 1, Qp); x ≈ q / scale
 //   round is half to even (as torch.round); arithmetic in fp32.
@@ -41,11 +44,13 @@ inline void store4_i8(int8_t* dst, __m128i v) {
   std::memcpy(dst, &word, 4);
 }
 
-void ternary_row(const float* src, int8_t* dst, int64_t K, float scale) {
-  const __m128 s = _mm_set1_ps(scale), lo = _mm_set1_ps(-1.f), hi = _mm_set1_ps(1.f);
+// codes of one row: clamp(round(w * inv_scale), -1, 1); clamping before rounding gives the
+// same integers as the reference's round-then-clamp.
+void ternary_row(const float* src, int8_t* dst, int64_t K, float inv_scale) {
+  const __m128 s = _mm_set1_ps(inv_scale), lo = _mm_set1_ps(-1.f), hi = _mm_set1_ps(1.f);
   int64_t k = 0;
-  for (; k + 4 <= K; k += 4) store4_i8(dst + k, round_clamped(_mm_div_ps(_mm_loadu_ps(src + k), s), lo, hi));
-  for (; k < K; ++k) dst[k] = round_clamped(src[k] / scale, -1.f, 1.f);
+  for (; k + 4 <= K; k += 4) store4_i8(dst + k, round_clamped(_mm_mul_ps(_mm_loadu_ps(src + k), s), lo, hi));
+  for (; k < K; ++k) dst[k] = round_clamped(src[k] * inv_scale, -1.f, 1.f);
 }
 
 // Four consecutive elements as fp32 lanes (fp32 and bf16 rows; fp16 is cast to fp32 first).
@@ -130,27 +135,38 @@ int64_t act_qmax(int64_t bits, const char* op) {
   return (int64_t{1} << (bits - 1)) - 1;
 }
 
-std::tuple<Tensor, Tensor> ternary_codes(const Tensor& w, bool per_channel, const char* op) {
+namespace {
+
+// Codes, scale and the scale's fp32 reciprocal (the multiplier the reference rounds with).
+std::tuple<Tensor, Tensor, Tensor> ternary_quantize(const Tensor& w, bool per_channel, const char* op) {
   check_cpu(w, op, "w");
   check_float(w, op, "w");
   TORCH_CHECK(w.dim() == 2, "agentforge.", op, ": w must be 2-D [out_features, in_features], got shape ", w.sizes());
   Tensor wf = w.to(at::kFloat).contiguous();
   const int64_t N = wf.size(0), K = wf.size(1);
-  // mean|w| as an L1 norm over the count: one pass, no |w| temporary (the reference computes
-  // it the same way, so the scales agree bit for bit)
-  Tensor scale = per_channel ? at::linalg_vector_norm(wf, 1, at::IntArrayRef{1}, false, std::nullopt).div_(K)
-                             : at::linalg_vector_norm(wf, 1).reshape({1}).div_(N * K);
-  if (N * K == 0) scale.zero_();  // the mean of nothing is NaN; an empty matrix has scale eps
-  scale.add_(kWeightEps);
+  // mean|w| through torch's own abs and mean, so the scale is bit for bit the reference
+  // formula's (a fused one-pass sum rounds differently in the last bit)
+  Tensor absw = wf.abs();
+  Tensor scale = per_channel ? absw.mean(1) : absw.mean().reshape({1});
+  if (N * K == 0) scale.zero_();  // the mean of nothing is NaN; an empty matrix gets the floor
+  scale.clamp_min_(kWeightEps);
   TORCH_CHECK(at::isfinite(scale).all().item<bool>(), "agentforge.", op,
               ": w contains NaN or Inf; ternary quantization needs finite weights");
+  Tensor inv = at::reciprocal(scale);
   Tensor codes = at::empty({N, K}, wf.options().dtype(at::kChar));
   const float* src = wf.data_ptr<float>();
-  const float* sc = scale.data_ptr<float>();
+  const float* iv = inv.data_ptr<float>();
   int8_t* dst = codes.data_ptr<int8_t>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) ternary_row(src + n * K, dst + n * K, K, sc[per_channel ? n : 0]);
+    for (int64_t n = n0; n < n1; ++n) ternary_row(src + n * K, dst + n * K, K, iv[per_channel ? n : 0]);
   });
+  return {codes, scale, inv};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> ternary_codes(const Tensor& w, bool per_channel, const char* op) {
+  auto [codes, scale, inv] = ternary_quantize(w, per_channel, op);
   return {codes, scale};
 }
 
@@ -159,9 +175,10 @@ std::tuple<Tensor, Tensor> quantize_ternary(const Tensor& w, bool per_channel) {
 }
 
 Tensor ternary_fake_quant(const Tensor& w, bool per_channel) {
-  auto [codes, scale] = ternary_codes(w, per_channel, "ternary_fake_quant");
-  Tensor s = per_channel ? scale.unsqueeze(1) : scale;
-  return (codes.to(at::kFloat) * s).to(w.scalar_type());
+  auto [codes, scale, inv] = ternary_quantize(w, per_channel, "ternary_fake_quant");
+  // code / (1 / scale), as the reference dequantizes (code * scale can differ in the last bit)
+  Tensor s = per_channel ? inv.unsqueeze(1) : inv;
+  return (codes.to(at::kFloat) / s).to(w.scalar_type());
 }
 
 namespace {

@@ -29,7 +29,7 @@ COMMANDS = {
     "generate": "agentforge.commands.generate",
     "chat": "agentforge.commands.chat",
     "export": "agentforge.commands.export",
-    "bench": "agentforge.bench",
+    "bench": "agentforge.commands.bench",
 }
 
 

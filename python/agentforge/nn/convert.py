@@ -4,7 +4,7 @@ import sys
 
 from torch import nn
 
-from agentforge.nn.bitlinear import TRAINING, BitLinear
+from agentforge.nn.bitlinear import LAYOUTS, TRAINING, BitLinear, check_bits
 
 DEFAULT_SKIP = ("lm_head", "embed")
 
@@ -38,8 +38,13 @@ def convert_to_bitnet(model: nn.Module, skip=DEFAULT_SKIP, per_channel: bool = F
     return model
 
 
-def pack_bitnet(model: nn.Module) -> nn.Module:
-    """Pack every training-state BitLinear of ``model`` (in place); returns ``model``."""
+def pack_bitnet(model: nn.Module, bits=2) -> nn.Module:
+    """Pack every training-state BitLinear of ``model`` (in place); returns ``model``.
+
+    ``bits``: 2 (2-bit layout), 1.6 (base-3, 5 weights per byte) or ``"auto"``: when the
+    model's packed ternary weights exceed the last-level cache, so that decoding streams them
+    from memory, each layer gets the layout measured faster for its shape with cold caches
+    (``ops.cold_layout``); a model that fits in cache keeps 2 bits, the faster layout there."""
     layers = [m for m in model.modules() if isinstance(m, BitLinear)]
     if not layers:
         raise ValueError(f"pack_bitnet: {type(model).__name__} has no BitLinear layer; "
@@ -47,8 +52,18 @@ def pack_bitnet(model: nn.Module) -> nn.Module:
     todo = [m for m in layers if m.state == TRAINING]
     if not todo:
         raise RuntimeError(f"pack_bitnet: every BitLinear layer of {type(model).__name__} is already packed")
-    for layer in todo:
-        layer.pack()
+    if bits == "auto":
+        from agentforge import ops
+
+        total = sum(m.out_features * -(-m.in_features // 4) for m in todo)
+        cold = total > ops.last_level_cache_bytes()
+        for layer in todo:
+            layout = ops.cold_layout(layer.out_features, layer.in_features) if cold else "2bit"
+            layer.pack(next(b for b, (name, _) in LAYOUTS.items() if name == layout))
+    else:
+        check_bits(bits, "pack_bitnet")
+        for layer in todo:
+            layer.pack(bits)
     record_in_config(model)
     return model
 
@@ -71,11 +86,15 @@ def record_in_config(model: nn.Module, skip=None) -> None:
     flags = {m.per_channel for m in layers.values()}
     # one flag when every layer agrees, else the names of the per-channel layers
     per_channel = flags.pop() if len(flags) == 1 else sorted(n for n, m in layers.items() if m.per_channel)
+    widths = {m.bits for m in layers.values()}
+    # one width when every layer agrees, else the names of the 1.6-bit layers
+    bits = widths.pop() if len(widths) == 1 else sorted(n for n, m in layers.items() if m.bits == 1.6)
     old = getattr(config, "quantization_config", None)
     old = old if isinstance(old, AgentForgeBitNetConfig) else None
-    fields = dict(state=states.pop() if states else TRAINING, modules=sorted(layers),
+    state = states.pop() if states else TRAINING
+    fields = dict(state=state, modules=sorted(layers),
                   skip=list(skip) if skip is not None else (old.skip if old else list(DEFAULT_SKIP)),
-                  per_channel=per_channel if layers else False)
+                  per_channel=per_channel if layers else False, bits=bits if layers and state != TRAINING else 2)
     if old is not None:  # update in place: a loaded model's hf_quantizer holds this same object
         old.update(**fields)
     else:

@@ -4,10 +4,12 @@ A converted model's config.json carries::
 
     "quantization_config": {"quant_method": "agentforge_bitnet", "state": "training" | "packed",
                             "modules": ["model.layers.0.self_attn.q_proj", ...],
-                            "skip": ["lm_head", "embed"], "per_channel": false}
+                            "skip": ["lm_head", "embed"], "per_channel": false, "bits": 2}
 
 ``per_channel`` is true or false for every layer, or the list of the layers that have per-channel
-scales (the others per-tensor), when a calibration chose per layer.
+scales (the others per-tensor), when a calibration chose per layer. ``bits`` (packed state) is
+2 or 1.6 for every layer, or the list of the 1.6-bit (base-3) layers; a config without it (saved
+before 1.6 bits existed) is 2 bits throughout.
 
 and ``from_pretrained`` (after ``import agentforge``, which registers this module lazily; see
 ``agentforge._import_hooks``) swaps the listed ``nn.Linear`` layers for BitLinear before the weights load:
@@ -25,7 +27,7 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from agentforge.nn.bitlinear import PACKED, TRAINING, BitLinear, _ceil_div
+from agentforge.nn.bitlinear import LAYOUTS, PACKED, TRAINING, BitLinear, _ceil_div
 from agentforge.nn.convert import DEFAULT_SKIP, linear_names
 
 QUANT_METHOD = "agentforge_bitnet"
@@ -37,7 +39,8 @@ class AgentForgeBitNetConfig(QuantizationConfigMixin):
     layer, or the list of the layers with per-channel scales."""
 
     def __init__(self, state: str = TRAINING, modules: list[str] | None = None, skip=DEFAULT_SKIP,
-                 per_channel: bool | list[str] = False, quant_method: str = QUANT_METHOD):
+                 per_channel: bool | list[str] = False, quant_method: str = QUANT_METHOD,
+                 bits: float | list[str] = 2):
         if state not in (TRAINING, PACKED):
             raise ValueError(f"{QUANT_METHOD}: state must be '{TRAINING}' or '{PACKED}', got {state!r}")
         if quant_method != QUANT_METHOD:
@@ -50,26 +53,40 @@ class AgentForgeBitNetConfig(QuantizationConfigMixin):
             per_channel = sorted(per_channel)
         else:
             per_channel = bool(per_channel)
+        if isinstance(bits, (list, tuple)):
+            unknown = sorted(set(bits) - set(modules)) if modules is not None else []
+            if not all(isinstance(name, str) for name in bits) or unknown:
+                raise ValueError(f"{QUANT_METHOD}: bits must be 2, 1.6 or a list of layer names from 'modules'; "
+                                 f"got {unknown or bits}")
+            bits = sorted(bits)
+        elif bits not in LAYOUTS:
+            raise ValueError(f"{QUANT_METHOD}: bits must be 2, 1.6 or a list of the 1.6-bit layers, got {bits!r}")
         self.quant_method = QUANT_METHOD
         self.state = state
         self.modules = list(modules) if modules is not None else None
         self.skip = list(skip)
         self.per_channel = per_channel
+        self.bits = bits
 
     def per_channel_of(self, name: str) -> bool:
         """Whether layer ``name`` (as listed in ``modules``) has per-channel scales."""
         return name in self.per_channel if isinstance(self.per_channel, list) else self.per_channel
+
+    def bits_of(self, name: str) -> float:
+        """Bits per weight (2 or 1.6) of layer ``name``'s packed weights."""
+        return (1.6 if name in self.bits else 2) if isinstance(self.bits, list) else self.bits
 
 
 class _PackedSlot(nn.Module):
     """Load-time stand-in for a packed BitLinear: exposes the canonical tensors under their
     state-dict names so transformers' name-based loader can fill them."""
 
-    def __init__(self, linear: nn.Linear, per_channel: bool):
+    def __init__(self, linear: nn.Linear, per_channel: bool, bits: float):
         super().__init__()
         N, K = linear.out_features, linear.in_features
-        self.in_features = K
-        self.register_buffer("weight_packed", torch.empty(N, _ceil_div(K, 4), dtype=torch.uint8, device="meta"))
+        self.in_features, self.bits = K, bits
+        self.register_buffer("weight_packed", torch.empty(N, _ceil_div(K, LAYOUTS[bits][1]), dtype=torch.uint8,
+                                                         device="meta"))
         # fp32 explicitly: under from_pretrained(dtype=bf16) the default dtype is bf16, and the
         # loader casts a checkpoint tensor to its placeholder's dtype.
         self.register_buffer("weight_scale", torch.empty(N if per_channel else 1, dtype=torch.float32, device="meta"))
@@ -77,7 +94,7 @@ class _PackedSlot(nn.Module):
 
     def to_bitlinear(self, name: str) -> BitLinear:
         try:
-            return BitLinear.from_packed(self.weight_packed, self.weight_scale, self.in_features, self.bias)
+            return BitLinear.from_packed(self.weight_packed, self.weight_scale, self.in_features, self.bias, self.bits)
         except ValueError as exc:
             raise ValueError(f"{QUANT_METHOD}: layer '{name}': {exc}") from None
 
@@ -100,11 +117,13 @@ def _checkpoint_index(files) -> dict[str, tuple[str, list[int]]]:
     return index
 
 
-def _expected_tensors(linear: nn.Linear, state: str, per_channel: bool) -> dict[str, tuple[set, list[int]]]:
+def _expected_tensors(linear: nn.Linear, state: str, per_channel: bool,
+                      bits: float) -> dict[str, tuple[set, list[int]]]:
     """{suffix: (allowed safetensors dtypes, shape)} that a layer's checkpoint must hold."""
     N, K = linear.out_features, linear.in_features
     floats = {"F32", "F16", "BF16", "F64"}
-    tensors = ({"weight_packed": ({"U8"}, [N, _ceil_div(K, 4)]), "weight_scale": (floats, [N if per_channel else 1])}
+    packed = [N, _ceil_div(K, LAYOUTS[bits][1])]
+    tensors = ({"weight_packed": ({"U8"}, packed), "weight_scale": (floats, [N if per_channel else 1])}
                if state == PACKED else {"weight": (floats, [N, K])})
     if linear.bias is not None:
         tensors["bias"] = (floats, [N])
@@ -130,9 +149,9 @@ def _find_linear(model: nn.Module, name: str) -> tuple[str, nn.Linear]:
 
 
 def _check_checkpoint(index: dict, layers: dict[str, nn.Linear], per_channel: dict[str, bool],
-                      cfg: AgentForgeBitNetConfig, prefix: str) -> None:
+                      bits: dict[str, float], cfg: AgentForgeBitNetConfig, prefix: str) -> None:
     for name, linear in layers.items():
-        for suffix, (dtypes, shape) in _expected_tensors(linear, cfg.state, per_channel[name]).items():
+        for suffix, (dtypes, shape) in _expected_tensors(linear, cfg.state, per_channel[name], bits[name]).items():
             key = next((k for k in _spellings(f"{name}.{suffix}", prefix) if k in index), None)
             if key is None:
                 raise ValueError(f"{QUANT_METHOD}: the checkpoint has no tensor '{name}.{suffix}' that config.json "
@@ -156,21 +175,23 @@ class AgentForgeBitNetQuantizer(HfQuantizer):
             raise ValueError(f"{QUANT_METHOD}: state='packed' needs a packed checkpoint; load the float model with "
                              "state='training' and call agentforge.nn.pack_bitnet(model)")
         names = cfg.modules if cfg.modules is not None else linear_names(model, cfg.skip)
-        layers, per_channel = {}, {}
+        layers, per_channel, bits = {}, {}, {}
         for name in names:  # the model may spell a name with or without its base-model prefix
             found, linear = _find_linear(model, name)
-            layers[found], per_channel[found] = linear, cfg.per_channel_of(name)
+            layers[found], per_channel[found], bits[found] = linear, cfg.per_channel_of(name), cfg.bits_of(name)
         if self.pre_quantized and kwargs.get("checkpoint_files"):
-            _check_checkpoint(_checkpoint_index(kwargs["checkpoint_files"]), layers, per_channel, cfg,
+            _check_checkpoint(_checkpoint_index(kwargs["checkpoint_files"]), layers, per_channel, bits, cfg,
                               model.base_model_prefix)
         for name, linear in layers.items():
-            new = (_PackedSlot(linear, per_channel[name]) if cfg.state == PACKED
+            new = (_PackedSlot(linear, per_channel[name], bits[name]) if cfg.state == PACKED
                    else BitLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   per_channel=per_channel[name], device="meta", dtype=linear.weight.dtype))
             model.set_submodule(name, new)
         cfg.modules = sorted(layers)
         if isinstance(cfg.per_channel, list):
             cfg.per_channel = sorted(name for name, flag in per_channel.items() if flag)
+        if isinstance(cfg.bits, list):
+            cfg.bits = sorted(name for name, b in bits.items() if b == 1.6)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -7,7 +7,8 @@ autograd registered) or, when the extension is not built, the pure-PyTorch refer
 import torch
 
 from agentforge.ops import reference
-from agentforge.ops._native import cpu_info, extension_loaded, set_isa
+from agentforge.ops._native import (cache_bytes, cold_layout, cpu_info, extension_loaded, last_level_cache_bytes,
+                                    read_bandwidth, set_isa)
 
 if extension_loaded():
     from agentforge.ops import _registration  # noqa: F401  (registers fake kernels and autograd)
@@ -17,14 +18,16 @@ else:
 
 __all__ = [
     "quantize_ternary", "quantize_activations", "pack_ternary", "unpack_ternary", "pack_ternary_base3",
-    "unpack_ternary_base3", "prepack_ternary", "unprepack_ternary", "ternary_matmul", "ternary_fake_quant",
-    "act_fake_quant", "bitlinear", "cpu_info", "extension_loaded", "set_isa", "reference",
+    "unpack_ternary_base3", "prepack_ternary", "unprepack_ternary", "prepacked_info", "ternary_matmul",
+    "ternary_fake_quant", "act_fake_quant", "bitlinear", "cpu_info", "extension_loaded", "set_isa", "reference",
+    "cache_bytes", "cold_layout", "last_level_cache_bytes", "read_bandwidth",
 ]
 
 
 def quantize_ternary(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """BitNet b1.58 absmean: ``scale = mean|w| + 1e-5`` (per tensor, or per output row), codes
-    ``clamp(round(w / scale), -1, 1)`` as int8. Returns ``(codes [N, K], scale fp32 [1] or [N])``."""
+    """BitNet b1.58 absmean, exactly as the paper's code and Hugging Face's ``WeightQuant``:
+    ``scale = mean|w|.clamp(min=1e-5)`` (per tensor, or per output row), codes
+    ``clamp(round(w * (1 / scale)), -1, 1)`` as int8. Returns ``(codes [N, K], scale fp32 [1] or [N])``."""
     return _impl.quantize_ternary(w, per_channel)
 
 
@@ -54,14 +57,26 @@ def unpack_ternary_base3(packed: torch.Tensor, K: int) -> torch.Tensor:
     return _impl.unpack_ternary_base3(packed, K)
 
 
-def prepack_ternary(packed: torch.Tensor) -> torch.Tensor:
-    """Re-layout canonical packed weights for the CPU kernels (both backends read it)."""
-    return _impl.prepack_ternary(packed)
+def prepack_ternary(packed: torch.Tensor, K: int = -1, layout: str = "2bit") -> torch.Tensor:
+    """Canonical 2-bit weights ``[N, ceil(K/4)]`` -> a self-describing prepacked tensor
+    ``[N + 1, R]`` for the kernels: a header row (N, K, layout, tile, format version) and the
+    payload. ``layout`` is ``"2bit"`` (read by the int8 and popcount backends) or ``"base3"``
+    (5 weights per byte, 1.6 bits, its own kernel: 20 % fewer bytes to stream). ``K`` is the
+    true input width (default ``4 * packed.shape[1]``); the codes are validated here, so a
+    prepacked tensor only ever holds valid weights. ``ternary_matmul`` refuses a slice, reshape,
+    another K or a corrupt header."""
+    return _impl.prepack_ternary(packed, K, layout)
 
 
 def unprepack_ternary(w_prepacked: torch.Tensor, K: int) -> torch.Tensor:
-    """Back to the canonical 2-bit format (for saving)."""
+    """Back to the canonical 2-bit format (for saving); ``K`` must be the one it was packed for."""
     return _impl.unprepack_ternary(w_prepacked, K)
+
+
+def prepacked_info(w_prepacked: torch.Tensor) -> dict:
+    """The header of a prepacked tensor: ``{"N", "K", "layout", "tile_rows", "version"}``
+    (raises ``ValueError`` when it has none)."""
+    return reference.read_header(w_prepacked)
 
 
 def ternary_matmul(x: torch.Tensor, w_prepacked: torch.Tensor, w_scale: torch.Tensor,
@@ -72,7 +87,8 @@ def ternary_matmul(x: torch.Tensor, w_prepacked: torch.Tensor, w_scale: torch.Te
 
 
 def ternary_fake_quant(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-    """Quantize-dequantize the weights; the gradient passes straight through (STE)."""
+    """Quantize-dequantize the weights, ``codes / (1 / scale)`` as the reference code computes it;
+    the gradient passes straight through (STE)."""
     return _impl.ternary_fake_quant(w, per_channel)
 
 

@@ -1,4 +1,6 @@
-"""Loads the compiled extension, which registers torch.ops.agentforge.* and binds cpu_info."""
+"""Loads the compiled extension, which registers torch.ops.agentforge.* and binds cpu_info, and
+the machine measurements built on it (cache sizes, read bandwidth, the cold layout choice)."""
+import os
 import warnings
 
 try:
@@ -29,3 +31,60 @@ def set_isa(name: str) -> None:
     if _C is None:
         raise RuntimeError("agentforge: set_isa needs the native extension; reinstall agentforge")
     _C.set_isa(name)
+
+
+def cache_bytes(level: int) -> int | None:
+    """Size of the data/unified cache of the given level seen by CPU 0 (Linux sysfs), or None."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(f"{base}/{entry}/level") as f:
+                if int(f.read()) != level:
+                    continue
+            with open(f"{base}/{entry}/type") as f:
+                if f.read().strip() not in ("Data", "Unified"):
+                    continue
+            with open(f"{base}/{entry}/size") as f:
+                size = f.read().strip().upper()
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        digits = size.rstrip("KMG")
+        if digits.isdigit():
+            return int(digits) * mult
+    return None
+
+
+def last_level_cache_bytes() -> int:
+    """The largest cache (L3, else L2) in bytes; 32 MiB when sysfs does not say."""
+    return cache_bytes(3) or cache_bytes(2) or 32 << 20
+
+
+_cold_layouts: dict = {}
+
+
+def cold_layout(N: int, K: int) -> str:
+    """``"2bit"`` or ``"base3"``: the prepacked layout whose one-token matmul of N x K weights is
+    faster when the weights stream from memory (every cache flushed before each timed call),
+    measured once per (ISA, threads, N, K) in this process. Without the extension: ``"2bit"``."""
+    if _C is None:
+        return "2bit"
+    import torch
+
+    key = (_C.cpu_info()["isa"], torch.get_num_threads(), N, K)
+    if key not in _cold_layouts:
+        _cold_layouts[key] = _C.cold_layout(N, K)[0]
+    return _cold_layouts[key]
+
+
+def read_bandwidth(nbytes: int | None = None, reps: int = 7) -> float:
+    """The machine's read bandwidth in GB/s on torch's current threads: the best of ``reps`` reads
+    of a buffer (default 8x the last-level cache, where it streams from memory) by a STREAM-like
+    kernel, each thread reading one contiguous share, as the GEMV's threads do."""
+    if _C is None:
+        raise RuntimeError("agentforge: read_bandwidth needs the native extension; reinstall agentforge")
+    return _C.read_bandwidth(nbytes or 8 * last_level_cache_bytes(), reps)

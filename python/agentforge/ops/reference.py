@@ -8,28 +8,40 @@ import torch
 
 WEIGHT_EPS = 1e-5
 ACT_EPS = 1e-5
-BLOCK_K = 128  # prepacked layout: see csrc/cpu/kernels.h
-TILE_ROWS = 4
+# prepacked layouts and header: csrc/cpu/kernels.h, csrc/cpu/prepacked.h
+BLOCK_K = {"2bit": 128, "base3": 160}  # weights per 32-byte row block
+BLOCK_BYTES = 32
+TILE_ROWS = 8
+HEADER_BYTES = 32
+FORMAT_VERSION = 2
+LAYOUT_IDS = {"2bit": 1, "base3": 2}
+MAGIC = b"AFTW"
+MAX_K = 1 << 21  # accumulator bound of the kernels
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def quantize_ternary(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    wf = w.detach().float().contiguous()  # summed in row-major order, as the kernel does
-    N, K = wf.shape
+def _ternary_quantize(w: torch.Tensor, per_channel: bool):
+    """The BitNet b1.58 reference weight quantizer (the paper's ``weight_quant``, Hugging Face's
+    ``WeightQuant``), per tensor or per output row: ``scale = mean|w|.clamp(min=1e-5)``, codes
+    ``(w * (1 / scale)).round().clamp(-1, 1)``. Returns codes, scale and ``1 / scale``."""
+    wf = w.detach().float().contiguous()  # reduced in row-major order, as the kernel does
     if wf.numel() == 0:
-        scale = torch.zeros(N if per_channel else 1)
-    elif per_channel:
-        scale = torch.linalg.vector_norm(wf, 1, dim=1) / K  # mean|w|, computed as the kernel does
+        scale = torch.zeros(wf.shape[0] if per_channel else 1)
     else:
-        scale = (torch.linalg.vector_norm(wf, 1) / (N * K)).reshape(1)
-    scale = scale + WEIGHT_EPS
+        scale = wf.abs().mean(dim=1) if per_channel else wf.abs().mean().reshape(1)
+    scale = scale.clamp(min=WEIGHT_EPS)
     if not torch.isfinite(scale).all():
         raise RuntimeError("agentforge.quantize_ternary: w contains NaN or Inf; ternary quantization needs finite weights")
-    s = scale[:, None] if per_channel else scale
-    codes = torch.round(wf / s).clamp(-1, 1).to(torch.int8)
+    inv = 1.0 / scale
+    codes = (wf * (inv[:, None] if per_channel else inv)).round().clamp(-1, 1).to(torch.int8)
+    return codes, scale, inv
+
+
+def quantize_ternary(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scale, _ = _ternary_quantize(w, per_channel)
     return codes, scale
 
 
@@ -73,34 +85,144 @@ def unpack_ternary_base3(packed: torch.Tensor, K: int) -> torch.Tensor:
     return c.reshape(packed.shape[0], packed.shape[1] * 5)[:, :K].to(torch.int8) - 1
 
 
-def prepack_ternary(packed: torch.Tensor) -> torch.Tensor:
+def row_bytes(layout: str, K: int) -> int:
+    """Row width of a prepacked tensor [N + 1, R] (prepacked.h): one more byte for base3, so
+    that the width alone tells the layouts apart."""
+    return max(_ceil_div(K, BLOCK_K[layout]) * BLOCK_BYTES, HEADER_BYTES) + (layout == "base3")
+
+
+def _fnv1a(data: bytes) -> int:
+    h = 2166136261
+    for b in data:
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def _header(N: int, K: int, layout: str) -> torch.Tensor:
+    head = MAGIC + bytes([FORMAT_VERSION, LAYOUT_IDS[layout], TILE_ROWS, 0]) + N.to_bytes(8, "little") \
+        + K.to_bytes(8, "little") + bytes(4)
+    head += _fnv1a(head).to_bytes(4, "little")
+    row = torch.zeros(row_bytes(layout, K), dtype=torch.uint8)
+    row[:HEADER_BYTES] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    return row
+
+
+def read_header(w: torch.Tensor, op: str = "prepacked_info") -> dict:
+    """Checks the header of a prepacked tensor as the kernels do; returns its fields."""
+    def fail(msg):
+        raise RuntimeError(f"agentforge.{op}: {msg}")
+    if w.dtype != torch.uint8 or w.dim() != 2:
+        fail(f"w_prepacked must be a 2-D uint8 tensor from prepack_ternary, got {w.dtype} {list(w.shape)}")
+    rows, cols = w.shape
+    head = bytes(w[-1, :HEADER_BYTES].tolist()) if rows >= 1 and cols >= HEADER_BYTES else b""
+    if head[:4] != MAGIC:
+        fail(f"w_prepacked of shape [{rows}, {cols}] has no prepacked header in its last row: it was not made by "
+             "prepack_ternary, it is a slice or view of a prepacked tensor, or it was made by an agentforge older "
+             "than prepack format 2 (prepack the canonical weights again)")
+    if int.from_bytes(head[28:32], "little") != _fnv1a(head[:28]):
+        fail(f"the header of w_prepacked (shape [{rows}, {cols}]) is corrupt: its checksum does not match")
+    if head[4] != FORMAT_VERSION:
+        fail(f"w_prepacked has prepack format version {head[4]}; this build reads version {FORMAT_VERSION} "
+             "(prepack the canonical weights again)")
+    layout = {v: k for k, v in LAYOUT_IDS.items()}.get(head[5])
+    if layout is None:
+        fail(f"w_prepacked names layout {head[5]}, which this build does not know")
+    if head[6] != TILE_ROWS:
+        fail(f"w_prepacked was laid out in tiles of {head[6]} rows; this build's kernels read tiles of {TILE_ROWS} "
+             "(prepack the canonical weights again)")
+    N, K = (int.from_bytes(head[a:a + 8], "little", signed=True) for a in (8, 16))
+    sane = 0 <= N < 1 << 48 and 0 <= K < 1 << 48
+    if not (sane and N == rows - 1 and row_bytes(layout, K) == cols):
+        want = f"[{N + 1}, {row_bytes(layout, K)}]" if sane else "(invalid)"
+        fail(f"w_prepacked has shape [{rows}, {cols}] but its header describes N={N}, K={K} in the {layout} layout, "
+             f"i.e. shape {want}: a slice, reshape or view of a prepacked tensor is not a prepacked tensor")
+    return {"N": N, "K": K, "layout": layout, "tile_rows": head[6], "version": head[4]}
+
+
+def _tiles_to_rows(N: int, KB: int) -> torch.Tensor:
+    """perm such that payload_flat[perm] lists the 32-byte blocks as [N, KB] in row order."""
+    idx = []
+    for t in range(0, N, TILE_ROWS):
+        r = min(TILE_ROWS, N - t)
+        base = t * KB
+        idx.append((base + torch.arange(KB)[None, :] * r + torch.arange(r)[:, None]).reshape(-1))
+    return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+
+
+def _encode_base3(c: torch.Tensor) -> torch.Tensor:
+    """codes c = w + 1 [..., 5, 32] -> base3 payload bytes [..., 32] (kernels.h)."""
+    q = sum(c[..., s, :].to(torch.int32) * 3 ** (4 - s) for s in range(5))
+    return ((256 * q + 242) // 243).to(torch.uint8)
+
+
+def _decode_base3(b: torch.Tensor) -> torch.Tensor:
+    """base3 payload bytes [..., 32] -> codes [..., 5, 32]: c_s = floor(3 m_s / 256), m -> 3m mod 256."""
+    m = b.to(torch.int32)
+    out = []
+    for _ in range(5):
+        m = m * 3
+        out.append(m >> 8)
+        m = m & 255
+    return torch.stack(out, dim=-2)
+
+
+def prepack_ternary(packed: torch.Tensor, K: int = -1, layout: str = "2bit") -> torch.Tensor:
+    if layout not in BLOCK_K:
+        raise RuntimeError(f"agentforge.prepack_ternary: unknown layout '{layout}'; use '2bit' or 'base3'")
     N, B = packed.shape
-    KB = _ceil_div(B * 4, BLOCK_K)
-    c = torch.ones(N, KB * BLOCK_K, dtype=torch.uint8)
-    c[:, : B * 4] = (unpack_ternary(packed, B * 4) + 1).to(torch.uint8)
-    c = c.view(N, KB, 4, 32)
-    blocks = c[:, :, 0] | c[:, :, 1] << 2 | c[:, :, 2] << 4 | c[:, :, 3] << 6  # [N, KB, 32]
-    tiles = [blocks[t:t + TILE_ROWS].transpose(0, 1).reshape(-1) for t in range(0, N, TILE_ROWS)]
-    return torch.cat(tiles).view(N, KB * 32) if tiles else torch.empty(0, KB * 32, dtype=torch.uint8)
+    K = 4 * B if K == -1 else K
+    if K < 0 or _ceil_div(K, 4) != B:
+        raise RuntimeError(f"agentforge.prepack_ternary: K={K} needs {_ceil_div(K, 4)} bytes per canonical row, "
+                           f"packed has {B}")
+    codes = unpack_ternary(packed, 4 * B)
+    if (codes[:, K:] != 0).any():
+        raise RuntimeError("agentforge.prepack_ternary: corrupt packed ternary tensor: non-zero padding")
+    bk = BLOCK_K[layout]
+    KB = _ceil_div(K, bk)
+    c = torch.ones(N, KB * bk, dtype=torch.uint8)
+    c[:, :K] = (codes[:, :K] + 1).to(torch.uint8)
+    if layout == "base3":
+        blocks = _encode_base3(c.view(N, KB, 5, 32))
+    else:
+        c = c.view(N, KB, 4, 32)
+        blocks = c[:, :, 0] | c[:, :, 1] << 2 | c[:, :, 2] << 4 | c[:, :, 3] << 6  # [N, KB, 32]
+    payload = torch.zeros(N * KB, BLOCK_BYTES, dtype=torch.uint8)
+    payload[_tiles_to_rows(N, KB)] = blocks.reshape(-1, BLOCK_BYTES)
+    out = torch.zeros(N + 1, row_bytes(layout, K), dtype=torch.uint8)
+    out.view(-1)[: payload.numel()] = payload.view(-1)  # the payload starts at byte 0, across rows
+    out[-1] = _header(N, K, layout)
+    return out
+
+
+def prepacked_codes(w: torch.Tensor, op: str = "ternary_matmul") -> tuple[torch.Tensor, dict]:
+    """The weights w = c - 1 a prepacked tensor holds, int8 [N, K], read as every kernel reads
+    the payload (a 2bit field 3 means w = 2), and its header."""
+    info = read_header(w, op)
+    N, K, layout = info["N"], info["K"], info["layout"]
+    bk = BLOCK_K[layout]
+    KB = _ceil_div(K, bk)
+    payload = w.reshape(-1)[: N * KB * BLOCK_BYTES].view(-1, BLOCK_BYTES)
+    blocks = payload[_tiles_to_rows(N, KB)].view(N, KB, BLOCK_BYTES) if N else payload.view(0, KB, BLOCK_BYTES)
+    if layout == "base3":
+        c = _decode_base3(blocks)
+    else:
+        c = (blocks[:, :, None, :] >> torch.arange(0, 8, 2, dtype=torch.uint8)[:, None]) & 3
+    return (c.reshape(N, KB * bk)[:, :K].to(torch.int8) - 1), info
 
 
 def unprepack_ternary(w: torch.Tensor, K: int) -> torch.Tensor:
-    N = w.shape[0]
-    KB = w.shape[1] // 32
-    flat = w.reshape(-1)
-    rows = []
-    for t in range(0, N, TILE_ROWS):
-        r = min(TILE_ROWS, N - t)
-        rows.append(flat[t * KB * 32:(t + r) * KB * 32].view(KB, r, 32).transpose(0, 1))
-    blocks = torch.cat(rows) if rows else torch.empty(0, KB, 32, dtype=torch.uint8)
-    shifts = torch.arange(0, 8, 2, dtype=torch.uint8)
-    c = ((blocks[:, :, None, :] >> shifts[:, None]) & 3).reshape(N, KB * BLOCK_K)[:, :K]
-    return pack_ternary(c.to(torch.int8) - 1)
+    codes, info = prepacked_codes(w, "unprepack_ternary")
+    if K != info["K"]:
+        raise RuntimeError(f"agentforge.unprepack_ternary: K={K} but w_prepacked (shape {list(w.shape)}) was packed "
+                           f"for K={info['K']}")
+    if (codes == 2).any():
+        raise RuntimeError("agentforge.unprepack_ternary: corrupt prepacked tensor: invalid code 3")
+    return pack_ternary(codes)
 
 
 def _quantize_dequantize_weight(w, per_channel):
-    codes, scale = quantize_ternary(w, per_channel)
-    return (codes.float() * (scale[:, None] if per_channel else scale)).to(w.dtype)
+    codes, _, inv = _ternary_quantize(w, per_channel)
+    return (codes.float() / (inv[:, None] if per_channel else inv)).to(w.dtype)
 
 
 def _quantize_dequantize_activations(x, bits):
@@ -155,8 +277,11 @@ class _BitLinearSTE(torch.autograd.Function):
 class _TernaryMatmulSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_prepacked, w_scale, bias, act_bits):
-        K = x.shape[-1]
-        codes = unpack_ternary(unprepack_ternary(w_prepacked, K), K)
+        codes, info = prepacked_codes(w_prepacked)
+        if x.shape[-1] != info["K"]:
+            raise RuntimeError(f"agentforge.ternary_matmul: x has K={x.shape[-1]} features (x shape {list(x.shape)}) "
+                               f"but w_prepacked was packed for K={info['K']} (w_prepacked shape "
+                               f"{list(w_prepacked.shape)})")
         ctx.save_for_backward(codes, w_scale)
         ctx.has_bias = bias is not None
         return _dequant_matmul(x.detach(), codes, w_scale, None if bias is None else bias.detach(), act_bits)

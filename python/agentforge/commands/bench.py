@@ -3,11 +3,12 @@
 What is timed, for every (N, K) weight shape and every M (tokens per call):
 
 * ``F.linear(x, w)`` in fp32 and in bf16 (x and w both in that dtype; the baselines);
-* ``agentforge.ops.ternary_matmul(x, w_prepacked, w_scale)`` with fp32 ``x``, once per CPU
-  backend (``int8`` and ``popcount``, forced through ``AGENTFORGE_BACKEND``, which the
-  dispatcher reads on every call). Weights are quantized, packed and prepacked before timing;
-  the timed call is the public Python op, so activation quantization, the epilogue and the
-  Python/dispatcher overhead are included.
+* ``agentforge.ops.ternary_matmul(x, w_prepacked, w_scale)`` with fp32 ``x``: weights in the 2bit
+  layout once per CPU backend (``int8`` and ``popcount``, forced through ``AGENTFORGE_BACKEND``,
+  which the dispatcher reads on every call), and weights in the base3 layout (``base3``: 1.6
+  bits, 5 weights per byte, its own kernel). Weights are quantized, packed and prepacked before
+  timing; the timed call is the public Python op, so activation quantization, the epilogue and
+  the Python/dispatcher overhead are included.
 
 Method: every candidate is warmed up, then the candidates of one row are timed in turns
 (rotating order) for ``--reps`` rounds; each sample is the mean of enough back-to-back calls to
@@ -17,7 +18,10 @@ the same run, so slow drifts (other processes, clock changes) hit all candidates
 Throughput ``G weights/s = M * N * K / t / 1e9``: ternary weight-activation products per second;
 at M = 1 it is the number of weights streamed per second. By default weights stay in place
 between calls ("hot"); ``--cold`` rotates through enough copies of every weight matrix to exceed
-twice the last-level cache, so each call streams its weights from memory.
+8x the last-level cache (COLD_LLC_MULTIPLE), so each call streams its weights from memory. A cold run also
+measures the machine's read bandwidth on the same threads, before and after the timings, with a
+STREAM-like read kernel (``agentforge.ops.read_bandwidth``), and gives each candidate's effective
+bandwidth (the bytes of its weights / its time) as a percentage of the higher measurement.
 
 The per-core figure runs ternary_matmul at M = 1 on one thread (``torch.set_num_threads(1)``)
 on a K = 2048 shape whose prepacked weights fill at most half of L2 (N2 rows) and on one with a
@@ -40,13 +44,17 @@ import sys
 import time
 from typing import Callable, Iterator
 
-HELP = "time ternary_matmul (int8 and popcount backends) against F.linear fp32/bf16"
+HELP = "time ternary_matmul (int8, popcount and base3 kernels) against F.linear fp32/bf16"
 
 DEFAULT_SHAPES = "2560x2560,4096x4096,11008x4096"
 DEFAULT_MS = "1,16,64"
-BACKENDS = ("int8", "popcount")
+BACKENDS = ("int8", "popcount", "base3")  # base3: the base3 layout, whose kernel the dispatcher runs
 BASELINES = ("fp32", "bf16")
 BACKEND_ENV = "AGENTFORGE_BACKEND"
+# Cold weights and the bandwidth reference both cycle through this many times the last-level
+# cache. On the dev machine a plain read of a buffer reached 65 GB/s at 16 MiB, 25 at 64 MiB
+# (2x L3: still partly cached), 22 at 128 MiB and its 21 GB/s floor from 256 MiB (8x L3) on.
+COLD_LLC_MULTIPLE = 8
 
 
 # --- arguments -------------------------------------------------------------------------------
@@ -94,9 +102,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for the main table (default: torch's default)")
     p.add_argument("--backends", type=parse_backends, default=list(BACKENDS), metavar="B,...",
-                   help="ternary backends to time (default int8,popcount)")
+                   help="ternary kernels to time (default int8,popcount,base3)")
     p.add_argument("--cold", action="store_true",
-                   help="rotate through weight copies larger than 2x the last-level cache (weights streamed from memory)")
+                   help="rotate through weight copies larger than 8x the last-level cache (weights streamed from "
+                        "memory), and measure the read bandwidth they are compared with")
     p.add_argument("--no-per-core", dest="per_core", action="store_false",
                    help="skip the single-thread cache-resident kernel throughput")
     p.add_argument("--per-core-seconds", type=float, default=1.5,
@@ -116,32 +125,6 @@ def _cpuinfo_field(name: str) -> str | None:
                     return value.strip()
     except OSError:
         pass
-    return None
-
-
-def _cache_bytes(level: int) -> int | None:
-    """Size of the data/unified cache of the given level seen by CPU 0 (sysfs), or None."""
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        entries = sorted(os.listdir(base))
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            with open(f"{base}/{entry}/level") as f:
-                if int(f.read()) != level:
-                    continue
-            with open(f"{base}/{entry}/type") as f:
-                if f.read().strip() not in ("Data", "Unified"):
-                    continue
-            with open(f"{base}/{entry}/size") as f:
-                size = f.read().strip().upper()
-        except (OSError, ValueError):
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-        digits = size.rstrip("KMG")
-        if digits.isdigit():
-            return int(digits) * mult
     return None
 
 
@@ -167,8 +150,8 @@ def machine_info() -> dict:
         "cpu_family_model": f"{family}/{model}" if family and model else None,
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,
-        "l2_bytes": _cache_bytes(2),
-        "l3_bytes": _cache_bytes(3),
+        "l2_bytes": ops.cache_bytes(2),
+        "l3_bytes": ops.cache_bytes(3),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "agentforge": agentforge.__version__,
@@ -225,10 +208,11 @@ def forced_backend(name: str | None) -> Iterator[None]:
 
 
 class Candidate:
-    """One thing to time: ``fn()`` runs a single call; ``backend`` is forced around each sample."""
+    """One thing to time: ``fn()`` runs a single call; ``backend`` is forced around each sample;
+    ``nbytes`` is what one call reads of its weights."""
 
-    def __init__(self, name: str, fn: Callable[[], object], backend: str | None = None):
-        self.name, self.fn, self.backend = name, fn, backend
+    def __init__(self, name: str, fn: Callable[[], object], backend: str | None = None, nbytes: int = 0):
+        self.name, self.fn, self.backend, self.nbytes = name, fn, backend, nbytes
         self.inner = 1
         self.samples: list[float] = []
 
@@ -268,7 +252,7 @@ def _cycling(make: Callable[[object], Callable[[], object]], copies: list) -> Ca
 def _copies_needed(nbytes: int, cold: bool, llc: int | None) -> int:
     if not cold:
         return 1
-    return max(1, math.ceil(2 * (llc or 32 << 20) / max(nbytes, 1)))
+    return max(1, math.ceil(COLD_LLC_MULTIPLE * (llc or 32 << 20) / max(nbytes, 1)))
 
 
 # --- the benchmarks --------------------------------------------------------------------------
@@ -284,6 +268,14 @@ def _auto_pick(ops, x, wp, scale) -> str | None:
     return table[0]["backend"] if len(table) == 1 else None
 
 
+def _payload_bytes(wp) -> int:
+    """Bytes of weights a kernel streams per call: the prepacked payload, header excluded."""
+    from agentforge import ops
+
+    info = ops.prepacked_info(wp)
+    return info["N"] * -(-info["K"] // {"2bit": 128, "base3": 160}[info["layout"]]) * 32
+
+
 def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, seed, log) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -292,32 +284,35 @@ def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, se
 
     rows = []
     gen = torch.Generator().manual_seed(seed)
+    copies = lambda t: [t] + [t.clone() for _ in range(_copies_needed(t.nbytes, cold, llc) - 1)]  # noqa: E731
     for N, K in shapes:
         w = torch.randn(N, K, generator=gen) * 0.02
         codes, scale = ops.quantize_ternary(w)
-        wp = ops.prepack_ternary(ops.pack_ternary(codes))
-        weights = {
-            "fp32": [w] + [w.clone() for _ in range(_copies_needed(w.nbytes, cold, llc) - 1)],
-            "ternary": [wp] + [wp.clone() for _ in range(_copies_needed(wp.nbytes, cold, llc) - 1)],
-        }
-        wb = w.bfloat16()
-        weights["bf16"] = [wb] + [wb.clone() for _ in range(_copies_needed(wb.nbytes, cold, llc) - 1)]
+        packed = ops.pack_ternary(codes)
+        wp = {layout: ops.prepack_ternary(packed, K, layout) for layout in ("2bit", "base3")}
+        weights = {"fp32": copies(w), "bf16": copies(w.bfloat16()), "2bit": copies(wp["2bit"]),
+                   "base3": copies(wp["base3"]) if "base3" in backends else []}
+        nbytes = {"fp32": N * K * 4, "bf16": N * K * 2, "2bit": _payload_bytes(wp["2bit"]),
+                  "base3": _payload_bytes(wp["base3"])}
         for M in ms:
             log(f"  {N}x{K} M={M} ...")
             x = torch.randn(M, K, generator=gen)
             xb = x.bfloat16()
             cands = [
-                Candidate("fp32", _cycling(lambda wt: (lambda: F.linear(x, wt)), weights["fp32"])),
-                Candidate("bf16", _cycling(lambda wt: (lambda: F.linear(xb, wt)), weights["bf16"])),
+                Candidate("fp32", _cycling(lambda wt: (lambda: F.linear(x, wt)), weights["fp32"]),
+                          nbytes=nbytes["fp32"]),
+                Candidate("bf16", _cycling(lambda wt: (lambda: F.linear(xb, wt)), weights["bf16"]),
+                          nbytes=nbytes["bf16"]),
             ]
             for b in backends:
-                cands.append(Candidate(b, _cycling(lambda wt: (lambda: ops.ternary_matmul(x, wt, scale)),
-                                                   weights["ternary"]), backend=b))
-            # Sanity: the backends compute the same exact integer products, so they must agree.
+                layout = "base3" if b == "base3" else "2bit"
+                matmul = _cycling(lambda wt: (lambda: ops.ternary_matmul(x, wt, scale)), weights[layout])
+                cands.append(Candidate(b, matmul, backend=None if b == "base3" else b, nbytes=nbytes[layout]))
+            # Sanity: every kernel computes the same exact integer products, so they must agree.
             outs = {}
             for b in backends:
-                with forced_backend(b):
-                    outs[b] = ops.ternary_matmul(x, wp, scale)
+                with forced_backend(None if b == "base3" else b):
+                    outs[b] = ops.ternary_matmul(x, wp["base3" if b == "base3" else "2bit"], scale)
             agree = all(torch.equal(outs[backends[0]], o) for o in outs.values())
             measure(cands, reps, min_sample_s, warmup)
             t = {c.name: c.median for c in cands}
@@ -326,12 +321,14 @@ def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, se
                    "inner_calls": {c.name: c.inner for c in cands},
                    "speedup": {b: {base: t[base] / t[b] for base in BASELINES} for b in backends},
                    "gweights_per_s": {k: M * N * K / v / 1e9 for k, v in t.items()},
+                   "weight_bytes": {c.name: c.nbytes for c in cands},
+                   "gbytes_per_s": {c.name: c.nbytes / t[c.name] / 1e9 for c in cands},
                    "backends_agree": agree,
-                   "auto_pick": _auto_pick(ops, x, wp, scale)}
+                   "auto_pick": _auto_pick(ops, x, wp["2bit"], scale)}
             if not agree:
-                log(f"  WARNING: backends disagree at {N}x{K} M={M}")
+                log(f"  WARNING: kernels disagree at {N}x{K} M={M}")
             rows.append(row)
-        del weights, w, wb, wp
+        del weights, w, wp
     return rows
 
 
@@ -380,13 +377,15 @@ def bench_per_core(backends, seconds, l2, seed, log) -> dict:
         fns = {}
         for N in (N1, N2):
             codes, scale = ops.quantize_ternary(torch.randn(N, K, generator=gen))
-            wp = ops.prepack_ternary(ops.pack_ternary(codes))
-            out["prepacked_bytes"] = wp.nbytes
-            fns[N] = (lambda wp=wp, s=scale: ops.ternary_matmul(x, wp, s))
+            for layout in ("2bit", "base3"):
+                wp = ops.prepack_ternary(ops.pack_ternary(codes), K, layout)
+                out[f"{layout}_bytes"] = _payload_bytes(wp)
+                fns[layout, N] = (lambda wp=wp, s=scale: ops.ternary_matmul(x, wp, s))
         log(f"  per-core: M=1, K={K}, N={N1} and {N2}, 1 thread ...")
         for b in backends:
-            with forced_backend(b):
-                a, c = paired_times(fns[N1], fns[N2], seconds, warmup_s=seconds / 4)
+            layout = "base3" if b == "base3" else "2bit"
+            with forced_backend(None if b == "base3" else b):
+                a, c = paired_times(fns[layout, N1], fns[layout, N2], seconds, warmup_s=seconds / 4)
             diffs = [y - z for y, z in zip(c, a)]
             chunks = [statistics.median(diffs[i::5]) for i in range(5)]  # interleaved fifths: a spread
             d = statistics.median(diffs)
@@ -414,11 +413,16 @@ def _ms(v: float) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
 
-def format_table(rows: list[dict], backends: list[str]) -> str:
+def format_table(rows: list[dict], backends: list[str], bandwidth: float | None = None) -> str:
+    """The timing table; with ``bandwidth`` (GB/s, cold runs) each candidate's effective GB/s as a
+    percentage of it."""
     head = ["N x K", "M", "fp32 ms", "bf16 ms"] + [f"{b} ms" for b in backends]
     for b in backends:
         head += [f"{b} vs fp32", f"{b} vs bf16"]
-    head += [f"{b} Gw/s" for b in backends] + ["auto picks"]
+    head += [f"{b} Gw/s" for b in backends]
+    if bandwidth:
+        head += [f"{c} GB/s (% BW)" for c in (*BASELINES, *backends)]
+    head.append("auto picks")
     body = []
     for r in rows:
         line = [f"{r['N']}x{r['K']}", str(r["M"]), _ms(r["ms"]["fp32"]), _ms(r["ms"]["bf16"])]
@@ -426,6 +430,9 @@ def format_table(rows: list[dict], backends: list[str]) -> str:
         for b in backends:
             line += [_ratio(r["speedup"][b]["fp32"]), _ratio(r["speedup"][b]["bf16"])]
         line += [f"{r['gweights_per_s'][b]:.1f}" for b in backends]
+        if bandwidth:
+            line += [f"{r['gbytes_per_s'][c]:.1f} ({100 * r['gbytes_per_s'][c] / bandwidth:.0f}%)"
+                     for c in (*BASELINES, *backends)]
         line.append((r["auto_pick"] or "?") + ("" if r["backends_agree"] else " (MISMATCH)"))
         body.append(line)
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
@@ -436,7 +443,8 @@ def format_table(rows: list[dict], backends: list[str]) -> str:
 
 def format_per_core(pc: dict) -> str:
     lines = [f"kernel, cache-resident, one core (torch.set_num_threads(1)): M=1, K={pc['K']}, N={pc['N1']} and "
-             f"{pc['N2']} ({pc['prepacked_bytes'] >> 10} KiB prepacked, L2 {_fmt_bytes(pc['l2_bytes'])}/core)"]
+             f"{pc['N2']} ({pc['2bit_bytes'] >> 10} KiB prepacked 2bit, {pc['base3_bytes'] >> 10} KiB base3, "
+             f"L2 {_fmt_bytes(pc['l2_bytes'])}/core)"]
     for b, v in pc["backends"].items():
         marg = v["marginal_gweights_per_s"]
         marg_s = f"{marg:.1f}" if marg is not None else "n/a"
@@ -447,12 +455,18 @@ def format_per_core(pc: dict) -> str:
 
 
 LEGEND = """\
-fp32/bf16 ms: torch F.linear(x, w) with x, w in that dtype. <backend> ms: agentforge.ops.ternary_matmul on
-fp32 x with weights prepacked beforehand, backend forced by AGENTFORGE_BACKEND; includes activation
-quantization and the Python call. Times are medians of {reps} interleaved samples. "vs": speedup of the
-ternary op over F.linear (t_F.linear / t_ternary, > 1 = faster). Gw/s: M*N*K / t / 1e9 weight-activation
-products per second (at M=1: weights streamed per second). auto picks: the backend the dispatcher measures
-and chooses when none is forced. Weights: {mode}."""
+fp32/bf16 ms: torch F.linear(x, w) with x, w in that dtype. int8/popcount ms: agentforge.ops.ternary_matmul on
+fp32 x with 2bit weights prepacked beforehand, backend forced by AGENTFORGE_BACKEND; base3 ms: the same op on
+base3 weights (1.6 bits); all include activation quantization and the Python call. Times are medians of {reps}
+interleaved samples. "vs": speedup of the ternary op over F.linear (t_F.linear / t_ternary, > 1 = faster).
+Gw/s: M*N*K / t / 1e9 weight-activation products per second (at M=1: weights streamed per second).
+auto picks: the 2bit backend the dispatcher measures and chooses when none is forced. Weights: {mode}."""
+
+BANDWIDTH_LEGEND = """\
+GB/s (% BW): bytes of weights read per call (fp32 4 N K, bf16 2 N K, 2bit N ceil(K/128) 32, base3
+N ceil(K/160) 32) / time, and that as a percentage of the machine's read bandwidth, {bw:.1f} GB/s on {threads}
+thread(s) (STREAM-like read of {mib} MiB, best of 7; {before:.1f} before the timings, {after:.1f} after; the
+higher is used)."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -475,12 +489,20 @@ def run(args: argparse.Namespace) -> int:
     print(format_machine(machine), flush=True)
     if not ops.extension_loaded():
         log("agentforge bench: the native extension is not loaded; the ternary numbers are the slow reference")
-    mode = (f"cold (rotating copies > 2x L3 {_fmt_bytes(machine['l3_bytes'])})" if args.cold
+    mode = (f"cold (rotating copies > {COLD_LLC_MULTIPLE}x L3 {_fmt_bytes(machine['l3_bytes'])})" if args.cold
             else "hot (the same weights every call; small ternary weights stay in cache)")
     t0 = time.perf_counter()
+    bandwidth = None
+    if args.cold and ops.extension_loaded():
+        log("measuring the read bandwidth ...")
+        nbytes = COLD_LLC_MULTIPLE * ops.last_level_cache_bytes()
+        bandwidth = {"before": ops.read_bandwidth(nbytes), "threads": torch.get_num_threads(), "mib": nbytes >> 20}
     log(f"timing {len(args.shapes)} shapes x {len(args.m)} M values, {args.reps} reps ...")
     rows = bench_matmul(args.shapes, args.m, args.backends, args.reps, args.min_sample_ms / 1e3, args.warmup,
                         args.cold, machine["l3_bytes"], args.seed, log)
+    if bandwidth:
+        bandwidth["after"] = ops.read_bandwidth(nbytes)
+        bandwidth["gbs"] = max(bandwidth["before"], bandwidth["after"])
     per_core = None
     if args.per_core and ops.extension_loaded():
         per_core = bench_per_core(args.backends, args.per_core_seconds, machine["l2_bytes"], args.seed, log)
@@ -488,8 +510,10 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     print(f"ternary_matmul vs F.linear, {torch.get_num_threads()} threads, weights {'cold' if args.cold else 'hot'}:")
-    print(format_table(rows, args.backends))
+    print(format_table(rows, args.backends, bandwidth["gbs"] if bandwidth else None))
     print(LEGEND.format(reps=args.reps, mode=mode))
+    if bandwidth:
+        print(BANDWIDTH_LEGEND.format(bw=bandwidth["gbs"], **bandwidth))
     if per_core:
         print()
         print(format_per_core(per_core))
@@ -499,6 +523,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"machine": machine, "threads": torch.get_num_threads(), "cold": args.cold, "reps": args.reps,
                "min_sample_ms": args.min_sample_ms, "elapsed_s": elapsed, "matmul": rows, "per_core": per_core,
+               "read_bandwidth": bandwidth,
                "dispatch_last_row": dispatch, "argv": sys.argv[1:]}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
