@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 import agentforge  # noqa: F401  (registers Cognate with transformers)
-from agentforge.quant import calibrate
-from agentforge.quant import calibration
+from agentforge.quant import calibrate, calibration
 
 ROWS, SEQ_LEN, N_SENSITIVE = 16, 64, 3
 

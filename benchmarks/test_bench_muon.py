@@ -14,8 +14,8 @@ import torch
 
 from agentforge.models import CognateConfig, CognateForCausalLM
 from agentforge.optim import Muon
-from agentforge.optim.muon import default_ns_dtype
 from agentforge.optim.grouping import split_parameters
+from agentforge.optim.muon import default_ns_dtype
 
 pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=1, min_rounds=3)
 
@@ -38,7 +38,9 @@ def test_muon_step(benchmark, preset, impl):
     else:
         optimizer = Muon(matrices, lr=0.02, ns_dtype=torch.float32 if impl.endswith("fp32") else torch.bfloat16)
     before = matrices[0].detach().clone()
-    benchmark.group = f"Muon step, {preset} Cognate ({len(matrices)} matrices, {sum(p.numel() for p in matrices):,} weights)"
+    benchmark.group = (
+        f"Muon step, {preset} Cognate ({len(matrices)} matrices, {sum(p.numel() for p in matrices):,} weights)"
+    )
     benchmark.extra_info.update(impl=impl, baseline=impl == "torch.optim.Muon", threads=torch.get_num_threads(),
                                 default_ns_dtype=str(default_ns_dtype(torch.device("cpu"))))
     benchmark(optimizer.step)

@@ -6,12 +6,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # Training code logs to W&B; tests never do (offline runs would litter the working directory).
 os.environ["WANDB_MODE"] = "disabled"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import agentforge.ops as ops  # noqa: E402
-
-from helpers import BACKENDS, supported_isas, using_isa  # noqa: E402
+import agentforge.ops as ops
+from helpers import BACKENDS, supported_isas, using_isa
 
 
 def pytest_configure(config):

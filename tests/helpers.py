@@ -6,7 +6,6 @@ import os
 import torch
 
 import agentforge.ops as ops
-from agentforge.ops import reference as ref
 
 ISA_ORDER = ("scalar", "avx2", "avx512")  # each ISA's CPU can also run the ones before it
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

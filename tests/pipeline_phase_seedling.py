@@ -17,7 +17,12 @@ class Settings(Checked):
     layers: int = setting(1, "[1, 4]")
 
 
-PRESETS = {"micro": Settings(), "tiny": Settings(hidden_size=32), "small": Settings(hidden_size=64, layers=2), "smol": Settings()}
+PRESETS = {
+    "micro": Settings(),
+    "tiny": Settings(hidden_size=32),
+    "small": Settings(hidden_size=64, layers=2),
+    "smol": Settings(),
+}
 
 
 def new_model(settings: Settings) -> LlamaForCausalLM:

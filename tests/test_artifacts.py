@@ -7,11 +7,21 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from agentforge.artifacts import (MANIFEST, CorruptArtifact, atomic_directory, atomic_write_bytes, atomic_write_json,
-                                  atomic_write_text, load_model_dir, read_metadata, recover_directory, save_model_dir,
-                                  sha256_dir, sha256_file)
+from agentforge.artifacts import (
+    MANIFEST,
+    CorruptArtifact,
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    load_model_dir,
+    read_metadata,
+    recover_directory,
+    save_model_dir,
+    sha256_dir,
+    sha256_file,
+)
 from train_worker_tiny import VOCAB, tiny_model
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

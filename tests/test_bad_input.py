@@ -61,133 +61,268 @@ INF_W = torch.tensor([[1.0, float("inf")], [0.5, 0.25]])
 # (call, message regex). Every message names the op, so a user can tell which call failed.
 BAD_CALLS = {
     # wrong dtype
-    "quantize_ternary-int-w": (lambda: ops.quantize_ternary(torch.ones(3, 4, dtype=torch.int32)),
-                               r"quantize_ternary: w must be float32, bfloat16 or float16, got Int"),
-    "quantize_ternary-float64-w": (lambda: ops.quantize_ternary(torch.ones(3, 4, dtype=torch.float64)),
-                                   r"quantize_ternary: w must be float32, bfloat16 or float16, got Double"),
-    "quantize_activations-int8-x": (lambda: ops.quantize_activations(torch.ones(3, 4, dtype=torch.int8)),
-                                    r"quantize_activations: x must be float32, bfloat16 or float16"),
-    "act_fake_quant-int-x": (lambda: ops.act_fake_quant(torch.ones(3, 4, dtype=torch.int64)),
-                             r"quantize_activations: x must be float32"),
-    "pack_ternary-float-codes": (lambda: ops.pack_ternary(torch.zeros(2, 4)), r"pack_ternary: codes must be int8, got Float"),
-    "pack_ternary_base3-uint8-codes": (lambda: ops.pack_ternary_base3(torch.zeros(2, 4, dtype=torch.uint8)),
-                                       r"pack_ternary_base3: codes must be int8, got Byte"),
-    "unpack_ternary-int8-packed": (lambda: ops.unpack_ternary(packed().to(torch.int8), 7),
-                                   r"unpack_ternary: packed must be uint8, got Char"),
-    "prepack_ternary-int8-packed": (lambda: ops.prepack_ternary(packed().to(torch.int8)),
-                                    r"prepack_ternary: packed must be uint8"),
-    "ternary_matmul-int-x": (lambda: mm(torch.ones(3, 7, dtype=torch.int32), w_pre(), ONE),
-                             r"ternary_matmul: x must be float32, bfloat16 or float16, got Int"),
-    "ternary_matmul-int8-w": (lambda: mm(x(), w_pre().to(torch.int8), ONE),
-                              r"ternary_matmul: w_prepacked must be a 2-D uint8 tensor from prepack_ternary"),
-    "ternary_matmul-fp16-scale": (lambda: mm(x(), w_pre(), ONE.half()),
-                                  r"ternary_matmul: w_scale must be float32 of shape \[1\] or \[5\], got Half"),
-    "ternary_matmul-int-bias": (lambda: mm(x(), w_pre(), ONE, torch.ones(5, dtype=torch.int32)),
-                                r"ternary_matmul: bias must be float32, bfloat16 or float16"),
-    "bitlinear-int-w": (lambda: ops.bitlinear(x(), torch.ones(5, 7, dtype=torch.int32)),
-                        r"bitlinear: w must be float32, bfloat16 or float16"),
+    "quantize_ternary-int-w": (
+        lambda: ops.quantize_ternary(torch.ones(3, 4, dtype=torch.int32)),
+        r"quantize_ternary: w must be float32, bfloat16 or float16, got Int",
+    ),
+    "quantize_ternary-float64-w": (
+        lambda: ops.quantize_ternary(torch.ones(3, 4, dtype=torch.float64)),
+        r"quantize_ternary: w must be float32, bfloat16 or float16, got Double",
+    ),
+    "quantize_activations-int8-x": (
+        lambda: ops.quantize_activations(torch.ones(3, 4, dtype=torch.int8)),
+        r"quantize_activations: x must be float32, bfloat16 or float16",
+    ),
+    "act_fake_quant-int-x": (
+        lambda: ops.act_fake_quant(torch.ones(3, 4, dtype=torch.int64)),
+        r"quantize_activations: x must be float32",
+    ),
+    "pack_ternary-float-codes": (
+        lambda: ops.pack_ternary(torch.zeros(2, 4)),
+        r"pack_ternary: codes must be int8, got Float",
+    ),
+    "pack_ternary_base3-uint8-codes": (
+        lambda: ops.pack_ternary_base3(torch.zeros(2, 4, dtype=torch.uint8)),
+        r"pack_ternary_base3: codes must be int8, got Byte",
+    ),
+    "unpack_ternary-int8-packed": (
+        lambda: ops.unpack_ternary(packed().to(torch.int8), 7),
+        r"unpack_ternary: packed must be uint8, got Char",
+    ),
+    "prepack_ternary-int8-packed": (
+        lambda: ops.prepack_ternary(packed().to(torch.int8)),
+        r"prepack_ternary: packed must be uint8",
+    ),
+    "ternary_matmul-int-x": (
+        lambda: mm(torch.ones(3, 7, dtype=torch.int32), w_pre(), ONE),
+        r"ternary_matmul: x must be float32, bfloat16 or float16, got Int",
+    ),
+    "ternary_matmul-int8-w": (
+        lambda: mm(x(), w_pre().to(torch.int8), ONE),
+        r"ternary_matmul: w_prepacked must be a 2-D uint8 tensor from prepack_ternary",
+    ),
+    "ternary_matmul-fp16-scale": (
+        lambda: mm(x(), w_pre(), ONE.half()),
+        r"ternary_matmul: w_scale must be float32 of shape \[1\] or \[5\], got Half",
+    ),
+    "ternary_matmul-int-bias": (
+        lambda: mm(x(), w_pre(), ONE, torch.ones(5, dtype=torch.int32)),
+        r"ternary_matmul: bias must be float32, bfloat16 or float16",
+    ),
+    "bitlinear-int-w": (
+        lambda: ops.bitlinear(x(), torch.ones(5, 7, dtype=torch.int32)),
+        r"bitlinear: w must be float32, bfloat16 or float16",
+    ),
     # codes outside {-1, 0, 1}
-    "pack_ternary-code-2": (lambda: ops.pack_ternary(torch.tensor([[0, 2]], dtype=torch.int8)),
-                            r"pack_ternary: codes must be in \{-1, 0, 1\}"),
-    "pack_ternary_base3-code--2": (lambda: ops.pack_ternary_base3(torch.tensor([[-2, 0]], dtype=torch.int8)),
-                                   r"pack_ternary_base3: codes must be in \{-1, 0, 1\}"),
+    "pack_ternary-code-2": (
+        lambda: ops.pack_ternary(torch.tensor([[0, 2]], dtype=torch.int8)),
+        r"pack_ternary: codes must be in \{-1, 0, 1\}",
+    ),
+    "pack_ternary_base3-code--2": (
+        lambda: ops.pack_ternary_base3(torch.tensor([[-2, 0]], dtype=torch.int8)),
+        r"pack_ternary_base3: codes must be in \{-1, 0, 1\}",
+    ),
     # wrong shape
     "quantize_ternary-1d-w": (lambda: ops.quantize_ternary(torch.ones(4)), r"quantize_ternary: w must be 2-D"),
-    "ternary_fake_quant-3d-w": (lambda: ops.ternary_fake_quant(torch.ones(2, 3, 4)), r"ternary_fake_quant: w must be 2-D"),
-    "quantize_activations-0d-x": (lambda: ops.quantize_activations(torch.tensor(1.0)),
-                                  r"quantize_activations: x must have at least one dimension"),
-    "pack_ternary-1d-codes": (lambda: ops.pack_ternary(torch.zeros(4, dtype=torch.int8)), r"pack_ternary: codes must be 2-D"),
+    "ternary_fake_quant-3d-w": (
+        lambda: ops.ternary_fake_quant(torch.ones(2, 3, 4)),
+        r"ternary_fake_quant: w must be 2-D",
+    ),
+    "quantize_activations-0d-x": (
+        lambda: ops.quantize_activations(torch.tensor(1.0)),
+        r"quantize_activations: x must have at least one dimension",
+    ),
+    "pack_ternary-1d-codes": (
+        lambda: ops.pack_ternary(torch.zeros(4, dtype=torch.int8)),
+        r"pack_ternary: codes must be 2-D",
+    ),
     "unpack_ternary-3d-packed": (lambda: ops.unpack_ternary(packed()[None], 7), r"unpack_ternary: packed must be 2-D"),
-    "ternary_matmul-0d-x": (lambda: mm(torch.tensor(1.0), w_pre(), ONE), r"ternary_matmul: x must have at least one dimension"),
+    "ternary_matmul-0d-x": (
+        lambda: mm(torch.tensor(1.0), w_pre(), ONE),
+        r"ternary_matmul: x must have at least one dimension",
+    ),
     "ternary_matmul-1d-w": (lambda: mm(x(), w_pre()[0], ONE), r"ternary_matmul: w_prepacked must be a 2-D uint8"),
-    "ternary_matmul-K-mismatch": (lambda: mm(x(3, 129), w_pre(5, 7), ONE),
-                                  r"ternary_matmul: x has K=129 features \(x shape \[3, 129\]\) but w_prepacked was "
-                                  r"packed for K=7 \(w_prepacked shape \[6, 32\]\)"),
-    "ternary_matmul-K-same-block": (lambda: mm(x(2, 120), w_pre(5, 100), ONE),
-                                    r"ternary_matmul: x has K=120 features .* packed for K=100"),
-    "ternary_matmul-K-same-block-base3": (lambda: mm(x(2, 120), prepacked(codes(5, 100), "base3"), ONE),
-                                          r"ternary_matmul: x has K=120 features .* packed for K=100"),
-    "ternary_matmul-scale-length": (lambda: mm(x(), w_pre(), torch.ones(2)),
-                                    r"ternary_matmul: w_scale must be float32 of shape \[1\] or \[5\]"),
-    "ternary_matmul-scale-2d": (lambda: mm(x(), w_pre(), torch.ones(5, 1)), r"ternary_matmul: w_scale must be float32 of shape"),
-    "ternary_matmul-bias-shape": (lambda: mm(x(), w_pre(), ONE, torch.ones(4)), r"ternary_matmul: bias must have shape \[5\]"),
-    "bitlinear-K-mismatch": (lambda: ops.bitlinear(x(3, 6), torch.ones(5, 7)), r"bitlinear: x has 6 features but w expects 7"),
-    "bitlinear-bias-shape": (lambda: ops.bitlinear(x(), torch.ones(5, 7), torch.ones(7)), r"bitlinear: bias must have shape \[5\]"),
+    "ternary_matmul-K-mismatch": (
+        lambda: mm(x(3, 129), w_pre(5, 7), ONE),
+        r"ternary_matmul: x has K=129 features \(x shape \[3, 129\]\) but w_prepacked was "
+        r"packed for K=7 \(w_prepacked shape \[6, 32\]\)",
+    ),
+    "ternary_matmul-K-same-block": (
+        lambda: mm(x(2, 120), w_pre(5, 100), ONE),
+        r"ternary_matmul: x has K=120 features .* packed for K=100",
+    ),
+    "ternary_matmul-K-same-block-base3": (
+        lambda: mm(x(2, 120), prepacked(codes(5, 100), "base3"), ONE),
+        r"ternary_matmul: x has K=120 features .* packed for K=100",
+    ),
+    "ternary_matmul-scale-length": (
+        lambda: mm(x(), w_pre(), torch.ones(2)),
+        r"ternary_matmul: w_scale must be float32 of shape \[1\] or \[5\]",
+    ),
+    "ternary_matmul-scale-2d": (
+        lambda: mm(x(), w_pre(), torch.ones(5, 1)),
+        r"ternary_matmul: w_scale must be float32 of shape",
+    ),
+    "ternary_matmul-bias-shape": (
+        lambda: mm(x(), w_pre(), ONE, torch.ones(4)),
+        r"ternary_matmul: bias must have shape \[5\]",
+    ),
+    "bitlinear-K-mismatch": (
+        lambda: ops.bitlinear(x(3, 6), torch.ones(5, 7)),
+        r"bitlinear: x has 6 features but w expects 7",
+    ),
+    "bitlinear-bias-shape": (
+        lambda: ops.bitlinear(x(), torch.ones(5, 7), torch.ones(7)),
+        r"bitlinear: bias must have shape \[5\]",
+    ),
     # packed tensor of the wrong size, wrong K
-    "unpack_ternary-K-too-big": (lambda: ops.unpack_ternary(packed(5, 7), 9), r"unpack_ternary: K=9 needs 3 bytes per row, packed has 2"),
+    "unpack_ternary-K-too-big": (
+        lambda: ops.unpack_ternary(packed(5, 7), 9),
+        r"unpack_ternary: K=9 needs 3 bytes per row, packed has 2",
+    ),
     "unpack_ternary-K-negative": (lambda: ops.unpack_ternary(packed(5, 7), -1), r"unpack_ternary: K=-1"),
-    "unpack_ternary_base3-K-too-small": (lambda: ops.unpack_ternary_base3(packed5(5, 7), 5),
-                                         r"unpack_ternary_base3: K=5 needs 1 bytes per row, packed has 2"),
-    "unprepack_ternary-K-too-big": (lambda: ops.unprepack_ternary(w_pre(5, 7), 129),
-                                    r"unprepack_ternary: K=129 but w_prepacked \(shape \[6, 32\]\) was packed for K=7"),
+    "unpack_ternary_base3-K-too-small": (
+        lambda: ops.unpack_ternary_base3(packed5(5, 7), 5),
+        r"unpack_ternary_base3: K=5 needs 1 bytes per row, packed has 2",
+    ),
+    "unprepack_ternary-K-too-big": (
+        lambda: ops.unprepack_ternary(w_pre(5, 7), 129),
+        r"unprepack_ternary: K=129 but w_prepacked \(shape \[6, 32\]\) was packed for K=7",
+    ),
     "unprepack_ternary-K-negative": (lambda: ops.unprepack_ternary(w_pre(5, 7), -3), r"unprepack_ternary: K=-3"),
-    "prepack_ternary-K-too-big": (lambda: ops.prepack_ternary(packed(5, 7), 9),
-                                  r"prepack_ternary: K=9 needs 3 bytes per canonical row, packed has 2"),
-    "prepack_ternary-bad-layout": (lambda: ops.prepack_ternary(packed(5, 7), 7, "3bit"),
-                                   r"prepack_ternary: unknown layout '3bit'; use '2bit' or 'base3'"),
-    "prepack_ternary-padding": (lambda: ops.prepack_ternary(ops.pack_ternary(-torch.ones(2, 8, dtype=torch.int8)), 6),
-                                r"prepack_ternary: .*non-zero padding at row 0, element 6 \(is K=6 right\?\)"),
+    "prepack_ternary-K-too-big": (
+        lambda: ops.prepack_ternary(packed(5, 7), 9),
+        r"prepack_ternary: K=9 needs 3 bytes per canonical row, packed has 2",
+    ),
+    "prepack_ternary-bad-layout": (
+        lambda: ops.prepack_ternary(packed(5, 7), 7, "3bit"),
+        r"prepack_ternary: unknown layout '3bit'; use '2bit' or 'base3'",
+    ),
+    "prepack_ternary-padding": (
+        lambda: ops.prepack_ternary(ops.pack_ternary(-torch.ones(2, 8, dtype=torch.int8)), 6),
+        r"prepack_ternary: .*non-zero padding at row 0, element 6 \(is K=6 right\?\)",
+    ),
     # not a prepacked tensor: canonical bytes, the headerless format before version 2, views
-    "ternary_matmul-w-not-prepacked": (lambda: mm(x(), packed(5, 7), ONE),
-                                       r"ternary_matmul: w_prepacked of shape \[5, 2\] has no prepacked header"),
-    "ternary_matmul-w-format-1": (lambda: mm(x(), headerless(5, 7), ONE),
-                                  r"ternary_matmul: .*has no prepacked header.*older than prepack format 2"),
-    "ternary_matmul-row-slice": (lambda: mm(x(), w_pre(12, 7)[2:], ONE),
-                                 r"ternary_matmul: w_prepacked has shape \[11, 32\] but its header describes "
-                                 r"N=12, K=7 in the 2bit layout, i.e. shape \[13, 32\]: a slice"),
-    "ternary_matmul-row-slice-drops-header": (lambda: mm(x(), w_pre(12, 7)[:6], ONE),
-                                              r"ternary_matmul: w_prepacked of shape \[6, 32\] has no prepacked header "
-                                              r"in its last row: .*a slice or view"),
-    "ternary_matmul-column-slice": (lambda: mm(x(3, 300), w_pre(5, 300)[:, :64], ONE),
-                                    r"ternary_matmul: w_prepacked has shape \[6, 64\] but its header describes "
-                                    r"N=5, K=300 in the 2bit layout, i.e. shape \[6, 96\]"),
-    "ternary_matmul-reshape": (lambda: mm(x(3, 129), w_pre(5, 129).reshape(12, 32), ONE),
-                               r"ternary_matmul: w_prepacked of shape \[12, 32\] has no prepacked header"),
-    "unprepack_ternary-row-slice": (lambda: ops.unprepack_ternary(w_pre(12, 7)[2:], 7),
-                                    r"unprepack_ternary: w_prepacked has shape \[11, 32\] but its header describes"),
+    "ternary_matmul-w-not-prepacked": (
+        lambda: mm(x(), packed(5, 7), ONE),
+        r"ternary_matmul: w_prepacked of shape \[5, 2\] has no prepacked header",
+    ),
+    "ternary_matmul-w-format-1": (
+        lambda: mm(x(), headerless(5, 7), ONE),
+        r"ternary_matmul: .*has no prepacked header.*older than prepack format 2",
+    ),
+    "ternary_matmul-row-slice": (
+        lambda: mm(x(), w_pre(12, 7)[2:], ONE),
+        r"ternary_matmul: w_prepacked has shape \[11, 32\] but its header describes "
+        r"N=12, K=7 in the 2bit layout, i.e. shape \[13, 32\]: a slice",
+    ),
+    "ternary_matmul-row-slice-drops-header": (
+        lambda: mm(x(), w_pre(12, 7)[:6], ONE),
+        r"ternary_matmul: w_prepacked of shape \[6, 32\] has no prepacked header "
+        r"in its last row: .*a slice or view",
+    ),
+    "ternary_matmul-column-slice": (
+        lambda: mm(x(3, 300), w_pre(5, 300)[:, :64], ONE),
+        r"ternary_matmul: w_prepacked has shape \[6, 64\] but its header describes "
+        r"N=5, K=300 in the 2bit layout, i.e. shape \[6, 96\]",
+    ),
+    "ternary_matmul-reshape": (
+        lambda: mm(x(3, 129), w_pre(5, 129).reshape(12, 32), ONE),
+        r"ternary_matmul: w_prepacked of shape \[12, 32\] has no prepacked header",
+    ),
+    "unprepack_ternary-row-slice": (
+        lambda: ops.unprepack_ternary(w_pre(12, 7)[2:], 7),
+        r"unprepack_ternary: w_prepacked has shape \[11, 32\] but its header describes",
+    ),
     # corrupt or foreign headers
-    "ternary_matmul-header-byte": (lambda: mm(x(), with_byte(w_pre(5, 7), (-1, 9), 1), ONE),
-                                   r"ternary_matmul: the header of w_prepacked \(shape \[6, 32\]\) is corrupt"),
-    "ternary_matmul-header-checksum": (lambda: mm(x(), with_byte(w_pre(5, 7), (-1, 30), 0), ONE),
-                                       r"ternary_matmul: the header .* is corrupt: its checksum does not match"),
-    "ternary_matmul-header-version": (lambda: mm(x(), with_header(w_pre(5, 7), 4, 3), ONE),
-                                      r"ternary_matmul: w_prepacked has prepack format version 3; this build reads "
-                                      r"version 2"),
-    "ternary_matmul-header-layout": (lambda: mm(x(), with_header(w_pre(5, 7), 5, 9), ONE),
-                                     r"ternary_matmul: w_prepacked names layout 9, which this build does not know"),
-    "ternary_matmul-header-tile": (lambda: mm(x(), with_header(w_pre(5, 7), 6, 4), ONE),
-                                   r"ternary_matmul: w_prepacked was laid out in tiles of 4 rows; this build's kernels "
-                                   r"read tiles of 8"),
-    "ternary_matmul-header-other-layout": (lambda: mm(x(3, 300), with_header(w_pre(5, 300), 5, 2), ONE),
-                                           r"header describes N=5, K=300 in the base3 layout, i.e. shape \[6, 65\]"),
+    "ternary_matmul-header-byte": (
+        lambda: mm(x(), with_byte(w_pre(5, 7), (-1, 9), 1), ONE),
+        r"ternary_matmul: the header of w_prepacked \(shape \[6, 32\]\) is corrupt",
+    ),
+    "ternary_matmul-header-checksum": (
+        lambda: mm(x(), with_byte(w_pre(5, 7), (-1, 30), 0), ONE),
+        r"ternary_matmul: the header .* is corrupt: its checksum does not match",
+    ),
+    "ternary_matmul-header-version": (
+        lambda: mm(x(), with_header(w_pre(5, 7), 4, 3), ONE),
+        r"ternary_matmul: w_prepacked has prepack format version 3; this build reads "
+        r"version 2",
+    ),
+    "ternary_matmul-header-layout": (
+        lambda: mm(x(), with_header(w_pre(5, 7), 5, 9), ONE),
+        r"ternary_matmul: w_prepacked names layout 9, which this build does not know",
+    ),
+    "ternary_matmul-header-tile": (
+        lambda: mm(x(), with_header(w_pre(5, 7), 6, 4), ONE),
+        r"ternary_matmul: w_prepacked was laid out in tiles of 4 rows; this build's kernels "
+        r"read tiles of 8",
+    ),
+    "ternary_matmul-header-other-layout": (
+        lambda: mm(x(3, 300), with_header(w_pre(5, 300), 5, 2), ONE),
+        r"header describes N=5, K=300 in the base3 layout, i.e. shape \[6, 65\]",
+    ),
     # corrupt packed bytes
-    "unpack_ternary-code-3": (lambda: ops.unpack_ternary(with_byte(packed(5, 7), (2, 0), 0b11), 7),
-                              r"unpack_ternary: corrupt packed ternary tensor: invalid code 3 at row 2, element 0"),
-    "unpack_ternary-padding": (lambda: ops.unpack_ternary(with_byte(packed(5, 7), (4, 1), 0b10_010101), 7),
-                               r"unpack_ternary: corrupt packed ternary tensor: non-zero padding at row 4, element 7"),
-    "unpack_ternary-wrong-K": (lambda: ops.unpack_ternary(ops.pack_ternary(-torch.ones(2, 8, dtype=torch.int8)), 6),
-                               r"unpack_ternary: .*non-zero padding at row 0, element 6 \(is K=6 right\?\)"),
-    "unpack_ternary_base3-byte-243": (lambda: ops.unpack_ternary_base3(with_byte(packed5(5, 7), (1, 0), 243), 7),
-                                      r"unpack_ternary_base3: corrupt base-3 tensor: byte 243 > 242 at row 1, byte 0"),
-    "unpack_ternary_base3-byte-255": (lambda: ops.unpack_ternary_base3(with_byte(packed5(5, 7), (0, 1), 255), 7),
-                                      r"unpack_ternary_base3: corrupt base-3 tensor: byte 255 > 242"),
-    "unpack_ternary_base3-padding": (lambda: ops.unpack_ternary_base3(with_byte(packed5(5, 7), (3, 1), 0), 7),
-                                     r"unpack_ternary_base3: corrupt base-3 tensor: non-zero padding at row 3"),
-    "prepack_ternary-code-3": (lambda: ops.prepack_ternary(with_byte(packed(5, 7), (0, 1), 0xFF)),
-                               r"prepack_ternary: corrupt packed ternary tensor: invalid code 3"),
-    "unprepack_ternary-code-3": (lambda: ops.unprepack_ternary(with_byte(w_pre(5, 7), (0, 3), 0xFF), 7),
-                                 r"unprepack_ternary: corrupt prepacked tensor: invalid code 3"),
+    "unpack_ternary-code-3": (
+        lambda: ops.unpack_ternary(with_byte(packed(5, 7), (2, 0), 0b11), 7),
+        r"unpack_ternary: corrupt packed ternary tensor: invalid code 3 at row 2, element 0",
+    ),
+    "unpack_ternary-padding": (
+        lambda: ops.unpack_ternary(with_byte(packed(5, 7), (4, 1), 0b10_010101), 7),
+        r"unpack_ternary: corrupt packed ternary tensor: non-zero padding at row 4, element 7",
+    ),
+    "unpack_ternary-wrong-K": (
+        lambda: ops.unpack_ternary(ops.pack_ternary(-torch.ones(2, 8, dtype=torch.int8)), 6),
+        r"unpack_ternary: .*non-zero padding at row 0, element 6 \(is K=6 right\?\)",
+    ),
+    "unpack_ternary_base3-byte-243": (
+        lambda: ops.unpack_ternary_base3(with_byte(packed5(5, 7), (1, 0), 243), 7),
+        r"unpack_ternary_base3: corrupt base-3 tensor: byte 243 > 242 at row 1, byte 0",
+    ),
+    "unpack_ternary_base3-byte-255": (
+        lambda: ops.unpack_ternary_base3(with_byte(packed5(5, 7), (0, 1), 255), 7),
+        r"unpack_ternary_base3: corrupt base-3 tensor: byte 255 > 242",
+    ),
+    "unpack_ternary_base3-padding": (
+        lambda: ops.unpack_ternary_base3(with_byte(packed5(5, 7), (3, 1), 0), 7),
+        r"unpack_ternary_base3: corrupt base-3 tensor: non-zero padding at row 3",
+    ),
+    "prepack_ternary-code-3": (
+        lambda: ops.prepack_ternary(with_byte(packed(5, 7), (0, 1), 0xFF)),
+        r"prepack_ternary: corrupt packed ternary tensor: invalid code 3",
+    ),
+    "unprepack_ternary-code-3": (
+        lambda: ops.unprepack_ternary(with_byte(w_pre(5, 7), (0, 3), 0xFF), 7),
+        r"unprepack_ternary: corrupt prepacked tensor: invalid code 3",
+    ),
     # activation bits out of range
-    "quantize_activations-bits-1": (lambda: ops.quantize_activations(x(), 1), r"quantize_activations: bits must be in \[2, 8\], got 1"),
-    "quantize_activations-bits-9": (lambda: ops.quantize_activations(x(), 9), r"quantize_activations: bits must be in \[2, 8\], got 9"),
+    "quantize_activations-bits-1": (
+        lambda: ops.quantize_activations(x(), 1),
+        r"quantize_activations: bits must be in \[2, 8\], got 1",
+    ),
+    "quantize_activations-bits-9": (
+        lambda: ops.quantize_activations(x(), 9),
+        r"quantize_activations: bits must be in \[2, 8\], got 9",
+    ),
     "act_fake_quant-bits-0": (lambda: ops.act_fake_quant(x(), 0), r"bits must be in \[2, 8\], got 0"),
-    "ternary_matmul-act_bits-16": (lambda: mm(x(), w_pre(), ONE, act_bits=16), r"ternary_matmul: bits must be in \[2, 8\], got 16"),
-    "ternary_matmul-act_bits--1": (lambda: mm(x(), w_pre(), ONE, act_bits=-1), r"ternary_matmul: bits must be in \[2, 8\], got -1"),
+    "ternary_matmul-act_bits-16": (
+        lambda: mm(x(), w_pre(), ONE, act_bits=16),
+        r"ternary_matmul: bits must be in \[2, 8\], got 16",
+    ),
+    "ternary_matmul-act_bits--1": (
+        lambda: mm(x(), w_pre(), ONE, act_bits=-1),
+        r"ternary_matmul: bits must be in \[2, 8\], got -1",
+    ),
     # non-finite weights cannot be quantized
     "quantize_ternary-nan": (lambda: ops.quantize_ternary(NAN_W), r"quantize_ternary: w contains NaN or Inf"),
-    "quantize_ternary-nan-per-channel": (lambda: ops.quantize_ternary(NAN_W, True), r"quantize_ternary: w contains NaN or Inf"),
+    "quantize_ternary-nan-per-channel": (
+        lambda: ops.quantize_ternary(NAN_W, True),
+        r"quantize_ternary: w contains NaN or Inf",
+    ),
     "quantize_ternary-inf": (lambda: ops.quantize_ternary(INF_W), r"quantize_ternary: w contains NaN or Inf"),
-    "quantize_ternary-nan-bf16": (lambda: ops.quantize_ternary(NAN_W.bfloat16()), r"quantize_ternary: w contains NaN or Inf"),
+    "quantize_ternary-nan-bf16": (
+        lambda: ops.quantize_ternary(NAN_W.bfloat16()),
+        r"quantize_ternary: w contains NaN or Inf",
+    ),
     "ternary_fake_quant-nan": (lambda: ops.ternary_fake_quant(NAN_W), r"ternary_fake_quant: w contains NaN or Inf"),
     "bitlinear-nan-w": (lambda: ops.bitlinear(x(3, 2), NAN_W), r"bitlinear: w contains NaN or Inf"),
 }
@@ -339,7 +474,11 @@ def test_reference_pack_ops_take_zero_rows(call):
 def test_k_beyond_exact_accumulation_is_refused(op):
     K = 1 << 21  # the AVX-512 GEMV's plane accumulators are exact below this
     x_big = torch.ones(1, K)
-    call = (lambda: mm(x_big, w_pre(1, K), ONE)) if op == "ternary_matmul" else (lambda: ops.bitlinear(x_big, torch.ones(1, K)))
+    call = (
+        (lambda: mm(x_big, w_pre(1, K), ONE))
+        if op == "ternary_matmul"
+        else (lambda: ops.bitlinear(x_big, torch.ones(1, K)))
+    )
     with pytest.raises(RuntimeError, match=rf"{op}: K={K} is too large"):
         call()
 

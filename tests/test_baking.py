@@ -10,9 +10,22 @@ import pytest
 import torch
 from torch import nn
 
-from agentforge.baking import (BakeSettings, add_lora, bake, bake_stack, cycle_bake_settings, measured_kl, merge_lora,
-                               plateaued, prompt_edits, prompt_pursuit, prompted_trajectories, propose_prompts,
-                               relative_gain, token_kl)
+from agentforge.baking import (
+    BakeSettings,
+    add_lora,
+    bake,
+    bake_stack,
+    cycle_bake_settings,
+    measured_kl,
+    merge_lora,
+    plateaued,
+    prompt_edits,
+    prompt_pursuit,
+    prompted_trajectories,
+    propose_prompts,
+    relative_gain,
+    token_kl,
+)
 from agentforge.baking.kl import kl_loss
 from agentforge.nn import BitLinear, convert_to_bitnet, pack_bitnet
 

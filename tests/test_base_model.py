@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from llama_helpers import micro_llama_dir
-from pipeline_helpers import agentforge
 
 from agentforge.errors import ConfigError
 from agentforge.models.base import base_digest, base_parameter_count, base_path, load_base
+from llama_helpers import micro_llama_dir
+from pipeline_helpers import agentforge
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,9 @@ def test_the_whole_pipeline_runs_from_a_pretrained_llama(llama_dir, tmp_path):
     base, base_tokenizer = load_base(str(llama_dir))
     trunk, tokenizer, metadata = load_model_dir(out / "01-cognate" / "trunk")
     assert metadata["base_sha256"] == base_digest(str(llama_dir))
-    assert tokenizer.get_vocab() == base_tokenizer.get_vocab() and tokenizer.chat_template == base_tokenizer.chat_template
+    assert (
+        tokenizer.get_vocab() == base_tokenizer.get_vocab() and tokenizer.chat_template == base_tokenizer.chat_template
+    )
     assert all(torch.equal(a, b) for a, b in zip(trunk.state_dict().values(), base.state_dict().values()))
     for name in ("reasoning", "memory", "speed"):
         sibling, _, _ = load_model_dir(out / "01-cognate" / name)

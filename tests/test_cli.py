@@ -71,20 +71,32 @@ def test_python_dash_m_runs_the_command_line():
 # bad input: exit 2, one line, nothing written
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--preset", "micro", "--set", "cognate.trunk_stepz=3"], "cognate: unknown setting 'trunk_stepz'; allowed: "),
-    (["--preset", "micro", "--set", "cognate.trunk_steps=many"],
-     "cognate.trunk_steps: expected an int in [1, 10000000], got 'many'"),
-    (["--preset", "micro", "--set", "cognate.vocab_size=1000000000"],
-     "cognate.vocab_size: expected an int in [258, 65536], got 1000000000"),
-    (["--preset", "micro", "--set", "cognate.batch_size=0"], "cognate.batch_size: expected an int in [1, 65536], got 0"),
-    (["--preset", "micro", "--set", "cognate.model_preset=bogus"],
-     "cognate.model_preset: expected one of micro, tiny, small, got 'bogus'"),
-    (["--preset", "huge"], "unknown preset 'huge'; allowed: micro, tiny, small"),
-    (["--set", "quietstep.steps=3"], "--set quietstep.steps=3: unknown config key 'quietstep'; allowed: "),
-    (["--from", "cognat"], "--from: unknown phase 'cognat'; phases: cognate, evomerge, quietstar,"),
-    (["--from", "evomerge", "--to", "cognate"], "--from evomerge comes after --to cognate"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "micro", "--set", "cognate.trunk_stepz=3"], "cognate: unknown setting 'trunk_stepz'; allowed: "),
+        (
+            ["--preset", "micro", "--set", "cognate.trunk_steps=many"],
+            "cognate.trunk_steps: expected an int in [1, 10000000], got 'many'",
+        ),
+        (
+            ["--preset", "micro", "--set", "cognate.vocab_size=1000000000"],
+            "cognate.vocab_size: expected an int in [258, 65536], got 1000000000",
+        ),
+        (
+            ["--preset", "micro", "--set", "cognate.batch_size=0"],
+            "cognate.batch_size: expected an int in [1, 65536], got 0",
+        ),
+        (
+            ["--preset", "micro", "--set", "cognate.model_preset=bogus"],
+            "cognate.model_preset: expected one of micro, tiny, small, got 'bogus'",
+        ),
+        (["--preset", "huge"], "unknown preset 'huge'; allowed: micro, tiny, small"),
+        (["--set", "quietstep.steps=3"], "--set quietstep.steps=3: unknown config key 'quietstep'; allowed: "),
+        (["--from", "cognat"], "--from: unknown phase 'cognat'; phases: cognate, evomerge, quietstar,"),
+        (["--from", "evomerge", "--to", "cognate"], "--from evomerge comes after --to cognate"),
+    ],
+)
 def test_a_bad_config_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     code, stdout, stderr = main(capsys, "run", "--out", out, *args)
@@ -164,7 +176,10 @@ def test_status_lists_each_phase_of_a_run(finished_run, capsys, test_phases):
     assert code == 0 and lines[0].endswith(f"in {finished_run}: completed")
     assert lines[1].startswith("preset micro, seed 0; created ")
     assert lines[3].split()[:3] == ["01", "seedling", "completed"]
-    assert lines[4].split()[:3] == ["02", "polish", "completed"] and lines[4].split()[-2:] == ["seedling.model", "model"]
+    assert lines[4].split()[:3] == ["02", "polish", "completed"] and lines[4].split()[-2:] == [
+        "seedling.model",
+        "model",
+    ]
     assert len(lines) == 5
 
 
@@ -290,8 +305,11 @@ def closed_pipe(*args: str) -> subprocess.CompletedProcess:
         os.close(write)
 
 
-@pytest.mark.parametrize("args, codes", [(["status"], {141}), (["models", "--json", "RUN"], {141}),
-                                         (["--help"], {0, 141})], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+@pytest.mark.parametrize(
+    "args, codes",
+    [(["status"], {141}), (["models", "--json", "RUN"], {141}), (["--help"], {0, 141})],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
 def test_a_closed_pipe_ends_the_command_quietly(args, codes, finished_run):
     """Exit code 141 as SIGPIPE ends a POSIX tool, and no traceback; argparse's --help ignores the
     failed write itself (exit 0)."""

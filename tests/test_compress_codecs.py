@@ -7,8 +7,21 @@ import pytest
 import torch
 
 from agentforge import ops
-from agentforge.compress import REGISTRY, Encoded, Hyper, Raw, RoundToNearest, SeedLM, Ternary, VPTQ, codec_of
-from agentforge.compress import bitpack, rans, seedlm, ternary
+from agentforge.compress import (
+    REGISTRY,
+    VPTQ,
+    Encoded,
+    Hyper,
+    Raw,
+    RoundToNearest,
+    SeedLM,
+    Ternary,
+    bitpack,
+    codec_of,
+    rans,
+    seedlm,
+    ternary,
+)
 from agentforge.compress.hyper import trajectory
 
 pytestmark = pytest.mark.usefixtures("one_thread")

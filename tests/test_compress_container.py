@@ -13,8 +13,21 @@ import pytest
 import torch
 
 from agentforge.artifacts import CorruptArtifact, load_model_dir, save_model_dir
-from agentforge.compress import (Container, Raw, TensorRecord, VPTQ, carried_files, container, decode, load,
-                                 model_tensors, read_container, serialize, unpack, write_container)
+from agentforge.compress import (
+    VPTQ,
+    Container,
+    Raw,
+    TensorRecord,
+    carried_files,
+    container,
+    decode,
+    load,
+    model_tensors,
+    read_container,
+    serialize,
+    unpack,
+    write_container,
+)
 from agentforge.compress.ternary import smallest
 from agentforge.eval import peak_memory_bytes
 from agentforge.nn import BitLinear, convert_to_bitnet, pack_bitnet
@@ -217,8 +230,10 @@ def _varint(n: int) -> bytes:
 def xz_zeros(mib: int, block_mib: int = 16) -> bytes:
     """An .xz stream of ``mib`` MiB of zeros, ~150 bytes per MiB: one LZMA2 block repeated (xz
     blocks are independent), with the index and footer that list them all."""
-    crc = lambda data: struct.pack("<I", zlib.crc32(data))  # noqa: E731
-    raw = lzma.compress(bytes(block_mib << 20), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 0}])
+    crc = lambda data: struct.pack("<I", zlib.crc32(data))
+    raw = lzma.compress(
+        bytes(block_mib << 20), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 0}]
+    )
     flags = b"\0\0"  # no integrity check
     # block flags (one filter), LZMA2 with an 8 MiB dictionary, padding to a multiple of 4 bytes with the
     # size byte in front and the CRC32 behind; the size byte says (bytes / 4) - 1

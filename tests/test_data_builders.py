@@ -7,7 +7,13 @@ import pytest
 from datasets import Dataset
 
 from agentforge.data import (
-    load_text, make_split, mixture, pack_tasks, pack_text, text_splits, train_tokenizer,
+    load_text,
+    make_split,
+    mixture,
+    pack_tasks,
+    pack_text,
+    text_splits,
+    train_tokenizer,
 )
 from agentforge.data.builders import IGNORE_INDEX
 from agentforge.data.tasks import TaskItem

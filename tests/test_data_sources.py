@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-from agentforge.data import SOURCES, MissingDataPackage, load_records, load_text, smollm2_gguf
-from agentforge.data import sources
+from agentforge.data import SOURCES, MissingDataPackage, load_records, load_text, smollm2_gguf, sources
 
 
 def test_registry_names():
@@ -33,7 +32,7 @@ def test_pydoc_is_english_reference_prose():
     assert load_text("pydoc", max_docs=3) == docs[:3]
 
 
-CURRENT = "%d.%d" % sys.version_info[:2]
+CURRENT = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def _fake_python_docs(root, versions):

@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from agentforge.eval import parameter_bytes, parameter_count, peak_memory_bytes, tokens_per_second
-from agentforge.eval import speed
+from agentforge.eval import parameter_bytes, parameter_count, peak_memory_bytes, speed, tokens_per_second
 from agentforge.nn import convert_to_bitnet, pack_bitnet
 
 VOCAB, HIDDEN = 64, 32

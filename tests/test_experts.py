@@ -11,14 +11,32 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from agentforge import ops
 from agentforge.eval.stats import bootstrap_interval
-from agentforge.experts import (MixtureSearch, Router, SearchSettings, SVDBasis, SVFExpert, adapted_forward, compose,
-                                installed, paired_gain, pareto_front, target_weights, ternary_weights)
-from agentforge.experts.discovery import (Unit, average_linkage, cluster_families, cosine_similarity, learning_zone,
-                                         widened_zone)
+from agentforge.experts import (
+    MixtureSearch,
+    Router,
+    SearchSettings,
+    SVDBasis,
+    SVFExpert,
+    adapted_forward,
+    compose,
+    installed,
+    paired_gain,
+    pareto_front,
+    target_weights,
+    ternary_weights,
+)
+from agentforge.experts.discovery import (
+    Unit,
+    average_linkage,
+    cluster_families,
+    cosine_similarity,
+    learning_zone,
+    widened_zone,
+)
 from agentforge.experts.mixture import Measurement, sanitize
 from agentforge.experts.router import prompt_features
 from agentforge.experts.svf import adapted_bytes
-from agentforge.experts.training import answer_kl, leave_one_out_baseline, _until_eos_mask
+from agentforge.experts.training import _until_eos_mask, answer_kl, leave_one_out_baseline
 from agentforge.models import CognateConfig, CognateForCausalLM
 from agentforge.nn import BitLinear, convert_to_bitnet
 

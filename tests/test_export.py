@@ -277,7 +277,9 @@ def test_gguf_export_holds_the_exact_ternary_codes_and_the_llama_metadata(llamas
     assert types[len(tok) - 1] == gguf.TokenType.NORMAL and types[-1] == gguf.TokenType.UNUSED
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
     assert field(reader, "tokenizer.ggml.pre") == "starcoder"  # digits one by one, then GPT-2's regex
-    assert len(field(reader, "tokenizer.ggml.merges")) == len(json.loads(tok.backend_tokenizer.to_str())["model"]["merges"])
+    assert len(field(reader, "tokenizer.ggml.merges")) == len(
+        json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    )
     assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
     assert field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
     assert field(reader, "tokenizer.ggml.padding_token_id") == tok.pad_token_id
@@ -293,9 +295,13 @@ def test_hf_export_of_cognate_ships_its_code_and_names_what_it_leaves_behind(cog
     assert "trust_remote_code=True" in out
     assert out.strip().splitlines()[-1] == "not exported: thinking head; use agentforge.load for them"
     assert json.loads((dest / "config.json").read_text())["auto_map"] == {
-        "AutoConfig": "configuration_cognate.CognateConfig", "AutoModelForCausalLM": "modeling_cognate.CognateForCausalLM"}
+        "AutoConfig": "configuration_cognate.CognateConfig",
+        "AutoModelForCausalLM": "modeling_cognate.CognateForCausalLM",
+    }
     for name in ("configuration_cognate.py", "modeling_cognate.py"):
-        assert "import agentforge" not in (dest / name).read_text() and "from agentforge" not in (dest / name).read_text()
+        assert (
+            "import agentforge" not in (dest / name).read_text() and "from agentforge" not in (dest / name).read_text()
+        )
 
     layers = ternary_layers(model)
     assert any("memory_gate" in name for name in layers)  # a ternary layer with a bias

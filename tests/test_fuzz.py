@@ -16,11 +16,29 @@ from hypothesis import strategies as st
 
 import agentforge.ops as ops
 from agentforge.ops import reference as ref
-from helpers import (FLOAT_DTYPES, LAYOUTS, ODD_K, PREPACK_LAYOUTS, assert_same, forced_backend, make_layout,
-                     prepacked, random_activations, random_codes, supported_isas, using_isa)
+from helpers import (
+    FLOAT_DTYPES,
+    LAYOUTS,
+    ODD_K,
+    PREPACK_LAYOUTS,
+    assert_same,
+    forced_backend,
+    make_layout,
+    prepacked,
+    random_activations,
+    random_codes,
+    supported_isas,
+    using_isa,
+)
 
-FUZZ = settings(max_examples=int(os.environ.get("AGENTFORGE_FUZZ_EXAMPLES", 60)), deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("AGENTFORGE_FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # K near the packing boundaries (4, 5, 64, 128, 512) and past one 4096-wide GEMM chunk is drawn
 # more often than uniform K would.
@@ -82,7 +100,9 @@ def test_bitlinear_matches_reference(x, N, per_channel, with_bias, w_layout, isa
 @FUZZ
 @given(x=activations(), bits=st.integers(2, 8))
 def test_quantize_activations_matches_reference(x, bits):
-    for actual, expected in zip(ops.quantize_activations(x, bits, return_row_sum=True), ref.quantize_activations(x, bits)):
+    for actual, expected in zip(
+        ops.quantize_activations(x, bits, return_row_sum=True), ref.quantize_activations(x, bits)
+    ):
         assert_same(actual, expected)
     assert_same(ops.act_fake_quant(x, bits), ref.act_fake_quant(x, bits))
 

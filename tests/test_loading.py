@@ -59,8 +59,8 @@ def test_a_part_that_cannot_be_attached_is_an_error(micro_run, tmp_path):
     manifest = json.loads((broken / "agentforge.json").read_text())
     del manifest["files"]["expert_weights.safetensors"]
     (broken / "agentforge.json").write_text(json.dumps(manifest))
-    from agentforge.nn import pack_bitnet
     from agentforge.loading import _attach
+    from agentforge.nn import pack_bitnet
 
     lm, tokenizer, metadata = agentforge.artifacts.load_model_dir(broken)
     with pytest.raises(CorruptArtifact, match="experts.json without expert_weights.safetensors"):

@@ -61,7 +61,9 @@ def test_slerp_falls_back_to_lerp(b):
 def test_linear_weights_and_normalize():
     models = [sd(w=[1.0, 2.0]), sd(w=[3.0, -2.0])]
     torch.testing.assert_close(merge("linear", models, weights=[1, 3])["w"], torch.tensor([2.5, -1.0]))
-    torch.testing.assert_close(merge("linear", models, weights=[1, 3], normalize=False)["w"], torch.tensor([10.0, -4.0]))
+    torch.testing.assert_close(
+        merge("linear", models, weights=[1, 3], normalize=False)["w"], torch.tensor([10.0, -4.0])
+    )
 
 
 def test_task_arithmetic_adds_weighted_task_vectors():
@@ -143,7 +145,7 @@ def test_dfs_identity_path_returns_a_parent(make):
 
 def _scale_branches(layer: torch.nn.Module, scale: float) -> list:
     """Forward hooks that multiply a Llama layer's attention and MLP branch outputs by ``scale``."""
-    hook = lambda module, args, output: output * scale  # noqa: E731
+    hook = lambda module, args, output: output * scale
     return [layer.self_attn.o_proj.register_forward_hook(hook), layer.mlp.down_proj.register_forward_hook(hook)]
 
 

@@ -13,8 +13,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.integrations import bitnet as hf_bitnet
 
 from agentforge import ops  # importing agentforge registers the agentforge_bitnet quantizer
-from agentforge.nn import (BitLinear, convert_to_bitnet, from_hf_bitnet, pack_bitnet, pack_hf_bitnet, to_hf_bitnet,
-                           unpack_hf_bitnet)
+from agentforge.nn import (
+    BitLinear,
+    convert_to_bitnet,
+    from_hf_bitnet,
+    pack_bitnet,
+    pack_hf_bitnet,
+    to_hf_bitnet,
+    unpack_hf_bitnet,
+)
 from agentforge.nn.hf_quantizer import AgentForgeBitNetConfig
 
 

@@ -106,7 +106,7 @@ def reference_optimizers(model, settings):
     """Muon (torch's update, tested against torch in test_optim_muon.py) + torch's AdamW on the
     split spelled out by name (independent of split_parameters)."""
     named = list(model.named_parameters())
-    is_embedding = lambda name: "embed_tokens" in name or "lm_head" in name  # noqa: E731
+    is_embedding = lambda name: "embed_tokens" in name or "lm_head" in name
     muon = [p for n, p in named if p.ndim == 2 and not is_embedding(n)]
     decayed = [p for n, p in named if p.ndim == 2 and is_embedding(n)]
     not_decayed = [p for n, p in named if p.ndim == 1]

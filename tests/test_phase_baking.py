@@ -12,9 +12,9 @@ from agentforge.figures import baking as baking_figures
 from agentforge.nn import BitLinear, convert_to_bitnet
 from agentforge.phases import baking
 from agentforge.rundir import read_record
+from agentforge.runtime import MEASURED
 from agentforge.settings import from_dict
 from agentforge.train import read_metrics
-from agentforge.runtime import MEASURED
 from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -72,7 +72,10 @@ def test_outputs_record_their_lineage_and_data(on_cognate, cognate_micro):
     for name in ("packed", "latent"):
         meta = read_metadata(result.artifacts[name])
         [parent] = meta["parents"]
-        assert meta["phase"] == "bitnet" and (result.artifacts[name] / parent["path"]).resolve() == inputs["model"].resolve()
+        assert (
+            meta["phase"] == "bitnet"
+            and (result.artifacts[name] / parent["path"]).resolve() == inputs["model"].resolve()
+        )
         assert parent["sha256"] == sha256_file(inputs["model"] / "agentforge.json")
         assert len(meta["quantization"]["calibration"]) == len(bitlinears(
             AutoModelForCausalLM.from_pretrained(result.artifacts["latent"])))

@@ -12,12 +12,23 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from agentforge import ops
+from agentforge.eval.speed import generation_memory, layer_time_share, resident_tensor_bytes
 from agentforge.nn import BitLinear, convert_to_bitnet, pack_bitnet
 from agentforge.phases import bitnet
-from agentforge.eval.speed import generation_memory, layer_time_share, resident_tensor_bytes
-from agentforge.quant import (bitlinear_layers, calibrate, choose_per_channel, convert_as_calibrated, gradient_flow,
-                              layer_inputs, output_error, require_state, ternary_layer_stats, totals, warmup_lambda)
-from agentforge.quant import calibration
+from agentforge.quant import (
+    bitlinear_layers,
+    calibrate,
+    calibration,
+    choose_per_channel,
+    convert_as_calibrated,
+    gradient_flow,
+    layer_inputs,
+    output_error,
+    require_state,
+    ternary_layer_stats,
+    totals,
+    warmup_lambda,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,10 +196,16 @@ def along_own_weights(model, names, ids):
     return out
 
 
-@pytest.mark.parametrize("make, names", [
-    (SharedLM, ["shared", "head"]),
-    (tiny_llama, ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]),
-])
+@pytest.mark.parametrize(
+    "make, names",
+    [
+        (SharedLM, ["shared", "head"]),
+        (
+            tiny_llama,
+            ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"],
+        ),
+    ],
+)
 @pytest.mark.parametrize("pass_tokens", [16, 4096])  # one row a pass, and all rows in one pass
 def test_taylor_terms_equal_the_parameter_gradient_identities(make, names, pass_tokens):
     """With ΔY = Y the two terms have closed forms in ordinary parameter gradients: the first is

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from agentforge.artifacts import load_model_dir, sha256_file
-from agentforge.data.spec import read_data_spec
 from agentforge.data.spec import PRESETS as DATA_PRESETS
+from agentforge.data.spec import read_data_spec
 from agentforge.phases import cognate
 from agentforge.settings import from_dict
 from phase_helpers import run_micro

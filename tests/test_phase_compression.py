@@ -14,9 +14,9 @@ from agentforge.errors import ConfigError
 from agentforge.figures import compression as compression_figures
 from agentforge.nn import convert_to_bitnet, pack_bitnet
 from agentforge.phases import compression
+from agentforge.runtime import MEASURED
 from agentforge.settings import undeclared
 from agentforge.train import read_metrics
-from agentforge.runtime import MEASURED
 from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +78,9 @@ def test_micro_phase_metrics_and_figures(phase_run):
     headline = read_metrics(out, phase="compression")[-1]
     assert headline["artifact_bytes"] == result.metrics["artifact_bytes"]
     assert result.metrics == {k: v for k, v in headline.items() if k not in ("phase", "step")}
-    assert len(read_metrics(out, phase="compression/tensor")) == len(read_container(result.artifacts["artifact"]).tensors)
+    assert len(read_metrics(out, phase="compression/tensor")) == len(
+        read_container(result.artifacts["artifact"]).tensors
+    )
     assert len(read_metrics(out, phase="compression/sweep")) == len(compression.PRESETS["micro"].sweep_budgets)
     assert len(read_metrics(out, phase="compression/attempt")) == result.metrics["rollbacks"] + 1
     figures = compression_figures.figures(out)

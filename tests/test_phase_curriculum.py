@@ -6,13 +6,12 @@ import json
 import pytest
 import torch
 
-from agentforge.artifacts import sha256_file, load_model_dir, read_metadata, save_model_dir
+from agentforge.artifacts import load_model_dir, read_metadata, save_model_dir, sha256_file
 from agentforge.errors import ConfigError
 from agentforge.figures import curriculum as curriculum_figures
 from agentforge.nn import convert_to_bitnet
 from agentforge.phases import curriculum
 from agentforge.quant import bitlinear_layers
-from agentforge.rundir import read_record
 from agentforge.runtime import MEASURED, run_alone
 from agentforge.settings import from_dict, replace, undeclared
 from agentforge.train import read_metrics

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from agentforge.artifacts import sha256_file, load_model_dir, read_metadata, save_model_dir
+from agentforge.artifacts import load_model_dir, read_metadata, save_model_dir, sha256_file
 from agentforge.data import DOMAINS, load_text, make_split, pack_tasks, train_tokenizer
 from agentforge.data.spec import PRESETS as DATA_PRESETS
 from agentforge.eval import EvalSuite
@@ -120,7 +120,9 @@ def test_a_search_cut_short_resumes_after_its_last_finished_generation(on_cognat
     distinct = sum(1 if row["best_is_default"] else 2 for row in table.values())
     assert len(measured) == len(second) + 4 + distinct
     assert read_metrics(cut, phase="evomerge/candidate") == read_metrics(out, phase="evomerge/candidate")
-    assert (cut / "champion" / "model.safetensors").read_bytes() == (out / "champion" / "model.safetensors").read_bytes()
+    assert (cut / "champion" / "model.safetensors").read_bytes() == (
+        out / "champion" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_two_runs_with_one_seed_write_the_same_champion(on_cognate, cognate_micro, tmp_path_factory):

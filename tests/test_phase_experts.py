@@ -20,9 +20,9 @@ from agentforge.figures import experts as experts_figures
 from agentforge.nn import BitLinear, convert_to_bitnet, pack_bitnet
 from agentforge.phases import experts
 from agentforge.rundir import read_record
+from agentforge.runtime import MEASURED
 from agentforge.settings import to_dict, undeclared
 from agentforge.train import read_metrics
-from agentforge.runtime import MEASURED
 from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,8 +13,8 @@ from agentforge.figures import quietstar as quietstar_figures
 from agentforge.phases import quietstar
 from agentforge.quietstar import END, START, ThinkingModel, plain_steps, training_compute
 from agentforge.rundir import read_record
-from agentforge.train import read_metrics
 from agentforge.runtime import MEASURED
+from agentforge.train import read_metrics
 from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,7 +73,9 @@ def test_the_control_spends_the_thinkers_counted_compute(phase):
     # the count follows from the thinker's training rows and batch schedule alone
     record = read_record(out)
     suite = EvalSuite(DataSpec(**record["data"]), load_model_dir(inputs["model"])[1], record["seed"])
-    labels = torch.tensor(suite.rows(quietstar.task_items(suite, summary["tasks"], "train", MICRO.train_items))["labels"])
+    labels = torch.tensor(
+        suite.rows(quietstar.task_items(suite, summary["tasks"], "train", MICRO.train_items))["labels"]
+    )
     compute = training_compute(labels, MICRO.steps, MICRO.batch_size, record["seed"], MICRO.thought)
     assert result.metrics["thinker_compute"] == compute
     assert steps == plain_steps(compute, MICRO.batch_size, labels.shape[1])

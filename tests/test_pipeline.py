@@ -42,7 +42,9 @@ def test_the_eight_phases_in_order_each_fed_by_earlier_phases():
     assert [s.number for s in phases] == list(range(1, 9))
     provided = {}
     for spec in phases:
-        assert spec.dirname == f"{spec.number:02d}-{spec.name}" and spec.run.__module__ == f"agentforge.phases.{spec.name}"
+        assert (
+            spec.dirname == f"{spec.number:02d}-{spec.name}" and spec.run.__module__ == f"agentforge.phases.{spec.name}"
+        )
         for need in spec.needs.values():
             assert need.artifact in provided[need.producer], (spec.name, need.source)
         provided[spec.name] = spec.provides
@@ -210,7 +212,9 @@ def test_an_artifact_path_that_leaves_its_phase_directory_is_refused(tmp_path):
     record = json.loads(record_path.read_text())
     record["artifacts"]["model"] = "../01-seedling/model"
     record_path.write_text(json.dumps(record))
-    with pytest.raises(pipeline.PipelineError, match=r"artifact path '../01-seedling/model' leaves the phase directory"):
+    with pytest.raises(
+        pipeline.PipelineError, match=r"artifact path '../01-seedling/model' leaves the phase directory"
+    ):
         rundir.absolute_artifacts(run_dir / "02-polish", rundir.read_record(run_dir / "02-polish"))
 
 

@@ -104,7 +104,9 @@ def check_run(run_dir: Path, stdout: str, stop: str | None = None) -> None:
     # registry: one row per artifact, Cognate's lineage, one handoff row per input consumed
     with open_registry(run_dir) as registry:
         models = {m["id"]: m for m in registry.models()}
-        handoffs = {(h["from_phase"], h["artifact"], h["to_phase"], h["input"]): h["models"] for h in registry.handoffs()}
+        handoffs = {
+            (h["from_phase"], h["artifact"], h["to_phase"], h["input"]): h["models"] for h in registry.handoffs()
+        }
     assert list(models) == list(models_of(run_dir))
     cognate = rundir.read_record(run_dir / "01-cognate")
     assert models["cognate/trunk"]["parents"] == []
@@ -227,7 +229,7 @@ def run_until(args: list[str], condition, log: Path) -> None:
 def assert_same(ours, theirs, where: str) -> None:
     """Equal, numbers to 1e-6 relative, timing keys skipped."""
     if isinstance(ours, dict) and isinstance(theirs, dict):
-        keep = lambda d: {k for k in d if not TIMING.search(k)}  # noqa: E731
+        keep = lambda d: {k for k in d if not TIMING.search(k)}
         assert keep(ours) == keep(theirs), where
         for key in keep(ours):
             assert_same(ours[key], theirs[key], f"{where}.{key}")
@@ -282,7 +284,7 @@ def test_sigkill_at_three_points_then_resume_ends_like_the_uninterrupted_run(ful
     assert_same_results(run_dir, reference_dir, PHASES)
     assert_consistent(run_dir, PHASES)
     with open_registry(run_dir) as ours, open_registry(reference_dir) as theirs:
-        describe = lambda rows: [(m["id"], m["parameters"], m["parents"], m["sha256"]) for m in rows]  # noqa: E731
+        describe = lambda rows: [(m["id"], m["parameters"], m["parents"], m["sha256"]) for m in rows]
         assert describe(ours.models()) == describe(theirs.models())
         assert [r["status"] for r in ours.runs()] == ["completed"]
 
@@ -299,7 +301,9 @@ def test_two_processes_under_torchrun_train_data_parallel_and_rank_0_alone_write
                            "-m", "agentforge", "run", "--preset", "micro", "--out", str(run_dir), "--to", "cognate",
                            "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert proc.stdout.count("agentforge run: ") == 1 and proc.stdout.count("[1/8] cognate: done in") == 1  # rank 0 speaks
+    assert (
+        proc.stdout.count("agentforge run: ") == 1 and proc.stdout.count("[1/8] cognate: done in") == 1
+    )  # rank 0 speaks
 
     record = rundir.read_record(run_dir / "01-cognate")
     assert record["world_size"] == 2

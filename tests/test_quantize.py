@@ -137,7 +137,9 @@ def test_quantize_activations_known_answer():
     assert row_sum.tolist() == [5, 0]
 
 
-@pytest.mark.parametrize("bits, expected", [(2, [1, -1, 0, 0, 0]), (4, [7, -7, 2, -2, 4]), (8, [127, -127, 32, -32, 64])])
+@pytest.mark.parametrize(
+    "bits, expected", [(2, [1, -1, 0, 0, 0]), (4, [7, -7, 2, -2, 4]), (8, [127, -127, 32, -32, 64])]
+)
 def test_quantize_activations_bits_set_the_range(bits, expected):
     x = torch.tensor([1.0, -1.0, 0.25, -0.25, 0.5])
     x_q, scale = ops.quantize_activations(x, bits)

@@ -10,8 +10,20 @@ from agentforge.artifacts import save_model_dir
 from agentforge.data import load_text, train_tokenizer
 from agentforge.models import CognateConfig, CognateForCausalLM
 from agentforge.quietstar import (
-    END, START, Layout, MixingHead, ThinkingModel, ThoughtSettings, add_thought_tokens, choose_positions,
-    hidden_states, plain_steps, reinforce_loss, row_compute, training_compute)
+    END,
+    START,
+    Layout,
+    MixingHead,
+    ThinkingModel,
+    ThoughtSettings,
+    add_thought_tokens,
+    choose_positions,
+    hidden_states,
+    plain_steps,
+    reinforce_loss,
+    row_compute,
+    training_compute,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = 40

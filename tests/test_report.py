@@ -212,8 +212,10 @@ def test_a_negative_zero_shows_as_zero():
 
 
 def speed(fp_b1, packed_b1, fp_share, packed_share) -> dict:
-    return {"fp": {"tokens_per_s_b1": fp_b1, "tokens_per_s_b2": 2 * fp_b1, "layer_time_share": fp_share},
-            "packed": {"tokens_per_s_b1": packed_b1, "tokens_per_s_b2": 2 * packed_b1, "layer_time_share": packed_share}}
+    return {
+        "fp": {"tokens_per_s_b1": fp_b1, "tokens_per_s_b2": 2 * fp_b1, "layer_time_share": fp_share},
+        "packed": {"tokens_per_s_b1": packed_b1, "tokens_per_s_b2": 2 * packed_b1, "layer_time_share": packed_share},
+    }
 
 
 SIZES = {"layers": {"a": {"weights": 2048, "out_features": 32, "in_features": 64},

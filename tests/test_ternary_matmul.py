@@ -8,8 +8,17 @@ from torch.library import opcheck
 
 import agentforge.ops as ops
 from agentforge.ops import reference as ref
-from helpers import (FLOAT_DTYPES, LAYOUTS, ODD_K, PREPACK_LAYOUTS, assert_same, dequantized_weight, make_layout,
-                     make_matmul_inputs, prepacked)
+from helpers import (
+    FLOAT_DTYPES,
+    LAYOUTS,
+    ODD_K,
+    PREPACK_LAYOUTS,
+    assert_same,
+    dequantized_weight,
+    make_layout,
+    make_matmul_inputs,
+    prepacked,
+)
 
 # (leading dims of x, N, K). M = 1..3 takes the SIMD GEMV path, M >= 4 the GEMM path, which
 # works in blocks of 64 rows and of 32 K blocks (4096 or 5120); N covers full and partial row

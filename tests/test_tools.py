@@ -6,8 +6,17 @@ from fractions import Fraction
 
 import pytest
 
-from agentforge.tools import (OUTPUT_LIMIT, TOOL_PROMPT, ToolCall, ToolResult, calculate, follows_tool_format,
-                              parse_tool_call, run_tool, trace_segments)
+from agentforge.tools import (
+    OUTPUT_LIMIT,
+    TOOL_PROMPT,
+    ToolCall,
+    ToolResult,
+    calculate,
+    follows_tool_format,
+    parse_tool_call,
+    run_tool,
+    trace_segments,
+)
 
 # ---------------------------------------------------------------------------------------------
 # the calculator

@@ -5,8 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from agentforge.tools import (TOOL_PROMPT, SandboxUnavailable, ToolCall, ToolResult, describe_isolation,
-                              follows_tool_format, generate_with_tools, generate_with_tools_batch, tool_trajectories)
+from agentforge.tools import (
+    TOOL_PROMPT,
+    SandboxUnavailable,
+    ToolCall,
+    ToolResult,
+    describe_isolation,
+    follows_tool_format,
+    generate_with_tools,
+    generate_with_tools_batch,
+    tool_trajectories,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

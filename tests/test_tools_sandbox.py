@@ -8,9 +8,17 @@ import time
 
 import pytest
 
-from agentforge.tools import (ISOLATIONS, OUTPUT_LIMIT, SandboxUnavailable, ToolCall, ToolResult, describe_isolation,
-                              run_python, run_tool)
-from agentforge.tools import sandbox
+from agentforge.tools import (
+    ISOLATIONS,
+    OUTPUT_LIMIT,
+    SandboxUnavailable,
+    ToolCall,
+    ToolResult,
+    describe_isolation,
+    run_python,
+    run_tool,
+    sandbox,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from agentforge.artifacts import CorruptArtifact
 from agentforge.train import TrainConfig, default_loss, read_metrics, train
 from train_worker_tiny import SEQ, adamw, counting_dataset, tiny_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -12,12 +12,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import datasets
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from agentforge.artifacts import atomic_write_json  # noqa: E402
-from agentforge.train import TrainConfig, default_loss, distributed, train  # noqa: E402
+from agentforge.artifacts import atomic_write_json
+from agentforge.train import TrainConfig, default_loss, distributed, train
 
 VOCAB, SEQ = 64, 16
 

@@ -8,7 +8,7 @@ run; if the module is already imported, the callback runs at once.
 """
 import importlib.abc
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 _CALLBACKS: dict[str, list[Callable]] = {}
 

@@ -17,9 +17,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MANIFEST = "agentforge.json"
 MANIFEST_FORMAT = 1
@@ -228,7 +228,9 @@ def verify_hashes(root: str | os.PathLike, expected: dict[str, str], *, ignore: 
     problems = [f"{name} is missing" for name in expected if name not in actual]
     problems += [f"{name} has changed since it was written" for name in expected
                  if name in actual and actual[name] != expected[name]]
-    problems += [f"{name} was not part of it when it was written (remove it)" for name in actual if name not in expected]
+    problems += [
+        f"{name} was not part of it when it was written (remove it)" for name in actual if name not in expected
+    ]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CorruptArtifact(f"{root}: {problems[0]}{more}; re-run the phase that wrote it")

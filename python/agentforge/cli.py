@@ -84,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def one_line(error: BaseException) -> str:
     """An exception as one line: our own errors by their message, others with their type."""
-    from agentforge.errors import ConfigError
-    from agentforge.errors import PipelineError
+    from agentforge.errors import ConfigError, PipelineError
 
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     message = lines[0] if lines else ""

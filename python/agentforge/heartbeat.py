@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 HEARTBEAT_SECONDS = 10.0  # the longest a running phase stays silent
 

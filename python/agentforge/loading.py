@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -241,7 +242,7 @@ class _LatentExperts:
         self.adaptive = adaptive
 
     @classmethod
-    def attach(cls, lm, directory: Path) -> "_LatentExperts":
+    def attach(cls, lm, directory: Path) -> _LatentExperts:
         from agentforge.experts.adaptive import adaptive_of
 
         return cls(adaptive_of(lm, directory))

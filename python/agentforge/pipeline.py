@@ -25,10 +25,10 @@ import functools
 import importlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from agentforge import config as configuration
 from agentforge import rundir
@@ -110,7 +110,9 @@ def _tool_isolation(config: configuration.RunConfig) -> dict:
 
 def _check_new_run_dir(run_dir: Path) -> None:
     if (run_dir / rundir.RUN_FILE).exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --out")
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --out"
+        )
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(f"--out {run_dir} exists and is not an empty directory")
 
@@ -161,8 +163,14 @@ def prepare(*, out: str | os.PathLike | None = None, resume: str | os.PathLike |
 # running
 
 
-def execute(run: Run, *, wandb_mode: str | None = None, progress: bool = True,
-            say: Callable[[str], None] = print, on_change: Callable[[Path, list[PhaseSpec]], None] | None = None) -> None:
+def execute(
+    run: Run,
+    *,
+    wandb_mode: str | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+    on_change: Callable[[Path, list[PhaseSpec]], None] | None = None,
+) -> None:
     """Run the selected phases in ``run.dir`` under its lock, reusing completed ones; record each
     finished phase (phase.json, registry, metrics.jsonl) and call ``on_change(run_dir, phases)``
     after each (the report). On failure run.json says so and the directory stays resumable."""
@@ -229,9 +237,21 @@ def _run_phase(run: Run, spec: PhaseSpec, label: str, wandb_mode: str | None, pr
     say(f"{label}: {'resuming' if state == 'resume' else 'starting'} in {phase_dir}")
     distributed.barrier()
     began = time.perf_counter()
-    phase_run = PhaseRun(spec, run.config[spec.name], inputs, phase_dir, seed=run.config.seed, data=run.config.data,
-                         tools=run.config.tools, digests=digests, verified=True, wandb_mode=wandb_mode,
-                         wandb_group=run.info["id"], progress=progress, say=lambda line: say(f"{label.split()[0]} {line}"))
+    phase_run = PhaseRun(
+        spec,
+        run.config[spec.name],
+        inputs,
+        phase_dir,
+        seed=run.config.seed,
+        data=run.config.data,
+        tools=run.config.tools,
+        digests=digests,
+        verified=True,
+        wandb_mode=wandb_mode,
+        wandb_group=run.info["id"],
+        progress=progress,
+        say=lambda line: say(f"{label.split()[0]} {line}"),
+    )
     result = phase_run.run()
     distributed.barrier()
     distributed.on_main(_finish_phase, run, spec, result.artifacts, result.metrics, start,

@@ -27,8 +27,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from agentforge.data.spec import DATA_ARTIFACT
 from agentforge.artifacts import tensor_shapes
+from agentforge.data.spec import DATA_ARTIFACT
 from agentforge.rundir import artifact_paths, files_digest, now
 
 REGISTRY_FILE = "registry.sqlite"
@@ -84,7 +84,7 @@ class Registry:
         """Close the connection (SQLite folds the write-ahead log back into the file)."""
         self.conn.close()
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Registry:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -143,13 +143,28 @@ class Registry:
                     files = {relative.name: record["files"][prefix]}
                 sizes = [size for k, size in record["sizes"].items() if k == prefix or k.startswith(prefix + "/")]
                 metadata = _metadata(path)
-                row = {"run": run_id, "id": f"{phase}/{name}", "phase": phase, "artifact": artifact, "name": name,
-                       "path": path.relative_to(run_dir).as_posix(), "parameters": parameter_count(path),
-                       "bytes": sum(sizes),
-                       "sha256": files_digest(files),
-                       "metrics": json.dumps({**{k[len(name) + 1:]: v for k, v in record.get("metrics", {}).items()
-                                                 if k.startswith(name + "/")}, **metadata.get("metrics", {})}),
-                       "parents": json.dumps([_parent_id(p, path, run_dir, known) for p in metadata.get("parents", [])])}
+                row = {
+                    "run": run_id,
+                    "id": f"{phase}/{name}",
+                    "phase": phase,
+                    "artifact": artifact,
+                    "name": name,
+                    "path": path.relative_to(run_dir).as_posix(),
+                    "parameters": parameter_count(path),
+                    "bytes": sum(sizes),
+                    "sha256": files_digest(files),
+                    "metrics": json.dumps(
+                        {
+                            **{
+                                k[len(name) + 1 :]: v
+                                for k, v in record.get("metrics", {}).items()
+                                if k.startswith(name + "/")
+                            },
+                            **metadata.get("metrics", {}),
+                        }
+                    ),
+                    "parents": json.dumps([_parent_id(p, path, run_dir, known) for p in metadata.get("parents", [])]),
+                }
                 known[row["path"]] = row["id"]
                 rows.append(row)
         return rows
@@ -174,7 +189,9 @@ class Registry:
         query, args = "SELECT * FROM handoffs", ()
         if run_id is not None:
             query, args = query + " WHERE run=?", (run_id,)
-        return [{**dict(r), "models": json.loads(r["models"])} for r in self.conn.execute(query + " ORDER BY rowid", args)]
+        return [
+            {**dict(r), "models": json.loads(r["models"])} for r in self.conn.execute(query + " ORDER BY rowid", args)
+        ]
 
 
 def _parent_id(parent: Any, child: Path, run_dir: Path, known: dict[str, str]) -> str:

@@ -251,7 +251,9 @@ def _phase_table(run_dir: Path, phases, states: dict[str, str]) -> str:
         row = metrics.get(spec.name, {})
         numbers = {k: v for k, v in row.items() if k not in ("phase", "step", "seconds")}
         details = "".join(f"<tr><td>{_esc(k)}</td><td class=num>{_esc(v)}</td></tr>" for k, v in numbers.items())
-        shown = f"<details><summary>{len(numbers)} metrics</summary><table>{details}</table></details>" if numbers else ""
+        shown = (
+            f"<details><summary>{len(numbers)} metrics</summary><table>{details}</table></details>" if numbers else ""
+        )
         artifacts = ", ".join(f"{k} ({len(v)})" if isinstance(v, list) else k
                               for k, v in (record or {}).get("artifacts", {}).items())
         css = state.split(" ")[0].replace("not", "skipped")  # "not started" is greyed
@@ -285,8 +287,10 @@ def _verdict_table(run_dir: Path, phases, states: dict[str, str]) -> str:
             continue
         for i, effect in enumerate(found):
             body.append(f"<tr>{head if i == 0 else '<td></td><td></td>'}{_effect_cells(effect)}</tr>")
-    header = "<tr><th>#</th><th>phase</th><th>headline effect on held-out data</th><th>value</th><th>95 % interval</th>" \
-             "<th>verdict</th></tr>"
+    header = (
+        "<tr><th>#</th><th>phase</th><th>headline effect on held-out data</th><th>value</th><th>95 % interval</th>"
+        "<th>verdict</th></tr>"
+    )
     return (f'<section id="verdicts"><h2>What each phase did</h2><table class=verdicts>{header}{"".join(body)}</table>'
             "<p>Value: the phase's model against its control, as a difference (no change: 0) or, where the effect "
             "is a ratio, as a ratio (no change: 1). Verdict: <i>helped</i> or <i>hurt</i> when the 95 % interval "

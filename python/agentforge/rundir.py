@@ -87,7 +87,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock or raise ``ConfigError`` naming the pid that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -101,7 +101,9 @@ class RunLock:
                     raise
                 if attempt == 4:
                     os.close(fd)
-                    raise ConfigError(f"{self.path.parent} is held by another run (pid {_read_pid(self.path)})") from None
+                    raise ConfigError(
+                        f"{self.path.parent} is held by another run (pid {_read_pid(self.path)})"
+                    ) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -114,7 +116,7 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -25,9 +25,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from agentforge.errors import ConfigError, HandoffError
 from agentforge.heartbeat import Heartbeat, StageProgress
@@ -97,7 +98,7 @@ class Effect:
         return "helped" if improved else "hurt"
 
     @classmethod
-    def of(cls, what: str, control: str, interval: dict, **kwargs) -> "Effect":
+    def of(cls, what: str, control: str, interval: dict, **kwargs) -> Effect:
         """From an interval as ``agentforge.eval.stats`` gives it (``mean``, ``low``, ``high``)."""
         return cls(what, control, interval["mean"], interval["low"], interval["high"], **kwargs)
 
@@ -122,7 +123,7 @@ class PhaseSpec:
     summary: str
     settings: type
     presets: dict[str, Any]
-    run: Callable[["PhaseRun"], PhaseResult] = field(compare=False)
+    run: Callable[[PhaseRun], PhaseResult] = field(compare=False)
     needs: dict[str, Input] = field(default_factory=dict)
     provides: dict[str, Callable[[Any], None]] = field(default_factory=dict, compare=False)
     figures: str | None = None
@@ -157,7 +158,7 @@ class PhaseSpec:
 
 def model_dir(value: Any) -> None:
     """Contract: a model directory written by ``save_model_dir`` (manifest, config, weights)."""
-    from agentforge.artifacts import CorruptArtifact, MANIFEST, read_metadata
+    from agentforge.artifacts import MANIFEST, CorruptArtifact, read_metadata
 
     path = Path(value)
     if not path.is_dir():
@@ -527,7 +528,9 @@ def _relative_artifacts(phase_dir: Path, spec: PhaseSpec, artifacts: dict) -> di
         paths = artifact_paths(value)
         for path in paths:
             if not Path(path).resolve().is_relative_to(phase_dir.resolve()):
-                raise PipelineError(f"{spec.name} returned artifact {name} at {path}, outside its directory {phase_dir}")
+                raise PipelineError(
+                    f"{spec.name} returned artifact {name} at {path}, outside its directory {phase_dir}"
+                )
             if not Path(path).exists():
                 raise HandoffError(f"{spec.name} returned artifact {name} at {path}, which does not exist")
         as_text = [Path(p).resolve().relative_to(phase_dir.resolve()).as_posix() for p in paths]

@@ -142,7 +142,9 @@ def _valid(value, hint, meta: dict) -> bool:
     if hint is int:
         ok = _is_int(value)
     elif hint is float:
-        ok = _is_number(value) and (math.isfinite(value) or bool(meta.get("interval")) and _inside(value, meta["interval"]))
+        ok = _is_number(value) and (
+            math.isfinite(value) or bool(meta.get("interval")) and _inside(value, meta["interval"])
+        )
     elif hint is str:
         ok = isinstance(value, str) and (meta.get("choices") is not None or value != "")
     else:
@@ -165,7 +167,7 @@ def _hints(cls) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls, localns=_CHECKED)
     except NameError:
-        return {f.name: eval(re.sub(r"\b\w+\.(\w+)", r"\1", f.type), {"Any": Any}, _CHECKED)  # noqa: S307
+        return {f.name: eval(re.sub(r"\b\w+\.(\w+)", r"\1", f.type), {"Any": Any}, _CHECKED)
                 if isinstance(f.type, str) else f.type for f in dataclasses.fields(cls)}
 
 

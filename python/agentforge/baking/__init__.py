@@ -17,8 +17,18 @@
 """
 from agentforge.baking.baker import BakeResult, BakeSettings, Kept, bake, bake_stack, prompt_pursuit
 from agentforge.baking.behaviour import answer_probability, behaviour, in_context
-from agentforge.baking.cycles import (CYCLES, CycleData, CycleRun, CycleState, cycle_bake_settings, plateaued,
-                                      prompt_edits, propose_prompts, relative_gain, run_cycles)
+from agentforge.baking.cycles import (
+                                      CYCLES,
+                                      CycleData,
+                                      CycleRun,
+                                      CycleState,
+                                      cycle_bake_settings,
+                                      plateaued,
+                                      prompt_edits,
+                                      propose_prompts,
+                                      relative_gain,
+                                      run_cycles,
+)
 from agentforge.baking.kl import BakingData, kl_loss, measured_kl, prompted_trajectories, row_kl, token_kl
 from agentforge.baking.lora import BitLinearLora, add_lora, merge_lora
 

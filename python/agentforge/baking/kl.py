@@ -66,7 +66,11 @@ def kl_loss(model, batch: dict[str, torch.Tensor], anchor_weight: float = 0.0) -
         return kl, extras
     anchor_logits = model(input_ids=batch["anchor_ids"]).logits[:, :-1].float().log_softmax(-1)
     anchor_kl = token_kl(batch["anchor_logprobs"], anchor_logits).mean()
-    return kl + anchor_weight * anchor_kl, {**extras, "bake_kl": float(kl.detach()), "anchor_kl": float(anchor_kl.detach())}
+    return kl + anchor_weight * anchor_kl, {
+        **extras,
+        "bake_kl": float(kl.detach()),
+        "anchor_kl": float(anchor_kl.detach()),
+    }
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 HELP = "time ternary_matmul (int8, popcount and base3 kernels) against F.linear fp32/bf16"
 
@@ -284,7 +284,7 @@ def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, se
 
     rows = []
     gen = torch.Generator().manual_seed(seed)
-    copies = lambda t: [t] + [t.clone() for _ in range(_copies_needed(t.nbytes, cold, llc) - 1)]  # noqa: E731
+    copies = lambda t: [t] + [t.clone() for _ in range(_copies_needed(t.nbytes, cold, llc) - 1)]
     for N, K in shapes:
         w = torch.randn(N, K, generator=gen) * 0.02
         codes, scale = ops.quantize_ternary(w)
@@ -299,14 +299,15 @@ def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, se
             x = torch.randn(M, K, generator=gen)
             xb = x.bfloat16()
             cands = [
-                Candidate("fp32", _cycling(lambda wt: (lambda: F.linear(x, wt)), weights["fp32"]),
+                Candidate("fp32", _cycling(lambda wt, x=x: (lambda: F.linear(x, wt)), weights["fp32"]),
                           nbytes=nbytes["fp32"]),
-                Candidate("bf16", _cycling(lambda wt: (lambda: F.linear(xb, wt)), weights["bf16"]),
+                Candidate("bf16", _cycling(lambda wt, xb=xb: (lambda: F.linear(xb, wt)), weights["bf16"]),
                           nbytes=nbytes["bf16"]),
             ]
             for b in backends:
                 layout = "base3" if b == "base3" else "2bit"
-                matmul = _cycling(lambda wt: (lambda: ops.ternary_matmul(x, wt, scale)), weights[layout])
+                matmul = _cycling(lambda wt, x=x, scale=scale: (lambda: ops.ternary_matmul(x, wt, scale)),
+                                  weights[layout])
                 cands.append(Candidate(b, matmul, backend=None if b == "base3" else b, nbytes=nbytes[layout]))
             # Sanity: every kernel computes the same exact integer products, so they must agree.
             outs = {}
@@ -436,7 +437,7 @@ def format_table(rows: list[dict], backends: list[str], bandwidth: float | None 
         line.append((r["auto_pick"] or "?") + ("" if r["backends_agree"] else " (MISMATCH)"))
         body.append(line)
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
     return "\n".join([fmt(head), sep] + [fmt(b) for b in body])
 
@@ -483,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
     machine = machine_info()
     print(format_machine(machine), flush=True)

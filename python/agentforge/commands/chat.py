@@ -53,9 +53,9 @@ def run(args) -> int:
     messages: list[dict] = []
     for text in args.message if args.message is not None else _typed(interactive):
         messages.append({"role": "user", "content": text})
-        shown = []
+        shown: list[str] = []
 
-        def show(piece: str) -> None:
+        def show(piece: str, shown: list[str] = shown) -> None:
             shown.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -28,7 +28,9 @@ TERNARY = ("tq2_0", "tq1_0")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("artifact", metavar="ARTIFACT", help="a model.afz, a model directory or a run's phase directory")
+    parser.add_argument(
+        "artifact", metavar="ARTIFACT", help="a model.afz, a model directory or a run's phase directory"
+    )
     parser.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DEST"),
                         help="hf DIR (a Hugging Face directory) or gguf FILE (llama.cpp)")
     parser.add_argument("--artifact", dest="artifact_name", metavar="NAME",
@@ -67,7 +69,11 @@ def run(args) -> int:
     left = not_exported(agent)
     if fmt == "hf":
         done = export_hf(agent, dest, dtype=TORCH_DTYPES[args.dtype or "bfloat16"])
-        how = "trust_remote_code=True (the Cognate code is in the directory)" if done["remote_code"] else "transformers alone"
+        how = (
+            "trust_remote_code=True (the Cognate code is in the directory)"
+            if done["remote_code"]
+            else "transformers alone"
+        )
         print(f"wrote {dest}: {done['ternary_layers']} ternary layers as {done['dtype']} nn.Linear, "
               f"{done['bytes'] / 2**20:.2f} MiB; AutoModelForCausalLM.from_pretrained loads it with {how}")
     else:

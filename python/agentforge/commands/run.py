@@ -144,7 +144,9 @@ def explain(config, phases) -> str:
         opened: list[str] = []  # the nested settings whose mapping is open
         for key, accepts, _, key_doc in describe(cls):
             *parents, leaf = key.split(".")
-            shared = next((i for i, (a, b) in enumerate(zip(opened, parents)) if a != b), min(len(opened), len(parents)))
+            shared = next(
+                (i for i, (a, b) in enumerate(zip(opened, parents)) if a != b), min(len(opened), len(parents))
+            )
             for depth, parent in enumerate(parents[shared:], start=shared):
                 lines.append(f"{'  ' * (depth + 1)}{parent}:")
             opened = parents

@@ -1,5 +1,5 @@
-"""``agentforge status [DIR]``: the eight pipeline phases, what each does, needs and hands over; with DIR, the run's status, who holds it, and the state of each phase there.
-"""
+"""``agentforge status [DIR]``: the eight pipeline phases, what each does, needs and hands over;
+with DIR, the run's status, who holds it, and the state of each phase there."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,7 +46,10 @@ def run(args) -> int:
             raise ConfigError(f"{run_dir}: no run there ({rundir.RUN_FILE} is missing)")
         config = info["config"]
         print(f"run {info['id']} in {run_dir}: {run_status(run_dir, info)}")
-        print(f"preset {config['preset']}, seed {config['seed']}; created {info['created']}, updated {info.get('updated')}")
+        print(
+            f"preset {config['preset']}, seed {config['seed']}; "
+            f"created {info['created']}, updated {info.get('updated')}"
+        )
         states = rundir.phase_states(run_dir, phases)
         for spec in phases:
             record = rundir.read_record(run_dir / spec.dirname)

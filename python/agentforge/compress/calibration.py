@@ -136,7 +136,9 @@ class Calibration:
         return None
 
 
-def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def kl_loss(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Differentiable mean KL(teacher ‖ student) over the (masked) positions."""
     teacher = F.log_softmax(teacher_logits.float(), -1)
     per_token = (teacher.exp() * (teacher - F.log_softmax(student_logits.float(), -1))).sum(-1)

@@ -114,7 +114,9 @@ def decode_many(streams: list[tuple[dict[str, np.ndarray], int]]) -> list[np.nda
         active = lane_steps > t
         slot = (x & np.uint64(M - 1)).astype(np.int64) + base
         out[t] = symbol_of_slot[slot]
-        stepped = freq_of_slot[slot] * (x >> np.uint64(PROB_BITS)) + (slot - base).astype(np.uint64) - start_of_slot[slot]
+        stepped = (
+            freq_of_slot[slot] * (x >> np.uint64(PROB_BITS)) + (slot - base).astype(np.uint64) - start_of_slot[slot]
+        )
         x = np.where(active, stepped, x)
         refill = active & (x < np.uint64(L))
         # a refilling lane reads its stream's next word; lanes of a stream read in lane order

@@ -182,9 +182,15 @@ class SeedLM(Codec):
         coefficients = q * torch.exp2(e.float())[:, None]
         # building U(s) takes ~700 bytes per block (C·P int64 and float64 values): in chunks, a
         # 28M-weight matrix decodes in ~50 MB of them instead of 2.3 GB
-        blocks = torch.cat([torch.zeros(0, self.C)] + [
-            torch.einsum("bcp,bp->bc", basis(seeds[i:i + DECODE_CHUNK], self.C, self.P), coefficients[i:i + DECODE_CHUNK])
-            for i in range(0, len(seeds), DECODE_CHUNK)])
+        blocks = torch.cat(
+            [torch.zeros(0, self.C)]
+            + [
+                torch.einsum(
+                    "bcp,bp->bc", basis(seeds[i : i + DECODE_CHUNK], self.C, self.P), coefficients[i : i + DECODE_CHUNK]
+                )
+                for i in range(0, len(seeds), DECODE_CHUNK)
+            ]
+        )
         return (blocks.reshape(-1)[:encoded.numel] * rms).reshape(encoded.shape)
 
     def trainable(self, encoded) -> TrainableDecode:

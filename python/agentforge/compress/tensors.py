@@ -54,7 +54,9 @@ def model_tensors(model: nn.Module) -> list[TensorSlot]:
     slots: dict[tuple, TensorSlot] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if not tensor.is_floating_point():
-            raise ValueError(f"compress: tensor {name} has dtype {tensor.dtype}; only floating-point tensors are stored")
+            raise ValueError(
+                f"compress: tensor {name} has dtype {tensor.dtype}; only floating-point tensors are stored"
+            )
         owner, _, attr = name.rpartition(".")
         module = modules[owner]
         slot = slots.setdefault(_key(tensor), TensorSlot([], _group(model, module, attr), tensor.detach()))

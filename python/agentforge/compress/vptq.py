@@ -133,7 +133,9 @@ class VPTQ(Codec):
         scale = torch.from_numpy(encoded.parts["scale"].astype(np.float32))
         K = encoded.numel // scale.numel()
         n = scale.numel() * -(-K // self.vector)
-        codebooks = [torch.from_numpy(encoded.parts[f"codebook{s}"].astype(np.float32)) for s in range(len(self.codebooks))]
+        codebooks = [
+            torch.from_numpy(encoded.parts[f"codebook{s}"].astype(np.float32)) for s in range(len(self.codebooks))
+        ]
         indices = [torch.from_numpy(unpack_bits(encoded.parts[f"index{s}"], int(math.log2(k)), n))
                    for s, k in enumerate(self.codebooks)]
         return scale, codebooks, indices

@@ -146,7 +146,11 @@ class Curriculum:
     def run_level(self, k: int, levels: dict) -> dict:
         started, steps_before = time.perf_counter(), self.trainer.steps
         s = self.settings
-        items = [item for family, level in levels.items() for item in self.variants.take(family, level, s.questions_per_family)]
+        items = [
+            item
+            for family, level in levels.items()
+            for item in self.variants.take(family, level, s.questions_per_family)
+        ]
         state = LevelState(items, lambda item: self.variants.take(item.family, levels[item.family])[0],
                            mastery=s.mastery, max_hints=s.max_hints)
         self_examples = self.self_model_examples(k, items)
@@ -161,7 +165,9 @@ class Curriculum:
             self.practised += attempted
             chosen_self = self._sample(self_examples, s.self_examples_per_round)
             batch = new + self._sample(self.record.examples, s.replay_examples) + chosen_self
-            loss = self.trainer.train(batch, min(s.steps_per_round, s.steps_per_level - (self.trainer.steps - steps_before)))
+            loss = self.trainer.train(
+                batch, min(s.steps_per_round, s.steps_per_level - (self.trainer.steps - steps_before))
+            )
             self._remember(new + chosen_self)
             rounds += 1
             round_row = {"level": k, "round": rounds, "remaining": state.remaining, "loss": loss,

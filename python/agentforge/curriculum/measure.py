@@ -35,7 +35,7 @@ def mean(values) -> float:
 def accuracy_by_level(scores: dict) -> dict[int, float]:
     """``{level: mean score over every family's items at that level}`` from ``{(family, level): scores}``."""
     levels = sorted({level for _, level in scores})
-    return {level: mean([s for (f, l), values in scores.items() if l == level for s in values]) for level in levels}
+    return {level: mean([s for (_, lvl), values in scores.items() if lvl == level for s in values]) for level in levels}
 
 
 def non_increasing(values: list[float]) -> list[float]:
@@ -104,7 +104,7 @@ def level_table(scores: dict, *, samples: int, seed: int) -> dict[int, dict]:
     """``{level: {"accuracy", "ci", "n"}}`` over all families' items at each level."""
     table = {}
     for level in sorted({level for _, level in scores}):
-        values = [s for (f, l), vals in scores.items() if l == level for s in vals]
+        values = [s for (_, lvl), vals in scores.items() if lvl == level for s in vals]
         low, high = bootstrap_ci(values, samples=samples, seed=seed + level)
         table[level] = {"accuracy": mean(values), "ci": [low, high], "n": len(values)}
     return table

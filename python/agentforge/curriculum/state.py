@@ -16,8 +16,8 @@ original reset it with every variant, so nothing was ever mastered).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from agentforge.curriculum import hints as hint_rules
 from agentforge.data import TaskItem

@@ -83,8 +83,10 @@ class VariantSource:
         stale = 0
         while len(pool["items"]) < n:
             # successive chunks come from distinct seed streams of the train split
-            chunk = rendered(make_split(family, "train", self.chunk, seed=self.seed * 1000 + pool["chunks"], level=level),
-                             self.render)
+            chunk = rendered(
+                make_split(family, "train", self.chunk, seed=self.seed * 1000 + pool["chunks"], level=level),
+                self.render,
+            )
             pool["chunks"] += 1
             fresh = []
             for item in chunk:
@@ -118,7 +120,7 @@ def held_out(families, split: str, n: int, seed: int, levels=range(NUM_LEVELS), 
     sets = HeldOut(split, n, seed, render)
     for family in families:
         for level in levels:
-            sets[(family, level)]  # noqa: B018  (made on first use)
+            sets[(family, level)]
     return sets
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from agentforge.data.builders import document_split, mixture, pack_tasks, pack_text, text_splits
-    from agentforge.data.sources import SOURCES, MissingDataPackage, load_records, load_text, smollm2_gguf
-    from agentforge.data.tasks import DOMAINS, FAMILIES, NUM_LEVELS, TaskFamily, TaskItem, make_split, rendered, score
-    from agentforge.data.tokenizer import train_tokenizer
+if TYPE_CHECKING:  # the lazy names, for type checkers (re-exported: __all__ below is built from _MODULE_OF)
+    from agentforge.data.builders import document_split, mixture, pack_tasks, pack_text, text_splits  # noqa: F401
+    from agentforge.data.sources import SOURCES, MissingDataPackage, load_records, load_text, smollm2_gguf  # noqa: F401
+    from agentforge.data.tasks import DOMAINS, FAMILIES, NUM_LEVELS, TaskFamily, TaskItem, make_split, rendered, score  # noqa: F401
+    from agentforge.data.tokenizer import train_tokenizer  # noqa: F401
 
 _MODULE_OF = {
     "train_tokenizer": "tokenizer",

@@ -97,7 +97,7 @@ def _load_pydoc(max_docs: int | None) -> list[str]:
 
 def _python_docs_sources() -> pathlib.Path:
     """The reST source folder of the installed Python docs, preferring this interpreter's version."""
-    version = "%d.%d" % sys.version_info[:2]
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
     # Only real python3.X folders: the python3.X-doc symlink would list every file twice.
     found = {
         d.name.removeprefix("python"): d / "html" / "_sources"

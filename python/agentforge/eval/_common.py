@@ -3,7 +3,7 @@ batches, argument checks."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

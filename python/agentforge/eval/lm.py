@@ -9,7 +9,8 @@ so the result does not depend on the batch size or on how many labels each row c
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -134,8 +134,12 @@ class EvalSuite:
 
         domains = {d: self.rows(its) for d, its in self.by_domain("train", n_items).items()}
         share = (1 - text_weight) / len(domains)
-        return mixture({"text": self.splits["train"], **domains}, {"text": text_weight, **dict.fromkeys(domains, share)},
-                       n_rows, seed=self.seed if seed is None else seed)
+        return mixture(
+            {"text": self.splits["train"], **domains},
+            {"text": text_weight, **dict.fromkeys(domains, share)},
+            n_rows,
+            seed=self.seed if seed is None else seed,
+        )
 
     def measure(self, model, held: HeldOut, *, batch_size: int, answers: bool = False) -> dict:
         """Perplexity on the held-out text (and each row's summed NLL and token count, for a paired

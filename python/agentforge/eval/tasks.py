@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from agentforge.eval._common import evaluation_mode, left_padded, model_device, require_positive
 

@@ -45,8 +45,15 @@ from agentforge.experts.discovery import Discovery, Unit, discover
 from agentforge.experts.evaluation import answer_flops, item_scores, paired_gain
 from agentforge.experts.mixture import Measurement, MixtureSearch, SearchSettings, pareto_front
 from agentforge.experts.router import Router, features_of, prompt_features
-from agentforge.experts.svf import (SVDBasis, SVFExpert, adapted_forward, compose, installed, target_weights,
-                                    ternary_weights)
+from agentforge.experts.svf import (
+                                    SVDBasis,
+                                    SVFExpert,
+                                    adapted_forward,
+                                    compose,
+                                    installed,
+                                    target_weights,
+                                    ternary_weights,
+)
 from agentforge.experts.training import TrainSettings, in_directory, train_expert
 
 __all__ = [

@@ -8,8 +8,8 @@ weights are built once per mixture and cached; prompts of one class are answered
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn

@@ -70,8 +70,10 @@ class DeployedExperts:
                 module = model.get_submodule(name)
                 if isinstance(module, BitLinear):
                     if module.state != "packed":
-                        raise ValueError(f"experts: {name} is a BitLinear in {module.state} state; the deployed "
-                                         "weights are for the packed model (load the experts directory for the latent one)")
+                        raise ValueError(
+                            f"experts: {name} is a BitLinear in {module.state} state; the deployed "
+                            "weights are for the packed model (load the experts directory for the latent one)"
+                        )
                     module._load_packed(parts["weight_packed"], parts["weight_scale"], f"experts {cls}/{name}")
                     layers[name] = ("packed", module.w_prepacked, module.w_scale)
                 else:
@@ -80,7 +82,7 @@ class DeployedExperts:
             self._install(model.get_submodule(name), state)
 
     @classmethod
-    def attach(cls, model: nn.Module, directory: str | Path) -> "DeployedExperts":
+    def attach(cls, model: nn.Module, directory: str | Path) -> DeployedExperts:
         """The deployed experts stored in ``directory`` (``experts.json``, the router, the weight sets)."""
         import safetensors.torch
 

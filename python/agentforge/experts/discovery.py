@@ -18,8 +18,8 @@ family far more plainly than its difficulty level.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ class Unit:
         return f"{self.family}@{self.level}"
 
     @classmethod
-    def parse(cls, name: str) -> "Unit":
+    def parse(cls, name: str) -> Unit:
         """The unit named ``family@level``."""
         family, sep, level = name.rpartition("@")
         if not sep or not level.isdigit():
@@ -184,7 +184,7 @@ class Discovery:
                 "experts": {name: [u.name for u in units] for name, units in self.expert_units().items()}}
 
     @classmethod
-    def from_dict(cls, record: dict) -> "Discovery":
+    def from_dict(cls, record: dict) -> Discovery:
         """The discovery ``to_dict`` recorded (its similarity rounded as recorded)."""
         return cls({Unit.parse(name): acc for name, acc in record["accuracy"].items()}, tuple(record["zone_bounds"]),
                    [Unit.parse(name) for name in record["zone"]], list(record["families"]),
@@ -211,7 +211,9 @@ def discover(model, basis: SVDBasis, tokenizer, units: Sequence[Unit], *, n_expe
     (``render``: how an item becomes the model's prompt, see ``unit_items``)."""
     if not MIN_EXPERTS <= n_experts <= MAX_EXPERTS:
         raise ValueError(f"n_experts must be in [{MIN_EXPERTS}, {MAX_EXPERTS}], got {n_experts}")
-    accuracy = capability(model, tokenizer, unit_items(units, "validation", eval_items, seed, render=render), batch_size)
+    accuracy = capability(
+        model, tokenizer, unit_items(units, "validation", eval_items, seed, render=render), batch_size
+    )
     zone_used = widened_zone(accuracy, *zone, n_experts)
     in_zone = learning_zone(accuracy, *zone_used)
     families = sorted({u.family for u in in_zone})

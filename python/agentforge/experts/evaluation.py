@@ -6,7 +6,7 @@ intervals, because it cancels the items both models get right (or wrong).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

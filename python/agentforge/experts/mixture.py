@@ -18,8 +18,8 @@ fall back to the base model (α = 0) when adapting does not pay.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

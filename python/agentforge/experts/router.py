@@ -8,7 +8,7 @@ expert, or ``"base"`` for prompts no expert was trained for.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ class Router(nn.Module):
         return [self.classes[i] for i in self(features).argmax(-1).tolist()]
 
     def fit(self, features: torch.Tensor, labels: Sequence[str], *, weight_decay: float = 1e-3,
-            steps: int = 100) -> "Router":
+            steps: int = 100) -> Router:
         """Full-batch L-BFGS on the cross-entropy + ``weight_decay``·‖W‖²; returns ``self``."""
         unknown = sorted(set(labels) - set(self.classes))
         if unknown:

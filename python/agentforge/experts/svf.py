@@ -65,7 +65,7 @@ class SVDBasis:
         self.total = sum(self.sizes)
 
     @classmethod
-    def of(cls, model: nn.Module, skip: Sequence[str] = DEFAULT_SKIP) -> "SVDBasis":
+    def of(cls, model: nn.Module, skip: Sequence[str] = DEFAULT_SKIP) -> SVDBasis:
         """The basis of every target weight of ``model`` (see ``target_weights``)."""
         return cls(model, target_weights(model, skip))
 

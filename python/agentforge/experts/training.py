@@ -12,9 +12,9 @@ where p_base is the same model with z = 1 (evaluated without gradients).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -77,8 +77,10 @@ def pre_tokenizer_type(tokenizer) -> str:
     for name, known in PRE_TOKENIZERS.items():
         if found == known:
             return name
-    raise ConfigError(f"GGUF export: llama.cpp has no pre-tokenizer that splits text like this one ({json.dumps(found)}), "
-                      "so it would tokenize differently; export with --to hf")
+    raise ConfigError(
+        f"GGUF export: llama.cpp has no pre-tokenizer that splits text like this one ({json.dumps(found)}), "
+        "so it would tokenize differently; export with --to hf"
+    )
 
 
 def _added_specials(tokenizer) -> tuple[bool, bool]:
@@ -98,7 +100,9 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None
     pre = pre_tokenizer_type(tokenizer)
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
-        raise ConfigError(f"GGUF export: the tokenizer has token id {max(by_id)}, the model only {vocab_size} embeddings")
+        raise ConfigError(
+            f"GGUF export: the tokenizer has token id {max(by_id)}, the model only {vocab_size} embeddings"
+        )
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(vocab_size):
@@ -199,8 +203,10 @@ def ternary_tensor(codes: np.ndarray, scale: np.ndarray, qtype: gguf.GGMLQuantiz
     N, K = codes.shape
     half = scale.astype(np.float16)
     if not np.all(np.abs(half.astype(np.float32) - scale) <= np.abs(scale) * 2.0 ** -11):
-        raise ConfigError(f"GGUF export: {name} has a scale ({scale.min():.3g}..{scale.max():.3g}) outside the f16 range "
-                          f"its {qtype.name} blocks store it in; export with --to hf")
+        raise ConfigError(
+            f"GGUF export: {name} has a scale ({scale.min():.3g}..{scale.max():.3g}) outside the f16 range "
+            f"its {qtype.name} blocks store it in; export with --to hf"
+        )
     data = gguf.quants.quantize(codes.astype(np.float32), qtype)
     d = np.ascontiguousarray(np.broadcast_to(half.reshape(-1, 1), (N, K // block)))
     data.reshape(N, K // block, type_size)[..., -2:] = d.view(np.uint8).reshape(N, K // block, 2)

@@ -36,7 +36,9 @@ def figures(phase_dir: Path) -> list:
         integer_ticks(ax.xaxis)
         ax.set_ylabel("validation score (cycle's own measure)")
         ax.legend(fontsize="small")
-        out.append(("Baking cycles: candidates in context and the unprompted model", fig, [phase_dir / "metrics.jsonl"]))
+        out.append(
+            ("Baking cycles: candidates in context and the unprompted model", fig, [phase_dir / "metrics.jsonl"])
+        )
         bakes = [r for r in rows if "bake" in r]
         if bakes:
             fig = Figure(figsize=(7, 3.2), layout="constrained")

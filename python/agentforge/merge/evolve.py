@@ -24,8 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from agentforge.merge import METHODS
 from agentforge.settings import Checked, setting

@@ -64,8 +64,10 @@ class CognateConfig(PreTrainedConfig):
         if self.num_prelude_layers < 0:
             raise ValueError(f"CognateConfig.num_prelude_layers must be >= 0, got {self.num_prelude_layers}")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"CognateConfig: hidden_size={self.hidden_size} must split into num_heads={self.num_heads} "
-                             "heads of even size (RoPE rotates pairs)")
+            raise ValueError(
+                f"CognateConfig: hidden_size={self.hidden_size} must split into num_heads={self.num_heads} "
+                "heads of even size (RoPE rotates pairs)"
+            )
         bad = [i for i in self.memory_layers if not 0 <= i < self.num_prelude_layers]
         if bad:
             raise ValueError(f"CognateConfig.memory_layers={self.memory_layers}: indices {bad} are not prelude blocks "

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from agentforge.models.configuration_cognate import CognateConfig
 
+
 @dataclass
 class CognateCausalLMOutput(CausalLMOutputWithPast):
     """``loss`` includes ``ponder_weight * ponder_cost``. ``ponder_cost`` is the mean over tokens of
@@ -191,7 +192,7 @@ class NeuralMemory(nn.Module):
             idx = pad_left[:, None] + j * C + offsets  # [B, C] columns of this chunk in each row
             valid = (idx < T).to(x.dtype)
             idx = idx.clamp(max=T - 1)
-            take = lambda t: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+            take = lambda t, idx=idx: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
             states.append((w1, w2))
             reads.append(self._read(w1, w2, take(q))[0])
             if j == n_chunks - 1:
@@ -200,7 +201,10 @@ class NeuralMemory(nn.Module):
             rates = torch.sigmoid(F.linear(chunk_mean, self.rate_weight, self.rate_bias))
             eta, theta, alpha = (r[:, None, None] for r in rates.unbind(-1))
             g1, g2 = (_clip_norm(g, 1.0) for g in self._gradient(w1, w2, take(k), take(v), valid))
-            s1, s2 = eta * s1 - theta * self.config.memory_max_lr * g1, eta * s2 - theta * self.config.memory_max_lr * g2
+            s1, s2 = (
+                eta * s1 - theta * self.config.memory_max_lr * g1,
+                eta * s2 - theta * self.config.memory_max_lr * g2,
+            )
             w1, w2 = (1 - alpha) * w1 + s1, (1 - alpha) * w2 + s2
         return states, reads
 

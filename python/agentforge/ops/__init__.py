@@ -7,8 +7,15 @@ autograd registered) or, when the extension is not built, the pure-PyTorch refer
 import torch
 
 from agentforge.ops import reference
-from agentforge.ops._native import (cache_bytes, cold_layout, cpu_info, extension_loaded, last_level_cache_bytes,
-                                    read_bandwidth, set_isa)
+from agentforge.ops._native import (
+    cache_bytes,
+    cold_layout,
+    cpu_info,
+    extension_loaded,
+    last_level_cache_bytes,
+    read_bandwidth,
+    set_isa,
+)
 
 if extension_loaded():
     from agentforge.ops import _registration  # noqa: F401  (registers fake kernels and autograd)

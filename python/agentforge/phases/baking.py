@@ -49,8 +49,9 @@ import functools
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -58,7 +59,17 @@ from agentforge.baking import BakeSettings, CycleData, CycleRun, CycleState, cyc
 from agentforge.data import DOMAINS, FAMILIES
 from agentforge.errors import ConfigError
 from agentforge.quietstar import head_files
-from agentforge.runtime import Built, Effect, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
+from agentforge.runtime import (
+    Built,
+    Effect,
+    Input,
+    Loaded,
+    PhaseResult,
+    PhaseRun,
+    PhaseSpec,
+    model_dir,
+    standalone_main,
+)
 from agentforge.settings import Checked, setting
 from agentforge.tools import TOOL_PROMPT
 
@@ -235,11 +246,13 @@ def measure_report(p: PhaseRun, tokenizer, data: PhaseData, models: dict, prompt
         trajectories = prompted_trajectories(original, tokenizer, prompt, [it.prompt for it in data.final[cycle]],
                                              batch_size=bake.batch_size, tools=bake.tools,
                                              max_new_tokens=bake.max_new_tokens, seed=p.seed + 99)
-        report["kl_rows"][cycle] = {n: dict(zip(("sums", "tokens"), row_kl(m, trajectories, batch_size=bake.batch_size)))
-                                    for n, m in shown.items()}
+        report["kl_rows"][cycle] = {
+            n: dict(zip(("sums", "tokens"), row_kl(m, trajectories, batch_size=bake.batch_size)))
+            for n, m in shown.items()
+        }
         report["kl"][cycle] = {n: sum(r["sums"]) / sum(r["tokens"]) for n, r in report["kl_rows"][cycle].items()}
 
-        def measure(model, in_context: str | None) -> dict:
+        def measure(model, in_context: str | None, cycle: str = cycle) -> dict:
             return behaviour(cycle, model, tokenizer, in_context, data.final[cycle],
                              tool_new_tokens=settings.tool_new_tokens, batch_size=settings.eval_batch_size)
 

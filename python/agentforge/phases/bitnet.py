@@ -27,10 +27,10 @@ model). Steps:
 5. Measurements on held-out data the model never trained on (the test split of the documents
    and task prompts): perplexity, task accuracy and answer NLL of the float input, the ternary
    model before fine-tuning, the packed model after and the float control; the headline is the
-   packed model against the control (perplexity ratio and accuracy, paired 95 % intervals); bytes on disk, bits per weight and
-   sparsity per ternary layer; generation tokens/s at each batch size, the share of generation
-   time spent in the converted layers, and peak memory, packed (kernels) against float
-   (``F.linear``).
+   packed model against the control (perplexity ratio and accuracy, paired 95 % intervals);
+   bytes on disk, bits per weight and sparsity per ternary layer; generation tokens/s at each
+   batch size, the share of generation time spent in the converted layers, and peak memory,
+   packed (kernels) against float (``F.linear``).
 
 Outputs in the phase directory: ``latent/``, ``packed/``, ``train/ternary`` and
 ``train/fp_control`` (checkpoints and training metrics, λ included), ``metrics.jsonl`` and
@@ -50,9 +50,15 @@ from pathlib import Path
 import torch
 
 from agentforge.errors import ConfigError
+from agentforge.quant import (
+    bitlinear_layers,
+    convert_as_calibrated,
+    gradient_flow,
+    require_state,
+    set_lambda,
+    warmup_lambda,
+)
 from agentforge.quietstar import head_files
-from agentforge.quant import (bitlinear_layers, convert_as_calibrated, gradient_flow, require_state, set_lambda,
-                              warmup_lambda)
 from agentforge.runtime import Built, Effect, Input, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
 from agentforge.settings import Checked, setting
 
@@ -341,9 +347,13 @@ def targets(reports: dict) -> dict:
     ≥ 80 % of the float model's; and the same ratios against the float control trained alike."""
     fp, after = reports["fp"], reports["finetuned"]
     ratio, kept = after["perplexity"] / fp["perplexity"], retention(after, fp)
-    out = {"perplexity_ratio": ratio, "perplexity_ratio_before": reports["ternary_before"]["perplexity"] / fp["perplexity"],
-           "accuracy_retention": kept, "perplexity_target_met": ratio <= 1.3,
-           "accuracy_target_met": None if kept is None else kept >= 0.8}
+    out = {
+        "perplexity_ratio": ratio,
+        "perplexity_ratio_before": reports["ternary_before"]["perplexity"] / fp["perplexity"],
+        "accuracy_retention": kept,
+        "perplexity_target_met": ratio <= 1.3,
+        "accuracy_target_met": None if kept is None else kept >= 0.8,
+    }
     out["perplexity_ratio_vs_control"] = after["perplexity"] / reports["fp_control"]["perplexity"]
     out["accuracy_retention_vs_control"] = retention(after, reports["fp_control"])
     return out
@@ -374,12 +384,17 @@ def flat_metrics(summary: dict) -> dict:
     for key in (k for k in fp_speed if k.startswith("tokens_per_s_b")):
         row[f"speedup_{key.removeprefix('tokens_per_s_')}"] = packed_speed[key] / fp_speed[key]
     calibration = summary["quantization"]["calibration"]
-    row.update({"finetuned/perplexity_latent": summary["finetuned_latent_perplexity"],
-                "latent_packed_max_logit_diff": summary["latent_packed_max_logit_diff"],
-                "ternary_layers": len(sizes["layers"]), "per_channel_layers": sum(r["per_channel"] for r in calibration),
-                "kept_fp_layers": len(summary["quantization"]["kept_fp"]),
-                "gradient_flow_ok": summary["gradient_flow"]["ok"],
-                "min_latent_grad_norm": summary["gradient_flow"]["min_grad_norm"]})
+    row.update(
+        {
+            "finetuned/perplexity_latent": summary["finetuned_latent_perplexity"],
+            "latent_packed_max_logit_diff": summary["latent_packed_max_logit_diff"],
+            "ternary_layers": len(sizes["layers"]),
+            "per_channel_layers": sum(r["per_channel"] for r in calibration),
+            "kept_fp_layers": len(summary["quantization"]["kept_fp"]),
+            "gradient_flow_ok": summary["gradient_flow"]["ok"],
+            "min_latent_grad_norm": summary["gradient_flow"]["min_grad_norm"],
+        }
+    )
     return row
 
 

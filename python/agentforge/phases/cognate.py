@@ -31,7 +31,6 @@ Run alone: ``python -m agentforge.phases.cognate --preset tiny --out DIR``.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass

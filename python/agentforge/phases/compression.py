@@ -157,7 +157,7 @@ def quality(reference: dict, candidate: dict, seed: int = 0) -> dict:
 
     ref_acc, acc = reference["accuracy_mean"], candidate["accuracy_mean"]
     pairs = [(a, b) for d in reference["answers"] for a, b in zip(reference["answers"][d], candidate["answers"][d])]
-    scores = lambda report: [s for d in report["scores"].values() for s in d]  # noqa: E731
+    scores = lambda report: [s for d in report["scores"].values() for s in d]
     loss = paired_difference(scores(reference), scores(candidate), seed=seed)
     return {"perplexity_ratio": candidate["perplexity"] / reference["perplexity"],
             "accuracy_retained": acc / ref_acc if ref_acc > 0 else (1.0 if acc >= ref_acc else 0.0),
@@ -423,14 +423,22 @@ def final_report(p: PhaseRun, model, tokenizer, slots, data: PhaseData) -> dict:
                 if compressed.thinker is not None else {})
     sizes = reference_sizes(p, slots)
     byte_counts = byte_report(accounting, container.tensors)
-    return {"bytes": byte_counts, "reference_bytes": sizes,
-            "ratio_vs_fp32": sizes["fp32"] / byte_counts["total"], "ratio_vs_fp16": sizes["fp16"] / byte_counts["total"],
-            "ratio_vs_packed_dir": sizes["packed_dir"] / byte_counts["total"],
-            "test_before": without_answers(before), "test_after": without_answers(after), **thinking,
-            "parts": compressed.parts, "test_quality": quality(before, after),
-            "decompression_seconds": _decompression_seconds(path),
-            "tokens_per_s": {"compressed": _tokens_per_second(compressed.lm), "uncompressed": _tokens_per_second(model)},
-            "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
+    return {
+        "bytes": byte_counts,
+        "reference_bytes": sizes,
+        "ratio_vs_fp32": sizes["fp32"] / byte_counts["total"],
+        "ratio_vs_fp16": sizes["fp16"] / byte_counts["total"],
+        "ratio_vs_packed_dir": sizes["packed_dir"] / byte_counts["total"],
+        "test_before": without_answers(before),
+        "test_after": without_answers(after),
+        **thinking,
+        "parts": compressed.parts,
+        "test_quality": quality(before, after),
+        "decompression_seconds": _decompression_seconds(path),
+        "tokens_per_s": {"compressed": _tokens_per_second(compressed.lm), "uncompressed": _tokens_per_second(model)},
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def headline(summary: dict) -> dict:
@@ -506,7 +514,7 @@ def effects(summary: dict, seed: int) -> list[Effect]:
     from agentforge.eval.stats import paired_difference, perplexity_ratio
 
     before, after = summary["test_before"], summary["test_after"]
-    scores = lambda report: [s for domain in report["scores"].values() for s in domain]  # noqa: E731
+    scores = lambda report: [s for domain in report["scores"].values() for s in domain]
     thinking = ([Effect.of("held-out task accuracy, artifact thinking", "the artifact not thinking",
                            paired_difference(scores(summary["test_thinking"]), scores(after), seed=seed))]
                 if "test_thinking" in summary else [])

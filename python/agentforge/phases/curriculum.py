@@ -29,7 +29,6 @@ Run alone: ``python -m agentforge.phases.curriculum --model DIR --preset tiny --
 from __future__ import annotations
 
 import math
-
 import sys
 from dataclasses import dataclass
 
@@ -40,7 +39,17 @@ from agentforge.errors import ConfigError
 from agentforge.optim import PRESETS as OPTIMIZERS
 from agentforge.quant import bitlinear_layers
 from agentforge.quietstar import head_files
-from agentforge.runtime import Built, Effect, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
+from agentforge.runtime import (
+    Built,
+    Effect,
+    Input,
+    Loaded,
+    PhaseResult,
+    PhaseRun,
+    PhaseSpec,
+    model_dir,
+    standalone_main,
+)
 from agentforge.settings import Checked, setting
 
 # the families of the three domains, in their order: what the curriculum trains by default

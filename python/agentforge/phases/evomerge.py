@@ -277,7 +277,7 @@ def effects(summary: dict, seed: int) -> list[Effect]:
     from agentforge.eval.stats import paired_difference, perplexity_ratio
 
     champion, parent = summary["final_reports"]["champion"], summary["final_reports"][summary["best_parent"]]
-    scores = lambda report: [s for domain in report["scores"].values() for s in domain]  # noqa: E731
+    scores = lambda report: [s for domain in report["scores"].values() for s in domain]
     control = f"the best parent ({summary['best_parent']})"
     return [Effect.of("held-out task accuracy, champion", control,
                       paired_difference(scores(champion), scores(parent), seed=seed)),

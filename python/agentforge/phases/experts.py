@@ -45,8 +45,17 @@ from agentforge.errors import ConfigError
 from agentforge.experts.discovery import MAX_EXPERTS, MIN_EXPERTS, Discovery, Unit
 from agentforge.experts.mixture import SearchSettings
 from agentforge.experts.training import TrainSettings
-from agentforge.runtime import (Built, Effect, Input, Loaded, PhaseResult, PhaseRun, PhaseSpec, model_dir,
-                                standalone_main)
+from agentforge.runtime import (
+    Built,
+    Effect,
+    Input,
+    Loaded,
+    PhaseResult,
+    PhaseRun,
+    PhaseSpec,
+    model_dir,
+    standalone_main,
+)
 from agentforge.settings import Checked, setting
 
 DOMAIN_FAMILIES = [family for families in DOMAINS.values() for family in families]

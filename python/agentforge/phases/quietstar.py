@@ -33,8 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from agentforge.errors import ConfigError
-from agentforge.quietstar import (IGNORE_INDEX, ThinkingModel, ThoughtSettings, add_thought_tokens, plain_steps,
-                                  training_compute)
+from agentforge.quietstar import (
+    IGNORE_INDEX,
+    ThinkingModel,
+    ThoughtSettings,
+    add_thought_tokens,
+    plain_steps,
+    training_compute,
+)
 from agentforge.runtime import Built, Effect, Input, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
 from agentforge.settings import Checked, setting, to_dict
 
@@ -320,7 +326,9 @@ def summarise(settings: Settings, tasks, results, thinker_losses, control, seed)
 
     thinking_vs_off = thinking_minus("not_thinking", "answer_loglik")
     vs_control = {metric: thinking_minus("control", metric) for metric in ("accuracy", "answer_loglik")}
-    headline = {f"{name}/{metric}": table[name][metric]["mean"] for name in table for metric in ("accuracy", "answer_loglik")}
+    headline = {
+        f"{name}/{metric}": table[name][metric]["mean"] for name in table for metric in ("accuracy", "answer_loglik")
+    }
     headline.update(thinking_minus_off_loglik=thinking_vs_off["mean"], control_steps=control["steps"],
                     thinker_compute=control["thinker_compute"], control_compute=control["control_compute"],
                     test_items=len(results["parent"]["accuracy"]),
@@ -352,11 +360,20 @@ def effects(summary: dict) -> list[Effect]:
 
 
 SPEC = PhaseSpec(
-    number=3, name="quietstar", summary="learned thought tokens trained with REINFORCE, against an equal-compute NLL control",
-    settings=Settings, presets=PRESETS, run=run,
-    needs={"model": Input("evomerge.champion", "input model directory (the EvoMerge champion or any causal LM "
-                                               "with a tokenizer)")},
-    provides={"model": model_dir}, figures="agentforge.figures.quietstar")
+    number=3,
+    name="quietstar",
+    summary="learned thought tokens trained with REINFORCE, against an equal-compute NLL control",
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
+    needs={
+        "model": Input(
+            "evomerge.champion", "input model directory (the EvoMerge champion or any causal LM with a tokenizer)"
+        )
+    },
+    provides={"model": model_dir},
+    figures="agentforge.figures.quietstar",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

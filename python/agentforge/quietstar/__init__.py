@@ -35,10 +35,41 @@ training, which sizes the phase's equal-compute control).
 from agentforge.quietstar.backbone import hidden_states
 from agentforge.quietstar.compute import plain_steps, row_compute, training_compute
 from agentforge.quietstar.layout import IGNORE_INDEX, Layout, choose_positions
-from agentforge.quietstar.thinking import (END, HEAD_FILES, MIXING_HEAD_FILE, SETTINGS_FILE, START, MixingHead,
-                                           ThinkingModel, ThinkingOutput, ThoughtSettings, ThoughtTokens,
-                                           add_thought_tokens, head_files, reinforce_loss)
+from agentforge.quietstar.thinking import (
+                                           END,
+                                           HEAD_FILES,
+                                           MIXING_HEAD_FILE,
+                                           SETTINGS_FILE,
+                                           START,
+                                           MixingHead,
+                                           ThinkingModel,
+                                           ThinkingOutput,
+                                           ThoughtSettings,
+                                           ThoughtTokens,
+                                           add_thought_tokens,
+                                           head_files,
+                                           reinforce_loss,
+)
 
-__all__ = ["END", "HEAD_FILES", "IGNORE_INDEX", "MIXING_HEAD_FILE", "head_files", "SETTINGS_FILE", "START", "Layout", "MixingHead",
-           "ThinkingModel", "ThinkingOutput", "ThoughtSettings", "ThoughtTokens", "add_thought_tokens",
-           "choose_positions", "hidden_states", "plain_steps", "reinforce_loss", "row_compute", "training_compute"]
+__all__ = [
+    "END",
+    "HEAD_FILES",
+    "IGNORE_INDEX",
+    "MIXING_HEAD_FILE",
+    "head_files",
+    "SETTINGS_FILE",
+    "START",
+    "Layout",
+    "MixingHead",
+    "ThinkingModel",
+    "ThinkingOutput",
+    "ThoughtSettings",
+    "ThoughtTokens",
+    "add_thought_tokens",
+    "choose_positions",
+    "hidden_states",
+    "plain_steps",
+    "reinforce_loss",
+    "row_compute",
+    "training_compute",
+]

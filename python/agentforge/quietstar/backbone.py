@@ -51,18 +51,24 @@ def _full_mask(attention_mask, extra_mask, Q):
     B, E, _ = extra_mask.shape
     T = Q - E
     device = extra_mask.device
-    real_valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask[:, :T].bool()
+    real_valid = (
+        torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask[:, :T].bool()
+    )
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))[None] & real_valid[:, None, :]
     causal = causal | torch.eye(T, dtype=torch.bool, device=device)[None]
     real_rows = torch.cat((causal, torch.zeros(B, T, E, dtype=torch.bool, device=device)), dim=2)
-    extra_rows = extra_mask.bool() & torch.cat((real_valid, torch.ones(B, E, dtype=torch.bool, device=device)), 1)[:, None]
+    extra_rows = (
+        extra_mask.bool() & torch.cat((real_valid, torch.ones(B, E, dtype=torch.bool, device=device)), 1)[:, None]
+    )
     return torch.cat((real_rows, extra_rows), dim=1)[:, None]
 
 
 def _hf_mask(base, mask: torch.Tensor) -> torch.Tensor:
     """A custom 4D mask in the form the model's attention implementation expects."""
     if getattr(base.config, "_attn_implementation", "sdpa") == "eager":
-        return torch.zeros(mask.shape, dtype=base.dtype, device=mask.device).masked_fill(~mask, torch.finfo(base.dtype).min)
+        return torch.zeros(mask.shape, dtype=base.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(base.dtype).min
+        )
     return mask
 
 

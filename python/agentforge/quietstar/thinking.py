@@ -261,7 +261,7 @@ class ThinkingModel(nn.Module):
                                    greedy_thoughts=greedy_thoughts, on_token=on_token)
 
     @classmethod
-    def attach(cls, base, directory) -> "ThinkingModel":
+    def attach(cls, base, directory) -> ThinkingModel:
         """The thinking model of ``base`` (already loaded) from the head files in ``directory``."""
         from safetensors.torch import load_file
 
@@ -284,7 +284,7 @@ class ThinkingModel(nn.Module):
         (Path(directory) / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory, **model_kwargs) -> tuple["ThinkingModel", object]:
+    def load(cls, directory, **model_kwargs) -> tuple[ThinkingModel, object]:
         """``(thinking model, tokenizer)`` from a directory written by the Quiet-STaR phase."""
         from agentforge.artifacts import load_model_dir
 

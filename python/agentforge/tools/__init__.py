@@ -14,13 +14,28 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from agentforge.tools.calculator import CalcError, calculate
-    from agentforge.tools.decoding import generate_with_tools, generate_with_tools_batch, run_tool, tool_trajectories
-    from agentforge.tools.format import (OUTPUT_LIMIT, TOOL_PROMPT, TOOLS, ToolCall, ToolResult, follows_tool_format,
-                                         format_result, parse_tool_call, trace_segments)
-    from agentforge.tools.sandbox import (ISOLATIONS, SandboxUnavailable, ToolSettings, describe_isolation, isolation,
-                                          run_python)
+if TYPE_CHECKING:  # the lazy names, for type checkers (re-exported: __all__ below is built from _MODULE_OF)
+    from agentforge.tools.calculator import CalcError, calculate  # noqa: F401
+    from agentforge.tools.decoding import generate_with_tools, generate_with_tools_batch, run_tool, tool_trajectories  # noqa: F401
+    from agentforge.tools.format import (  # noqa: F401
+        OUTPUT_LIMIT,
+        TOOL_PROMPT,
+        TOOLS,
+        ToolCall,
+        ToolResult,
+        follows_tool_format,
+        format_result,
+        parse_tool_call,
+        trace_segments,
+    )
+    from agentforge.tools.sandbox import (  # noqa: F401
+        ISOLATIONS,
+        SandboxUnavailable,
+        ToolSettings,
+        describe_isolation,
+        isolation,
+        run_python,
+    )
 
 _MODULE_OF = {
     **dict.fromkeys(["CalcError", "calculate"], "calculator"),

@@ -22,7 +22,9 @@ from .sandbox import ISOLATIONS, run_python
 __all__ = ["generate_with_tools", "generate_with_tools_batch", "run_tool", "tool_trajectories"]
 
 
-def run_tool(call: ToolCall, *, timeout_s: float = 2.0, memory_mb: int = 256, isolation: str | None = None) -> ToolResult:
+def run_tool(
+    call: ToolCall, *, timeout_s: float = 2.0, memory_mb: int = 256, isolation: str | None = None
+) -> ToolResult:
     """Execute ``call``; never raises for anything a model can write (unknown tools, bad
     expressions, failing code all give ``ToolResult(output="error: ...", ok=False)``). Python
     runs under ``isolation`` (see ``agentforge.tools.sandbox``), which raises

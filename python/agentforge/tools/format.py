@@ -120,7 +120,7 @@ def follows_tool_format(text: str) -> bool:
         return False
     if not blocks or blocks[-1][2] != "out" or not text[blocks[-1][1]:].strip():
         return False
-    for i, (start, end, name) in enumerate(blocks):
+    for i, (start, _end, name) in enumerate(blocks):
         if name == "out":
             previous = blocks[i - 1] if i else None
             if previous is None or previous[2] == "out" or previous[1] != start:

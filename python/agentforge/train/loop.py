@@ -21,8 +21,17 @@ from tqdm import tqdm
 from agentforge.artifacts import recover_directory
 from agentforge.train import distributed
 from agentforge.train.batches import check_dataset, collate, global_batch, micro_batches, rank_share
-from agentforge.train.checkpoint import (CHECKPOINT_DIR, capture_rng, config_hash, load_checkpoint, preserved_rng,
-                                         restore_rng, run_fingerprint, save_checkpoint, seed_everything)
+from agentforge.train.checkpoint import (
+    CHECKPOINT_DIR,
+    capture_rng,
+    config_hash,
+    load_checkpoint,
+    preserved_rng,
+    restore_rng,
+    run_fingerprint,
+    save_checkpoint,
+    seed_everything,
+)
 from agentforge.train.config import TrainConfig
 from agentforge.train.metrics import MetricsLogger
 
