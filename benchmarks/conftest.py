@@ -4,6 +4,7 @@ Run with ``python -m pytest benchmarks -q --benchmark-only`` (or ``make bench``)
 ``benchmark.group`` (one group per shape) and ``benchmark.extra_info["impl"]``; tests whose
 ``extra_info["baseline"]`` is true are the references the others are compared with.
 """
+
 import os
 
 import pytest
@@ -43,7 +44,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def _bandwidth(bench) -> str:
-    """", 16.2 GB/s = 84 % of 19.3 GB/s read bandwidth" for cold benchmarks, else ""."""
+    """ ", 16.2 GB/s = 84 % of 19.3 GB/s read bandwidth" for cold benchmarks, else ""."""
     info = bench.extra_info
     if "weight_bytes" not in info:
         return ""

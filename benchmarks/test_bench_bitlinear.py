@@ -4,6 +4,7 @@ Input ``x`` is ``[8, 512, in]`` (8 sequences of 512 tokens) with ``requires_grad
 network, and the step is ``y = layer(x); y.backward(g)`` with fresh gradients each time. Design
 target: BitLinear at most 1.3x the time of nn.Linear (a "speedup" of at least 0.77x).
 """
+
 import pytest
 import torch
 
@@ -41,7 +42,13 @@ def test_train_step(benchmark, shape, impl):
         layer(x).backward(g)
 
     benchmark.group = f"train step {out_f}x{in_f}, x[{BATCH},{TOKENS},{in_f}]"
-    benchmark.extra_info.update(impl=impl, baseline=impl == "nn.Linear", in_features=in_f, out_features=out_f,
-                                tokens=BATCH * TOKENS, threads=torch.get_num_threads())
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline=impl == "nn.Linear",
+        in_features=in_f,
+        out_features=out_f,
+        tokens=BATCH * TOKENS,
+        threads=torch.get_num_threads(),
+    )
     benchmark(step)
     assert layer.weight.grad is not None and x.grad is not None

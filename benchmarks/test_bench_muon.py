@@ -9,6 +9,7 @@ with a random gradient; a step is what the Cognate phase's optimizer does to the
 
 Run: ``python -m pytest benchmarks/test_bench_muon.py -q --benchmark-only``.
 """
+
 import pytest
 import torch
 
@@ -41,7 +42,11 @@ def test_muon_step(benchmark, preset, impl):
     benchmark.group = (
         f"Muon step, {preset} Cognate ({len(matrices)} matrices, {sum(p.numel() for p in matrices):,} weights)"
     )
-    benchmark.extra_info.update(impl=impl, baseline=impl == "torch.optim.Muon", threads=torch.get_num_threads(),
-                                default_ns_dtype=str(default_ns_dtype(torch.device("cpu"))))
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline=impl == "torch.optim.Muon",
+        threads=torch.get_num_threads(),
+        default_ns_dtype=str(default_ns_dtype(torch.device("cpu"))),
+    )
     benchmark(optimizer.step)
     assert not torch.equal(before, matrices[0])

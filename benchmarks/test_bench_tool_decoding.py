@@ -8,6 +8,7 @@ paths produce the same text (tests/test_tools_decoding.py checks that); only the
 
 Run: ``python -m pytest benchmarks/test_bench_tool_decoding.py -q --benchmark-only``.
 """
+
 import pytest
 import torch
 
@@ -26,9 +27,18 @@ def llama_and_tokenizer():
 
     tokenizer = train_tokenizer(load_text("stdlib", max_docs=10), 320)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(config).eval(), tokenizer
 
 

@@ -7,6 +7,7 @@ So the built wheel requires ``torch>=X.Y,<X.(Y+1)`` for the torch found at build
 runs without isolation, against the torch that will run it). ``agentforge`` checks the same at
 import time and names both versions when they differ.
 """
+
 from __future__ import annotations
 
 CORE = ["numpy"]

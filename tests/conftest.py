@@ -1,4 +1,5 @@
 """Fixtures for the op tests. Plain helpers are in helpers.py."""
+
 import os
 
 # Nothing in the tests may reach the network (some model tests load transformers configs).
@@ -75,8 +76,9 @@ def cognate_micro(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run_alone(cognate.SPEC, {}, out, preset="micro", wandb_mode="disabled", progress=False,
-                           say=lambda _: None)
+        result = run_alone(
+            cognate.SPEC, {}, out, preset="micro", wandb_mode="disabled", progress=False, say=lambda _: None
+        )
     finally:
         torch.set_num_threads(before)
     return out, result

@@ -1,5 +1,6 @@
 """Helpers shared by the op tests: input builders, memory layouts, ISA/backend switches and
 the exact comparison every op test uses. Fixtures built on these live in conftest.py."""
+
 import contextlib
 import os
 
@@ -97,8 +98,9 @@ def prepacked(codes: torch.Tensor, layout: str = "2bit") -> torch.Tensor:
     return ops.prepack_ternary(ops.pack_ternary(codes), codes.shape[1], layout)
 
 
-def make_matmul_inputs(lead, N, K, dtype=torch.float32, per_channel=False, with_bias=False, generator=None,
-                       layout="2bit"):
+def make_matmul_inputs(
+    lead, N, K, dtype=torch.float32, per_channel=False, with_bias=False, generator=None, layout="2bit"
+):
     """Inputs for ternary_matmul: x [*lead, K], prepacked codes [N, K], fp32 scale [1] or [N], bias [N] or None."""
     x = random_activations((*lead, K), dtype, generator)
     codes = random_codes(N, K, generator)
@@ -110,4 +112,3 @@ def make_matmul_inputs(lead, N, K, dtype=torch.float32, per_channel=False, with_
 def dequantized_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """codes · scale as fp32 [N, K] (scale per tensor [1] or per row [N])."""
     return codes.float() * (scale[:, None] if scale.numel() > 1 else scale)
-

@@ -1,4 +1,5 @@
 """Running one phase alone in a test: the micro preset, quiet, W&B off, recorded like a pipeline run."""
+
 from agentforge.runtime import run_alone
 from agentforge.settings import replace
 
@@ -10,5 +11,15 @@ def micro_settings(spec, **changes):
 
 def run_micro(spec, inputs, out, *, seed=0, data=None, **changes):
     """``run_alone`` on the micro preset (``changes`` applied) in ``out``: the PhaseResult."""
-    return run_alone(spec, inputs, out, settings=micro_settings(spec, **changes), preset="micro", data=data,
-                     seed=seed, wandb_mode="disabled", progress=False, say=lambda _: None)
+    return run_alone(
+        spec,
+        inputs,
+        out,
+        settings=micro_settings(spec, **changes),
+        preset="micro",
+        data=data,
+        seed=seed,
+        wandb_mode="disabled",
+        progress=False,
+        say=lambda _: None,
+    )

@@ -1,5 +1,6 @@
 """Shared pieces of the pipeline tests: a three-phase pipeline of small real phases, a way to run
 the CLI in a subprocess, and checks of a run directory's consistency."""
+
 import os
 import subprocess
 import sys
@@ -22,8 +23,9 @@ TEST_PHASES = [pipeline_phase_seedling.SPEC, pipeline_phase_polish.SPEC]
 
 def agentforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m agentforge ARGS`` in a subprocess (exactly what a user runs)."""
-    return subprocess.run([sys.executable, "-m", "agentforge", *args], env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "agentforge", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -48,8 +50,12 @@ def assert_consistent(run_dir: Path, phases) -> None:
         models, handoffs = registry.models(), registry.handoffs()
     assert {m["phase"] for m in models} <= set(completed)
     for name, (phase_dir, record) in completed.items():
-        paths = [p for artifact, value in rundir.absolute_artifacts(phase_dir, record).items()
-                 if artifact != DATA_ARTIFACT for p in rundir.artifact_paths(value)]
+        paths = [
+            p
+            for artifact, value in rundir.absolute_artifacts(phase_dir, record).items()
+            if artifact != DATA_ARTIFACT
+            for p in rundir.artifact_paths(value)
+        ]
         registered = {m["path"]: m for m in models if m["phase"] == name}
         assert sorted(registered) == sorted(p.relative_to(run_dir).as_posix() for p in paths)
         for path in paths:

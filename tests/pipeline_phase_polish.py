@@ -1,6 +1,7 @@
 """A small real phase for the pipeline tests: trains the model it is handed for a few steps with
 agentforge.train (checkpoints included) and hands the result over as ``model``, naming its input
 as the parent."""
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,16 @@ def run(p: PhaseRun) -> PhaseResult:
     source = p.load("model")
 
     def build() -> Built:
-        result = p.train(source.model, counting_dataset(rows=32), "train", steps=p.settings.steps, batch_size=8,
-                         optimizer=torch.optim.AdamW(source.model.parameters(), lr=p.settings.lr), log_every=1,
-                         checkpoint_every=2)
+        result = p.train(
+            source.model,
+            counting_dataset(rows=32),
+            "train",
+            steps=p.settings.steps,
+            batch_size=8,
+            optimizer=torch.optim.AdamW(source.model.parameters(), lr=p.settings.lr),
+            log_every=1,
+            checkpoint_every=2,
+        )
         return Built(source.model, None, {"parents": [source.path], "final_loss": result.losses[-1]})
 
     model = p.model_step("model", build)
@@ -46,6 +54,14 @@ def figures(phase_dir: Path) -> list:
     return [("Gradient norm per step", fig, [source])]
 
 
-SPEC = PhaseSpec(number=2, name="polish", summary="a few training steps", settings=Settings, presets=PRESETS,
-                 run=run, needs={"model": Input("seedling.model", "the model to train")},
-                 provides={"model": model_dir}, figures="pipeline_phase_polish")
+SPEC = PhaseSpec(
+    number=2,
+    name="polish",
+    summary="a few training steps",
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
+    needs={"model": Input("seedling.model", "the model to train")},
+    provides={"model": model_dir},
+    figures="pipeline_phase_polish",
+)

@@ -1,6 +1,7 @@
 """A small real phase for the pipeline tests (see pipeline_helpers.TEST_PHASES): it builds a tiny
 Llama from a config and hands it over as ``model``, with the run's data spec as ``data`` (the
 first phase of a pipeline records it). A test of the orchestration then takes a second."""
+
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,17 @@ PRESETS = {
 
 
 def new_model(settings: Settings) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=settings.hidden_size, intermediate_size=32,
-                                        num_hidden_layers=settings.layers, num_attention_heads=2,
-                                        num_key_value_heads=2, max_position_embeddings=32))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=settings.hidden_size,
+            intermediate_size=32,
+            num_hidden_layers=settings.layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def run(p: PhaseRun) -> PhaseResult:
@@ -39,5 +48,12 @@ def run(p: PhaseRun) -> PhaseResult:
     return p.finish({"model": model.path, "data": data}, {"model/parameters": model.model.num_parameters()})
 
 
-SPEC = PhaseSpec(number=1, name="seedling", summary="a tiny Llama from a config", settings=Settings, presets=PRESETS,
-                 run=run, provides={"model": model_dir, "data": a_file})
+SPEC = PhaseSpec(
+    number=1,
+    name="seedling",
+    summary="a tiny Llama from a config",
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
+    provides={"model": model_dir, "data": a_file},
+)

@@ -5,6 +5,7 @@ all-maximal codes and activations over many blocks is the input that would overf
 The largest 2bit field a payload can hold is 3 (w = 2, never written by prepack but read the
 same way by every kernel), so the bounds are checked with it too.
 """
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """agentforge.artifacts: atomic files and directories, hashes, verified model directories."""
+
 import json
 import os
 
@@ -166,13 +167,16 @@ def test_model_dir_rejects_unserialisable_metadata_before_writing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "config.json").write_text((d / "config.json").read_text() + " "), "config.json has changed"),
-    (lambda d: (d / "generation_config.json").unlink(), "generation_config.json is missing"),
-    (lambda d: (d / "extra.bin").write_bytes(b"x"), "extra.bin was not part of it"),
-    (lambda d: (d / MANIFEST).unlink(), f"{MANIFEST} is missing"),
-    (lambda d: (d / MANIFEST).write_text("{trunc"), f"{MANIFEST} is unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "config.json").write_text((d / "config.json").read_text() + " "), "config.json has changed"),
+        (lambda d: (d / "generation_config.json").unlink(), "generation_config.json is missing"),
+        (lambda d: (d / "extra.bin").write_bytes(b"x"), "extra.bin was not part of it"),
+        (lambda d: (d / MANIFEST).unlink(), f"{MANIFEST} is missing"),
+        (lambda d: (d / MANIFEST).write_text("{trunc"), f"{MANIFEST} is unreadable"),
+    ],
+)
 def test_load_model_dir_detects_corruption(tmp_path, damage, message):
     save_model_dir(tiny_model(), None, tmp_path / "m", {"phase": "p"})
     damage(tmp_path / "m")
@@ -194,8 +198,11 @@ def test_load_model_dir_without_verify_skips_hashing(tmp_path):
 def test_a_pickle_file_is_refused_by_name_without_loading_it(tmp_path):
     save_model_dir(tiny_model(), None, tmp_path / "m", {})
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\x80\x04 never unpickled")
-    with pytest.raises(CorruptArtifact, match=r"pytorch_model.bin is a pickle file, which can run code when loaded; "
-                                              r"agentforge loads safetensors only"):
+    with pytest.raises(
+        CorruptArtifact,
+        match=r"pytorch_model.bin is a pickle file, which can run code when loaded; "
+        r"agentforge loads safetensors only",
+    ):
         load_model_dir(tmp_path / "m", verify=False)
 
 
@@ -215,7 +222,10 @@ def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError, match=r"^\[Errno 28\] the disk holding .* is full \(.* MiB free\) while writing "
-                                      r".*a.json; free some space, then resume$"):
+    with pytest.raises(
+        OSError,
+        match=r"^\[Errno 28\] the disk holding .* is full \(.* MiB free\) while writing "
+        r".*a.json; free some space, then resume$",
+    ):
         atomic_write_json(tmp_path / "a.json", {"x": 1})
     assert hidden_leftovers(tmp_path) == []

@@ -1,5 +1,6 @@
 """Bad input raises a clear RuntimeError naming the op and the problem, never crashes or
 reads out of bounds; empty tensors are valid input with correctly shaped output."""
+
 import pytest
 import torch
 
@@ -334,12 +335,16 @@ def test_bad_input_raises_clear_error(call, match):
         call()
 
 
-@pytest.mark.parametrize("unpack, pack, col, byte, message", [
-    (ops.unpack_ternary, ops.pack_ternary, 0, 0b11, "invalid code 3"),
-    (ops.unpack_ternary, ops.pack_ternary, 1, 0b10_010101, "non-zero padding"),
-    (ops.unpack_ternary_base3, ops.pack_ternary_base3, 0, 243, "byte 243 > 242"),
-    (ops.unpack_ternary_base3, ops.pack_ternary_base3, 1, 0, "non-zero padding"),
-], ids=["2bit-code-3", "2bit-padding", "base3-byte-243", "base3-padding"])
+@pytest.mark.parametrize(
+    "unpack, pack, col, byte, message",
+    [
+        (ops.unpack_ternary, ops.pack_ternary, 0, 0b11, "invalid code 3"),
+        (ops.unpack_ternary, ops.pack_ternary, 1, 0b10_010101, "non-zero padding"),
+        (ops.unpack_ternary_base3, ops.pack_ternary_base3, 0, 243, "byte 243 > 242"),
+        (ops.unpack_ternary_base3, ops.pack_ternary_base3, 1, 0, "non-zero padding"),
+    ],
+    ids=["2bit-code-3", "2bit-padding", "base3-byte-243", "base3-padding"],
+)
 def test_corruption_is_found_in_every_row(unpack, pack, col, byte, message):
     # A validation that looked at only some rows (the first, or one per thread) would pass
     # the single-row cases above by luck; the message must also name the right row.
@@ -356,6 +361,7 @@ def test_base3_accepts_the_extreme_valid_bytes(byte, code):
 
 
 # --- ISA and backend switches -------------------------------------------------------------
+
 
 @pytest.mark.skipif(supported_isas() == ISA_ORDER, reason="this CPU supports every ISA")
 def test_set_isa_refuses_an_unsupported_isa():
@@ -403,6 +409,7 @@ def test_mixed_devices_raise(call):
 
 # --- empty tensors ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("N, K", [(0, 5), (3, 0), (0, 0)])
 def test_quantize_ternary_empty(N, K, per_channel):
@@ -448,9 +455,11 @@ def test_quantize_activations_zero_features(lead):
 def test_zero_features(op):
     # y = x @ w^T with K = 0 is an all-zero [M, N] (plus bias), as F.linear gives.
     x0, bias = torch.randn(3, 0), torch.arange(4.0)
-    calls = {"ternary_matmul": lambda: mm(x0, w_pre(4, 0), ONE, bias),
-             "bitlinear": lambda: ops.bitlinear(x0, torch.randn(4, 0), bias),
-             "act_fake_quant": lambda: ops.act_fake_quant(x0)}
+    calls = {
+        "ternary_matmul": lambda: mm(x0, w_pre(4, 0), ONE, bias),
+        "bitlinear": lambda: ops.bitlinear(x0, torch.randn(4, 0), bias),
+        "act_fake_quant": lambda: ops.act_fake_quant(x0),
+    }
     expected = {"act_fake_quant": x0}.get(op, bias.expand(3, 4))
     assert_same(calls[op](), expected)
 
@@ -527,5 +536,6 @@ def test_fake_kernels_give_the_real_shapes():
             assert torch.ops.agentforge.prepack_ternary(fake_p, 300, layout).shape == real.shape
             fake_w = mode.from_tensor(real)
             assert torch.ops.agentforge.unprepack_ternary(fake_w, 300).shape == (9, 75)
-            assert torch.ops.agentforge.ternary_matmul(mode.from_tensor(x(2, 300)), fake_w,
-                                                       mode.from_tensor(ONE)).shape == (2, 9)
+            assert torch.ops.agentforge.ternary_matmul(
+                mode.from_tensor(x(2, 300)), fake_w, mode.from_tensor(ONE)
+            ).shape == (2, 9)

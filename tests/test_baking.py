@@ -1,6 +1,7 @@
 """agentforge.baking: the KL objective on hand-computed cases, baking on tiny models (Cognate,
 BitLinear-converted Cognate, Llama; full weights and LoRA), half-baking, re-baking, stacking,
 the plateau detector, candidate prompts and the errors for bad inputs."""
+
 import copy
 import math
 import random
@@ -60,8 +61,13 @@ def cognate(tokenizer, init=SENSITIVE_INIT, bitnet=False):
     from agentforge.models import CognateConfig, CognateForCausalLM
 
     torch.manual_seed(0)
-    config = CognateConfig.from_preset("micro", vocab_size=len(tokenizer), initializer_range=init,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CognateConfig.from_preset(
+        "micro",
+        vocab_size=len(tokenizer),
+        initializer_range=init,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = CognateForCausalLM(config)
     return convert_to_bitnet(model) if bitnet else model
 
@@ -70,10 +76,18 @@ def llama(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=SENSITIVE_INIT, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=SENSITIVE_INIT,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -108,14 +122,18 @@ def test_kl_loss_lines_up_left_padded_rows_with_the_teacher():
     student = TokenTable([[0.25, 0.5, 0.25], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.25, 0.25]])
     p = [0.5, 0.25, 0.25]
     # row 0: x = [1], y = [0, 2]; row 1 (left-padded): x = [0], y = [1]
-    batch = {"input_ids": torch.tensor([[1, 0, 2], [2, 0, 1]]),
-             "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]]),
-             "labels": torch.tensor([[-100, 0, 2], [-100, -100, 1]]),
-             "teacher_logprobs": torch.tensor([[p, [0.25, 0.5, 0.25]], [[1.0, 1.0, 1.0], p]]).log()}
+    batch = {
+        "input_ids": torch.tensor([[1, 0, 2], [2, 0, 1]]),
+        "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]]),
+        "labels": torch.tensor([[-100, 0, 2], [-100, -100, 1]]),
+        "teacher_logprobs": torch.tensor([[p, [0.25, 0.5, 0.25]], [[1.0, 1.0, 1.0], p]]).log(),
+    }
     loss, extra = kl_loss(student, batch)
-    by_hand = [0.5 * math.log(0.5 * 3) + 0.5 * math.log(0.25 * 3),  # row 0, y0: teacher p vs uniform
-               0.0,  # row 0, y1: the student's row for token 0 equals the teacher's
-               0.25 * math.log(2)]  # row 1, y0: p vs [0.25, 0.5, 0.25]; row 1's first column is padding
+    by_hand = [
+        0.5 * math.log(0.5 * 3) + 0.5 * math.log(0.25 * 3),  # row 0, y0: teacher p vs uniform
+        0.0,  # row 0, y1: the student's row for token 0 equals the teacher's
+        0.25 * math.log(2),
+    ]  # row 1, y0: p vs [0.25, 0.5, 0.25]; row 1's first column is padding
     assert extra["kl_tokens"] == 3
     assert float(loss) == pytest.approx(sum(by_hand) / 3, abs=1e-6)
 
@@ -128,10 +146,10 @@ def test_trajectories_score_the_continuation_with_the_prompted_model(tokenizer, 
         x = tokenizer(text, add_special_tokens=False)["input_ids"]
         real = row["attention_mask"].bool()
         assert row["input_ids"][real].tolist() == x + continuation  # unprompted: the input, then y
-        assert row["labels"][-len(continuation):].tolist() == continuation
+        assert row["labels"][-len(continuation) :].tolist() == continuation
         with torch.no_grad():
-            logits = model(torch.tensor([prompt_ids + x + continuation])).logits[0, -len(continuation) - 1:-1]
-        assert torch.allclose(row["teacher_logprobs"][-len(continuation):], logits.log_softmax(-1), atol=1e-5)
+            logits = model(torch.tensor([prompt_ids + x + continuation])).logits[0, -len(continuation) - 1 : -1]
+        assert torch.allclose(row["teacher_logprobs"][-len(continuation) :], logits.log_softmax(-1), atol=1e-5)
     # the same model, prompted vs not: a positive KL; sampling is seeded
     assert measured_kl(model, data) > 0.05
     again = prompted_trajectories(model, tokenizer, PROMPT, inputs[2][:3], max_new_tokens=4, seed=3)
@@ -143,14 +161,18 @@ def test_tool_trajectories_run_the_calls_and_learn_only_the_models_tokens(tokeni
     data = prompted_trajectories(model, tokenizer, PROMPT, inputs[2], max_new_tokens=6, seed=2, tools=True)
     assert data.written is not None and data.tokens == sum(map(sum, data.written))
     for row, continuation, written in zip(data.rows, data.continuations, data.written):
-        labels = row["labels"][-len(continuation):]
+        labels = row["labels"][-len(continuation) :]
         expected = [token if w else -100 for token, w in zip(continuation, written)]
         assert labels.tolist() == expected
     # a trajectory with a runtime result: its tokens stay in the context but carry no label
     row = torch.tensor([[5, 6, 7, 8]])
     teacher = torch.zeros(1, 3, len(tokenizer)).log_softmax(-1)
-    batch = {"input_ids": row, "attention_mask": torch.ones_like(row), "teacher_logprobs": teacher,
-             "labels": torch.tensor([[-100, 6, -100, 8]])}
+    batch = {
+        "input_ids": row,
+        "attention_mask": torch.ones_like(row),
+        "teacher_logprobs": teacher,
+        "labels": torch.tensor([[-100, 6, -100, 8]]),
+    }
     assert kl_loss(model, batch)[1]["kl_tokens"] == 2
 
 
@@ -168,15 +190,17 @@ def test_measured_kl_is_token_weighted_and_batch_size_free(tokenizer, inputs):
 # baking
 
 
-@pytest.mark.parametrize("arch,method", [("cognate", "full"), ("bitnet", "full"), ("bitnet", "lora"),
-                                         ("llama", "lora")])
+@pytest.mark.parametrize(
+    "arch,method", [("cognate", "full"), ("bitnet", "full"), ("bitnet", "lora"), ("llama", "lora")]
+)
 def test_baking_reduces_kl_on_held_out_inputs(tokenizer, inputs, tmp_path, arch, method):
     train, validation, test = inputs
     model = llama(tokenizer) if arch == "llama" else cognate(tokenizer, bitnet=arch == "bitnet")
     original = copy.deepcopy(model)
     held_out = prompted_trajectories(original, tokenizer, PROMPT, test, max_new_tokens=4, seed=11)
-    result = bake(model, tokenizer, PROMPT, train, validation, BakeSettings(method=method, **SETTINGS),
-                  out_dir=tmp_path)
+    result = bake(
+        model, tokenizer, PROMPT, train, validation, BakeSettings(method=method, **SETTINGS), out_dir=tmp_path
+    )
     before, after = measured_kl(original, held_out), measured_kl(result.model, held_out)
     assert result.kl_after < 0.8 * result.kl_before  # on the validation inputs that steered the bake
     assert after < 0.8 * before  # and on test inputs it never saw
@@ -193,10 +217,20 @@ def test_baking_reduces_kl_on_held_out_inputs(tokenizer, inputs, tmp_path, arch,
 def test_half_baking_stops_between_none_and_full(tokenizer, inputs, tmp_path):
     train, validation, _ = inputs
     settings = BakeSettings(**SETTINGS)
-    full = bake(cognate(tokenizer), tokenizer, PROMPT, train, validation, settings, out_dir=tmp_path / "full",
-                strength=1.0, keep=(0.3,))
-    half = bake(cognate(tokenizer), tokenizer, PROMPT, train, validation, settings, out_dir=tmp_path / "half",
-                strength=0.3)
+    full = bake(
+        cognate(tokenizer),
+        tokenizer,
+        PROMPT,
+        train,
+        validation,
+        settings,
+        out_dir=tmp_path / "full",
+        strength=1.0,
+        keep=(0.3,),
+    )
+    half = bake(
+        cognate(tokenizer), tokenizer, PROMPT, train, validation, settings, out_dir=tmp_path / "half", strength=0.3
+    )
     assert half.stop_reason == "target"
     assert 0.3 <= half.reduction < full.reduction
     assert half.kl_before > half.kl_after > full.kl_after
@@ -210,8 +244,17 @@ def test_half_baking_stops_between_none_and_full(tokenizer, inputs, tmp_path):
 def test_rebaking_and_stacking_compound(tokenizer, inputs, tmp_path):
     train, validation, test = inputs
     settings = BakeSettings(**SETTINGS)
-    rounds = prompt_pursuit(cognate(tokenizer), tokenizer, PROMPT, train, validation, settings,
-                            out_dir=tmp_path / "pursuit", rounds=2, strength=0.5)
+    rounds = prompt_pursuit(
+        cognate(tokenizer),
+        tokenizer,
+        PROMPT,
+        train,
+        validation,
+        settings,
+        out_dir=tmp_path / "pursuit",
+        rounds=2,
+        strength=0.5,
+    )
     assert len(rounds) == 2 and rounds[1].model is rounds[0].model
     # round 2's teacher is the baked model *with* the prompt: the prompt still moves it, and the bake
     # measures from that model, not from the original
@@ -219,8 +262,16 @@ def test_rebaking_and_stacking_compound(tokenizer, inputs, tmp_path):
     assert rounds[1].reduction > 0
 
     original = cognate(tokenizer)
-    stack = bake_stack(copy.deepcopy(original), tokenizer, [PROMPT, OTHER_PROMPT], train, validation, settings,
-                       out_dir=tmp_path / "stack", strength=0.5)
+    stack = bake_stack(
+        copy.deepcopy(original),
+        tokenizer,
+        [PROMPT, OTHER_PROMPT],
+        train,
+        validation,
+        settings,
+        out_dir=tmp_path / "stack",
+        strength=0.5,
+    )
     final = stack[-1].model
     for prompt in (PROMPT, OTHER_PROMPT):  # both prompts are in the weights at the end
         held_out = prompted_trajectories(original, tokenizer, prompt, test, max_new_tokens=4, seed=5)
@@ -305,14 +356,26 @@ def test_bad_inputs_fail_with_one_line_errors(tokenizer, inputs, tmp_path):
     model = cognate(tokenizer)
     settings = BakeSettings(**SETTINGS)
     good = dict(prompt=PROMPT, inputs=train, held_out=validation)
-    cases = [(dict(prompt=""), "non-empty"), (dict(held_out=train[:2]), "also baking inputs"),
-             (dict(strength=0.0), "strength"), (dict(strength=0.5, keep=(0.7,)), "keep fractions"),
-             (dict(inputs=[]), "non-empty sequence")]
+    cases = [
+        (dict(prompt=""), "non-empty"),
+        (dict(held_out=train[:2]), "also baking inputs"),
+        (dict(strength=0.0), "strength"),
+        (dict(strength=0.5, keep=(0.7,)), "keep fractions"),
+        (dict(inputs=[]), "non-empty sequence"),
+    ]
     for overrides, message in cases:
         args = {**good, **overrides}
         with pytest.raises(ValueError, match=message):
-            bake(model, tokenizer, args.pop("prompt"), args.pop("inputs"), args.pop("held_out"), settings,
-                 out_dir=tmp_path, **args)
+            bake(
+                model,
+                tokenizer,
+                args.pop("prompt"),
+                args.pop("inputs"),
+                args.pop("held_out"),
+                settings,
+                out_dir=tmp_path,
+                **args,
+            )
     with pytest.raises(ValueError, match="method"):
         BakeSettings(method="prefix")
     with pytest.raises(ValueError, match="max_steps"):

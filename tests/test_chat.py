@@ -2,6 +2,7 @@
 Quiet-STaR phase's model with its thinking head): only the model's text on stdout and nothing from
 the libraries on stderr, replies streamed as they are generated, the conversation through the chat
 template, --think, and the interactive loop ending at /exit or the end of the input."""
+
 import io
 import os
 import select
@@ -43,8 +44,14 @@ def main(capsys, *args) -> tuple[int, str, str]:
 
 
 def agentforge_command(*args, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agentforge", *map(str, args)], input=stdin, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "agentforge", *map(str, args)],
+        input=stdin,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_generate_prints_the_completion_and_nothing_else(thinker):
@@ -66,8 +73,10 @@ def test_generate_thinks_reproducibly(thinker, capsys):
 def test_think_needs_a_thinking_head(trunk, capsys):
     code, out, err = main(capsys, "generate", trunk, "--prompt", "1+1=", "--think")
     assert (code, out) == (2, "")
-    assert err == (f"agentforge generate: error: --think: {trunk} has no Quiet-STaR thinking head (models from "
-                   "the quietstar phase on carry one)\n")
+    assert err == (
+        f"agentforge generate: error: --think: {trunk} has no Quiet-STaR thinking head (models from "
+        "the quietstar phase on carry one)\n"
+    )
 
 
 def test_an_empty_completion_is_said_on_stderr(trunk, capsys, monkeypatch):
@@ -85,8 +94,10 @@ def test_a_phase_is_found_by_its_name(trunk, capsys):
         link.symlink_to(trunk)
     assert main(capsys, "generate", run_dir / "cognate", "--prompt", "1+1=")[0] == 0
     code, _, err = main(capsys, "generate", run_dir / "bitnet", "--prompt", "1+1=")
-    assert code == 2 and err == (f"agentforge generate: error: {run_dir / 'bitnet'}: no such file or directory "
-                                 f"(nor a phase bitnet in {run_dir})\n")
+    assert code == 2 and err == (
+        f"agentforge generate: error: {run_dir / 'bitnet'}: no such file or directory "
+        f"(nor a phase bitnet in {run_dir})\n"
+    )
 
 
 def streamed_chat(monkeypatch) -> list[list[str]]:
@@ -110,8 +121,9 @@ def test_chat_answers_each_message_streaming_its_tokens(thinker, capsys, monkeyp
     agent = agentforge.load(thinker)  # no chat template: each message is answered alone
     tokens = [len(agent.tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]) for pieces in replies]
     assert len(replies) == 2 and all(len(p) >= min(2, n) for p, n in zip(replies, tokens))  # token by token
-    assert [line.strip() for line in out.splitlines()] == \
-        [agent.chat([{"role": "user", "content": m}], max_new_tokens=6) for m in ("12+7=", "3+4=")]
+    assert [line.strip() for line in out.splitlines()] == [
+        agent.chat([{"role": "user", "content": m}], max_new_tokens=6) for m in ("12+7=", "3+4=")
+    ]
 
 
 def test_chat_sends_the_conversation_through_the_template(thinker, capsys, monkeypatch):
@@ -125,13 +137,13 @@ def test_chat_sends_the_conversation_through_the_template(thinker, capsys, monke
 
     real_prompt = Agent.chat_prompt
     monkeypatch.setattr(agentforge.loading, "load", load_with_template)
-    monkeypatch.setattr(Agent, "chat_prompt", lambda self, messages: prompts.append(real_prompt(self, messages))
-                        or prompts[-1])
+    monkeypatch.setattr(
+        Agent, "chat_prompt", lambda self, messages: prompts.append(real_prompt(self, messages)) or prompts[-1]
+    )
     code, out, _ = main(capsys, "chat", thinker, "--message", "12+7=", "--message", "3+4=", "--max-new-tokens", "3")
     assert code == 0
     first_reply = out.splitlines()[0].strip() if out.strip() else ""
-    assert prompts == ["<user>12+7=\n<assistant>",
-                       f"<user>12+7=\n<assistant>{first_reply}\n<user>3+4=\n<assistant>"]
+    assert prompts == ["<user>12+7=\n<assistant>", f"<user>12+7=\n<assistant>{first_reply}\n<user>3+4=\n<assistant>"]
 
 
 def test_chat_thinks(thinker, trunk, capsys):
@@ -141,8 +153,9 @@ def test_chat_thinks(thinker, trunk, capsys):
     assert code == 2 and "has no Quiet-STaR thinking head" in err
 
 
-@pytest.mark.parametrize("typed, turns", [("12+7=\n\n/exit\nnever sent\n", 1), ("12+7=\n3+4=", 2)],
-                         ids=["exit", "end of input"])
+@pytest.mark.parametrize(
+    "typed, turns", [("12+7=\n\n/exit\nnever sent\n", 1), ("12+7=\n3+4=", 2)], ids=["exit", "end of input"]
+)
 def test_chat_reads_standard_input_until_exit_or_its_end(thinker, capsys, monkeypatch, typed, turns):
     replies = streamed_chat(monkeypatch)
     monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
@@ -154,8 +167,13 @@ def test_chat_reads_standard_input_until_exit_or_its_end(thinker, capsys, monkey
 def test_chat_at_a_terminal(thinker):
     """At a terminal: a prompt before each message, what is attached on stderr, Ctrl-D ends it."""
     leader, follower = os.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "agentforge", "chat", str(thinker), "--max-new-tokens", "3"],
-                            stdin=follower, stdout=follower, stderr=follower, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentforge", "chat", str(thinker), "--max-new-tokens", "3"],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=ENV,
+    )
     os.close(follower)
     seen, deadline = b"", time.monotonic() + 300
 

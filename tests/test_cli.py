@@ -3,6 +3,7 @@ one line on stderr, exit code 2 and nothing written; a failure while working wit
 code 1; a missing optional package names its extra; a closed pipe ends quietly; the kernels import
 with torch alone; and status, models and report on a finished run (of the small test phases, run
 in-process)."""
+
 import json
 import os
 import shutil
@@ -36,8 +37,12 @@ def test_phases(monkeypatch):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    pipeline.execute(pipeline.prepare(out=run_dir, preset="micro", phases=TEST_PHASES), progress=False,
-                     say=lambda _: None, on_change=write_report)
+    pipeline.execute(
+        pipeline.prepare(out=run_dir, preset="micro", phases=TEST_PHASES),
+        progress=False,
+        say=lambda _: None,
+        on_change=write_report,
+    )
     return run_dir
 
 
@@ -109,16 +114,20 @@ def test_a_bad_config_file_is_one_line_and_writes_nothing(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("preset: micro\ncognate:\n  trunk_steps: 1.5\n")
     code, _, stderr = main(capsys, "run", "--out", tmp_path / "run", "--config", path)
-    assert (code, stderr) == (2, "agentforge run: error: cognate.trunk_steps: expected an int in [1, 10000000], "
-                                 "got 1.5\n")
+    assert (code, stderr) == (
+        2,
+        "agentforge run: error: cognate.trunk_steps: expected an int in [1, 10000000], got 1.5\n",
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_a_missing_input_artifact_is_one_line_and_writes_nothing(tmp_path, capsys, test_phases):
     code, _, stderr = main(capsys, "run", "--out", tmp_path / "run", "--preset", "micro", "--from", "polish")
     assert code == 2 and stderr.count("\n") == 1
-    assert stderr.startswith(f"agentforge run: error: polish needs seedling.model, but {tmp_path / 'run'} "
-                             "holds no completed seedling phase; run seedling first")
+    assert stderr.startswith(
+        f"agentforge run: error: polish needs seedling.model, but {tmp_path / 'run'} "
+        "holds no completed seedling phase; run seedling first"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -136,8 +145,10 @@ def test_a_run_directory_held_by_another_run_is_refused_untouched(finished_run, 
 
 def test_a_new_run_refuses_a_directory_that_holds_one(finished_run, capsys, test_phases):
     code, _, stderr = main(capsys, "run", "--out", finished_run)
-    assert code == 2 and stderr == (f"agentforge run: error: {finished_run} already holds a run; continue it with "
-                                    f"--resume {finished_run}, or choose another --out\n")
+    assert code == 2 and stderr == (
+        f"agentforge run: error: {finished_run} already holds a run; continue it with "
+        f"--resume {finished_run}, or choose another --out\n"
+    )
     code, _, stderr = main(capsys, "run", "--resume", finished_run.parent / "nothing")
     assert code == 2 and "no run there" in stderr
 
@@ -152,8 +163,9 @@ def test_a_failure_is_one_line_with_exit_code_1_and_debug_shows_the_traceback(fi
     (model / "config.json").write_text("{}")
     code, _, stderr = main(capsys, "generate", model, "--prompt", "hi")
     assert code == 1 and stderr.count("\n") == 1
-    assert stderr.startswith(f"agentforge generate: error: CorruptArtifact: {model}: config.json has changed since it "
-                             "was written") and stderr.endswith("(--debug shows the traceback)\n")
+    assert stderr.startswith(
+        f"agentforge generate: error: CorruptArtifact: {model}: config.json has changed since it was written"
+    ) and stderr.endswith("(--debug shows the traceback)\n")
     with pytest.raises(CorruptArtifact):
         cli.main(["generate", str(model), "--prompt", "hi", "--debug"])
 
@@ -162,8 +174,11 @@ def test_generate_refuses_a_model_without_a_tokenizer_and_an_unknown_model(finis
     code, _, stderr = main(capsys, "generate", finished_run / "polish", "--prompt", "hi")
     assert code == 2 and stderr.endswith("the model has no tokenizer, so it cannot read a prompt\n")
     code, _, stderr = main(capsys, "generate", finished_run / "polish", "--artifact", "other", "--prompt", "hi")
-    assert (code, stderr) == (2, f"agentforge generate: error: {finished_run / '02-polish'}: choose the artifact to "
-                                 "load with artifact=... (it holds: model)\n")
+    assert (code, stderr) == (
+        2,
+        f"agentforge generate: error: {finished_run / '02-polish'}: choose the artifact to "
+        "load with artifact=... (it holds: model)\n",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +219,10 @@ def test_online_wandb_without_a_key_fails_before_anything_is_written(tmp_path, c
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a W&B login
     code, _, stderr = main(capsys, "run", "--out", tmp_path / "run", "--preset", "micro", "--wandb", "online")
-    assert code == 2 and stderr == ("agentforge run: error: W&B mode online needs an API key: run `wandb login` or set "
-                                    "WANDB_API_KEY (or use --wandb offline)\n")
+    assert code == 2 and stderr == (
+        "agentforge run: error: W&B mode online needs an API key: run `wandb login` or set "
+        "WANDB_API_KEY (or use --wandb offline)\n"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -234,27 +251,38 @@ def with_blocked(packages, *code: str, timeout: float = 300) -> subprocess.Compl
     """Python code run in a subprocess where importing any of ``packages`` fails as if it were not
     installed (``sys.modules[name] = None`` makes the import raise ModuleNotFoundError)."""
     block = f"import sys\nfor name in {sorted(packages)!r}:\n    sys.modules[name] = None\n"
-    return subprocess.run([sys.executable, "-c", block + "\n".join(code)], env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", block + "\n".join(code)], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def command_with_blocked(packages, *args: str) -> subprocess.CompletedProcess:
     """``python -m agentforge ARGS`` with ``packages`` not importable."""
-    return with_blocked(packages, "import runpy", f"sys.argv = ['agentforge', *{list(map(str, args))!r}]",
-                        "runpy.run_module('agentforge', run_name='__main__')")
+    return with_blocked(
+        packages,
+        "import runpy",
+        f"sys.argv = ['agentforge', *{list(map(str, args))!r}]",
+        "runpy.run_module('agentforge', run_name='__main__')",
+    )
 
 
-@pytest.mark.parametrize("package, args", [
-    ("transformers", ["run", "--preset", "micro", "--print-config", "--out", "NEW"]),
-    ("yaml", ["status"]),
-    ("transformers", ["chat", "RUN/02-polish", "--message", "hi"]),
-])
+@pytest.mark.parametrize(
+    "package, args",
+    [
+        ("transformers", ["run", "--preset", "micro", "--print-config", "--out", "NEW"]),
+        ("yaml", ["status"]),
+        ("transformers", ["chat", "RUN/02-polish", "--message", "hi"]),
+    ],
+)
 def test_a_missing_optional_package_names_its_extra(package, args, finished_run, tmp_path):
-    proc = command_with_blocked([package], *[a.replace("NEW", str(tmp_path / "run")).replace("RUN", str(finished_run))
-                                             for a in args])
+    proc = command_with_blocked(
+        [package], *[a.replace("NEW", str(tmp_path / "run")).replace("RUN", str(finished_run)) for a in args]
+    )
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr == (f"agentforge {args[0]} needs the pipeline extra ({package} is not installed): "
-                           "pip install 'agentforge-ternary[pipeline]'\n")
+    assert proc.stderr == (
+        f"agentforge {args[0]} needs the pipeline extra ({package} is not installed): "
+        "pip install 'agentforge-ternary[pipeline]'\n"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -274,7 +302,9 @@ def test_the_kernels_import_and_run_with_torch_alone():
     """`import agentforge`, `agentforge.ops` and `agentforge.nn` import nothing beyond torch (no numpy
     either: torch does not require it); BitLinear trains and runs packed; `agentforge bench` runs."""
     blocked = [*cli.EXTRA_OF, "numpy", "pytest", "hypothesis"]
-    proc = with_blocked(blocked, """
+    proc = with_blocked(
+        blocked,
+        """
 import torch, agentforge, agentforge.ops, agentforge.nn
 from agentforge.nn import BitLinear, convert_to_bitnet, pack_bitnet
 model = convert_to_bitnet(torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.GELU(), torch.nn.Linear(48, 32)))
@@ -285,7 +315,8 @@ with torch.no_grad():
     y = model(torch.randn(4, 64))
 assert y.shape == (4, 32) and torch.isfinite(y).all() and isinstance(model[0], BitLinear)
 print("ok", agentforge.extension_loaded())
-""")
+""",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "ok True\n"
     proc = command_with_blocked(blocked, "bench", "--shapes", "128x128", "--m", "1", "--reps", "1", "--no-per-core")
@@ -299,8 +330,14 @@ def closed_pipe(*args: str) -> subprocess.CompletedProcess:
     read, write = os.pipe()
     os.close(read)
     try:
-        return subprocess.run([sys.executable, "-m", "agentforge", *map(str, args)], stdout=write,
-                              stderr=subprocess.PIPE, env=ENV, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "agentforge", *map(str, args)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=ENV,
+            text=True,
+            timeout=300,
+        )
     finally:
         os.close(write)
 
@@ -318,7 +355,13 @@ def test_a_closed_pipe_ends_the_command_quietly(args, codes, finished_run):
 
 
 def test_a_pipe_read_to_its_end_exits_0(finished_run):
-    proc = subprocess.run(f"{sys.executable} -m agentforge models --json {finished_run} | cat > /dev/null; "
-                          "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        f"{sys.executable} -m agentforge models --json {finished_run} | cat > /dev/null; echo ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert (proc.stdout, proc.stderr) == ("0\n", "")

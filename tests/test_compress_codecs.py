@@ -1,5 +1,6 @@
 """Codecs of agentforge.compress on synthetic matrices: exact round trips where lossless, exact byte
 counts, and the lossy codecs against round-to-nearest (RTN) at the same bits per weight."""
+
 import math
 
 import numpy as np
@@ -176,7 +177,7 @@ def test_seedlm_basis_follows_the_seed_and_is_normalised():
     for _ in range(C * P):
         state = seedlm.lfsr_step(state)
         states.append(state)
-    expected = (torch.tensor(states, dtype=torch.float64) - 2 ** 15) / (2 ** 15 - 1)
+    expected = (torch.tensor(states, dtype=torch.float64) - 2**15) / (2**15 - 1)
     assert torch.allclose(seedlm.basis(np.array([seed]), C, P)[0], expected.float().reshape(C, P))
 
 
@@ -184,10 +185,11 @@ def test_seedlm_search_finds_an_exactly_representable_block():
     C, P = 8, 3
     seeds = np.array([12345, 777, 40000])
     mantissas = torch.tensor([[3.0, -5.0, 7.0], [-7.0, 2.0, 1.0], [4.0, 7.0, -3.0]])  # peak 7: exponent -3
-    blocks = torch.einsum("bcp,bp->bc", seedlm.basis(seeds, C, P), mantissas * 2.0 ** -3)
+    blocks = torch.einsum("bcp,bp->bc", seedlm.basis(seeds, C, P), mantissas * 2.0**-3)
     position, e, q = SeedLM(C, P).search(blocks)
-    recon = torch.einsum("bcp,bp->bc", seedlm.basis(seedlm.lfsr_cycle()[position.numpy()], C, P),
-                         q * torch.exp2(e.float())[:, None])
+    recon = torch.einsum(
+        "bcp,bp->bc", seedlm.basis(seedlm.lfsr_cycle()[position.numpy()], C, P), q * torch.exp2(e.float())[:, None]
+    )
     assert torch.allclose(recon, blocks, atol=1e-6)
 
 
@@ -220,8 +222,10 @@ def test_seedlm_does_not_beat_rtn_at_4_bits_on_gaussian_weights():
 # VPTQ and hyper-compression
 
 
-@pytest.mark.parametrize(("vq", "rtn_bits"), [(VPTQ(4, (256,), iterations=8), 2), (VPTQ(4, (256, 16), iterations=8), 3),
-                                              (VPTQ(4, (256, 256), iterations=8), 4)])
+@pytest.mark.parametrize(
+    ("vq", "rtn_bits"),
+    [(VPTQ(4, (256,), iterations=8), 2), (VPTQ(4, (256, 16), iterations=8), 3), (VPTQ(4, (256, 256), iterations=8), 4)],
+)
 def test_vptq_beats_rtn_at_similar_bits(vq, rtn_bits):
     w = torch.randn(1024, 128)
     vq_error, vq_bits = relative_error(vq, w)
@@ -266,8 +270,14 @@ def test_hyper_error_falls_with_bits_and_beats_rtn_at_2_bits():
 # ---------------------------------------------------------------------------------------------
 # every codec: trainable view, settings, bad input
 
-ALL_CODECS = [Raw("float16"), RoundToNearest(4), SeedLM(8, 3, top_k=4), VPTQ(4, (16, 4), iterations=2), Hyper(6, 1),
-              Ternary("rans")]
+ALL_CODECS = [
+    Raw("float16"),
+    RoundToNearest(4),
+    SeedLM(8, 3, top_k=4),
+    VPTQ(4, (16, 4), iterations=2),
+    Hyper(6, 1),
+    Ternary("rans"),
+]
 
 
 @pytest.mark.parametrize("codec", ALL_CODECS, ids=lambda c: c.kind)

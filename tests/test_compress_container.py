@@ -1,6 +1,7 @@
 """The compressed-model container and its loader: exact round trips of real micro models (a
 converted Cognate and a tiny Llama), byte accounting equal to the file, and clear refusals of
 damaged files."""
+
 import hashlib
 import json
 import lzma
@@ -51,8 +52,15 @@ def llama_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = convert_to_bitnet(LlamaForCausalLM(config))
     path = tmp_path_factory.mktemp("llama") / "model"
     save_model_dir(model, None, path, {"phase": "test", "parents": []})
@@ -100,13 +108,26 @@ def test_container_without_a_rans_coded_layer_loads(storage, tmp_path):
     from agentforge.compress import Ternary
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     reference = LlamaForCausalLM(config) if storage is None else convert_to_bitnet(LlamaForCausalLM(config))
     save_model_dir(reference, None, tmp_path / "model", {"phase": "test", "parents": []})
-    records = [TensorRecord(slot.names, slot.group, Raw("float32").encode(slot.tensor) if slot.group != "ternary"
-                            else Ternary(storage, slot.per_channel).encode(slot.tensor))
-               for slot in model_tensors(reference)]
+    records = [
+        TensorRecord(
+            slot.names,
+            slot.group,
+            Raw("float32").encode(slot.tensor)
+            if slot.group != "ternary"
+            else Ternary(storage, slot.per_channel).encode(slot.tensor),
+        )
+        for slot in model_tensors(reference)
+    ]
     write_container(tmp_path / "m.afz", Container(records, carried_files(tmp_path / "model"), {}))
     model = load(tmp_path / "m.afz")[0]
     assert torch.allclose(logits(model, 96), logits(reference.eval(), 96), atol=1e-5)
@@ -140,9 +161,14 @@ def test_byte_accounting_equals_the_file(latent_dir, tmp_path):
     accounting = write_container(tmp_path / "m.afz", box)
     data = (tmp_path / "m.afz").read_bytes()
     assert accounting["total"] == len(data) == os.path.getsize(tmp_path / "m.afz")
-    assert accounting["total"] == (accounting["header"] + accounting["manifest"] + sum(accounting["tensors"])
-                                   + accounting["files"] + accounting["trailer"])
-    manifest = json.loads(zlib.decompress(data[16:16 + accounting["manifest"]]))
+    assert accounting["total"] == (
+        accounting["header"]
+        + accounting["manifest"]
+        + sum(accounting["tensors"])
+        + accounting["files"]
+        + accounting["trailer"]
+    )
+    manifest = json.loads(zlib.decompress(data[16 : 16 + accounting["manifest"]]))
     for record, entry, nbytes in zip(box.tensors, manifest["tensors"], accounting["tensors"]):
         assert sum(part[4] for part in entry["parts"]) == record.encoded.nbytes == nbytes
 
@@ -160,9 +186,13 @@ def test_carried_files_and_extra_files_survive_unpacking(latent_dir, tmp_path):
 
 def test_loader_refuses_damaged_files(latent_dir, tmp_path):
     data, _ = serialize(exact_container(latent_dir))
-    cases = {"truncated": data[:-100], "checksum": data[:5000] + bytes([data[5000] ^ 1]) + data[5001:],
-             "not an agentforge": b"PK\x03\x04" + data[4:], "trailing bytes": data + b"\0",
-             "shorter than any": data[:20]}
+    cases = {
+        "truncated": data[:-100],
+        "checksum": data[:5000] + bytes([data[5000] ^ 1]) + data[5001:],
+        "not an agentforge": b"PK\x03\x04" + data[4:],
+        "trailing bytes": data + b"\0",
+        "shorter than any": data[:20],
+    }
     for message, damaged in cases.items():
         path = tmp_path / f"{message.split()[0]}.afz"
         path.write_bytes(damaged)
@@ -174,10 +204,10 @@ def test_loader_refuses_damaged_files(latent_dir, tmp_path):
 
 def test_container_refuses_a_manifest_that_lies(latent_dir):
     data, accounting = serialize(exact_container(latent_dir))
-    manifest = json.loads(zlib.decompress(data[16:16 + accounting["manifest"]]))
+    manifest = json.loads(zlib.decompress(data[16 : 16 + accounting["manifest"]]))
     manifest["tensors"][0]["parts"][0][4] += 1  # one byte longer than its dtype and shape allow
     forged = zlib.compress(json.dumps(manifest).encode())
-    body = container.HEADER.pack(container.MAGIC, 1, len(forged)) + forged + data[16 + accounting["manifest"]:-32]
+    body = container.HEADER.pack(container.MAGIC, 1, len(forged)) + forged + data[16 + accounting["manifest"] : -32]
     with pytest.raises(CorruptArtifact, match="bytes,"):
         container.parse(body + hashlib.sha256(body).digest())
 
@@ -245,8 +275,16 @@ def xz_zeros(mib: int, block_mib: int = 16) -> bytes:
     index += b"\0" * (-len(index) % 4)
     index += crc(index)
     backward = struct.pack("<I", len(index) // 4 - 1) + flags
-    return (b"\xfd7zXZ\0" + flags + crc(flags) + (header + raw + b"\0" * (-len(raw) % 4)) * count + index
-            + crc(backward) + backward + b"YZ")
+    return (
+        b"\xfd7zXZ\0"
+        + flags
+        + crc(flags)
+        + (header + raw + b"\0" * (-len(raw) % 4)) * count
+        + index
+        + crc(backward)
+        + backward
+        + b"YZ"
+    )
 
 
 def test_bomb_builders_make_what_they_say():
@@ -262,13 +300,20 @@ def forged(manifest, payload: bytes = b"") -> bytes:
 
 
 def manifest_of(payload: bytes, files=(), tensors=()) -> dict:
-    return {"format": "agentforge.compress", "version": 1, "payload_bytes": len(payload),
-            "tensors": list(tensors), "files": list(files), "metadata": {}}
+    return {
+        "format": "agentforge.compress",
+        "version": 1,
+        "payload_bytes": len(payload),
+        "tensors": list(tensors),
+        "files": list(files),
+        "metadata": {},
+    }
 
 
 def refused(data: bytes, match: str) -> str:
     """The one-line CorruptArtifact that parsing ``data`` raises, checked to come within a second
     and 64 MiB of memory."""
+
     def parse():
         with pytest.raises(CorruptArtifact, match=match) as refusal:
             container.parse(data, "m.afz")
@@ -306,20 +351,29 @@ def test_carried_files_sharing_one_span_cannot_add_up_to_a_bomb():
 
 
 def test_tensors_cannot_declare_more_weights_than_the_file_can_hold():
-    huge = {"names": ["w"], "group": "rest", "codec": "raw", "params": {"dtype": "float16"},
-            "shape": [1 << 20, 1 << 20], "parts": []}
+    huge = {
+        "names": ["w"],
+        "group": "rest",
+        "codec": "raw",
+        "params": {"dtype": "float16"},
+        "shape": [1 << 20, 1 << 20],
+        "parts": [],
+    }
     refused(forged(manifest_of(b"", tensors=[huge])), "the tensors declare 1099511627776 weights")
     huge["shape"] = [-1, 4]
     refused(forged(manifest_of(b"", tensors=[huge])), r"shape \[-1, 4\], not a list of sizes")
 
 
-@pytest.mark.parametrize("manifest, message", [
-    ([1, 2], "the manifest is a JSON list, not an object"),
-    ({"payload_bytes": "0"}, "payload_bytes is '0', not a byte count"),
-    (b"x\x9c\xcb", "the manifest is a truncated compressed stream"),
-    (zlib.compress(b"[" * 100_000), "the manifest is unreadable"),
-    (zlib.compress(b"\xff{}"), "the manifest is unreadable"),
-])
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        ([1, 2], "the manifest is a JSON list, not an object"),
+        ({"payload_bytes": "0"}, "payload_bytes is '0', not a byte count"),
+        (b"x\x9c\xcb", "the manifest is a truncated compressed stream"),
+        (zlib.compress(b"[" * 100_000), "the manifest is unreadable"),
+        (zlib.compress(b"\xff{}"), "the manifest is unreadable"),
+    ],
+)
 def test_malformed_manifests_are_refused_in_one_line(manifest, message):
     refused(forged(manifest), message)
 

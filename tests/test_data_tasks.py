@@ -1,4 +1,5 @@
 """Task families: answers verified independently, scoring, difficulty levels, leak-free splits."""
+
 import dataclasses
 import statistics
 import time

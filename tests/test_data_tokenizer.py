@@ -1,4 +1,5 @@
 """The locally trained byte-level BPE: exact round trips, digit splitting, save/reload, determinism."""
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -66,7 +67,9 @@ def test_save_and_reload_gives_identical_ids(tokenizer, tmp_path):
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert reloaded.get_vocab() == tokenizer.get_vocab()
     assert (reloaded.eos_token_id, reloaded.bos_token_id, reloaded.pad_token_id) == (
-        tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.pad_token_id,
     )
     for text in SAMPLES:
         ids = tokenizer(text)["input_ids"]

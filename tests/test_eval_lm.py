@@ -1,4 +1,5 @@
 """agentforge.eval.lm: perplexity against hand-computed values, and the unigram control."""
+
 import math
 from types import SimpleNamespace
 
@@ -10,9 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from agentforge.eval import perplexity, unigram_perplexity
 
 # A bigram model with known probabilities: row i is p(next token | current token i).
-BIGRAM_PROBS = torch.tensor([[0.5, 0.25, 0.25],
-                             [0.25, 0.25, 0.5],
-                             [0.125, 0.75, 0.125]], dtype=torch.float64)
+BIGRAM_PROBS = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.25, 0.5], [0.125, 0.75, 0.125]], dtype=torch.float64)
 
 
 class BigramTable(torch.nn.Module):
@@ -35,8 +34,7 @@ def lm_data(input_ids, labels):
 
 # Row 1 targets (labels shifted by one): 1|0 p=1/4, 2|1 p=1/2, 0|2 p=1/8; its first label (2) is
 # never a target. Row 2: 1|2 p=3/4, the rest -100. Token-weighted: exp(mean of 4 nlls).
-HAND_DATA = ([[0, 1, 2, 0], [2, 0, 0, 1]],
-             [[2, 1, 2, 0], [-100, 1, -100, -100]])
+HAND_DATA = ([[0, 1, 2, 0], [2, 0, 0, 1]], [[2, 1, 2, 0], [-100, 1, -100, -100]])
 HAND_PPL = (1 / (0.25 * 0.5 * 0.125 * 0.75)) ** (1 / 4)  # = (256/3) ** (1/4)
 MEAN_OF_ROW_MEANS_PPL = math.exp((math.log(1 / (0.25 * 0.5 * 0.125)) / 3 + math.log(1 / 0.75)) / 2)
 
@@ -105,9 +103,18 @@ def test_unigram_perplexity_bad_input():
 
 
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     return LlamaForCausalLM(config)
 
 

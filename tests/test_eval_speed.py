@@ -2,6 +2,7 @@
 
 No timing assertions beyond "positive and finite": speed comparisons live in benchmarks/.
 """
+
 import math
 
 import pytest
@@ -19,10 +20,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(tie_word_embeddings: bool = False, eos_token_id: int | None = None) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         tie_word_embeddings=tie_word_embeddings, bos_token_id=None, eos_token_id=eos_token_id,
-                         pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
+    )
     return LlamaForCausalLM(config)
 
 

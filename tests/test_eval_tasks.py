@@ -4,6 +4,7 @@ Two models: a hand-built "copy" model (a Llama with no layers whose next token i
 function of the current one, so every answer is known) and a 2-layer Llama trained for a few
 seconds on ``prompt + answer + eos`` (attention, so left padding and the mask matter).
 """
+
 import json
 from dataclasses import dataclass
 
@@ -34,16 +35,26 @@ def make_tokenizer(eos_token="<eos>") -> PreTrainedTokenizerFast:
     """Word-level: one token per space-separated word (decoding joins tokens with spaces)."""
     tokenizer = Tokenizer(models.WordLevel(ID, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=eos_token, pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def llama(num_hidden_layers: int, hidden_size: int = 32) -> LlamaForCausalLM:
     # No eos in the model's own config: only generate_answers' eos handling can stop it.
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden_size, intermediate_size=64,
-                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -59,7 +70,7 @@ def copy_model() -> LlamaForCausalLM:
     next_token[EOS] = ID["a"]
     with torch.no_grad():
         model.model.embed_tokens.weight.zero_()
-        model.model.embed_tokens.weight[:, :len(WORDS)] = torch.eye(len(WORDS))
+        model.model.embed_tokens.weight[:, : len(WORDS)] = torch.eye(len(WORDS))
         model.lm_head.weight.zero_()
         model.lm_head.weight[next_token, torch.arange(len(WORDS))] = 10.0
     return model
@@ -114,8 +125,9 @@ def test_task_accuracy_custom_score():
     items = [Item("lower", f"up {lower}", lower) for lower in LOWER[:3]]
     model, tokenizer = copy_model(), make_tokenizer()
     assert task_accuracy(model, tokenizer, items).accuracy == 0.0
-    case_blind = task_accuracy(model, tokenizer, items,
-                               score=lambda item, prediction: prediction.lower() == item.answer)
+    case_blind = task_accuracy(
+        model, tokenizer, items, score=lambda item, prediction: prediction.lower() == item.answer
+    )
     assert case_blind.accuracy == 1.0 and case_blind.per_family == {"lower": 1.0}
     partial = task_accuracy(model, tokenizer, items, score=lambda item, prediction: 0.25)
     assert partial.accuracy == pytest.approx(0.25)
@@ -141,6 +153,7 @@ def test_bad_input():
 
 
 # --- a trained model ---------------------------------------------------------------------------
+
 
 def task_items() -> list[Item]:
     """Two families with prompts of different lengths, so batches need padding."""

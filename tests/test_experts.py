@@ -1,6 +1,7 @@
 """agentforge.experts on small hand-checkable cases: SVD reconstruction, gradients reaching z,
 composition, ternary re-quantization of adapted BitLinear weights, the router on separable and
 on random toy data, clustering, bootstrap intervals, Pareto fronts, CMA-ES, the REINFORCE loss."""
+
 import copy
 
 import numpy as np
@@ -50,8 +51,15 @@ def micro_cognate() -> CognateForCausalLM:
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -88,8 +96,12 @@ def test_z_of_ones_gives_every_weight_back(build):
         torch.testing.assert_close(weight, model.get_submodule(name).weight, atol=2e-6, rtol=1e-5)
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
-        torch.testing.assert_close(adapted_forward(model, basis, basis.ones(), input_ids=ids).logits,
-                                   model(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            adapted_forward(model, basis, basis.ones(), input_ids=ids).logits,
+            model(input_ids=ids).logits,
+            atol=2e-5,
+            rtol=1e-4,
+        )
 
 
 def test_z_counts_against_lora():
@@ -182,7 +194,7 @@ def test_packed_bitlinear_is_refused():
 
 def blobs(n_per_class: int, centers: torch.Tensor, generator: torch.Generator):
     features = torch.cat([c + 0.3 * torch.randn(n_per_class, centers.shape[1], generator=generator) for c in centers])
-    labels = [name for name in ("a", "b", "c")[:len(centers)] for _ in range(n_per_class)]
+    labels = [name for name in ("a", "b", "c")[: len(centers)] for _ in range(n_per_class)]
     return features, labels
 
 
@@ -284,8 +296,12 @@ def test_bootstrap_intervals():
 
 
 def test_pareto_front_by_hand():
-    m = [Measurement((0.0,), 0.5, 1.0, 0), Measurement((1.0,), 0.7, 1.1, 10), Measurement((0.5,), 0.6, 1.2, 10),
-         Measurement((0.2,), 0.5, 1.0, 5)]
+    m = [
+        Measurement((0.0,), 0.5, 1.0, 0),
+        Measurement((1.0,), 0.7, 1.1, 10),
+        Measurement((0.5,), 0.6, 1.2, 10),
+        Measurement((0.2,), 0.5, 1.0, 5),
+    ]
     assert pareto_front(m) == [0, 1]  # 2 loses to 1 everywhere; 3 loses to 0 on memory
 
 
@@ -295,8 +311,9 @@ def test_cma_search_finds_the_measured_optimum():
 
     def evaluate(alphas):  # a real (deterministic) response surface standing in for a model
         calls.append(alphas)
-        return Measurement(tuple(alphas), 1.0 - float(np.sum((np.array(alphas) - target) ** 2)), 0.01,
-                           100 if any(alphas) else 0)
+        return Measurement(
+            tuple(alphas), 1.0 - float(np.sum((np.array(alphas) - target) ** 2)), 0.01, 100 if any(alphas) else 0
+        )
 
     settings = SearchSettings(generations=8, population=6, sigma=0.3, w_compute=0.0, w_memory=0.0)
     search = MixtureSearch(evaluate, 3, settings)
@@ -318,8 +335,9 @@ def test_search_falls_back_to_the_base_when_adapting_does_not_pay():
 def test_fitness_charges_counted_compute_relative_to_the_base_and_ignores_latency():
     def evaluate(alphas):  # equal accuracy; the mixture costs 1.5x the base's FLOPs and is "faster"
         adapted = any(alphas)
-        return Measurement(tuple(alphas), 0.5, 150.0 if adapted else 100.0, 100 if adapted else 0,
-                           latency_s=0.001 if adapted else 9.0)
+        return Measurement(
+            tuple(alphas), 0.5, 150.0 if adapted else 100.0, 100 if adapted else 0, latency_s=0.001 if adapted else 9.0
+        )
 
     search = MixtureSearch(evaluate, 2, SearchSettings(generations=0, w_nll=0.0, w_compute=0.1, w_memory=0.0))
     assert search.run([1.0, 0.0], adapted_bytes=100).alphas == (0.0, 0.0)
@@ -352,8 +370,9 @@ def test_sanitize_clips_floors_and_rounds():
 
 
 def test_leave_one_out_baseline_and_eos_mask_by_hand():
-    torch.testing.assert_close(leave_one_out_baseline(torch.tensor([1.0, 0.0, 0.0, 1.0])),
-                               torch.tensor([1 / 3, 2 / 3, 2 / 3, 1 / 3]))
+    torch.testing.assert_close(
+        leave_one_out_baseline(torch.tensor([1.0, 0.0, 0.0, 1.0])), torch.tensor([1 / 3, 2 / 3, 2 / 3, 1 / 3])
+    )
     mask = _until_eos_mask(torch.tensor([[5, 2, 7, 2], [2, 3, 3, 3], [4, 4, 4, 4]]), eos=2)
     assert mask.tolist() == [[True, True, False, False], [True, False, False, False], [True] * 4]
 

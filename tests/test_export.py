@@ -11,6 +11,7 @@ changes logits by about 1% of their range (more than bf16 rounding). So the test
 * that a fresh interpreter without agentforge computes the same logits from the export as
   transformers does here, and a bf16 export those of a float32 one within bf16 precision;
 * the packed model's logits within the activation quantization's share (``QUANTIZED``)."""
+
 import json
 import os
 import subprocess
@@ -34,8 +35,10 @@ from agentforge.quietstar.thinking import ThinkingModel, ThoughtSettings, add_th
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 TEXT = "def load(path):\n    return json.loads(open(path).read())  # 42"
 # torch's default rtol for bf16 comparisons, and as atol the same fraction of the logits' range
 BF16 = 1.6e-2
@@ -104,9 +107,18 @@ def tiny_llama(per_channel: bool):
     tok = tokenizer()
     torch.manual_seed(0)
     # a vocabulary padded past the tokenizer's, as models often have
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok) + 16, max_position_embeddings=128,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok) + 16,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = pack_bitnet(convert_to_bitnet(LlamaForCausalLM(config), per_channel=per_channel)).eval()
     return model, tok
 
@@ -127,12 +139,16 @@ def cognate(tmp_path_factory):
     """A micro Cognate with thought tokens, packed, saved with a Quiet-STaR thinking head."""
     tok = tokenizer()
     torch.manual_seed(0)
-    model = CognateForCausalLM(CognateConfig.from_preset("micro", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                                                         pad_token_id=tok.pad_token_id))
+    model = CognateForCausalLM(
+        CognateConfig.from_preset(
+            "micro", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+    )
     thinking = ThinkingModel(model, ThoughtSettings(), add_thought_tokens(model, tok))
     pack_bitnet(convert_to_bitnet(model)).eval()
-    path = save_model_dir(model, tok, tmp_path_factory.mktemp("cognate") / "cognate", {"test": "export"},
-                          write_extra=thinking.save_extras)
+    path = save_model_dir(
+        model, tok, tmp_path_factory.mktemp("cognate") / "cognate", {"test": "export"}, write_extra=thinking.save_extras
+    )
     return path, model, tok
 
 
@@ -141,8 +157,9 @@ def plain_load(dirs, tok, remote_code=False) -> dict:
     on TEXT land in ``logits.npy`` there)."""
     job = {"dirs": [str(d) for d in dirs], "ids": tok(TEXT)["input_ids"], "text": TEXT, "remote_code": remote_code}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(dirs[0].parent / "hf-home")}
-    done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, json.dumps(job)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, json.dumps(job)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -175,8 +192,14 @@ def test_hf_export_of_a_llama_loads_with_transformers_alone_and_holds_the_packed
     assert code == 0, err
     assert "14 ternary layers as bfloat16 nn.Linear" in out and "not exported" not in out
     assert run_cli(capsys, path, "--to", "hf", fp32, "--dtype", "float32")[0] == 0
-    assert {p.name for p in bf16.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
-                                                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert {p.name for p in bf16.iterdir()} == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
     assert "quantization_config" not in json.loads((bf16 / "config.json").read_text())
     layers = ternary_layers(model)
     for directory, dtype in ((bf16, torch.bfloat16), (fp32, torch.float32)):
@@ -185,8 +208,9 @@ def test_hf_export_of_a_llama_loads_with_transformers_alone_and_holds_the_packed
             assert torch.equal(weights[f"{name}.weight"], (codes.float() * scale).to(dtype)), name
     packed = logits(model, tok)
     here = AutoModelForCausalLM.from_pretrained(fp32)
-    torch.testing.assert_close(logits(repacked(AutoModelForCausalLM.from_pretrained(fp32), layers), tok), packed,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits(repacked(AutoModelForCausalLM.from_pretrained(fp32), layers), tok), packed, rtol=0, atol=1e-5
+    )
 
     seen = plain_load([bf16, fp32], tok)
     plain = {d.name: torch.from_numpy(np.load(d / "logits.npy")) for d in (bf16, fp32)}
@@ -197,8 +221,9 @@ def test_hf_export_of_a_llama_loads_with_transformers_alone_and_holds_the_packed
         assert seen[str(directory)]["class"] == "transformers.models.llama.modeling_llama"
         assert seen[str(directory)]["ids"] == tok(TEXT)["input_ids"]
         assert (seen[str(directory)]["eos"], seen[str(directory)]["pad"]) == (tok.eos_token_id, tok.pad_token_id)
-        assert seen[str(directory)]["chat"] == tok.apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                       tokenize=False, add_generation_prompt=True)
+        assert seen[str(directory)]["chat"] == tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+        )
     assert seen[str(bf16)]["dtype"] == "torch.bfloat16"
 
 
@@ -214,8 +239,9 @@ def field(reader: gguf.GGUFReader, key: str):
 
 
 @pytest.mark.parametrize("per_channel,ternary", [(False, "tq2_0"), (False, "tq1_0"), (True, "tq2_0"), (True, "tq1_0")])
-def test_gguf_export_holds_the_exact_ternary_codes_and_the_llama_metadata(llamas, tmp_path, capsys, per_channel,
-                                                                         ternary):
+def test_gguf_export_holds_the_exact_ternary_codes_and_the_llama_metadata(
+    llamas, tmp_path, capsys, per_channel, ternary
+):
     path, model, tok = llamas[per_channel]
     dest = tmp_path / "tiny.gguf"
     code, out, err = run_cli(capsys, path, "--to", "gguf", dest, "--ternary", ternary)
@@ -226,11 +252,22 @@ def test_gguf_export_holds_the_exact_ternary_codes_and_the_llama_metadata(llamas
     config = model.config
     tensors = {t.name: t for t in reader.tensors}
 
-    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-    parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    names = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    parts = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
     for i in range(config.num_hidden_layers):
         names.update({f"blk.{i}.{g}.weight": f"model.layers.{i}.{h}.weight" for g, h in parts.items()})
     assert set(tensors) == set(names)
@@ -252,8 +289,10 @@ def test_gguf_export_holds_the_exact_ternary_codes_and_the_llama_metadata(llamas
         weight = state[hf_name]
         kind = gguf.GGMLQuantizationType.F32 if weight.dim() == 1 else gguf.GGMLQuantizationType.F16
         assert tensor.tensor_type == kind and list(tensor.shape) == list(reversed(weight.shape)), name
-        assert torch.equal(torch.from_numpy(np.array(tensor.data)).reshape(weight.shape), weight.to(
-            torch.float32 if weight.dim() == 1 else torch.float16)), name
+        assert torch.equal(
+            torch.from_numpy(np.array(tensor.data)).reshape(weight.shape),
+            weight.to(torch.float32 if weight.dim() == 1 else torch.float16),
+        ), name
 
     arch = "llama"
     assert field(reader, "general.architecture") == arch
@@ -270,7 +309,7 @@ def test_gguf_export_holds_the_exact_ternary_codes_and_the_llama_metadata(llamas
     assert field(reader, f"{arch}.vocab_size") == config.vocab_size == len(tok) + 16
     tokens = field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == config.vocab_size
-    assert tokens[:len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert tokens[: len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
     assert tokens[len(tok)] == f"[PAD{len(tok)}]"
     types = field(reader, "tokenizer.ggml.token_type")
     assert types[tok.eos_token_id] == types[tok.pad_token_id] == gguf.TokenType.CONTROL
@@ -309,8 +348,12 @@ def test_hf_export_of_cognate_ships_its_code_and_names_what_it_leaves_behind(cog
     # in a fresh interpreter without agentforge below (plain_load)
     here = AutoModelForCausalLM.from_pretrained(dest, trust_remote_code=True)
     packed = logits(model, tok)
-    torch.testing.assert_close(logits(repacked(AutoModelForCausalLM.from_pretrained(dest, trust_remote_code=True),
-                                               layers), tok), packed, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits(repacked(AutoModelForCausalLM.from_pretrained(dest, trust_remote_code=True), layers), tok),
+        packed,
+        rtol=0,
+        atol=1e-5,
+    )
 
     seen = plain_load([dest], tok, remote_code=True)[str(dest)]
     assert seen["class"].startswith("transformers_modules.") and seen["class"].endswith("modeling_cognate")
@@ -331,8 +374,9 @@ def test_the_hf_export_loads_back_into_agentforge(llamas, tmp_path, capsys):
     state = agent.lm.state_dict()
     for name, (codes, scale) in layers.items():  # per-row scales
         assert torch.equal(state[f"{name}.weight"], codes.float() * scale.reshape(-1, 1)), name
-    torch.testing.assert_close(logits(repacked(agent.lm, layers, per_channel=True), tok), logits(model, tok),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits(repacked(agent.lm, layers, per_channel=True), tok), logits(model, tok), rtol=0, atol=1e-5
+    )
 
 
 def test_bad_input_is_one_line_and_exit_code_2(llamas, cognate, tmp_path, capsys):
@@ -347,10 +391,11 @@ def test_bad_input_is_one_line_and_exit_code_2(llamas, cognate, tmp_path, capsys
         "a text file": ([tmp_path / "notes.txt", "--to", "hf", tmp_path / "out"], "not a model artifact"),
         "a plain directory": ([tmp_path / "taken", "--to", "hf", tmp_path / "out"], "not a model directory"),
         "destination exists": ([llama, "--to", "hf", tmp_path / "taken"], "pass --force"),
-        "option of the other format": ([llama, "--to", "hf", tmp_path / "out", "--ternary", "tq1_0"],
-                                       "--ternary does not apply to --to hf"),
-        "unknown ternary type": ([llama, "--to", "gguf", tmp_path / "out.gguf", "--ternary", "q4_0"],
-                                 "--ternary q4_0"),
+        "option of the other format": (
+            [llama, "--to", "hf", tmp_path / "out", "--ternary", "tq1_0"],
+            "--ternary does not apply to --to hf",
+        ),
+        "unknown ternary type": ([llama, "--to", "gguf", tmp_path / "out.gguf", "--ternary", "q4_0"], "--ternary q4_0"),
     }
     for case, (args, message) in cases.items():
         code, out, err = run_cli(capsys, *args)

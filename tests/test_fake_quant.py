@@ -1,5 +1,6 @@
 """ternary_fake_quant and act_fake_quant: forward equals quantize-then-dequantize exactly
 (and the reference), backward is the identity (straight-through estimator), opcheck."""
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -60,20 +61,26 @@ def test_backward_is_identity(op, arg, dtype):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
-@pytest.mark.parametrize("args", [
-    pytest.param((torch.randn(5, 7), False), id="per-tensor"),
-    pytest.param((torch.randn(4, 129, dtype=torch.bfloat16), True), id="per-channel-bf16"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param((torch.randn(5, 7), False), id="per-tensor"),
+        pytest.param((torch.randn(4, 129, dtype=torch.bfloat16), True), id="per-channel-bf16"),
+    ],
+)
 def test_opcheck_ternary_fake_quant(args, requires_grad):
     w, per_channel = args
     opcheck(torch.ops.agentforge.ternary_fake_quant.default, (w.clone().requires_grad_(requires_grad), per_channel))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
-@pytest.mark.parametrize("args", [
-    pytest.param((torch.randn(3, 129), 8), id="2d"),
-    pytest.param((torch.randn(2, 3, 5, dtype=torch.float16), 2), id="3d-fp16"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param((torch.randn(3, 129), 8), id="2d"),
+        pytest.param((torch.randn(2, 3, 5, dtype=torch.float16), 2), id="3d-fp16"),
+    ],
+)
 def test_opcheck_act_fake_quant(args, requires_grad):
     x, bits = args
     opcheck(torch.ops.agentforge.act_fake_quant.default, (x.clone().requires_grad_(requires_grad), bits))

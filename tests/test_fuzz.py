@@ -7,6 +7,7 @@ wrong answer.
 Hypothesis is derandomized and keeps no example database, so every run (and CI) draws the
 same examples; a failure prints the falsifying example to reproduce it. For a deeper local
 run: AGENTFORGE_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py"""
+
 import math
 import os
 
@@ -45,8 +46,10 @@ FUZZ = settings(
 k_values = st.one_of(st.sampled_from(ODD_K + (4, 64, 128, 512, 2048, 4097)), st.integers(1, 1100))
 # Up to three leading dims with at most 12 tokens in all (a 0 gives an empty batch), or a batch
 # around the GEMM kernels' 64-row blocks.
-lead_shapes = st.one_of(st.lists(st.integers(0, 5), min_size=1, max_size=3).filter(lambda s: math.prod(s) <= 12),
-                        st.sampled_from([[64], [65], [2, 35]]))
+lead_shapes = st.one_of(
+    st.lists(st.integers(0, 5), min_size=1, max_size=3).filter(lambda s: math.prod(s) <= 12),
+    st.sampled_from([[64], [65], [2, 35]]),
+)
 seeds = st.integers(0, 2**31 - 1)
 
 
@@ -70,8 +73,16 @@ KERNELS = [("2bit", "int8"), ("2bit", "popcount"), ("2bit", "auto"), ("base3", "
 
 
 @FUZZ
-@given(x=activations(), N=st.integers(1, 40), act_bits=st.integers(2, 8), per_channel=st.booleans(),
-       with_bias=st.booleans(), isa=st.sampled_from(supported_isas()), kernel=st.sampled_from(KERNELS), seed=seeds)
+@given(
+    x=activations(),
+    N=st.integers(1, 40),
+    act_bits=st.integers(2, 8),
+    per_channel=st.booleans(),
+    with_bias=st.booleans(),
+    isa=st.sampled_from(supported_isas()),
+    kernel=st.sampled_from(KERNELS),
+    seed=seeds,
+)
 def test_ternary_matmul_matches_reference(x, N, act_bits, per_channel, with_bias, isa, kernel, seed):
     g = generator(seed)
     layout, backend = kernel
@@ -84,9 +95,16 @@ def test_ternary_matmul_matches_reference(x, N, act_bits, per_channel, with_bias
 
 
 @FUZZ
-@given(x=activations(), N=st.integers(1, 24), per_channel=st.booleans(), with_bias=st.booleans(),
-       w_layout=st.sampled_from(LAYOUTS), isa=st.sampled_from(supported_isas()),
-       backend=st.sampled_from(("int8", "popcount")), seed=seeds)
+@given(
+    x=activations(),
+    N=st.integers(1, 24),
+    per_channel=st.booleans(),
+    with_bias=st.booleans(),
+    w_layout=st.sampled_from(LAYOUTS),
+    isa=st.sampled_from(supported_isas()),
+    backend=st.sampled_from(("int8", "popcount")),
+    seed=seeds,
+)
 def test_bitlinear_matches_reference(x, N, per_channel, with_bias, w_layout, isa, backend, seed):
     g = generator(seed)
     w = torch.randn(N, x.shape[-1], generator=g).to(x.dtype)
@@ -108,8 +126,14 @@ def test_quantize_activations_matches_reference(x, bits):
 
 
 @FUZZ
-@given(N=st.integers(1, 20), K=st.one_of(st.just(0), k_values), dtype=st.sampled_from(FLOAT_DTYPES),
-       per_channel=st.booleans(), layout=st.sampled_from(LAYOUTS), seed=seeds)
+@given(
+    N=st.integers(1, 20),
+    K=st.one_of(st.just(0), k_values),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    per_channel=st.booleans(),
+    layout=st.sampled_from(LAYOUTS),
+    seed=seeds,
+)
 def test_quantize_ternary_matches_reference(N, K, dtype, per_channel, layout, seed):
     w = torch.randn(N, K, generator=generator(seed)).to(dtype)
     codes, scale = ops.quantize_ternary(make_layout(w, layout), per_channel)
@@ -155,8 +179,9 @@ def mangled(draw):
         b = draw(st.integers(a + 1, w.shape[1]).filter(lambda b: (a, b) != (0, w.shape[1])))
         w = w[:, a:b]
     elif how == "reshape":  # every other factorisation of the element count
-        shapes = [(d, w.numel() // d) for d in range(1, w.numel() + 1)
-                  if w.numel() % d == 0 and d != w.shape[0] and d <= 4096]
+        shapes = [
+            (d, w.numel() // d) for d in range(1, w.numel() + 1) if w.numel() % d == 0 and d != w.shape[0] and d <= 4096
+        ]
         w = w.reshape(draw(st.sampled_from(shapes))) if shapes else w.reshape(-1)
     elif how == "wrong-K":
         x = random_activations((x.shape[0], draw(k_values.filter(lambda k: k != K))), generator=g)

@@ -1,4 +1,5 @@
 """The heartbeat: a running phase is never silent for long, and says what it is doing."""
+
 import time
 
 import pytest

@@ -1,6 +1,7 @@
 """``agentforge.load``: every artifact of a micro run opens ready to answer, with the parts the
 pipeline trained (experts with their router, the thinking head) attached; a part that is there
 but cannot be attached is an error, not a silent drop."""
+
 import json
 import shutil
 

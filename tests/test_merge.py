@@ -1,6 +1,7 @@
 """agentforge.merge: each method on hand-computed cases, identities, DFS scale folding against a
 forward-hook reference, Cognate and Llama models, layer stacks found on the model, FLOPs per
 token counted from the structure, bad input."""
+
 import math
 
 import pytest
@@ -23,20 +24,30 @@ def sd(**tensors):
 
 def tiny_llama(seed, layers=3):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                        num_attention_heads=4, num_key_value_heads=4)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=48,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    ).eval()
 
 
 def tiny_cognate(seed):
     torch.manual_seed(seed)
-    return CognateForCausalLM(CognateConfig.from_preset("micro", vocab_size=48, num_prelude_layers=2,
-                                                        memory_layers=[1])).eval()
+    return CognateForCausalLM(
+        CognateConfig.from_preset("micro", vocab_size=48, num_prelude_layers=2, memory_layers=[1])
+    ).eval()
 
 
 TOKENS = torch.randint(0, 48, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
 # --- SLERP ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("t, expected", [(0.0, [1.0, 0.0]), (1.0, [0.0, 1.0]), (0.5, [math.sqrt(0.5)] * 2)])
 def test_slerp_on_orthogonal_unit_vectors(t, expected):
@@ -57,6 +68,7 @@ def test_slerp_falls_back_to_lerp(b):
 
 
 # --- linear and task vectors -----------------------------------------------------------------------
+
 
 def test_linear_weights_and_normalize():
     models = [sd(w=[1.0, 2.0]), sd(w=[3.0, -2.0])]
@@ -112,12 +124,18 @@ def test_dare_is_deterministic_per_seed(method):
 
 # --- identities ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", METHODS)
 def test_merging_identical_models_returns_that_model(method):
     model, base = tiny_cognate(1), tiny_cognate(0)
-    params = {"slerp": dict(t=0.4), "frankenmerge": dict(layers=[1, 0, 2]), "dfs": dict(path=[(0, 0), (2, 1)]),
-              "task_arithmetic": dict(normalize=True), "dare_linear": dict(normalize=True),
-              "dare_ties": dict(density=1.0, normalize=True)}.get(method, {})
+    params = {
+        "slerp": dict(t=0.4),
+        "frankenmerge": dict(layers=[1, 0, 2]),
+        "dfs": dict(path=[(0, 0), (2, 1)]),
+        "task_arithmetic": dict(normalize=True),
+        "dare_linear": dict(normalize=True),
+        "dare_ties": dict(density=1.0, normalize=True),
+    }.get(method, {})
     n = 2 if method == "slerp" else 3
     out = merge(method, [model] * n, base, **params)
     for key, tensor in model.state_dict().items():
@@ -134,6 +152,7 @@ def test_frankenmerge_takes_each_layer_whole_from_its_source():
 
 
 # --- DFS -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_cognate], ids=["llama", "cognate"])
 def test_dfs_identity_path_returns_a_parent(make):
@@ -171,6 +190,7 @@ def test_dfs_on_cognate_follows_the_path_with_memory_layers():
 
 
 # --- layer stacks and compute ----------------------------------------------------------------------
+
 
 class Stage(nn.Module):
     def __init__(self):
@@ -213,8 +233,9 @@ def test_flops_per_token_count_each_weight_matrix_per_pass():
     llama = tiny_llama(0)
     per_layer = 4 * 32 * 32 + 3 * 32 * 48  # attention projections, SwiGLU
     assert flops_per_token(llama) == 2 * (3 * per_layer + 48 * 32)  # the tied-or-not LM head is a product
-    short, deep = (CognateForCausalLM(CognateConfig.from_preset("micro", vocab_size=48, max_recursion=r))
-                   for r in (2, 4))
+    short, deep = (
+        CognateForCausalLM(CognateConfig.from_preset("micro", vocab_size=48, max_recursion=r)) for r in (2, 4)
+    )
     assert stack_passes(deep) == {"model.prelude": 1, "model.core": 4}
     core = sum(p.numel() for p in short.model.core.parameters() if p.dim() >= 2)
     assert flops_per_token(deep) - flops_per_token(short) == 2 * 2 * core  # two more core passes
@@ -225,19 +246,23 @@ def test_flops_per_token_count_each_weight_matrix_per_pass():
 
 # --- bad input -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: merge("mean", [sd(w=[1.0])]), "unknown method 'mean'"),
-    (lambda: merge("ties", [sd(w=[1.0])]), "needs base="),
-    (lambda: merge("slerp", [sd(w=[1.0])] * 3, t=0.5), "exactly 2 models"),
-    (lambda: merge("slerp", [sd(w=[1.0])] * 2, t=1.5), r"t in \[0, 1\]"),
-    (lambda: merge("linear", [sd(w=[1.0]), sd(w=[1.0, 2.0])]), r"w is \[2\] in model 1"),
-    (lambda: merge("linear", [sd(w=[1.0]), sd(v=[1.0])]), "different tensors"),
-    (lambda: merge("ties", [sd(w=[1.0])], sd(w=[0.0]), density=0.0), r"density must be in \(0, 1\]"),
-    (lambda: merge("linear", [sd(w=[1.0])] * 2, weights=[1.0]), "1 weights for 2 models"),
-    (lambda: merge("frankenmerge", [tiny_llama(1)] * 2, layers=[0, 1]), "one source index"),
-    (lambda: merge("dfs", [tiny_llama(1)] * 2, path=[(0, 7)]), r"step \(0, 7\)"),
-    (lambda: merge("dfs", [tiny_llama(1)] * 2, path=[(0, 0)], scales=[-1.0]), "positive numbers"),
-])
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: merge("mean", [sd(w=[1.0])]), "unknown method 'mean'"),
+        (lambda: merge("ties", [sd(w=[1.0])]), "needs base="),
+        (lambda: merge("slerp", [sd(w=[1.0])] * 3, t=0.5), "exactly 2 models"),
+        (lambda: merge("slerp", [sd(w=[1.0])] * 2, t=1.5), r"t in \[0, 1\]"),
+        (lambda: merge("linear", [sd(w=[1.0]), sd(w=[1.0, 2.0])]), r"w is \[2\] in model 1"),
+        (lambda: merge("linear", [sd(w=[1.0]), sd(v=[1.0])]), "different tensors"),
+        (lambda: merge("ties", [sd(w=[1.0])], sd(w=[0.0]), density=0.0), r"density must be in \(0, 1\]"),
+        (lambda: merge("linear", [sd(w=[1.0])] * 2, weights=[1.0]), "1 weights for 2 models"),
+        (lambda: merge("frankenmerge", [tiny_llama(1)] * 2, layers=[0, 1]), "one source index"),
+        (lambda: merge("dfs", [tiny_llama(1)] * 2, path=[(0, 7)]), r"step \(0, 7\)"),
+        (lambda: merge("dfs", [tiny_llama(1)] * 2, path=[(0, 0)], scales=[-1.0]), "positive numbers"),
+    ],
+)
 def test_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -1,6 +1,7 @@
 """The evolutionary search on synthetic fitness functions: recipes stay legal, the search
 improves and converges, the cache prevents re-evaluation, runs are deterministic, early
 stopping and the diversity guard work."""
+
 import random
 
 import pytest
@@ -51,8 +52,9 @@ def test_merge_arguments_follow_the_recipe():
     method, kwargs = evolve.merge_arguments({"method": "slerp", "behaviour": 2, "pair": [1, 2], "t": 0.3})
     assert method == "slerp" and kwargs == {"config_from": 1, "t": 0.3}
     assert evolve.recipe_sources({"method": "slerp", "pair": [1, 2]}, 3) == [1, 2]
-    method, kwargs = evolve.merge_arguments({"method": "dfs", "behaviour": 0, "weights": [1, 0, 0],
-                                             "path": [[0, 1], [2, 0]], "scales": [1.0, 0.7]})
+    method, kwargs = evolve.merge_arguments(
+        {"method": "dfs", "behaviour": 0, "weights": [1, 0, 0], "path": [[0, 1], [2, 0]], "scales": [1.0, 0.7]}
+    )
     assert kwargs["path"] == [(0, 1), (2, 0)] and kwargs["scales"] == [1.0, 0.7]
 
 
@@ -95,8 +97,13 @@ def test_cache_prevents_re_evaluation_and_replays_identically():
     evolution, result, calls = run_search(generations=6)
     assert sum(calls) == len(evolution.cache)  # every recipe evaluated once
     replay_calls = []
-    replay = evolve.Evolution(SPACE, evolution.settings, lambda rs: replay_calls.append(rs) or [0.0] * len(rs),
-                              seed=evolution.seed, cache=dict(evolution.cache))
+    replay = evolve.Evolution(
+        SPACE,
+        evolution.settings,
+        lambda rs: replay_calls.append(rs) or [0.0] * len(rs),
+        seed=evolution.seed,
+        cache=dict(evolution.cache),
+    )
     again = replay.run()
     assert replay_calls == [] and again.best == result.best and again.generations == result.generations
 
@@ -129,7 +136,11 @@ def test_bad_settings_are_refused():
 
 def test_describe_is_short_and_readable():
     assert evolve.describe(SPACE.default("slerp")) == "slerp: sources 0 and 1 at t 0.5; config of source 0"
-    assert evolve.describe(SPACE.default("dfs")) == \
-        "dfs: 3-step layer path, branch scales 1, weights 1/1/1; config of source 0"
-    assert evolve.describe(SPACE.default("frankenmerge")) == \
-        "frankenmerge: layers from sources 0120, weights 1/1/1; config of source 0"
+    assert (
+        evolve.describe(SPACE.default("dfs"))
+        == "dfs: 3-step layer path, branch scales 1, weights 1/1/1; config of source 0"
+    )
+    assert (
+        evolve.describe(SPACE.default("frankenmerge"))
+        == "frankenmerge: layers from sources 0120, weights 1/1/1; config of source 0"
+    )

@@ -1,15 +1,29 @@
 """Cognate: strict causality with memory, recursion and ACT on; padding invariance; ACT
 semantics; the neural memory carrying information past the attention window; HF round trips;
 presets."""
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from agentforge.models import CognateConfig, CognateForCausalLM
 
-MICRO = dict(vocab_size=61, hidden_size=32, num_heads=4, intermediate_size=48, num_prelude_layers=2,
-             num_core_layers=1, window=8, max_position_embeddings=64, memory_dim=16, memory_hidden=24,
-             memory_chunk=4, max_recursion=3, eos_token_id=0, pad_token_id=1)
+MICRO = dict(
+    vocab_size=61,
+    hidden_size=32,
+    num_heads=4,
+    intermediate_size=48,
+    num_prelude_layers=2,
+    num_core_layers=1,
+    window=8,
+    max_position_embeddings=64,
+    memory_dim=16,
+    memory_hidden=24,
+    memory_chunk=4,
+    max_recursion=3,
+    eos_token_id=0,
+    pad_token_id=1,
+)
 
 
 def micro_model(**overrides) -> CognateForCausalLM:
@@ -62,7 +76,7 @@ def test_left_padded_batch_equals_each_row_alone():
     mask = torch.stack([torch.cat([torch.zeros(T - len(r)), torch.ones(len(r))]) for r in rows]).long()
     batched = model(ids, attention_mask=mask).logits
     for i, r in enumerate(rows):
-        torch.testing.assert_close(batched[i, T - len(r):], model(r[None]).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[i, T - len(r) :], model(r[None]).logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_right_padding_is_refused():
@@ -118,15 +132,16 @@ def test_batched_generation_with_left_padding_matches_single():
     ids = torch.stack([torch.cat([torch.ones(4, dtype=torch.long), short]), long_])
     mask = (ids != 1).long()
     mask[1] = 1
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                         pad_token_id=1)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=1)
     alone = model.generate(short[None], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert torch.equal(out[0, -4:], alone[0, -4:])
 
 
 def test_presets_parameter_counts():
-    counts = {name: sum(p.numel() for p in CognateForCausalLM(CognateConfig.from_preset(name)).parameters())
-              for name in ("tiny", "small")}
+    counts = {
+        name: sum(p.numel() for p in CognateForCausalLM(CognateConfig.from_preset(name)).parameters())
+        for name in ("tiny", "small")
+    }
     print(f"\nCognate parameters: {counts}")
     assert 1_000_000 <= counts["tiny"] <= 3_000_000
     assert abs(counts["small"] - 25_000_000) <= 2_500_000
@@ -147,12 +162,15 @@ def test_small_preset_trains_a_few_steps_on_cpu():
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(hidden_size=30), "heads of even size"),
-    (dict(memory_layers=[5]), "not prelude blocks"),
-    (dict(max_recursion=0), "max_recursion must be a positive integer"),
-    (dict(halt_epsilon=1.5), "halt_epsilon"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(hidden_size=30), "heads of even size"),
+        (dict(memory_layers=[5]), "not prelude blocks"),
+        (dict(max_recursion=0), "max_recursion must be a positive integer"),
+        (dict(halt_epsilon=1.5), "halt_epsilon"),
+    ],
+)
 def test_bad_config_is_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         CognateConfig(**{**MICRO, **bad})
@@ -167,7 +185,9 @@ def test_import_agentforge_registers_cognate_lazily():
     import subprocess
     import sys
 
-    code = ("import sys, agentforge; lazy = 'transformers' not in sys.modules; "
-            "from transformers import AutoConfig; print(lazy, AutoConfig.for_model('cognate').model_type)")
+    code = (
+        "import sys, agentforge; lazy = 'transformers' not in sys.modules; "
+        "from transformers import AutoConfig; print(lazy, AutoConfig.for_model('cognate').model_type)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "cognate"], out

@@ -1,4 +1,5 @@
 """BitLinear: training forward/backward, warm-up, packing, state dicts, bad input, memory."""
+
 import math
 
 import pytest
@@ -111,8 +112,7 @@ def test_pack_refuses_other_widths():
 def test_from_packed_builds_a_packed_layer(bits):
     layer = make_layer(K=33, N=8).pack(bits)
     sd = layer.state_dict()
-    rebuilt = BitLinear.from_packed(sd["weight_packed"], sd["weight_scale"], in_features=33, bias=sd["bias"],
-                                    bits=bits)
+    rebuilt = BitLinear.from_packed(sd["weight_packed"], sd["weight_scale"], in_features=33, bias=sd["bias"], bits=bits)
     x = torch.randn(4, 33)
     assert (rebuilt.in_features, rebuilt.out_features, rebuilt.state, rebuilt.bits) == (33, 8, "packed", bits)
     torch.testing.assert_close(rebuilt(x), layer(x), rtol=0, atol=0)
@@ -148,16 +148,19 @@ def test_corrupt_base3_checkpoint_is_a_clear_error():
         make_layer(seed=3).pack(2).load_state_dict(make_layer().pack(1.6).state_dict())
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (lambda sd: sd.update(weight_packed=sd["weight_packed"][:, :-1].contiguous()), "bytes per row"),
-    (lambda sd: sd.update(weight_packed=sd["weight_packed"][:-1].contiguous()), "holds 23 rows and 1 scales"),
-    (lambda sd: sd.update(weight_packed=sd["weight_packed"].to(torch.int8)), "uint8"),
-    (lambda sd: sd["weight_scale"].fill_(float("nan")), "finite and positive"),
-    (lambda sd: sd.update(weight_scale=torch.ones(3)), r"shape \[1\] or \[24\]"),
-    (lambda sd: sd["weight_packed"].view(-1)[0].fill_(0xFF), "invalid 2-bit code"),
-    (lambda sd: sd.update(weight_scale=torch.ones(24)), "24 scales, the layer needs 24 rows and 1"),
-    (lambda sd: sd.pop("weight_scale"), "Missing key"),
-])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda sd: sd.update(weight_packed=sd["weight_packed"][:, :-1].contiguous()), "bytes per row"),
+        (lambda sd: sd.update(weight_packed=sd["weight_packed"][:-1].contiguous()), "holds 23 rows and 1 scales"),
+        (lambda sd: sd.update(weight_packed=sd["weight_packed"].to(torch.int8)), "uint8"),
+        (lambda sd: sd["weight_scale"].fill_(float("nan")), "finite and positive"),
+        (lambda sd: sd.update(weight_scale=torch.ones(3)), r"shape \[1\] or \[24\]"),
+        (lambda sd: sd["weight_packed"].view(-1)[0].fill_(0xFF), "invalid 2-bit code"),
+        (lambda sd: sd.update(weight_scale=torch.ones(24)), "24 scales, the layer needs 24 rows and 1"),
+        (lambda sd: sd.pop("weight_scale"), "Missing key"),
+    ],
+)
 def test_corrupt_packed_checkpoint_is_a_clear_error(corrupt, message):
     sd = {k: v.clone() for k, v in make_layer().pack().state_dict().items()}
     corrupt(sd)

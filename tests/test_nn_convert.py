@@ -1,4 +1,5 @@
 """convert_to_bitnet / pack_bitnet on plain torch models, state dicts, and torch.compile."""
+
 import pytest
 import torch
 from torch import nn
@@ -13,8 +14,9 @@ class Tiny(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, d)
         self.embed_proj = nn.Linear(d, d)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-                                    for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(2)
+        )
         self.lm_head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, ids):
@@ -35,8 +37,14 @@ def test_convert_swaps_linears_outside_skip_and_keeps_parameters():
     old = model.blocks[0][0]
     assert convert_to_bitnet(model) is model
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert kinds == {"embed_proj": "Linear", "blocks.0.0": "BitLinear", "blocks.0.2": "BitLinear",
-                     "blocks.1.0": "BitLinear", "blocks.1.2": "BitLinear", "lm_head": "Linear"}
+    assert kinds == {
+        "embed_proj": "Linear",
+        "blocks.0.0": "BitLinear",
+        "blocks.0.2": "BitLinear",
+        "blocks.1.0": "BitLinear",
+        "blocks.1.2": "BitLinear",
+        "lm_head": "Linear",
+    }
     new = model.blocks[0][0]
     assert new.weight is old.weight and new.bias is old.bias and new.state == "training"
 
@@ -122,6 +130,7 @@ def test_bad_input_is_a_clear_one_line_error():
 # torch.compile: "aot_eager" traces with Dynamo and AOTAutograd (fake kernels, autograd formulas)
 # exactly as inductor does, without spending ~40 s generating C++; fullgraph=True raises on any
 # graph break.
+
 
 def test_compile_fullgraph_training_forward_and_backward():
     torch._dynamo.reset()

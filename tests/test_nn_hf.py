@@ -1,5 +1,6 @@
 """Hugging Face integration: save_pretrained/from_pretrained of BitLinear models (the acceptance
 test), the agentforge_bitnet quantizer's error paths, and the transformers BitNet format converters."""
+
 import json
 import shutil
 import subprocess
@@ -27,8 +28,15 @@ from agentforge.nn.hf_quantizer import AgentForgeBitNetConfig
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -110,8 +118,9 @@ def test_packing_a_reloaded_latent_model_then_resaving(saved, tmp_path):
     model.save_pretrained(tmp_path)
     again = load(tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=saved["ids"]).logits, model(input_ids=saved["ids"]).logits,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            again(input_ids=saved["ids"]).logits, model(input_ids=saved["ids"]).logits, rtol=0, atol=1e-5
+        )
 
 
 def test_a_causal_lm_checkpoint_loads_as_its_base_model(saved):
@@ -170,17 +179,24 @@ def narrow_up_proj(tensors):
     tensors[f"{UP}.weight_packed"] = tensors[f"{UP}.weight_packed"][:, :8].contiguous()
 
 
-@pytest.mark.parametrize("name, corrupt, message", [
-    ("latent", lambda p: edit_config(p, state="packed"), "no tensor .*weight_packed.* do not match"),
-    ("packed", lambda p: edit_config(p, state="training"), "no tensor .*down_proj.weight'.* do not match"),
-    ("packed", lambda p: edit_config(p, state="frozen"), "state must be 'training' or 'packed'"),
-    ("packed", lambda p: edit_config(p, modules=["model.layers.7.mlp.up_proj"]), "no nn.Linear of that name"),
-    ("packed", lambda p: (p / "model.safetensors").write_bytes(b"\0" * 64), "cannot read checkpoint"),
-    ("packed", lambda p: edit_tensors(p, lambda t: t.pop(f"{UP}.weight_scale")), f"no tensor '{UP}.weight_scale'"),
-    ("packed", lambda p: edit_tensors(p, narrow_up_proj), r"is U8 \[128, 8\].*needs U8 \[128, 16\]"),
-    ("packed", lambda p: edit_tensors(p, lambda t: t[f"{UP}.weight_scale"].fill_(float("nan"))), "finite and positive"),
-    ("packed", lambda p: edit_tensors(p, lambda t: t[f"{UP}.weight_packed"].fill_(0xFF)), "invalid 2-bit code"),
-])
+@pytest.mark.parametrize(
+    "name, corrupt, message",
+    [
+        ("latent", lambda p: edit_config(p, state="packed"), "no tensor .*weight_packed.* do not match"),
+        ("packed", lambda p: edit_config(p, state="training"), "no tensor .*down_proj.weight'.* do not match"),
+        ("packed", lambda p: edit_config(p, state="frozen"), "state must be 'training' or 'packed'"),
+        ("packed", lambda p: edit_config(p, modules=["model.layers.7.mlp.up_proj"]), "no nn.Linear of that name"),
+        ("packed", lambda p: (p / "model.safetensors").write_bytes(b"\0" * 64), "cannot read checkpoint"),
+        ("packed", lambda p: edit_tensors(p, lambda t: t.pop(f"{UP}.weight_scale")), f"no tensor '{UP}.weight_scale'"),
+        ("packed", lambda p: edit_tensors(p, narrow_up_proj), r"is U8 \[128, 8\].*needs U8 \[128, 16\]"),
+        (
+            "packed",
+            lambda p: edit_tensors(p, lambda t: t[f"{UP}.weight_scale"].fill_(float("nan"))),
+            "finite and positive",
+        ),
+        ("packed", lambda p: edit_tensors(p, lambda t: t[f"{UP}.weight_packed"].fill_(0xFF)), "invalid 2-bit code"),
+    ],
+)
 def test_corrupt_or_mismatched_checkpoint_is_a_clear_one_line_error(saved, tmp_path, name, corrupt, message):
     path = copy_checkpoint(saved, name, tmp_path)
     corrupt(path)
@@ -190,10 +206,12 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_one_line_error(saved, tmp_p
 
 
 def test_import_agentforge_stays_fast_and_registers_lazily():
-    code = ("import time, sys, torch; t = time.perf_counter(); import agentforge; dt = time.perf_counter() - t; "
-            "lazy = 'transformers' not in sys.modules; "
-            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; "
-            "print(dt, lazy, 'agentforge_bitnet' in M)")
+    code = (
+        "import time, sys, torch; t = time.perf_counter(); import agentforge; dt = time.perf_counter() - t; "
+        "lazy = 'transformers' not in sys.modules; "
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; "
+        "print(dt, lazy, 'agentforge_bitnet' in M)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) < 0.5 and out[1:] == ["True", "True"], out
 
@@ -272,6 +290,7 @@ def test_hf_converters_reject_what_hf_cannot_hold():
 
 # --- 1.6-bit (base-3) packed models -----------------------------------------------------------
 
+
 def _packed_copy(saved, bits):
     model = convert_to_bitnet(tiny_llama())
     model.load_state_dict(load(saved["root"] / "latent").state_dict())
@@ -291,8 +310,9 @@ def test_a_1_6_bit_model_round_trips_through_save_and_load(saved, tmp_path):
     assert all(m.bits == 1.6 and ops.prepacked_info(m.w_prepacked)["layout"] == "base3" for m in layers)
     ids = saved["ids"]
     with torch.no_grad():  # the same ternary codes as the 2-bit model: the same logits
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, saved["model"](input_ids=ids).logits,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, saved["model"](input_ids=ids).logits, rtol=0, atol=1e-5
+        )
 
 
 def test_mixed_widths_are_recorded_per_layer(saved, tmp_path):
@@ -308,8 +328,9 @@ def test_mixed_widths_are_recorded_per_layer(saved, tmp_path):
     config = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
     assert config["bits"] == sorted(n for n, m in model.named_modules() if isinstance(m, BitLinear) and "mlp" in n)
     reloaded = load(tmp_path / "mixed")
-    assert {n: m.bits for n, m in reloaded.named_modules() if isinstance(m, BitLinear)} == \
-        {n: m.bits for n, m in model.named_modules() if isinstance(m, BitLinear)}
+    assert {n: m.bits for n, m in reloaded.named_modules() if isinstance(m, BitLinear)} == {
+        n: m.bits for n, m in model.named_modules() if isinstance(m, BitLinear)
+    }
 
 
 def test_auto_width_measures_only_models_that_do_not_fit_in_cache(saved, monkeypatch):

@@ -1,5 +1,6 @@
 """MuGrokfast: parameter split, the Grokfast filter by hand, exact reduction to torch's Muon + AdamW,
 a schedule the inner optimizers really use, bit-identical resume, and learning on a tiny Llama."""
+
 import copy
 import io
 
@@ -17,15 +18,32 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie_word_embeddings)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
+    )
     return LlamaForCausalLM(config)
 
 
 def arguments(**changes):
-    base = dict(muon_lr=0.02, adamw_lr=3e-3, weight_decay=0.1, adamw_betas=(0.9, 0.95), momentum=0.95,
-                grokfast_alpha=0.98, grokfast_lambda=0.2, warmup_steps=0, total_steps=100, min_lr_ratio=1.0)
+    base = dict(
+        muon_lr=0.02,
+        adamw_lr=3e-3,
+        weight_decay=0.1,
+        adamw_betas=(0.9, 0.95),
+        momentum=0.95,
+        grokfast_alpha=0.98,
+        grokfast_lambda=0.2,
+        warmup_steps=0,
+        total_steps=100,
+        min_lr_ratio=1.0,
+    )
     base.update(changes)
     return base
 
@@ -45,6 +63,7 @@ def batches(count, seed=1):
 
 # --- parameter split ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_llama_split(tied):
     model = tiny_llama(tie_word_embeddings=tied)
@@ -52,7 +71,8 @@ def test_llama_split(tied):
     muon_names, adamw_names = [n for n, _ in muon], [n for n, _ in adamw]
     assert all(n.split(".")[-2] in HIDDEN_MATRICES for n in muon_names) and len(muon_names) == 2 * 7
     expected_adamw = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{norm}.weight" for i in range(2) for norm in ("input_layernorm", "post_attention_layernorm")}
+        f"model.layers.{i}.{norm}.weight" for i in range(2) for norm in ("input_layernorm", "post_attention_layernorm")
+    }
     if not tied:
         expected_adamw.add("lm_head.weight")
     assert set(adamw_names) == expected_adamw
@@ -74,13 +94,15 @@ def test_plain_module_split_and_frozen_parameters():
 
 # --- Grokfast ---------------------------------------------------------------------------------
 
+
 def test_grokfast_filter_by_hand():
     # alpha 0.5, lambda 0.25; binary fractions, so every value below is exact in float32.
     # ema_1 = g_1 (the reference code starts the EMA at the first gradient), then
     # ema = 0.5*ema + 0.5*g and the filtered gradient is g + 0.25*ema (the slow part amplified).
     layer = nn.Linear(2, 2)  # weight -> Muon, bias -> AdamW
-    optimizer = MuGrokfast(layer, **arguments(grokfast_alpha=0.5, grokfast_lambda=0.25,
-                                              momentum=0.5, adamw_betas=(0.5, 0.5)))
+    optimizer = MuGrokfast(
+        layer, **arguments(grokfast_alpha=0.5, grokfast_lambda=0.25, momentum=0.5, adamw_betas=(0.5, 0.5))
+    )
     gradients = [[2.0, -4.0], [4.0, 0.0], [-2.0, 8.0]]
     emas = [[2.0, -4.0], [3.0, -2.0], [0.5, 3.0]]
     filtered = [[2.5, -5.0], [4.75, -0.5], [-1.875, 8.75]]
@@ -93,12 +115,14 @@ def test_grokfast_filter_by_hand():
         saved = optimizer.state_dict()["grokfast_ema"]
         assert torch.equal(saved[1], torch.tensor(ema))  # index 1: the bias, after Muon's weight
     # The inner optimizers consumed the filtered gradient: after step 1 both momenta held 0.5 * 2.5.
-    one_step = MuGrokfast(layer, **arguments(grokfast_alpha=0.5, grokfast_lambda=0.25,
-                                             momentum=0.5, adamw_betas=(0.5, 0.5)))
+    one_step = MuGrokfast(
+        layer, **arguments(grokfast_alpha=0.5, grokfast_lambda=0.25, momentum=0.5, adamw_betas=(0.5, 0.5))
+    )
     layer.weight.grad, layer.bias.grad = torch.tensor([[2.0, -4.0], [-2.0, 4.0]]), torch.tensor([2.0, -4.0])
     one_step.step()
-    assert torch.equal(one_step.inner["muon"].state[layer.weight]["momentum_buffer"],
-                       torch.tensor([[1.25, -2.5], [-1.25, 2.5]]))
+    assert torch.equal(
+        one_step.inner["muon"].state[layer.weight]["momentum_buffer"], torch.tensor([[1.25, -2.5], [-1.25, 2.5]])
+    )
     assert torch.equal(one_step.inner["adamw"].state[layer.bias]["exp_avg"], torch.tensor([1.25, -2.5]))
 
 
@@ -111,11 +135,19 @@ def reference_optimizers(model, settings):
     decayed = [p for n, p in named if p.ndim == 2 and is_embedding(n)]
     not_decayed = [p for n, p in named if p.ndim == 1]
     return [
-        Muon(muon, lr=settings["muon_lr"], weight_decay=settings["weight_decay"],
-                         momentum=settings["momentum"], adjust_lr_fn="original"),
-        torch.optim.AdamW([{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}],
-                          lr=settings["adamw_lr"], betas=settings["adamw_betas"],
-                          weight_decay=settings["weight_decay"]),
+        Muon(
+            muon,
+            lr=settings["muon_lr"],
+            weight_decay=settings["weight_decay"],
+            momentum=settings["momentum"],
+            adjust_lr_fn="original",
+        ),
+        torch.optim.AdamW(
+            [{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}],
+            lr=settings["adamw_lr"],
+            betas=settings["adamw_betas"],
+            weight_decay=settings["weight_decay"],
+        ),
     ]
 
 
@@ -156,8 +188,9 @@ HAND_FACTORS = {1: 0.25, 2: 0.5, 4: 1.0, 8: 0.625, 12: 0.25, 20: 0.25}
 
 def test_inner_optimizers_hold_the_scheduled_lr():
     model = tiny_llama()
-    optimizer = MuGrokfast(model, **arguments(muon_lr=0.02, adamw_lr=0.004, warmup_steps=4, total_steps=12,
-                                              min_lr_ratio=0.25))
+    optimizer = MuGrokfast(
+        model, **arguments(muon_lr=0.02, adamw_lr=0.004, warmup_steps=4, total_steps=12, min_lr_ratio=0.25)
+    )
     for _ in range(20):
         next_update = optimizer.steps_done + 1
         if next_update in HAND_FACTORS:
@@ -174,8 +207,9 @@ def test_update_size_follows_the_schedule():
     # A constant gradient makes AdamW's step exactly lr * sign(g) (bias-corrected moments) and
     # Muon's step lr times a fixed orthogonal matrix, so each update's size divided by its lr is constant.
     layer = nn.Linear(8, 8)
-    optimizer = MuGrokfast(layer, **arguments(weight_decay=0.0, grokfast_lambda=0.0, warmup_steps=4,
-                                              total_steps=12, min_lr_ratio=0.25))
+    optimizer = MuGrokfast(
+        layer, **arguments(weight_decay=0.0, grokfast_lambda=0.0, warmup_steps=4, total_steps=12, min_lr_ratio=0.25)
+    )
     weight_gradient, bias_gradient = torch.randn(8, 8), torch.randn(8)
     muon_ratios = []
     for _ in range(14):
@@ -198,6 +232,7 @@ def test_a_foreign_lr_change_is_an_error():
 
 
 # --- checkpointing ------------------------------------------------------------------------------
+
 
 def test_save_load_resumes_bit_identically():
     settings = arguments(grokfast_lambda=0.3, weight_decay=0.05, warmup_steps=3, total_steps=10, min_lr_ratio=0.1)
@@ -262,8 +297,9 @@ def test_loading_another_models_state_is_refused():
     with pytest.raises(ValueError, match=r"momentum_buffer' has shape \(32, 32\), the parameter \(48, 32\)"):
         MuGrokfast(llama_shaped(first_rows=48), **arguments()).load_state_dict(state)
     with pytest.raises(ValueError, match=r"muon groups hold \[14\] parameters, this model's \[1\]"):
-        MuGrokfast(nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 32), nn.LayerNorm(32)),
-                   **arguments()).load_state_dict(state)
+        MuGrokfast(
+            nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 32), nn.LayerNorm(32)), **arguments()
+        ).load_state_dict(state)
     with pytest.raises(ValueError, match=r"optimizer sides \['adamw', 'muon'\], this model has \['muon'\]"):
         MuGrokfast(nn.Linear(4, 4, bias=False), **arguments()).load_state_dict(state)
     with pytest.raises(ValueError, match="not a MuGrokfast state dict"):
@@ -271,6 +307,7 @@ def test_loading_another_models_state_is_refused():
 
 
 # --- learning -----------------------------------------------------------------------------------
+
 
 def test_pretrain_preset_fits_a_fixed_batch():
     model = tiny_llama()

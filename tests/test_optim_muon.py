@@ -1,4 +1,5 @@
 """agentforge's Muon: torch's update with the Newton–Schulz iteration in a chosen dtype."""
+
 import copy
 
 import pytest

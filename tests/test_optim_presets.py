@@ -1,4 +1,5 @@
 """MuGrokfast presets and argument validation: every preset builds, bad input is refused clearly."""
+
 import inspect
 
 import pytest
@@ -14,8 +15,18 @@ def small_model() -> nn.Module:
 
 
 def valid_arguments(**changes):
-    arguments = dict(muon_lr=0.02, adamw_lr=3e-3, weight_decay=0.01, adamw_betas=(0.9, 0.95), momentum=0.95,
-                     grokfast_alpha=0.98, grokfast_lambda=0.2, warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
+    arguments = dict(
+        muon_lr=0.02,
+        adamw_lr=3e-3,
+        weight_decay=0.01,
+        adamw_betas=(0.9, 0.95),
+        momentum=0.95,
+        grokfast_alpha=0.98,
+        grokfast_lambda=0.2,
+        warmup_steps=2,
+        total_steps=10,
+        min_lr_ratio=0.1,
+    )
     arguments.update(changes)
     return arguments
 
@@ -59,33 +70,39 @@ def test_unknown_setting_lists_the_allowed_keys():
         MuGrokfast.from_preset(small_model(), "pretrain", total_steps=10, lr=0.1)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({}, "needs total_steps"),
-    ({"total_steps": 0}, "needs total_steps"),
-    ({"total_steps": 10, "warmup_steps": 1, "warmup_fraction": 0.1}, "not both"),
-    ({"total_steps": 10, "warmup_fraction": 1.5}, "warmup_fraction must be in"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({}, "needs total_steps"),
+        ({"total_steps": 0}, "needs total_steps"),
+        ({"total_steps": 10, "warmup_steps": 1, "warmup_fraction": 0.1}, "not both"),
+        ({"total_steps": 10, "warmup_fraction": 1.5}, "warmup_fraction must be in"),
+    ],
+)
 def test_from_preset_refuses_bad_run_lengths(overrides, message):
     with pytest.raises(ValueError, match=message):
         MuGrokfast.from_preset(small_model(), "finetune", **overrides)
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"muon_lr": 0.0}, "muon_lr must be a positive"),
-    ({"adamw_lr": float("nan")}, "adamw_lr must be a positive"),
-    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
-    ({"adamw_betas": (0.9,)}, "adamw_betas must be two numbers"),
-    ({"adamw_betas": (0.9, 1.0)}, "adamw_betas must be two numbers"),
-    ({"momentum": 1.0}, "momentum must be in"),
-    ({"grokfast_alpha": 1.0}, "grokfast_alpha must be in"),
-    ({"grokfast_lambda": -0.5}, "grokfast_lambda must be >= 0"),
-    ({"warmup_steps": 10}, "0 <= warmup_steps < total_steps"),
-    ({"total_steps": 10.0}, "0 <= warmup_steps < total_steps"),
-    ({"warmup_steps": True}, "0 <= warmup_steps < total_steps"),
-    ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in"),
-    ({"qk_clip_tau": 0.0}, "qk_clip_tau must be None or a positive"),
-    ({"muon_adjust_lr_fn": "bogus"}, "muon_adjust_lr_fn must be one of"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"muon_lr": 0.0}, "muon_lr must be a positive"),
+        ({"adamw_lr": float("nan")}, "adamw_lr must be a positive"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"adamw_betas": (0.9,)}, "adamw_betas must be two numbers"),
+        ({"adamw_betas": (0.9, 1.0)}, "adamw_betas must be two numbers"),
+        ({"momentum": 1.0}, "momentum must be in"),
+        ({"grokfast_alpha": 1.0}, "grokfast_alpha must be in"),
+        ({"grokfast_lambda": -0.5}, "grokfast_lambda must be >= 0"),
+        ({"warmup_steps": 10}, "0 <= warmup_steps < total_steps"),
+        ({"total_steps": 10.0}, "0 <= warmup_steps < total_steps"),
+        ({"warmup_steps": True}, "0 <= warmup_steps < total_steps"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in"),
+        ({"qk_clip_tau": 0.0}, "qk_clip_tau must be None or a positive"),
+        ({"muon_adjust_lr_fn": "bogus"}, "muon_adjust_lr_fn must be one of"),
+    ],
+)
 def test_bad_hyperparameters_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         MuGrokfast(small_model(), **valid_arguments(**changes))

@@ -1,5 +1,6 @@
 """QK-clip (MuonClip): hand-computed scales, exact logit shrink factors, the optimizer hook,
 and clear errors for modules that break the contract."""
+
 import math
 
 import pytest
@@ -82,9 +83,19 @@ def test_each_head_logits_shrink_by_tau_over_s(heads, kv_heads):
 
 
 def optimizer_for(model: nn.Module, **changes) -> MuGrokfast:
-    arguments = dict(muon_lr=0.02, adamw_lr=3e-3, weight_decay=0.0, adamw_betas=(0.9, 0.95), momentum=0.95,
-                     grokfast_alpha=0.98, grokfast_lambda=0.0, warmup_steps=0, total_steps=10, min_lr_ratio=1.0,
-                     qk_clip_tau=20.0)
+    arguments = dict(
+        muon_lr=0.02,
+        adamw_lr=3e-3,
+        weight_decay=0.0,
+        adamw_betas=(0.9, 0.95),
+        momentum=0.95,
+        grokfast_alpha=0.98,
+        grokfast_lambda=0.0,
+        warmup_steps=0,
+        total_steps=10,
+        min_lr_ratio=1.0,
+        qk_clip_tau=20.0,
+    )
     arguments.update(changes)
     return MuGrokfast(model, **arguments)
 
@@ -130,11 +141,14 @@ def without(attribute: str) -> FakeAttention:
     return attention
 
 
-@pytest.mark.parametrize("module,message", [
-    (without("q_proj"), "has no `q_proj`"),
-    (without("max_logit"), "has no `max_logit`"),
-    (FakeAttention(heads=3, kv_heads=2), "not a multiple of num_kv_heads"),
-])
+@pytest.mark.parametrize(
+    "module,message",
+    [
+        (without("q_proj"), "has no `q_proj`"),
+        (without("max_logit"), "has no `max_logit`"),
+        (FakeAttention(heads=3, kv_heads=2), "not a multiple of num_kv_heads"),
+    ],
+)
 def test_contract_violations_are_named(module, message):
     with pytest.raises(ValueError, match=message):
         check_attention_module(module)

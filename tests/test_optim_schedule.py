@@ -1,4 +1,5 @@
 """lr_factor against hand-computed values: linear warm-up from 0, cosine to the floor, then flat."""
+
 import math
 
 import pytest
@@ -7,15 +8,15 @@ from agentforge.optim import lr_factor
 
 # warmup 10, total 110, floor 0.1: the cosine spans updates 10..110 (100 updates).
 HAND_VALUES = [
-    (0, 0.0),                                   # before any update: the ramp starts at 0
-    (1, 0.1),                                   # first update already moves the weights
-    (5, 0.5),                                   # mid warm-up
-    (10, 1.0),                                  # warm-up end = peak
-    (35, 0.1 + 0.45 * (1 + math.sqrt(0.5))),   # a quarter into the cosine
-    (60, 0.55),                                 # half-way: floor + half the range
-    (85, 0.1 + 0.45 * (1 - math.sqrt(0.5))),   # three quarters
-    (110, 0.1),                                 # total_steps: the floor
-    (500, 0.1),                                 # past the plan: stays at the floor
+    (0, 0.0),  # before any update: the ramp starts at 0
+    (1, 0.1),  # first update already moves the weights
+    (5, 0.5),  # mid warm-up
+    (10, 1.0),  # warm-up end = peak
+    (35, 0.1 + 0.45 * (1 + math.sqrt(0.5))),  # a quarter into the cosine
+    (60, 0.55),  # half-way: floor + half the range
+    (85, 0.1 + 0.45 * (1 - math.sqrt(0.5))),  # three quarters
+    (110, 0.1),  # total_steps: the floor
+    (500, 0.1),  # past the plan: stays at the floor
 ]
 
 

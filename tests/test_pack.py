@@ -1,6 +1,7 @@
 """Storage formats (canonical 2-bit, base-3) and the kernels' prepacked tensors (header and
 2bit/base3 payloads): exact agreement with the reference, round trips, hand-computed bytes,
 layouts and opcheck. Corrupt and mis-sized inputs are in test_bad_input.py."""
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -11,13 +12,19 @@ from helpers import LAYOUTS, ODD_K, PREPACK_LAYOUTS, assert_same, make_layout, r
 
 # (N, K): K = 0, single element, every K class, base3 block edges and N across row tiles of 8
 # (N = 0 is in test_bad_input.py).
-PACK_SHAPES = [(3, 0), (1, 1), (2, 4), (4, 64), (4, 128), (5, 512), (8, 160), (16, 161), (23, 320)] + \
-              [(n, k) for n, k in zip((1, 3, 5, 17, 6, 7, 2, 9), ODD_K)]
+PACK_SHAPES = [(3, 0), (1, 1), (2, 4), (4, 64), (4, 128), (5, 512), (8, 160), (16, 161), (23, 320)] + [
+    (n, k) for n, k in zip((1, 3, 5, 17, 6, 7, 2, 9), ODD_K)
+]
 # name -> (pack, unpack, bytes per row for K): the two storage formats share their tests.
 FORMATS = {
     "2bit": (ops.pack_ternary, ops.unpack_ternary, ref.pack_ternary, ref.unpack_ternary, lambda K: -(-K // 4)),
-    "base3": (ops.pack_ternary_base3, ops.unpack_ternary_base3, ref.pack_ternary_base3, ref.unpack_ternary_base3,
-              lambda K: -(-K // 5)),
+    "base3": (
+        ops.pack_ternary_base3,
+        ops.unpack_ternary_base3,
+        ref.pack_ternary_base3,
+        ref.unpack_ternary_base3,
+        lambda K: -(-K // 5),
+    ),
 }
 
 
@@ -132,15 +139,18 @@ def test_pack_ops_ignore_memory_layout(layout):
         assert_same(ops.unprepack_ternary(make_layout(pre, layout), 300), packed)
 
 
-@pytest.mark.parametrize("op, make_args", [
-    ("pack_ternary", lambda: (random_codes(5, 129),)),
-    ("unpack_ternary", lambda: (ops.pack_ternary(random_codes(5, 129)), 129)),
-    ("pack_ternary_base3", lambda: (random_codes(5, 129),)),
-    ("unpack_ternary_base3", lambda: (ops.pack_ternary_base3(random_codes(5, 129)), 129)),
-    ("prepack_ternary", lambda: (ops.pack_ternary(random_codes(5, 129)),)),
-    ("prepack_ternary", lambda: (ops.pack_ternary(random_codes(5, 129)), 129, "base3")),
-    ("unprepack_ternary", lambda: (ops.prepack_ternary(ops.pack_ternary(random_codes(5, 129)), 129), 129)),
-    ("unprepack_ternary", lambda: (ops.prepack_ternary(ops.pack_ternary(random_codes(9, 300)), 300, "base3"), 300)),
-])
+@pytest.mark.parametrize(
+    "op, make_args",
+    [
+        ("pack_ternary", lambda: (random_codes(5, 129),)),
+        ("unpack_ternary", lambda: (ops.pack_ternary(random_codes(5, 129)), 129)),
+        ("pack_ternary_base3", lambda: (random_codes(5, 129),)),
+        ("unpack_ternary_base3", lambda: (ops.pack_ternary_base3(random_codes(5, 129)), 129)),
+        ("prepack_ternary", lambda: (ops.pack_ternary(random_codes(5, 129)),)),
+        ("prepack_ternary", lambda: (ops.pack_ternary(random_codes(5, 129)), 129, "base3")),
+        ("unprepack_ternary", lambda: (ops.prepack_ternary(ops.pack_ternary(random_codes(5, 129)), 129), 129)),
+        ("unprepack_ternary", lambda: (ops.prepack_ternary(ops.pack_ternary(random_codes(9, 300)), 300, "base3"), 300)),
+    ],
+)
 def test_opcheck_pack_ops(op, make_args):
     opcheck(getattr(torch.ops.agentforge, op).default, make_args())

@@ -1,5 +1,6 @@
 """Phase 6 end to end on the micro preset: from the micro Cognate trunk, and from a BitLinear
 (convert_to_bitnet) model that reacts to prompts, so that the cycles really bake."""
+
 import json
 
 import pytest
@@ -61,8 +62,9 @@ def test_rerun_reuses_the_cycles_and_the_report(on_trunk, monkeypatch):
     for name in ("run_cycles", "tool_prompt_bake", "measure_report"):
         monkeypatch.setattr(baking, name, no_work)
     again = run_micro(baking.SPEC, {"model": trunk}, out)
-    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == \
-        {k: v for k, v in result.metrics.items() if k not in MEASURED}
+    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == {
+        k: v for k, v in result.metrics.items() if k not in MEASURED
+    }
     assert (again.artifacts["model"] / "agentforge.json").read_text() == manifest
 
 
@@ -75,8 +77,13 @@ def bitnet_model_dir(cognate_micro, tmp_path_factory):
     trunk = cognate_micro[1].artifacts["trunk"]
     _, tokenizer, _ = load_model_dir(trunk)
     torch.manual_seed(0)
-    config = CognateConfig.from_preset("micro", vocab_size=len(tokenizer), initializer_range=0.2,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CognateConfig.from_preset(
+        "micro",
+        vocab_size=len(tokenizer),
+        initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     path = tmp_path_factory.mktemp("bitnet") / "model"
     save_model_dir(convert_to_bitnet(CognateForCausalLM(config)), tokenizer, path, {"phase": "bitnet"})
     return path
@@ -127,9 +134,14 @@ def test_phase_refuses_bad_inputs(tmp_path):
         run_micro(baking.SPEC, {}, tmp_path)
     with pytest.raises(ConfigError, match="unknown setting"):
         from_dict(baking.Settings, {"strenght": 0.5}, "baking")
-    for bad, message in ((dict(strength=1.0), "strength"), (dict(bake={"method": "prefix"}), "bake.method"),
-                         (dict(tool_families=["nope"]), "tool_families"), (dict(persona_prompts=[]), "persona_prompts"),
-                         (dict(candidates=0), "candidates"), (dict(time_budget_s=40.0), "unknown setting")):
+    for bad, message in (
+        (dict(strength=1.0), "strength"),
+        (dict(bake={"method": "prefix"}), "bake.method"),
+        (dict(tool_families=["nope"]), "tool_families"),
+        (dict(persona_prompts=[]), "persona_prompts"),
+        (dict(candidates=0), "candidates"),
+        (dict(time_budget_s=40.0), "unknown setting"),
+    ):
         with pytest.raises(ConfigError, match=message):
             from_dict(baking.Settings, bad, "baking")
 

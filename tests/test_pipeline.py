@@ -1,6 +1,7 @@
 """The orchestrator on a two-phase pipeline of small real phases (seedling -> polish, see
 pipeline_helpers.TEST_PHASES): planning, records, registry rows, resume, stale phases, refused
 handoffs, the data spec handoff, the lock. The real phases run in test_pipeline_run.py."""
+
 import dataclasses
 import json
 import os
@@ -37,8 +38,16 @@ def mtime(path):
 
 def test_the_eight_phases_in_order_each_fed_by_earlier_phases():
     phases = pipeline.default_phases()
-    assert [s.name for s in phases] == ["cognate", "evomerge", "quietstar", "bitnet", "curriculum",
-                                        "baking", "experts", "compression"]
+    assert [s.name for s in phases] == [
+        "cognate",
+        "evomerge",
+        "quietstar",
+        "bitnet",
+        "curriculum",
+        "baking",
+        "experts",
+        "compression",
+    ]
     assert [s.number for s in phases] == list(range(1, 9))
     provided = {}
     for spec in phases:
@@ -73,8 +82,10 @@ def test_run_writes_phase_records_registry_rows_metrics_and_report(tmp_path):
     seedling = rundir.read_record(run_dir / "01-seedling")
     polish = rundir.read_record(run_dir / "02-polish")
     assert polish["artifacts"] == {"model": "model"} and "model/model.safetensors" in polish["files"]
-    assert polish["inputs"] == {"model": rundir.artifact_digest(seedling, "model"),
-                                "data": rundir.artifact_digest(seedling, "data")}
+    assert polish["inputs"] == {
+        "model": rundir.artifact_digest(seedling, "model"),
+        "data": rundir.artifact_digest(seedling, "data"),
+    }
     assert polish["data"] == run["config"]["data"] and "summary.json" in polish["files"]
 
     with open_registry(run_dir) as registry:
@@ -84,7 +95,8 @@ def test_run_writes_phase_records_registry_rows_metrics_and_report(tmp_path):
     assert models[1]["parents"] == ["seedling/model"]  # the parent path in agentforge.json, as a model id
     assert models[0]["parameters"] == seedling["metrics"]["model/parameters"]
     assert [(h["from_phase"], h["artifact"], h["to_phase"], h["input"], h["models"]) for h in handoffs] == [
-        ("seedling", "model", "polish", "model", ["seedling/model"])]
+        ("seedling", "model", "polish", "model", ["seedling/model"])
+    ]
     assert models[1]["metrics"]["final_loss"] == polish["metrics"]["model/final_loss"]
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -110,8 +122,10 @@ def test_a_damaged_artifact_makes_its_phase_rerun_to_the_same_result(tmp_path):
     weights = run_dir / "02-polish" / "model" / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[:-8])
-    assert rundir.phase_states(run_dir, TEST_PHASES)["polish"] == \
-        "incomplete (model/model.safetensors has changed since it was written (size))"
+    assert (
+        rundir.phase_states(run_dir, TEST_PHASES)["polish"]
+        == "incomplete (model/model.safetensors has changed since it was written (size))"
+    )
     _, lines = start(resume=run_dir)
     assert "[2/2] polish: resuming in " + str(run_dir / "02-polish") in lines
     assert weights.read_bytes() == good  # retrained from its final checkpoint: the same model
@@ -122,8 +136,11 @@ def test_a_damaged_artifact_makes_its_phase_rerun_to_the_same_result(tmp_path):
 def test_a_changed_config_is_refused_on_resume_unless_allowed_then_reruns_what_it_affects(tmp_path):
     run_dir = tmp_path / "run"
     start(out=run_dir, preset="micro")
-    with pytest.raises(ConfigError, match=r"^the config differs from the one .* was started with "
-                                          r"\(seedling.hidden_size: 16 -> 24\); pass --allow-config-change"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^the config differs from the one .* was started with "
+        r"\(seedling.hidden_size: 16 -> 24\); pass --allow-config-change",
+    ):
         pipeline.prepare(resume=run_dir, sets=["seedling.hidden_size=24"], phases=TEST_PHASES)
     old_checkpoint = mtime(run_dir / "02-polish" / "train" / "train" / "checkpoint" / "trainer_state.json")
     _, lines = start(resume=run_dir, sets=["seedling.hidden_size=24"], allow_config_change=True)
@@ -138,8 +155,11 @@ def test_a_changed_config_is_refused_on_resume_unless_allowed_then_reruns_what_i
 
 def test_a_missing_input_artifact_is_refused_before_anything_is_written(tmp_path):
     run_dir = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"^polish needs seedling.model, but .*/run holds no completed "
-                                          r"seedling phase; run seedling first"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^polish needs seedling.model, but .*/run holds no completed "
+        r"seedling phase; run seedling first",
+    ):
         pipeline.prepare(out=run_dir, preset="micro", start="polish", phases=TEST_PHASES)
     assert not run_dir.exists()
 
@@ -176,8 +196,11 @@ def test_an_interrupted_run_is_marked_and_resumes(tmp_path):
 
 
 def test_a_phase_that_breaks_its_contract_is_not_recorded(tmp_path):
-    greedy = [dataclasses.replace(pipeline_phase_seedling.SPEC,
-                                  provides={**pipeline_phase_seedling.SPEC.provides, "tokenizer": model_dir})]
+    greedy = [
+        dataclasses.replace(
+            pipeline_phase_seedling.SPEC, provides={**pipeline_phase_seedling.SPEC.provides, "tokenizer": model_dir}
+        )
+    ]
     run_dir = tmp_path / "run"
     with pytest.raises(HandoffError, match=r"^seedling did not hand over tokenizer \(it returned: model, data\)$"):
         start(greedy, out=run_dir, preset="micro")
@@ -191,8 +214,11 @@ def test_a_handoff_is_verified_by_hash_before_the_consumer_starts(tmp_path):
     start(out=run_dir, preset="micro", stop="seedling")
     config = run_dir / "01-seedling" / "model" / "config.json"
     config.write_text(config.read_text().replace("16", "17"))  # same size: only the hash tells
-    with pytest.raises(pipeline.PipelineError, match=r"^polish needs seedling.model, but .*01-seedling is not intact: "
-                                                     r"model/config.json has changed since it was written; re-run"):
+    with pytest.raises(
+        pipeline.PipelineError,
+        match=r"^polish needs seedling.model, but .*01-seedling is not intact: "
+        r"model/config.json has changed since it was written; re-run",
+    ):
         start(resume=run_dir, start="polish")
 
 
@@ -221,8 +247,11 @@ def test_an_artifact_path_that_leaves_its_phase_directory_is_refused(tmp_path):
 def test_a_changed_data_spec_is_refused_where_the_first_phase_recorded_another(tmp_path):
     run_dir = tmp_path / "run"
     start(out=run_dir, preset="micro")
-    with pytest.raises(ConfigError, match=r"^the run's data spec \(.*data.json\) and the config differ: "
-                                          r"data.seq_len: 48 -> 96; the held-out data is fixed by seedling"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^the run's data spec \(.*data.json\) and the config differ: "
+        r"data.seq_len: 48 -> 96; the held-out data is fixed by seedling",
+    ):
         start(resume=run_dir, start="polish", sets=["data.seq_len=96"], allow_config_change=True)
 
 
@@ -278,7 +307,7 @@ def test_the_lock_keeps_a_second_run_out_and_names_the_holder(tmp_path):
 
 
 def test_leftovers_of_killed_writers_are_cleaned_up(tmp_path):
-    dead_pid = 2 ** 22 + 1  # above Linux's pid_max: no such process
+    dead_pid = 2**22 + 1  # above Linux's pid_max: no such process
     (tmp_path / f".model.tmp-{dead_pid}-x1").mkdir()
     (tmp_path / f".metrics.jsonl.tmp-{dead_pid}-x2").write_text("half")
     (tmp_path / "checkpoint").mkdir()
@@ -296,8 +325,11 @@ def test_a_phase_does_not_start_without_the_disk_space_it_needs(tmp_path, monkey
     run_dir = tmp_path / "run"
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 5 << 20))
-    with pytest.raises(OSError, match=r"the disk holding .*run has 5 MiB free; seedling needs about 64 MiB; "
-                                      r"free some space \(or move the run\), then resume"):
+    with pytest.raises(
+        OSError,
+        match=r"the disk holding .*run has 5 MiB free; seedling needs about 64 MiB; "
+        r"free some space \(or move the run\), then resume",
+    ):
         start(out=run_dir, preset="micro")
     assert not (run_dir / "01-seedling" / "model").exists()
     monkeypatch.undo()
@@ -309,12 +341,17 @@ def test_the_python_tool_isolation_is_checked_before_anything_is_written_and_rec
     from agentforge.tools import sandbox
 
     def no_bubblewrap():
-        raise sandbox.SandboxUnavailable("the Python tool needs bubblewrap for its OS isolation (apt-get install "
-                                         "bubblewrap); pass isolation='unsafe-inprocess' to run without it")
+        raise sandbox.SandboxUnavailable(
+            "the Python tool needs bubblewrap for its OS isolation (apt-get install "
+            "bubblewrap); pass isolation='unsafe-inprocess' to run without it"
+        )
 
     monkeypatch.setattr(sandbox, "_bwrap", no_bubblewrap)
-    with pytest.raises(ConfigError, match=r"needs bubblewrap .*; to run the Python tool without OS isolation, set "
-                                          r"tools.python=unsafe-inprocess \(recorded in run.json\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"needs bubblewrap .*; to run the Python tool without OS isolation, set "
+        r"tools.python=unsafe-inprocess \(recorded in run.json\)$",
+    ):
         pipeline.prepare(out=tmp_path / "run", preset="micro", phases=TEST_PHASES)
     assert not (tmp_path / "run").exists()
     run, _ = start(out=tmp_path / "run", preset="micro", sets=["tools.python=unsafe-inprocess"])

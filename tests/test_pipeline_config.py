@@ -1,5 +1,6 @@
 """The run configuration: presets from the phase modules, a YAML file, --set overrides, resumed
 configs, and a one-line error naming the bad key and what is allowed for every mistake."""
+
 import dataclasses
 
 import pytest
@@ -27,9 +28,14 @@ def test_file_then_sets_override_the_preset(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: micro\nseed: 3\npolish:\n  lr: 1e-3\n  steps: 7\n")
     built = resolve(file=path, sets=["polish.steps=9", "seed=5", "seedling.layers=2", "data.seq_len=96"])
-    assert built == {"seed": 5, "preset": "micro", "data": {**dataclasses.asdict(DATA_PRESETS["micro"]), "seq_len": 96},
-                     "tools": {"python": "os"}, "seedling": {"hidden_size": 16, "layers": 2},
-                     "polish": {"steps": 9, "lr": 0.001}}
+    assert built == {
+        "seed": 5,
+        "preset": "micro",
+        "data": {**dataclasses.asdict(DATA_PRESETS["micro"]), "seq_len": 96},
+        "tools": {"python": "os"},
+        "seedling": {"hidden_size": 16, "layers": 2},
+        "polish": {"steps": 9, "lr": 0.001},
+    }
     assert resolve(file=path, preset="tiny")["preset"] == "tiny"  # --preset wins over the file's
 
 
@@ -53,25 +59,30 @@ def test_values_parse_as_yaml():
     assert config.parse_value("reasoning", "x") == "reasoning"
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"preset": "huge"}, "unknown preset 'huge'; allowed: micro, tiny, small"),
-    ({"sets": ["polish.stepz=3"]}, "polish: unknown setting 'stepz'; allowed: steps, lr"),
-    ({"sets": ["polish.steps=many"]}, "polish.steps: expected an int in [1, 1000], got 'many'"),
-    ({"sets": ["polish.steps=0"]}, "polish.steps: expected an int in [1, 1000], got 0"),
-    ({"sets": ["polish.lr=[1]"]}, "polish.lr: expected a number in (0, 1], got [1]"),
-    ({"sets": ["seed=-1"]}, "seed: expected an int in [0, 4294967295], got -1"),
-    ({"sets": ["seed=1e23"]}, "seed: expected an int in [0, 4294967295], got 1e+23"),
-    ({"sets": ["data.seq_len=0"]}, "data.seq_len: expected an int in [8, 8192], got 0"),
-    ({"sets": ["polsh.steps=3"]}, "--set polsh.steps=3: unknown config key 'polsh'; allowed: seed, preset, data, "
-                                  "tools, seedling, polish"),
-    ({"sets": ["tools.python=docker"]}, "tools.python: expected one of os, unsafe-inprocess, got 'docker'"),
-    ({"sets": ["polish=3"]}, "--set polish=3: polish must be a mapping of settings, got 3"),
-    ({"sets": ["steps"]}, "--set 'steps': expected KEY=VALUE, e.g. seed=1 or bitnet.steps=40"),
-    ({"sets": ["preset=micro"]}, "--set preset=...: use --preset"),
-    ({"sets": ["polish.steps=[1"]}, "--set polish.steps: not valid YAML"),
-    ({"sets": ["polish.steps=" + "9" * 4_000_000]}, "--set polish.steps: not a readable value (Exceeds the limit"),
-    ({"sets": ["polish.steps=" + "9" * 4_000]}, "polish.steps: expected an int in [1, 1000], got 9999"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"preset": "huge"}, "unknown preset 'huge'; allowed: micro, tiny, small"),
+        ({"sets": ["polish.stepz=3"]}, "polish: unknown setting 'stepz'; allowed: steps, lr"),
+        ({"sets": ["polish.steps=many"]}, "polish.steps: expected an int in [1, 1000], got 'many'"),
+        ({"sets": ["polish.steps=0"]}, "polish.steps: expected an int in [1, 1000], got 0"),
+        ({"sets": ["polish.lr=[1]"]}, "polish.lr: expected a number in (0, 1], got [1]"),
+        ({"sets": ["seed=-1"]}, "seed: expected an int in [0, 4294967295], got -1"),
+        ({"sets": ["seed=1e23"]}, "seed: expected an int in [0, 4294967295], got 1e+23"),
+        ({"sets": ["data.seq_len=0"]}, "data.seq_len: expected an int in [8, 8192], got 0"),
+        (
+            {"sets": ["polsh.steps=3"]},
+            "--set polsh.steps=3: unknown config key 'polsh'; allowed: seed, preset, data, tools, seedling, polish",
+        ),
+        ({"sets": ["tools.python=docker"]}, "tools.python: expected one of os, unsafe-inprocess, got 'docker'"),
+        ({"sets": ["polish=3"]}, "--set polish=3: polish must be a mapping of settings, got 3"),
+        ({"sets": ["steps"]}, "--set 'steps': expected KEY=VALUE, e.g. seed=1 or bitnet.steps=40"),
+        ({"sets": ["preset=micro"]}, "--set preset=...: use --preset"),
+        ({"sets": ["polish.steps=[1"]}, "--set polish.steps: not valid YAML"),
+        ({"sets": ["polish.steps=" + "9" * 4_000_000]}, "--set polish.steps: not a readable value (Exceeds the limit"),
+        ({"sets": ["polish.steps=" + "9" * 4_000]}, "polish.steps: expected an int in [1, 1000], got 9999"),
+    ],
+)
 def test_every_mistake_is_one_line_naming_the_key(options, message):
     with pytest.raises(ConfigError) as caught:
         resolve(**options)
@@ -79,12 +90,15 @@ def test_every_mistake_is_one_line_naming_the_key(options, message):
     assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
 
 
-@pytest.mark.parametrize("text, message", [
-    ("- 1\n- 2\n", "expected a mapping of keys to values, got list"),
-    ("polish: 3\n", "polish must be a mapping of settings, got 3"),
-    ("colour: red\n", "unknown config key 'colour'"),
-    ("polish: {steps: [\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- 1\n- 2\n", "expected a mapping of keys to values, got list"),
+        ("polish: 3\n", "polish must be a mapping of settings, got 3"),
+        ("colour: red\n", "unknown config key 'colour'"),
+        ("polish: {steps: [\n", "not valid YAML"),
+    ],
+)
 def test_bad_config_files_are_refused(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

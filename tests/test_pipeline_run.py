@@ -9,6 +9,7 @@ yardstick of the torchrun test), ``full`` and ``again`` (every phase, twice, the
 Nothing timed decides a result, so two same-seed runs agree on every artifact file. Timings
 (tokens/s, seconds) are measured and differ between runs; they are left out of the metric
 comparisons. The torchrun run is compared with the one-process run to 1 % (see that test)."""
+
 import json
 import math
 import re
@@ -82,10 +83,11 @@ def models_of(run_dir: Path, phases=PHASES) -> dict[str, Path]:
 def check_run(run_dir: Path, stdout: str, stop: str | None = None) -> None:
     """Everything an uninterrupted ``agentforge run [--to stop]`` must leave behind."""
     names = [spec.name for spec in PHASES]
-    ran = PHASES[:names.index(stop) + 1] if stop else PHASES
+    ran = PHASES[: names.index(stop) + 1] if stop else PHASES
     lines = stdout.splitlines()
-    assert lines[0].startswith(f"agentforge run: {run_dir} (preset micro, seed 0); phases to run: "
-                               + ", ".join(spec.name for spec in ran))
+    assert lines[0].startswith(
+        f"agentforge run: {run_dir} (preset micro, seed 0); phases to run: " + ", ".join(spec.name for spec in ran)
+    )
     for spec in PHASES:  # each phase done or not selected
         said = "done in " if spec in ran else "not selected"
         assert any(line.startswith(f"[{spec.number}/8] {spec.name}: {said}") for line in lines), spec.name
@@ -114,9 +116,13 @@ def check_run(run_dir: Path, stdout: str, stop: str | None = None) -> None:
         assert models[f"cognate/{sibling}"]["parents"] == ["cognate/trunk"]
         assert models[f"cognate/{sibling}"]["parameters"] == models["cognate/trunk"]["parameters"] > 0
         assert models[f"cognate/{sibling}"]["metrics"]["perplexity"] == cognate["metrics"][f"{sibling}/perplexity"]
-    expected = {(need.producer, need.artifact, spec.name, name): [
-                    m for m in models if m.startswith(f"{need.producer}/") and models[m]["artifact"] == need.artifact]
-                for spec in ran for name, need in spec.needs.items()}
+    expected = {
+        (need.producer, need.artifact, spec.name, name): [
+            m for m in models if m.startswith(f"{need.producer}/") and models[m]["artifact"] == need.artifact
+        ]
+        for spec in ran
+        for name, need in spec.needs.items()
+    }
     assert handoffs == expected
 
     # metrics.jsonl: one row per completed phase; each Cognate training stage logged each step once
@@ -130,9 +136,13 @@ def check_run(run_dir: Path, stdout: str, stop: str | None = None) -> None:
     # report.html: structure, sources, Cognate's own figures
     page = check_report(run_dir)
     titles = [caption.split(". Source: ")[0] for caption in page.captions]
-    for title in ("01-cognate: training loss per stage", "Held-out accuracy per domain",
-                  "Held-out answer NLL per domain (lower is better)", "ACT passes and forward throughput",
-                  "Model lineage (arrows from parent to child)"):
+    for title in (
+        "01-cognate: training loss per stage",
+        "Held-out accuracy per domain",
+        "Held-out answer NLL per domain (lower is better)",
+        "ACT passes and forward throughput",
+        "Model lineage (arrows from parent to child)",
+    ):
         assert title in titles
     assert_consistent(run_dir, PHASES)
 
@@ -165,8 +175,9 @@ def artifact_digests(run_dir: Path) -> dict[str, dict[str, str]]:
 def test_two_same_seed_runs_write_identical_artifacts_in_every_phase(full, again):
     ours, theirs = artifact_digests(full[0]), artifact_digests(again[0])
     assert list(ours) == [spec.name for spec in PHASES]
-    differing = {phase: sorted(name for name in ours[phase] if ours[phase][name] != theirs[phase][name])
-                 for phase in ours}
+    differing = {
+        phase: sorted(name for name in ours[phase] if ours[phase][name] != theirs[phase][name]) for phase in ours
+    }
     assert differing == dict.fromkeys(ours, [])
 
 
@@ -180,8 +191,21 @@ def test_chromium_screenshot_of_the_run_report(short, tmp_path):
 
 def test_generate_prints_the_models_greedy_completion(short, capsys):
     run_dir, _ = short
-    assert cli.main(["generate", str(run_dir / "cognate"), "--artifact", "reasoning", "--prompt", "3+4=",
-                     "--max-new-tokens", "8"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                str(run_dir / "cognate"),
+                "--artifact",
+                "reasoning",
+                "--prompt",
+                "3+4=",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     model, tokenizer, _ = load_model_dir(run_dir / "01-cognate" / "reasoning")
     assert capsys.readouterr().out == generate_answers(model, tokenizer, ["3+4="], max_new_tokens=8)[0] + "\n"
 
@@ -215,8 +239,9 @@ def generations_done(phase_dir: Path) -> int:
 def run_until(args: list[str], condition, log: Path) -> None:
     """Start ``agentforge run ARGS`` and SIGKILL it the moment ``condition()`` holds."""
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "agentforge", "run", *args], env=ENV, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agentforge", "run", *args], env=ENV, stdout=out, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 240
         while not condition():
             assert proc.poll() is None, f"the run ended before the kill point:\n{log.read_text()[-3000:]}"
@@ -297,9 +322,30 @@ def test_two_processes_under_torchrun_train_data_parallel_and_rank_0_alone_write
     reference_dir, _ = short
     run_dir = tmp_path / "ddp"
     # Cognate only: it is the phase that trains; the other phases' own tests cover their ranks.
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "agentforge", "run", "--preset", "micro", "--out", str(run_dir), "--to", "cognate",
-                           "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "agentforge",
+            "run",
+            "--preset",
+            "micro",
+            "--out",
+            str(run_dir),
+            "--to",
+            "cognate",
+            "--no-progress",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert (
         proc.stdout.count("agentforge run: ") == 1 and proc.stdout.count("[1/8] cognate: done in") == 1

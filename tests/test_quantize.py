@@ -1,5 +1,6 @@
 """quantize_ternary (absmean weights) and quantize_activations (absmax per token): exact
 agreement with the reference, hand-computed answers, layouts and opcheck."""
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -14,6 +15,7 @@ ALL_BITS = range(2, 9)
 
 
 # --- quantize_ternary -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -114,6 +116,7 @@ def test_reference_quantize_ternary_ignores_memory_layout():
 
 # --- quantize_activations ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", ACT_SHAPES)
@@ -129,8 +132,7 @@ def test_quantize_activations_matches_reference(shape, dtype, bits):
 
 def test_quantize_activations_known_answer():
     # absmax 127 makes the 8-bit scale exactly 1, so x * scale = x: ties round half to even.
-    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -126.5],
-                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -126.5], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     x_q, scale, row_sum = ops.quantize_activations(x, 8, return_row_sum=True)
     assert x_q.tolist() == [[127, 0, 2, 2, 0, -126], [0, 0, 0, 0, 0, 0]]
     assert_same(scale, torch.tensor([1.0, 127 / 1e-5]))  # an all-zero token uses absmax = eps
@@ -150,34 +152,45 @@ def test_quantize_activations_bits_set_the_range(bits, expected):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_quantize_activations_ignores_memory_layout(layout):
     x = random_activations((9, 300))
-    for actual, expected in zip(ops.quantize_activations(make_layout(x, layout), 4, return_row_sum=True),
-                                ref.quantize_activations(x, 4)):
+    for actual, expected in zip(
+        ops.quantize_activations(make_layout(x, layout), 4, return_row_sum=True), ref.quantize_activations(x, 4)
+    ):
         assert_same(actual, expected)
 
 
 # --- opcheck ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    pytest.param((torch.randn(5, 7), False), id="per-tensor"),
-    pytest.param((torch.randn(5, 129, dtype=torch.bfloat16), True), id="per-channel-bf16"),
-    pytest.param((torch.randn(1, 1, dtype=torch.float16), False), id="1x1-fp16"),
-])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param((torch.randn(5, 7), False), id="per-tensor"),
+        pytest.param((torch.randn(5, 129, dtype=torch.bfloat16), True), id="per-channel-bf16"),
+        pytest.param((torch.randn(1, 1, dtype=torch.float16), False), id="1x1-fp16"),
+    ],
+)
 def test_opcheck_quantize_ternary(args):
     opcheck(torch.ops.agentforge.quantize_ternary.default, args)
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param((torch.randn(3, 129), 8), id="2d"),
-    pytest.param((torch.randn(2, 3, 5, dtype=torch.bfloat16), 4), id="3d-bf16"),
-    pytest.param((torch.randn(7, dtype=torch.float16), 2), id="1d-fp16"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param((torch.randn(3, 129), 8), id="2d"),
+        pytest.param((torch.randn(2, 3, 5, dtype=torch.bfloat16), 4), id="3d-bf16"),
+        pytest.param((torch.randn(7, dtype=torch.float16), 2), id="1d-fp16"),
+    ],
+)
 def test_opcheck_quantize_activations(args):
     opcheck(torch.ops.agentforge.quantize_activations.default, args)
 
 
-@pytest.mark.parametrize("op, args", [
-    pytest.param("quantize_ternary", (False,), id="quantize_ternary"),
-    pytest.param("quantize_activations", (8,), id="quantize_activations"),
-])
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        pytest.param("quantize_ternary", (False,), id="quantize_ternary"),
+        pytest.param("quantize_activations", (8,), id="quantize_activations"),
+    ],
+)
 def test_opcheck_quantize_noncontiguous(op, args):
     opcheck(getattr(torch.ops.agentforge, op).default, (make_layout(torch.randn(5, 7), "transposed"), *args))

@@ -2,6 +2,7 @@
 same thoughts run as plain continuations, causality with the memory, Cognate's custom 4D mask and
 the memory hooks that leave no trace, the counted compute, REINFORCE's sign, the mixing head, a
 training step, generation with and without thoughts, save/load."""
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,8 +32,16 @@ V = 40
 
 def llama():
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    ).eval()
 
 
 def cognate(**overrides):
@@ -47,10 +56,12 @@ def test_layout_mask_and_positions_on_a_small_case():
     assert parents.tolist() == [[1, 3, 1, 3]]
     assert positions.tolist() == [[0, 1, 2, 3, 4, 2, 4, 3, 5]]
     #                real 0 1 2 3 4 | extras e0 e1 e2 e3
-    expected = [[1, 1, 0, 0, 0, 1, 0, 0, 0],   # step 0 of t=1: x0, x1 and itself
-                [1, 1, 1, 1, 0, 0, 1, 0, 0],   # step 0 of t=3: x0..x3 and itself
-                [1, 1, 0, 0, 0, 1, 0, 1, 0],   # step 1 of t=1: x0, x1, its step 0, itself
-                [1, 1, 1, 1, 0, 0, 1, 0, 1]]   # step 1 of t=3
+    expected = [
+        [1, 1, 0, 0, 0, 1, 0, 0, 0],  # step 0 of t=1: x0, x1 and itself
+        [1, 1, 1, 1, 0, 0, 1, 0, 0],  # step 0 of t=3: x0..x3 and itself
+        [1, 1, 0, 0, 0, 1, 0, 1, 0],  # step 1 of t=1: x0, x1, its step 0, itself
+        [1, 1, 1, 1, 0, 0, 1, 0, 1],
+    ]  # step 1 of t=3
     assert mask[0].int().tolist() == expected
     assert layout.columns(5, 1).tolist() == [7, 8]
 
@@ -74,7 +85,7 @@ def test_parallel_thoughts_equal_plain_continuations(make):
     plain = hidden_states(model, x, None)
     torch.testing.assert_close(hidden[:, :9], plain, rtol=1e-5, atol=1e-5)  # real tokens never see thoughts
     for p, t in enumerate((2, 6)):
-        alone = hidden_states(model, torch.cat((x[:, :t + 1], torch.tensor([chains[t]])), 1), None)
+        alone = hidden_states(model, torch.cat((x[:, : t + 1], torch.tensor([chains[t]])), 1), None)
         for s in range(3):
             torch.testing.assert_close(hidden[0, 9 + 2 * s + p], alone[0, t + 1 + s], rtol=1e-5, atol=1e-5)
 
@@ -101,8 +112,12 @@ def test_cognate_takes_a_custom_4d_mask_and_the_memory_hooks_go_away():
     additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
     torch.testing.assert_close(model(x, attention_mask=additive).logits, plain, rtol=0, atol=0)
     layout = Layout(torch.tensor([[3], [7]]), torch.tensor([[True], [True]]), 2)
-    hidden_states(model, torch.cat((x, torch.tensor([[11, 12], [13, 14]])), 1), None,
-                  layout.for_steps(2, torch.arange(12).expand(2, -1)))
+    hidden_states(
+        model,
+        torch.cat((x, torch.tensor([[11, 12], [13, 14]])), 1),
+        None,
+        layout.for_steps(2, torch.arange(12).expand(2, -1)),
+    )
     memories = [m for m in model.modules() if m.__class__.__name__ == "NeuralMemory"]
     assert memories and not any(m._forward_hooks or m._forward_pre_hooks for m in memories)
     torch.testing.assert_close(model(x).logits, plain, rtol=0, atol=0)
@@ -155,9 +170,15 @@ def test_mixing_head_starts_at_its_initial_weight(init):
 def thinker(tmp_path_factory):
     tokenizer = train_tokenizer(load_text("stdlib", max_docs=10), 300)
     torch.manual_seed(0)
-    base = CognateForCausalLM(CognateConfig.from_preset("micro", vocab_size=len(tokenizer), memory_chunk=4,
-                                                        eos_token_id=tokenizer.eos_token_id,
-                                                        pad_token_id=tokenizer.pad_token_id))
+    base = CognateForCausalLM(
+        CognateConfig.from_preset(
+            "micro",
+            vocab_size=len(tokenizer),
+            memory_chunk=4,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     tokens = add_thought_tokens(base, tokenizer)
     return ThinkingModel(base, ThoughtSettings(n_thoughts=2, thought_length=3, lookahead=2), tokens), tokenizer
 
@@ -190,9 +211,10 @@ def test_generation_with_and_without_thoughts(thinker):
     ids = torch.tensor([tokenizer("3+4=", add_special_tokens=False)["input_ids"]] * 2)
     eos = tokenizer.eos_token_id
     plain = model.generate(ids, max_new_tokens=4, eos_token_id=eos, think=False)
-    reference = model.base.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=eos, pad_token_id=eos,
-                                    suppress_tokens=list(model.tokens))
-    assert torch.equal(plain, reference[:, ids.shape[1]:ids.shape[1] + plain.shape[1]])
+    reference = model.base.generate(
+        ids, max_new_tokens=4, do_sample=False, eos_token_id=eos, pad_token_id=eos, suppress_tokens=list(model.tokens)
+    )
+    assert torch.equal(plain, reference[:, ids.shape[1] : ids.shape[1] + plain.shape[1]])
     new, thoughts = model.generate(ids, max_new_tokens=3, eos_token_id=eos, return_thoughts=True)
     assert new.shape[0] == 2 and all(t.shape == (2, 3) for t in thoughts)
     assert not any(((t == model.tokens.start_id) | (t == model.tokens.end_id)).any() for t in thoughts)

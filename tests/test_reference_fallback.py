@@ -1,5 +1,6 @@
 """The pure-PyTorch references as a fallback: same STE gradients as the kernels' autograd, and
 `agentforge.ops` running on them (with one warning) when the extension cannot be imported."""
+
 import subprocess
 import sys
 import textwrap
@@ -22,8 +23,10 @@ def _grads(fn, *tensors, grad_out):
 def test_bitlinear_gradients_match_kernel(per_channel):
     x, w, bias = random_activations((2, 3, 129)), torch.randn(5, 129), torch.randn(5)
     g = torch.randn(2, 3, 5)
-    for kernel, oracle in zip(_grads(lambda *a: ops.bitlinear(*a, per_channel), x, w, bias, grad_out=g),
-                              _grads(lambda *a: ref.bitlinear(*a, per_channel), x, w, bias, grad_out=g)):
+    for kernel, oracle in zip(
+        _grads(lambda *a: ops.bitlinear(*a, per_channel), x, w, bias, grad_out=g),
+        _grads(lambda *a: ref.bitlinear(*a, per_channel), x, w, bias, grad_out=g),
+    ):
         torch.testing.assert_close(kernel, oracle)
 
 

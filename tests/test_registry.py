@@ -1,5 +1,6 @@
 """agentforge.registry: SQLite in WAL mode; a phase's model and handoff rows replaced in one
 transaction, so recording twice leaves the same rows and forgetting leaves none behind."""
+
 import sqlite3
 from types import SimpleNamespace
 
@@ -18,8 +19,17 @@ MERGE = SimpleNamespace(name="merge", needs={"models": Input("make.children", "t
 
 def tiny_llama(hidden: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=hidden,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def record_for(phase_dir, artifacts, metrics=None):
@@ -27,8 +37,12 @@ def record_for(phase_dir, artifacts, metrics=None):
     files = {}
     for value in artifacts.values():
         files.update(rundir.artifact_files(phase_dir, value))
-    relative = {k: [p.relative_to(phase_dir).as_posix() for p in v] if isinstance(v, list)
-                else v.relative_to(phase_dir).as_posix() for k, v in artifacts.items()}
+    relative = {
+        k: [p.relative_to(phase_dir).as_posix() for p in v]
+        if isinstance(v, list)
+        else v.relative_to(phase_dir).as_posix()
+        for k, v in artifacts.items()
+    }
     sizes = {name: (phase_dir / name).stat().st_size for name in files}
     return {"artifacts": relative, "files": files, "sizes": sizes, "metrics": metrics or {}}
 
@@ -42,12 +56,18 @@ def run(tmp_path):
     save_model_dir(tiny_llama(16), None, first / "base", {"parents": []})
     for name in ("left", "right"):
         save_model_dir(tiny_llama(16), None, first / name, {"parents": [str(first / "base")]})
-    save_model_dir(tiny_llama(16), None, second / "merged",
-                   {"parents": [str(first / "left"), str(first / "right"), "/elsewhere/pretrained"],
-                    "metrics": {"fitness": 0.5}})
+    save_model_dir(
+        tiny_llama(16),
+        None,
+        second / "merged",
+        {"parents": [str(first / "left"), str(first / "right"), "/elsewhere/pretrained"], "metrics": {"fitness": 0.5}},
+    )
     records = {
-        "make": record_for(first, {"base": first / "base", "children": [first / "left", first / "right"]},
-                           {"left/accuracy": 0.25, "right/accuracy": 0.75, "base/accuracy": 0.1, "seconds": 3.0}),
+        "make": record_for(
+            first,
+            {"base": first / "base", "children": [first / "left", first / "right"]},
+            {"left/accuracy": 0.25, "right/accuracy": 0.75, "base/accuracy": 0.1, "seconds": 3.0},
+        ),
         "merge": record_for(second, {"merged": second / "merged"}),
     }
     registry = open_registry(run_dir)
@@ -81,8 +101,16 @@ def test_model_rows_describe_each_artifact(run):
     merged = models["merge/merged"]
     assert merged["parents"] == ["make/left", "make/right", "/elsewhere/pretrained"]  # outside the run: a path
     assert merged["metrics"] == {"fitness": 0.5}  # from its agentforge.json
-    assert registry.handoffs("r1") == [{"run": "r1", "from_phase": "make", "artifact": "children", "to_phase": "merge",
-                                        "input": "models", "models": ["make/left", "make/right"]}]
+    assert registry.handoffs("r1") == [
+        {
+            "run": "r1",
+            "from_phase": "make",
+            "artifact": "children",
+            "to_phase": "merge",
+            "input": "models",
+            "models": ["make/left", "make/right"],
+        }
+    ]
 
 
 def test_recording_a_phase_again_replaces_its_rows(run):

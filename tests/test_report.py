@@ -3,6 +3,7 @@ the phase table, training curves, each phase's figures and the model lineage, an
 figure was drawn from named under it. Rendered in headless Chromium when it is installed. The
 figure conventions: an empty axis says so, counted axes tick at whole numbers, the lineage reads
 top to bottom, and BitNet's speed chart says where the time goes."""
+
 import base64
 import shutil
 import subprocess
@@ -73,10 +74,25 @@ def screenshot(report: Path, out: Path) -> Path | None:
         return None
     # --no-sandbox: tests run as root in containers; the --disable-* and --no-first-run flags keep
     # Chromium from reaching for the network (updates, sync) on a machine that has none
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                    "--window-size=1200,3000", f"--screenshot={out}", report.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--window-size=1200,3000",
+            f"--screenshot={out}",
+            report.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     return out
 
 
@@ -92,8 +108,12 @@ def assert_rendered(png: Path) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("report") / "run"
-    pipeline.execute(pipeline.prepare(out=run_dir, preset="micro", phases=TEST_PHASES), progress=False,
-                     say=lambda _: None, on_change=write_report)
+    pipeline.execute(
+        pipeline.prepare(out=run_dir, preset="micro", phases=TEST_PHASES),
+        progress=False,
+        say=lambda _: None,
+        on_change=write_report,
+    )
     return run_dir
 
 
@@ -176,15 +196,24 @@ def test_a_counted_axis_ticks_whole_numbers_even_for_one_value():
 
 def pipeline_models() -> list[dict]:
     """The registry rows of a full run's lineage (as `agentforge models` lists them)."""
-    rows = [("cognate/trunk", []), ("cognate/reasoning", ["cognate/trunk"]), ("cognate/memory", ["cognate/trunk"]),
-            ("cognate/speed", ["cognate/trunk"]),
-            ("evomerge/champion", ["cognate/reasoning", "cognate/memory", "cognate/speed"]),
-            ("quietstar/model", ["evomerge/champion"]), ("bitnet/packed", ["quietstar/model"]),
-            ("bitnet/latent", ["quietstar/model"]), ("curriculum/model", ["bitnet/latent"]),
-            ("baking/model", ["curriculum/model"]), ("experts/model", ["baking/model"]),
-            ("compression/artifact", ["experts/model", "bitnet/packed"])]
-    return [{"id": mid, "phase": mid.split("/")[0], "parents": parents, "parameters": None if "artifact" in mid
-             else 41_989} for mid, parents in rows]
+    rows = [
+        ("cognate/trunk", []),
+        ("cognate/reasoning", ["cognate/trunk"]),
+        ("cognate/memory", ["cognate/trunk"]),
+        ("cognate/speed", ["cognate/trunk"]),
+        ("evomerge/champion", ["cognate/reasoning", "cognate/memory", "cognate/speed"]),
+        ("quietstar/model", ["evomerge/champion"]),
+        ("bitnet/packed", ["quietstar/model"]),
+        ("bitnet/latent", ["quietstar/model"]),
+        ("curriculum/model", ["bitnet/latent"]),
+        ("baking/model", ["curriculum/model"]),
+        ("experts/model", ["baking/model"]),
+        ("compression/artifact", ["experts/model", "bitnet/packed"]),
+    ]
+    return [
+        {"id": mid, "phase": mid.split("/")[0], "parents": parents, "parameters": None if "artifact" in mid else 41_989}
+        for mid, parents in rows
+    ]
 
 
 def test_the_lineage_reads_top_to_bottom_with_the_main_line_first():
@@ -200,8 +229,9 @@ def test_the_lineage_reads_top_to_bottom_with_the_main_line_first():
     assert where["compression/artifact"] == (0, -8)
     arrows = [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
     assert len(arrows) == sum(len(m["parents"]) for m in models)
-    bent = [a for a in arrows if "rad=0.0" not in str(a.get_connectionstyle().__dict__) and
-            a.get_connectionstyle().rad != 0]
+    bent = [
+        a for a in arrows if "rad=0.0" not in str(a.get_connectionstyle().__dict__) and a.get_connectionstyle().rad != 0
+    ]
     assert len(bent) == 1  # packed -> artifact skips four rows: it bends around the boxes between
     width, height = fig.get_size_inches() * 100
     assert width <= 1100 and height >= 0.6 * len({y for _, y in where.values()}) * 100  # fits the page; rows legible
@@ -218,20 +248,28 @@ def speed(fp_b1, packed_b1, fp_share, packed_share) -> dict:
     }
 
 
-SIZES = {"layers": {"a": {"weights": 2048, "out_features": 32, "in_features": 64},
-                    "b": {"weights": 1024, "out_features": 32, "in_features": 32}}}
+SIZES = {
+    "layers": {
+        "a": {"weights": 2048, "out_features": 32, "in_features": 64},
+        "b": {"weights": 1024, "out_features": 32, "in_features": 32},
+    }
+}
 
 
 def test_the_speed_chart_says_where_the_time_goes():
     slower = speed_note(speed(246.0, 231.5, 0.1202, 0.1808), SIZES)
-    assert slower.startswith("Packed is slower at batch 1, 2. The converted layers take 12% of the float model's "
-                             "batch-1 generation time (0.49 ms per token) and 18% of the packed model's (0.78 ms): "
-                             "at these matrix sizes (2,048 weights at most) a packed call's fixed cost")
+    assert slower.startswith(
+        "Packed is slower at batch 1, 2. The converted layers take 12% of the float model's "
+        "batch-1 generation time (0.49 ms per token) and 18% of the packed model's (0.78 ms): "
+        "at these matrix sizes (2,048 weights at most) a packed call's fixed cost"
+    )
     elsewhere = speed_note(speed(246.0, 231.5, 0.20, 0.10), SIZES)
     assert elsewhere.startswith("Packed is slower at batch 1, 2, though not in the converted layers.")
     faster = speed_note(speed(100.0, 300.0, 0.6, 0.2), SIZES)
-    assert faster == ("The converted layers take 60% of the float model's batch-1 generation time (6.00 ms per "
-                      "token) and 20% of the packed model's (0.67 ms): the most that faster kernels for them can save.")
+    assert faster == (
+        "The converted layers take 60% of the float model's batch-1 generation time (6.00 ms per "
+        "token) and 20% of the packed model's (0.67 ms): the most that faster kernels for them can save."
+    )
     old = speed(1.0, 1.0, 0.1, 0.1)
     del old["fp"]["layer_time_share"]
     assert speed_note(old, SIZES) is None

@@ -5,6 +5,7 @@ beside it, the run registry stays unread, and listeners on 127.0.0.1 (TCP, UDP) 
 abstract Unix namespace get nothing. Attack code prints ``ESCAPED <what>`` for any step that
 should have failed and did not. Skipped, with the reason, only where the isolation is refused.
 """
+
 import hashlib
 import os
 import secrets
@@ -297,13 +298,16 @@ def test_attack_is_contained(outside, name):
 def test_a_foreign_syscall_abi_kills_the_sandbox(outside):
     # int 0x80 is the i386 ABI: the filter's architecture check kills the process (a kernel
     # without IA-32 emulation answers with SIGSEGV instead)
-    result = attack(outside, """
+    result = attack(
+        outside,
+        """
         import ctypes, mmap
         page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
         page.write(bytes([0xb8, 0x14, 0, 0, 0, 0xcd, 0x80, 0xc3]))  # mov eax, 20 (getpid); int 0x80; ret
         pid = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))()
         print("ESCAPED int 0x80", pid)
-        """)
+        """,
+    )
     assert result.output in ("error: killed by the seccomp filter", "error: signal 11"), result.output
 
 
@@ -328,7 +332,9 @@ def test_nothing_outlives_the_timeout(outside):
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    result = attack(outside, f"""
+    result = attack(
+        outside,
+        f"""
         import ctypes, os, threading, time
         libc = ctypes.CDLL(None)
         def linger():
@@ -342,7 +348,9 @@ def test_nothing_outlives_the_timeout(outside):
         attempt("fork a session leader", lambda: os.fork() == 0 and time.sleep(60))
         libc.prctl(15, {name!r}.encode())
         time.sleep(60)
-        """, timeout_s=2.0)
+        """,
+        timeout_s=2.0,
+    )
     done.set()
     watcher.join()
     assert result == ToolResult("error: timed out after 2 s", False)

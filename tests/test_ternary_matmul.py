@@ -1,6 +1,7 @@
 """ternary_matmul on every ISA, prepacked layout and backend: bit-exact against
 reference.ternary_matmul on odd shapes, dtypes, scales, bias, act_bits and memory layouts;
 known answers at the int16 limit of the AVX2 kernel; NaN/Inf rows; STE gradient for x; opcheck."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,27 @@ from helpers import (
 # works in blocks of 64 rows and of 32 K blocks (4096 or 5120); N covers full and partial row
 # tiles of 8 (and their 4-row halves); K covers every ODD_K and base3's 160-weight blocks;
 # 3-D and 4-D batches.
-SHAPES = [((1,), 1, 1), ((1,), 5, 3), ((2,), 1, 5), ((3,), 7, 127), ((4,), 4, 129), ((5,), 6, 300),
-          ((2, 3), 9, 513), ((17,), 3, 1000), ((1,), 33, 128), ((2, 2, 2), 2, 64), ((9,), 1, 512),
-          ((70,), 5, 129), ((2, 33), 2, 300), ((3,), 2, 4500), ((6,), 3, 4097), ((1,), 8, 160),
-          ((2,), 16, 161), ((5,), 13, 5121), ((1,), 23, 2000)]
+SHAPES = [
+    ((1,), 1, 1),
+    ((1,), 5, 3),
+    ((2,), 1, 5),
+    ((3,), 7, 127),
+    ((4,), 4, 129),
+    ((5,), 6, 300),
+    ((2, 3), 9, 513),
+    ((17,), 3, 1000),
+    ((1,), 33, 128),
+    ((2, 2, 2), 2, 64),
+    ((9,), 1, 512),
+    ((70,), 5, 129),
+    ((2, 33), 2, 300),
+    ((3,), 2, 4500),
+    ((6,), 3, 4097),
+    ((1,), 8, 160),
+    ((2,), 16, 161),
+    ((5,), 13, 5121),
+    ((1,), 23, 2000),
+]
 assert {k for *_, k in SHAPES} >= set(ODD_K)
 # A GEMV and a GEMM shape, for the tests that multiply other axes.
 SMALL_SHAPES = [((1,), 6, 129), ((5,), 3, 300)]
@@ -131,11 +149,13 @@ def test_nonfinite_rows_propagate_like_linear(isa, kernel, run, dtype):
 
 # --- autograd and opcheck ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layout", PREPACK_LAYOUTS)
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
 def test_grad_x_is_straight_through(per_channel, layout):
-    x, codes, w_pre, scale, bias = make_matmul_inputs((2, 3), 7, 129, per_channel=per_channel, with_bias=True,
-                                                      layout=layout)
+    x, codes, w_pre, scale, bias = make_matmul_inputs(
+        (2, 3), 7, 129, per_channel=per_channel, with_bias=True, layout=layout
+    )
     x.requires_grad_()
     bias.requires_grad_()
     grad_y = torch.randn(2, 3, 7)
@@ -149,15 +169,18 @@ def _opcheck_args(lead, N, K, dtype, per_channel, with_bias, act_bits, requires_
     return (x.requires_grad_(requires_grad), w_pre, scale, bias, act_bits)
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(((3,), 5, 129, torch.float32, False, False, 8, False), id="2d"),
-    pytest.param(((2, 3), 4, 7, torch.bfloat16, True, True, 4, False), id="3d-bf16-per-channel-bias"),
-    pytest.param(((1,), 1, 1, torch.float16, False, True, 2, False), id="1x1-fp16"),
-    pytest.param(((3,), 5, 129, torch.float32, False, True, 8, True), id="grad-x"),
-    pytest.param(((2, 2), 6, 300, torch.float32, True, False, 4, True), id="grad-x-3d-per-channel"),
-    pytest.param(((3,), 9, 161, torch.float32, True, True, 8, True, "base3"), id="base3-grad-x"),
-    pytest.param(((5,), 2, 7, torch.bfloat16, False, False, 8, False, "base3"), id="base3-gemm-bf16"),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(((3,), 5, 129, torch.float32, False, False, 8, False), id="2d"),
+        pytest.param(((2, 3), 4, 7, torch.bfloat16, True, True, 4, False), id="3d-bf16-per-channel-bias"),
+        pytest.param(((1,), 1, 1, torch.float16, False, True, 2, False), id="1x1-fp16"),
+        pytest.param(((3,), 5, 129, torch.float32, False, True, 8, True), id="grad-x"),
+        pytest.param(((2, 2), 6, 300, torch.float32, True, False, 4, True), id="grad-x-3d-per-channel"),
+        pytest.param(((3,), 9, 161, torch.float32, True, True, 8, True, "base3"), id="base3-grad-x"),
+        pytest.param(((5,), 2, 7, torch.bfloat16, False, False, 8, False, "base3"), id="base3-gemm-bf16"),
+    ],
+)
 def test_opcheck(case):
     opcheck(torch.ops.agentforge.ternary_matmul.default, _opcheck_args(*case))
 

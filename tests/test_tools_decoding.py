@@ -1,6 +1,7 @@
 """agentforge.tools.decoding: generation that runs the calls a model writes, driven by a
 scripted model whose next token is read off a script, and the KV-cache path checked against the
 full-forward path on a tiny Llama trained to write calls."""
+
 import pytest
 import torch
 from torch import nn
@@ -37,10 +38,11 @@ class ScriptedModel(nn.Module):
             self.contexts.append(ids)
             text = self.tokenizer.decode(ids)
             prompt = next(p for p in self.script if text.startswith(p))
-            target, done = self.script[prompt], text[len(prompt):]
-            rest = target[len(done):] if target.startswith(done) else ""
-            token = self.tokenizer(rest, add_special_tokens=False)["input_ids"][0] if rest else \
-                self.tokenizer.eos_token_id
+            target, done = self.script[prompt], text[len(prompt) :]
+            rest = target[len(done) :] if target.startswith(done) else ""
+            token = (
+                self.tokenizer(rest, add_special_tokens=False)["input_ids"][0] if rest else self.tokenizer.eos_token_id
+            )
             logits[row, -1, token] = 1.0
         return type("Output", (), {"logits": logits})()
 
@@ -83,8 +85,10 @@ def test_python_call_and_call_limit(tokenizer, isolation):
 
 
 def test_malformed_and_unknown_calls_never_raise(tokenizer):
-    script = {"a=": "[calc 1+1] [calc: 1+] [search: x][out: error: unknown tool 'search'; tools: calc, py]0",
-              "b=": "[py: print(1"}
+    script = {
+        "a=": "[calc 1+1] [calc: 1+] [search: x][out: error: unknown tool 'search'; tools: calc, py]0",
+        "b=": "[py: print(1",
+    }
     model = ScriptedModel(tokenizer, script)
     (a, a_calls), (b, b_calls) = generate_with_tools_batch(model, tokenizer, ["a=", "b="], max_new_tokens=120)
     assert a.startswith("[calc 1+1] [calc: 1+][out: error: cannot parse '1+']")
@@ -103,16 +107,18 @@ def test_a_token_running_past_the_bracket_is_cut():
 
 def test_batch_matches_one_at_a_time(tokenizer):
     script = {"1+2=": "[calc: 1+2][out: 3]3", "10*10=": "[calc: 10*10][out: 100]100", "x=": "7"}
-    batch = generate_with_tools_batch(ScriptedModel(tokenizer, script), tokenizer, list(script), max_new_tokens=30,
-                                      batch_size=2)
+    batch = generate_with_tools_batch(
+        ScriptedModel(tokenizer, script), tokenizer, list(script), max_new_tokens=30, batch_size=2
+    )
     single = [generate_with_tools(ScriptedModel(tokenizer, script), tokenizer, p, max_new_tokens=30) for p in script]
     assert batch == single and [t for t, _ in batch] == list(script.values())
 
 
 def test_max_new_tokens_counts_model_tokens_only(tokenizer):
     model = ScriptedModel(tokenizer, {"q=": "[calc: 9*9][out: 81]81"})
-    text, _ = generate_with_tools(model, tokenizer, "q=", max_new_tokens=len(
-        tokenizer("[calc: 9*9]", add_special_tokens=False)["input_ids"]))
+    text, _ = generate_with_tools(
+        model, tokenizer, "q=", max_new_tokens=len(tokenizer("[calc: 9*9]", add_special_tokens=False)["input_ids"])
+    )
     assert text == "[calc: 9*9][out: 81]"
 
 
@@ -120,8 +126,9 @@ def test_tool_trajectories_mark_what_the_runtime_wrote(tokenizer):
     script = {"37*48=": "[calc: 37*48][out: 1776]1776", "x=": "7"}
     model = ScriptedModel(tokenizer, script)
     contexts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in script]
-    for context, (ids, written) in zip(contexts, tool_trajectories(model, tokenizer, contexts, max_new_tokens=30,
-                                                                   temperature=0.0)):
+    for context, (ids, written) in zip(
+        contexts, tool_trajectories(model, tokenizer, contexts, max_new_tokens=30, temperature=0.0)
+    ):
         assert len(ids) == len(written) and ids[-1] == tokenizer.eos_token_id and written[-1]
         by_runtime = tokenizer.decode([i for i, w in zip(ids, written) if not w])
         by_model = tokenizer.decode([i for i, w in zip(ids, written) if w], skip_special_tokens=True)
@@ -162,9 +169,18 @@ def test_bad_arguments_are_one_line_errors(tokenizer):
 def _tiny_llama(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -181,8 +197,13 @@ def llama_writing_calls():
     tok = _stdlib_tokenizer()
     tok.add_tokens(["]+7"])
     eos = tok.eos_token_id
-    traces = {"12+7=": "[calc: 12+7][out: 19]19", "3*4=": "[calc: 3*4][out: 12]12", "9*9=": "[calc: 9*9][out: 80]80",
-              "2*3=": "[calc: 2*3][out: 6]then [calc: 6+1][out: 7]7", "o=": "[calc: 2+3]+7[out: 5]5"}
+    traces = {
+        "12+7=": "[calc: 12+7][out: 19]19",
+        "3*4=": "[calc: 3*4][out: 12]12",
+        "9*9=": "[calc: 9*9][out: 80]80",
+        "2*3=": "[calc: 2*3][out: 6]then [calc: 6+1][out: 7]7",
+        "o=": "[calc: 2+3]+7[out: 5]5",
+    }
     sequences = [_encode(tok, prompt + trace) + [eos] for prompt, trace in traces.items()]
     spelled = "[calc: 5+5]"
     sequences.append(_encode(tok, "r=") + [_encode(tok, ch)[0] for ch in spelled] + _encode(tok, "[out: 10]10") + [eos])
@@ -225,8 +246,12 @@ def _decode_both(model, run):
 @pytest.mark.parametrize("temperature, seed", [(0.0, 0), (1.0, 3), (1.0, 4)])
 def test_kv_cache_generation_equals_full_forward(llama_writing_calls, temperature, seed):
     model, tok, prompts = llama_writing_calls
-    cached, full, widths = _decode_both(model, lambda: generate_with_tools_batch(
-        model, tok, prompts, max_new_tokens=40, batch_size=4, temperature=temperature, seed=seed))
+    cached, full, widths = _decode_both(
+        model,
+        lambda: generate_with_tools_batch(
+            model, tok, prompts, max_new_tokens=40, batch_size=4, temperature=temperature, seed=seed
+        ),
+    )
     assert cached == full
     # the cached path feeds a step's new ids only: one each, or a call's segment and result
     assert widths[True].count(1) > len(widths[True]) / 2 and sum(widths[True]) < sum(widths[False]) / 3
@@ -242,8 +267,9 @@ def test_kv_cache_generation_equals_full_forward(llama_writing_calls, temperatur
 def test_kv_cache_trajectories_equal_full_forward(llama_writing_calls):
     model, tok, prompts = llama_writing_calls
     contexts = [_encode(tok, prompt) for prompt in prompts]
-    cached, full, _ = _decode_both(model, lambda: tool_trajectories(model, tok, contexts, max_new_tokens=30,
-                                                                    batch_size=3, temperature=1.0, seed=1))
+    cached, full, _ = _decode_both(
+        model, lambda: tool_trajectories(model, tok, contexts, max_new_tokens=30, batch_size=3, temperature=1.0, seed=1)
+    )
     assert cached == full and sum(not all(written) for _, written in cached) >= 3  # rows with tool results
 
 

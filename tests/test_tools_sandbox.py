@@ -2,6 +2,7 @@
 the kernel-confined sandbox (isolation="os") and in the explicit opt-out
 (isolation="unsafe-inprocess"); refusal where the isolation cannot be set up. The attacks are in
 tests/test_sandbox_escapes.py."""
+
 import os
 import threading
 import time
@@ -45,8 +46,9 @@ def test_captures_printed_output(isolation):
     result = py("import math\nprint(sum(range(10)), math.factorial(5))", isolation=isolation)
     assert result == ToolResult("45 120", True)
     assert py("x = 1", isolation=isolation) == ToolResult("", True)
-    assert py("import json, fractions\nprint(json.dumps([str(fractions.Fraction(1, 3))]))",
-              isolation=isolation) == ToolResult('["1/3"]', True)
+    assert py(
+        "import json, fractions\nprint(json.dumps([str(fractions.Fraction(1, 3))]))", isolation=isolation
+    ) == ToolResult('["1/3"]', True)
 
 
 def test_reports_the_exception_line(isolation):
@@ -92,21 +94,29 @@ def test_scratch_directory_is_writable_small_and_fresh(os_isolation):
 
 
 def test_runs_as_an_unprivileged_user_in_namespaces_of_its_own(os_isolation):
-    code = ("import os, socket\nprint(os.getuid(), os.getgid(), os.getpid(), os.getppid(), socket.gethostname(), "
-            "sorted(os.listdir('/')), sorted(os.listdir('/dev')))")
+    code = (
+        "import os, socket\nprint(os.getuid(), os.getgid(), os.getpid(), os.getppid(), socket.gethostname(), "
+        "sorted(os.listdir('/')), sorted(os.listdir('/dev')))"
+    )
     result = py(code)
     assert result.ok, result
-    assert result.output.startswith("65534 65534 2 1 sandbox ['dev', 'lib', 'lib64', 'root', 'tmp']") or \
-        result.output.startswith("65534 65534 2 1 sandbox ['dev', 'lib', 'lib64', 'tmp', 'usr']"), result.output
+    assert result.output.startswith(
+        "65534 65534 2 1 sandbox ['dev', 'lib', 'lib64', 'root', 'tmp']"
+    ) or result.output.startswith("65534 65534 2 1 sandbox ['dev', 'lib', 'lib64', 'tmp', 'usr']"), result.output
     assert "null" in result.output and "urandom" in result.output
 
 
 def test_threads_run_but_no_process_can_be_started(os_isolation):
-    threads = ("import threading\nout = []\nts = [threading.Thread(target=out.append, args=(i,)) for i in range(4)]\n"
-               "[t.start() for t in ts]; [t.join() for t in ts]\nprint(sorted(out))")
+    threads = (
+        "import threading\nout = []\nts = [threading.Thread(target=out.append, args=(i,)) for i in range(4)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\nprint(sorted(out))"
+    )
     assert py(threads) == ToolResult("[0, 1, 2, 3]", True)
-    for code in ("import os\nos.fork()", "import subprocess\nsubprocess.run(['/bin/true'])",
-                 "import os\nos.posix_spawn('/bin/true', ['true'], {})"):
+    for code in (
+        "import os\nos.fork()",
+        "import subprocess\nsubprocess.run(['/bin/true'])",
+        "import os\nos.posix_spawn('/bin/true', ['true'], {})",
+    ):
         result = py(code)
         assert not result.ok, code
         assert result.output.startswith("error: PermissionError: [Errno 1] Operation not permitted"), code

@@ -1,5 +1,6 @@
 """agentforge.train.train in one process: learning, micro-batching, logging, evaluation, exact
 resume after a crash, and the refusals."""
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -34,8 +35,13 @@ def test_loss_falls_on_a_learnable_pattern(tmp_path):
 def test_micro_batching_gives_the_same_update(tmp_path):
     def trained(micro):
         model = tiny_model()
-        result = train(model, counting_dataset(), config(steps=3, micro_batch_size=micro),
-                       optimizer=torch.optim.SGD(model.parameters(), lr=0.5), out_dir=tmp_path / str(micro))
+        result = train(
+            model,
+            counting_dataset(),
+            config(steps=3, micro_batch_size=micro),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+            out_dir=tmp_path / str(micro),
+        )
         return model, result.losses
 
     whole, whole_losses = trained(8)  # 1 x 8
@@ -58,8 +64,9 @@ def test_rows_eval_and_loss_metrics(tmp_path):
         return loss, {"double": 2 * loss.detach()}
 
     cfg = config(steps=7, log_every=3, eval_every=2)
-    model, result = run(tmp_path / "a", cfg, model=tiny_model(attention_dropout=0.2),
-                        eval_fn=eval_fn, loss_fn=loss_with_metrics)
+    model, result = run(
+        tmp_path / "a", cfg, model=tiny_model(attention_dropout=0.2), eval_fn=eval_fn, loss_fn=loss_with_metrics
+    )
     assert seen == [(False, False)] * 4 and model.training
     assert result.last_eval == {"score": 4.0, "as_tensor": 0.25}
     rows = read_metrics(tmp_path / "a", phase="train")
@@ -85,6 +92,7 @@ def crash_at_step(step: int, micro_batches_per_step: int = 1):
         if len(calls) > (step - 1) * micro_batches_per_step:
             raise Crash(f"simulated crash in step {step}")
         return default_loss(model, batch)
+
     return loss_fn
 
 
@@ -165,8 +173,9 @@ def test_resume_is_exact_with_mugrokfast(tmp_path):
     def run_mugrokfast(out_dir, steps, seed=0):
         model = tiny_model(seed=seed)
         optimizer = optim.MuGrokfast.from_preset(model, "pretrain", total_steps=8)
-        return train(model, counting_dataset(), config(steps=steps, checkpoint_every=2), optimizer=optimizer,
-                     out_dir=out_dir)
+        return train(
+            model, counting_dataset(), config(steps=steps, checkpoint_every=2), optimizer=optimizer, out_dir=out_dir
+        )
 
     reference = run_mugrokfast(tmp_path / "ref", 8)
     run_mugrokfast(tmp_path / "run", 5)

@@ -1,5 +1,6 @@
 """The parts of agentforge.train that need no training run: config validation, data order,
 RNG capture, metrics.jsonl handling."""
+
 import json
 import random
 
@@ -16,22 +17,25 @@ from train_worker_tiny import counting_dataset
 # TrainConfig
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"steps": 0}, "steps must be a positive int, got 0"),
-    ({"steps": 2.0}, "steps must be a positive int"),
-    ({"batch_size": True}, "batch_size must be a positive int"),
-    ({"micro_batch_size": 0}, "micro_batch_size must be None or a positive int"),
-    ({"batch_size": 8, "micro_batch_size": 3}, r"batch_size \(8\) must be a multiple of micro_batch_size \(3\)"),
-    ({"seed": -1}, "seed must be an int >= 0"),
-    ({"checkpoint_every": -5}, "checkpoint_every must be an int >= 0"),
-    ({"log_every": None}, "log_every must be an int >= 0"),
-    ({"grad_clip": float("nan")}, "grad_clip must be a finite number >= 0"),
-    ({"grad_clip": -1.0}, "grad_clip must be a finite number >= 0"),
-    ({"wandb_mode": "dryrun"}, "wandb_mode must be None or one of online/offline/disabled"),
-    ({"wandb_project": ""}, "wandb_project must be a non-empty string"),
-    ({"amp": "fp16"}, "amp must be one of auto/bf16/off"),
-    ({"progress": "yes"}, "progress must be a bool"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps must be a positive int, got 0"),
+        ({"steps": 2.0}, "steps must be a positive int"),
+        ({"batch_size": True}, "batch_size must be a positive int"),
+        ({"micro_batch_size": 0}, "micro_batch_size must be None or a positive int"),
+        ({"batch_size": 8, "micro_batch_size": 3}, r"batch_size \(8\) must be a multiple of micro_batch_size \(3\)"),
+        ({"seed": -1}, "seed must be an int >= 0"),
+        ({"checkpoint_every": -5}, "checkpoint_every must be an int >= 0"),
+        ({"log_every": None}, "log_every must be an int >= 0"),
+        ({"grad_clip": float("nan")}, "grad_clip must be a finite number >= 0"),
+        ({"grad_clip": -1.0}, "grad_clip must be a finite number >= 0"),
+        ({"wandb_mode": "dryrun"}, "wandb_mode must be None or one of online/offline/disabled"),
+        ({"wandb_project": ""}, "wandb_project must be a non-empty string"),
+        ({"amp": "fp16"}, "amp must be one of auto/bf16/off"),
+        ({"progress": "yes"}, "progress must be a bool"),
+    ],
+)
 def test_config_rejects_bad_values_in_one_line(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         TrainConfig(**{"steps": 1, "batch_size": 8, **kwargs})
@@ -66,10 +70,13 @@ def test_config_wandb_mode_from_environment(monkeypatch):
 
 def test_global_batches_walk_seeded_permutations_across_epochs():
     n, batch, seed = 10, 4, 7
-    stream = [i for epoch in range(3) for i in
-              torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()]
+    stream = [
+        i
+        for epoch in range(3)
+        for i in torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    ]
     for index in range(7):
-        assert global_batch(index, n, batch, seed) == stream[index * batch:(index + 1) * batch]
+        assert global_batch(index, n, batch, seed) == stream[index * batch : (index + 1) * batch]
     assert sorted(epoch_permutation(n, seed, 1)) == list(range(n))
 
 

@@ -1,5 +1,6 @@
 """agentforge.train across processes: a run killed with SIGKILL resumes to the exact loss curve of
 an uninterrupted run, and a 2-process torchrun (DDP, gloo) matches a 1-process run."""
+
 import json
 import os
 import signal
@@ -38,8 +39,13 @@ def checkpoint_step(out_dir: Path) -> int:
 
 
 def start_worker(out_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), str(out_dir), *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(out_dir), *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def kill_after_checkpoint(proc: subprocess.Popen, out_dir: Path, step: int) -> None:
@@ -79,8 +85,17 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
 
 
 def torchrun(out_dir: Path, *args: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(WORKER), str(out_dir), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(out_dir),
+        *args,
+    ]
     proc = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 

@@ -5,6 +5,7 @@ launch it under torchrun. Also the home of the tiny model and data every train t
     torchrun --standalone --nproc_per_node 2 tests/train_worker_tiny.py OUT_DIR --steps 6
 
 Rank 0 writes OUT_DIR/result.json: {"step", "losses", "tokens"}."""
+
 import argparse
 import os
 import time
@@ -25,9 +26,17 @@ VOCAB, SEQ = 64, 16
 def tiny_model(seed: int = 0, tie_word_embeddings: bool = False, attention_dropout: float = 0.0) -> LlamaForCausalLM:
     """A 2-layer, 32-wide Llama (about 25k parameters), identical for a given seed. Attention
     dropout makes training consume random numbers, so exact resume needs the RNG states."""
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ * 2,
-                         tie_word_embeddings=tie_word_embeddings, attention_dropout=attention_dropout)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ * 2,
+        tie_word_embeddings=tie_word_embeddings,
+        attention_dropout=attention_dropout,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -51,6 +60,7 @@ def _slowed_loss(delay_s: float):
     def loss_fn(model, batch):
         time.sleep(delay_s)
         return default_loss(model, batch)
+
     return loss_fn
 
 
@@ -67,13 +77,21 @@ def main() -> None:
     args = parser.parse_args()
 
     model = tiny_model(attention_dropout=args.dropout)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=False)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        progress=False,
+    )
     loss_fn = _slowed_loss(args.step_delay) if args.step_delay else None
     result = train(model, counting_dataset(), cfg, optimizer=adamw(model), out_dir=args.out_dir, loss_fn=loss_fn)
     if distributed.is_main():
-        atomic_write_json(os.path.join(args.out_dir, "result.json"),
-                          {"step": result.step, "losses": result.losses, "tokens": result.tokens})
+        atomic_write_json(
+            os.path.join(args.out_dir, "result.json"),
+            {"step": result.step, "losses": result.losses, "tokens": result.tokens},
+        )
     distributed.shutdown()
 
 

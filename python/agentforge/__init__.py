@@ -1,4 +1,5 @@
 """agentforge: ternary (BitNet b1.58) kernels and a pipeline for small reasoning models."""
+
 import torch  # noqa: F401  (must precede the extension: _C links against libtorch)
 
 from agentforge import nn  # noqa: F401  (BitLinear; registers the agentforge_bitnet HF quantizer lazily)
@@ -15,7 +16,6 @@ def load(path, **kwargs):
     from agentforge.loading import load as load_artifact
 
     return load_artifact(path, **kwargs)
-
 
 
 # AutoConfig / AutoModelForCausalLM learn the Cognate model type as soon as transformers' Auto

@@ -1,4 +1,5 @@
 """``python -m agentforge ...`` and ``torchrun ... -m agentforge run ...``: the ``agentforge`` command."""
+
 import sys
 
 from agentforge.cli import main

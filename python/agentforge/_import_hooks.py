@@ -6,6 +6,7 @@ transformers' registries costs seconds, too much for every ``import agentforge``
 finder wraps the loader of each watched module and calls its callbacks once the module body has
 run; if the module is already imported, the callback runs at once.
 """
+
 import importlib.abc
 import sys
 from collections.abc import Callable

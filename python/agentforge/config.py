@@ -18,6 +18,7 @@ Built in layers, each checked before anything is written:
 
 Every mistake raises ``ConfigError`` with one line naming the key and what it accepts.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,8 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def parse_value(text: str, where: str) -> Any:
@@ -93,8 +95,13 @@ class RunConfig:
         return self.phases[phase]
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "preset": self.preset, "data": to_dict(self.data), "tools": to_dict(self.tools),
-                **{name: to_dict(settings) for name, settings in self.phases.items()}}
+        return {
+            "seed": self.seed,
+            "preset": self.preset,
+            "data": to_dict(self.data),
+            "tools": to_dict(self.tools),
+            **{name: to_dict(settings) for name, settings in self.phases.items()},
+        }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -103,12 +110,18 @@ class RunConfig:
 def _preset_values(preset: str, specs) -> dict:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    values: dict[str, Any] = {"seed": 0, "preset": preset, "data": to_dict(DATA_PRESETS[preset]),
-                              "tools": to_dict(ToolSettings())}
+    values: dict[str, Any] = {
+        "seed": 0,
+        "preset": preset,
+        "data": to_dict(DATA_PRESETS[preset]),
+        "tools": to_dict(ToolSettings()),
+    }
     for spec in specs:
         if preset not in spec.presets:
-            raise ConfigError(f"preset {preset!r} is not defined for phase {spec.name} "
-                              f"(it defines: {', '.join(sorted(spec.presets))})")
+            raise ConfigError(
+                f"preset {preset!r} is not defined for phase {spec.name} "
+                f"(it defines: {', '.join(sorted(spec.presets))})"
+            )
         values[spec.name] = to_dict(spec.presets[preset])
     return values
 
@@ -162,13 +175,24 @@ def build(values: dict, specs) -> RunConfig:
         seed = int(seed)  # YAML reads 1e3 as a float
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed: expected an int in [0, {MAX_SEED}], got {shown(seed)}")
-    return RunConfig(seed=seed, preset=values["preset"], data=from_dict(DataSpec, values["data"], "data"),
-                     tools=from_dict(ToolSettings, values["tools"], "tools"),
-                     phases={spec.name: from_dict(spec.settings, values[spec.name], spec.name) for spec in specs})
+    return RunConfig(
+        seed=seed,
+        preset=values["preset"],
+        data=from_dict(DataSpec, values["data"], "data"),
+        tools=from_dict(ToolSettings, values["tools"], "tools"),
+        phases={spec.name: from_dict(spec.settings, values[spec.name], spec.name) for spec in specs},
+    )
 
 
-def resolve(specs, *, preset: str | None = None, file: str | Path | None = None, sets: list[str] = (),
-            saved: dict | None = None, standalone: str | None = None) -> RunConfig:
+def resolve(
+    specs,
+    *,
+    preset: str | None = None,
+    file: str | Path | None = None,
+    sets: list[str] = (),
+    saved: dict | None = None,
+    standalone: str | None = None,
+) -> RunConfig:
     """The validated config: ``saved`` (a resumed run's config) or the preset's, then the file's
     values, then ``sets``. A resumed run keeps its own values unless ``preset`` names another
     preset. ``standalone``: the one phase run alone, whose settings a bare ``--set KEY`` names."""

@@ -1,6 +1,7 @@
 """No long silences: while a phase runs, a line at least every ``HEARTBEAT_SECONDS`` saying what it
 is doing (a training stage: step n of N, its loss and the time left; anything else: the step and
 how long it has run), unless a progress bar is on screen already."""
+
 from __future__ import annotations
 
 import threading

@@ -17,6 +17,7 @@ the prompt with the base weights, the prompt's class's weights answer it), and t
 thinking head (``think=True`` thinks before each token). A part that is present but cannot be
 attached is an error, never a silent drop.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,7 +48,7 @@ def _phase_artifact(phase_dir: Path, artifact: str | None) -> Path:
     for key, value in rundir.absolute_artifacts(phase_dir, record).items():
         if key == DATA_ARTIFACT:
             continue
-        for name, path in ([(p.name, p) for p in value] if isinstance(value, list) else [(key, value)]):
+        for name, path in [(p.name, p) for p in value] if isinstance(value, list) else [(key, value)]:
             models[name], recorded_as[name] = path, key
     name = artifact or next((n for n in PREFERRED if n in models), None)
     if name not in models:
@@ -100,10 +101,18 @@ class Agent(nn.Module):
         return {"experts": self.experts is not None, "thinking": self.thinker is not None}
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 max_new_tokens: int = 32, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 think: bool | None = None, on_token: Callable[[torch.Tensor], None] | None = None,
-                 **_) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        think: bool | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+        **_,
+    ) -> torch.Tensor:
         """Greedy decoding: pass one routes each row (with experts), pass two answers each class's
         rows under its weights, thinking before each token when ``think`` (default: the Agent's)."""
         eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
@@ -123,7 +132,7 @@ class Agent(nn.Module):
         width = max(t.numel() for t in new.values())
         out = torch.full((len(routes), width), pad, dtype=input_ids.dtype)
         for i, tokens in new.items():
-            out[i, :tokens.numel()] = tokens
+            out[i, : tokens.numel()] = tokens
         return torch.cat((input_ids, out), dim=1)
 
     def _weights(self, cls: str):
@@ -131,12 +140,21 @@ class Agent(nn.Module):
 
     def _decode(self, ids, mask, max_new_tokens: int, eos: int, pad: int, think: bool, on_token) -> torch.Tensor:
         if self.thinker is not None:
-            return self.thinker.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, think=think,
-                                         on_token=on_token)
+            return self.thinker.generate(
+                ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, think=think, on_token=on_token
+            )
         streamer = _Streamer(on_token) if on_token is not None else None
-        out = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                               num_beams=1, eos_token_id=eos, pad_token_id=pad, streamer=streamer)
-        return out[:, ids.shape[1]:]
+        out = self.lm.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            streamer=streamer,
+        )
+        return out[:, ids.shape[1] :]
 
     def complete(self, prompts: list[str] | str, *, max_new_tokens: int = 32, think: bool | None = None) -> list[str]:
         """Each prompt's greedy completion, up to the end-of-sequence token, as text."""
@@ -161,16 +179,23 @@ class Agent(nn.Module):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return messages[-1]["content"]
 
-    def chat(self, messages: list[dict], *, max_new_tokens: int = 128, think: bool | None = None,
-             stream: Callable[[str], None] | None = None) -> str:
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        max_new_tokens: int = 128,
+        think: bool | None = None,
+        stream: Callable[[str], None] | None = None,
+    ) -> str:
         """The assistant's reply to ``messages``; ``stream(text)`` receives it piece by piece."""
         ids = self.tokenizer(self.chat_prompt(messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
         pieces = _TextPieces(self.tokenizer, stream) if stream is not None else None
-        out = self.generate(ids, max_new_tokens=max_new_tokens, think=think,
-                            on_token=pieces.add if pieces is not None else None)
-        tokens = out[0, ids.shape[1]:].tolist()
+        out = self.generate(
+            ids, max_new_tokens=max_new_tokens, think=think, on_token=pieces.add if pieces is not None else None
+        )
+        tokens = out[0, ids.shape[1] :].tolist()
         eos = self.tokenizer.eos_token_id
-        tokens = tokens[:tokens.index(eos)] if eos in tokens else tokens
+        tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
@@ -204,7 +229,7 @@ class _TextPieces:
         self.tokens.append(value)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # a multi-byte character still incomplete
-            self.stream(text[len(self.shown):])
+            self.stream(text[len(self.shown) :])
             self.shown = text
 
 
@@ -222,8 +247,10 @@ def _attach(lm, tokenizer, metadata: dict, directory: Path, think: bool) -> Agen
             packed = any(isinstance(m, BitLinear) and m.state == "packed" for m in lm.modules())
             if packed or not any(isinstance(m, BitLinear) for m in lm.modules()):
                 if not (directory / DEPLOYED_FILE).is_file():
-                    raise CorruptArtifact(f"{directory}: experts.json without {DEPLOYED_FILE}: the experts cannot be "
-                                          "attached to this model (re-run the experts phase)")
+                    raise CorruptArtifact(
+                        f"{directory}: experts.json without {DEPLOYED_FILE}: the experts cannot be "
+                        "attached to this model (re-run the experts phase)"
+                    )
                 experts = DeployedExperts.attach(lm, directory)
             else:
                 experts = _LatentExperts.attach(lm, directory)

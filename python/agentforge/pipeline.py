@@ -18,6 +18,7 @@ Under torchrun every rank runs each phase (training is data-parallel); rank 0 al
 lock and writes run.json, phase.json, the registry and the report, and tells the other ranks
 what it decided (``distributed.on_main``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,15 +84,17 @@ def _selection(run_dir: Path, phases: list[PhaseSpec], start: str | None, stop: 
     last = names.index(find_phase(stop, phases, "--to").name) if stop else len(phases) - 1
     if first > last:
         raise ConfigError(f"--from {start} comes after --to {stop}")
-    selected = names[first:last + 1]
-    for spec in phases[first:last + 1]:
+    selected = names[first : last + 1]
+    for spec in phases[first : last + 1]:
         sources = [(need.producer, need.artifact) for need in spec.needs.values()]
         if spec is not phases[0]:
             sources.append((phases[0].name, DATA_ARTIFACT))
         for producer, artifact in sources:
             if producer not in selected and rundir.read_record(run_dir / find_phase(producer, phases).dirname) is None:
-                raise ConfigError(f"{spec.name} needs {producer}.{artifact}, but {run_dir} holds no completed "
-                                  f"{producer} phase; run {producer} first (start earlier than --from {spec.name})")
+                raise ConfigError(
+                    f"{spec.name} needs {producer}.{artifact}, but {run_dir} holds no completed "
+                    f"{producer} phase; run {producer} first (start earlier than --from {spec.name})"
+                )
     return selected
 
 
@@ -104,8 +107,10 @@ def _tool_isolation(config: configuration.RunConfig) -> dict:
         return describe_isolation(config.tools.python)
     except SandboxUnavailable as e:
         reason = str(e).split(";")[0]  # the library's own advice names its argument, not the config key
-        raise ConfigError(f"{reason}; to run the Python tool without OS isolation, set "
-                          "tools.python=unsafe-inprocess (recorded in run.json)") from None
+        raise ConfigError(
+            f"{reason}; to run the Python tool without OS isolation, set "
+            "tools.python=unsafe-inprocess (recorded in run.json)"
+        ) from None
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
@@ -117,10 +122,18 @@ def _check_new_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"--out {run_dir} exists and is not an empty directory")
 
 
-def prepare(*, out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-            preset: str | None = None, config_file: str | os.PathLike | None = None, sets: list[str] = (),
-            start: str | None = None, stop: str | None = None, allow_config_change: bool = False,
-            phases: list[PhaseSpec] | None = None) -> Run:
+def prepare(
+    *,
+    out: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    sets: list[str] = (),
+    start: str | None = None,
+    stop: str | None = None,
+    allow_config_change: bool = False,
+    phases: list[PhaseSpec] | None = None,
+) -> Run:
     """Validate a run before anything is written: its directory, config, phase selection and the
     inputs of the phases it will run. Raises ``ConfigError`` (one line) for anything wrong."""
     phases = default_phases() if phases is None else phases
@@ -134,16 +147,23 @@ def prepare(*, out: str | os.PathLike | None = None, resume: str | os.PathLike |
         config = configuration.resolve(phases, preset=preset, file=config_file, sets=sets, saved=saved["config"])
         change = configuration.first_difference(saved["config"], config.to_dict())
         if change and not allow_config_change:
-            raise ConfigError(f"the config differs from the one {run_dir} was started with ({change}); "
-                              "pass --allow-config-change to rerun the phases it affects")
+            raise ConfigError(
+                f"the config differs from the one {run_dir} was started with ({change}); "
+                "pass --allow-config-change to rerun the phases it affects"
+            )
         info = {**saved, "config": config.to_dict(), "from": start, "to": stop}
     else:
         run_dir = Path(out if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).absolute()
         _check_new_run_dir(run_dir)
         config = configuration.resolve(phases, preset=preset, file=config_file, sets=sets)
         created = rundir.now()
-        info = {"id": f"{run_dir.name}-{created[:19].replace(':', '').replace('-', '')}", "created": created,
-                "config": config.to_dict(), "from": start, "to": stop}
+        info = {
+            "id": f"{run_dir.name}-{created[:19].replace(':', '').replace('-', '')}",
+            "created": created,
+            "config": config.to_dict(),
+            "from": start,
+            "to": stop,
+        }
     holder = rundir.lock_holder(run_dir)
     if holder is not None:
         raise ConfigError(f"{run_dir} is held by another run (pid {holder})")
@@ -154,8 +174,9 @@ def prepare(*, out: str | os.PathLike | None = None, resume: str | os.PathLike |
     if first.name not in selected and len(selected) > 0:
         record = rundir.read_record(run_dir / first.dirname)
         if record is not None and DATA_ARTIFACT in record["artifacts"]:
-            _check_data_spec(rundir.absolute_artifacts(run_dir / first.dirname, record)[DATA_ARTIFACT], config,
-                             first.name)
+            _check_data_spec(
+                rundir.absolute_artifacts(run_dir / first.dirname, record)[DATA_ARTIFACT], config, first.name
+            )
     return Run(run_dir, info, config, phases, selected)
 
 
@@ -223,12 +244,18 @@ def _record_status(run: Run, status: str, error: str | None = None) -> None:
         registry.record_run(run.info["id"], run.dir, run.info["config"], status, run.info["created"])
 
 
-def _run_phase(run: Run, spec: PhaseSpec, label: str, wandb_mode: str | None, progress: bool,
-               say: Callable[[str], None]) -> None:
+def _run_phase(
+    run: Run, spec: PhaseSpec, label: str, wandb_mode: str | None, progress: bool, say: Callable[[str], None]
+) -> None:
     phase_dir = run.dir / spec.dirname
     inputs, digests = distributed.on_main(_gather_inputs, run, spec)
-    start = {"phase": spec.name, "settings": to_dict(run.config[spec.name]), "data": to_dict(run.config.data),
-             "seed": run.config.seed, "inputs": digests}
+    start = {
+        "phase": spec.name,
+        "settings": to_dict(run.config[spec.name]),
+        "data": to_dict(run.config.data),
+        "seed": run.config.seed,
+        "inputs": digests,
+    }
     state = distributed.on_main(_prepare_phase_dir, run, spec, start)
     if state == "complete":
         say(f"{label}: complete, reused")
@@ -254,8 +281,7 @@ def _run_phase(run: Run, spec: PhaseSpec, label: str, wandb_mode: str | None, pr
     )
     result = phase_run.run()
     distributed.barrier()
-    distributed.on_main(_finish_phase, run, spec, result.artifacts, result.metrics, start,
-                        time.perf_counter() - began)
+    distributed.on_main(_finish_phase, run, spec, result.artifacts, result.metrics, start, time.perf_counter() - began)
     say(f"{label}: done in {time.perf_counter() - began:.1f} s")
 
 
@@ -268,8 +294,10 @@ def _handoff(run: Run, producer: str, artifact: str, consumer: str, name: str) -
     problems = rundir.verify(source_dir, record, [artifact] if record and artifact in record["artifacts"] else None)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise PipelineError(f"{consumer} needs {producer}.{artifact}, but {source_dir} is not intact: "
-                            f"{problems[0]}{more}; re-run {producer}")
+        raise PipelineError(
+            f"{consumer} needs {producer}.{artifact}, but {source_dir} is not intact: "
+            f"{problems[0]}{more}; re-run {producer}"
+        )
     value = rundir.absolute_artifacts(source_dir, record)[artifact]
     try:
         source.provides[artifact](value)
@@ -295,16 +323,21 @@ def _check_data_spec(path: Path, config: configuration.RunConfig, first: str) ->
     from agentforge.data.spec import read_data_spec
 
     recorded, seed = read_data_spec(path)
-    change = configuration.first_difference({"data": to_dict(recorded), "seed": seed},
-                                            {"data": to_dict(config.data), "seed": config.seed})
+    change = configuration.first_difference(
+        {"data": to_dict(recorded), "seed": seed}, {"data": to_dict(config.data), "seed": config.seed}
+    )
     if change:
-        raise ConfigError(f"the run's data spec ({path}) and the config differ: {change}; the held-out data is "
-                          f"fixed by {first}, so rerun it (--from {first}) to change it")
+        raise ConfigError(
+            f"the run's data spec ({path}) and the config differ: {change}; the held-out data is "
+            f"fixed by {first}, so rerun it (--from {first}) to change it"
+        )
 
 
 def _bytes_of(value) -> int:
-    return sum(p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-               for p in rundir.artifact_paths(value))
+    return sum(
+        p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        for p in rundir.artifact_paths(value)
+    )
 
 
 def _check_free_space(run: Run, spec: PhaseSpec, inputs: dict) -> None:
@@ -317,8 +350,11 @@ def _check_free_space(run: Run, spec: PhaseSpec, inputs: dict) -> None:
     needed = spec.disk_needed(run.config[spec.name], sum(_bytes_of(v) for v in inputs.values()))
     free = shutil.disk_usage(run.dir).free
     if free < needed:
-        raise DiskFull(28, f"the disk holding {run.dir} has {free / 2**20:.0f} MiB free; {spec.name} needs about "
-                           f"{needed / 2**20:.0f} MiB; free some space (or move the run), then resume")
+        raise DiskFull(
+            28,
+            f"the disk holding {run.dir} has {free / 2**20:.0f} MiB free; {spec.name} needs about "
+            f"{needed / 2**20:.0f} MiB; free some space (or move the run), then resume",
+        )
 
 
 def _same_start(record: dict | None, start: dict) -> bool:

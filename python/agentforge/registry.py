@@ -17,6 +17,7 @@ The registry is derived data: everything in it comes from the phase records. A d
 rebuilt from them (``open_registry``), and a run directory that cannot be written (read-only, a
 copy) is read through a registry built in memory (``registry_of``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,7 +100,8 @@ class Registry:
                 "INSERT INTO runs (id, dir, status, config, created, updated) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET dir=excluded.dir, status=excluded.status, "
                 "config=excluded.config, updated=excluded.updated",
-                (run_id, str(run_dir), status, json.dumps(config), created, now()))
+                (run_id, str(run_dir), status, json.dumps(config), created, now()),
+            )
 
     def forget_phase(self, run_id: str, phase: str) -> None:
         """Delete a phase's models and the handoffs to and from it (it is not complete any more)."""
@@ -115,14 +117,22 @@ class Registry:
             self.conn.executemany(
                 "INSERT INTO models (run, id, phase, artifact, name, path, parameters, bytes, sha256, metrics, "
                 "parents) VALUES (:run, :id, :phase, :artifact, :name, :path, :parameters, :bytes, :sha256, "
-                ":metrics, :parents)", rows)
+                ":metrics, :parents)",
+                rows,
+            )
             for input_name, need in spec.needs.items():
-                ids = [r["id"] for r in self.conn.execute(
-                    "SELECT id FROM models WHERE run=? AND phase=? AND artifact=? ORDER BY rowid",
-                    (run_id, need.producer, need.artifact))]
-                self.conn.execute("INSERT INTO handoffs (run, from_phase, artifact, to_phase, input, models) "
-                                  "VALUES (?, ?, ?, ?, ?, ?)",
-                                  (run_id, need.producer, need.artifact, spec.name, input_name, json.dumps(ids)))
+                ids = [
+                    r["id"]
+                    for r in self.conn.execute(
+                        "SELECT id FROM models WHERE run=? AND phase=? AND artifact=? ORDER BY rowid",
+                        (run_id, need.producer, need.artifact),
+                    )
+                ]
+                self.conn.execute(
+                    "INSERT INTO handoffs (run, from_phase, artifact, to_phase, input, models) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, need.producer, need.artifact, spec.name, input_name, json.dumps(ids)),
+                )
 
     def _delete_phase(self, run_id: str, phase: str) -> None:
         self.conn.execute("DELETE FROM models WHERE run=? AND phase=?", (run_id, phase))
@@ -138,7 +148,7 @@ class Registry:
                 path = phase_dir / relative
                 name = relative.name if isinstance(value, list) else artifact
                 prefix = relative.as_posix()
-                files = {k[len(prefix) + 1:]: v for k, v in record["files"].items() if k.startswith(prefix + "/")}
+                files = {k[len(prefix) + 1 :]: v for k, v in record["files"].items() if k.startswith(prefix + "/")}
                 if not files:  # a single-file artifact
                     files = {relative.name: record["files"][prefix]}
                 sizes = [size for k, size in record["sizes"].items() if k == prefix or k.startswith(prefix + "/")]
@@ -173,16 +183,20 @@ class Registry:
 
     def runs(self) -> list[dict]:
         """Every run row, oldest first, with ``config`` decoded."""
-        return [{**dict(r), "config": json.loads(r["config"])}
-                for r in self.conn.execute("SELECT * FROM runs ORDER BY created, id")]
+        return [
+            {**dict(r), "config": json.loads(r["config"])}
+            for r in self.conn.execute("SELECT * FROM runs ORDER BY created, id")
+        ]
 
     def models(self, run_id: str | None = None) -> list[dict]:
         """Model rows in the order they were recorded, with ``metrics`` and ``parents`` decoded."""
         query, args = "SELECT * FROM models", ()
         if run_id is not None:
             query, args = query + " WHERE run=?", (run_id,)
-        return [{**dict(r), "metrics": json.loads(r["metrics"]), "parents": json.loads(r["parents"])}
-                for r in self.conn.execute(query + " ORDER BY rowid", args)]
+        return [
+            {**dict(r), "metrics": json.loads(r["metrics"]), "parents": json.loads(r["parents"])}
+            for r in self.conn.execute(query + " ORDER BY rowid", args)
+        ]
 
     def handoffs(self, run_id: str | None = None) -> list[dict]:
         """Handoff rows, with ``models`` decoded."""
@@ -248,7 +262,8 @@ def registry_of(run_dir: Path, phases) -> Registry:
     info = read_run(run_dir) or {}
     registry = Registry(":memory:")
     run_id = info.get("id", run_dir.name)
-    registry.record_run(run_id, run_dir, info.get("config", {}), info.get("status", "unknown"),
-                        info.get("created", now()))
+    registry.record_run(
+        run_id, run_dir, info.get("config", {}), info.get("status", "unknown"), info.get("created", now())
+    )
     fill(registry, run_dir, run_id, phases)
     return registry

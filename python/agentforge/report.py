@@ -13,6 +13,7 @@ plot is a matplotlib PNG embedded as a data URI), rebuilt from what is on disk:
 
 Under every figure the files it was drawn from are named, relative to the run directory.
 """
+
 from __future__ import annotations
 
 import base64
@@ -65,8 +66,10 @@ def _png(fig) -> str:
 
 def _figure(run_dir: Path, title: str, fig, sources: list) -> str:
     names = ", ".join(f'<span class="source">{_esc(_relative(run_dir, Path(s)))}</span>' for s in sources)
-    return (f'<figure><img src="{_png(fig)}" alt="{_esc(title)}">'
-            f"<figcaption><b>{_esc(title)}</b>. Source: {names}</figcaption></figure>")
+    return (
+        f'<figure><img src="{_png(fig)}" alt="{_esc(title)}">'
+        f"<figcaption><b>{_esc(title)}</b>. Source: {names}</figcaption></figure>"
+    )
 
 
 def _relative(run_dir: Path, path: Path) -> str:
@@ -97,8 +100,11 @@ def training_curves(phase_dir: Path) -> list[tuple[str, Any, list[Path]]]:
     for path in sorted(phase_dir.rglob(METRICS_FILE)):
         if any(part.startswith(".") for part in path.relative_to(phase_dir).parts):
             continue  # a temp directory of an unfinished write
-        points = [(r["step"], r["loss"]) for r in _rows(path)
-                  if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))]
+        points = [
+            (r["step"], r["loss"])
+            for r in _rows(path)
+            if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))
+        ]
         if points:
             curves.append((path, points))
     if not curves:
@@ -109,8 +115,10 @@ def training_curves(phase_dir: Path) -> list[tuple[str, Any, list[Path]]]:
     for index, (path, points) in enumerate(curves):
         ax = fig.add_subplot(rows, columns, index + 1)
         ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
-        ax.set_title(path.parent.relative_to(phase_dir).as_posix() if path.parent != phase_dir else phase_dir.name,
-                     fontsize="medium")
+        ax.set_title(
+            path.parent.relative_to(phase_dir).as_posix() if path.parent != phase_dir else phase_dir.name,
+            fontsize="medium",
+        )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss")
         integer_ticks(ax.xaxis)
@@ -127,8 +135,10 @@ def phase_figures(phase_dir: Path, spec) -> list[tuple[str, Any, list[Path]]]:
     figures = list(module.figures(phase_dir))
     for entry in figures:
         if len(entry) != 3 or not entry[2]:
-            raise ValueError(f"{module.__name__}.figures() must return (title, Figure, [source files]) "
-                             f"entries; got one of length {len(entry)} for {entry[0]!r}")
+            raise ValueError(
+                f"{module.__name__}.figures() must return (title, Figure, [source files]) "
+                f"entries; got one of length {len(entry)} for {entry[0]!r}"
+            )
     return figures
 
 
@@ -193,9 +203,15 @@ def lineage_figure(models: list[dict]):
     boxes = {}
     for model in models:
         params = f"  ({model['parameters']:,} params)" if model["parameters"] else ""
-        boxes[model["id"]] = ax.text(*position[model["id"]], model["id"] + params, ha="center", va="center",
-                                     fontsize=9, zorder=3, bbox={"boxstyle": "round", "facecolor": "white",
-                                                                 "edgecolor": colours[model["phase"]], "linewidth": 2})
+        boxes[model["id"]] = ax.text(
+            *position[model["id"]],
+            model["id"] + params,
+            ha="center",
+            va="center",
+            fontsize=9,
+            zorder=3,
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": colours[model["phase"]], "linewidth": 2},
+        )
     for model in models:
         for parent in model["parents"]:
             if parent not in position or parent == model["id"]:
@@ -204,10 +220,22 @@ def lineage_figure(models: list[dict]):
             bend = 0.0 if y0 - y1 <= 1 else (-0.35 if x1 <= x0 else 0.35)  # bow away from the boxes in between
             # drawn above the boxes (zorder 4), so that each box has its place on the page when the
             # arrow is clipped to the edges of the two boxes it joins
-            ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=12, color="#555",
-                                         lw=1, connectionstyle=f"arc3,rad={bend}", zorder=4,
-                                         patchA=boxes[parent].get_bbox_patch(),
-                                         patchB=boxes[model["id"]].get_bbox_patch(), shrinkA=2, shrinkB=2))
+            ax.add_patch(
+                FancyArrowPatch(
+                    (x0, y0),
+                    (x1, y1),
+                    arrowstyle="-|>",
+                    mutation_scale=12,
+                    color="#555",
+                    lw=1,
+                    connectionstyle=f"arc3,rad={bend}",
+                    zorder=4,
+                    patchA=boxes[parent].get_bbox_patch(),
+                    patchB=boxes[model["id"]].get_bbox_patch(),
+                    shrinkA=2,
+                    shrinkB=2,
+                )
+            )
     ax.set_xlim(-0.5, widest - 0.5)
     ax.set_ylim(-len(rows) + 0.5, 0.5)
     ax.axis("off")
@@ -232,10 +260,16 @@ def _summary_section(run_dir: Path, info: dict | None, states: dict[str, str]) -
     info = info or {}
     config = info.get("config", {})
     done = sum(state == "completed" for state in states.values())
-    items = [("directory", run_dir), ("run id", info.get("id", "?")), ("preset", config.get("preset", "?")),
-             ("seed", config.get("seed", "?")), ("status", info.get("status", "?")),
-             ("phases completed", f"{done} of {len(states)}"), ("created", info.get("created", "?")),
-             ("updated", info.get("updated", "?"))]
+    items = [
+        ("directory", run_dir),
+        ("run id", info.get("id", "?")),
+        ("preset", config.get("preset", "?")),
+        ("seed", config.get("seed", "?")),
+        ("status", info.get("status", "?")),
+        ("phases completed", f"{done} of {len(states)}"),
+        ("created", info.get("created", "?")),
+        ("updated", info.get("updated", "?")),
+    ]
     if info.get("error"):
         items.append(("error", info["error"]))
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items)
@@ -254,24 +288,34 @@ def _phase_table(run_dir: Path, phases, states: dict[str, str]) -> str:
         shown = (
             f"<details><summary>{len(numbers)} metrics</summary><table>{details}</table></details>" if numbers else ""
         )
-        artifacts = ", ".join(f"{k} ({len(v)})" if isinstance(v, list) else k
-                              for k, v in (record or {}).get("artifacts", {}).items())
+        artifacts = ", ".join(
+            f"{k} ({len(v)})" if isinstance(v, list) else k for k, v in (record or {}).get("artifacts", {}).items()
+        )
         css = state.split(" ")[0].replace("not", "skipped")  # "not started" is greyed
         seconds = _fmt(row["seconds"]) if "seconds" in row else ""
-        body.append(f"<tr><td class=num>{spec.number}</td><td>{_esc(spec.name)}</td><td class={css}>{_esc(state)}</td>"
-                    f"<td class=num>{_esc(seconds)}</td><td>{_esc(artifacts)}</td><td>{shown}</td></tr>")
+        body.append(
+            f"<tr><td class=num>{spec.number}</td><td>{_esc(spec.name)}</td><td class={css}>{_esc(state)}</td>"
+            f"<td class=num>{_esc(seconds)}</td><td>{_esc(artifacts)}</td><td>{shown}</td></tr>"
+        )
     head = "<tr><th>#</th><th>phase</th><th>state</th><th>seconds</th><th>artifacts</th><th>metrics</th></tr>"
-    return (f'<section id="phases"><h2>Phases</h2><table>{head}{"".join(body)}</table>'
-            f'<p class="source">Source: {METRICS_FILE}, NN-phase/phase.json</p></section>')
+    return (
+        f'<section id="phases"><h2>Phases</h2><table>{head}{"".join(body)}</table>'
+        f'<p class="source">Source: {METRICS_FILE}, NN-phase/phase.json</p></section>'
+    )
 
 
 def _effect_cells(effect: dict) -> str:
-    interval = (f"[{_fmt(effect['low'])}, {_fmt(effect['high'])}]"
-                if effect.get("low") is not None and effect.get("high") is not None else "not measured")
+    interval = (
+        f"[{_fmt(effect['low'])}, {_fmt(effect['high'])}]"
+        if effect.get("low") is not None and effect.get("high") is not None
+        else "not measured"
+    )
     css = {"helped": "helped", "hurt": "hurt"}.get(effect["verdict"], "none")
-    return (f"<td>{_esc(effect['what'])} <small>(vs {_esc(effect['control'])}; {_esc(effect['better'])} is better)"
-            f"</small></td><td class='num nowrap'>{_esc(effect['value'])}</td><td class='num nowrap'>{_esc(interval)}"
-            f"</td><td class='{css} nowrap'><b>{_esc(effect['verdict'])}</b></td>")
+    return (
+        f"<td>{_esc(effect['what'])} <small>(vs {_esc(effect['control'])}; {_esc(effect['better'])} is better)"
+        f"</small></td><td class='num nowrap'>{_esc(effect['value'])}</td><td class='num nowrap'>{_esc(interval)}"
+        f"</td><td class='{css} nowrap'><b>{_esc(effect['verdict'])}</b></td>"
+    )
 
 
 def _verdict_table(run_dir: Path, phases, states: dict[str, str]) -> str:
@@ -291,23 +335,28 @@ def _verdict_table(run_dir: Path, phases, states: dict[str, str]) -> str:
         "<tr><th>#</th><th>phase</th><th>headline effect on held-out data</th><th>value</th><th>95 % interval</th>"
         "<th>verdict</th></tr>"
     )
-    return (f'<section id="verdicts"><h2>What each phase did</h2><table class=verdicts>{header}{"".join(body)}</table>'
-            "<p>Value: the phase's model against its control, as a difference (no change: 0) or, where the effect "
-            "is a ratio, as a ratio (no change: 1). Verdict: <i>helped</i> or <i>hurt</i> when the 95 % interval "
-            "excludes no change, otherwise <i>no measurable effect</i>. "
-            '<span class="source">Source: NN-phase/summary.json (effects)</span></p></section>')
+    return (
+        f'<section id="verdicts"><h2>What each phase did</h2><table class=verdicts>{header}{"".join(body)}</table>'
+        "<p>Value: the phase's model against its control, as a difference (no change: 0) or, where the effect "
+        "is a ratio, as a ratio (no change: 1). Verdict: <i>helped</i> or <i>hurt</i> when the 95 % interval "
+        "excludes no change, otherwise <i>no measurable effect</i>. "
+        '<span class="source">Source: NN-phase/summary.json (effects)</span></p></section>'
+    )
 
 
 def _lineage_section(run_dir: Path, models: list[dict]) -> str:
     if not models:
         return '<section id="lineage"><h2>Model lineage</h2><p>No models registered yet.</p></section>'
-    fig = _figure(run_dir, "Model lineage (arrows from parent to child)", lineage_figure(models),
-                  [run_dir / "registry.sqlite"])
+    fig = _figure(
+        run_dir, "Model lineage (arrows from parent to child)", lineage_figure(models), [run_dir / "registry.sqlite"]
+    )
     head = "<tr><th>model</th><th>path</th><th>parameters</th><th>bytes</th><th>sha256</th><th>parents</th></tr>"
-    rows = "".join(f"<tr><td>{_esc(m['id'])}</td><td class=source>{_esc(m['path'])}</td>"
-                   f"<td class=num>{_esc(m['parameters'] or '')}</td><td class=num>{_esc(m['bytes'])}</td>"
-                   f"<td class=source>{_esc(m['sha256'][:16])}</td><td>{_esc(', '.join(m['parents']) or '-')}</td></tr>"
-                   for m in models)
+    rows = "".join(
+        f"<tr><td>{_esc(m['id'])}</td><td class=source>{_esc(m['path'])}</td>"
+        f"<td class=num>{_esc(m['parameters'] or '')}</td><td class=num>{_esc(m['bytes'])}</td>"
+        f"<td class=source>{_esc(m['sha256'][:16])}</td><td>{_esc(', '.join(m['parents']) or '-')}</td></tr>"
+        for m in models
+    )
     return f'<section id="lineage"><h2>Model lineage</h2>{fig}<table>{head}{rows}</table></section>'
 
 
@@ -332,15 +381,20 @@ def render(run_dir: Path, phases) -> str:
         _summary_section(run_dir, info, states),
         _phase_table(run_dir, phases, states),
         '<section id="training"><h2>Training curves</h2>'
-        + ("".join(_figure(run_dir, *c) for c in curves) or "<p>No training metrics yet.</p>") + "</section>",
+        + ("".join(_figure(run_dir, *c) for c in curves) or "<p>No training metrics yet.</p>")
+        + "</section>",
         '<section id="phase-figures"><h2>Phase results</h2>'
-        + ("".join(_figure(run_dir, *f) for f in own) or "<p>No phase figures yet.</p>") + "</section>",
+        + ("".join(_figure(run_dir, *f) for f in own) or "<p>No phase figures yet.</p>")
+        + "</section>",
         _lineage_section(run_dir, models),
         '<section id="config"><h2>Configuration</h2><pre>'
-        + _esc(json.dumps((info or {}).get("config", {}), indent=2)) + "</pre></section>",
+        + _esc(json.dumps((info or {}).get("config", {}), indent=2))
+        + "</pre></section>",
     ]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def write_report(run_dir: str | Path, phases) -> Path:

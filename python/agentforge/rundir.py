@@ -20,6 +20,7 @@ recorded size; what ``status``, the report and resume decisions read, with no ha
 ``agentforge status --verify``). Artifact paths resolve only inside their own phase directory.
 Hidden files (``.DS_Store``, editor swap files) are never part of a record and never block one.
 """
+
 from __future__ import annotations
 
 import errno
@@ -186,16 +187,20 @@ def artifact_files(root: Path, value: Any) -> dict[str, str]:
 def _inside(phase_dir: Path, relative: str) -> Path:
     path = (phase_dir / relative).resolve()
     if not path.is_relative_to(phase_dir.resolve()) or Path(relative).is_absolute():
-        raise PipelineError(f"{phase_dir / PHASE_FILE}: artifact path {relative!r} leaves the phase directory; "
-                            "the record has been edited, re-run the phase")
+        raise PipelineError(
+            f"{phase_dir / PHASE_FILE}: artifact path {relative!r} leaves the phase directory; "
+            "the record has been edited, re-run the phase"
+        )
     return phase_dir / relative
 
 
 def absolute_artifacts(phase_dir: Path, record: dict) -> dict[str, Any]:
     """The record's artifacts (stored relative to the phase directory) as paths; a path that
     leaves the phase directory is refused."""
-    return {name: [_inside(phase_dir, p) for p in value] if isinstance(value, list) else _inside(phase_dir, value)
-            for name, value in record["artifacts"].items()}
+    return {
+        name: [_inside(phase_dir, p) for p in value] if isinstance(value, list) else _inside(phase_dir, value)
+        for name, value in record["artifacts"].items()
+    }
 
 
 def artifact_digest(record: dict, name: str) -> str:
@@ -218,9 +223,12 @@ def read_record(phase_dir: Path, name: str = PHASE_FILE) -> dict | None:
         return None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         return None
-    if name == PHASE_FILE and not (isinstance(record.get("files"), dict) and isinstance(record.get("sizes"), dict)
-                                   and isinstance(record.get("artifacts"), dict)
-                                   and isinstance(record.get("seconds"), (int, float))):
+    if name == PHASE_FILE and not (
+        isinstance(record.get("files"), dict)
+        and isinstance(record.get("sizes"), dict)
+        and isinstance(record.get("artifacts"), dict)
+        and isinstance(record.get("seconds"), (int, float))
+    ):
         return None
     return record
 
@@ -269,8 +277,15 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def finished_record(phase_dir: Path, start: dict, relative_artifacts: dict[str, Any], reports: list[str],
-                    metrics: dict, seconds: float, world_size: int) -> dict:
+def finished_record(
+    phase_dir: Path,
+    start: dict,
+    relative_artifacts: dict[str, Any],
+    reports: list[str],
+    metrics: dict,
+    seconds: float,
+    world_size: int,
+) -> dict:
     """The ``phase.json`` content of a finished phase: ``start`` plus its artifacts (paths relative
     to the phase directory), the sha256 and size of every artifact and report file, its metrics."""
     files = {}
@@ -280,8 +295,16 @@ def finished_record(phase_dir: Path, start: dict, relative_artifacts: dict[str, 
         if (phase_dir / name).is_file():
             files[name] = sha256_file(phase_dir / name)
     sizes = {name: (phase_dir / name).stat().st_size for name in files}
-    return {**start, "artifacts": relative_artifacts, "files": files, "sizes": sizes, "metrics": metrics,
-            "seconds": round(seconds, 3), "world_size": world_size, "completed": now()}
+    return {
+        **start,
+        "artifacts": relative_artifacts,
+        "files": files,
+        "sizes": sizes,
+        "metrics": metrics,
+        "seconds": round(seconds, 3),
+        "world_size": world_size,
+        "completed": now(),
+    }
 
 
 def write_record(phase_dir: Path, record: dict, name: str = PHASE_FILE) -> None:
@@ -300,7 +323,7 @@ def remove_dead_temps(root: Path) -> list[Path]:
     writer is active. Returns the entries that were there."""
     found = [p for p in root.rglob(".*") if ".tmp-" in p.name or p.name.endswith(".old")]
     for entry in found:
-        name = entry.name[1:entry.name.index(".tmp-")] if ".tmp-" in entry.name else entry.name[1:-len(".old")]
+        name = entry.name[1 : entry.name.index(".tmp-")] if ".tmp-" in entry.name else entry.name[1 : -len(".old")]
         recover_directory(entry.parent / name)
     return found
 

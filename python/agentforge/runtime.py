@@ -18,6 +18,7 @@ Under torchrun every rank runs the phase: ``step`` computes on rank 0 and hands 
 value, ``model_step`` builds on every rank (training is data-parallel) and saves on rank 0 behind
 a barrier, and ``finish`` writes the summary and metrics on rank 0.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,6 @@ MEASURED = ("phase_seconds", "phase_peak_rss_bytes")
 
 
 @dataclass(frozen=True)
-
 class Input:
     """One input of a phase: ``source`` is ``"producer.artifact"`` in the pipeline, ``help`` is its
     standalone command-line help, ``many`` marks a list of model directories."""
@@ -143,8 +143,9 @@ class PhaseSpec:
         """Every provided artifact is there and keeps its contract (``HandoffError`` otherwise)."""
         missing = [name for name in self.provides if name not in artifacts]
         if missing:
-            raise HandoffError(f"{self.name} did not hand over {', '.join(missing)} "
-                               f"(it returned: {', '.join(artifacts) or 'nothing'})")
+            raise HandoffError(
+                f"{self.name} did not hand over {', '.join(missing)} (it returned: {', '.join(artifacts) or 'nothing'})"
+            )
         for name, contract in self.provides.items():
             try:
                 contract(artifacts[name])
@@ -233,17 +234,31 @@ class PhaseRun:
     inputs' files (the pipeline does, once per handoff); otherwise ``load`` hash-checks them.
     ``tools``: the run's ``ToolSettings`` (the Python tool's isolation, in force while ``run`` runs)."""
 
-    def __init__(self, spec: PhaseSpec, settings: Any, inputs: dict[str, Any], out_dir: str | os.PathLike, *,
-                 seed: int, data, tools=None, digests: dict[str, str] | None = None, verified: bool = False,
-                 wandb_mode: str | None = None, wandb_group: str | None = None, progress: bool = True,
-                 say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        spec: PhaseSpec,
+        settings: Any,
+        inputs: dict[str, Any],
+        out_dir: str | os.PathLike,
+        *,
+        seed: int,
+        data,
+        tools=None,
+        digests: dict[str, str] | None = None,
+        verified: bool = False,
+        wandb_mode: str | None = None,
+        wandb_group: str | None = None,
+        progress: bool = True,
+        say: Callable[[str], None] = print,
+    ):
         from agentforge.tools.sandbox import ToolSettings
         from agentforge.train import distributed
 
         self.spec, self.settings, self.seed, self.data = spec, settings, seed, data
         self.tools = tools if tools is not None else ToolSettings()
-        self.inputs = {name: [Path(p) for p in v] if isinstance(v, (list, tuple)) else Path(v)
-                       for name, v in inputs.items()}
+        self.inputs = {
+            name: [Path(p) for p in v] if isinstance(v, (list, tuple)) else Path(v) for name, v in inputs.items()
+        }
         missing = sorted(set(spec.needs) - set(self.inputs))
         if missing:
             raise ConfigError(f"{spec.name}: input {missing[0]!r} is missing ({spec.needs[missing[0]].help})")
@@ -259,8 +274,15 @@ class PhaseRun:
         self.started = time.perf_counter()
         self._rss = None  # the peak-RSS watch while run() runs
         self._heartbeat = Heartbeat(lambda line: self.say(line, beat=True))
-        self.key = _digest({"phase": spec.name, "settings": to_dict(settings), "data": to_dict(data),
-                            "seed": seed, "inputs": self.digests})
+        self.key = _digest(
+            {
+                "phase": spec.name,
+                "settings": to_dict(settings),
+                "data": to_dict(data),
+                "seed": seed,
+                "inputs": self.digests,
+            }
+        )
 
     # --- reporting --------------------------------------------------------------------------
 
@@ -376,8 +398,15 @@ class PhaseRun:
                 (self.out_dir / STEPS_DIR / f"{name}.json").unlink(missing_ok=True)
         distributed.barrier()
 
-    def file_step(self, name: str, compute: Callable[[], dict], path: Path, *, dependents: tuple[str, ...] = (),
-                  everywhere: bool = False) -> dict:
+    def file_step(
+        self,
+        name: str,
+        compute: Callable[[], dict],
+        path: Path,
+        *,
+        dependents: tuple[str, ...] = (),
+        everywhere: bool = False,
+    ) -> dict:
         """``step(name, compute)`` where ``compute`` writes ``path`` and returns a record holding its
         ``sha256``: when the memoised record no longer matches the file, the step runs again, and
         so do its ``dependents`` (steps that read the file)."""
@@ -390,8 +419,9 @@ class PhaseRun:
             record = self.step(name, compute, everywhere=everywhere)
         return record
 
-    def model_step(self, name: str, build: Callable[[], Built], *, directory: str | None = None,
-                   key: str = "") -> Loaded:
+    def model_step(
+        self, name: str, build: Callable[[], Built], *, directory: str | None = None, key: str = ""
+    ) -> Loaded:
         """The model ``build()`` makes, saved as a model directory (``directory``, default ``name``)
         on rank 0 behind a barrier, or read back when a previous run finished it with the same key.
         ``build`` runs on every rank (training is data-parallel)."""
@@ -404,8 +434,13 @@ class PhaseRun:
         path = self.out_dir / (directory or name)
         self.say(f"{name} ...")
         built = self._timed(name, build)
-        metadata = {**built.metadata, "phase": self.spec.name, "step": name, "step_key": self._step_key(name, key),
-                    "parents": [self.parent(p, path) for p in built.metadata.get("parents", [])]}
+        metadata = {
+            **built.metadata,
+            "phase": self.spec.name,
+            "step": name,
+            "step_key": self._step_key(name, key),
+            "parents": [self.parent(p, path) for p in built.metadata.get("parents", [])],
+        }
         if self.is_main:
             save_model_dir(built.model, built.tokenizer, path, metadata, write_extra=_extras(built))
         distributed.barrier()
@@ -420,23 +455,55 @@ class PhaseRun:
 
         source = Path(source)
         manifest = source / MANIFEST
-        return {"path": os.path.relpath(source.absolute(), child.absolute()),
-                "sha256": sha256_file(manifest) if manifest.is_file() else None}
+        return {
+            "path": os.path.relpath(source.absolute(), child.absolute()),
+            "sha256": sha256_file(manifest) if manifest.is_file() else None,
+        }
 
     # --- training and writing -----------------------------------------------------------------
 
-    def train(self, model, rows, stage: str, *, optimizer, steps: int, batch_size: int, loss_fn=None,
-              checkpoint_every: int = 0, log_every: int = 10, seed: int | None = None, **kwargs):
+    def train(
+        self,
+        model,
+        rows,
+        stage: str,
+        *,
+        optimizer,
+        steps: int,
+        batch_size: int,
+        loss_fn=None,
+        checkpoint_every: int = 0,
+        log_every: int = 10,
+        seed: int | None = None,
+        **kwargs,
+    ):
         """``agentforge.train.train`` in ``train/<stage>``, logged as ``<phase>/<stage>``."""
         from agentforge.train import TrainConfig, train
 
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
-                          seed=self.seed if seed is None else seed, wandb_mode=self.wandb_mode,
-                          wandb_group=self.wandb_group, run_name=f"{self.spec.name}/{stage}", progress=self.progress)
+        cfg = TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            seed=self.seed if seed is None else seed,
+            wandb_mode=self.wandb_mode,
+            wandb_group=self.wandb_group,
+            run_name=f"{self.spec.name}/{stage}",
+            progress=self.progress,
+        )
         self._heartbeat.stage = StageProgress(stage)
         try:
-            return train(model, rows, cfg, optimizer=optimizer, out_dir=self.out_dir / "train" / stage,
-                         phase=f"{self.spec.name}/{stage}", loss_fn=loss_fn, on_step=self._heartbeat.stage, **kwargs)
+            return train(
+                model,
+                rows,
+                cfg,
+                optimizer=optimizer,
+                out_dir=self.out_dir / "train" / stage,
+                phase=f"{self.spec.name}/{stage}",
+                loss_fn=loss_fn,
+                on_step=self._heartbeat.stage,
+                **kwargs,
+            )
         finally:
             self._heartbeat.stage = None
 
@@ -445,12 +512,22 @@ class PhaseRun:
         too with ``wandb``), enabled on rank 0 only."""
         from agentforge.train import MetricsLogger
 
-        return MetricsLogger(self.out_dir, phase=f"{self.spec.name}/{suffix}" if suffix else self.spec.name,
-                             wandb_mode=self.wandb_mode if wandb else "disabled", wandb_group=self.wandb_group,
-                             enabled=self.is_main)
+        return MetricsLogger(
+            self.out_dir,
+            phase=f"{self.spec.name}/{suffix}" if suffix else self.spec.name,
+            wandb_mode=self.wandb_mode if wandb else "disabled",
+            wandb_group=self.wandb_group,
+            enabled=self.is_main,
+        )
 
-    def finish(self, artifacts: dict[str, Any], headline: dict, summary: dict | None = None,
-               rows: dict[str, list[dict]] | None = None, effects: list[Effect] = ()) -> PhaseResult:
+    def finish(
+        self,
+        artifacts: dict[str, Any],
+        headline: dict,
+        summary: dict | None = None,
+        rows: dict[str, list[dict]] | None = None,
+        effects: list[Effect] = (),
+    ) -> PhaseResult:
         """Rank 0 writes ``summary.json`` (``summary`` plus the headline, the ``effects`` the report's
         first table shows, settings and step timings) and the phase's metrics rows: ``rows`` per
         suffix, then the headline row (replacing rows an interrupted earlier finish wrote). Every
@@ -462,10 +539,16 @@ class PhaseRun:
         if self._rss is not None:  # this process's peak RSS while the phase ran (after a resume: since then)
             headline["phase_peak_rss_bytes"] = self._rss.peak
         if self.is_main:
-            atomic_write_json(self.out_dir / SUMMARY_FILE, {**(summary or {}), "headline": headline,
-                                                            "effects": [e.to_dict() for e in effects],
-                                                            "settings": to_dict(self.settings),
-                                                            "step_seconds": self.timings})
+            atomic_write_json(
+                self.out_dir / SUMMARY_FILE,
+                {
+                    **(summary or {}),
+                    "headline": headline,
+                    "effects": [e.to_dict() for e in effects],
+                    "settings": to_dict(self.settings),
+                    "step_seconds": self.timings,
+                },
+            )
             rows = rows or {}
             _drop_rows(self.out_dir, {f"{self.spec.name}/{s}" for s in rows} | {self.spec.name})
             for suffix, entries in rows.items():
@@ -538,8 +621,7 @@ def _relative_artifacts(phase_dir: Path, spec: PhaseSpec, artifacts: dict) -> di
     return relative
 
 
-def record_phase(phase_dir: Path, spec: PhaseSpec, artifacts: dict, metrics: dict, start: dict,
-                 seconds: float) -> dict:
+def record_phase(phase_dir: Path, spec: PhaseSpec, artifacts: dict, metrics: dict, start: dict, seconds: float) -> dict:
     """Check what a phase handed over against its contracts, then write its ``phase.json`` (the
     completion marker); returns the record. The pipeline and a phase run alone both use it."""
     from agentforge import rundir
@@ -547,16 +629,34 @@ def record_phase(phase_dir: Path, spec: PhaseSpec, artifacts: dict, metrics: dic
 
     relative = _relative_artifacts(phase_dir, spec, artifacts)
     spec.check(rundir.absolute_artifacts(phase_dir, {"artifacts": relative}))
-    record = rundir.finished_record(phase_dir, {**start, "number": spec.number}, relative, list(REPORT_FILES),
-                                    metrics, seconds, distributed.world_size())
+    record = rundir.finished_record(
+        phase_dir,
+        {**start, "number": spec.number},
+        relative,
+        list(REPORT_FILES),
+        metrics,
+        seconds,
+        distributed.world_size(),
+    )
     rundir.write_record(phase_dir, record)
     rundir.remove_dead_temps(phase_dir)
     return record
 
 
-def run_alone(spec: PhaseSpec, inputs: dict[str, Any], out_dir: str | os.PathLike, *, settings: Any = None,
-              preset: str = "tiny", data=None, tools=None, seed: int = 0, wandb_mode: str | None = None,
-              progress: bool = True, say: Callable[[str], None] = print) -> PhaseResult:
+def run_alone(
+    spec: PhaseSpec,
+    inputs: dict[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    settings: Any = None,
+    preset: str = "tiny",
+    data=None,
+    tools=None,
+    seed: int = 0,
+    wandb_mode: str | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> PhaseResult:
     """Run phase ``spec`` outside a pipeline run, in ``out_dir`` (reused on a rerun), and record it
     in ``out_dir/phase.json`` as the pipeline would. ``settings`` and ``data`` default to
     ``preset``'s; inputs are hash-checked when loaded."""
@@ -566,12 +666,27 @@ def run_alone(spec: PhaseSpec, inputs: dict[str, Any], out_dir: str | os.PathLik
     distributed.maybe_init()  # under torchrun: join the process group before the ranks are told apart
     settings = spec.presets[preset] if settings is None else settings
     data = DATA_PRESETS[preset] if data is None else data
-    p = PhaseRun(spec, settings, inputs, out_dir, seed=seed, data=data, tools=tools, wandb_mode=wandb_mode,
-                 progress=progress, say=say)
+    p = PhaseRun(
+        spec,
+        settings,
+        inputs,
+        out_dir,
+        seed=seed,
+        data=data,
+        tools=tools,
+        wandb_mode=wandb_mode,
+        progress=progress,
+        say=say,
+    )
     result = p.run()
     if p.is_main:
-        start = {"phase": spec.name, "settings": to_dict(settings), "data": to_dict(data), "seed": seed,
-                 "inputs": p.digests}
+        start = {
+            "phase": spec.name,
+            "settings": to_dict(settings),
+            "data": to_dict(data),
+            "seed": seed,
+            "inputs": p.digests,
+        }
         record_phase(p.out_dir, spec, result.artifacts, result.metrics, start, time.perf_counter() - p.started)
     return result
 
@@ -592,16 +707,25 @@ def standalone_main(spec: PhaseSpec, argv: list[str] | None = None) -> int:
     # is the one whose classes resolve their (string) annotations and whose SPEC the pipeline uses.
     module = importlib.import_module(f"agentforge.phases.{spec.name}")
     spec = module.SPEC
-    parser = argparse.ArgumentParser(prog=f"python -m agentforge.phases.{spec.name}", description=module.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m agentforge.phases.{spec.name}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for name, need in spec.needs.items():
         parser.add_argument(f"--{name}", required=True, type=Path, nargs="+" if need.many else None, help=need.help)
     parser.add_argument("--preset", choices=configuration.PRESETS, default="tiny")
     parser.add_argument("--out", required=True, type=Path, help="phase directory (reused on a rerun)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, help="a run's data.json (its data spec and seed); default: the preset's")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set steps=200 or --set data.seq_len=96 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set steps=200 or --set data.seq_len=96 (repeatable)",
+    )
     parser.add_argument("--wandb", choices=("online", "offline", "disabled"), help="W&B mode (default: offline)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -611,9 +735,16 @@ def standalone_main(spec: PhaseSpec, argv: list[str] | None = None) -> int:
             recorded, seed = read_data_spec(args.data)
             sets = [*(f"data.{k}={json.dumps(v)}" for k, v in to_dict(recorded).items()), *sets[:-1], f"seed={seed}"]
         config = configuration.resolve([spec], preset=args.preset, sets=sets, standalone=spec.name)
-        result = run_alone(spec, {name: getattr(args, name) for name in spec.needs}, args.out,
-                           settings=config[spec.name], data=config.data, tools=config.tools, seed=config.seed,
-                           wandb_mode=args.wandb)
+        result = run_alone(
+            spec,
+            {name: getattr(args, name) for name in spec.needs},
+            args.out,
+            settings=config[spec.name],
+            data=config.data,
+            tools=config.tools,
+            seed=config.seed,
+            wandb_mode=args.wandb,
+        )
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(json.dumps(result.metrics, indent=2, default=str))

@@ -13,6 +13,7 @@ object is built, so a bad value fails before any work starts.
 ``--set``); every mistake is a one-line ``ConfigError`` naming the key and what it accepts.
 ``to_dict`` gives the plain values back. A subclass may add cross-field rules in ``check()``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,21 +30,27 @@ _INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*$")
 _MAX_SHOWN = 60  # characters of a bad value repeated in an error
 
 
-def setting(default: Any, interval: str | None = None, *, choices: tuple | None = None,
-            length: str | None = None, doc: str = "") -> Any:
+def setting(
+    default: Any, interval: str | None = None, *, choices: tuple | None = None, length: str | None = None, doc: str = ""
+) -> Any:
     """A settings field: its default and what it accepts. ``interval`` (``"[1, 100]"``, ``"(0, 1)"``,
     ``"[0, inf)"``) bounds a number, or each number of a list; ``choices`` lists the allowed values
     (of a string, or of each element of a list); ``length`` bounds a list's length. A settings
     class as ``default`` nests one built with its own defaults; a settings object nests a copy of it."""
-    metadata = {"interval": _parse_interval(interval) if interval else None, "choices": choices,
-                "length": _parse_interval(length) if length else None, "doc": doc}
+    metadata = {
+        "interval": _parse_interval(interval) if interval else None,
+        "choices": choices,
+        "length": _parse_interval(length) if length else None,
+        "doc": doc,
+    }
     if isinstance(default, type):
         return dataclasses.field(default_factory=default, metadata=metadata)
     if dataclasses.is_dataclass(default):  # nested settings with non-default values: each object its own copy
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: list(default) if isinstance(default, list) else dict(default),
-                                 metadata=metadata)
+        return dataclasses.field(
+            default_factory=lambda: list(default) if isinstance(default, list) else dict(default), metadata=metadata
+        )
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -57,6 +64,7 @@ def _parse_interval(text: str) -> tuple[float, float, bool, bool]:
 
 def _interval_text(interval) -> str:
     low, high, open_low, open_high = interval
+
     def show(x: float) -> str:
         return "inf" if math.isinf(x) else str(int(x)) if x.is_integer() else f"{x:g}"
 
@@ -167,8 +175,12 @@ def _hints(cls) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls, localns=_CHECKED)
     except NameError:
-        return {f.name: eval(re.sub(r"\b\w+\.(\w+)", r"\1", f.type), {"Any": Any}, _CHECKED)
-                if isinstance(f.type, str) else f.type for f in dataclasses.fields(cls)}
+        return {
+            f.name: eval(re.sub(r"\b\w+\.(\w+)", r"\1", f.type), {"Any": Any}, _CHECKED)
+            if isinstance(f.type, str)
+            else f.type
+            for f in dataclasses.fields(cls)
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,15 +199,20 @@ class Checked:
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, float) and value.is_integer() and typing.get_origin(hints[f.name]) is None \
-                    and _optional(hints[f.name])[0] is int:
+            if (
+                isinstance(value, float)
+                and value.is_integer()
+                and typing.get_origin(hints[f.name]) is None
+                and _optional(hints[f.name])[0] is int
+            ):
                 value = int(value)  # YAML's 1e3 is a float; an int setting takes it when it is whole
             if _optional(hints[f.name])[0] is float and _is_int(value):
                 value = float(value)
             setattr(self, f.name, value)
             if not _valid(value, hints[f.name], dict(f.metadata)):
-                raise ConfigError(f"{f.name}: expected {_describe(hints[f.name], dict(f.metadata))}, "
-                                  f"got {shown(value)}")
+                raise ConfigError(
+                    f"{f.name}: expected {_describe(hints[f.name], dict(f.metadata))}, got {shown(value)}"
+                )
         self.check()
 
     def check(self) -> None:
@@ -224,8 +241,11 @@ def from_dict(cls, values: Any, where: str) -> Any:
     built = {}
     for name, value in values.items():
         inner, _ = _optional(hints[name])
-        built[name] = from_dict(inner, value, f"{where}.{name}") if dataclasses.is_dataclass(inner) \
-            and value is not None else value
+        built[name] = (
+            from_dict(inner, value, f"{where}.{name}")
+            if dataclasses.is_dataclass(inner) and value is not None
+            else value
+        )
     try:
         return cls(**built)
     except ConfigError as e:
@@ -278,6 +298,12 @@ def describe(cls, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         if dataclasses.is_dataclass(hint):
             rows += describe(hint, f"{prefix}{f.name}.")
         else:
-            rows.append((f"{prefix}{f.name}", _describe(hints[f.name], dict(f.metadata)),
-                         getattr(defaults, f.name), f.metadata.get("doc", "")))
+            rows.append(
+                (
+                    f"{prefix}{f.name}",
+                    _describe(hints[f.name], dict(f.metadata)),
+                    getattr(defaults, f.name),
+                    f.metadata.get("doc", ""),
+                )
+            )
     return rows

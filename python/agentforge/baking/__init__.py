@@ -15,24 +15,51 @@
 * :mod:`~agentforge.baking.behaviour`: what the cycles score and the phase reports, tool use and
   task answers, with a prompt in context or without.
 """
+
 from agentforge.baking.baker import BakeResult, BakeSettings, Kept, bake, bake_stack, prompt_pursuit
 from agentforge.baking.behaviour import answer_probability, behaviour, in_context
 from agentforge.baking.cycles import (
-                                      CYCLES,
-                                      CycleData,
-                                      CycleRun,
-                                      CycleState,
-                                      cycle_bake_settings,
-                                      plateaued,
-                                      prompt_edits,
-                                      propose_prompts,
-                                      relative_gain,
-                                      run_cycles,
+    CYCLES,
+    CycleData,
+    CycleRun,
+    CycleState,
+    cycle_bake_settings,
+    plateaued,
+    prompt_edits,
+    propose_prompts,
+    relative_gain,
+    run_cycles,
 )
 from agentforge.baking.kl import BakingData, kl_loss, measured_kl, prompted_trajectories, row_kl, token_kl
 from agentforge.baking.lora import BitLinearLora, add_lora, merge_lora
 
-__all__ = ["BakeSettings", "BakeResult", "Kept", "bake", "bake_stack", "prompt_pursuit", "answer_probability",
-           "behaviour", "in_context", "CYCLES", "CycleData", "CycleRun", "CycleState", "cycle_bake_settings",
-           "run_cycles", "plateaued", "relative_gain", "prompt_edits", "propose_prompts", "BakingData", "kl_loss",
-           "measured_kl", "row_kl", "prompted_trajectories", "token_kl", "BitLinearLora", "add_lora", "merge_lora"]
+__all__ = [
+    "BakeSettings",
+    "BakeResult",
+    "Kept",
+    "bake",
+    "bake_stack",
+    "prompt_pursuit",
+    "answer_probability",
+    "behaviour",
+    "in_context",
+    "CYCLES",
+    "CycleData",
+    "CycleRun",
+    "CycleState",
+    "cycle_bake_settings",
+    "run_cycles",
+    "plateaued",
+    "relative_gain",
+    "prompt_edits",
+    "propose_prompts",
+    "BakingData",
+    "kl_loss",
+    "measured_kl",
+    "row_kl",
+    "prompted_trajectories",
+    "token_kl",
+    "BitLinearLora",
+    "add_lora",
+    "merge_lora",
+]

@@ -15,6 +15,7 @@ Every ``eval_every`` steps the held-out KL is measured; ``strength`` is the frac
 initial KL to remove. A bake stops when it has removed that much (half-baking: 0.5), when the
 reduction stops growing (a plateau: what "fully baked" means here), or after ``max_steps``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,8 +58,9 @@ class BakeSettings(Checked):
     plateau_window: int = setting(2, "[1, 10000]", doc="measurements without a relative reduction gain of ...")
     plateau_threshold: float = setting(0.02, "[0, 100]", doc="... this much end a full bake")
     min_kl: float = setting(1e-4, "[0, 100]", doc="nats/token: a prompt that moves the model less has nothing to bake")
-    anchor_weight: float = setting(0.0, "[0, 1000]",
-                                   doc="weight of the retention anchor's KL (when bake() is given anchor text)")
+    anchor_weight: float = setting(
+        0.0, "[0, 1000]", doc="weight of the retention anchor's KL (when bake() is given anchor text)"
+    )
 
     def check(self) -> None:
         if not all(target.strip() for target in self.lora_targets):
@@ -99,10 +101,18 @@ class BakeResult:
 
     def summary(self) -> dict:
         """The JSON-ready figures (no model)."""
-        return {"prompt": self.prompt, "strength": self.strength, "kl_before": self.kl_before,
-                "kl_after": self.kl_after, "reduction": self.reduction, "steps": self.steps,
-                "stop_reason": self.stop_reason, "curve": self.curve, "seconds": self.seconds,
-                "kept": {str(f): {"kl": k.kl, "step": k.step} for f, k in self.kept.items()}}
+        return {
+            "prompt": self.prompt,
+            "strength": self.strength,
+            "kl_before": self.kl_before,
+            "kl_after": self.kl_after,
+            "reduction": self.reduction,
+            "steps": self.steps,
+            "stop_reason": self.stop_reason,
+            "curve": self.curve,
+            "seconds": self.seconds,
+            "kept": {str(f): {"kl": k.kl, "step": k.step} for f, k in self.kept.items()},
+        }
 
 
 def _check_strengths(strength: float, keep: Sequence[float]) -> None:
@@ -116,8 +126,10 @@ def _check_strengths(strength: float, keep: Sequence[float]) -> None:
 def _check_disjoint(inputs: Sequence[str], held_out: Sequence[str]) -> None:
     shared = set(inputs) & set(held_out)
     if shared:
-        raise ValueError(f"bake: {len(shared)} held-out input(s) are also baking inputs (e.g. {sorted(shared)[0]!r}); "
-                         "the KL must be measured on inputs the bake never trains on")
+        raise ValueError(
+            f"bake: {len(shared)} held-out input(s) are also baking inputs (e.g. {sorted(shared)[0]!r}); "
+            "the KL must be measured on inputs the bake never trains on"
+        )
 
 
 def _optimizer(student: nn.Module, settings: BakeSettings):
@@ -133,8 +145,15 @@ class _Monitor:
     reached, and the trainable weights of the lowest KL so far (the bake ends on them, as the
     reference code keeps its best checkpoint by validation KL)."""
 
-    def __init__(self, student: nn.Module, held_out: BakingData, kl_before: float, strength: float,
-                 keep: Sequence[float], settings: BakeSettings):
+    def __init__(
+        self,
+        student: nn.Module,
+        held_out: BakingData,
+        kl_before: float,
+        strength: float,
+        keep: Sequence[float],
+        settings: BakeSettings,
+    ):
         self.held_out, self.kl_before, self.strength, self.settings = held_out, kl_before, strength, settings
         self.waiting = sorted(keep)
         self.curve = [{"step": 0, "kl": kl_before}]
@@ -186,10 +205,22 @@ def _merged_copy(student: nn.Module) -> nn.Module:
     return merge_lora(duplicate) if isinstance(duplicate, PeftModel) else duplicate
 
 
-def bake(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[str], held_out: Sequence[str],
-         settings: BakeSettings, *, out_dir: str | Path, strength: float = 1.0, keep: Sequence[float] = (),
-         anchor: Sequence[Sequence[int]] = (), seed: int = 0, wandb_mode: str | None = "disabled",
-         progress: bool = False) -> BakeResult:
+def bake(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    inputs: Sequence[str],
+    held_out: Sequence[str],
+    settings: BakeSettings,
+    *,
+    out_dir: str | Path,
+    strength: float = 1.0,
+    keep: Sequence[float] = (),
+    anchor: Sequence[Sequence[int]] = (),
+    seed: int = 0,
+    wandb_mode: str | None = "disabled",
+    progress: bool = False,
+) -> BakeResult:
     """Bake ``prompt`` into ``model`` until a fraction ``strength`` of the held-out
     KL(prompted ‖ unprompted) is gone (1.0: until it stops falling). ``inputs`` are what the
     prompt is followed by in the baking data (task prompts, questions), ``held_out`` the same
@@ -204,41 +235,93 @@ def bake(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[str], held_o
     _check_strengths(strength, keep)
     _check_disjoint(inputs, held_out)
     check_bakeable(model)
-    sample = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                  batch_size=settings.batch_size, tools=settings.tools)
-    data = prompted_trajectories(model, tokenizer, prompt, inputs, samples_per_input=settings.samples_per_input,
-                                 seed=seed, **sample)
+    sample = dict(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        batch_size=settings.batch_size,
+        tools=settings.tools,
+    )
+    data = prompted_trajectories(
+        model, tokenizer, prompt, inputs, samples_per_input=settings.samples_per_input, seed=seed, **sample
+    )
     measure = prompted_trajectories(model, tokenizer, prompt, held_out, seed=seed + 1, **sample)
     kl_before = measured_kl(model, measure, batch_size=settings.batch_size)
-    result = BakeResult(model=model, prompt=prompt, strength=strength, kl_before=kl_before, kl_after=kl_before,
-                        steps=0, stop_reason="no effect", curve=[{"step": 0, "kl": kl_before}])
+    result = BakeResult(
+        model=model,
+        prompt=prompt,
+        strength=strength,
+        kl_before=kl_before,
+        kl_after=kl_before,
+        steps=0,
+        stop_reason="no effect",
+        curve=[{"step": 0, "kl": kl_before}],
+    )
     if kl_before < settings.min_kl:
         result.seconds = time.perf_counter() - started
         return result
 
-    student = add_lora(model, rank=settings.lora_rank, alpha=settings.lora_alpha,
-                       targets=settings.lora_targets) if settings.method == "lora" else model
+    student = (
+        add_lora(model, rank=settings.lora_rank, alpha=settings.lora_alpha, targets=settings.lora_targets)
+        if settings.method == "lora"
+        else model
+    )
     rows = data.rows
     if len(anchor) and settings.anchor_weight > 0:  # each baking row is paired with an anchor row, cycling
         anchors = anchor_rows(model, anchor, batch_size=settings.batch_size)
         rows = [{**row, **anchors[i % len(anchors)]} for i, row in enumerate(rows)]
     monitor = _Monitor(student, measure, kl_before, strength, keep, settings)
-    config = TrainConfig(steps=settings.max_steps, batch_size=settings.batch_size, eval_every=settings.eval_every,
-                         log_every=settings.eval_every, seed=seed, wandb_mode=wandb_mode, progress=progress,
-                         run_name="baking/bake")
-    train(student, rows, config, optimizer=_optimizer(student, settings), out_dir=out_dir, phase="baking/bake",
-          loss_fn=functools.partial(kl_loss, anchor_weight=settings.anchor_weight), eval_fn=monitor.evaluate,
-          stop_fn=monitor.should_stop, resume=False)
+    config = TrainConfig(
+        steps=settings.max_steps,
+        batch_size=settings.batch_size,
+        eval_every=settings.eval_every,
+        log_every=settings.eval_every,
+        seed=seed,
+        wandb_mode=wandb_mode,
+        progress=progress,
+        run_name="baking/bake",
+    )
+    train(
+        student,
+        rows,
+        config,
+        optimizer=_optimizer(student, settings),
+        out_dir=out_dir,
+        phase="baking/bake",
+        loss_fn=functools.partial(kl_loss, anchor_weight=settings.anchor_weight),
+        eval_fn=monitor.evaluate,
+        stop_fn=monitor.should_stop,
+        resume=False,
+    )
     kl_after, step = monitor.restore_best()
     baked = merge_lora(student) if settings.method == "lora" else student
-    return dataclasses.replace(result, model=baked, kl_after=kl_after, steps=step, stop_reason=monitor.reason,
-                               curve=monitor.curve, kept=monitor.kept, seconds=time.perf_counter() - started)
+    return dataclasses.replace(
+        result,
+        model=baked,
+        kl_after=kl_after,
+        steps=step,
+        stop_reason=monitor.reason,
+        curve=monitor.curve,
+        kept=monitor.kept,
+        seconds=time.perf_counter() - started,
+    )
 
 
-def prompt_pursuit(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[str], held_out: Sequence[str],
-                   settings: BakeSettings, *, out_dir: str | Path, rounds: int = 3, strength: float = 1.0,
-                   score_fn: Callable[[nn.Module], float] | None = None, min_gain: float = 0.01,
-                   anchor: Sequence[Sequence[int]] = (), seed: int = 0) -> list[BakeResult]:
+def prompt_pursuit(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    inputs: Sequence[str],
+    held_out: Sequence[str],
+    settings: BakeSettings,
+    *,
+    out_dir: str | Path,
+    rounds: int = 3,
+    strength: float = 1.0,
+    score_fn: Callable[[nn.Module], float] | None = None,
+    min_gain: float = 0.01,
+    anchor: Sequence[Sequence[int]] = (),
+    seed: int = 0,
+) -> list[BakeResult]:
     """Re-bake ``prompt`` into the model it was baked into (Prompt Pursuit): each round's teacher
     is the previous round's baked model *with* the prompt, so the prompt's effect compounds.
     Stops after ``rounds``, when a round finds nothing left to bake, or, given ``score_fn``
@@ -248,8 +331,20 @@ def prompt_pursuit(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[st
     scores = [score_fn(model)] if score_fn else []
     results = []
     for r in range(rounds):
-        results.append(bake(model, tokenizer, prompt, inputs, held_out, settings, out_dir=Path(out_dir) / f"round_{r}",
-                            strength=strength, anchor=anchor, seed=seed + 2 * r))
+        results.append(
+            bake(
+                model,
+                tokenizer,
+                prompt,
+                inputs,
+                held_out,
+                settings,
+                out_dir=Path(out_dir) / f"round_{r}",
+                strength=strength,
+                anchor=anchor,
+                seed=seed + 2 * r,
+            )
+        )
         model = results[-1].model
         if results[-1].stop_reason == "no effect":
             break
@@ -260,16 +355,38 @@ def prompt_pursuit(model: nn.Module, tokenizer, prompt: str, inputs: Sequence[st
     return results
 
 
-def bake_stack(model: nn.Module, tokenizer, prompts: Sequence[str], inputs: Sequence[str], held_out: Sequence[str],
-               settings: BakeSettings, *, out_dir: str | Path, strength: float = 1.0,
-               anchor: Sequence[Sequence[int]] = (), seed: int = 0) -> list[BakeResult]:
+def bake_stack(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    inputs: Sequence[str],
+    held_out: Sequence[str],
+    settings: BakeSettings,
+    *,
+    out_dir: str | Path,
+    strength: float = 1.0,
+    anchor: Sequence[Sequence[int]] = (),
+    seed: int = 0,
+) -> list[BakeResult]:
     """Bake several prompts one after another, θ_{u1 u2} = B(B(θ, u1), u2): each prompt is baked
     into the model that already carries the ones before it."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("bake_stack: prompts must be a non-empty sequence of strings")
     results = []
     for i, prompt in enumerate(prompts):
-        results.append(bake(model, tokenizer, prompt, inputs, held_out, settings, out_dir=Path(out_dir) / f"prompt_{i}",
-                            strength=strength, anchor=anchor, seed=seed + 2 * i))
+        results.append(
+            bake(
+                model,
+                tokenizer,
+                prompt,
+                inputs,
+                held_out,
+                settings,
+                out_dir=Path(out_dir) / f"prompt_{i}",
+                strength=strength,
+                anchor=anchor,
+                seed=seed + 2 * i,
+            )
+        )
         model = results[-1].model
     return results

@@ -7,6 +7,7 @@ in context (as baking trains it) or unprompted.
 
 Each measure's ``score`` (the mean of its two figures) is what the cycles select on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,15 +32,26 @@ def tool_behaviour(model, tokenizer, prompt: str | None, items, *, max_new_token
     from agentforge.data import score
     from agentforge.tools import follows_tool_format, generate_with_tools_batch
 
-    outputs = generate_with_tools_batch(model, tokenizer, [in_context(prompt, it.prompt) for it in items],
-                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outputs = generate_with_tools_batch(
+        model,
+        tokenizer,
+        [in_context(prompt, it.prompt) for it in items],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     formatted = [follows_tool_format(text) for text, _ in outputs]
     correct = [score(it, final_answer(text, bool(calls))) for it, (text, calls) in zip(items, outputs)]
-    report = {"format": sum(formatted) / len(items), "accuracy": sum(correct) / len(items),
-              "calls": sum(len(calls) for _, calls in outputs) / len(items)}
-    return {**report, "score": (report["format"] + report["accuracy"]) / 2,
-            "examples": [text for text, _ in outputs[:3]],
-            "items": {"format": [float(f) for f in formatted], "accuracy": [float(c) for c in correct]}}
+    report = {
+        "format": sum(formatted) / len(items),
+        "accuracy": sum(correct) / len(items),
+        "calls": sum(len(calls) for _, calls in outputs) / len(items),
+    }
+    return {
+        **report,
+        "score": (report["format"] + report["accuracy"]) / 2,
+        "examples": [text for text, _ in outputs[:3]],
+        "items": {"format": [float(f) for f in formatted], "accuracy": [float(c) for c in correct]},
+    }
 
 
 def answer_rows(tokenizer, prompt: str | None, items):
@@ -48,8 +60,13 @@ def answer_rows(tokenizer, prompt: str | None, items):
     from datasets import Dataset
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pairs = [(tokenizer(in_context(prompt, it.prompt), add_special_tokens=False)["input_ids"],
-              tokenizer(it.answer, add_special_tokens=False)["input_ids"] + [eos]) for it in items]
+    pairs = [
+        (
+            tokenizer(in_context(prompt, it.prompt), add_special_tokens=False)["input_ids"],
+            tokenizer(it.answer, add_special_tokens=False)["input_ids"] + [eos],
+        )
+        for it in items
+    ]
     width = max(len(p) + len(a) for p, a in pairs)
     ids = [p + a + [pad] * (width - len(p) - len(a)) for p, a in pairs]
     labels = [[-100] * len(p) + a + [-100] * (width - len(p) - len(a)) for p, a in pairs]
@@ -72,14 +89,16 @@ def persona_behaviour(model, tokenizer, prompt: str | None, items, *, batch_size
 
     shown = [dataclasses.replace(it, prompt=in_context(prompt, it.prompt)) for it in items]
     # the scorers read the answer and the generator's entry, which the prompt does not change
-    accuracy = task_accuracy(model, tokenizer, shown, score=score, max_new_tokens=answer_budget(tokenizer, items),
-                             batch_size=batch_size).accuracy
+    accuracy = task_accuracy(
+        model, tokenizer, shown, score=score, max_new_tokens=answer_budget(tokenizer, items), batch_size=batch_size
+    ).accuracy
     probability = answer_probability(model, tokenizer, prompt, items, batch_size=batch_size)
     return {"accuracy": accuracy, "answer_probability": probability, "score": (accuracy + probability) / 2}
 
 
-def behaviour(cycle: str, model, tokenizer, prompt: str | None, items, *, tool_new_tokens: int,
-              batch_size: int) -> dict:
+def behaviour(
+    cycle: str, model, tokenizer, prompt: str | None, items, *, tool_new_tokens: int, batch_size: int
+) -> dict:
     """The ``cycle``'s behaviour of ``model`` with ``prompt`` in context (None: unprompted);
     tool use is generated with ``tool_new_tokens`` model tokens."""
     if cycle == "tools":

@@ -18,6 +18,7 @@ on the validation tasks of the families the tools are not for by more than ``tas
 The cycles stop when both have plateaued with nothing gained in between, or after
 ``max_iterations``: counted stop rules only, so a run repeats exactly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,7 +70,7 @@ def prompt_edits(prompt: str, pool: Sequence[str], rng: random.Random) -> list[s
     sentence alone, and its first sentence joined with the first sentence of another pool
     prompt. Distinct, in a seeded random order, never ``prompt`` itself."""
     parts = sentences(prompt)
-    edits = [" ".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))] if len(parts) > 1 else []
+    edits = [" ".join(parts[:i] + parts[i + 1 :]) for i in range(len(parts))] if len(parts) > 1 else []
     if len(parts) > 1:
         i, j = rng.sample(range(len(parts)), 2)
         swapped = list(parts)
@@ -80,8 +81,9 @@ def prompt_edits(prompt: str, pool: Sequence[str], rng: random.Random) -> list[s
     return list(dict.fromkeys(e for e in edits if e and e != prompt))
 
 
-def propose_prompts(pool: Sequence[str], best: str | None, k: int, rng: random.Random,
-                    tried: Sequence[str] = ()) -> list[str]:
+def propose_prompts(
+    pool: Sequence[str], best: str | None, k: int, rng: random.Random, tried: Sequence[str] = ()
+) -> list[str]:
     """``k`` distinct candidate prompts: the current ``best`` (baking it again is prompt pursuit),
     then pool prompts not ``tried`` yet, then edits of ``best`` (or of the first pool prompt)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -141,9 +143,15 @@ class CycleRun:
 
     def score(self, cycle: str, model, prompt: str | None) -> float:
         """``cycle``'s behaviour score of ``model`` on its selection items, ``prompt`` in context."""
-        return behaviour(cycle, model, self.tokenizer, prompt, self.data.selection[cycle],
-                         tool_new_tokens=self.settings.tool_new_tokens,
-                         batch_size=self.settings.eval_batch_size)["score"]
+        return behaviour(
+            cycle,
+            model,
+            self.tokenizer,
+            prompt,
+            self.data.selection[cycle],
+            tool_new_tokens=self.settings.tool_new_tokens,
+            batch_size=self.settings.eval_batch_size,
+        )["score"]
 
     def task_probability(self, model) -> float:
         """The unprompted probability of the right answers on the selection tasks of the families
@@ -174,9 +182,14 @@ class CycleState:
 
     def record(self) -> dict:
         """What the cycles did, as JSON (no model)."""
-        return {"stop_reason": self.stop_reason, "baked": self.baked, "best": self.best, "rows": self.rows,
-                "validation_perplexity_input": self.reference_perplexity,
-                "full_bake": self.full_bake.summary() if self.full_bake is not None else None}
+        return {
+            "stop_reason": self.stop_reason,
+            "baked": self.baked,
+            "best": self.best,
+            "rows": self.rows,
+            "validation_perplexity_input": self.reference_perplexity,
+            "full_bake": self.full_bake.summary() if self.full_bake is not None else None,
+        }
 
 
 def _guards(state: CycleState, model, previous, run: CycleRun) -> dict:
@@ -186,17 +199,21 @@ def _guards(state: CycleState, model, previous, run: CycleRun) -> dict:
     from agentforge.eval import perplexity
 
     settings = run.settings
-    fields = {"validation_perplexity": perplexity(model, run.data.text_validation,
-                                                  batch_size=settings.eval_batch_size)}
+    fields = {"validation_perplexity": perplexity(model, run.data.text_validation, batch_size=settings.eval_batch_size)}
     limit = state.reference_perplexity * (1 + settings.retention_tolerance)
     if fields["validation_perplexity"] > limit:
-        return {**fields, "outcome": f"rolled back: validation perplexity "
-                                     f"{fields['validation_perplexity']:.3f} > {limit:.3f}"}
+        return {
+            **fields,
+            "outcome": f"rolled back: validation perplexity {fields['validation_perplexity']:.3f} > {limit:.3f}",
+        }
     fields["task_answer_probability"] = run.task_probability(model)
     floor = run.task_probability(previous) * (1 - settings.task_retention)
     if fields["task_answer_probability"] < floor:
-        return {**fields, "outcome": f"rolled back: answer probability on the tasks "
-                                     f"{fields['task_answer_probability']:.3f} < {floor:.3f}"}
+        return {
+            **fields,
+            "outcome": f"rolled back: answer probability on the tasks "
+            f"{fields['task_answer_probability']:.3f} < {floor:.3f}",
+        }
     return fields
 
 
@@ -211,10 +228,21 @@ def _bake_winner(state: CycleState, winner: str, index: int, run: CycleRun) -> d
     first_full = cycle == "tools" and settings.measure_full_bake and state.full_bake is None
     previous = copy.deepcopy(state.model)  # full baking trains in place; a rollback needs the original
     out_dir = run.out_dir / "bakes" / f"{index:02d}-{cycle}"
-    result = bake(state.model, run.tokenizer, winner, run.data.bake_inputs[cycle],
-                  [it.prompt for it in run.data.selection[cycle]], run.bake_settings(cycle), out_dir=out_dir,
-                  strength=1.0 if first_full else settings.strength, keep=(settings.strength,) if first_full else (),
-                  anchor=run.data.anchor, seed=run.seed + 7 * index, wandb_mode="disabled", progress=False)
+    result = bake(
+        state.model,
+        run.tokenizer,
+        winner,
+        run.data.bake_inputs[cycle],
+        [it.prompt for it in run.data.selection[cycle]],
+        run.bake_settings(cycle),
+        out_dir=out_dir,
+        strength=1.0 if first_full else settings.strength,
+        keep=(settings.strength,) if first_full else (),
+        anchor=run.data.anchor,
+        seed=run.seed + 7 * index,
+        wandb_mode="disabled",
+        progress=False,
+    )
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a finished bake is never resumed; its log stays
     model, kl_after = result.model, result.kl_after
     if first_full:  # continue with the half-baked copy; the fully baked model is kept for the report
@@ -231,8 +259,9 @@ def _bake_winner(state: CycleState, winner: str, index: int, run: CycleRun) -> d
         state.model = previous
         return {**fields, "baked": False}
     state.model = model
-    state.baked.append({"iteration": index, "cycle": cycle, "prompt": winner, "kl_before": result.kl_before,
-                        "kl_after": kl_after})
+    state.baked.append(
+        {"iteration": index, "cycle": cycle, "prompt": winner, "kl_before": result.kl_before, "kl_after": kl_after}
+    )
     state.unprompted = {}  # the model changed
     return {**fields, "baked": True, "outcome": "baked"}
 
@@ -241,8 +270,9 @@ def iterate(state: CycleState, index: int, run: CycleRun) -> dict:
     """One iteration of the current cycle: propose, score in context, half-bake the winner."""
     cycle, settings = state.cycle, run.settings
     pool = settings.tool_prompts if cycle == "tools" else settings.persona_prompts
-    candidates = propose_prompts(pool, state.best[cycle], settings.candidates, random.Random(run.seed * 1000 + index),
-                                 tried=state.tried[cycle])
+    candidates = propose_prompts(
+        pool, state.best[cycle], settings.candidates, random.Random(run.seed * 1000 + index), tried=state.tried[cycle]
+    )
     state.tried[cycle] += [c for c in candidates if c not in state.tried[cycle]]
     if cycle not in state.unprompted:
         state.unprompted[cycle] = run.score(cycle, state.model, None)
@@ -251,8 +281,14 @@ def iterate(state: CycleState, index: int, run: CycleRun) -> dict:
         state.history[cycle].append(before)  # a visit starts from the model as it is now
     scores = {c: run.score(cycle, state.model, c) for c in candidates}
     state.best[cycle] = winner = max(candidates, key=scores.get)
-    row = {"iteration": index, "cycle": cycle, "candidates": [{"prompt": c, "score": scores[c]} for c in candidates],
-           "winner": winner, "winner_score": scores[winner], "unprompted_before": before}
+    row = {
+        "iteration": index,
+        "cycle": cycle,
+        "candidates": [{"prompt": c, "score": scores[c]} for c in candidates],
+        "winner": winner,
+        "winner_score": scores[winner],
+        "unprompted_before": before,
+    }
     if scores[winner] < before:
         row.update(baked=False, outcome="no candidate does better in context than no prompt")
     else:
@@ -260,10 +296,13 @@ def iterate(state: CycleState, index: int, run: CycleRun) -> dict:
     if cycle not in state.unprompted:
         state.unprompted[cycle] = run.score(cycle, state.model, None)
     state.history[cycle].append(state.unprompted[cycle])
-    row.update(unprompted_after=state.unprompted[cycle],
-               gain=relative_gain(state.history[cycle], settings.plateau_window)
-               if len(state.history[cycle]) > settings.plateau_window else None,
-               plateau=plateaued(state.history[cycle], settings.plateau_window, settings.plateau_threshold))
+    row.update(
+        unprompted_after=state.unprompted[cycle],
+        gain=relative_gain(state.history[cycle], settings.plateau_window)
+        if len(state.history[cycle]) > settings.plateau_window
+        else None,
+        plateau=plateaued(state.history[cycle], settings.plateau_window, settings.plateau_threshold),
+    )
     return row
 
 
@@ -273,14 +312,18 @@ def run_cycles(model, run: CycleRun) -> CycleState:
     from agentforge.eval import perplexity
 
     settings = run.settings
-    state = CycleState(model=model, reference_perplexity=perplexity(model, run.data.text_validation,
-                                                                    batch_size=settings.eval_batch_size))
+    state = CycleState(
+        model=model,
+        reference_perplexity=perplexity(model, run.data.text_validation, batch_size=settings.eval_batch_size),
+    )
     for index in range(settings.max_iterations):
         cycle = state.cycle
         row = iterate(state, index, run)
         state.rows.append(row)
-        run.say(f"iteration {index} ({cycle}): winner score {row['winner_score']:.3f} in context, "
-                f"unprompted {row['unprompted_before']:.3f} -> {row['unprompted_after']:.3f}; {row['outcome']}")
+        run.say(
+            f"iteration {index} ({cycle}): winner score {row['winner_score']:.3f} in context, "
+            f"unprompted {row['unprompted_before']:.3f} -> {row['unprompted_after']:.3f}; {row['outcome']}"
+        )
         other = CYCLES[1 - CYCLES.index(cycle)]
         if row["plateau"]:
             state.plateau[cycle] = True

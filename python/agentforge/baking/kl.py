@@ -19,6 +19,7 @@ A prompt about tool use is baked on trajectories with the calls executed (``tool
 ``y`` then holds the runtime's ``[out: ...]`` results too, which stay in the context but carry
 no label, so the KL is taken only where the model itself writes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,8 +38,10 @@ def token_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> 
     """KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) over the last dimension, from log-probabilities
     ``[..., V]`` of the teacher p and the student q; computed in fp32, returns ``[...]``."""
     if teacher_logprobs.shape != student_logprobs.shape:
-        raise ValueError(f"token_kl: teacher shape {tuple(teacher_logprobs.shape)} differs from student shape "
-                         f"{tuple(student_logprobs.shape)}")
+        raise ValueError(
+            f"token_kl: teacher shape {tuple(teacher_logprobs.shape)} differs from student shape "
+            f"{tuple(student_logprobs.shape)}"
+        )
     return F.kl_div(student_logprobs.float(), teacher_logprobs.float(), log_target=True, reduction="none").sum(-1)
 
 
@@ -58,7 +61,7 @@ def kl_loss(model, batch: dict[str, torch.Tensor], anchor_weight: float = 0.0) -
     on that unrelated text, which keeps what the prompt has nothing to do with in place."""
     teacher = batch["teacher_logprobs"]
     span = teacher.shape[1]
-    logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])[:, -span - 1:-1]
+    logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])[:, -span - 1 : -1]
     targets = batch["labels"][:, -span:] != IGNORE_INDEX
     kl = token_kl(teacher[targets], logits[targets].float().log_softmax(-1)).mean()
     extras = {"kl_tokens": float(targets.sum())}
@@ -84,7 +87,7 @@ def anchor_rows(model, texts: Sequence[Sequence[int]], *, batch_size: int) -> li
     rows = []
     with evaluation_mode(model):
         for start in range(0, len(ids), batch_size):
-            chunk = ids[start:start + batch_size]
+            chunk = ids[start : start + batch_size]
             logprobs = model(input_ids=chunk.to(device)).logits[:, :-1].float().log_softmax(-1).cpu()
             rows += [{"anchor_ids": row, "anchor_logprobs": lp} for row, lp in zip(chunk, logprobs)]
     return rows
@@ -134,11 +137,20 @@ def _special_ids(tokenizer) -> tuple[int, int]:
 
 
 def _until_eos(tokens: list[int], eos: int) -> list[int]:
-    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def sample_continuations(model, contexts: list[list[int]], *, eos: int, pad: int, max_new_tokens: int,
-                         temperature: float, batch_size: int, seed: int) -> list[list[int]]:
+def sample_continuations(
+    model,
+    contexts: list[list[int]],
+    *,
+    eos: int,
+    pad: int,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+) -> list[list[int]]:
     """One sampled continuation per context (plain ancestral sampling at ``temperature``, no top-k
     or top-p), each cut after its first eos. Seeded, and the caller's RNG stream is untouched."""
     from agentforge.train.checkpoint import preserved_rng
@@ -148,17 +160,33 @@ def sample_continuations(model, contexts: list[list[int]], *, eos: int, pad: int
     with evaluation_mode(model), preserved_rng():
         torch.manual_seed(seed)
         for start in range(0, len(contexts), batch_size):
-            ids, mask = left_padded(contexts[start:start + batch_size], pad)
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                       temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                       eos_token_id=eos, pad_token_id=pad)
-            out += [_until_eos(row, eos) for row in generated[:, ids.shape[1]:].tolist()]
+            ids, mask = left_padded(contexts[start : start + batch_size], pad)
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+            out += [_until_eos(row, eos) for row in generated[:, ids.shape[1] :].tolist()]
     return out
 
 
 @torch.no_grad()
-def teacher_rows(model, prompt_ids: list[int], inputs: list[list[int]], continuations: list[list[int]], *,
-                 pad: int, batch_size: int, written: list[list[bool]] | None = None) -> list[dict[str, torch.Tensor]]:
+def teacher_rows(
+    model,
+    prompt_ids: list[int],
+    inputs: list[list[int]],
+    continuations: list[list[int]],
+    *,
+    pad: int,
+    batch_size: int,
+    written: list[list[bool]] | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """Baking rows: the prompted model's log-probabilities before every continuation token, next
     to the unprompted student's left-padded ids, mask and labels (same width for every row).
     ``written``: per continuation token, whether it gets a label (None: every one)."""
@@ -170,30 +198,49 @@ def teacher_rows(model, prompt_ids: list[int], inputs: list[list[int]], continua
         for start in range(0, len(inputs), batch_size):
             chunk = range(start, min(start + batch_size, len(inputs)))
             ids, mask = left_padded([prompt_ids + inputs[i] + continuations[i] for i in chunk], pad)
-            logprobs = forward_logits(model, ids.to(device), mask.to(device))[:, -span - 1:-1].float().log_softmax(-1)
+            logprobs = forward_logits(model, ids.to(device), mask.to(device))[:, -span - 1 : -1].float().log_softmax(-1)
             for offset, i in enumerate(chunk):
                 labels = torch.full_like(student_ids[i], IGNORE_INDEX)
                 target = torch.tensor(continuations[i])
                 if written is not None:
                     target[~torch.tensor(written[i], dtype=torch.bool)] = IGNORE_INDEX
-                labels[len(labels) - len(continuations[i]):] = target
+                labels[len(labels) - len(continuations[i]) :] = target
                 teacher = logprobs[offset].cpu()
-                teacher[:span - len(continuations[i])] = 0.0  # columns before this row's continuation
-                rows.append({"input_ids": student_ids[i], "attention_mask": student_mask[i], "labels": labels,
-                             "teacher_logprobs": teacher})
+                teacher[: span - len(continuations[i])] = 0.0  # columns before this row's continuation
+                rows.append(
+                    {
+                        "input_ids": student_ids[i],
+                        "attention_mask": student_mask[i],
+                        "labels": labels,
+                        "teacher_logprobs": teacher,
+                    }
+                )
     return rows
 
 
-def prompted_trajectories(model, tokenizer, prompt: str, inputs: Sequence[str], *, samples_per_input: int = 1,
-                          max_new_tokens: int = 16, temperature: float = 1.0, batch_size: int = 32,
-                          seed: int = 0, tools: bool = False) -> BakingData:
+def prompted_trajectories(
+    model,
+    tokenizer,
+    prompt: str,
+    inputs: Sequence[str],
+    *,
+    samples_per_input: int = 1,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    tools: bool = False,
+) -> BakingData:
     """Sample ``samples_per_input`` continuations of ``prompt + SEPARATOR + x`` for every input
     ``x`` from ``model`` and score them with the same prompted model: the data that bakes
     ``prompt`` into (a copy of) ``model``, or measures how far a model is from it. With
     ``tools`` the calls the model writes are executed as it samples (``agentforge.tools``) and
     ``max_new_tokens`` counts only the model's own tokens."""
-    for name, value in (("samples_per_input", samples_per_input), ("max_new_tokens", max_new_tokens),
-                        ("batch_size", batch_size)):
+    for name, value in (
+        ("samples_per_input", samples_per_input),
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"baking: {name} must be a positive int, got {value!r}")
     if not temperature > 0:
@@ -206,14 +253,34 @@ def prompted_trajectories(model, tokenizer, prompt: str, inputs: Sequence[str], 
     if tools:
         from agentforge.tools import tool_trajectories
 
-        continuations, written = map(list, zip(*tool_trajectories(
-            model, tokenizer, contexts, max_new_tokens=max_new_tokens, temperature=temperature,
-            batch_size=batch_size, seed=seed)))
+        continuations, written = map(
+            list,
+            zip(
+                *tool_trajectories(
+                    model,
+                    tokenizer,
+                    contexts,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    batch_size=batch_size,
+                    seed=seed,
+                )
+            ),
+        )
     else:
-        continuations = sample_continuations(model, contexts, eos=eos, pad=pad, max_new_tokens=max_new_tokens,
-                                             temperature=temperature, batch_size=batch_size, seed=seed)
-    rows = teacher_rows(model, prompt_ids, inputs_repeated, continuations, pad=pad, batch_size=batch_size,
-                        written=written)
+        continuations = sample_continuations(
+            model,
+            contexts,
+            eos=eos,
+            pad=pad,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            batch_size=batch_size,
+            seed=seed,
+        )
+    rows = teacher_rows(
+        model, prompt_ids, inputs_repeated, continuations, pad=pad, batch_size=batch_size, written=written
+    )
     return BakingData(prompt=prompt, rows=rows, continuations=continuations, written=written)
 
 
@@ -232,11 +299,12 @@ def row_kl(model, data: BakingData, *, batch_size: int = 32) -> tuple[list[float
     device = model_device(model)
     with evaluation_mode(model):
         for start in range(0, len(data.rows), batch_size):
-            batch = {k: torch.stack([r[k] for r in data.rows[start:start + batch_size]]).to(device)
-                     for k in data.rows[0]}
+            batch = {
+                k: torch.stack([r[k] for r in data.rows[start : start + batch_size]]).to(device) for k in data.rows[0]
+            }
             teacher = batch["teacher_logprobs"]
             span = teacher.shape[1]
-            logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])[:, -span - 1:-1]
+            logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])[:, -span - 1 : -1]
             targets = batch["labels"][:, -span:] != IGNORE_INDEX
             per_token = token_kl(teacher, logits.float().log_softmax(-1))
             sums += torch.where(targets, per_token, 0.0).double().sum(1).tolist()  # padding can hold anything

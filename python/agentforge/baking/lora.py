@@ -8,6 +8,7 @@ quantizer, ``y = BitLinear_{W + s·BA}(x)``, trained through the straight-throug
 merging writes ``W + s·BA`` into the latent weight: the merged model computes exactly what the
 adapted one did, and the model stays ternary.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -43,12 +44,15 @@ def check_bakeable(model: nn.Module) -> None:
     weights (training state); packed ternary layers have none to bake into."""
     packed = [name for name, m in model.named_modules() if isinstance(m, BitLinear) and m.state == PACKED]
     if packed:
-        raise ValueError(f"baking needs latent BitLinear weights, but {len(packed)} layer(s) are packed "
-                         f"(e.g. {packed[0]!r}); bake the BitNet phase's latent checkpoint instead")
+        raise ValueError(
+            f"baking needs latent BitLinear weights, but {len(packed)} layer(s) are packed "
+            f"(e.g. {packed[0]!r}); bake the BitNet phase's latent checkpoint instead"
+        )
 
 
-def add_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0,
-             targets: Sequence[str] = DEFAULT_TARGETS) -> PeftModel:
+def add_lora(
+    model: nn.Module, *, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = DEFAULT_TARGETS
+) -> PeftModel:
     """Wrap ``model`` with fresh LoRA adapters (``B = 0``, so nothing changes yet) on the layers
     whose names end in one of ``targets``; every other weight is frozen."""
     check_bakeable(model)

@@ -30,6 +30,7 @@ pairs. It reports the per-call rate ``N2 * K / t2`` and the marginal rate
 ``(N2 - N1) * K / median(t2 - t1)`` over the pairs, which cancels the fixed per-call cost
 (Python, dispatcher, activation quantization): the kernel's own cache-resident throughput.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ COLD_LLC_MULTIPLE = 8
 
 
 # --- arguments -------------------------------------------------------------------------------
+
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """``"4096x4096,11008x4096"`` -> ``[(4096, 4096), (11008, 4096)]`` as (N out, K in)."""
@@ -91,30 +93,62 @@ def parse_backends(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES), metavar="NxK,...",
-                   help=f"weight shapes, N outputs x K inputs (default {DEFAULT_SHAPES})")
-    p.add_argument("--m", type=parse_ints, default=parse_ints(DEFAULT_MS), metavar="M,...",
-                   help=f"tokens per call (rows of x) (default {DEFAULT_MS})")
+    p.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default=parse_shapes(DEFAULT_SHAPES),
+        metavar="NxK,...",
+        help=f"weight shapes, N outputs x K inputs (default {DEFAULT_SHAPES})",
+    )
+    p.add_argument(
+        "--m",
+        type=parse_ints,
+        default=parse_ints(DEFAULT_MS),
+        metavar="M,...",
+        help=f"tokens per call (rows of x) (default {DEFAULT_MS})",
+    )
     p.add_argument("--reps", type=int, default=7, help="timed rounds per candidate; the median is reported (default 7)")
-    p.add_argument("--min-sample-ms", type=float, default=20.0,
-                   help="each sample averages back-to-back calls lasting at least this long (default 20)")
+    p.add_argument(
+        "--min-sample-ms",
+        type=float,
+        default=20.0,
+        help="each sample averages back-to-back calls lasting at least this long (default 20)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate first (default 2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for the main table (default: torch's default)")
-    p.add_argument("--backends", type=parse_backends, default=list(BACKENDS), metavar="B,...",
-                   help="ternary kernels to time (default int8,popcount,base3)")
-    p.add_argument("--cold", action="store_true",
-                   help="rotate through weight copies larger than 8x the last-level cache (weights streamed from "
-                        "memory), and measure the read bandwidth they are compared with")
-    p.add_argument("--no-per-core", dest="per_core", action="store_false",
-                   help="skip the single-thread cache-resident kernel throughput")
-    p.add_argument("--per-core-seconds", type=float, default=1.5,
-                   help="timing budget per backend for the per-core kernel figure (default 1.5)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads for the main table (default: torch's default)"
+    )
+    p.add_argument(
+        "--backends",
+        type=parse_backends,
+        default=list(BACKENDS),
+        metavar="B,...",
+        help="ternary kernels to time (default int8,popcount,base3)",
+    )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="rotate through weight copies larger than 8x the last-level cache (weights streamed from "
+        "memory), and measure the read bandwidth they are compared with",
+    )
+    p.add_argument(
+        "--no-per-core",
+        dest="per_core",
+        action="store_false",
+        help="skip the single-thread cache-resident kernel throughput",
+    )
+    p.add_argument(
+        "--per-core-seconds",
+        type=float,
+        default=1.5,
+        help="timing budget per backend for the per-core kernel figure (default 1.5)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed for the weights and inputs")
     p.add_argument("--json", metavar="FILE", default=None, help="also write all measurements as JSON to FILE")
 
 
 # --- machine ---------------------------------------------------------------------------------
+
 
 def _cpuinfo_field(name: str) -> str | None:
     try:
@@ -180,12 +214,15 @@ def format_machine(m: dict) -> str:
         f"{'loaded' if m['extension_loaded'] else 'NOT loaded: timing the pure-PyTorch reference'}",
     ]
     if m["loadavg_at_start"]:
-        lines.append(f"load    : {m['loadavg_at_start'][0]} (1-min load average at start; "
-                     f"other processes inflate and scatter timings)")
+        lines.append(
+            f"load    : {m['loadavg_at_start'][0]} (1-min load average at start; "
+            f"other processes inflate and scatter timings)"
+        )
     return "\n".join(lines)
 
 
 # --- timing ----------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def forced_backend(name: str | None) -> Iterator[None]:
@@ -257,6 +294,7 @@ def _copies_needed(nbytes: int, cold: bool, llc: int | None) -> int:
 
 # --- the benchmarks --------------------------------------------------------------------------
 
+
 def _auto_pick(ops, x, wp, scale) -> str | None:
     """The backend the dispatcher measures and picks for this call's shape class."""
     if not ops.extension_loaded():
@@ -290,24 +328,35 @@ def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, se
         codes, scale = ops.quantize_ternary(w)
         packed = ops.pack_ternary(codes)
         wp = {layout: ops.prepack_ternary(packed, K, layout) for layout in ("2bit", "base3")}
-        weights = {"fp32": copies(w), "bf16": copies(w.bfloat16()), "2bit": copies(wp["2bit"]),
-                   "base3": copies(wp["base3"]) if "base3" in backends else []}
-        nbytes = {"fp32": N * K * 4, "bf16": N * K * 2, "2bit": _payload_bytes(wp["2bit"]),
-                  "base3": _payload_bytes(wp["base3"])}
+        weights = {
+            "fp32": copies(w),
+            "bf16": copies(w.bfloat16()),
+            "2bit": copies(wp["2bit"]),
+            "base3": copies(wp["base3"]) if "base3" in backends else [],
+        }
+        nbytes = {
+            "fp32": N * K * 4,
+            "bf16": N * K * 2,
+            "2bit": _payload_bytes(wp["2bit"]),
+            "base3": _payload_bytes(wp["base3"]),
+        }
         for M in ms:
             log(f"  {N}x{K} M={M} ...")
             x = torch.randn(M, K, generator=gen)
             xb = x.bfloat16()
             cands = [
-                Candidate("fp32", _cycling(lambda wt, x=x: (lambda: F.linear(x, wt)), weights["fp32"]),
-                          nbytes=nbytes["fp32"]),
-                Candidate("bf16", _cycling(lambda wt, xb=xb: (lambda: F.linear(xb, wt)), weights["bf16"]),
-                          nbytes=nbytes["bf16"]),
+                Candidate(
+                    "fp32", _cycling(lambda wt, x=x: lambda: F.linear(x, wt), weights["fp32"]), nbytes=nbytes["fp32"]
+                ),
+                Candidate(
+                    "bf16", _cycling(lambda wt, xb=xb: lambda: F.linear(xb, wt), weights["bf16"]), nbytes=nbytes["bf16"]
+                ),
             ]
             for b in backends:
                 layout = "base3" if b == "base3" else "2bit"
-                matmul = _cycling(lambda wt, x=x, scale=scale: (lambda: ops.ternary_matmul(x, wt, scale)),
-                                  weights[layout])
+                matmul = _cycling(
+                    lambda wt, x=x, scale=scale: lambda: ops.ternary_matmul(x, wt, scale), weights[layout]
+                )
                 cands.append(Candidate(b, matmul, backend=None if b == "base3" else b, nbytes=nbytes[layout]))
             # Sanity: every kernel computes the same exact integer products, so they must agree.
             outs = {}
@@ -317,15 +366,20 @@ def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, se
             agree = all(torch.equal(outs[backends[0]], o) for o in outs.values())
             measure(cands, reps, min_sample_s, warmup)
             t = {c.name: c.median for c in cands}
-            row = {"N": N, "K": K, "M": M, "ms": {k: v * 1e3 for k, v in t.items()},
-                   "samples_ms": {c.name: [s * 1e3 for s in c.samples] for c in cands},
-                   "inner_calls": {c.name: c.inner for c in cands},
-                   "speedup": {b: {base: t[base] / t[b] for base in BASELINES} for b in backends},
-                   "gweights_per_s": {k: M * N * K / v / 1e9 for k, v in t.items()},
-                   "weight_bytes": {c.name: c.nbytes for c in cands},
-                   "gbytes_per_s": {c.name: c.nbytes / t[c.name] / 1e9 for c in cands},
-                   "backends_agree": agree,
-                   "auto_pick": _auto_pick(ops, x, wp["2bit"], scale)}
+            row = {
+                "N": N,
+                "K": K,
+                "M": M,
+                "ms": {k: v * 1e3 for k, v in t.items()},
+                "samples_ms": {c.name: [s * 1e3 for s in c.samples] for c in cands},
+                "inner_calls": {c.name: c.inner for c in cands},
+                "speedup": {b: {base: t[base] / t[b] for base in BASELINES} for b in backends},
+                "gweights_per_s": {k: M * N * K / v / 1e9 for k, v in t.items()},
+                "weight_bytes": {c.name: c.nbytes for c in cands},
+                "gbytes_per_s": {c.name: c.nbytes / t[c.name] / 1e9 for c in cands},
+                "backends_agree": agree,
+                "auto_pick": _auto_pick(ops, x, wp["2bit"], scale),
+            }
             if not agree:
                 log(f"  WARNING: kernels disagree at {N}x{K} M={M}")
             rows.append(row)
@@ -333,8 +387,9 @@ def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, se
     return rows
 
 
-def paired_times(f1: Callable[[], object], f2: Callable[[], object], seconds: float, warmup_s: float,
-                 chunks: int = 5) -> tuple[list[int], list[int]]:
+def paired_times(
+    f1: Callable[[], object], f2: Callable[[], object], seconds: float, warmup_s: float, chunks: int = 5
+) -> tuple[list[int], list[int]]:
     """Time ``f1`` and ``f2`` back to back, in alternating order, for about ``seconds``; returns
     the per-call times (ns) of each. Adjacent calls see the same machine state, so the per-pair
     difference ``t2 - t1`` is robust to slow drifts and to other processes."""
@@ -349,11 +404,11 @@ def paired_times(f1: Callable[[], object], f2: Callable[[], object], seconds: fl
     i = 0
     while pc() < deadline or i < 2 * chunks:
         if i & 1:
-            t0 = pc(); f1(); t1 = pc(); f2(); t2 = pc()  # noqa: E702
+            t0 = pc(); f1(); t1 = pc(); f2(); t2 = pc()  # noqa: E702  # fmt: skip
             a.append(t1 - t0)
             b.append(t2 - t1)
         else:
-            t0 = pc(); f2(); t1 = pc(); f1(); t2 = pc()  # noqa: E702
+            t0 = pc(); f2(); t1 = pc(); f1(); t2 = pc()  # noqa: E702  # fmt: skip
             b.append(t1 - t0)
             a.append(t2 - t1)
         i += 1
@@ -381,7 +436,7 @@ def bench_per_core(backends, seconds, l2, seed, log) -> dict:
             for layout in ("2bit", "base3"):
                 wp = ops.prepack_ternary(ops.pack_ternary(codes), K, layout)
                 out[f"{layout}_bytes"] = _payload_bytes(wp)
-                fns[layout, N] = (lambda wp=wp, s=scale: ops.ternary_matmul(x, wp, s))
+                fns[layout, N] = lambda wp=wp, s=scale: ops.ternary_matmul(x, wp, s)
         log(f"  per-core: M=1, K={K}, N={N1} and {N2}, 1 thread ...")
         for b in backends:
             layout = "base3" if b == "base3" else "2bit"
@@ -405,6 +460,7 @@ def bench_per_core(backends, seconds, l2, seed, log) -> dict:
 
 
 # --- output ----------------------------------------------------------------------------------
+
 
 def _ratio(v: float) -> str:
     return f"{v:.2f}x" if v < 10 else f"{v:.1f}x"
@@ -432,8 +488,10 @@ def format_table(rows: list[dict], backends: list[str], bandwidth: float | None 
             line += [_ratio(r["speedup"][b]["fp32"]), _ratio(r["speedup"][b]["bf16"])]
         line += [f"{r['gweights_per_s'][b]:.1f}" for b in backends]
         if bandwidth:
-            line += [f"{r['gbytes_per_s'][c]:.1f} ({100 * r['gbytes_per_s'][c] / bandwidth:.0f}%)"
-                     for c in (*BASELINES, *backends)]
+            line += [
+                f"{r['gbytes_per_s'][c]:.1f} ({100 * r['gbytes_per_s'][c] / bandwidth:.0f}%)"
+                for c in (*BASELINES, *backends)
+            ]
         line.append((r["auto_pick"] or "?") + ("" if r["backends_agree"] else " (MISMATCH)"))
         body.append(line)
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
@@ -443,15 +501,19 @@ def format_table(rows: list[dict], backends: list[str], bandwidth: float | None 
 
 
 def format_per_core(pc: dict) -> str:
-    lines = [f"kernel, cache-resident, one core (torch.set_num_threads(1)): M=1, K={pc['K']}, N={pc['N1']} and "
-             f"{pc['N2']} ({pc['2bit_bytes'] >> 10} KiB prepacked 2bit, {pc['base3_bytes'] >> 10} KiB base3, "
-             f"L2 {_fmt_bytes(pc['l2_bytes'])}/core)"]
+    lines = [
+        f"kernel, cache-resident, one core (torch.set_num_threads(1)): M=1, K={pc['K']}, N={pc['N1']} and "
+        f"{pc['N2']} ({pc['2bit_bytes'] >> 10} KiB prepacked 2bit, {pc['base3_bytes'] >> 10} KiB base3, "
+        f"L2 {_fmt_bytes(pc['l2_bytes'])}/core)"
+    ]
     for b, v in pc["backends"].items():
         marg = v["marginal_gweights_per_s"]
         marg_s = f"{marg:.1f}" if marg is not None else "n/a"
-        lines.append(f"  {b:>8}: {marg_s} G ternary weights/s per core, marginal "
-                     f"((N2-N1)*K / median paired time difference, fixed per-call cost removed); "
-                     f"{v['per_call_gweights_per_s']:.1f} per whole call ({v['t_n2_us']:.1f} us incl. Python)")
+        lines.append(
+            f"  {b:>8}: {marg_s} G ternary weights/s per core, marginal "
+            f"((N2-N1)*K / median paired time difference, fixed per-call cost removed); "
+            f"{v['per_call_gweights_per_s']:.1f} per whole call ({v['t_n2_us']:.1f} us incl. Python)"
+        )
     return "\n".join(lines)
 
 
@@ -490,8 +552,11 @@ def run(args: argparse.Namespace) -> int:
     print(format_machine(machine), flush=True)
     if not ops.extension_loaded():
         log("agentforge bench: the native extension is not loaded; the ternary numbers are the slow reference")
-    mode = (f"cold (rotating copies > {COLD_LLC_MULTIPLE}x L3 {_fmt_bytes(machine['l3_bytes'])})" if args.cold
-            else "hot (the same weights every call; small ternary weights stay in cache)")
+    mode = (
+        f"cold (rotating copies > {COLD_LLC_MULTIPLE}x L3 {_fmt_bytes(machine['l3_bytes'])})"
+        if args.cold
+        else "hot (the same weights every call; small ternary weights stay in cache)"
+    )
     t0 = time.perf_counter()
     bandwidth = None
     if args.cold and ops.extension_loaded():
@@ -499,8 +564,18 @@ def run(args: argparse.Namespace) -> int:
         nbytes = COLD_LLC_MULTIPLE * ops.last_level_cache_bytes()
         bandwidth = {"before": ops.read_bandwidth(nbytes), "threads": torch.get_num_threads(), "mib": nbytes >> 20}
     log(f"timing {len(args.shapes)} shapes x {len(args.m)} M values, {args.reps} reps ...")
-    rows = bench_matmul(args.shapes, args.m, args.backends, args.reps, args.min_sample_ms / 1e3, args.warmup,
-                        args.cold, machine["l3_bytes"], args.seed, log)
+    rows = bench_matmul(
+        args.shapes,
+        args.m,
+        args.backends,
+        args.reps,
+        args.min_sample_ms / 1e3,
+        args.warmup,
+        args.cold,
+        machine["l3_bytes"],
+        args.seed,
+        log,
+    )
     if bandwidth:
         bandwidth["after"] = ops.read_bandwidth(nbytes)
         bandwidth["gbs"] = max(bandwidth["before"], bandwidth["after"])
@@ -522,10 +597,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nbench took {elapsed:.0f} s")
 
     if args.json:
-        doc = {"machine": machine, "threads": torch.get_num_threads(), "cold": args.cold, "reps": args.reps,
-               "min_sample_ms": args.min_sample_ms, "elapsed_s": elapsed, "matmul": rows, "per_core": per_core,
-               "read_bandwidth": bandwidth,
-               "dispatch_last_row": dispatch, "argv": sys.argv[1:]}
+        doc = {
+            "machine": machine,
+            "threads": torch.get_num_threads(),
+            "cold": args.cold,
+            "reps": args.reps,
+            "min_sample_ms": args.min_sample_ms,
+            "elapsed_s": elapsed,
+            "matmul": rows,
+            "per_core": per_core,
+            "read_bandwidth": bandwidth,
+            "dispatch_last_row": dispatch,
+            "argv": sys.argv[1:],
+        }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
         log(f"wrote {args.json}")

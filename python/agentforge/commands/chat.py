@@ -8,6 +8,7 @@ own) sees each message alone. Type ``/exit`` or end the input (Ctrl-D) to quit.
     agentforge chat runs/tiny/compression
     agentforge chat runs/tiny/compression --message "12+7=" --message "3+4="   # for scripts
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,12 @@ def add_arguments(parser) -> None:
 
     add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default 128)")
-    parser.add_argument("--message", action="append", metavar="TEXT",
-                        help="send TEXT instead of reading the keyboard (repeatable: one turn each, in order)")
+    parser.add_argument(
+        "--message",
+        action="append",
+        metavar="TEXT",
+        help="send TEXT instead of reading the keyboard (repeatable: one turn each, in order)",
+    )
 
 
 def _typed(interactive: bool):

@@ -17,6 +17,7 @@ model ships its code and loads with ``trust_remote_code=True``.
 The experts (router and weight sets) and the thinking head have no place in either format: the
 command names those it leaves behind.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,13 +32,23 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "artifact", metavar="ARTIFACT", help="a model.afz, a model directory or a run's phase directory"
     )
-    parser.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DEST"),
-                        help="hf DIR (a Hugging Face directory) or gguf FILE (llama.cpp)")
-    parser.add_argument("--artifact", dest="artifact_name", metavar="NAME",
-                        help="which model of a phase directory that hands over several")
+    parser.add_argument(
+        "--to",
+        nargs=2,
+        required=True,
+        metavar=("FORMAT", "DEST"),
+        help="hf DIR (a Hugging Face directory) or gguf FILE (llama.cpp)",
+    )
+    parser.add_argument(
+        "--artifact",
+        dest="artifact_name",
+        metavar="NAME",
+        help="which model of a phase directory that hands over several",
+    )
     parser.add_argument("--dtype", help=f"hf: the weights' dtype, one of {', '.join(DTYPES)} (default bfloat16)")
-    parser.add_argument("--ternary", help=f"gguf: the ternary layers' type, one of {', '.join(TERNARY)} "
-                                          "(default tq2_0)")
+    parser.add_argument(
+        "--ternary", help=f"gguf: the ternary layers' type, one of {', '.join(TERNARY)} (default tq2_0)"
+    )
     parser.add_argument("--force", action="store_true", help="replace DEST if it exists")
 
 
@@ -74,15 +85,19 @@ def run(args) -> int:
             if done["remote_code"]
             else "transformers alone"
         )
-        print(f"wrote {dest}: {done['ternary_layers']} ternary layers as {done['dtype']} nn.Linear, "
-              f"{done['bytes'] / 2**20:.2f} MiB; AutoModelForCausalLM.from_pretrained loads it with {how}")
+        print(
+            f"wrote {dest}: {done['ternary_layers']} ternary layers as {done['dtype']} nn.Linear, "
+            f"{done['bytes'] / 2**20:.2f} MiB; AutoModelForCausalLM.from_pretrained loads it with {how}"
+        )
     else:
         done = export_gguf(agent, dest, ternary=args.ternary or "tq2_0")
         types = ", ".join(f"{n} {name}" for name, n in sorted(done["types"].items()))
         print(f"wrote {dest}: tensors {types}, {done['bytes'] / 2**20:.2f} MiB")
         if done["as_f16"]:
-            print(f"as F16: {len(done['as_f16'])} ternary layers whose rows are not a multiple of 256 weights "
-                  f"(e.g. {done['as_f16'][0]}), the block size of llama.cpp's ternary types")
+            print(
+                f"as F16: {len(done['as_f16'])} ternary layers whose rows are not a multiple of 256 weights "
+                f"(e.g. {done['as_f16'][0]}), the block size of llama.cpp's ternary types"
+            )
     if left:
         print(f"not exported: {', '.join(left)}; use agentforge.load for them")
     return 0

@@ -10,6 +10,7 @@ only the model's text.
     agentforge generate runs/tiny/compression --prompt "12+7="
     agentforge generate runs/tiny/quietstar --prompt "12+7=" --think
 """
+
 from __future__ import annotations
 
 import os
@@ -21,16 +22,28 @@ HELP = "print a model's completion of a prompt"
 
 def add_model_arguments(parser) -> None:
     """The arguments that choose and open a model (shared with ``agentforge chat``)."""
-    parser.add_argument("target", metavar="TARGET",
-                        help="a model.afz, a model directory, or a run's phase (runs/tiny/08-compression or "
-                             "runs/tiny/compression)")
-    parser.add_argument("--artifact", metavar="NAME",
-                        help="in a phase that hands over several models, which one (e.g. trunk, latent); "
-                             "default: the one handed to the next phase")
-    parser.add_argument("--think", action="store_true",
-                        help="think before each token with the model's Quiet-STaR head (from the quietstar phase on)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the thoughts --think samples (default 0: the same command, the same answer)")
+    parser.add_argument(
+        "target",
+        metavar="TARGET",
+        help="a model.afz, a model directory, or a run's phase (runs/tiny/08-compression or runs/tiny/compression)",
+    )
+    parser.add_argument(
+        "--artifact",
+        metavar="NAME",
+        help="in a phase that hands over several models, which one (e.g. trunk, latent); "
+        "default: the one handed to the next phase",
+    )
+    parser.add_argument(
+        "--think",
+        action="store_true",
+        help="think before each token with the model's Quiet-STaR head (from the quietstar phase on)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the thoughts --think samples (default 0: the same command, the same answer)",
+    )
 
 
 def add_arguments(parser) -> None:
@@ -73,8 +86,9 @@ def load_agent(args):
     if agent.tokenizer is None:
         raise ConfigError(f"{args.target}: the model has no tokenizer, so it cannot read a prompt")
     if args.think and not agent.parts["thinking"]:
-        raise ConfigError(f"--think: {args.target} has no Quiet-STaR thinking head (models from the quietstar phase "
-                          "on carry one)")
+        raise ConfigError(
+            f"--think: {args.target} has no Quiet-STaR thinking head (models from the quietstar phase on carry one)"
+        )
     return agent
 
 
@@ -84,6 +98,8 @@ def run(args) -> int:
     if completion:
         print(completion)
     else:
-        print("(empty completion: the model's first new token ended the text, or it wrote only whitespace)",
-              file=sys.stderr)
+        print(
+            "(empty completion: the model's first new token ended the text, or it wrote only whitespace)",
+            file=sys.stderr,
+        )
     return 0

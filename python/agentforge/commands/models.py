@@ -1,6 +1,7 @@
 """``agentforge models DIR``: the models in a run's registry: id, parameters, bytes on disk,
 sha256 of its files, parents (lineage) and path; ``--json`` prints the full rows with metrics.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,16 @@ def run(args) -> int:
         print(f"{args.dir}: no models registered yet (no phase has completed)")
         return 0
     rows = [["model", "parameters", "bytes", "sha256", "parents", "path"]]
-    rows += [[m["id"], f"{m['parameters']:,}" if m["parameters"] else "-", f"{m['bytes']:,}", m["sha256"][:12],
-              ", ".join(m["parents"]) or "-", m["path"]] for m in models]
+    rows += [
+        [
+            m["id"],
+            f"{m['parameters']:,}" if m["parameters"] else "-",
+            f"{m['bytes']:,}",
+            m["sha256"][:12],
+            ", ".join(m["parents"]) or "-",
+            m["path"],
+        ]
+        for m in models
+    ]
     print(table(rows))
     return 0

@@ -1,6 +1,7 @@
 """``agentforge report DIR``: rebuild DIR/report.html (run summary, phase table, training curves,
 phase figures, model lineage) from what is on disk, and print its path.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

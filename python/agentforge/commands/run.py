@@ -15,6 +15,7 @@ run.json, metrics.jsonl, registry.sqlite and report.html. Everything is checked 
 written: a bad config, a missing input artifact or a directory held by another run exits with
 code 2 and one line saying why.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,45 +24,81 @@ HELP = "run the pipeline (or resume a run directory) and write its report"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", help="micro (seconds per phase), tiny (the default), small, or smol (a "
-                                         "pretrained 135M base, SmolLM2 unless --base names another)")
-    parser.add_argument("--base", metavar="PATH_OR_NAME",
-                        help="start from a pretrained causal LM: an HF model directory, a .gguf file or smollm2 "
-                             "(sets cognate.base_model)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where models train and run (auto: the GPU when torch sees one)")
-    parser.add_argument("--config", metavar="FILE",
-                        help="YAML file: {preset: ..., seed: ..., <phase>: {<setting>: <value>}}")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one value, e.g. seed=1 or cognate.trunk_steps=400 (YAML syntax; repeatable)")
+    parser.add_argument(
+        "--preset",
+        help="micro (seconds per phase), tiny (the default), small, or smol (a "
+        "pretrained 135M base, SmolLM2 unless --base names another)",
+    )
+    parser.add_argument(
+        "--base",
+        metavar="PATH_OR_NAME",
+        help="start from a pretrained causal LM: an HF model directory, a .gguf file or smollm2 "
+        "(sets cognate.base_model)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where models train and run (auto: the GPU when torch sees one)",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file: {preset: ..., seed: ..., <phase>: {<setting>: <value>}}"
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one value, e.g. seed=1 or cognate.trunk_steps=400 (YAML syntax; repeatable)",
+    )
     parser.add_argument("--out", metavar="DIR", help="a new run directory (default: runs/<timestamp>)")
-    parser.add_argument("--resume", metavar="DIR",
-                        help="continue the run in DIR from its last completed phase and last checkpoint")
-    parser.add_argument("--from", dest="start", metavar="PHASE",
-                        help="first phase to run (the artifacts it needs must already be in the run directory)")
+    parser.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its last completed phase and last checkpoint"
+    )
+    parser.add_argument(
+        "--from",
+        dest="start",
+        metavar="PHASE",
+        help="first phase to run (the artifacts it needs must already be in the run directory)",
+    )
     parser.add_argument("--to", dest="stop", metavar="PHASE", help="last phase to run")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="with --resume: accept a changed config and rerun the phases it affects")
-    parser.add_argument("--wandb", choices=("online", "offline", "disabled"),
-                        help="W&B mode of the training logs (default: environment WANDB_MODE, else offline)")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept a changed config and rerun the phases it affects",
+    )
+    parser.add_argument(
+        "--wandb",
+        choices=("online", "offline", "disabled"),
+        help="W&B mode of the training logs (default: environment WANDB_MODE, else offline)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (YAML, accepted back by --config) and exit; writes nothing")
-    parser.add_argument("--explain", action="store_true",
-                        help="with --print-config: a comment above every key with the values it accepts, its value "
-                             "in each preset and what it does (configs/all-keys.yaml is this output)")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (YAML, accepted back by --config) and exit; writes nothing",
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="with --print-config: a comment above every key with the values it accepts, its value "
+        "in each preset and what it does (configs/all-keys.yaml is this output)",
+    )
 
 
 def _header(run) -> str:
     skipped = [spec.name for spec in run.phases if spec.name not in run.selected]
-    return (f"agentforge run: {run.dir} (preset {run.config.preset}, seed {run.config.seed}); "
-            f"phases to run: {', '.join(run.selected) or 'none'}"
-            + (f"; not selected: {', '.join(skipped)}" if skipped else ""))
+    return (
+        f"agentforge run: {run.dir} (preset {run.config.preset}, seed {run.config.seed}); "
+        f"phases to run: {', '.join(run.selected) or 'none'}"
+        + (f"; not selected: {', '.join(skipped)}" if skipped else "")
+    )
 
 
 SECTION_DOCS = {
     "data": "The run's text and task data. The first phase records it (data.json) and every later phase "
-            "trains and evaluates on it; a resumed run cannot change it.",
+    "trains and evaluates on it; a resumed run cannot change it.",
     "tools": "How the model's tool calls run.",
 }
 WIDTH = 100  # of the comment lines --explain writes
@@ -70,16 +107,25 @@ WIDTH = 100  # of the comment lines --explain writes
 def _comment(text: str, indent: str) -> list[str]:
     import textwrap
 
-    return textwrap.wrap(text, WIDTH, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ",
-                         break_long_words=False, break_on_hyphens=False)
+    return textwrap.wrap(
+        text,
+        WIDTH,
+        initial_indent=f"{indent}# ",
+        subsequent_indent=f"{indent}# ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def _flow(value) -> str:
     """A value as one line of YAML (a list as ``[a, b]``)."""
     import yaml
 
-    return yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True) \
-        .removesuffix("\n").removesuffix("\n...")
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+        .removesuffix("\n")
+        .removesuffix("\n...")
+    )
 
 
 def _key_line(key: str, value, indent: str) -> list[str]:
@@ -128,17 +174,31 @@ def explain(config, phases) -> str:
         "# `agentforge run --print-config --explain`, whose values are the resolved config's (with --preset,",
         "# --config and --set applied). A --config file needs only the keys it changes.",
         "",
-        *_comment(f"The seed of every random choice in the run. Accepts an int in [0, {configuration.MAX_SEED}]; "
-                  "default 0.", ""),
+        *_comment(
+            f"The seed of every random choice in the run. Accepts an int in [0, {configuration.MAX_SEED}]; default 0.",
+            "",
+        ),
         *_key_line("seed", values["seed"], ""),
-        *_comment(f"The preset every other key starts from (each key's value in it is listed above the key). "
-                  f"Accepts one of {', '.join(presets)}; default {configuration.DEFAULT_PRESET}.", ""),
+        *_comment(
+            f"The preset every other key starts from (each key's value in it is listed above the key). "
+            f"Accepts one of {', '.join(presets)}; default {configuration.DEFAULT_PRESET}.",
+            "",
+        ),
         *_key_line("preset", values["preset"], ""),
     ]
-    sections = [("data", SECTION_DOCS["data"], DataSpec, {p: to_dict(DATA_PRESETS[p]) for p in presets}),
-                ("tools", SECTION_DOCS["tools"], ToolSettings, {p: to_dict(ToolSettings()) for p in presets})]
-    sections += [(spec.name, f"Phase {spec.number}, {spec.name}: {spec.summary}.", spec.settings,
-                  {p: to_dict(spec.presets[p]) for p in presets}) for spec in phases]
+    sections = [
+        ("data", SECTION_DOCS["data"], DataSpec, {p: to_dict(DATA_PRESETS[p]) for p in presets}),
+        ("tools", SECTION_DOCS["tools"], ToolSettings, {p: to_dict(ToolSettings()) for p in presets}),
+    ]
+    sections += [
+        (
+            spec.name,
+            f"Phase {spec.number}, {spec.name}: {spec.summary}.",
+            spec.settings,
+            {p: to_dict(spec.presets[p]) for p in presets},
+        )
+        for spec in phases
+    ]
     for name, doc, cls, preset_values in sections:
         lines += ["", *_comment(doc, ""), f"{name}:"]
         opened: list[str] = []  # the nested settings whose mapping is open
@@ -184,9 +244,17 @@ def run(args) -> int:
             require_wandb_key(resolve_wandb_mode(args.wandb))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        planned = distributed.on_main(pipeline.prepare, out=args.out, resume=args.resume, preset=args.preset,
-                                      config_file=args.config, sets=args.sets, start=args.start, stop=args.stop,
-                                      allow_config_change=args.allow_config_change)
+        planned = distributed.on_main(
+            pipeline.prepare,
+            out=args.out,
+            resume=args.resume,
+            preset=args.preset,
+            config_file=args.config,
+            sets=args.sets,
+            start=args.start,
+            stop=args.stop,
+            allow_config_change=args.allow_config_change,
+        )
         if args.print_config:
             if distributed.is_main():
                 print(explain(planned.config, planned.phases) if args.explain else planned.config.to_yaml(), end="")
@@ -194,11 +262,15 @@ def run(args) -> int:
         if distributed.is_main():
             print(_header(planned), flush=True)
         try:
-            pipeline.execute(planned, wandb_mode=args.wandb, progress=not args.no_progress,
-                             say=lambda line: print(line, flush=True), on_change=write_report)
+            pipeline.execute(
+                planned,
+                wandb_mode=args.wandb,
+                progress=not args.no_progress,
+                say=lambda line: print(line, flush=True),
+                on_change=write_report,
+            )
         except KeyboardInterrupt:
-            print(f"agentforge run: interrupted; continue with: agentforge run --resume {planned.dir}",
-                  file=sys.stderr)
+            print(f"agentforge run: interrupted; continue with: agentforge run --resume {planned.dir}", file=sys.stderr)
             return 130
         if distributed.is_main():
             print(f"report: {planned.dir}/{REPORT_FILE}")

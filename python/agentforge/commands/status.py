@@ -1,5 +1,6 @@
 """``agentforge status [DIR]``: the eight pipeline phases, what each does, needs and hands over;
 with DIR, the run's status, who holds it, and the state of each phase there."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +10,12 @@ HELP = "list the pipeline phases, or the state of each phase in a run directory"
 
 def add_arguments(parser) -> None:
     parser.add_argument("dir", nargs="?", metavar="DIR", help="a run directory")
-    parser.add_argument("--verify", action="store_true",
-                        help="with DIR: hash every file each phase record lists and check that every phase's "
-                             "inputs are still what it consumed; list every mismatch (exit code 1 if any)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="with DIR: hash every file each phase record lists and check that every phase's "
+        "inputs are still what it consumed; list every mismatch (exit code 1 if any)",
+    )
 
 
 def table(rows: list[list[str]]) -> str:
@@ -58,8 +62,16 @@ def run(args) -> int:
     rows = [["#", "phase", "state", "time", "needs", "provides"]]
     for spec in phases:
         needs = ", ".join(need.source for need in spec.needs.values()) or "-"
-        rows.append([f"{spec.number:02d}", spec.name, states.get(spec.name, spec.summary), seconds.get(spec.name, ""),
-                     needs, ", ".join(spec.provides)])
+        rows.append(
+            [
+                f"{spec.number:02d}",
+                spec.name,
+                states.get(spec.name, spec.summary),
+                seconds.get(spec.name, ""),
+                needs,
+                ", ".join(spec.provides),
+            ]
+        )
     print(table(rows))
     if args.verify:
         if not args.dir:
@@ -96,6 +108,7 @@ def verify_run(run_dir: Path, phases) -> list[str]:
             recorded, theirs = record["inputs"].get(name), records.get(producer)
             current = rundir.artifact_digest(theirs, artifact) if theirs and artifact in theirs["artifacts"] else None
             if recorded != current:
-                problems.append(f"{spec.dirname}: its input {name} ({producer}.{artifact}) is not the artifact it "
-                                "consumed any more")
+                problems.append(
+                    f"{spec.dirname}: its input {name} ({producer}.{artifact}) is not the artifact it consumed any more"
+                )
     return problems

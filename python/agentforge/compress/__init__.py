@@ -14,6 +14,7 @@ carried files (config, tokenizer, extras) and the metadata; ``load(path)`` rebui
 model with the ternary layers packed on the kernels; a damaged or truncated file raises
 ``agentforge.artifacts.CorruptArtifact``.
 """
+
 from agentforge.compress.codec import REGISTRY, Codec, Encoded, Raw, RoundToNearest, TrainableDecode, codec_of, decode
 from agentforge.compress.container import Container, TensorRecord, read_container, serialize, write_container
 from agentforge.compress.hyper import Hyper
@@ -23,6 +24,28 @@ from agentforge.compress.tensors import TensorSlot, model_tensors
 from agentforge.compress.ternary import Ternary
 from agentforge.compress.vptq import VPTQ
 
-__all__ = ["Codec", "Encoded", "TrainableDecode", "REGISTRY", "codec_of", "decode", "Raw", "RoundToNearest",
-           "Ternary", "SeedLM", "VPTQ", "Hyper", "Container", "TensorRecord", "serialize", "write_container",
-           "read_container", "load", "unpack", "carried_files", "decoded_state_dict", "TensorSlot", "model_tensors"]
+__all__ = [
+    "Codec",
+    "Encoded",
+    "TrainableDecode",
+    "REGISTRY",
+    "codec_of",
+    "decode",
+    "Raw",
+    "RoundToNearest",
+    "Ternary",
+    "SeedLM",
+    "VPTQ",
+    "Hyper",
+    "Container",
+    "TensorRecord",
+    "serialize",
+    "write_container",
+    "read_container",
+    "load",
+    "unpack",
+    "carried_files",
+    "decoded_state_dict",
+    "TensorSlot",
+    "model_tensors",
+]

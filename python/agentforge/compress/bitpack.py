@@ -5,6 +5,7 @@ the stream, least significant bit first, and the stream fills each byte from its
 Both directions work in chunks of ``CHUNK`` values (a multiple of 8, so every chunk but the last
 fills whole bytes): the bit planes of a chunk take ``bits`` bytes per value, which for a whole
 28M-weight embedding at 8 bits would be 1.8 GB of int64 planes at once."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,11 +33,11 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     out = np.empty(packed_size(values.size, bits), dtype=np.uint8)
     shifts = np.arange(bits, dtype=np.uint64)
     for start in range(0, values.size, CHUNK):
-        chunk = values[start:start + CHUNK].astype(np.uint64)
+        chunk = values[start : start + CHUNK].astype(np.uint64)
         planes = ((chunk[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
         first = start * bits // 8  # whole bytes: start is a multiple of 8
         packed = np.packbits(planes.reshape(-1), bitorder="little")
-        out[first:first + packed.size] = packed
+        out[first : first + packed.size] = packed
     return out
 
 
@@ -51,7 +52,7 @@ def unpack_bits(data: np.ndarray, bits: int, n: int) -> np.ndarray:
     for start in range(0, n, CHUNK):
         count = min(CHUNK, n - start)
         first = start * bits // 8
-        chunk = data[first:first + packed_size(count, bits)]
+        chunk = data[first : first + packed_size(count, bits)]
         planes = np.unpackbits(chunk, count=count * bits, bitorder="little").reshape(count, bits)
-        out[start:start + count] = planes @ weights
+        out[start : start + count] = planes @ weights
     return out

@@ -19,6 +19,7 @@ are 400 MB). It also gives each weight an importance for the codecs that can use
 energy ``Σ x_k²`` of a linear layer's column k (the diagonal of its Hessian ``XᵀX``), the
 token count of an embedding row, uniform elsewhere.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,14 @@ class Calibration:
     """Inputs and outputs of the owner modules of ``slots`` on ``batches`` (dicts with
     ``input_ids`` and optionally ``attention_mask``); ``max_elements``: see the module docstring."""
 
-    def __init__(self, model: nn.Module, slots: list[TensorSlot], batches: list[dict], max_calls: int = 8,
-                 max_elements: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        slots: list[TensorSlot],
+        batches: list[dict],
+        max_calls: int = 8,
+        max_elements: int | None = None,
+    ):
         self.model = model
         self.modules = dict(model.named_modules())
         owners = list(dict.fromkeys(owner for slot in slots for owner, _ in slot.owners))
@@ -55,13 +62,17 @@ class Calibration:
         model.eval()
         try:
             with torch.no_grad():
-                self.outputs = {name: self._scored_outputs(self.modules[name], calls, max_elements)
-                                for name, calls in self.calls.items()}
+                self.outputs = {
+                    name: self._scored_outputs(self.modules[name], calls, max_elements)
+                    for name, calls in self.calls.items()
+                }
         finally:
             model.train(was_training)
         # per owner: Σ ||f(x; W)||² over its scored calls, the error's denominator
-        self.energy = {name: sum(sum(float(r.float().pow(2).sum()) for r in reference) for reference in outputs)
-                       for name, outputs in self.outputs.items()}
+        self.energy = {
+            name: sum(sum(float(r.float().pow(2).sum()) for r in reference) for reference in outputs)
+            for name, outputs in self.outputs.items()
+        }
 
     @staticmethod
     def _scored_outputs(module: nn.Module, calls: list, max_elements: int | None) -> list[list[torch.Tensor]]:
@@ -116,8 +127,11 @@ class Calibration:
     def importance(self, slot: TensorSlot, floor: float) -> torch.Tensor | None:
         """Per-weight importance, mean 1, mixed with a uniform ``floor`` (weights never exercised by
         the calibration data still count); None when no owner gives one."""
-        maps = [m for m in (self._owner_importance(owner, attr, slot.tensor) for owner, attr in slot.owners)
-                if m is not None]
+        maps = [
+            m
+            for m in (self._owner_importance(owner, attr, slot.tensor) for owner, attr in slot.owners)
+            if m is not None
+        ]
         if not maps:
             return None
         mean = sum(m / m.mean().clamp(min=1e-30) for m in maps) / len(maps)

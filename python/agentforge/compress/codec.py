@@ -6,6 +6,7 @@ An :class:`Encoded` tensor is a codec name with its settings (``params``, JSON) 
 numpy payload arrays (``parts``); ``nbytes`` is the sum of the parts' bytes, which is exactly
 what the container stores for it (the container adds only its manifest entry).
 """
+
 from __future__ import annotations
 
 import math
@@ -119,7 +120,7 @@ def as_rows(weight: torch.Tensor) -> torch.Tensor:
 def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     """``scale`` as decoding will see it (fp16), never 0: an all-zero row (a padding token's
     embedding) gets the smallest fp16 instead of a 0/0."""
-    return scale.half().float().clamp(min=2.0 ** -24)
+    return scale.half().float().clamp(min=2.0**-24)
 
 
 def relative_scale(value: torch.Tensor) -> nn.Parameter:
@@ -201,8 +202,10 @@ class RoundToNearest(Codec):
         rows = as_rows(weight)
         scale = fp16_scale(rows.abs().amax(1) / self.qmax)
         q = torch.round(rows / scale[:, None]).clamp(-self.qmax - 1, self.qmax).to(torch.int64)
-        return self._encoded(weight.shape, {"codes": pack_bits((q + self.qmax + 1).numpy(), self.bits),
-                                            "scale": scale.numpy().astype(np.float16)})
+        return self._encoded(
+            weight.shape,
+            {"codes": pack_bits((q + self.qmax + 1).numpy(), self.bits), "scale": scale.numpy().astype(np.float16)},
+        )
 
     def integers(self, encoded: Encoded) -> torch.Tensor:
         rows = encoded.parts["scale"].size
@@ -230,5 +233,9 @@ class _TrainableRoundToNearest(TrainableDecode):
 
     def export(self) -> Encoded:
         scale = (self.scale * self.log_scale.exp()).detach().numpy().astype(np.float16)
-        return Encoded(self.encoded.kind, dict(self.encoded.params), self.encoded.shape,
-                       {"codes": self.encoded.parts["codes"], "scale": scale})
+        return Encoded(
+            self.encoded.kind,
+            dict(self.encoded.params),
+            self.encoded.shape,
+            {"codes": self.encoded.parts["codes"], "scale": scale},
+        )

@@ -29,6 +29,7 @@ may be at most ``MAX_INFLATION`` times its stored length, and all of them togeth
 times the container's size; and the tensors may hold at most ``MAX_WEIGHTS_PER_BYTE`` weights per
 byte of the container (the loader decodes every one). ``serialize`` never writes what these refuse.
 """
+
 from __future__ import annotations
 
 import functools
@@ -104,8 +105,16 @@ def serialize(container: Container) -> tuple[bytes, dict]:
             parts.append([name, array.dtype.name, list(array.shape), offset, array.nbytes])
             payload.append(array.tobytes())
             offset += array.nbytes
-        tensors.append({"names": list(record.names), "group": record.group, "codec": record.encoded.kind,
-                        "params": record.encoded.params, "shape": list(record.encoded.shape), "parts": parts})
+        tensors.append(
+            {
+                "names": list(record.names),
+                "group": record.group,
+                "codec": record.encoded.kind,
+                "params": record.encoded.params,
+                "shape": list(record.encoded.shape),
+                "parts": parts,
+            }
+        )
     file_bytes = {}
     for name, data in sorted(container.files.items()):
         method, stored = _file_entry(data)
@@ -113,23 +122,37 @@ def serialize(container: Container) -> tuple[bytes, dict]:
         payload.append(stored)
         offset += len(stored)
         file_bytes[name] = len(stored)
-    manifest = {"format": "agentforge.compress", "version": VERSION, "payload_bytes": offset,
-                "tensors": tensors, "files": files, "metadata": container.metadata}
+    manifest = {
+        "format": "agentforge.compress",
+        "version": VERSION,
+        "payload_bytes": offset,
+        "tensors": tensors,
+        "files": files,
+        "metadata": container.metadata,
+    }
     text = json.dumps(manifest, separators=(",", ":")).encode()
     if len(text) > MAX_MANIFEST_BYTES:
-        raise ValueError(f"container: the manifest is {len(text)} bytes of JSON, more than a reader accepts "
-                         f"({MAX_MANIFEST_BYTES})")
+        raise ValueError(
+            f"container: the manifest is {len(text)} bytes of JSON, more than a reader accepts ({MAX_MANIFEST_BYTES})"
+        )
     manifest_bytes = zlib.compress(text, 9)
     body = HEADER.pack(MAGIC, VERSION, len(manifest_bytes)) + manifest_bytes + b"".join(payload)
     data = body + hashlib.sha256(body).digest()
     weights = sum(record.encoded.numel for record in container.tensors)
     if weights > MAX_WEIGHTS_PER_BYTE * len(data):
-        raise ValueError(f"container: {weights} weights in {len(data)} bytes, more than a reader accepts "
-                         f"({MAX_WEIGHTS_PER_BYTE} per byte)")
-    accounting = {"header": HEADER.size, "manifest": len(manifest_bytes), "files": sum(file_bytes.values()),
-                  "file_bytes": file_bytes,
-                  "tensors": [record.encoded.nbytes for record in container.tensors],
-                  "trailer": DIGEST_BYTES, "total": len(data)}
+        raise ValueError(
+            f"container: {weights} weights in {len(data)} bytes, more than a reader accepts "
+            f"({MAX_WEIGHTS_PER_BYTE} per byte)"
+        )
+    accounting = {
+        "header": HEADER.size,
+        "manifest": len(manifest_bytes),
+        "files": sum(file_bytes.values()),
+        "file_bytes": file_bytes,
+        "tensors": [record.encoded.nbytes for record in container.tensors],
+        "trailer": DIGEST_BYTES,
+        "total": len(data),
+    }
     return data, accounting
 
 
@@ -151,7 +174,7 @@ def _manifest(data: bytes, where: str) -> tuple[dict, int]:
     start = HEADER.size + manifest_length
     if start + DIGEST_BYTES > len(data):
         raise CorruptArtifact(f"{where}: truncated ({len(data)} bytes; the manifest alone needs {start})")
-    text = _inflate(zlib.decompressobj(), data[HEADER.size:start], MAX_MANIFEST_BYTES, "the manifest", where)
+    text = _inflate(zlib.decompressobj(), data[HEADER.size : start], MAX_MANIFEST_BYTES, "the manifest", where)
     try:
         manifest = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -205,13 +228,13 @@ def _part(payload: memoryview, entry: list, where: str) -> tuple[str, np.ndarray
     needed = _numel(shape, f"part {name!r}", where) * np.dtype(dtype).itemsize
     if length != needed:
         raise CorruptArtifact(f"{where}: part {name!r} is {length} bytes, {dtype} {shape} needs {needed}")
-    return name, np.frombuffer(payload[offset:offset + length], dtype=dtype).reshape(shape).copy()
+    return name, np.frombuffer(payload[offset : offset + length], dtype=dtype).reshape(shape).copy()
 
 
 def _file(payload: memoryview, entry: list, where: str) -> tuple[str, bytes]:
     """A carried file, inflated to its declared length (checked by :func:`_check_inflation` first)."""
     name, method, offset, length, original = entry
-    stored = bytes(payload[offset:offset + length])
+    stored = bytes(payload[offset : offset + length])
     data = stored if method == "raw" else _inflate(lzma.LZMADecompressor(), stored, original, f"file {name!r}", where)
     if len(data) != original:
         raise CorruptArtifact(f"{where}: file {name!r} ({method}) has {len(data)} bytes, expected {original}")
@@ -230,8 +253,9 @@ def _check_files(entries: list, payload: int, size: int, where: str) -> None:
         if method not in ("raw", "lzma") or not _is_count(original):
             raise CorruptArtifact(f"{where}: file {name!r} has method {method!r} and length {original!r}")
         if original > MAX_INFLATION * length:
-            raise CorruptArtifact(f"{where}: file {name!r} declares {original} bytes stored in {length}, more "
-                                  f"than {MAX_INFLATION}x")
+            raise CorruptArtifact(
+                f"{where}: file {name!r} declares {original} bytes stored in {length}, more than {MAX_INFLATION}x"
+            )
         total += original
     if total > MAX_INFLATION * size:
         raise CorruptArtifact(f"{where}: the carried files declare {total} bytes in a {size}-byte container")
@@ -243,16 +267,25 @@ def parse(data: bytes, where: str = "container") -> Container:
     manifest, start = _manifest(data, where)
     if hashlib.sha256(data[:-DIGEST_BYTES]).digest() != data[-DIGEST_BYTES:]:
         raise CorruptArtifact(f"{where}: checksum mismatch (the file was changed or damaged after it was written)")
-    payload = memoryview(data)[start:len(data) - DIGEST_BYTES]
+    payload = memoryview(data)[start : len(data) - DIGEST_BYTES]
     try:
         weights = sum(_numel(entry["shape"], "a tensor", where) for entry in manifest["tensors"])
         if weights > MAX_WEIGHTS_PER_BYTE * len(data):
             raise CorruptArtifact(f"{where}: the tensors declare {weights} weights in a {len(data)}-byte container")
         _check_files(manifest["files"], len(payload), len(data), where)
-        tensors = [TensorRecord(entry["names"], entry["group"],
-                                Encoded(entry["codec"], entry["params"], tuple(entry["shape"]),
-                                        dict(_part(payload, part, where) for part in entry["parts"])))
-                   for entry in manifest["tensors"]]
+        tensors = [
+            TensorRecord(
+                entry["names"],
+                entry["group"],
+                Encoded(
+                    entry["codec"],
+                    entry["params"],
+                    tuple(entry["shape"]),
+                    dict(_part(payload, part, where) for part in entry["parts"]),
+                ),
+            )
+            for entry in manifest["tensors"]
+        ]
         files = dict(_file(payload, entry, where) for entry in manifest["files"])
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptArtifact(f"{where}: the manifest is malformed ({type(e).__name__}: {e})") from None

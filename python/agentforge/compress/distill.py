@@ -7,6 +7,7 @@ The student is a copy of the teacher whose BitLinear layers are plain linear lay
 fake-quantised activations (exactly what the packed kernels compute), with every weight
 supplied by its codec's trainable decoder through ``torch.func.functional_call``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,9 @@ def student_copy(teacher: nn.Module) -> nn.Module:
     student = copy.deepcopy(teacher)
     for name, module in list(student.named_modules()):
         if isinstance(module, BitLinear):
-            replacement = _ActQuantLinear(module.in_features, module.out_features, bias=module.bias is not None,
-                                          device="meta")
+            replacement = _ActQuantLinear(
+                module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+            )
             replacement.weight, replacement.bias = module.weight, module.bias
             student.set_submodule(name, replacement)
     student.requires_grad_(False)
@@ -48,8 +50,9 @@ class Distillation(nn.Module):
     frozen student; ``forward(**batch)`` returns the student's output, ``loss(batch)`` the KL to
     the teacher. Teacher and student are kept out of the module tree (and its checkpoints)."""
 
-    def __init__(self, teacher: nn.Module, names: list[list[str]], encodings: list[Encoded],
-                 pad_token_id: int | None = None):
+    def __init__(
+        self, teacher: nn.Module, names: list[list[str]], encodings: list[Encoded], pad_token_id: int | None = None
+    ):
         super().__init__()
         self.names, self.pad_token_id = names, pad_token_id
         self.decoders = nn.ModuleList([codec_of(e).trainable(e) for e in encodings])

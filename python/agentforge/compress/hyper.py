@@ -17,6 +17,7 @@ tensor's centre, radial "classes" for the outliers), with the paper's ergodic tr
 h is chosen per tensor from a few quantiles of the points' spread by the squared error it
 gives. The codec is kept only where it measurably wins (the phase compares it with the others).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,12 +36,12 @@ SEARCH_PAIRS = 1 << 20  # torch.quantile's input limit is 2^24; 6 full passes ov
 def trajectory(points: int) -> torch.Tensor:
     """Point 0 = the centre (0, 0), then u(n) mapped to [-1, 1]², n = 1..points: [points + 1, 2]."""
     n = torch.arange(1, points + 1, dtype=torch.float64)[:, None]
-    direction = torch.tensor([1 / PLASTIC, 1 / PLASTIC ** 2], dtype=torch.float64)
+    direction = torch.tensor([1 / PLASTIC, 1 / PLASTIC**2], dtype=torch.float64)
     return torch.cat([torch.zeros(1, 2, dtype=torch.float64), 2 * torch.frac(n * direction) - 1]).float()
 
 
 def nearest(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    out = [torch.cdist(x[i:i + MATCH_CHUNK], table).argmin(1) for i in range(0, x.shape[0], MATCH_CHUNK)]
+    out = [torch.cdist(x[i : i + MATCH_CHUNK], table).argmin(1) for i in range(0, x.shape[0], MATCH_CHUNK)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
@@ -80,8 +81,11 @@ class Hyper(Codec):
         offset = p - c
         inside = offset.abs().amax(1) <= h
         radii = self._radii(h, rho)
-        ring = torch.bucketize(offset.norm(dim=1), radii[1:]).clamp(max=self.rings - 1) + 1 if self.rings else \
-            torch.zeros(len(p), dtype=torch.long)
+        ring = (
+            torch.bucketize(offset.norm(dim=1), radii[1:]).clamp(max=self.rings - 1) + 1
+            if self.rings
+            else torch.zeros(len(p), dtype=torch.long)
+        )
         ring = torch.where(inside, 0, ring)
         scaled = (offset / radii[ring][:, None]).clamp(-1, 1)  # class 0 clamps outliers when rings = 0
         return nearest(scaled, trajectory(self.points)) + (self.points + 1) * ring

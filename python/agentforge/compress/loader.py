@@ -5,6 +5,7 @@ generation config, any extra files such as expert vectors) restored next to them
     model, tokenizer, metadata = agentforge.compress.load("model.afz")
     agentforge.compress.unpack("model.afz", "unpacked/")   # an HF model directory (packed state)
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,11 @@ def carried_files(model_dir: str | os.PathLike) -> dict[str, bytes]:
     """Every file of a model directory except its weights and agentforge.json, by relative path."""
     root = Path(model_dir)
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files
-            if p.name not in NOT_CARRIED and not (p.name.startswith("model-") and p.suffix == ".safetensors")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in files
+        if p.name not in NOT_CARRIED and not (p.name.startswith("model-") and p.suffix == ".safetensors")
+    }
 
 
 def decoded_state_dict(container: Container, where: str = "container") -> dict[str, torch.Tensor]:
@@ -88,8 +92,11 @@ def unpack(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
             (tmp / name).write_bytes(data)
         (tmp / CONFIG).write_bytes(_packed_config(container, str(path)))
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-        manifest = {"format": 1, "metadata": {**container.metadata, "unpacked_from": str(path)},
-                    "files": sha256_dir(tmp)}
+        manifest = {
+            "format": 1,
+            "metadata": {**container.metadata, "unpacked_from": str(path)},
+            "files": sha256_dir(tmp),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)
 

@@ -15,6 +15,7 @@ advances every lane in one vector step. All lanes share one word stream, stored 
 decoder reads it (step by step, lane by lane), so a lane needs no offset of its own; decoding
 must consume exactly the stream and return every lane to state L, which catches corruption.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,7 +47,7 @@ def _lane_matrix(symbols: np.ndarray, lanes: int, filler: int) -> np.ndarray:
     """[steps, lanes]: row t holds symbols t*lanes .. t*lanes + lanes - 1."""
     steps = -(-symbols.size // lanes)
     padded = np.full(steps * lanes, filler, dtype=np.int64)
-    padded[:symbols.size] = symbols
+    padded[: symbols.size] = symbols
     return padded.reshape(steps, lanes)
 
 
@@ -129,5 +130,5 @@ def decode_many(streams: list[tuple[dict[str, np.ndarray], int]]) -> list[np.nda
         lanes = slice(first_lane[index], first_lane[index] + states[index].size)
         if pointer[index] != word_start[index] + words[index].size or np.any(x[lanes] != np.uint64(L)):
             raise ValueError("rans.decode: the stream does not end where it should (corrupt data)")
-        results.append(out[:steps[index], lanes].reshape(-1)[:n])
+        results.append(out[: steps[index], lanes].reshape(-1)[:n])
     return results

@@ -21,6 +21,7 @@ operating points), plus one fp32 per tensor (below).
 
 Data-free: ``importance`` is ignored. Decoding regenerates U(s) from the seeds.
 """
+
 from __future__ import annotations
 
 import functools
@@ -138,7 +139,7 @@ class SeedLM(Codec):
         flat = weight.detach().float().reshape(-1)
         rms = flat.pow(2).mean().sqrt().clamp(min=1e-12)
         padded = torch.zeros(-(-flat.numel() // self.C) * self.C)
-        padded[:flat.numel()] = flat / rms
+        padded[: flat.numel()] = flat / rms
         return padded.reshape(-1, self.C), rms.reshape(1)
 
     def search(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,7 +148,7 @@ class SeedLM(Codec):
         k = min(self.top_k, U.shape[0])
         chosen = []
         for start in range(0, blocks.shape[0], SEARCH_CHUNK):
-            w = blocks[start:start + SEARCH_CHUNK]
+            w = blocks[start : start + SEARCH_CHUNK]
             captured = _pair_products(w) @ table  # [b, S]: the energy each basis keeps
             candidates = captured.topk(k, dim=1).indices  # [b, k]
             t = torch.einsum("bkpc,bc->bkp", pinv[candidates], w)
@@ -165,9 +166,14 @@ class SeedLM(Codec):
 
     def _pack(self, shape, seeds: np.ndarray, e: torch.Tensor, q: torch.Tensor, rms: torch.Tensor) -> Encoded:
         fields = torch.cat([(e - EXPONENT_MIN)[:, None], q + QMAX + 1], 1)  # all 4-bit unsigned
-        return self._encoded(shape, {"seeds": seeds.astype(np.uint16),
-                                     "coefficients": pack_bits(fields.numpy(), MANTISSA_BITS),
-                                     "scale": rms.numpy().astype(np.float32)})
+        return self._encoded(
+            shape,
+            {
+                "seeds": seeds.astype(np.uint16),
+                "coefficients": pack_bits(fields.numpy(), MANTISSA_BITS),
+                "scale": rms.numpy().astype(np.float32),
+            },
+        )
 
     def unpacked(self, encoded: Encoded) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(seeds, exponents [B], mantissas [B, P], rms [1]) stored in ``encoded``."""
@@ -191,7 +197,7 @@ class SeedLM(Codec):
                 for i in range(0, len(seeds), DECODE_CHUNK)
             ]
         )
-        return (blocks.reshape(-1)[:encoded.numel] * rms).reshape(encoded.shape)
+        return (blocks.reshape(-1)[: encoded.numel] * rms).reshape(encoded.shape)
 
     def trainable(self, encoded) -> TrainableDecode:
         return _TrainableSeedLM(self, encoded)
@@ -219,7 +225,7 @@ class _TrainableSeedLM(TrainableDecode):
     def forward(self) -> torch.Tensor:
         blocks = torch.einsum("bcp,bp->bc", self.U, self.rounded() * torch.exp2(self.e.float())[:, None])
         scale = self.rms * self.log_scale.exp()
-        return (blocks.reshape(-1)[:self.encoded.numel] * scale).reshape(self.encoded.shape)
+        return (blocks.reshape(-1)[: self.encoded.numel] * scale).reshape(self.encoded.shape)
 
     def export(self) -> Encoded:
         q = torch.round(self.mantissas.detach()).clamp(-QMAX - 1, QMAX).long()

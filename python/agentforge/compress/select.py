@@ -14,6 +14,7 @@ bits, i.e. int8, fp16, fp32) when the quality gate fails and that tensor is the 
 A plan is kept on disk as a container of every trial's encoding (``save_plan``) and a JSON
 record of the rest (``load_plan`` gives the choices back), so encoding is done once per model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,11 +38,20 @@ from agentforge.compress.tensors import TensorSlot
 from agentforge.compress.vptq import VPTQ
 
 CANDIDATES: dict[str, Codec] = {
-    "fp32": Raw("float32"), "fp16": Raw("float16"),
-    "int8": RoundToNearest(8), "rtn4": RoundToNearest(4), "rtn3": RoundToNearest(3), "rtn2": RoundToNearest(2),
-    "seedlm4": SeedLM(8, 3), "seedlm3": SeedLM(12, 4),
-    "vptq4": VPTQ(4, (256, 256)), "vptq3": VPTQ(4, (256, 16)), "vptq2": VPTQ(4, (256,)),
-    "hyper4": Hyper(8, 1), "hyper3": Hyper(6, 1), "hyper2": Hyper(4, 0),
+    "fp32": Raw("float32"),
+    "fp16": Raw("float16"),
+    "int8": RoundToNearest(8),
+    "rtn4": RoundToNearest(4),
+    "rtn3": RoundToNearest(3),
+    "rtn2": RoundToNearest(2),
+    "seedlm4": SeedLM(8, 3),
+    "seedlm3": SeedLM(12, 4),
+    "vptq4": VPTQ(4, (256, 256)),
+    "vptq3": VPTQ(4, (256, 16)),
+    "vptq2": VPTQ(4, (256,)),
+    "hyper4": Hyper(8, 1),
+    "hyper3": Hyper(6, 1),
+    "hyper2": Hyper(4, 0),
 }
 SMALL_TENSOR_CANDIDATES = ("fp16", "fp32")
 SMALL_TENSOR_BUDGET = 16.0
@@ -108,8 +118,9 @@ def sample_rows(tensor: torch.Tensor, trial_numel: int | None) -> torch.Tensor |
     return torch.arange(count) * rows // count
 
 
-def try_codecs(slot: TensorSlot, calibration: Calibration, names, importance: torch.Tensor | None,
-               rows: torch.Tensor | None = None) -> dict[str, Trial]:
+def try_codecs(
+    slot: TensorSlot, calibration: Calibration, names, importance: torch.Tensor | None, rows: torch.Tensor | None = None
+) -> dict[str, Trial]:
     """Encode ``slot`` (its ``rows`` only, when given) with each named candidate and measure it."""
     tensor = slot.tensor if rows is None else slot.tensor[rows]
     importance = importance if rows is None or importance is None else importance[rows]
@@ -120,8 +131,9 @@ def try_codecs(slot: TensorSlot, calibration: Calibration, names, importance: to
         encoded = codec.encode(tensor, importance)
         seconds = time.perf_counter() - started
         error = calibration.output_error(slot, codec.decode(encoded), rows)
-        trials[name] = Trial(name, encoded, encoded.bits_per_weight, error, seconds,
-                             None if rows is None else len(rows))
+        trials[name] = Trial(
+            name, encoded, encoded.bits_per_weight, error, seconds, None if rows is None else len(rows)
+        )
     return trials
 
 
@@ -136,16 +148,29 @@ def encode_chosen(slot: TensorSlot, trials: dict[str, Trial], budgets, importanc
             started = time.perf_counter()
             encoded = CANDIDATES[name].encode(slot.tensor, importance)
             trial = trials[name]
-            trials[name] = dataclasses.replace(trial, encoded=encoded, bits=encoded.bits_per_weight,
-                                               seconds=trial.seconds + time.perf_counter() - started)
+            trials[name] = dataclasses.replace(
+                trial,
+                encoded=encoded,
+                bits=encoded.bits_per_weight,
+                seconds=trial.seconds + time.perf_counter() - started,
+            )
         whole |= needed
     for name in trials.keys() - whole:
         trials[name] = dataclasses.replace(trials[name], encoded=None)
 
 
-def plan(slots: list[TensorSlot], calibration: Calibration, candidates, budget: float, min_numel: int,
-         importance_floor: float, say=lambda _: None, *, budgets=(), trial_numel: int | None = None
-         ) -> list[TensorChoice]:
+def plan(
+    slots: list[TensorSlot],
+    calibration: Calibration,
+    candidates,
+    budget: float,
+    min_numel: int,
+    importance_floor: float,
+    say=lambda _: None,
+    *,
+    budgets=(),
+    trial_numel: int | None = None,
+) -> list[TensorChoice]:
     """A TensorChoice for every slot: ternary layers lossless, small tensors among
     ``SMALL_TENSOR_CANDIDATES`` at 16 bits, matrices among ``candidates`` within ``budget``.
     A matrix of more than ``trial_numel`` weights is scored on a row sample, and encoded whole
@@ -179,15 +204,36 @@ def save_plan(choices: list[TensorChoice], path: str | os.PathLike) -> dict:
     record that, with that file, gives the choices back (:func:`load_plan`): per tensor its name,
     budget, whether it is small and its trials (codec, bits, error, seconds, sample rows, whether
     it is encoded), and the file's sha256."""
-    records = [TensorRecord([c.slot.name], c.slot.group, t.encoded) for c in choices for t in c.trials.values()
-               if t.encoded is not None]
+    records = [
+        TensorRecord([c.slot.name], c.slot.group, t.encoded)
+        for c in choices
+        for t in c.trials.values()
+        if t.encoded is not None
+    ]
     data, _ = serialize(Container(records))
     atomic_write_bytes(path, data)
-    return {"sha256": hashlib.sha256(data).hexdigest(),
-            "tensors": [{"name": c.slot.name, "budget": c.budget, "small": c.small,
-                         "trials": [{"codec": t.codec, "bits": t.bits, "error": t.error, "seconds": t.seconds,
-                                     "sample_rows": t.sample_rows, "encoded": t.encoded is not None}
-                                    for t in c.trials.values()]} for c in choices]}
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "tensors": [
+            {
+                "name": c.slot.name,
+                "budget": c.budget,
+                "small": c.small,
+                "trials": [
+                    {
+                        "codec": t.codec,
+                        "bits": t.bits,
+                        "error": t.error,
+                        "seconds": t.seconds,
+                        "sample_rows": t.sample_rows,
+                        "encoded": t.encoded is not None,
+                    }
+                    for t in c.trials.values()
+                ],
+            }
+            for c in choices
+        ],
+    }
 
 
 def load_plan(record: dict, slots: list[TensorSlot], path: str | os.PathLike) -> list[TensorChoice]:
@@ -205,9 +251,17 @@ def load_plan(record: dict, slots: list[TensorSlot], path: str | os.PathLike) ->
     encodings = iter(parse(data, str(path)).tensors)  # in the order save_plan wrote them
     choices = []
     for slot, entry in zip(slots, record["tensors"]):
-        trials = {t["codec"]: Trial(t["codec"], next(encodings).encoded if t["encoded"] else None, t["bits"],
-                                    t["error"], t["seconds"], t["sample_rows"])
-                  for t in entry["trials"]}
+        trials = {
+            t["codec"]: Trial(
+                t["codec"],
+                next(encodings).encoded if t["encoded"] else None,
+                t["bits"],
+                t["error"],
+                t["seconds"],
+                t["sample_rows"],
+            )
+            for t in entry["trials"]
+        }
         choices.append(TensorChoice(slot, trials, entry["budget"], small=entry["small"]))
     return choices
 
@@ -231,6 +285,8 @@ def solo_damage(model, choice: TensorChoice, batches: list[dict], reference_logi
     """Mean logit KL(model ‖ model with only this tensor decoded) on ``batches``: how much this
     one codec choice costs end to end."""
     tensor = decode(choice.trial.encoded).to(choice.slot.tensor.dtype)
-    kls = [float(kl_loss(ref, functional_call(model, {choice.slot.name: tensor}, (), batch).logits))
-           for batch, ref in zip(batches, reference_logits)]
+    kls = [
+        float(kl_loss(ref, functional_call(model, {choice.slot.name: tensor}, (), batch).logits))
+        for batch, ref in zip(batches, reference_logits)
+    ]
     return sum(kls) / len(kls)

@@ -1,6 +1,7 @@
 """The tensors of a model as the compressor sees them: each distinct tensor once (tied weights
 share one slot), which modules use it, and its group for the report (ternary layers,
 embeddings, LM head, the rest)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -48,8 +49,10 @@ def model_tensors(model: nn.Module) -> list[TensorSlot]:
     embeddings belongs to the embedding group."""
     packed = [name for name, m in model.named_modules() if isinstance(m, BitLinear) and m.state != "training"]
     if packed:
-        raise ValueError(f"compress: BitLinear layer {packed[0]} is packed; compress the latent (training-state) "
-                         "model, whose weights the ternary codes are quantised from")
+        raise ValueError(
+            f"compress: BitLinear layer {packed[0]} is packed; compress the latent (training-state) "
+            "model, whose weights the ternary codes are quantised from"
+        )
     modules = dict(model.named_modules(remove_duplicate=False))
     slots: dict[tuple, TensorSlot] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():

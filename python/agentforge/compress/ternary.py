@@ -11,6 +11,7 @@ lossless layouts for the codes, all through the core ops or the rANS coder:
 
 :func:`smallest` encodes all three and keeps the smallest; they decode to the same codes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -124,4 +125,3 @@ class _TrainableTernary(TrainableDecode):
         parts = dict(self.encoded.parts)
         parts["scale"] = self.trained_scale().detach().numpy().astype(np.float32)
         return Encoded(self.encoded.kind, dict(self.encoded.params), self.encoded.shape, parts)
-

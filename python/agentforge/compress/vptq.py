@@ -12,6 +12,7 @@ further indices into residual codebooks that quantise what the previous ones lef
   **counted**: ``bits/weight = Σ log2(k_i) / vector + 16 (Σ k_i · vector + rows) / numel``. On a
   small matrix the codebooks can cost more than the indices save, which the byte count shows.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ def weighted_assign(x: torch.Tensor, weight: torch.Tensor, codebook: torch.Tenso
     """Index of the codebook row nearest to each row of ``x`` under ``Σ_j weight_j (x_j − c_j)²``."""
     out = []
     for start in range(0, x.shape[0], ASSIGN_CHUNK):
-        xs, ws = x[start:start + ASSIGN_CHUNK], weight[start:start + ASSIGN_CHUNK]
+        xs, ws = x[start : start + ASSIGN_CHUNK], weight[start : start + ASSIGN_CHUNK]
         out.append((ws @ codebook.pow(2).T - 2 * (ws * xs) @ codebook.T).argmin(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
@@ -51,8 +52,9 @@ def _draw(distance: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.searchsorted(cumulative, torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]))
 
 
-def weighted_kmeans(x: torch.Tensor, weight: torch.Tensor, k: int, iterations: int,
-                    generator: torch.Generator) -> torch.Tensor:
+def weighted_kmeans(
+    x: torch.Tensor, weight: torch.Tensor, k: int, iterations: int, generator: torch.Generator
+) -> torch.Tensor:
     """k centroids for the rows of ``x`` minimising the weighted squared error: k-means++ seeding
     (by weighted distance, on a random sample of ``SEEDING_SAMPLE × k`` rows), then Lloyd steps
     on all rows (at most ``TRAINING_SAMPLE`` of them, drawn at random) whose updates are
@@ -63,7 +65,7 @@ def weighted_kmeans(x: torch.Tensor, weight: torch.Tensor, k: int, iterations: i
     if n > TRAINING_SAMPLE:
         subset = torch.randperm(n, generator=generator)[:TRAINING_SAMPLE]
         x, weight, n = x[subset], weight[subset], TRAINING_SAMPLE
-    sample = torch.randperm(n, generator=generator)[:SEEDING_SAMPLE * k]
+    sample = torch.randperm(n, generator=generator)[: SEEDING_SAMPLE * k]
     xs, ws = x[sample], weight[sample]
     chosen = [int(torch.randint(len(sample), (1,), generator=generator))]
     distance = (ws * (xs - xs[chosen[0]]).pow(2)).sum(1)
@@ -136,8 +138,10 @@ class VPTQ(Codec):
         codebooks = [
             torch.from_numpy(encoded.parts[f"codebook{s}"].astype(np.float32)) for s in range(len(self.codebooks))
         ]
-        indices = [torch.from_numpy(unpack_bits(encoded.parts[f"index{s}"], int(math.log2(k)), n))
-                   for s, k in enumerate(self.codebooks)]
+        indices = [
+            torch.from_numpy(unpack_bits(encoded.parts[f"index{s}"], int(math.log2(k)), n))
+            for s, k in enumerate(self.codebooks)
+        ]
         return scale, codebooks, indices
 
     def assemble(self, shape, scale, codebooks, indices) -> torch.Tensor:
@@ -166,8 +170,9 @@ class _TrainableVPTQ(TrainableDecode):
         self.indices = indices
 
     def forward(self) -> torch.Tensor:
-        return self.codec.assemble(self.encoded.shape, self.scale * self.log_scale.exp(), list(self.codebooks),
-                                   self.indices)
+        return self.codec.assemble(
+            self.encoded.shape, self.scale * self.log_scale.exp(), list(self.codebooks), self.indices
+        )
 
     def export(self) -> Encoded:
         parts = dict(self.encoded.parts)

@@ -11,6 +11,7 @@ failure to the answer itself, in at most ``MAX_HINTS`` rungs.
 A hint goes in front of the question (``hinted("hint: ...", "24-7=")``), so the answer still
 follows the ``=`` directly, as in training.
 """
+
 from __future__ import annotations
 
 import ast
@@ -124,8 +125,12 @@ def hint(item: TaskItem, failure: str, rung: int) -> str:
         raise ValueError(f"hint: rung must be an int in 1..{MAX_HINTS}, got {rung!r}")
     answer = item.answer.strip()
     head = 2 if answer.startswith("-") else 1  # a sign alone reveals nothing useful
-    reveal = {1: "", 2: _shape(answer), 3: f"starts {answer[:head]}",
-              4: f"starts {answer[:max(head, (len(answer) + 1) // 2)]}"}
+    reveal = {
+        1: "",
+        2: _shape(answer),
+        3: f"starts {answer[:head]}",
+        4: f"starts {answer[: max(head, (len(answer) + 1) // 2)]}",
+    }
     if rung == MAX_HINTS:
         return f"hint: answer {answer}"
     return f"hint: {NUDGES[failure]}" + (f", {reveal[rung]}" if reveal[rung] else "")

@@ -14,6 +14,7 @@ Per curriculum level k (each family at data level ``min(baseline + k, 9)``):
   4. Level accuracy on the level's fixed validation items; below ``hard_wall`` the curriculum
      stops (the hard wall). It also stops when the phase's step budget is spent.
 """
+
 from __future__ import annotations
 
 import random
@@ -64,16 +65,23 @@ class Trainer:
         steps = min(steps, self.settings.total_steps - self.steps)
         if steps <= 0 or not examples:
             return None
-        packed, dropped = rows.pack(self.tokenizer, examples, self.settings.train_seq_len,
-                                    seed=self.seed + self.calls)
+        packed, dropped = rows.pack(self.tokenizer, examples, self.settings.train_seq_len, seed=self.seed + self.calls)
         self.dropped += dropped
         if not packed:
             return None
-        config = TrainConfig(steps=steps, batch_size=self.settings.batch_size, seed=self.seed + self.calls,
-                             checkpoint_every=0, log_every=0, wandb_mode="disabled", progress=False)
+        config = TrainConfig(
+            steps=steps,
+            batch_size=self.settings.batch_size,
+            seed=self.seed + self.calls,
+            checkpoint_every=0,
+            log_every=0,
+            wandb_mode="disabled",
+            progress=False,
+        )
         # each call starts afresh in one scratch directory: the phase, not this loop, is resumable
-        result = train(self.model, packed, config, optimizer=self.optimizer, out_dir=self.out_dir, phase=self.phase,
-                       resume=False)
+        result = train(
+            self.model, packed, config, optimizer=self.optimizer, out_dir=self.out_dir, phase=self.phase, resume=False
+        )
         self.steps += steps
         self.calls += 1
         return sum(result.losses) / len(result.losses)
@@ -99,8 +107,14 @@ class Record:
         for example in self.examples:
             kinds[example.kind] = kinds.get(example.kind, 0) + 1
         levels = [{key: value for key, value in row.items() if key != "seconds"} for row in self.levels]
-        return {"levels": levels, "visited": self.visited, "steps": self.steps, "stop_reason": self.stop_reason,
-                "examples": len(self.examples), "examples_by_kind": kinds}
+        return {
+            "levels": levels,
+            "visited": self.visited,
+            "steps": self.steps,
+            "stop_reason": self.stop_reason,
+            "examples": len(self.examples),
+            "examples_by_kind": kinds,
+        }
 
 
 class Curriculum:
@@ -108,8 +122,21 @@ class Curriculum:
     ``validation`` maps (family, level) -> fixed held-out items (the hard-wall check);
     ``probe_prompts`` are held-out prompts for the per-level self-prediction."""
 
-    def __init__(self, model, tokenizer, settings, baselines: dict, validation: dict, probe_prompts: list,
-                 trainer: Trainer, seed: int, level_log=None, round_log=None, say=print, render=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings,
+        baselines: dict,
+        validation: dict,
+        probe_prompts: list,
+        trainer: Trainer,
+        seed: int,
+        level_log=None,
+        round_log=None,
+        say=print,
+        render=None,
+    ):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.baselines, self.validation, self.probe_prompts = baselines, validation, probe_prompts
         self.trainer, self.seed, self.say = trainer, seed, say
@@ -134,9 +161,11 @@ class Curriculum:
                     visited.append(level)
             if self.level_log:
                 self.level_log.log(row, step=k)
-            self.say(f"curriculum: level {k} (data levels {sorted(set(levels.values()))}): validation accuracy "
-                     f"{row['accuracy']:.3f}, {row['mastered']} mastered, {row['skipped']} skipped, "
-                     f"{row['hints']} hints, {row['tool_calls']} tool calls, {self.trainer.steps} steps")
+            self.say(
+                f"curriculum: level {k} (data levels {sorted(set(levels.values()))}): validation accuracy "
+                f"{row['accuracy']:.3f}, {row['mastered']} mastered, {row['skipped']} skipped, "
+                f"{row['hints']} hints, {row['tool_calls']} tool calls, {self.trainer.steps} steps"
+            )
             self.record.stop_reason = stop_reason(k, row["accuracy"], self.settings, self.trainer.exhausted)
             if self.record.stop_reason:
                 break
@@ -151,14 +180,30 @@ class Curriculum:
             for family, level in levels.items()
             for item in self.variants.take(family, level, s.questions_per_family)
         ]
-        state = LevelState(items, lambda item: self.variants.take(item.family, levels[item.family])[0],
-                           mastery=s.mastery, max_hints=s.max_hints)
+        state = LevelState(
+            items,
+            lambda item: self.variants.take(item.family, levels[item.family])[0],
+            mastery=s.mastery,
+            max_hints=s.max_hints,
+        )
         self_examples = self.self_model_examples(k, items)
-        stats = {"attempts": 0, "first_try_correct": 0, "unaided_correct": 0, "tool_calls": 0, "tool_ok_calls": 0,
-                 "tool_attempts": 0, "tool_correct": 0, "demonstrations": 0}
+        stats = {
+            "attempts": 0,
+            "first_try_correct": 0,
+            "unaided_correct": 0,
+            "tool_calls": 0,
+            "tool_ok_calls": 0,
+            "tool_attempts": 0,
+            "tool_correct": 0,
+            "demonstrations": 0,
+        }
         level_examples, rounds = [], 0
-        while (state.remaining > s.done_fraction * len(items) and rounds < s.max_rounds
-               and self.trainer.steps - steps_before < s.steps_per_level and not self.trainer.exhausted):
+        while (
+            state.remaining > s.done_fraction * len(items)
+            and rounds < s.max_rounds
+            and self.trainer.steps - steps_before < s.steps_per_level
+            and not self.trainer.exhausted
+        ):
             attempted = [q.item for q in state.active]
             new = self.attempt(state, stats) + (self.tool_round(attempted, stats) if s.tools else [])
             level_examples += new
@@ -170,25 +215,50 @@ class Curriculum:
             )
             self._remember(new + chosen_self)
             rounds += 1
-            round_row = {"level": k, "round": rounds, "remaining": state.remaining, "loss": loss,
-                         "steps": self.trainer.steps, **{f"total_{key}": n for key, n in state.counts.items()}}
+            round_row = {
+                "level": k,
+                "round": rounds,
+                "remaining": state.remaining,
+                "loss": loss,
+                "steps": self.trainer.steps,
+                **{f"total_{key}": n for key, n in state.counts.items()},
+            }
             self.record.rounds.append(round_row)
             if self.round_log:
                 self.round_log.log(round_row, step=len(self.record.rounds))
         dream_row = self.dream(k)
         accuracy = self.level_accuracy(levels)
-        probe = selfmodel.self_prediction(self.model, self.tokenizer, self.probe_prompts,
-                                          selfmodel.schedule_temperatures(k + 1, s.self_model_ranges),
-                                          max_new_tokens=s.self_model_new_tokens, seed=self.seed + 7919 * (k + 1),
-                                          batch_size=s.eval_batch_size)
+        probe = selfmodel.self_prediction(
+            self.model,
+            self.tokenizer,
+            self.probe_prompts,
+            selfmodel.schedule_temperatures(k + 1, s.self_model_ranges),
+            max_new_tokens=s.self_model_new_tokens,
+            seed=self.seed + 7919 * (k + 1),
+            batch_size=s.eval_batch_size,
+        )
         counts = state.counts
-        return {"level": k, "data_levels": levels, "questions": len(items), "rounds": rounds,
-                "steps": self.trainer.steps - steps_before, "remaining": state.remaining,
-                "mastered": counts[MASTER], "skipped": counts[SKIP], "hints": counts[HINT],
-                "hint_corrected": counts[CORRECTED], "variants": counts[VARIANT], **stats,
-                "loop_accuracy": stats["unaided_correct"] / max(stats["attempts"], 1),
-                "accuracy": accuracy, "self_prediction": probe["accuracy"], "self_prediction_nll": probe["nll"],
-                **dream_row, "examples": len(level_examples), "seconds": time.perf_counter() - started}
+        return {
+            "level": k,
+            "data_levels": levels,
+            "questions": len(items),
+            "rounds": rounds,
+            "steps": self.trainer.steps - steps_before,
+            "remaining": state.remaining,
+            "mastered": counts[MASTER],
+            "skipped": counts[SKIP],
+            "hints": counts[HINT],
+            "hint_corrected": counts[CORRECTED],
+            "variants": counts[VARIANT],
+            **stats,
+            "loop_accuracy": stats["unaided_correct"] / max(stats["attempts"], 1),
+            "accuracy": accuracy,
+            "self_prediction": probe["accuracy"],
+            "self_prediction_nll": probe["nll"],
+            **dream_row,
+            "examples": len(level_examples),
+            "seconds": time.perf_counter() - started,
+        }
 
     # ------------------------------------------------------------------ one round
 
@@ -198,8 +268,13 @@ class Curriculum:
 
         active = state.active
         budget = tasks.answer_budget(self.tokenizer, [q.item for q in active])
-        answers = generate_answers(self.model, self.tokenizer, [q.prompt for q in active], max_new_tokens=budget,
-                                   batch_size=self.settings.eval_batch_size)
+        answers = generate_answers(
+            self.model,
+            self.tokenizer,
+            [q.prompt for q in active],
+            max_new_tokens=budget,
+            batch_size=self.settings.eval_batch_size,
+        )
         examples = []
         for question, answer in zip(active, answers):
             hinted, first = bool(question.hints), question.attempts == 0 and question.variants == 0
@@ -216,11 +291,16 @@ class Curriculum:
     def tool_round(self, items: list, stats: dict) -> list:
         """Pose the tool families' questions with tools available: keep verified own traces,
         replace failed ones by executed demonstrations."""
-        items = [item for item in items if tasks.tool_call_for(item) is not None][:self.settings.tool_items_per_round]
+        items = [item for item in items if tasks.tool_call_for(item) is not None][: self.settings.tool_items_per_round]
         if not items:
             return []
-        result = measure.tool_accuracy(self.model, self.tokenizer, items, max_new_tokens=self.settings.tool_new_tokens,
-                                       batch_size=self.settings.eval_batch_size)
+        result = measure.tool_accuracy(
+            self.model,
+            self.tokenizer,
+            items,
+            max_new_tokens=self.settings.tool_new_tokens,
+            batch_size=self.settings.eval_batch_size,
+        )
         examples = []
         for item, value, text in zip(items, result["scores"], result["completions"]):
             if value >= 1.0 and follows_tool_format(text):
@@ -251,9 +331,15 @@ class Curriculum:
         prompts = [item.prompt for item in self.rng.sample(items, min(s.self_model_prompts, len(items)))]
         examples = []
         for i, temperature in enumerate(selfmodel.schedule_temperatures(k + 1, s.self_model_ranges)):
-            samples = selfmodel.sample(self.model, self.tokenizer, prompts, temperature=temperature,
-                                       max_new_tokens=s.self_model_new_tokens, seed=self.seed + 104729 * (k + 1) + i,
-                                       batch_size=s.eval_batch_size)
+            samples = selfmodel.sample(
+                self.model,
+                self.tokenizer,
+                prompts,
+                temperature=temperature,
+                max_new_tokens=s.self_model_new_tokens,
+                seed=self.seed + 104729 * (k + 1) + i,
+                batch_size=s.eval_batch_size,
+            )
             for prompt, (ids, ended) in zip(prompts, samples):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 if text or ended:
@@ -266,12 +352,21 @@ class Curriculum:
         if s.dream_samples == 0 or not self.practised:
             return {"dream_samples": 0, "dream_kept": 0, "dream_loss": None}
         items = self.rng.sample(self.practised, min(s.dream_samples, len(self.practised)))
-        kept, sampled = selfmodel.dream(self.model, self.tokenizer, items, temperature=s.dream_temperature,
-                                        max_new_tokens=tasks.answer_budget(self.tokenizer, items),
-                                        seed=self.seed + 15485863 * (k + 1), batch_size=s.eval_batch_size)
+        kept, sampled = selfmodel.dream(
+            self.model,
+            self.tokenizer,
+            items,
+            temperature=s.dream_temperature,
+            max_new_tokens=tasks.answer_budget(self.tokenizer, items),
+            seed=self.seed + 15485863 * (k + 1),
+            batch_size=s.eval_batch_size,
+        )
         dreams = [rows.task_example(item.prompt, answer, rows.DREAM) for item, answer in kept]
-        loss = self.trainer.train(dreams + self._sample(self.record.examples, s.replay_examples), s.dream_steps) \
-            if dreams else None
+        loss = (
+            self.trainer.train(dreams + self._sample(self.record.examples, s.replay_examples), s.dream_steps)
+            if dreams
+            else None
+        )
         self._remember(dreams)
         return {"dream_samples": sampled, "dream_kept": len(kept), "dream_loss": loss}
 

@@ -1,5 +1,6 @@
 """Held-out measurements: per-item scores on fixed sets, the edge-of-chaos baseline, bootstrap
 confidence intervals, and accuracy with and without tools."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,12 +19,17 @@ def item_scores(model, tokenizer, sets: dict, *, batch_size: int = 64) -> dict:
     items = [item for key in keys for item in sets[key]]
     if not items:
         return {key: [] for key in keys}
-    answers = generate_answers(model, tokenizer, [item.prompt for item in items],
-                               max_new_tokens=answer_budget(tokenizer, items), batch_size=batch_size)
+    answers = generate_answers(
+        model,
+        tokenizer,
+        [item.prompt for item in items],
+        max_new_tokens=answer_budget(tokenizer, items),
+        batch_size=batch_size,
+    )
     out, position = {}, 0
     for key in keys:
         n = len(sets[key])
-        out[key] = [score(item, answer) for item, answer in zip(sets[key], answers[position:position + n])]
+        out[key] = [score(item, answer) for item, answer in zip(sets[key], answers[position : position + n])]
         position += n
     return out
 
@@ -72,8 +78,9 @@ def assess(model, tokenizer, sets, families, target: float, *, batch_size: int =
     for level in range(NUM_LEVELS):
         if not scanning:
             break
-        measured = item_scores(model, tokenizer, {(family, level): sets[(family, level)] for family in scanning},
-                               batch_size=batch_size)
+        measured = item_scores(
+            model, tokenizer, {(family, level): sets[(family, level)] for family in scanning}, batch_size=batch_size
+        )
         scores.update(measured)
         scanning = [family for family in scanning if mean(measured[(family, level)]) > target]
     return scores
@@ -116,8 +123,9 @@ def paired_by_level(a: dict, b: dict, *, samples: int, seed: int) -> dict:
     out = {}
     for level in levels:
         keys = [key for key in a if key[1] == level]
-        out[level] = compare([s for k in keys for s in a[k]], [s for k in keys for s in b[k]],
-                             samples=samples, seed=seed + level)
+        out[level] = compare(
+            [s for k in keys for s in a[k]], [s for k in keys for s in b[k]], samples=samples, seed=seed + level
+        )
     out["all"] = compare([s for k in a for s in a[k]], [s for k in a for s in b[k]], samples=samples, seed=seed)
     return out
 
@@ -130,16 +138,23 @@ def tool_accuracy(model, tokenizer, items: list, *, max_new_tokens: int, batch_s
     from agentforge.tools import follows_tool_format, generate_with_tools_batch
 
     budget = tool_budget(tokenizer, items, max_new_tokens)
-    outputs = generate_with_tools_batch(model, tokenizer, [tool_prompt(item.prompt) for item in items],
-                                        max_new_tokens=budget, batch_size=batch_size)
+    outputs = generate_with_tools_batch(
+        model, tokenizer, [tool_prompt(item.prompt) for item in items], max_new_tokens=budget, batch_size=batch_size
+    )
     scores, calls, ok_calls, formatted = [], 0, 0, 0
     for item, (text, item_calls) in zip(items, outputs):
         scores.append(score(item, final_answer(text)))
         calls += len(item_calls)
         ok_calls += sum(result.ok for _, result in item_calls)
         formatted += follows_tool_format(text)
-    return {"scores": scores, "accuracy": mean(scores), "calls": calls, "ok_calls": ok_calls,
-            "format_rate": formatted / max(len(items), 1), "completions": [text for text, _ in outputs]}
+    return {
+        "scores": scores,
+        "accuracy": mean(scores),
+        "calls": calls,
+        "ok_calls": ok_calls,
+        "format_rate": formatted / max(len(items), 1),
+        "completions": [text for text, _ in outputs],
+    }
 
 
 def final_answer(completion: str) -> str:
@@ -149,7 +164,7 @@ def final_answer(completion: str) -> str:
 
     pieces = trace_segments(completion)
     last_result = max((i for i, (_, is_result) in enumerate(pieces) if is_result), default=-1)
-    return "".join(text for text, _ in pieces[last_result + 1:]).strip()
+    return "".join(text for text, _ in pieces[last_result + 1 :]).strip()
 
 
 def answer_log_probability(model, tokenizer, items: list, *, batch_size: int = 64) -> list[float]:
@@ -165,13 +180,15 @@ def answer_log_probability(model, tokenizer, items: list, *, batch_size: int = 6
     out = []
     with evaluation_mode(model):
         for start in range(0, len(items), batch_size):
-            encoded = [encode(tokenizer, task_example(it.prompt, it.answer)) for it in items[start:start + batch_size]]
+            encoded = [
+                encode(tokenizer, task_example(it.prompt, it.answer)) for it in items[start : start + batch_size]
+            ]
             width = max(len(ids) for ids, _ in encoded)
             ids = torch.full((len(encoded), width), pad, dtype=torch.long)
             labels = torch.full_like(ids, -100)
             for row, (row_ids, row_labels) in enumerate(encoded):  # right padding: positions start at 0
-                ids[row, :len(row_ids)] = torch.tensor(row_ids)
-                labels[row, :len(row_labels)] = torch.tensor(row_labels)
+                ids[row, : len(row_ids)] = torch.tensor(row_ids)
+                labels[row, : len(row_labels)] = torch.tensor(row_labels)
             log_probs = model(input_ids=ids.to(device)).logits.float().log_softmax(-1).cpu()
             targets = labels[:, 1:]
             picked = log_probs[:, :-1].gather(-1, targets.clamp(min=0)[..., None])[..., 0]

@@ -11,6 +11,7 @@ without special tokens (exactly as generation and the tool runtime produce them)
 -100 where no loss is taken, examples are packed greedily into rows of ``seq_len`` and never
 straddle two rows, rows are right-padded.
 """
+
 from __future__ import annotations
 
 import random
@@ -64,6 +65,7 @@ def self_example(temperature: float, prompt: str, sample: str, ended: bool) -> E
 
 def encode(tokenizer, example: Example) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one example."""
+
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 

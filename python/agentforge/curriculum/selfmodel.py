@@ -15,6 +15,7 @@ Dreams. At the end of a level the model answers prompts drawn from what it has p
 replayed as a short training step (rehearsal against forgetting; unverified high-temperature
 samples of a small model are mostly wrong and would teach it errors).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ def schedule_temperatures(level: int, k: int) -> list[float]:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, seed: int,
-           batch_size: int = 64) -> list[tuple[list[int], bool]]:
+def sample(
+    model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int, seed: int, batch_size: int = 64
+) -> list[tuple[list[int], bool]]:
     """One sample per prompt at ``temperature`` (no top-k/top-p): ``(new token ids without eos,
     ended with eos)``. Seeded, and the caller's random state is left as it was."""
     from agentforge.eval._common import evaluation_mode, left_padded, model_device
@@ -60,13 +62,21 @@ def sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_
     with torch.random.fork_rng(devices=[]), evaluation_mode(model):
         torch.manual_seed(seed)
         for start in range(0, len(encoded), batch_size):
-            ids, mask = left_padded(encoded[start:start + batch_size], pad)
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                       temperature=float(temperature), top_k=0, top_p=1.0,
-                                       max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-            for row in generated[:, ids.shape[1]:].tolist():
+            ids, mask = left_padded(encoded[start : start + batch_size], pad)
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                temperature=float(temperature),
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+            for row in generated[:, ids.shape[1] :].tolist():
                 ended = eos in row
-                out.append((row[:row.index(eos)] if ended else row, ended))
+                out.append((row[: row.index(eos)] if ended else row, ended))
     return out
 
 
@@ -85,8 +95,17 @@ def shown_tag(temperature: float, temperatures: list[float], tag: str) -> str:
 
 
 @torch.no_grad()
-def self_prediction(model, tokenizer, prompts: list[str], temperatures: list[float], *, max_new_tokens: int,
-                    seed: int, batch_size: int = 64, tag: str = "right") -> dict:
+def self_prediction(
+    model,
+    tokenizer,
+    prompts: list[str],
+    temperatures: list[float],
+    *,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 64,
+    tag: str = "right",
+) -> dict:
     """Self-prediction on ``prompts``: per temperature, the model samples, then predicts those
     samples given the temperature tag (``tag``: see ``shown_tag``; the samples are the same for
     every ``tag``). Returns ``{"accuracy", "nll", "tokens", "per_temperature": {T: {"accuracy",
@@ -101,22 +120,38 @@ def self_prediction(model, tokenizer, prompts: list[str], temperatures: list[flo
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     per_temperature, hits, nll, tokens = {}, 0, 0.0, 0
     for t_index, temperature in enumerate(temperatures):
-        samples = sample(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
-                         seed=seed + t_index, batch_size=batch_size)
+        samples = sample(
+            model,
+            tokenizer,
+            prompts,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed + t_index,
+            batch_size=batch_size,
+        )
         prefix = shown_tag(temperature, temperatures, tag)
         contexts = tokenizer([f"{prefix}{p}" for p in prompts], add_special_tokens=False)["input_ids"]
         t_hits, t_nll, t_tokens = 0, 0.0, 0
         with evaluation_mode(model):
             for start in range(0, len(prompts), batch_size):
                 rows, spans = [], []
-                for context, (ids, ended) in zip(contexts[start:start + batch_size], samples[start:start + batch_size]):
+                for context, (ids, ended) in zip(
+                    contexts[start : start + batch_size], samples[start : start + batch_size]
+                ):
                     target = ids + ([eos] if ended else [])
                     rows.append(context + target)
                     spans.append(len(target))
                 input_ids, mask = left_padded(rows, pad)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device)).logits.float().cpu()
+                logits = (
+                    model(
+                        input_ids=input_ids.to(device),
+                        attention_mask=mask.to(device),
+                        position_ids=positions.to(device),
+                    )
+                    .logits.float()
+                    .cpu()
+                )
                 log_probs = logits.log_softmax(-1)
                 width = input_ids.shape[1]
                 for row, span in enumerate(spans):
@@ -124,27 +159,42 @@ def self_prediction(model, tokenizer, prompts: list[str], temperatures: list[flo
                         continue
                     # logits at position p predict the token at p + 1
                     predicting = torch.arange(width - span - 1, width - 1)
-                    targets = input_ids[row, width - span:]
+                    targets = input_ids[row, width - span :]
                     t_hits += int((log_probs[row, predicting].argmax(-1) == targets).sum())
                     t_nll -= float(log_probs[row, predicting, targets].sum())
                     t_tokens += span
-        per_temperature[temperature] = {"accuracy": t_hits / max(t_tokens, 1), "nll": t_nll / max(t_tokens, 1),
-                                        "tokens": t_tokens}
+        per_temperature[temperature] = {
+            "accuracy": t_hits / max(t_tokens, 1),
+            "nll": t_nll / max(t_tokens, 1),
+            "tokens": t_tokens,
+        }
         hits, nll, tokens = hits + t_hits, nll + t_nll, tokens + t_tokens
-    return {"accuracy": hits / max(tokens, 1), "nll": nll / max(tokens, 1) if tokens else math.nan,
-            "tokens": tokens, "per_temperature": per_temperature}
+    return {
+        "accuracy": hits / max(tokens, 1),
+        "nll": nll / max(tokens, 1) if tokens else math.nan,
+        "tokens": tokens,
+        "per_temperature": per_temperature,
+    }
 
 
-def dream(model, tokenizer, items: list, *, temperature: float, max_new_tokens: int, seed: int,
-          batch_size: int = 64) -> tuple[list[tuple[object, str]], int]:
+def dream(
+    model, tokenizer, items: list, *, temperature: float, max_new_tokens: int, seed: int, batch_size: int = 64
+) -> tuple[list[tuple[object, str]], int]:
     """Answers to ``items`` sampled at ``temperature``; returns the ``(item, answer)`` pairs the
     family's scorer marks fully correct, and how many were sampled."""
     from agentforge.data import score
 
     if not items:
         return [], 0
-    samples = sample(model, tokenizer, [item.prompt for item in items], temperature=temperature,
-                     max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    samples = sample(
+        model,
+        tokenizer,
+        [item.prompt for item in items],
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+    )
     kept = []
     for item, (ids, ended) in zip(items, samples):
         answer = tokenizer.decode(ids, skip_special_tokens=True).strip()

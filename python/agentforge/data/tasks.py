@@ -22,6 +22,7 @@ Splits: every prompt string belongs to exactly one split, chosen by a hash of th
 split and keeps only the prompts of that split, so a held-out prompt can never appear in
 training data, for any seed, level or family that renders the same prompt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
-    "NUM_LEVELS", "SPLITS", "TaskItem", "TaskFamily", "ReasoningGymFamily", "SpellBackwardFamily",
-    "KeyValueRecall", "FAMILIES", "DOMAINS", "make_split", "rendered", "split_of", "score",
+    "NUM_LEVELS",
+    "SPLITS",
+    "TaskItem",
+    "TaskFamily",
+    "ReasoningGymFamily",
+    "SpellBackwardFamily",
+    "KeyValueRecall",
+    "FAMILIES",
+    "DOMAINS",
+    "make_split",
+    "rendered",
+    "split_of",
+    "score",
 ]
 
 NUM_LEVELS = 10
@@ -161,9 +173,7 @@ class ReasoningGymFamily(TaskFamily):
             import reasoning_gym
 
             # size is virtual: items are fetched by index and never iterated
-            self._datasets[level] = reasoning_gym.create_dataset(
-                self.rg_name, seed=0, size=2**63, **self.levels[level]
-            )
+            self._datasets[level] = reasoning_gym.create_dataset(self.rg_name, seed=0, size=2**63, **self.levels[level])
         return self._datasets[level]
 
     def item(self, index: int, level: int) -> TaskItem:
@@ -239,28 +249,54 @@ def _chain_sum_levels(table: Sequence[tuple[int, int, int, int]]) -> list[dict]:
 
 # (min_terms, max_terms, min_digits, max_digits): every knob is non-decreasing with level and
 # each level raises at least one, so the expected amount of arithmetic grows at every step.
-CHAIN_SUM_LEVELS = _chain_sum_levels([
-    (2, 2, 1, 2), (2, 3, 1, 2), (3, 3, 1, 2), (3, 3, 2, 2), (3, 4, 2, 2),
-    (4, 4, 2, 2), (4, 5, 2, 3), (5, 5, 2, 3), (5, 6, 3, 3), (6, 8, 3, 4),
-])
+CHAIN_SUM_LEVELS = _chain_sum_levels(
+    [
+        (2, 2, 1, 2),
+        (2, 3, 1, 2),
+        (3, 3, 1, 2),
+        (3, 3, 2, 2),
+        (3, 4, 2, 2),
+        (4, 4, 2, 2),
+        (4, 5, 2, 3),
+        (5, 5, 2, 3),
+        (5, 6, 3, 3),
+        (6, 8, 3, 4),
+    ]
+)
 # Small numbers for the speed sibling: one-digit terms, more of them, two digits late.
-ADD_SMALL_LEVELS = _chain_sum_levels([
-    (2, 2, 1, 1), (2, 3, 1, 1), (3, 3, 1, 1), (3, 4, 1, 1), (4, 4, 1, 1),
-    (4, 4, 1, 2), (4, 5, 1, 2), (5, 5, 1, 2), (5, 6, 1, 2), (6, 6, 1, 2),
-])
+ADD_SMALL_LEVELS = _chain_sum_levels(
+    [
+        (2, 2, 1, 1),
+        (2, 3, 1, 1),
+        (3, 3, 1, 1),
+        (3, 4, 1, 1),
+        (4, 4, 1, 1),
+        (4, 4, 1, 2),
+        (4, 5, 1, 2),
+        (5, 5, 1, 2),
+        (5, 6, 1, 2),
+        (6, 6, 1, 2),
+    ]
+)
 _NO_DIVISION = ("+", "-", "*")
 _ALL_OPERATORS = ("+", "-", "*", "/")
 # allow_parentheses stays True: reasoning-gym's parenthesis-free generator evaluates left to right,
 # ignoring operator precedence, while the parenthesised one evaluates the expression with eval.
 BASIC_ARITHMETIC_LEVELS = [
-    dict(min_terms=a, max_terms=b, min_digits=c, max_digits=d, operators=ops,
-         allow_parentheses=True, allow_negation=neg)
+    dict(
+        min_terms=a, max_terms=b, min_digits=c, max_digits=d, operators=ops, allow_parentheses=True, allow_negation=neg
+    )
     for a, b, c, d, ops, neg in [
-        (2, 2, 1, 1, _NO_DIVISION, False), (2, 3, 1, 1, _NO_DIVISION, False),
-        (3, 3, 1, 1, _NO_DIVISION, False), (3, 4, 1, 1, _ALL_OPERATORS, False),
-        (4, 4, 1, 1, _ALL_OPERATORS, False), (4, 5, 1, 1, _ALL_OPERATORS, True),
-        (4, 5, 1, 2, _ALL_OPERATORS, True), (5, 5, 1, 2, _ALL_OPERATORS, True),
-        (5, 6, 1, 2, _ALL_OPERATORS, True), (5, 6, 2, 2, _ALL_OPERATORS, True),
+        (2, 2, 1, 1, _NO_DIVISION, False),
+        (2, 3, 1, 1, _NO_DIVISION, False),
+        (3, 3, 1, 1, _NO_DIVISION, False),
+        (3, 4, 1, 1, _ALL_OPERATORS, False),
+        (4, 4, 1, 1, _ALL_OPERATORS, False),
+        (4, 5, 1, 1, _ALL_OPERATORS, True),
+        (4, 5, 1, 2, _ALL_OPERATORS, True),
+        (5, 5, 1, 2, _ALL_OPERATORS, True),
+        (5, 6, 1, 2, _ALL_OPERATORS, True),
+        (5, 6, 2, 2, _ALL_OPERATORS, True),
     ]
 ]
 # reasoning-gym's default word list holds words of 3 to 10 letters

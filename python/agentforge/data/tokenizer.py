@@ -9,6 +9,7 @@ The result is a plain `PreTrainedTokenizerFast` (in transformers v5, `Tokenizers
 `save_pretrained(dir)` writes tokenizer.json + tokenizer_config.json and
 `AutoTokenizer.from_pretrained(dir)` reloads it with identical ids.
 """
+
 from __future__ import annotations
 
 import random
@@ -39,11 +40,13 @@ def _sample_documents(texts: Sequence[str], max_chars: int, seed: int) -> list[s
 
 def _bpe_tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        # add_prefix_space=False: a leading space would not survive decode, breaking round trips
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            # add_prefix_space=False: a leading space would not survive decode, breaking round trips
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 

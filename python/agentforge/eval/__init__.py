@@ -1,5 +1,6 @@
 """Measurements every phase reports against a control: held-out perplexity (vs a unigram
 model), task accuracy from greedy generation, and throughput, size and peak memory."""
+
 from agentforge.eval.lm import perplexity, unigram_perplexity
 from agentforge.eval.speed import parameter_bytes, parameter_count, peak_memory_bytes, tokens_per_second
 from agentforge.eval.suite import EvalSuite, HeldOut, answer_budget, spread

@@ -1,5 +1,6 @@
 """Helpers shared by the measurements: where a model lives, running it in eval mode, left-padded
 batches, argument checks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,8 @@ def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, 
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
     return ids, mask
 
 

@@ -8,6 +8,7 @@ afterwards can change them); a module called several times per forward (a weight
 recursive block) contributes every call, up to ``max_calls``. The model runs in eval mode without
 gradients and is left in the mode it had; the hooks are removed even when the forward fails.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,9 @@ def detached(value, device=None):
 
 
 @torch.no_grad()
-def capture_calls(model: nn.Module, module_names, batches, *, max_calls: int | None = None,
-                  with_kwargs: bool = False, device=None) -> dict[str, list]:
+def capture_calls(
+    model: nn.Module, module_names, batches, *, max_calls: int | None = None, with_kwargs: bool = False, device=None
+) -> dict[str, list]:
     """The inputs of each named module while ``model`` reads ``batches`` (dicts of model keyword
     arguments, e.g. ``input_ids`` and ``attention_mask``), in call order: per call its positional
     arguments (a tuple), or ``(args, kwargs)`` with ``with_kwargs``. At most ``max_calls`` calls
@@ -40,12 +42,15 @@ def capture_calls(model: nn.Module, module_names, batches, *, max_calls: int | N
     def recorder(name: str):
         def record(module, args, kwargs=None):
             if max_calls is None or len(calls[name]) < max_calls:
-                calls[name].append((detached(args, device), detached(kwargs, device)) if with_kwargs
-                                   else detached(args, device))
+                calls[name].append(
+                    (detached(args, device), detached(kwargs, device)) if with_kwargs else detached(args, device)
+                )
+
         return record
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(recorder(name), with_kwargs=with_kwargs)
-               for name in calls]
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(recorder(name), with_kwargs=with_kwargs) for name in calls
+    ]
     was_training = model.training
     model.eval()
     try:

@@ -6,6 +6,7 @@ the label at position 0 is never a target) and labels equal to ``-100`` are skip
 negative log-likelihood is weighted by tokens over the whole set, never a mean of batch means,
 so the result does not depend on the batch size or on how many labels each row carries.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,10 @@ def row_nll(model: torch.nn.Module, data: Any, *, batch_size: int = 16) -> tuple
             labels = batch.pop("labels").to(device)
             logits = model(**{name: tensor.to(device) for name, tensor in batch.items()}).logits
             if logits.shape[:2] != labels.shape:
-                raise ValueError(f"perplexity: logits shape {tuple(logits.shape)} does not match labels "
-                                 f"shape {tuple(labels.shape)} as [batch, time, vocab]")
+                raise ValueError(
+                    f"perplexity: logits shape {tuple(logits.shape)} does not match labels "
+                    f"shape {tuple(labels.shape)} as [batch, time, vocab]"
+                )
             row_sums, row_tokens = _next_token_nll(logits, labels)
             nll += row_sums.tolist()
             tokens += row_tokens.tolist()
@@ -98,23 +101,25 @@ def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     and how many targets."""
     logits = logits[:, :-1].float()  # fp32 softmax: bf16 log-probabilities are too coarse to average
     targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return nll.view(targets.shape).double().sum(1), (targets != IGNORE_INDEX).sum(1)
 
 
-def _torch_batches(caller: str, data: Any, columns: list[str],
-                   batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+def _torch_batches(caller: str, data: Any, columns: list[str], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Consecutive row batches of ``data`` as dicts of 2-D tensors."""
     view = data.select_columns(columns).with_format("torch")
     for start in range(0, len(view), batch_size):
-        batch = view[start:start + batch_size]
+        batch = view[start : start + batch_size]
         for name, value in batch.items():
             if not isinstance(value, torch.Tensor) or value.dim() != 2:
                 raise ValueError(f"{caller}: column {name!r} must hold fixed-length rows of token ids")
         if batch["labels"].shape != batch["input_ids"].shape:
-            raise ValueError(f"{caller}: labels shape {tuple(batch['labels'].shape)} differs from "
-                             f"input_ids shape {tuple(batch['input_ids'].shape)}")
+            raise ValueError(
+                f"{caller}: labels shape {tuple(batch['labels'].shape)} differs from "
+                f"input_ids shape {tuple(batch['input_ids'].shape)}"
+            )
         yield batch
 
 
@@ -123,7 +128,7 @@ def _label_targets(caller: str, data: Any, vocab_size: int, argument: str) -> It
     _require_columns(caller, data, ("labels",), argument)
     view = data.select_columns(["labels"]).with_format("numpy")
     for start in range(0, len(view), _UNIGRAM_CHUNK_ROWS):
-        labels = view[start:start + _UNIGRAM_CHUNK_ROWS]["labels"]
+        labels = view[start : start + _UNIGRAM_CHUNK_ROWS]["labels"]
         if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"{caller}: {argument} column 'labels' must hold fixed-length rows of token ids")
         targets = labels[:, 1:]
@@ -139,8 +144,10 @@ def _require_columns(caller: str, data: Any, needed: tuple[str, ...], argument: 
         raise TypeError(f"{caller}: {argument} must be a datasets.Dataset, got {type(data).__name__}")
     missing = [name for name in needed if name not in columns]
     if missing:
-        raise ValueError(f"{caller}: {argument} has no {', '.join(map(repr, missing))} column "
-                         f"(columns: {', '.join(columns) or 'none'})")
+        raise ValueError(
+            f"{caller}: {argument} has no {', '.join(map(repr, missing))} column "
+            f"(columns: {', '.join(columns) or 'none'})"
+        )
 
 
 def _exp(mean_nll: float) -> float:

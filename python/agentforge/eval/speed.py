@@ -6,6 +6,7 @@ the converted layers, resident tensor bytes, peak memory of a fresh process).
 These report what was measured on this machine in this process; compare two models only with
 numbers taken the same way in the same run. No result is ever selected on them.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,16 @@ _RESET_PEAK_RSS = "5"  # proc(5): writing 5 to clear_refs resets the peak RSS (V
 
 # --- throughput ------------------------------------------------------------------------------
 
-def tokens_per_second(model: Any, *, prompt_len: int = 16, new_tokens: int = 32, batch_size: int = 1,
-                      repeats: int = 3, vocab_size: int | None = None) -> float:
+
+def tokens_per_second(
+    model: Any,
+    *,
+    prompt_len: int = 16,
+    new_tokens: int = 32,
+    batch_size: int = 1,
+    repeats: int = 3,
+    vocab_size: int | None = None,
+) -> float:
     """Greedy generation throughput in new tokens per second (``batch_size * new_tokens`` per call).
 
     Prompts are random token ids (seeded, so every model sees the same prompts) of
@@ -45,8 +54,9 @@ def tokens_per_second(model: Any, *, prompt_len: int = 16, new_tokens: int = 32,
     ``torch.inference_mode``, so measure a model after training it, not between steps of a
     model that caches tensors lazily.
     """
-    require_positive("tokens_per_second", prompt_len=prompt_len, new_tokens=new_tokens,
-                     batch_size=batch_size, repeats=repeats)
+    require_positive(
+        "tokens_per_second", prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size, repeats=repeats
+    )
     vocab_size = vocab_size or _config_vocab_size(model)
     device = model_device(model)
     prompts = torch.randint(vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -55,14 +65,22 @@ def tokens_per_second(model: Any, *, prompt_len: int = 16, new_tokens: int = 32,
     def timed_generation() -> float:
         _synchronize(device)
         start = time.perf_counter()
-        output = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
-                                min_new_tokens=new_tokens, max_new_tokens=new_tokens, do_sample=False,
-                                num_beams=1, pad_token_id=_pad_token_id(model))
+        output = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            min_new_tokens=new_tokens,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=_pad_token_id(model),
+        )
         _synchronize(device)
         elapsed = time.perf_counter() - start
         if output.shape[1] != prompt_len + new_tokens:
-            raise RuntimeError(f"tokens_per_second: generate returned {output.shape[1] - prompt_len} new tokens, "
-                               f"expected exactly {new_tokens}")
+            raise RuntimeError(
+                f"tokens_per_second: generate returned {output.shape[1] - prompt_len} new tokens, "
+                f"expected exactly {new_tokens}"
+            )
         return elapsed
 
     with evaluation_mode(model), torch.inference_mode():
@@ -92,6 +110,7 @@ def _synchronize(device: torch.device) -> None:
 
 # --- size ------------------------------------------------------------------------------------
 
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Number of parameter elements, each tensor counted once (tied weights count once).
 
@@ -106,8 +125,9 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     packed weights of a packed BitLinear) counted once, at its own dtype's element size.
     Non-persistent buffers (rotary tables, kernel-layout copies) are derived state and excluded.
     """
-    return sum(tensor.numel() * tensor.element_size()
-               for tensor in _unique_tensors(model.state_dict(keep_vars=True).values()))
+    return sum(
+        tensor.numel() * tensor.element_size() for tensor in _unique_tensors(model.state_dict(keep_vars=True).values())
+    )
 
 
 def _unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -126,6 +146,7 @@ def _unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 
 
 # --- peak memory -----------------------------------------------------------------------------
+
 
 def peak_memory_bytes(fn: Callable[[], T], *, device: torch.device | str | None = None) -> tuple[T, int]:
     """Run ``fn()`` and return ``(its result, peak memory in bytes during the call)``.
@@ -150,8 +171,12 @@ def peak_memory_bytes(fn: Callable[[], T], *, device: torch.device | str | None 
     if _reset_peak_rss():
         result = fn()
         return result, _proc_status_bytes("VmHWM")
-    warnings.warn("peak_memory_bytes: cannot reset the peak RSS here; reporting the process's lifetime "
-                  "peak, an upper bound on the call's peak", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        "peak_memory_bytes: cannot reset the peak RSS here; reporting the process's lifetime "
+        "peak, an upper bound on the call's peak",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     result = fn()
     return result, _lifetime_peak_rss()
 
@@ -230,8 +255,9 @@ def _lifetime_peak_rss() -> int:
     try:
         import resource  # Unix only
     except ImportError:
-        raise RuntimeError("peak_memory_bytes: cannot read CPU peak memory on this platform "
-                           "(no /proc and no resource module)") from None
+        raise RuntimeError(
+            "peak_memory_bytes: cannot read CPU peak memory on this platform (no /proc and no resource module)"
+        ) from None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux and BSDs KiB
 
@@ -287,8 +313,16 @@ def resident_tensor_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def speed_report(models: dict, dirs: dict, layer_names: list[str], *, batch_sizes: list[int], prompt_len: int,
-                 new_tokens: int, memory: bool = True) -> dict:
+def speed_report(
+    models: dict,
+    dirs: dict,
+    layer_names: list[str],
+    *,
+    batch_sizes: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    memory: bool = True,
+) -> dict:
     """Per model (e.g. ``{"fp": ..., "packed": ...}``, their directories under the same keys in
     ``dirs``): ``tokens_per_s_b{B}`` for each batch size B (the models alternate at each size, so
     both meet the same machine load), ``layer_time_share`` (batch 1) of the ``layer_names`` layers,
@@ -297,23 +331,27 @@ def speed_report(models: dict, dirs: dict, layer_names: list[str], *, batch_size
     for batch_size in batch_sizes:
         for name, model in models.items():
             report[name][f"tokens_per_s_b{batch_size}"] = tokens_per_second(
-                model, prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size)
+                model, prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size
+            )
     for name, model in models.items():
-        report[name]["layer_time_share"] = layer_time_share(model, layer_names, prompt_len=prompt_len,
-                                                            new_tokens=new_tokens)
+        report[name]["layer_time_share"] = layer_time_share(
+            model, layer_names, prompt_len=prompt_len, new_tokens=new_tokens
+        )
         if memory:
             report[name]["generation_memory"] = generation_memory(dirs[name], max(batch_sizes), prompt_len, new_tokens)
     return report
 
 
 @torch.no_grad()
-def layer_time_share(model: torch.nn.Module, layer_names: list[str], *, prompt_len: int, new_tokens: int,
-                     batch_size: int = 1) -> float:
+def layer_time_share(
+    model: torch.nn.Module, layer_names: list[str], *, prompt_len: int, new_tokens: int, batch_size: int = 1
+) -> float:
     """Fraction of one greedy generation's wall time (after an untimed warm-up call) spent inside
     the named layers, timed by forward hooks: how much of the end-to-end time a faster kernel
     for those layers can remove at most."""
-    prompts = torch.randint(model.config.vocab_size, (batch_size, prompt_len),
-                            generator=torch.Generator().manual_seed(0))
+    prompts = torch.randint(
+        model.config.vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)
+    )
     spent, started = [0.0], {}
 
     def enter(module, args):
@@ -323,14 +361,26 @@ def layer_time_share(model: torch.nn.Module, layer_names: list[str], *, prompt_l
         spent[0] += time.perf_counter() - started.pop(module)
 
     def generate():
-        model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), min_new_tokens=new_tokens,
-                       max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            min_new_tokens=new_tokens,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     was_training = model.training
     model.eval()
     generate()
-    handles = [h for name in layer_names for h in (model.get_submodule(name).register_forward_pre_hook(enter),
-                                                   model.get_submodule(name).register_forward_hook(leave))]
+    handles = [
+        h
+        for name in layer_names
+        for h in (
+            model.get_submodule(name).register_forward_pre_hook(enter),
+            model.get_submodule(name).register_forward_hook(leave),
+        )
+    ]
     try:
         began = time.perf_counter()
         generate()

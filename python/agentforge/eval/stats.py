@@ -1,6 +1,7 @@
 """Intervals for held-out measurements: every phase reports a mean with a percentile-bootstrap
 95 % interval, and a difference between two models as a *paired* difference (the same items
 resampled together), which is far less noisy than the difference of two separate means."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,10 @@ def paired_difference(candidate, control, *, seed: int = 0, samples: int = SAMPL
     """The bootstrap interval of ``mean(candidate − control)`` over the same items."""
     candidate, control = np.asarray(candidate, dtype=np.float64), np.asarray(control, dtype=np.float64)
     if candidate.shape != control.shape:
-        raise ValueError(f"paired_difference: score arrays differ in shape ({candidate.shape} vs {control.shape}); "
-                         "pair the scores of the same items")
+        raise ValueError(
+            f"paired_difference: score arrays differ in shape ({candidate.shape} vs {control.shape}); "
+            "pair the scores of the same items"
+        )
     return bootstrap_interval(candidate - control, seed=seed, samples=samples)
 
 
@@ -45,8 +48,12 @@ def perplexity_ratio(nll, reference_nll, tokens, *, seed: int = 0, samples: int 
     rows = rng.integers(0, nll.size, size=(samples, nll.size))
     ratios = np.exp((nll[rows] - reference_nll[rows]).sum(1) / np.maximum(tokens[rows].sum(1), 1))
     low, high = np.quantile(ratios, [(1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2])
-    return {"mean": float(np.exp((nll - reference_nll).sum() / tokens.sum())), "low": float(low), "high": float(high),
-            "n": int(nll.size)}
+    return {
+        "mean": float(np.exp((nll - reference_nll).sum() / tokens.sum())),
+        "low": float(low),
+        "high": float(high),
+        "n": int(nll.size),
+    }
 
 
 def ratio_of_sums(numerator, denominator, *, seed: int = 0, samples: int = SAMPLES) -> dict:
@@ -59,5 +66,9 @@ def ratio_of_sums(numerator, denominator, *, seed: int = 0, samples: int = SAMPL
     rows = rng.integers(0, numerator.size, size=(samples, numerator.size))
     ratios = numerator[rows].sum(1) / np.maximum(denominator[rows].sum(1), 1e-300)
     low, high = np.quantile(ratios, [(1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2])
-    return {"mean": float(numerator.sum() / denominator.sum()), "low": float(low), "high": float(high),
-            "n": int(numerator.size)}
+    return {
+        "mean": float(numerator.sum() / denominator.sum()),
+        "low": float(low),
+        "high": float(high),
+        "n": int(numerator.size),
+    }

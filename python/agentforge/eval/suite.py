@@ -11,6 +11,7 @@ into train / validation / test and packed into rows of ``spec.seq_len`` tokens. 
 families of ``agentforge.data``, whose prompts are assigned to a split by their hash, so no
 held-out prompt is ever trained on. Selection reads the validation split, reports the test split.
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,8 +73,9 @@ def chat_renderer(tokenizer):
 
     def render(item) -> str:
         question = f"{INSTRUCTIONS[item.family]}\n{item.question}" if item.family in INSTRUCTIONS else item.question
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
 
     return render
 
@@ -107,8 +109,15 @@ class EvalSuite:
 
         families = families if families is not None else [f for fams in DOMAINS.values() for f in fams]
         levels = levels if levels is not None else self.spec.task_levels
-        return rendered([item for family in families for level in levels
-                         for item in make_split(family, split, n, seed=self.seed, level=level)], self.render)
+        return rendered(
+            [
+                item
+                for family in families
+                for level in levels
+                for item in make_split(family, split, n, seed=self.seed, level=level)
+            ],
+            self.render,
+        )
 
     def by_domain(self, split: str, n: int, levels=None) -> dict[str, list]:
         """``{domain: items}``: ``n`` items of ``split`` per family and level of each domain."""
@@ -152,13 +161,23 @@ class EvalSuite:
         from agentforge.eval.tasks import generate_answers
 
         text_nll, text_tokens = row_nll(model, held.text, batch_size=batch_size)
-        report: dict[str, Any] = {"perplexity": math.exp(sum(text_nll) / max(sum(text_tokens), 1)),
-                                  "text_rows": {"nll": text_nll, "tokens": text_tokens},
-                                  "accuracy": {}, "answer_nll": {}, "family_accuracy": {}, "scores": {}}
+        report: dict[str, Any] = {
+            "perplexity": math.exp(sum(text_nll) / max(sum(text_tokens), 1)),
+            "text_rows": {"nll": text_nll, "tokens": text_tokens},
+            "accuracy": {},
+            "answer_nll": {},
+            "family_accuracy": {},
+            "scores": {},
+        }
         given = {}
         for domain, items in held.items.items():
-            predicted = generate_answers(model, self.tokenizer, [it.prompt for it in items],
-                                         max_new_tokens=answer_budget(self.tokenizer, items), batch_size=batch_size)
+            predicted = generate_answers(
+                model,
+                self.tokenizer,
+                [it.prompt for it in items],
+                max_new_tokens=answer_budget(self.tokenizer, items),
+                batch_size=batch_size,
+            )
             scores = [score(it, a) for it, a in zip(items, predicted)]
             given[domain] = predicted
             report["scores"][domain] = scores

@@ -10,6 +10,7 @@ tokens of all rows start together; the attention mask hides the padding, and Hug
 ``generate`` derives position ids from that mask, so a padded row is generated exactly as it
 would be alone (the tests check this).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,9 @@ class TaskReport:
         return dataclasses.asdict(self)
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 16,
-                     batch_size: int = 32) -> list[str]:
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 32
+) -> list[str]:
     """Greedy answers of ``model`` to ``prompts``, in prompt order.
 
     Each answer is the decoded text of the tokens generated after the prompt, cut at the first
@@ -75,32 +77,47 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_
     answers = [""] * len(prompts)
     with evaluation_mode(model):
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             new_tokens = _generate_batch(model, [prompt_ids[i] for i in rows], eos_id, pad_id, max_new_tokens)
             for index, tokens in zip(rows, new_tokens):
                 answers[index] = tokenizer.decode(_until_eos(tokens, eos_id), skip_special_tokens=True).strip()
     return answers
 
 
-def task_accuracy(model: Any, tokenizer: Any, items: Sequence[TaskItem], *, score: Scorer | None = None,
-                  max_new_tokens: int = 16, batch_size: int = 32,
-                  n_examples: int = DEFAULT_EXAMPLES) -> TaskReport:
+def task_accuracy(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[TaskItem],
+    *,
+    score: Scorer | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+    n_examples: int = DEFAULT_EXAMPLES,
+) -> TaskReport:
     """Score the model's greedy answer to every item with ``score(item, prediction)`` (a value
     in [0, 1]; default :func:`exact_match`) and aggregate overall and per family."""
     items = list(items)
     if not items:
         raise ValueError("task_accuracy: no items to evaluate")
     score = score or exact_match
-    predictions = generate_answers(model, tokenizer, [item.prompt for item in items],
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
+    predictions = generate_answers(
+        model, tokenizer, [item.prompt for item in items], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     scores = [_checked_score(score(item, prediction), item) for item, prediction in zip(items, predictions)]
     return TaskReport(
         accuracy=sum(scores) / len(scores),
         per_family=_mean_per_family(items, scores),
         n=len(items),
-        examples=[{"family": item.family, "prompt": item.prompt, "answer": item.answer,
-                   "prediction": prediction, "score": value}
-                  for item, prediction, value in zip(items[:n_examples], predictions, scores)],
+        examples=[
+            {
+                "family": item.family,
+                "prompt": item.prompt,
+                "answer": item.answer,
+                "prediction": prediction,
+                "score": value,
+            }
+            for item, prediction, value in zip(items[:n_examples], predictions, scores)
+        ],
     )
 
 
@@ -122,29 +139,35 @@ def _encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return encoded
 
 
-def _generate_batch(model: Any, prompt_ids: list[list[int]], eos_id: int, pad_id: int,
-                    max_new_tokens: int) -> list[list[int]]:
+def _generate_batch(
+    model: Any, prompt_ids: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int
+) -> list[list[int]]:
     """Greedy-generate after left-padded prompts; return only the new tokens of each row."""
     input_ids, attention_mask = left_padded(prompt_ids, pad_id)
     width = input_ids.shape[1]
     device = model_device(model)
-    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                            eos_token_id=eos_id, pad_token_id=pad_id)
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
     return output[:, width:].tolist()
 
 
 def _until_eos(tokens: list[int], eos_id: int) -> list[int]:
     # generate pads finished rows after their eos; cut there explicitly so that nothing after
     # the first eos is decoded, even where the pad token is not a special token.
-    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
 
 
 def _checked_score(value: Any, item: TaskItem) -> float:
     value = float(value)
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"task_accuracy: score must return a value in [0, 1], "
-                         f"got {value} for prompt {item.prompt!r}")
+        raise ValueError(f"task_accuracy: score must return a value in [0, 1], got {value} for prompt {item.prompt!r}")
     return value
 
 

@@ -40,26 +40,49 @@ To run a class's mixture: z′ = 1 + Σₖ αₖ (z_k − 1), W′ = U diag(σ �
 BitLinear targets W′ replaces the latent weight; quantize it to ternary (``ternary_weights``) to run
 the packed kernels.
 """
+
 from agentforge.experts.adaptive import AdaptiveModel, adaptive_files, load_adaptive, save_adaptive
 from agentforge.experts.discovery import Discovery, Unit, discover
 from agentforge.experts.evaluation import answer_flops, item_scores, paired_gain
 from agentforge.experts.mixture import Measurement, MixtureSearch, SearchSettings, pareto_front
 from agentforge.experts.router import Router, features_of, prompt_features
 from agentforge.experts.svf import (
-                                    SVDBasis,
-                                    SVFExpert,
-                                    adapted_forward,
-                                    compose,
-                                    installed,
-                                    target_weights,
-                                    ternary_weights,
+    SVDBasis,
+    SVFExpert,
+    adapted_forward,
+    compose,
+    installed,
+    target_weights,
+    ternary_weights,
 )
 from agentforge.experts.training import TrainSettings, in_directory, train_expert
 
 __all__ = [
-    "SVDBasis", "SVFExpert", "adapted_forward", "compose", "installed", "target_weights", "ternary_weights",
-    "TrainSettings", "in_directory", "train_expert", "Unit", "Discovery", "discover", "Router", "features_of",
-    "prompt_features", "Measurement", "MixtureSearch", "SearchSettings", "pareto_front", "AdaptiveModel",
-    "adaptive_files", "save_adaptive", "load_adaptive", "item_scores", "answer_flops",
+    "SVDBasis",
+    "SVFExpert",
+    "adapted_forward",
+    "compose",
+    "installed",
+    "target_weights",
+    "ternary_weights",
+    "TrainSettings",
+    "in_directory",
+    "train_expert",
+    "Unit",
+    "Discovery",
+    "discover",
+    "Router",
+    "features_of",
+    "prompt_features",
+    "Measurement",
+    "MixtureSearch",
+    "SearchSettings",
+    "pareto_front",
+    "AdaptiveModel",
+    "adaptive_files",
+    "save_adaptive",
+    "load_adaptive",
+    "item_scores",
+    "answer_flops",
     "paired_gain",
 ]

@@ -5,6 +5,7 @@ Pass one reads each prompt with the base weights and lets the router name its cl
 installs that class's mixture z′ = 1 + Σₖ αₖ (zₖ − 1) of the expert vectors and answers. Adapted
 weights are built once per mixture and cached; prompts of one class are answered as one batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ class AdaptiveModel(nn.Module):
     ``generate`` does (left-padded prompts in, prompts + new tokens out), running both passes;
     ``last_routes`` holds the class chosen for each row of the last call."""
 
-    def __init__(self, model: nn.Module, basis: SVDBasis, experts: Mapping[str, torch.Tensor], router: Router,
-                 mixtures: Mapping[str, Sequence[float]]):
+    def __init__(
+        self,
+        model: nn.Module,
+        basis: SVDBasis,
+        experts: Mapping[str, torch.Tensor],
+        router: Router,
+        mixtures: Mapping[str, Sequence[float]],
+    ):
         super().__init__()
         missing = sorted(set(router.classes) - set(mixtures))
         if missing:
@@ -78,14 +85,15 @@ class AdaptiveModel(nn.Module):
         for cls in sorted(set(routes)):
             rows = [i for i, r in enumerate(routes) if r == cls]
             with installed(self.model, self.adapted_weights(self.mixtures[cls])):
-                generated = self.model.generate(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
-                                                **kwargs)
+                generated = self.model.generate(
+                    input_ids=input_ids[rows], attention_mask=attention_mask[rows], **kwargs
+                )
             outputs.update(zip(rows, generated))
         self.last_routes = routes
         width = max(row.numel() for row in outputs.values())
         result = torch.full((len(routes), width), pad, dtype=input_ids.dtype, device=input_ids.device)
         for i, row in outputs.items():
-            result[i, :row.numel()] = row
+            result[i, : row.numel()] = row
         return result
 
 
@@ -101,10 +109,15 @@ def adaptive_files(adaptive: AdaptiveModel, describe: dict | None = None) -> Cal
     deployed = deployed_tensors(adaptive.model, adaptive.basis, adaptive.experts, adaptive.mixtures)
     tensors.update({f"sigma/{name}": s.contiguous() for name, s in adaptive.basis.singular_values().items()})
     router_state = {k: v.detach().contiguous() for k, v in adaptive.router.state_dict().items()}
-    spec = {"format": FORMAT, "experts": adaptive.expert_names, "targets": adaptive.basis.names,
-            "sizes": adaptive.basis.sizes, "router": {"classes": adaptive.router.classes,
-                                                      "features": adaptive.router.linear.in_features},
-            "mixtures": {cls: list(alphas) for cls, alphas in adaptive.mixtures.items()}, **(describe or {})}
+    spec = {
+        "format": FORMAT,
+        "experts": adaptive.expert_names,
+        "targets": adaptive.basis.names,
+        "sizes": adaptive.basis.sizes,
+        "router": {"classes": adaptive.router.classes, "features": adaptive.router.linear.in_features},
+        "mixtures": {cls: list(alphas) for cls, alphas in adaptive.mixtures.items()},
+        **(describe or {}),
+    }
 
     def write(directory: Path) -> None:
         safetensors.torch.save_file(tensors, str(directory / EXPERTS_FILE))
@@ -115,8 +128,9 @@ def adaptive_files(adaptive: AdaptiveModel, describe: dict | None = None) -> Cal
     return write
 
 
-def save_adaptive(adaptive: AdaptiveModel, tokenizer, path: str | Path, metadata: dict,
-                  describe: dict | None = None) -> Path:
+def save_adaptive(
+    adaptive: AdaptiveModel, tokenizer, path: str | Path, metadata: dict, describe: dict | None = None
+) -> Path:
     """Write the base model, tokenizer, expert z-vectors, router and ``experts.json`` as one hashed
     model directory (atomic); ``describe`` as in ``adaptive_files``."""
     from agentforge.artifacts import save_model_dir
@@ -143,9 +157,12 @@ def adaptive_of(model: nn.Module, path: str | Path) -> AdaptiveModel:
     for name in basis.names:
         recorded = tensors[f"sigma/{name}"]
         if recorded.shape != basis.factors[name][1].shape or not torch.allclose(
-                basis.factors[name][1], recorded, rtol=SIGMA_RTOL, atol=1e-6):
-            raise CorruptArtifact(f"{path}: the singular values of {name} differ from those recorded with the experts; "
-                                  "the base weights are not the ones the experts were trained on")
+            basis.factors[name][1], recorded, rtol=SIGMA_RTOL, atol=1e-6
+        ):
+            raise CorruptArtifact(
+                f"{path}: the singular values of {name} differ from those recorded with the experts; "
+                "the base weights are not the ones the experts were trained on"
+            )
     router = Router(spec["router"]["features"], spec["router"]["classes"])
     router.load_state_dict(safetensors.torch.load_file(str(path / ROUTER_FILE)))
     experts = {name: tensors[f"z/{name}"] for name in spec["experts"]}

@@ -14,6 +14,7 @@ into ``model.afz`` with the other files, and are counted in its bytes.
     with experts.installed(routes[0]):                            # pass two, on the ternary kernels
         packed_model.generate(...)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,9 @@ from torch import nn
 DEPLOYED_FILE = "expert_weights.safetensors"
 
 
-def deployed_tensors(model: nn.Module, basis, experts: list[torch.Tensor],
-                     mixtures: Mapping[str, tuple[float, ...]]) -> dict[str, torch.Tensor]:
+def deployed_tensors(
+    model: nn.Module, basis, experts: list[torch.Tensor], mixtures: Mapping[str, tuple[float, ...]]
+) -> dict[str, torch.Tensor]:
     """Each router class's adapted weights as the shipped layer stores them: BitLinear layers
     quantized exactly as the layer quantizes (per tensor or per row) and packed, float layers in
     fp16. Classes whose mixture is all zero run the base weights and store nothing."""

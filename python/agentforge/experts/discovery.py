@@ -16,6 +16,7 @@ Each expert's training set is the training split of its families' zone units. Ex
 whole families because pass one must tell them apart from the prompt alone, and a prompt shows its
 family far more plainly than its difficulty level.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -68,7 +69,7 @@ def unit_items(units: Sequence[Unit], split: str, n: int, seed: int, skip: int =
             if item.prompt not in seen:
                 seen.add(item.prompt)
                 unique.append(item)
-        out[unit] = rendered(unique[skip:skip + n], render)
+        out[unit] = rendered(unique[skip : skip + n], render)
     return out
 
 
@@ -80,7 +81,7 @@ def capability(model, tokenizer, items: dict[Unit, list], batch_size: int = 64) 
     scores = item_scores(model, tokenizer, flat, batch_size=batch_size)
     out, start = {}, 0
     for unit, unit_list in items.items():
-        out[unit] = float(scores[start:start + len(unit_list)].mean())
+        out[unit] = float(scores[start : start + len(unit_list)].mean())
         start += len(unit_list)
     return out
 
@@ -109,8 +110,9 @@ def widened_zone(accuracy: dict[Unit, float], low: float, high: float, n_familie
     return max(0.0, low - margin), min(1.0, high + margin)
 
 
-def zone_gradients(model, basis: SVDBasis, tokenizer, items: dict[str, list], seq_len: int,
-                   seed: int = 0) -> torch.Tensor:
+def zone_gradients(
+    model, basis: SVDBasis, tokenizer, items: dict[str, list], seq_len: int, seed: int = 0
+) -> torch.Tensor:
     """One row per group of items (``{name: items}``): the gradient at z = 1 of the mean answer
     cross-entropy of its items (packed into rows of ``seq_len``) with respect to the flat z.
     Shape [groups, basis.total]."""
@@ -123,8 +125,9 @@ def zone_gradients(model, basis: SVDBasis, tokenizer, items: dict[str, list], se
             packed = pack_tasks(tokenizer, group, seq_len, seed=seed).with_format("torch")[:]
             logits = expert(input_ids=packed["input_ids"]).logits[:, :-1]
             targets = packed["labels"][:, 1:].long()
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
             rows.append(torch.autograd.grad(loss, expert.z)[0])
     return torch.stack(rows)
 
@@ -170,43 +173,70 @@ class Discovery:
 
     def expert_units(self) -> dict[str, list[Unit]]:
         """``{expert name: its zone units}``, what it trains on and is judged on."""
-        return {name: [u for u in self.zone if u.family in families]
-                for name, families in zip(self.expert_names(), self.experts)}
+        return {
+            name: [u for u in self.zone if u.family in families]
+            for name, families in zip(self.expert_names(), self.experts)
+        }
 
     def expert_of(self, family: str) -> str | None:
         """The expert a family belongs to, or None when it has no zone unit."""
         return next((name for name, fams in zip(self.expert_names(), self.experts) if family in fams), None)
 
     def to_dict(self) -> dict:
-        return {"accuracy": {u.name: acc for u, acc in sorted(self.accuracy.items())},
-                "zone_bounds": list(self.bounds), "zone": [u.name for u in self.zone], "families": self.families,
-                "similarity": np.round(self.similarity, 4).tolist(),
-                "experts": {name: [u.name for u in units] for name, units in self.expert_units().items()}}
+        return {
+            "accuracy": {u.name: acc for u, acc in sorted(self.accuracy.items())},
+            "zone_bounds": list(self.bounds),
+            "zone": [u.name for u in self.zone],
+            "families": self.families,
+            "similarity": np.round(self.similarity, 4).tolist(),
+            "experts": {name: [u.name for u in units] for name, units in self.expert_units().items()},
+        }
 
     @classmethod
     def from_dict(cls, record: dict) -> Discovery:
         """The discovery ``to_dict`` recorded (its similarity rounded as recorded)."""
-        return cls({Unit.parse(name): acc for name, acc in record["accuracy"].items()}, tuple(record["zone_bounds"]),
-                   [Unit.parse(name) for name in record["zone"]], list(record["families"]),
-                   np.array(record["similarity"]), [name.split("+") for name in record["experts"]])
+        return cls(
+            {Unit.parse(name): acc for name, acc in record["accuracy"].items()},
+            tuple(record["zone_bounds"]),
+            [Unit.parse(name) for name in record["zone"]],
+            list(record["families"]),
+            np.array(record["similarity"]),
+            [name.split("+") for name in record["experts"]],
+        )
 
 
-def cluster_families(families: list[str], similarity: np.ndarray, accuracy: dict[str, float], n_experts: int,
-                     capability_weight: float) -> list[list[str]]:
+def cluster_families(
+    families: list[str], similarity: np.ndarray, accuracy: dict[str, float], n_experts: int, capability_weight: float
+) -> list[list[str]]:
     """Group ``families`` into ``n_experts`` by gradient direction and measured zone accuracy."""
     if not MIN_EXPERTS <= n_experts <= MAX_EXPERTS:
         raise ValueError(f"n_experts must be in [{MIN_EXPERTS}, {MAX_EXPERTS}], got {n_experts}")
     if len(families) < n_experts:
-        raise ValueError(f"only {len(families)} task families have units in the learning zone, fewer than "
-                         f"n_experts={n_experts}; widen the zone, add families or levels, or ask for fewer experts")
+        raise ValueError(
+            f"only {len(families)} task families have units in the learning zone, fewer than "
+            f"n_experts={n_experts}; widen the zone, add families or levels, or ask for fewer experts"
+        )
     acc = np.array([accuracy[f] for f in families])
     distance = (1 - similarity) / 2 + capability_weight * np.abs(acc[:, None] - acc[None, :])
     return [[families[i] for i in cluster] for cluster in average_linkage(distance, n_experts)]
 
 
-def discover(model, basis: SVDBasis, tokenizer, units: Sequence[Unit], *, n_experts: int, zone: tuple[float, float],
-             capability_weight: float, eval_items: int, gradient_items: int, seq_len: int, seed: int,
-             batch_size: int = 64, render=None) -> Discovery:
+def discover(
+    model,
+    basis: SVDBasis,
+    tokenizer,
+    units: Sequence[Unit],
+    *,
+    n_experts: int,
+    zone: tuple[float, float],
+    capability_weight: float,
+    eval_items: int,
+    gradient_items: int,
+    seq_len: int,
+    seed: int,
+    batch_size: int = 64,
+    render=None,
+) -> Discovery:
     """Measure every unit, keep the learning zone, and cluster its families into ``n_experts`` experts
     (``render``: how an item becomes the model's prompt, see ``unit_items``)."""
     if not MIN_EXPERTS <= n_experts <= MAX_EXPERTS:

@@ -4,6 +4,7 @@ Scores are kept per item (not just their mean) so that two models answering the 
 be compared pairwise: the bootstrap of the paired difference is far tighter than two separate
 intervals, because it cancels the items both models get right (or wrong).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,8 +22,13 @@ def item_scores(model, tokenizer, items: Sequence, *, batch_size: int = 64) -> n
 
     if not items:
         raise ValueError("item_scores: no items to answer")
-    answers = generate_answers(model, tokenizer, [it.prompt for it in items],
-                               max_new_tokens=answer_budget(tokenizer, items), batch_size=batch_size)
+    answers = generate_answers(
+        model,
+        tokenizer,
+        [it.prompt for it in items],
+        max_new_tokens=answer_budget(tokenizer, items),
+        batch_size=batch_size,
+    )
     return np.array([score(item, answer) for item, answer in zip(items, answers)], dtype=np.float64)
 
 
@@ -45,8 +51,10 @@ def paired_gain(candidate: np.ndarray, control: np.ndarray, *, seed: int = 0) ->
     ``"significant"``: the whole interval lies above zero."""
     candidate, control = np.asarray(candidate), np.asarray(control)
     if candidate.shape != control.shape:
-        raise ValueError(f"paired_gain: score arrays differ in shape ({candidate.shape} vs {control.shape}); "
-                         "pair the scores of the same items")
+        raise ValueError(
+            f"paired_gain: score arrays differ in shape ({candidate.shape} vs {control.shape}); "
+            "pair the scores of the same items"
+        )
     interval = bootstrap_interval(candidate - control, seed=seed)
     return {**interval, "significant": interval["low"] > 0}
 
@@ -68,13 +76,15 @@ def answer_nll(model, tokenizer, items: Sequence, *, batch_size: int = 64) -> np
     out = np.empty(len(items))
     with evaluation_mode(model):
         for start in range(0, len(items), batch_size):
-            rows = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts[start:start + batch_size],
-                                                                       answers[start:start + batch_size])]
+            rows = [
+                p + a + [tokenizer.eos_token_id]
+                for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size])
+            ]
             width = max(map(len, rows))
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
             log_probs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
             token_nll = -log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
-            for i, answer in enumerate(answers[start:start + batch_size]):
-                out[start + i] = float(token_nll[i, -(len(answer) + 1):].mean())
+            for i, answer in enumerate(answers[start : start + batch_size]):
+                out[start + i] = float(token_nll[i, -(len(answer) + 1) :].mean())
     return out

@@ -16,6 +16,7 @@ candidate's wall-clock latency is recorded for the report only, so the same seed
 mixture on any machine. Weights below ``floor`` are set to 0, so a mixture can drop an expert or
 fall back to the base model (α = 0) when adapting does not pay.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -65,6 +66,7 @@ def sanitize(alphas: Sequence[float], settings: SearchSettings) -> tuple[float, 
 
 def pareto_front(measurements: Sequence[Measurement]) -> list[int]:
     """Indices of the measurements no other one dominates (accuracy ≥, compute ≤, memory ≤, one strictly)."""
+
     def dominates(a: Measurement, b: Measurement) -> bool:
         no_worse = a.accuracy >= b.accuracy and a.compute <= b.compute and a.memory_bytes <= b.memory_bytes
         better = a.accuracy > b.accuracy or a.compute < b.compute or a.memory_bytes < b.memory_bytes
@@ -77,8 +79,14 @@ class MixtureSearch:
     """Search α for one class. ``evaluate(alphas) -> Measurement`` runs the real model; ``seed``
     seeds CMA-ES."""
 
-    def __init__(self, evaluate: Callable[[tuple[float, ...]], Measurement], n_experts: int,
-                 settings: SearchSettings, *, seed: int = 0):
+    def __init__(
+        self,
+        evaluate: Callable[[tuple[float, ...]], Measurement],
+        n_experts: int,
+        settings: SearchSettings,
+        *,
+        seed: int = 0,
+    ):
         if n_experts < 2:
             raise ValueError(f"mixture search needs at least 2 experts (CMA-ES needs 2 dimensions), got {n_experts}")
         self.evaluate = evaluate
@@ -113,21 +121,27 @@ class MixtureSearch:
         self.measure(start)
         s = self.settings
         if s.generations:
-            strategy = cma.CMAEvolutionStrategy(list(map(float, start)), s.sigma, {
-                "seed": self.seed + 1, "popsize": s.population, "bounds": [0, s.alpha_max], "verbose": -9})
+            strategy = cma.CMAEvolutionStrategy(
+                list(map(float, start)),
+                s.sigma,
+                {"seed": self.seed + 1, "popsize": s.population, "bounds": [0, s.alpha_max], "verbose": -9},
+            )
             for _ in range(s.generations):
                 asked = strategy.ask()
                 strategy.tell(asked, [-self.fitness(self.measure(x)) for x in asked])  # cma minimises
         return self.best()
 
     def best(self) -> Measurement:
-        ranked = sorted(enumerate(self.measured.values()),
-                        key=lambda pair: (-self.fitness(pair[1]), pair[1].memory_bytes, pair[0]))
+        ranked = sorted(
+            enumerate(self.measured.values()), key=lambda pair: (-self.fitness(pair[1]), pair[1].memory_bytes, pair[0])
+        )
         return ranked[0][1]
 
     def history(self) -> list[dict]:
         """Every measured candidate with its fitness and whether it is on the Pareto front."""
         measured = list(self.measured.values())
         front = set(pareto_front(measured))
-        return [{**asdict(m), "alphas": list(m.alphas), "fitness": self.fitness(m), "pareto": i in front}
-                for i, m in enumerate(measured)]
+        return [
+            {**asdict(m), "alphas": list(m.alphas), "fitness": self.fitness(m), "pareto": i in front}
+            for i, m in enumerate(measured)
+        ]

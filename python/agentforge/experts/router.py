@@ -6,6 +6,7 @@ prompt token and the mean over the prompt's tokens. A multinomial logistic regre
 standardised features, trained on the training split of every task unit, names the class: an
 expert, or ``"base"`` for prompts no expert was trained for.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ def features_of(model, tokenizer, prompts: Sequence[str], batch_size: int = 128)
     parts = []
     with evaluation_mode(model):
         for start in range(0, len(prompts), batch_size):
-            parts.append(prompt_features(model, *encode_prompts(tokenizer, prompts[start:start + batch_size])))
+            parts.append(prompt_features(model, *encode_prompts(tokenizer, prompts[start : start + batch_size])))
     return torch.cat(parts)
 
 
@@ -78,8 +79,9 @@ class Router(nn.Module):
         """The most probable class name of each row."""
         return [self.classes[i] for i in self(features).argmax(-1).tolist()]
 
-    def fit(self, features: torch.Tensor, labels: Sequence[str], *, weight_decay: float = 1e-3,
-            steps: int = 100) -> Router:
+    def fit(
+        self, features: torch.Tensor, labels: Sequence[str], *, weight_decay: float = 1e-3, steps: int = 100
+    ) -> Router:
         """Full-batch L-BFGS on the cross-entropy + ``weight_decay``·‖W‖²; returns ``self``."""
         unknown = sorted(set(labels) - set(self.classes))
         if unknown:

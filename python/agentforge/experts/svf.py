@@ -17,6 +17,7 @@ takes the place of the latent weight, so the layer's forward quantizes it to ter
 (the gradient reaches z through the straight-through estimator) and ``ternary_weights`` gives the
 packed codes a kernel runs. Experts stay deployable on the ternary kernels.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,10 @@ def target_weights(model: nn.Module, skip: Sequence[str] = DEFAULT_SKIP) -> list
         if not isinstance(module, nn.Linear) or any(pattern in name for pattern in skip):
             continue
         if isinstance(module, BitLinear) and module.state != "training":
-            raise ValueError(f"SVF: BitLinear {name!r} is packed; SVF adapts latent weights, so load the "
-                             "training-state (latent) model")
+            raise ValueError(
+                f"SVF: BitLinear {name!r} is packed; SVF adapts latent weights, so load the "
+                "training-state (latent) model"
+            )
         names.append(name)
     if not names:
         raise ValueError(f"SVF: {type(model).__name__} has no nn.Linear layer outside the skip patterns {tuple(skip)}")
@@ -97,8 +100,9 @@ class SVDBasis:
         matrix (r + N·r to scale, 2·N·r·K to multiply). 0 with nothing mixed: the base weights."""
         if not n_mixed:
             return 0
-        shapes = [(self.factors[n][0].shape[0], self.factors[n][1].numel(), self.factors[n][2].shape[1])
-                  for n in self.names]
+        shapes = [
+            (self.factors[n][0].shape[0], self.factors[n][1].numel(), self.factors[n][2].shape[1]) for n in self.names
+        ]
         return 3 * n_mixed * self.total + sum(r + n * r + 2 * n * r * k for n, r, k in shapes)
 
     def parameter_counts(self, lora_ranks: Sequence[int] = (1, 8, 16)) -> dict[str, int]:
@@ -152,8 +156,9 @@ def installed(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator
         for name, weight in weights.items():
             parameter = model.get_submodule(name).weight
             if parameter.shape != weight.shape:
-                raise ValueError(f"SVF: adapted {name} has shape {list(weight.shape)}, the model's is "
-                                 f"{list(parameter.shape)}")
+                raise ValueError(
+                    f"SVF: adapted {name} has shape {list(weight.shape)}, the model's is {list(parameter.shape)}"
+                )
             originals[name] = parameter.data
             parameter.data = weight.detach()
         yield model
@@ -162,8 +167,9 @@ def installed(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator
             model.get_submodule(name).weight.data = data
 
 
-def ternary_weights(basis: SVDBasis, z: torch.Tensor,
-                    per_channel: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def ternary_weights(
+    basis: SVDBasis, z: torch.Tensor, per_channel: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The adapted weights re-quantized as a packed BitLinear stores them: ``{name: (canonical
     2-bit codes uint8 [N, ceil(K/4)], scale fp32)}``, ready for ``BitLinear.from_packed``."""
     from agentforge import ops

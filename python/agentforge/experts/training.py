@@ -9,6 +9,7 @@ exact resume, metrics.jsonl), in up to two stages that both keep a KL penalty to
 The penalty is the exact KL(p_z ‖ p_base) over the vocabulary, averaged over the answer positions,
 where p_base is the same model with z = 1 (evaluated without gradients).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,12 @@ class TrainSettings(Checked):
     ce_steps: int = setting(30, "[0, 10000000]", doc="cross-entropy steps")
     rl_steps: int = setting(30, "[0, 10000000]", doc="REINFORCE steps after them")
     batch_size: int = setting(32, "[1, 65536]")
-    seq_len: int = setting(32, "[8, 8192]", doc="tokens per packed task row of the cross-entropy stage and of "
-                           "discovery's gradients (compact items fit several per row; not the data spec's)")
+    seq_len: int = setting(
+        32,
+        "[8, 8192]",
+        doc="tokens per packed task row of the cross-entropy stage and of "
+        "discovery's gradients (compact items fit several per row; not the data spec's)",
+    )
     lr: float = setting(3e-2, "(0, 10]", doc="AdamW on z (MuGrokfast finetune preset, no decay for a 1-D vector)")
     rl_lr: float = setting(1e-2, "(0, 10]", doc="lower: REINFORCE's gradient is far noisier than the cross-entropy's")
     kl_weight: float = setting(0.05, "[0, 1000]", doc="KL(p_z || p_base) penalty of both stages")
@@ -61,8 +66,9 @@ def cross_entropy_loss(base: torch.nn.Module, kl_weight: float):
         logits = expert(**inputs).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX)
+        ce = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
         with torch.no_grad():
             base_logits = base(**inputs).logits[:, :-1]
         kl = answer_kl(logits, base_logits, mask)
@@ -83,21 +89,33 @@ def prompt_rows(tokenizer, items: Sequence, width: int | None = None) -> list[di
     for index, (prompt, answer) in enumerate(zip(prompts, answers)):
         if len(prompt) > width:
             raise ValueError(f"item {items[index].prompt!r} has {len(prompt)} prompt tokens, more than width={width}")
-        rows.append({"input_ids": [pad] * (width - len(prompt)) + prompt,
-                     "attention_mask": [0] * (width - len(prompt)) + [1] * len(prompt),
-                     "labels": answer + [IGNORE_INDEX] * (answer_width - len(answer)), "item": index})
+        rows.append(
+            {
+                "input_ids": [pad] * (width - len(prompt)) + prompt,
+                "attention_mask": [0] * (width - len(prompt)) + [1] * len(prompt),
+                "labels": answer + [IGNORE_INDEX] * (answer_width - len(answer)),
+                "item": index,
+            }
+        )
     return rows
 
 
-def _sample(model, basis: SVDBasis, z: torch.Tensor, batch, tokenizer, max_new_tokens: int,
-            temperature: float) -> torch.Tensor:
+def _sample(
+    model, basis: SVDBasis, z: torch.Tensor, batch, tokenizer, max_new_tokens: int, temperature: float
+) -> torch.Tensor:
     """New tokens sampled from the adapted model after each (left-padded) prompt of the batch."""
     with torch.no_grad(), installed(model, basis.adapted(z.detach())):
-        output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
-                                eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return output[:, batch["input_ids"].shape[1]:]
+        output = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return output[:, batch["input_ids"].shape[1] :]
 
 
 def _until_eos_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
@@ -114,8 +132,9 @@ def leave_one_out_baseline(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards.sum() - rewards) / (n - 1)
 
 
-def reinforce_loss(base: torch.nn.Module, tokenizer, items: Sequence, kl_weight: float, temperature: float,
-                   max_new_tokens: int, score):
+def reinforce_loss(
+    base: torch.nn.Module, tokenizer, items: Sequence, kl_weight: float, temperature: float, max_new_tokens: int, score
+):
     """``loss_fn(expert, batch)`` for ``prompt_rows``: −mean((r − b) · log π(answer)) + ``kl_weight`` · KL,
     with r = ``score(item, sampled answer)`` and b the leave-one-out baseline; the extras report
     the batch's mean reward."""
@@ -135,11 +154,11 @@ def reinforce_loss(base: torch.nn.Module, tokenizer, items: Sequence, kl_weight:
         # them from touching the answer's log-probabilities, and ``keep`` drops their own terms
         mask = torch.cat([batch["attention_mask"], torch.ones_like(sampled)], dim=1)
         width = batch["input_ids"].shape[1]
-        logits = expert(input_ids=ids, attention_mask=mask).logits[:, width - 1:-1]
+        logits = expert(input_ids=ids, attention_mask=mask).logits[:, width - 1 : -1]
         log_probs = F.log_softmax(logits.float(), dim=-1).gather(-1, sampled[..., None]).squeeze(-1)
         policy = -(advantage * (log_probs * keep).sum(1)).mean()
         with torch.no_grad():
-            base_logits = base(input_ids=ids, attention_mask=mask).logits[:, width - 1:-1]
+            base_logits = base(input_ids=ids, attention_mask=mask).logits[:, width - 1 : -1]
         kl = answer_kl(logits, base_logits, keep)
         return policy + kl_weight * kl, {"reward": rewards.mean().item(), "kl": kl.item()}
 
@@ -156,12 +175,37 @@ def in_directory(out_dir: Path, *, seed: int = 0, progress: bool = False) -> Fit
     """A ``Fit`` that trains each stage in ``out_dir/<stage>`` (checkpoints, metrics.jsonl), W&B off."""
     from agentforge.train import TrainConfig, train
 
-    def fit(module, rows, stage: str, *, optimizer, steps: int, batch_size: int, loss_fn, checkpoint_every: int,
-            log_every: int):
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
-                          seed=seed, wandb_mode="disabled", run_name=f"experts/{stage}", progress=progress)
-        return train(module, rows, cfg, optimizer=optimizer, out_dir=Path(out_dir) / stage, phase=f"experts/{stage}",
-                     loss_fn=loss_fn)
+    def fit(
+        module,
+        rows,
+        stage: str,
+        *,
+        optimizer,
+        steps: int,
+        batch_size: int,
+        loss_fn,
+        checkpoint_every: int,
+        log_every: int,
+    ):
+        cfg = TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            seed=seed,
+            wandb_mode="disabled",
+            run_name=f"experts/{stage}",
+            progress=progress,
+        )
+        return train(
+            module,
+            rows,
+            cfg,
+            optimizer=optimizer,
+            out_dir=Path(out_dir) / stage,
+            phase=f"experts/{stage}",
+            loss_fn=loss_fn,
+        )
 
     return fit
 
@@ -170,12 +214,22 @@ def _stage(fit: Fit, expert: SVFExpert, rows, stage: str, steps: int, lr: float,
     from agentforge.optim import MuGrokfast
 
     optimizer = MuGrokfast.from_preset(expert, "finetune", total_steps=steps, adamw_lr=lr)
-    return fit(expert, rows, stage, optimizer=optimizer, steps=steps, batch_size=settings.batch_size, loss_fn=loss_fn,
-               checkpoint_every=settings.checkpoint_every, log_every=10)
+    return fit(
+        expert,
+        rows,
+        stage,
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=settings.batch_size,
+        loss_fn=loss_fn,
+        checkpoint_every=settings.checkpoint_every,
+        log_every=10,
+    )
 
 
-def train_expert(model, basis: SVDBasis, tokenizer, items: Sequence, settings: TrainSettings, fit: Fit, *,
-                 seed: int = 0) -> tuple[torch.Tensor, dict]:
+def train_expert(
+    model, basis: SVDBasis, tokenizer, items: Sequence, settings: TrainSettings, fit: Fit, *, seed: int = 0
+) -> tuple[torch.Tensor, dict]:
     """Train an expert's flat z on ``items`` (cross-entropy stage ``ce``, then REINFORCE stage
     ``rl``), each through ``fit``, which resumes a stage from its checkpoint; ``seed`` orders the
     packed rows. Returns ``(z, {stage: TrainResult})``."""
@@ -194,13 +248,22 @@ def _train_stages(fit: Fit, expert, model, tokenizer, items, settings: TrainSett
     results = {}
     if settings.ce_steps:
         rows = pack_tasks(tokenizer, items, settings.seq_len, seed=seed)
-        results["ce"] = _stage(fit, expert, rows, "ce", settings.ce_steps, settings.lr, settings,
-                               cross_entropy_loss(model, settings.kl_weight))
+        results["ce"] = _stage(
+            fit,
+            expert,
+            rows,
+            "ce",
+            settings.ce_steps,
+            settings.lr,
+            settings,
+            cross_entropy_loss(model, settings.kl_weight),
+        )
     if settings.rl_steps:
         budget = max(len(tokenizer(it.answer, add_special_tokens=False)["input_ids"]) for it in items) + 1
         loss_fn = reinforce_loss(model, tokenizer, items, settings.kl_weight, settings.temperature, budget, score)
-        results["rl"] = _stage(fit, expert, prompt_rows(tokenizer, items), "rl", settings.rl_steps, settings.rl_lr,
-                               settings, loss_fn)
+        results["rl"] = _stage(
+            fit, expert, prompt_rows(tokenizer, items), "rl", settings.rl_steps, settings.rl_lr, settings, loss_fn
+        )
     return results
 
 

@@ -16,6 +16,7 @@ to int8 before a ternary matmul (BitNet b1.58). A plain ``nn.Linear`` reads full
 activations, and llama.cpp quantizes them its own way (8-bit blocks of 256), so an export's
 logits match the packed model's to within that quantization, not bit for bit.
 """
+
 from agentforge.export.gguf import export_gguf
 from agentforge.export.hf import export_hf
 from agentforge.export.source import not_exported, open_artifact, ternary_layers

@@ -16,6 +16,7 @@ ids, whether bos/eos are added, and the chat template. llama.cpp re-implements e
 pre-tokenizer by name, so the HF pre-tokenizer is matched to one (``PRE_TOKENIZERS``); any
 other tokenizer is refused rather than written to tokenize differently.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,23 +34,33 @@ from agentforge.errors import ConfigError
 from agentforge.export.source import dequantized, ternary_layers
 
 LLAMA = "llama"
-TERNARY_TYPES = {"tq2_0": (gguf.GGMLQuantizationType.TQ2_0, gguf.LlamaFileType.MOSTLY_TQ2_0),
-                 "tq1_0": (gguf.GGMLQuantizationType.TQ1_0, gguf.LlamaFileType.MOSTLY_TQ1_0)}
+TERNARY_TYPES = {
+    "tq2_0": (gguf.GGMLQuantizationType.TQ2_0, gguf.LlamaFileType.MOSTLY_TQ2_0),
+    "tq1_0": (gguf.GGMLQuantizationType.TQ1_0, gguf.LlamaFileType.MOSTLY_TQ1_0),
+}
 SPECIAL_TOKENS = ("bos", "eos", "unk", "sep", "pad", "mask")
 
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False}
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # HF pre-tokenizer (tokenizer.json, "trim_offsets" left out: it changes offsets, not tokens) ->
 # llama.cpp's tokenizer.ggml.pre, the name of its own implementation of the same splitting.
 PRE_TOKENIZERS = {
     # agentforge.data.train_tokenizer: each digit alone, then GPT-2's byte-level regex
-    "starcoder": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                        {**_BYTE_LEVEL, "use_regex": True}]},
+    "starcoder": {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, {**_BYTE_LEVEL, "use_regex": True}],
+    },
     "gpt-2": {**_BYTE_LEVEL, "use_regex": True},
-    "llama-bpe": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
-        {**_BYTE_LEVEL, "use_regex": False}]},
+    "llama-bpe": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+            {**_BYTE_LEVEL, "use_regex": False},
+        ],
+    },
 }
 
 
@@ -65,14 +76,20 @@ def pre_tokenizer_type(tokenizer) -> str:
     """llama.cpp's name for ``tokenizer``'s pre-tokenizer; ``ConfigError`` when llama.cpp has
     none that splits text the same way, or the tokenizer is not a byte-level BPE."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError("GGUF export needs a fast (tokenizer.json) tokenizer; this one is "
-                          f"{type(tokenizer).__name__}")
+        raise ConfigError(
+            f"GGUF export needs a fast (tokenizer.json) tokenizer; this one is {type(tokenizer).__name__}"
+        )
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"].get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel" \
-            or spec.get("normalizer") is not None:
-        raise ConfigError("GGUF export writes byte-level BPE tokenizers without a normalizer (agentforge's, GPT-2's, "
-                          f"Llama 3's); this one is {spec['model'].get('type')} with normalizer "
-                          f"{(spec.get('normalizer') or {}).get('type')}")
+    if (
+        spec["model"].get("type") != "BPE"
+        or (spec.get("decoder") or {}).get("type") != "ByteLevel"
+        or spec.get("normalizer") is not None
+    ):
+        raise ConfigError(
+            "GGUF export writes byte-level BPE tokenizers without a normalizer (agentforge's, GPT-2's, "
+            f"Llama 3's); this one is {spec['model'].get('type')} with normalizer "
+            f"{(spec.get('normalizer') or {}).get('type')}"
+        )
     found = _without_offsets(spec.get("pre_tokenizer"))
     for name, known in PRE_TOKENIZERS.items():
         if found == known:
@@ -87,11 +104,13 @@ def _added_specials(tokenizer) -> tuple[bool, bool]:
     """Whether encoding adds bos in front / eos at the end, as observed on a sample text."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
-    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
-    prefix, suffix = (full[:start], full[start + len(plain):]) if start is not None else (full, [])
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
+    prefix, suffix = (full[:start], full[start + len(plain) :]) if start is not None else (full, [])
     if start is None or prefix not in ([], [tokenizer.bos_token_id]) or suffix not in ([], [tokenizer.eos_token_id]):
-        raise ConfigError(f"GGUF export: this tokenizer wraps a text as {full} (the text alone: {plain}); llama.cpp "
-                          "can only add a bos token in front and an eos token at the end")
+        raise ConfigError(
+            f"GGUF export: this tokenizer wraps a text as {full} (the text alone: {plain}); llama.cpp "
+            "can only add a bos token in front and an eos token at the end"
+        )
     return prefix != [], suffix != []
 
 
@@ -111,8 +130,13 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(by_id[i])
-        types.append(gguf.TokenType.NORMAL if i not in added
-                     else gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        types.append(
+            gguf.TokenType.NORMAL
+            if i not in added
+            else gguf.TokenType.CONTROL
+            if added[i].special
+            else gguf.TokenType.USER_DEFINED
+        )
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -128,8 +152,9 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None
     writer.add_add_eos_token(add_eos)
     if getattr(tokenizer, "chat_template", None):
         template = tokenizer.chat_template
-        writer.add_chat_template(template if isinstance(template, str)
-                                 else [{"name": k, "template": v} for k, v in template.items()])
+        writer.add_chat_template(
+            template if isinstance(template, str) else [{"name": k, "template": v} for k, v in template.items()]
+        )
 
 
 def write_hyperparameters(writer: gguf.GGUFWriter, config, name: str) -> torch.Tensor | None:
@@ -168,8 +193,9 @@ def write_hyperparameters(writer: gguf.GGUFWriter, config, name: str) -> torch.T
 def llama3_rope_factors(rope: dict, theta: float, head_dim: int, config) -> torch.Tensor:
     """Per-frequency divisors of Llama 3.1's RoPE scaling (as convert_hf_to_gguf.py computes them)."""
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    old_context = rope.get("original_max_position_embeddings",
-                           getattr(config, "original_max_position_embeddings", 8192))
+    old_context = rope.get(
+        "original_max_position_embeddings", getattr(config, "original_max_position_embeddings", 8192)
+    )
     factors = []
     for freq in 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim):
         wavelength = 2 * math.pi / float(freq)
@@ -202,7 +228,7 @@ def ternary_tensor(codes: np.ndarray, scale: np.ndarray, qtype: gguf.GGMLQuantiz
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     N, K = codes.shape
     half = scale.astype(np.float16)
-    if not np.all(np.abs(half.astype(np.float32) - scale) <= np.abs(scale) * 2.0 ** -11):
+    if not np.all(np.abs(half.astype(np.float32) - scale) <= np.abs(scale) * 2.0**-11):
         raise ConfigError(
             f"GGUF export: {name} has a scale ({scale.min():.3g}..{scale.max():.3g}) outside the f16 range "
             f"its {qtype.name} blocks store it in; export with --to hf"
@@ -254,8 +280,11 @@ def model_tensors(lm, qtype) -> tuple[dict[str, tuple[np.ndarray, gguf.GGMLQuant
             value = dequantized(codes, scale)
         elif heads is not None:
             value = rope_permute(value, heads)
-        tensors[name] = ((value.detach().float().numpy(), gguf.GGMLQuantizationType.F32) if value.dim() == 1
-                         else (_f16(hf_name, value), gguf.GGMLQuantizationType.F16))
+        tensors[name] = (
+            (value.detach().float().numpy(), gguf.GGMLQuantizationType.F32)
+            if value.dim() == 1
+            else (_f16(hf_name, value), gguf.GGMLQuantizationType.F16)
+        )
     return tensors, as_f16
 
 
@@ -265,8 +294,10 @@ def export_gguf(agent, dest, *, ternary: str = "tq2_0") -> dict:
     Returns ``{"types": {type name: tensor count}, "as_f16": [ternary layers written as F16], "bytes"}``."""
     lm, tokenizer = agent.lm, agent.tokenizer
     if lm.config.model_type != LLAMA:
-        raise ConfigError(f"GGUF export writes Llama-architecture models; this one is {lm.config.model_type!r} "
-                          "(export it with --to hf)")
+        raise ConfigError(
+            f"GGUF export writes Llama-architecture models; this one is {lm.config.model_type!r} "
+            "(export it with --to hf)"
+        )
     if tokenizer is None:
         raise ConfigError("GGUF export: the model has no tokenizer, and llama.cpp needs one")
     if ternary not in TERNARY_TYPES:
@@ -278,8 +309,10 @@ def export_gguf(agent, dest, *, ternary: str = "tq2_0") -> dict:
     write_tokenizer(writer, tokenizer, lm.config.vocab_size)
     tensors, as_f16 = model_tensors(lm, qtype)
     if rope_factors is not None:
-        tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (rope_factors.numpy(),
-                                                                               gguf.GGMLQuantizationType.F32)
+        tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (
+            rope_factors.numpy(),
+            gguf.GGMLQuantizationType.F32,
+        )
     types = Counter(t.name for _, t in tensors.values())
     writer.add_file_type(file_type if types[qtype.name] else gguf.LlamaFileType.MOSTLY_F16)
     for name, (data, dtype) in tensors.items():

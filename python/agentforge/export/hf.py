@@ -11,6 +11,7 @@
   ``trust_remote_code=True`` transformers refuses, and its error says to pass it.
 * The tokenizer goes along (tokenizer.json, its special tokens and chat template).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,10 @@ from agentforge.export.source import dequantized, ternary_layers
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 COGNATE = "cognate"
-AUTO_MAP = {"AutoConfig": "configuration_cognate.CognateConfig",
-            "AutoModelForCausalLM": "modeling_cognate.CognateForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_cognate.CognateConfig",
+    "AutoModelForCausalLM": "modeling_cognate.CognateForCausalLM",
+}
 # transformers loads a directory's code as a package of its own, so the two files must reach
 # each other by relative import; any other import of agentforge would need agentforge installed.
 _SIBLING_IMPORT = re.compile(r"^(\s*)from agentforge\.models\.(configuration_cognate|modeling_cognate) import ", re.M)
@@ -60,10 +63,14 @@ def cognate_code() -> dict[str, str]:
         source = _SIBLING_IMPORT.sub(r"\1from .\2 import ", path.read_text(encoding="utf-8"))
         leftover = _AGENTFORGE_IMPORT.search(source)
         if leftover:
-            raise RuntimeError(f"{path.name} imports agentforge ({leftover.group(0).strip()}), so the exported "
-                               "directory could not load without agentforge; make that import relative or remove it")
-        files[path.name] = (f"# agentforge/models/{path.name} of agentforge {__version__}, copied by "
-                            "`agentforge export --to hf`: it needs only torch and transformers.\n" + source)
+            raise RuntimeError(
+                f"{path.name} imports agentforge ({leftover.group(0).strip()}), so the exported "
+                "directory could not load without agentforge; make that import relative or remove it"
+            )
+        files[path.name] = (
+            f"# agentforge/models/{path.name} of agentforge {__version__}, copied by "
+            "`agentforge export --to hf`: it needs only torch and transformers.\n" + source
+        )
     return files
 
 
@@ -90,5 +97,9 @@ def export_hf(agent, dest, *, dtype: torch.dtype = torch.bfloat16) -> dict:
         for name, source in code.items():
             (tmp / name).write_text(source, encoding="utf-8")
     size = sum(p.stat().st_size for p in Path(dest).rglob("*") if p.is_file())
-    return {"ternary_layers": count, "dtype": str(dtype).removeprefix("torch."), "remote_code": remote_code,
-            "bytes": size}
+    return {
+        "ternary_layers": count,
+        "dtype": str(dtype).removeprefix("torch."),
+        "remote_code": remote_code,
+        "bytes": size,
+    }

@@ -1,5 +1,6 @@
 """Where an export starts: the artifact opened as an Agent, its ternary layers as exact codes and
 scales, the parts a plain model file cannot hold, and a destination that is safe to write."""
+
 from __future__ import annotations
 
 import os

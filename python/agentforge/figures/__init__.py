@@ -4,6 +4,7 @@ metrics.jsonl). A phase's ``SPEC.figures`` names its module; ``agentforge.report
 
 Shared here: whole-number ticks for counted axes, and the notes ``agentforge.report`` puts on an
 axis that shows nothing (so that a blank panel does not read as a drawing failure)."""
+
 from __future__ import annotations
 
 NOTE_COLOUR = "0.35"
@@ -48,5 +49,15 @@ def mark_empty(fig) -> None:
                 continue
             note = f"every value is {value:g}"
         # above the middle, on white: a row of zero-length error bars runs through the middle
-        ax.text(0.5, 0.75, note, transform=ax.transAxes, ha="center", va="center", color=NOTE_COLOUR,
-                fontsize="large", style="italic", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.9})
+        ax.text(
+            0.5,
+            0.75,
+            note,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color=NOTE_COLOUR,
+            fontsize="large",
+            style="italic",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.9},
+        )

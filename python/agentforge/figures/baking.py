@@ -1,6 +1,7 @@
 """Baking's report figures: the cycles (each iteration's candidates in context and the unprompted
 score before and after its bake), the held-out KL curve of every bake, and the test-split
 comparison of the tool prompt's KL and behaviour."""
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,22 @@ def figures(phase_dir: Path) -> list:
         ax = fig.add_subplot()
         for cycle, color in zip(CYCLES, ("tab:blue", "tab:orange")):
             mine = [r for r in rows if r["cycle"] == cycle]
-            ax.scatter([r["iteration"] for r in mine for _ in r["candidates"]],
-                       [c["score"] for r in mine for c in r["candidates"]], color=color, alpha=0.4, marker="x",
-                       label=f"{cycle}: candidates in context")
+            ax.scatter(
+                [r["iteration"] for r in mine for _ in r["candidates"]],
+                [c["score"] for r in mine for c in r["candidates"]],
+                color=color,
+                alpha=0.4,
+                marker="x",
+                label=f"{cycle}: candidates in context",
+            )
             for r in mine:
-                ax.plot([r["iteration"] - 0.3, r["iteration"] + 0.3], [r["unprompted_before"], r["unprompted_after"]],
-                        "o-", color=color, label=f"{cycle}: unprompted before -> after" if r is mine[0] else None)
+                ax.plot(
+                    [r["iteration"] - 0.3, r["iteration"] + 0.3],
+                    [r["unprompted_before"], r["unprompted_after"]],
+                    "o-",
+                    color=color,
+                    label=f"{cycle}: unprompted before -> after" if r is mine[0] else None,
+                )
         ax.set_xlabel("iteration")
         integer_ticks(ax.xaxis)
         ax.set_ylabel("validation score (cycle's own measure)")
@@ -45,8 +56,13 @@ def figures(phase_dir: Path) -> list:
             ax = fig.add_subplot()
             for r in bakes:
                 curve = r["bake"]["curve"]
-                ax.plot([p["step"] for p in curve], [p["kl"] for p in curve], "o-", markersize=3,
-                        label=f"{r['iteration']} {r['cycle']} ({r['outcome'][:24]})")
+                ax.plot(
+                    [p["step"] for p in curve],
+                    [p["kl"] for p in curve],
+                    "o-",
+                    markersize=3,
+                    label=f"{r['iteration']} {r['cycle']} ({r['outcome'][:24]})",
+                )
             ax.set_xlabel("baking step")
             integer_ticks(ax.xaxis)
             ax.set_ylabel("validation KL, nats/token\n(prompted || unprompted)")

@@ -1,5 +1,6 @@
 """Cognate's report figures: held-out accuracy and answer NLL per domain for the trunk and each
 sibling, and (for Cognate models) each model's ACT passes beside its forward throughput."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,9 +24,10 @@ def figures(phase_dir: Path) -> list:
     domains = [domain for domain, _ in SIBLINGS.values()]
     width = 0.8 / len(models)
     out = []
-    for key, title, label in (("accuracy", "Held-out accuracy per domain", "exact-match accuracy"),
-                              ("answer_nll", "Held-out answer NLL per domain (lower is better)",
-                               "mean NLL of answer tokens (nats)")):
+    for key, title, label in (
+        ("accuracy", "Held-out accuracy per domain", "exact-match accuracy"),
+        ("answer_nll", "Held-out answer NLL per domain (lower is better)", "mean NLL of answer tokens (nats)"),
+    ):
         fig = Figure(figsize=(7, 3.2), layout="constrained")
         ax = fig.add_subplot()
         for i, model in enumerate(models):

@@ -1,6 +1,7 @@
 """The compression phase's report figures, drawn from its ``summary.json``: bits per weight and
 codec of every tensor, the codecs tried on the largest tensors, quality against size. Each
 drawing function returns ``(title, matplotlib Figure or None)``."""
+
 from __future__ import annotations
 
 import json
@@ -30,16 +31,21 @@ def bits_per_tensor(summary: dict):
     ax.set_yscale("log")
     ax.set_xticks(range(len(tensors)), [t["tensor"].removeprefix("model.") for t in tensors], rotation=90, fontsize=5)
     ax.set_ylabel("bits per weight (measured)")
-    ax.legend(handles=[ax.bar(0, 0, color=colours[c], label=c) for c in codecs], fontsize="small",
-              loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(
+        handles=[ax.bar(0, 0, color=colours[c], label=c) for c in codecs],
+        fontsize="small",
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+    )
     return "Compression: bits per weight and codec of every tensor", fig
 
 
 def codecs_tried(summary: dict, largest: int = 3):
     """Layer-output error against bits per weight of every codec tried on the largest non-ternary
     matrices (RTN, the control, as crosses); the dotted line is the budget."""
-    matrices = sorted((t for t in summary["tensors"] if t["group"] != "ternary" and len(t["trials"]) > 2),
-                      key=lambda t: -t["bytes"])[:largest]
+    matrices = sorted(
+        (t for t in summary["tensors"] if t["group"] != "ternary" and len(t["trials"]) > 2), key=lambda t: -t["bytes"]
+    )[:largest]
     title = "Compression: codecs tried per tensor (dotted: the budget)"
     if not matrices:
         return title, None
@@ -47,8 +53,9 @@ def codecs_tried(summary: dict, largest: int = 3):
     for ax, t in zip(fig.subplots(1, len(matrices), squeeze=False)[0], matrices):
         for name, trial in t["trials"].items():
             control = name.startswith(("rtn", "int"))
-            ax.scatter(trial["bits_per_weight"], max(trial["output_error"], 1e-9), label=name,
-                       marker="x" if control else "o")
+            ax.scatter(
+                trial["bits_per_weight"], max(trial["output_error"], 1e-9), label=name, marker="x" if control else "o"
+            )
         ax.axvline(summary["settings"]["bits_budget"], color="k", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -1,5 +1,6 @@
 """The Curriculum's report figures: held-out accuracy per level before / after / control, questions
 remaining over the rounds of each level, and self-prediction and tool accuracy per model."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ def figures(phase_dir: Path) -> list:
         for offset, (name, table) in zip((-0.15, 0.0, 0.15), summary["per_level"].items()):
             levels = sorted(table, key=int)
             acc = [table[level]["accuracy"] for level in levels]
-            err = [[a - table[level]["ci"][0] for a, level in zip(acc, levels)],
-                   [table[level]["ci"][1] - a for a, level in zip(acc, levels)]]
+            err = [
+                [a - table[level]["ci"][0] for a, level in zip(acc, levels)],
+                [table[level]["ci"][1] - a for a, level in zip(acc, levels)],
+            ]
             ax.errorbar([int(level) + offset for level in levels], acc, yerr=err, fmt="o-", capsize=2, label=name)
         for level in summary["headline"]["visited_levels"]:
             ax.axvspan(level - 0.45, level + 0.45, color="0.9", zorder=0)
@@ -44,8 +47,13 @@ def figures(phase_dir: Path) -> list:
             mine = [r for r in rounds if r["level"] == level]
             # levels often share counts (each starts with the same number of questions): a marker
             # smaller than the one before keeps an earlier level visible under a later one
-            ax.plot([r["round"] for r in mine], [r["remaining"] for r in mine], "os^Dv"[i % 5] + "-",
-                    markersize=max(9 - 2 * i, 3), label=f"level {level}")
+            ax.plot(
+                [r["round"] for r in mine],
+                [r["remaining"] for r in mine],
+                "os^Dv"[i % 5] + "-",
+                markersize=max(9 - 2 * i, 3),
+                label=f"level {level}",
+            )
         ax.set_xlabel("round")
         integer_ticks(ax.xaxis)
         integer_ticks(ax.yaxis)
@@ -60,9 +68,12 @@ def figures(phase_dir: Path) -> list:
         left.set_ylabel("self-prediction accuracy")
         tool_names = list(summary["tools"])
         for i, key in enumerate(("b", "a")):
-            right.bar([j + (i - 0.5) * 0.4 for j in range(len(tool_names))],
-                      [summary["tools"][n]["without"][key] for n in tool_names], 0.4,
-                      label=("without tools", "with tools")[i])
+            right.bar(
+                [j + (i - 0.5) * 0.4 for j in range(len(tool_names))],
+                [summary["tools"][n]["without"][key] for n in tool_names],
+                0.4,
+                label=("without tools", "with tools")[i],
+            )
         right.set_xticks(range(len(tool_names)), tool_names)
         right.set_ylabel("arithmetic accuracy (test)")
         right.legend(fontsize="small")

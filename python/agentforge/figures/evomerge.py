@@ -1,5 +1,6 @@
 """EvoMerge's report figures: the selection fitness per generation, and each method's best
 recipe against the champion on the test split."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,11 @@ def figures(phase_dir: Path) -> list:
     summary_path = phase_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        title = ("each method's best recipe vs the champion" if summary["ablation"] else
-                 "the champion vs the best parent (no per-method ablation in this run)")
+        title = (
+            "each method's best recipe vs the champion"
+            if summary["ablation"]
+            else "the champion vs the best parent (no per-method ablation in this run)"
+        )
         out.append((f"EvoMerge: {title} (test split)", methods_figure(summary), [summary_path]))
     return out
 

@@ -1,6 +1,7 @@
 """Experts' report figures: test accuracy and answer NLL per expert domain for the base, each
 expert and the two-pass model, and the mixture candidates of each router class with their Pareto
 front."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ def figures(phase_dir: Path) -> list:
     if not source.is_file():
         return []
     summary = json.loads(source.read_text())
-    out = [(f"Experts: held-out {label} per expert domain", _domain_figure(summary, metric, label), [source])
-           for metric, label in (("accuracy", "accuracy"), ("answer_nll", "answer NLL (lower is better)"))]
+    out = [
+        (f"Experts: held-out {label} per expert domain", _domain_figure(summary, metric, label), [source])
+        for metric, label in (("accuracy", "accuracy"), ("answer_nll", "answer NLL (lower is better)"))
+    ]
     if summary.get("search"):
         out.append(("Experts: mixture candidates and Pareto front per router class", _pareto_figure(summary), [source]))
     return out
@@ -34,8 +37,10 @@ def _domain_figure(summary: dict, metric: str, label: str):
     for i, model in enumerate(models):
         x = [d + (i - (len(models) - 1) / 2) * width for d in range(len(domains))]
         means = [table[d][model]["mean"] for d in domains]
-        errors = [[m - table[d][model]["low"] for d, m in zip(domains, means)],
-                  [table[d][model]["high"] - m for d, m in zip(domains, means)]]
+        errors = [
+            [m - table[d][model]["low"] for d, m in zip(domains, means)],
+            [table[d][model]["high"] - m for d, m in zip(domains, means)],
+        ]
         ax.bar(x, means, width, yerr=errors, capsize=2, label=model)
     ax.set_xticks(range(len(domains)), domains, fontsize="small")
     ax.set_xlabel("expert domain (its learning-zone units, test split)")
@@ -53,8 +58,14 @@ def _pareto_figure(summary: dict):
         color = f"C{i}"
         compute = [r["compute"] / 1e6 for r in rows]
         accuracy = [r["accuracy"] for r in rows]
-        ax.scatter(compute, accuracy, s=[12 if r["memory_bytes"] else 40 for r in rows], color=color, alpha=0.4,
-                   label=f"{cls}: candidates")
+        ax.scatter(
+            compute,
+            accuracy,
+            s=[12 if r["memory_bytes"] else 40 for r in rows],
+            color=color,
+            alpha=0.4,
+            label=f"{cls}: candidates",
+        )
         front = sorted((c, a) for c, a, r in zip(compute, accuracy, rows) if r["pareto"])
         ax.plot([c for c, _ in front], [a for _, a in front], "o-", color=color, label=f"{cls}: Pareto front")
     ax.set_xlabel("compute per answered item (MFLOPs, counted: answering + building the mixture)")

@@ -1,6 +1,7 @@
 """Quiet-STaR's report figures: accuracy and answer log-likelihood (with 95 % intervals) of the
 parent, the thinker thinking and not thinking, and the equal-compute control; the training losses
 of the thinker and the control."""
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,16 @@ def figures(phase_dir: Path) -> list:
     summary = json.loads(summary_path.read_text())
     names = list(summary["table"])
     fig = Figure(figsize=(8, 3.2), layout="constrained")
-    for ax, metric, label in zip(fig.subplots(1, 2), ("accuracy", "answer_loglik"),
-                                 ("test accuracy", "answer log-likelihood (nats)")):
+    for ax, metric, label in zip(
+        fig.subplots(1, 2), ("accuracy", "answer_loglik"), ("test accuracy", "answer log-likelihood (nats)")
+    ):
         stats = [summary["table"][n][metric] for n in names]
-        ax.bar(names, [s["mean"] for s in stats],
-               yerr=[[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]], capsize=4)
+        ax.bar(
+            names,
+            [s["mean"] for s in stats],
+            yerr=[[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]],
+            capsize=4,
+        )
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=20)
     out = [("Quiet-STaR vs controls on held-out tasks (95 % bootstrap intervals)", fig, [summary_path])]

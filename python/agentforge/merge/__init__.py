@@ -24,6 +24,7 @@ and dfs, the tensors no layer choice covers (embeddings, norms, head; for dfs al
 layer stack, such as Cognate's recursive core) are the ``weights``-average of the sources.
 Results are deterministic for a given ``seed`` (DARE draws its masks from it, per tensor name).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,12 +57,15 @@ def _check_same_layout(states: list[dict], base: dict | None) -> None:
         who = "base" if i == len(states) else f"model {i}"
         if state.keys() != reference.keys():
             missing = sorted(set(reference) ^ set(state))[:3]
-            raise ValueError(f"merge: {who} and model 0 have different tensors (e.g. {missing}); only models of "
-                             "one architecture can be merged")
+            raise ValueError(
+                f"merge: {who} and model 0 have different tensors (e.g. {missing}); only models of "
+                "one architecture can be merged"
+            )
         for key, tensor in state.items():
             if tensor.shape != reference[key].shape:
-                raise ValueError(f"merge: {key} is {list(tensor.shape)} in {who} but {list(reference[key].shape)} "
-                                 "in model 0")
+                raise ValueError(
+                    f"merge: {key} is {list(tensor.shape)} in {who} but {list(reference[key].shape)} in model 0"
+                )
 
 
 def _tensor_generator(seed: int, key: str) -> torch.Generator:
@@ -87,9 +91,20 @@ def _check_params(method: str, n: int, base, weights, density, t) -> list[float]
     return weights
 
 
-def merge(method: str, models: list, base=None, *, weights: list[float] | None = None, density: float | None = None,
-          t: float | None = None, normalize: bool | None = None, seed: int = 0, layers: list[int] | None = None,
-          path: list | None = None, scales: list[float] | None = None) -> dict[str, torch.Tensor]:
+def merge(
+    method: str,
+    models: list,
+    base=None,
+    *,
+    weights: list[float] | None = None,
+    density: float | None = None,
+    t: float | None = None,
+    normalize: bool | None = None,
+    seed: int = 0,
+    layers: list[int] | None = None,
+    path: list | None = None,
+    scales: list[float] | None = None,
+) -> dict[str, torch.Tensor]:
     """Merge ``models`` (state dicts or modules of one architecture) into a new state dict.
 
     See the module docstring for the methods and what each parameter means. Tensors are merged
@@ -110,16 +125,19 @@ def merge(method: str, models: list, base=None, *, weights: list[float] | None =
         if not reference.is_floating_point():
             out[key] = reference.clone()
             continue
-        merged = _merge_tensor(method, key, tensors, base_state, weights, density, t, normalize, seed, states,
-                               (stacks, choice))
+        merged = _merge_tensor(
+            method, key, tensors, base_state, weights, density, t, normalize, seed, states, (stacks, choice)
+        )
         out[key] = merged.to(reference.dtype)
     return out
 
 
 def _stacks_of(model, method: str) -> dict[str, int]:
     if not isinstance(model, nn.Module):
-        raise ValueError(f"merge: {method} chooses whole layers and needs the models themselves (nn.Module), "
-                         "whose layer stacks it finds on the model, not their state dicts")
+        raise ValueError(
+            f"merge: {method} chooses whole layers and needs the models themselves (nn.Module), "
+            "whose layer stacks it finds on the model, not their state dicts"
+        )
     return _layers.layer_stacks(model)
 
 
@@ -128,8 +146,10 @@ def dfs_stack_of(model: nn.Module) -> str:
     ``model.prelude``)."""
     stacks = _layers.layer_stacks(model)
     if not stacks:
-        raise ValueError(f"merge: dfs needs a model with a stack of repeated blocks (an nn.ModuleList); "
-                         f"{type(model).__name__} has none")
+        raise ValueError(
+            f"merge: dfs needs a model with a stack of repeated blocks (an nn.ModuleList); "
+            f"{type(model).__name__} has none"
+        )
     return next(iter(stacks))
 
 
@@ -138,8 +158,10 @@ def _layer_plan(method, states, stacks, layers, path, scales):
     if method == "frankenmerge":
         slots = _layers.layer_slots(stacks)
         if layers is None or len(layers) != len(slots) or any(not 0 <= s < len(states) for s in layers):
-            raise ValueError(f"merge: frankenmerge needs layers= with one source index in 0..{len(states) - 1} per "
-                             f"layer slot ({len(slots)}: {slots})")
+            raise ValueError(
+                f"merge: frankenmerge needs layers= with one source index in 0..{len(states) - 1} per "
+                f"layer slot ({len(slots)}: {slots})"
+            )
         return dict(zip(slots, layers)), {}, None
     if method == "dfs":
         if not stacks:
@@ -158,9 +180,16 @@ def _merge_tensor(method, key, tensors, base, weights, density, t, normalize, se
         return _m.slerp(tensors[0], tensors[1], t)
     if method in TASK_VECTOR_METHODS:
         sparsify, consensus, _ = TASK_VECTOR_METHODS[method]
-        return _m.task_vector_merge(base[key], tensors, weights, sparsify=sparsify,
-                                    density=1.0 if density is None else density, consensus=consensus,
-                                    normalize=normalize, generator=_tensor_generator(seed, key))
+        return _m.task_vector_merge(
+            base[key],
+            tensors,
+            weights,
+            sparsify=sparsify,
+            density=1.0 if density is None else density,
+            consensus=consensus,
+            normalize=normalize,
+            generator=_tensor_generator(seed, key),
+        )
     if method == "frankenmerge":
         chosen = _layers.frankenmerge_layer(key, states, *layer_choice)
         if chosen is not None:

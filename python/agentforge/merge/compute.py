@@ -16,6 +16,7 @@ separate blocks of the merged model, so they count once each.
 Left out, as they do not scale with the weights: attention scores (they grow with the context),
 norms, activations, biases and the neural memory's test-time writes.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -30,8 +31,10 @@ RECURRENT_STACKS: dict[str, dict[str, str]] = {"cognate": {"model.core": "max_re
 def stack_passes(model: nn.Module) -> dict[str, int]:
     """How often each layer stack of ``model`` runs per token, as its config declares."""
     recurrent = RECURRENT_STACKS.get(getattr(getattr(model, "config", None), "model_type", None), {})
-    return {stack: int(getattr(model.config, recurrent[stack])) if stack in recurrent else 1
-            for stack in layer_stacks(model)}
+    return {
+        stack: int(getattr(model.config, recurrent[stack])) if stack in recurrent else 1
+        for stack in layer_stacks(model)
+    }
 
 
 def flops_per_token(model: nn.Module) -> int:

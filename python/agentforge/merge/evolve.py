@@ -19,6 +19,7 @@ A diversity guard keeps at least ``min_methods`` methods alive; the run stops ea
 hash, so a recipe is never evaluated twice (and a resumed run replays its cached decisions).
 The settings are ``EvolutionSettings``; the random draws follow ``Evolution``'s ``seed``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -101,8 +102,9 @@ class SearchSpace:
 
     def _random_path(self, rng: random.Random) -> list:
         length = rng.randint(max(1, self.stack_layers - 1), self.stack_layers + 2)
-        return self._legal([[rng.randrange(self.n_sources), rng.randrange(self.stack_layers)]
-                            for _ in range(length)], rng)
+        return self._legal(
+            [[rng.randrange(self.n_sources), rng.randrange(self.stack_layers)] for _ in range(length)], rng
+        )
 
     def _legal(self, path: list, rng: random.Random) -> list:
         """``path`` with every (source, layer) used at most MAX_REPEATS times and layers mostly in
@@ -118,7 +120,7 @@ class SearchSpace:
 
     def _with_path(self, recipe: dict, path: list) -> dict:
         scales = list(recipe.get("scales", []))
-        scales = (scales + [1.0] * len(path))[:len(path)]
+        scales = (scales + [1.0] * len(path))[: len(path)]
         return {**recipe, "path": path, "scales": _round(scales)}
 
     # --- continuous genes in [0, 1] (what CMA-ES and mutation move) ------------------------------
@@ -138,7 +140,7 @@ class SearchSpace:
         i = 0
         if "weights" in recipe:
             n = len(recipe["weights"])
-            weights = v[i:i + n]
+            weights = v[i : i + n]
             out["weights"] = _round(weights if sum(weights) > 1e-3 else [1.0] * n)  # never all zero
             i += n
         if "density" in recipe:
@@ -148,8 +150,9 @@ class SearchSpace:
             out["t"] = round(v[i], DECIMALS)
             i += 1
         if "scales" in recipe:
-            out["scales"] = _round(SCALE_RANGE[0] + x * (SCALE_RANGE[1] - SCALE_RANGE[0])
-                                   for x in v[i:i + len(recipe["scales"])])
+            out["scales"] = _round(
+                SCALE_RANGE[0] + x * (SCALE_RANGE[1] - SCALE_RANGE[0]) for x in v[i : i + len(recipe["scales"])]
+            )
         return out
 
     # --- variation ---------------------------------------------------------------------------------
@@ -264,9 +267,16 @@ class Evolution:
     the recipes that are not in ``cache`` (hash -> fitness), so it can spread them over ranks.
     Every random draw (variation, CMA-ES) follows ``seed``."""
 
-    def __init__(self, space: SearchSpace, settings: EvolutionSettings,
-                 evaluate: Callable[[list[dict]], list[float]], *, seed: int = 0, cache: dict | None = None,
-                 on_generation: Callable[[dict], None] = lambda row: None):
+    def __init__(
+        self,
+        space: SearchSpace,
+        settings: EvolutionSettings,
+        evaluate: Callable[[list[dict]], list[float]],
+        *,
+        seed: int = 0,
+        cache: dict | None = None,
+        on_generation: Callable[[dict], None] = lambda row: None,
+    ):
         self.space, self.settings, self.evaluate, self.seed = space, settings, evaluate, seed
         self.cache = {} if cache is None else cache
         self.recipes: dict[str, dict] = {}  # hash -> recipe, for every recipe this run has met
@@ -294,7 +304,7 @@ class Evolution:
 
     def run(self) -> EvolutionResult:
         s = self.settings
-        population = [self.space.default(m) for m in self.space.methods][:s.population]
+        population = [self.space.default(m) for m in self.space.methods][: s.population]
         while len(population) < s.population:
             population.append(self.space.random(self.rng))
         result = EvolutionResult(best={}, best_fitness=float("-inf"))
@@ -310,10 +320,14 @@ class Evolution:
             if self.fitness(best) > result.best_fitness:
                 result.best, result.best_fitness = best, self.fitness(best)
             stale = 0 if improved else stale + 1
-            row = {"generation": generation, "best_fitness": result.best_fitness,
-                   "generation_best": self.fitness(best),
-                   "mean_fitness": sum(map(self.fitness, population)) / len(population),
-                   "methods": sorted({r["method"] for r in population}), "best_recipe": best}
+            row = {
+                "generation": generation,
+                "best_fitness": result.best_fitness,
+                "generation_best": self.fitness(best),
+                "mean_fitness": sum(map(self.fitness, population)) / len(population),
+                "methods": sorted({r["method"] for r in population}),
+                "best_recipe": best,
+            }
             result.generations.append(row)
             self.on_generation(row)
             population = ranked
@@ -325,7 +339,7 @@ class Evolution:
 
     def _next_generation(self, ranked: list[dict]) -> list[dict]:
         s = self.settings
-        children = [dict(r) for r in ranked[:s.elites]]
+        children = [dict(r) for r in ranked[: s.elites]]
         children += self._ask_cma(ranked[0])
         seen = {recipe_hash(r) for r in children}
         while len(children) < s.population:
@@ -340,8 +354,11 @@ class Evolution:
 
     def _child(self, ranked: list[dict]) -> dict:
         first = self._tournament(ranked)
-        child = (self.space.crossover(first, self._tournament(ranked), self.rng)
-                 if self.rng.random() < self.settings.crossover_rate else dict(first))
+        child = (
+            self.space.crossover(first, self._tournament(ranked), self.rng)
+            if self.rng.random() < self.settings.crossover_rate
+            else dict(first)
+        )
         return self.space.mutate(child, self.rng, self.settings.mutation_rate)
 
     def _tournament(self, ranked: list[dict]) -> dict:
@@ -373,8 +390,9 @@ class Evolution:
             self._cma = None
             return []
         if self._cma is None or self._cma_method != (best["method"], dims):
-            self._cma = cma.CMAEvolutionStrategy(self.space.vector(best), 0.2, {
-                "seed": self.seed + 1, "popsize": k, "bounds": [0, 1], "verbose": -9})
+            self._cma = cma.CMAEvolutionStrategy(
+                self.space.vector(best), 0.2, {"seed": self.seed + 1, "popsize": k, "bounds": [0, 1], "verbose": -9}
+            )
             self._cma_method = (best["method"], dims)
         self._cma_template = best
         self._cma_asked = self._cma.ask()

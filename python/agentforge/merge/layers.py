@@ -17,14 +17,21 @@ step, x -> x + s_t f(norm(x)), and fold s_t into the weights that produce the br
 (o_proj, down_proj, the memory's out_proj) so the merged model is an ordinary state dict. The
 Cognate memory gate reads those outputs, so its weight is divided by s_t to keep the gate exact.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 # residual-branch outputs (scaled by s) and readers of those outputs (scaled by 1/s)
-_BRANCH_OUTPUTS = ("o_proj.weight", "o_proj.bias", "down_proj.weight", "down_proj.bias",
-                   "memory.out_proj.weight", "memory.out_proj.bias")
+_BRANCH_OUTPUTS = (
+    "o_proj.weight",
+    "o_proj.bias",
+    "down_proj.weight",
+    "down_proj.bias",
+    "memory.out_proj.weight",
+    "memory.out_proj.bias",
+)
 _BRANCH_READERS = ("memory_gate.weight",)
 
 
@@ -47,7 +54,7 @@ def split_layer_key(key: str, stacks: dict[str, int]) -> tuple[str, int, str] | 
     """``(stack, index, rest)`` for a tensor inside one of ``stacks``, else None."""
     for stack in stacks:
         if key.startswith(f"{stack}."):
-            index, _, rest = key[len(stack) + 1:].partition(".")
+            index, _, rest = key[len(stack) + 1 :].partition(".")
             return stack, int(index), rest
     return None
 
@@ -57,8 +64,9 @@ def layer_slots(stacks: dict[str, int]) -> list[tuple[str, int]]:
     return [(stack, i) for stack, n in stacks.items() for i in range(n)]
 
 
-def frankenmerge_layer(key: str, states: list[dict], stacks: dict[str, int],
-                       choice: dict[tuple[str, int], int]) -> torch.Tensor | None:
+def frankenmerge_layer(
+    key: str, states: list[dict], stacks: dict[str, int], choice: dict[tuple[str, int], int]
+) -> torch.Tensor | None:
     """The tensor ``key`` of the source chosen for its layer, or None outside the layer stacks."""
     parts = split_layer_key(key, stacks)
     if parts is None:
@@ -83,14 +91,18 @@ def check_dfs_path(states: list[dict], stack: str, n_layers: int, path: list, sc
     for step in path:
         source, layer = step
         if not (0 <= source < len(states) and 0 <= layer < n_layers):
-            raise ValueError(f"dfs: step {tuple(step)} is not (source in 0..{len(states) - 1}, "
-                             f"layer in 0..{n_layers - 1}) of stack {stack!r}")
+            raise ValueError(
+                f"dfs: step {tuple(step)} is not (source in 0..{len(states) - 1}, "
+                f"layer in 0..{n_layers - 1}) of stack {stack!r}"
+            )
     if len(scales) != len(path) or any(not s > 0 for s in scales):
         raise ValueError(f"dfs: scales must hold {len(path)} positive numbers, one per step; got {scales}")
     rests = {split_layer_key(k, {stack: n_layers})[2] for k in states[0] if k.startswith(f"{stack}.")}
     if any(s != 1.0 for s in scales) and not any(r.endswith(o) for r in rests for o in _BRANCH_OUTPUTS):
-        raise ValueError(f"dfs: scales need pre-norm blocks whose branch outputs are o_proj/down_proj "
-                         f"(Llama, Cognate); stack {stack!r} has none, so use scales of 1.0")
+        raise ValueError(
+            f"dfs: scales need pre-norm blocks whose branch outputs are o_proj/down_proj "
+            f"(Llama, Cognate); stack {stack!r} has none, so use scales of 1.0"
+        )
 
 
 def dfs_stack(states: list[dict], stack: str, path: list, scales: list[float]) -> dict[str, torch.Tensor]:
@@ -101,7 +113,7 @@ def dfs_stack(states: list[dict], stack: str, path: list, scales: list[float]) -
         prefix = f"{stack}.{layer}."
         for key, tensor in states[source].items():
             if key.startswith(prefix):
-                rest = key[len(prefix):]
+                rest = key[len(prefix) :]
                 factor = _branch_factor(rest, scale)
                 out[f"{stack}.{t}.{rest}"] = tensor * factor if factor != 1.0 else tensor
     return out

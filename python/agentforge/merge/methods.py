@@ -14,6 +14,7 @@ Task vectors are τ_i = θ_i − θ_base. Sign election (TIES) picks, per entry,
 weighted sum Σ w_i τ_i ("sum" consensus, the paper's), and only the sources that agree with it
 are averaged ("disjoint mean").
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,9 @@ def elected_sign_mask(weighted: torch.Tensor) -> torch.Tensor:
     return weighted.sign() == majority
 
 
-def combine_task_vectors(base: torch.Tensor, deltas: torch.Tensor, weights: list[float], *, consensus: bool,
-                         normalize: bool) -> torch.Tensor:
+def combine_task_vectors(
+    base: torch.Tensor, deltas: torch.Tensor, weights: list[float], *, consensus: bool, normalize: bool
+) -> torch.Tensor:
     """base + Σ w_i τ_i (over the sign-agreeing sources when ``consensus``), divided by the summed
     weight of the contributing sources when ``normalize``."""
     w = _broadcast(weights, deltas)
@@ -96,9 +98,17 @@ def combine_task_vectors(base: torch.Tensor, deltas: torch.Tensor, weights: list
     return base.float() + mixed
 
 
-def task_vector_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, sparsify: str | None,
-                      density: float, consensus: bool, normalize: bool,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def task_vector_merge(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    *,
+    sparsify: str | None,
+    density: float,
+    consensus: bool,
+    normalize: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The generalised task-arithmetic family: task arithmetic (no sparsification, no consensus),
     TIES (magnitude trim + consensus), DARE linear (random drop + rescale), DARE TIES (both)."""
     deltas = _stack(tensors) - base.float()

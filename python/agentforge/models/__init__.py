@@ -4,6 +4,7 @@ The modeling classes load on first use: agentforge registers ``CognateConfig`` w
 is still importing its Auto registry, and importing the modeling code at that moment would
 re-enter transformers half-initialised.
 """
+
 from agentforge.models.configuration_cognate import PRESETS, CognateConfig
 
 __all__ = ["CognateConfig", "CognateForCausalLM", "CognateModel", "PRESETS"]

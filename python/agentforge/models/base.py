@@ -5,6 +5,7 @@ and dequantizes its weights) or ``smollm2``: SmolLM2-135M-Instruct as the ``llm-
 ships it. It is loaded in float32 with its own tokenizer, chat template and special tokens, which
 every later phase keeps.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,10 @@ def base_path(name: str) -> Path:
         return path
     if path.exists():
         raise ConfigError(f"base model {name}: expected an HF model directory or a .gguf file")
-    raise ConfigError(f"base model {name}: no such file or directory; name an HF model directory, "
-                      f"a .gguf file or one of {sorted(PACKAGED)}")
+    raise ConfigError(
+        f"base model {name}: no such file or directory; name an HF model directory, "
+        f"a .gguf file or one of {sorted(PACKAGED)}"
+    )
 
 
 def _require_gguf() -> None:

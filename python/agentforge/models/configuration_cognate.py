@@ -1,19 +1,53 @@
 """Configuration of Cognate (architecture in modeling_cognate.py) and its presets."""
+
 from transformers import PreTrainedConfig
 
 PRESETS: dict[str, dict] = {
     # ~40k parameters: for tests, where a phase must run end to end in seconds
-    "micro": dict(vocab_size=512, hidden_size=32, num_heads=2, intermediate_size=64, num_prelude_layers=1,
-                  num_core_layers=1, window=64, max_position_embeddings=256, memory_dim=16, memory_hidden=16,
-                  memory_chunk=8, max_recursion=2),
+    "micro": dict(
+        vocab_size=512,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        num_prelude_layers=1,
+        num_core_layers=1,
+        window=64,
+        max_position_embeddings=256,
+        memory_dim=16,
+        memory_hidden=16,
+        memory_chunk=8,
+        max_recursion=2,
+    ),
     # ~1.1M parameters: the default CPU run (whole Cognate phase in a few minutes on 2 cores)
-    "tiny": dict(vocab_size=2048, hidden_size=128, num_heads=4, intermediate_size=352, num_prelude_layers=2,
-                 num_core_layers=1, window=128, max_position_embeddings=512, memory_dim=64, memory_hidden=128,
-                 memory_chunk=16, max_recursion=3),
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=128,
+        num_heads=4,
+        intermediate_size=352,
+        num_prelude_layers=2,
+        num_core_layers=1,
+        window=128,
+        max_position_embeddings=512,
+        memory_dim=64,
+        memory_hidden=128,
+        memory_chunk=16,
+        max_recursion=3,
+    ),
     # ~25M parameters, the original project's size, for a GPU
-    "small": dict(vocab_size=8192, hidden_size=512, num_heads=8, intermediate_size=1280, num_prelude_layers=4,
-                  num_core_layers=2, window=512, max_position_embeddings=2048, memory_dim=128, memory_hidden=256,
-                  memory_chunk=32, max_recursion=3),
+    "small": dict(
+        vocab_size=8192,
+        hidden_size=512,
+        num_heads=8,
+        intermediate_size=1280,
+        num_prelude_layers=4,
+        num_core_layers=2,
+        window=512,
+        max_position_embeddings=2048,
+        memory_dim=128,
+        memory_hidden=256,
+        memory_chunk=32,
+        max_recursion=3,
+    ),
 }
 
 
@@ -56,8 +90,19 @@ class CognateConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def _check(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "num_core_layers", "window",
-                    "max_position_embeddings", "memory_dim", "memory_hidden", "memory_chunk", "max_recursion")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_heads",
+            "intermediate_size",
+            "num_core_layers",
+            "window",
+            "max_position_embeddings",
+            "memory_dim",
+            "memory_hidden",
+            "memory_chunk",
+            "max_recursion",
+        )
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"CognateConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -70,11 +115,15 @@ class CognateConfig(PreTrainedConfig):
             )
         bad = [i for i in self.memory_layers if not 0 <= i < self.num_prelude_layers]
         if bad:
-            raise ValueError(f"CognateConfig.memory_layers={self.memory_layers}: indices {bad} are not prelude blocks "
-                             f"(0..{self.num_prelude_layers - 1})")
+            raise ValueError(
+                f"CognateConfig.memory_layers={self.memory_layers}: indices {bad} are not prelude blocks "
+                f"(0..{self.num_prelude_layers - 1})"
+            )
         if not 0 < self.halt_epsilon < 1 or self.ponder_weight < 0 or self.memory_max_lr <= 0:
-            raise ValueError("CognateConfig: need 0 < halt_epsilon < 1, ponder_weight >= 0 and memory_max_lr > 0, got "
-                             f"{self.halt_epsilon}, {self.ponder_weight}, {self.memory_max_lr}")
+            raise ValueError(
+                "CognateConfig: need 0 < halt_epsilon < 1, ponder_weight >= 0 and memory_max_lr > 0, got "
+                f"{self.halt_epsilon}, {self.ponder_weight}, {self.memory_max_lr}"
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "CognateConfig":

@@ -20,6 +20,7 @@ Strictly causal throughout: position t never depends on tokens after t (tested).
 There is no KV cache: ``generate`` re-reads the whole sequence each step (the memory and the
 recursion are recomputed), which is what a 1–25M-parameter model can afford.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,10 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         logits = logits.masked_fill(~mask, float("-inf"))
@@ -271,8 +274,9 @@ class CognateModel(CognatePreTrainedModel):
     def __init__(self, config: CognateConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.prelude = nn.ModuleList(CognateBlock(config, i in config.memory_layers)
-                                     for i in range(config.num_prelude_layers))
+        self.prelude = nn.ModuleList(
+            CognateBlock(config, i in config.memory_layers) for i in range(config.num_prelude_layers)
+        )
         self.core = nn.ModuleList(CognateBlock(config, False) for _ in range(config.num_core_layers))
         self.halt_head = HaltingHead(config.hidden_size)
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -284,8 +288,12 @@ class CognateModel(CognatePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+    ):
         """``attention_mask``: [B, T] left padding, or a custom [B, 1, T, T] mask (boolean, True
         where a query may read a key, or additive float, 0 there), as Hugging Face models take
         one; either way a query also reads only keys within ``window`` positions before its own.
@@ -338,12 +346,15 @@ class CognateModel(CognatePreTrainedModel):
 def _left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """Valid-token mask [B, T] and the number of left padding tokens per row [B]."""
     if attention_mask is None:
-        return (torch.ones_like(input_ids, dtype=torch.bool),
-                torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device))
+        return (
+            torch.ones_like(input_ids, dtype=torch.bool),
+            torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device),
+        )
     valid = attention_mask.bool()
     if (valid[:, 1:].long() < valid[:, :-1].long()).any():
-        raise ValueError("Cognate: attention_mask must be left padding (zeros, then ones); use "
-                         "tokenizer.padding_side = 'left'")
+        raise ValueError(
+            "Cognate: attention_mask must be left padding (zeros, then ones); use tokenizer.padding_side = 'left'"
+        )
     return valid, (~valid).sum(1)
 
 
@@ -367,9 +378,14 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
         """Every attention module (for MuGrokfast's QK-clip)."""
         return [m for m in self.modules() if isinstance(m, SlidingWindowAttention)]
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
-                **kwargs) -> CognateCausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CognateCausalLMOutput:
         hidden, ponder, steps = self.model(input_ids, attention_mask, position_ids)
         logits = self.lm_head(hidden)
         loss = None

@@ -7,14 +7,21 @@
 
 ``AutoModelForCausalLM.from_pretrained(path)`` rebuilds them after ``import agentforge``.
 """
+
 from agentforge._import_hooks import after_import
 from agentforge.nn.bitlinear import BitLinear
 from agentforge.nn.convert import convert_to_bitnet, pack_bitnet
 from agentforge.nn.formats import from_hf_bitnet, pack_hf_bitnet, to_hf_bitnet, unpack_hf_bitnet
 
-__all__ = ["BitLinear", "convert_to_bitnet", "pack_bitnet", "to_hf_bitnet", "from_hf_bitnet", "pack_hf_bitnet",
-           "unpack_hf_bitnet"]
-
+__all__ = [
+    "BitLinear",
+    "convert_to_bitnet",
+    "pack_bitnet",
+    "to_hf_bitnet",
+    "from_hf_bitnet",
+    "pack_hf_bitnet",
+    "unpack_hf_bitnet",
+]
 
 
 def _register_quantizer(auto_module) -> None:

@@ -15,6 +15,7 @@ A layer lives in one of two states:
 
 N is ``out_features``, K is ``in_features`` throughout.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,22 +38,28 @@ def check_bits(bits, where: str = "BitLinear") -> float:
     return 1.6 if bits == 1.6 else 2
 
 
-def check_canonical(weight_packed: torch.Tensor, weight_scale: torch.Tensor, in_features: int,
-                    where: str = "BitLinear", bits=2) -> None:
+def check_canonical(
+    weight_packed: torch.Tensor, weight_scale: torch.Tensor, in_features: int, where: str = "BitLinear", bits=2
+) -> None:
     """Raise ``ValueError`` unless ``weight_packed`` (uint8 [N, ceil(K/4)] at 2 bits, [N, ceil(K/5)]
     at 1.6) and ``weight_scale`` (float, [1] or [N], finite, positive) form a valid canonical
     ternary weight for K = in_features."""
     per_byte = LAYOUTS[check_bits(bits, where)][1]
     if weight_packed.dtype != torch.uint8 or weight_packed.dim() != 2:
-        raise ValueError(f"{where}: weight_packed must be a 2-D uint8 tensor, got {weight_packed.dtype} "
-                         f"{list(weight_packed.shape)}")
+        raise ValueError(
+            f"{where}: weight_packed must be a 2-D uint8 tensor, got {weight_packed.dtype} {list(weight_packed.shape)}"
+        )
     N, B = weight_packed.shape
     if B != _ceil_div(in_features, per_byte):
-        raise ValueError(f"{where}: weight_packed has {B} bytes per row but in_features={in_features} "
-                         f"needs {_ceil_div(in_features, per_byte)} at {bits} bits")
+        raise ValueError(
+            f"{where}: weight_packed has {B} bytes per row but in_features={in_features} "
+            f"needs {_ceil_div(in_features, per_byte)} at {bits} bits"
+        )
     if not weight_scale.is_floating_point() or weight_scale.dim() != 1 or weight_scale.numel() not in (1, N):
-        raise ValueError(f"{where}: weight_scale must be a float tensor of shape [1] or [{N}], got "
-                         f"{weight_scale.dtype} {list(weight_scale.shape)}")
+        raise ValueError(
+            f"{where}: weight_scale must be a float tensor of shape [1] or [{N}], got "
+            f"{weight_scale.dtype} {list(weight_scale.shape)}"
+        )
     if not bool(torch.isfinite(weight_scale).all() and (weight_scale > 0).all()):
         raise ValueError(f"{where}: weight_scale must be finite and positive (corrupt checkpoint?)")
     # Code 3 is unused by the 2-bit format (codes are w + 1 in {0, 1, 2}), bytes above 242 by the
@@ -74,8 +81,9 @@ class BitLinear(nn.Linear):
     Shapes: x [..., K] -> y [..., N].
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = False,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = False, device=None, dtype=None
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.per_channel = per_channel
         self.lambda_ = 1.0
@@ -86,22 +94,40 @@ class BitLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, per_channel: bool = False) -> "BitLinear":
         """A training-state BitLinear sharing ``linear``'s Parameter objects, so optimizer state
         and tied weights keep pointing at the live tensors."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    per_channel=per_channel, device="meta", dtype=linear.weight.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            per_channel=per_channel,
+            device="meta",
+            dtype=linear.weight.dtype,
+        )
         layer.weight = linear.weight
         layer.bias = linear.bias
         return layer
 
     @classmethod
-    def from_packed(cls, weight_packed: torch.Tensor, weight_scale: torch.Tensor, in_features: int,
-                    bias: torch.Tensor | None = None, bits=2) -> "BitLinear":
+    def from_packed(
+        cls,
+        weight_packed: torch.Tensor,
+        weight_scale: torch.Tensor,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+        bits=2,
+    ) -> "BitLinear":
         """A packed-state BitLinear from canonical tensors: ``weight_packed`` uint8 [N, ceil(K/4)]
         (``bits=2``) or [N, ceil(K/5)] (``bits=1.6``, base-3), ``weight_scale`` fp32 [1] or [N]
         (dequantization multiplier), optional ``bias`` [N]."""
         check_canonical(weight_packed, weight_scale, in_features, "BitLinear.from_packed", bits)
         N = weight_packed.shape[0]
-        layer = cls(in_features, N, bias=bias is not None, per_channel=weight_scale.numel() > 1, device="meta",
-                    dtype=bias.dtype if bias is not None else None)
+        layer = cls(
+            in_features,
+            N,
+            bias=bias is not None,
+            per_channel=weight_scale.numel() > 1,
+            device="meta",
+            dtype=bias.dtype if bias is not None else None,
+        )
         if bias is not None:
             if bias.shape != (N,):
                 raise ValueError(f"BitLinear.from_packed: bias must have shape [{N}], got {list(bias.shape)}")
@@ -172,8 +198,9 @@ class BitLinear(nn.Linear):
             destination[prefix + "weight_packed"] = packed
             destination[prefix + "weight_scale"] = self.w_scale if keep_vars else self.w_scale.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         keys = (prefix + "weight_packed", prefix + "weight_scale")
         where = f"BitLinear '{prefix[:-1]}'"
         if self.state == PACKED and all(k in state_dict for k in keys):
@@ -184,10 +211,13 @@ class BitLinear(nn.Linear):
         elif self.state == PACKED:
             missing_keys.extend(k for k in keys if k not in state_dict)
         elif keys[0] in state_dict:
-            error_msgs.append(f"{where} is in training state but the checkpoint holds packed weights; "
-                              "call pack_bitnet(model) (or layer.pack()) before loading it")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)  # bias, and the latent weight in training state
+            error_msgs.append(
+                f"{where} is in training state but the checkpoint holds packed weights; "
+                "call pack_bitnet(model) (or layer.pack()) before loading it"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )  # bias, and the latent weight in training state
         if self.state == PACKED:  # the base class does not know the canonical keys
             unexpected_keys[:] = [k for k in unexpected_keys if k not in keys]
 
@@ -195,8 +225,10 @@ class BitLinear(nn.Linear):
         check_canonical(weight_packed, weight_scale, self.in_features, where, self.bits)
         scales = self.out_features if self.per_channel else 1
         if weight_packed.shape[0] != self.out_features or weight_scale.numel() != scales:
-            raise ValueError(f"{where}: the checkpoint holds {weight_packed.shape[0]} rows and {weight_scale.numel()} "
-                             f"scales, the layer needs {self.out_features} rows and {scales}")
+            raise ValueError(
+                f"{where}: the checkpoint holds {weight_packed.shape[0]} rows and {weight_scale.numel()} "
+                f"scales, the layer needs {self.out_features} rows and {scales}"
+            )
         self._set_packed(self._to_2bit(weight_packed).to(self.w_prepacked.device), weight_scale.to(self.w_scale.device))
 
     def extra_repr(self) -> str:

@@ -1,5 +1,6 @@
 """Whole-model conversion: swap ``nn.Linear`` layers for BitLinear, freeze them to packed state,
 and record the result in a Hugging Face model's config so ``from_pretrained`` can rebuild it."""
+
 import sys
 
 from torch import nn
@@ -13,8 +14,11 @@ def linear_names(model: nn.Module, skip=DEFAULT_SKIP) -> list[str]:
     """Qualified names of the plain ``nn.Linear`` layers whose name contains no ``skip`` pattern.
 
     Subclasses of ``nn.Linear`` (BitLinear included) are left out: they may override ``forward``."""
-    return [name for name, module in model.named_modules()
-            if type(module) is nn.Linear and not any(pattern in name for pattern in skip)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not any(pattern in name for pattern in skip)
+    ]
 
 
 def convert_to_bitnet(model: nn.Module, skip=DEFAULT_SKIP, per_channel: bool = False) -> nn.Module:
@@ -25,8 +29,10 @@ def convert_to_bitnet(model: nn.Module, skip=DEFAULT_SKIP, per_channel: bool = F
     names = set(linear_names(model, skip))
     if not names:
         already = any(isinstance(m, BitLinear) for m in model.modules())
-        raise ValueError(f"convert_to_bitnet: {type(model).__name__} has no nn.Linear layer to convert"
-                         + (" (it is already converted)" if already else f" outside the skip patterns {skip}"))
+        raise ValueError(
+            f"convert_to_bitnet: {type(model).__name__} has no nn.Linear layer to convert"
+            + (" (it is already converted)" if already else f" outside the skip patterns {skip}")
+        )
     # A Linear registered under several names (shared module) becomes one BitLinear everywhere.
     replacements = {id(model.get_submodule(name)): None for name in names}
     for name, module in list(model.named_modules(remove_duplicate=False)):
@@ -47,8 +53,9 @@ def pack_bitnet(model: nn.Module, bits=2) -> nn.Module:
     (``ops.cold_layout``); a model that fits in cache keeps 2 bits, the faster layout there."""
     layers = [m for m in model.modules() if isinstance(m, BitLinear)]
     if not layers:
-        raise ValueError(f"pack_bitnet: {type(model).__name__} has no BitLinear layer; "
-                         "call convert_to_bitnet(model) first")
+        raise ValueError(
+            f"pack_bitnet: {type(model).__name__} has no BitLinear layer; call convert_to_bitnet(model) first"
+        )
     todo = [m for m in layers if m.state == TRAINING]
     if not todo:
         raise RuntimeError(f"pack_bitnet: every BitLinear layer of {type(model).__name__} is already packed")
@@ -81,8 +88,10 @@ def record_in_config(model: nn.Module, skip=None) -> None:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
     states = {m.state for m in layers.values()}
     if len(states) > 1:
-        raise ValueError(f"{type(model).__name__} mixes BitLinear layers with states {sorted(states)}, "
-                         "which one config.json cannot describe")
+        raise ValueError(
+            f"{type(model).__name__} mixes BitLinear layers with states {sorted(states)}, "
+            "which one config.json cannot describe"
+        )
     flags = {m.per_channel for m in layers.values()}
     # one flag when every layer agrees, else the names of the per-channel layers
     per_channel = flags.pop() if len(flags) == 1 else sorted(n for n, m in layers.items() if m.per_channel)
@@ -92,9 +101,13 @@ def record_in_config(model: nn.Module, skip=None) -> None:
     old = getattr(config, "quantization_config", None)
     old = old if isinstance(old, AgentForgeBitNetConfig) else None
     state = states.pop() if states else TRAINING
-    fields = dict(state=state, modules=sorted(layers),
-                  skip=list(skip) if skip is not None else (old.skip if old else list(DEFAULT_SKIP)),
-                  per_channel=per_channel if layers else False, bits=bits if layers and state != TRAINING else 2)
+    fields = dict(
+        state=state,
+        modules=sorted(layers),
+        skip=list(skip) if skip is not None else (old.skip if old else list(DEFAULT_SKIP)),
+        per_channel=per_channel if layers else False,
+        bits=bits if layers and state != TRAINING else 2,
+    )
     if old is not None:  # update in place: a loaded model's hf_quantizer holds this same object
         old.update(**fields)
     else:

@@ -22,6 +22,7 @@ and ``from_pretrained`` (after ``import agentforge``, which registers this modul
 Before anything loads, the safetensors headers are checked against the config, so a checkpoint
 that does not match its config.json fails with one clear error instead of random weights.
 """
+
 import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
@@ -38,9 +39,15 @@ class AgentForgeBitNetConfig(QuantizationConfigMixin):
     outside ``skip``), their ``state`` and whether scales are ``per_channel``: a bool for every
     layer, or the list of the layers with per-channel scales."""
 
-    def __init__(self, state: str = TRAINING, modules: list[str] | None = None, skip=DEFAULT_SKIP,
-                 per_channel: bool | list[str] = False, quant_method: str = QUANT_METHOD,
-                 bits: float | list[str] = 2):
+    def __init__(
+        self,
+        state: str = TRAINING,
+        modules: list[str] | None = None,
+        skip=DEFAULT_SKIP,
+        per_channel: bool | list[str] = False,
+        quant_method: str = QUANT_METHOD,
+        bits: float | list[str] = 2,
+    ):
         if state not in (TRAINING, PACKED):
             raise ValueError(f"{QUANT_METHOD}: state must be '{TRAINING}' or '{PACKED}', got {state!r}")
         if quant_method != QUANT_METHOD:
@@ -48,16 +55,20 @@ class AgentForgeBitNetConfig(QuantizationConfigMixin):
         if isinstance(per_channel, (list, tuple)):
             unknown = sorted(set(per_channel) - set(modules)) if modules is not None else []
             if not all(isinstance(name, str) for name in per_channel) or unknown:
-                raise ValueError(f"{QUANT_METHOD}: per_channel must be a bool or a list of layer names from "
-                                 f"'modules'; got {unknown or per_channel}")
+                raise ValueError(
+                    f"{QUANT_METHOD}: per_channel must be a bool or a list of layer names from "
+                    f"'modules'; got {unknown or per_channel}"
+                )
             per_channel = sorted(per_channel)
         else:
             per_channel = bool(per_channel)
         if isinstance(bits, (list, tuple)):
             unknown = sorted(set(bits) - set(modules)) if modules is not None else []
             if not all(isinstance(name, str) for name in bits) or unknown:
-                raise ValueError(f"{QUANT_METHOD}: bits must be 2, 1.6 or a list of layer names from 'modules'; "
-                                 f"got {unknown or bits}")
+                raise ValueError(
+                    f"{QUANT_METHOD}: bits must be 2, 1.6 or a list of layer names from 'modules'; "
+                    f"got {unknown or bits}"
+                )
             bits = sorted(bits)
         elif bits not in LAYOUTS:
             raise ValueError(f"{QUANT_METHOD}: bits must be 2, 1.6 or a list of the 1.6-bit layers, got {bits!r}")
@@ -85,8 +96,9 @@ class _PackedSlot(nn.Module):
         super().__init__()
         N, K = linear.out_features, linear.in_features
         self.in_features, self.bits = K, bits
-        self.register_buffer("weight_packed", torch.empty(N, _ceil_div(K, LAYOUTS[bits][1]), dtype=torch.uint8,
-                                                         device="meta"))
+        self.register_buffer(
+            "weight_packed", torch.empty(N, _ceil_div(K, LAYOUTS[bits][1]), dtype=torch.uint8, device="meta")
+        )
         # fp32 explicitly: under from_pretrained(dtype=bf16) the default dtype is bf16, and the
         # loader casts a checkpoint tensor to its placeholder's dtype.
         self.register_buffer("weight_scale", torch.empty(N if per_channel else 1, dtype=torch.float32, device="meta"))
@@ -117,14 +129,18 @@ def _checkpoint_index(files) -> dict[str, tuple[str, list[int]]]:
     return index
 
 
-def _expected_tensors(linear: nn.Linear, state: str, per_channel: bool,
-                      bits: float) -> dict[str, tuple[set, list[int]]]:
+def _expected_tensors(
+    linear: nn.Linear, state: str, per_channel: bool, bits: float
+) -> dict[str, tuple[set, list[int]]]:
     """{suffix: (allowed safetensors dtypes, shape)} that a layer's checkpoint must hold."""
     N, K = linear.out_features, linear.in_features
     floats = {"F32", "F16", "BF16", "F64"}
     packed = [N, _ceil_div(K, LAYOUTS[bits][1])]
-    tensors = ({"weight_packed": ({"U8"}, packed), "weight_scale": (floats, [N if per_channel else 1])}
-               if state == PACKED else {"weight": (floats, [N, K])})
+    tensors = (
+        {"weight_packed": ({"U8"}, packed), "weight_scale": (floats, [N if per_channel else 1])}
+        if state == PACKED
+        else {"weight": (floats, [N, K])}
+    )
     if linear.bias is not None:
         tensors["bias"] = (floats, [N])
     return tensors
@@ -144,23 +160,35 @@ def _find_linear(model: nn.Module, name: str) -> tuple[str, nn.Linear]:
             continue
         if type(module) is nn.Linear:
             return candidate, module
-    raise ValueError(f"{QUANT_METHOD}: config.json lists '{name}' as a BitLinear layer, but "
-                     f"{type(model).__name__} has no nn.Linear of that name")
+    raise ValueError(
+        f"{QUANT_METHOD}: config.json lists '{name}' as a BitLinear layer, but "
+        f"{type(model).__name__} has no nn.Linear of that name"
+    )
 
 
-def _check_checkpoint(index: dict, layers: dict[str, nn.Linear], per_channel: dict[str, bool],
-                      bits: dict[str, float], cfg: AgentForgeBitNetConfig, prefix: str) -> None:
+def _check_checkpoint(
+    index: dict,
+    layers: dict[str, nn.Linear],
+    per_channel: dict[str, bool],
+    bits: dict[str, float],
+    cfg: AgentForgeBitNetConfig,
+    prefix: str,
+) -> None:
     for name, linear in layers.items():
         for suffix, (dtypes, shape) in _expected_tensors(linear, cfg.state, per_channel[name], bits[name]).items():
             key = next((k for k in _spellings(f"{name}.{suffix}", prefix) if k in index), None)
             if key is None:
-                raise ValueError(f"{QUANT_METHOD}: the checkpoint has no tensor '{name}.{suffix}' that config.json "
-                                 f"promises for a {cfg.state} BitLinear layer; checkpoint and config do not match")
+                raise ValueError(
+                    f"{QUANT_METHOD}: the checkpoint has no tensor '{name}.{suffix}' that config.json "
+                    f"promises for a {cfg.state} BitLinear layer; checkpoint and config do not match"
+                )
             dtype, found = index[key]
             if dtype not in dtypes or found != shape:
-                raise ValueError(f"{QUANT_METHOD}: checkpoint tensor '{key}' is {dtype} {found}, but a {cfg.state} "
-                                 f"BitLinear({linear.in_features} -> {linear.out_features}) needs "
-                                 f"{'/'.join(sorted(dtypes))} {shape}; checkpoint and config do not match")
+                raise ValueError(
+                    f"{QUANT_METHOD}: checkpoint tensor '{key}' is {dtype} {found}, but a {cfg.state} "
+                    f"BitLinear({linear.in_features} -> {linear.out_features}) needs "
+                    f"{'/'.join(sorted(dtypes))} {shape}; checkpoint and config do not match"
+                )
 
 
 class AgentForgeBitNetQuantizer(HfQuantizer):
@@ -172,20 +200,32 @@ class AgentForgeBitNetQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
         if cfg.state == PACKED and not self.pre_quantized:
-            raise ValueError(f"{QUANT_METHOD}: state='packed' needs a packed checkpoint; load the float model with "
-                             "state='training' and call agentforge.nn.pack_bitnet(model)")
+            raise ValueError(
+                f"{QUANT_METHOD}: state='packed' needs a packed checkpoint; load the float model with "
+                "state='training' and call agentforge.nn.pack_bitnet(model)"
+            )
         names = cfg.modules if cfg.modules is not None else linear_names(model, cfg.skip)
         layers, per_channel, bits = {}, {}, {}
         for name in names:  # the model may spell a name with or without its base-model prefix
             found, linear = _find_linear(model, name)
             layers[found], per_channel[found], bits[found] = linear, cfg.per_channel_of(name), cfg.bits_of(name)
         if self.pre_quantized and kwargs.get("checkpoint_files"):
-            _check_checkpoint(_checkpoint_index(kwargs["checkpoint_files"]), layers, per_channel, bits, cfg,
-                              model.base_model_prefix)
+            _check_checkpoint(
+                _checkpoint_index(kwargs["checkpoint_files"]), layers, per_channel, bits, cfg, model.base_model_prefix
+            )
         for name, linear in layers.items():
-            new = (_PackedSlot(linear, per_channel[name], bits[name]) if cfg.state == PACKED
-                   else BitLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  per_channel=per_channel[name], device="meta", dtype=linear.weight.dtype))
+            new = (
+                _PackedSlot(linear, per_channel[name], bits[name])
+                if cfg.state == PACKED
+                else BitLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    bias=linear.bias is not None,
+                    per_channel=per_channel[name],
+                    device="meta",
+                    dtype=linear.weight.dtype,
+                )
+            )
             model.set_submodule(name, new)
         cfg.modules = sorted(layers)
         if isinstance(cfg.per_channel, list):

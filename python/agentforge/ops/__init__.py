@@ -4,6 +4,7 @@ Each function calls ``torch.ops.agentforge.<name>`` (C++/CUDA kernels, fake kern
 autograd registered) or, when the extension is not built, the pure-PyTorch reference in
 :mod:`agentforge.ops.reference`. Shapes and conventions: ``csrc/ops.cpp``, ``csrc/cpu/quant.cpp``.
 """
+
 import torch
 
 from agentforge.ops import reference
@@ -19,15 +20,33 @@ from agentforge.ops._native import (
 
 if extension_loaded():
     from agentforge.ops import _registration  # noqa: F401  (registers fake kernels and autograd)
+
     _impl = torch.ops.agentforge
 else:
     _impl = reference
 
 __all__ = [
-    "quantize_ternary", "quantize_activations", "pack_ternary", "unpack_ternary", "pack_ternary_base3",
-    "unpack_ternary_base3", "prepack_ternary", "unprepack_ternary", "prepacked_info", "ternary_matmul",
-    "ternary_fake_quant", "act_fake_quant", "bitlinear", "cpu_info", "extension_loaded", "set_isa", "reference",
-    "cache_bytes", "cold_layout", "last_level_cache_bytes", "read_bandwidth",
+    "quantize_ternary",
+    "quantize_activations",
+    "pack_ternary",
+    "unpack_ternary",
+    "pack_ternary_base3",
+    "unpack_ternary_base3",
+    "prepack_ternary",
+    "unprepack_ternary",
+    "prepacked_info",
+    "ternary_matmul",
+    "ternary_fake_quant",
+    "act_fake_quant",
+    "bitlinear",
+    "cpu_info",
+    "extension_loaded",
+    "set_isa",
+    "reference",
+    "cache_bytes",
+    "cold_layout",
+    "last_level_cache_bytes",
+    "read_bandwidth",
 ]
 
 
@@ -86,8 +105,13 @@ def prepacked_info(w_prepacked: torch.Tensor) -> dict:
     return reference.read_header(w_prepacked)
 
 
-def ternary_matmul(x: torch.Tensor, w_prepacked: torch.Tensor, w_scale: torch.Tensor,
-                   bias: torch.Tensor | None = None, act_bits: int = 8) -> torch.Tensor:
+def ternary_matmul(
+    x: torch.Tensor,
+    w_prepacked: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_bits: int = 8,
+) -> torch.Tensor:
     """``y = (act_quant(x) · codesᵀ) / x_scale · w_scale + bias`` with integer accumulation;
     ``x`` is ``[..., K]`` in fp32/bf16/fp16, ``y`` is ``[..., N]`` in x's dtype."""
     return _impl.ternary_matmul(x, w_prepacked, w_scale, bias, act_bits)
@@ -104,8 +128,9 @@ def act_fake_quant(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return _impl.act_fake_quant(x, bits)
 
 
-def bitlinear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-              per_channel: bool = False) -> torch.Tensor:
+def bitlinear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, per_channel: bool = False
+) -> torch.Tensor:
     """Fused BitLinear training forward, ``F.linear(act_fake_quant(x), ternary_fake_quant(w), bias)``
     computed with the integer kernels; its backward is the STE gradient."""
     return _impl.bitlinear(x, w, bias, per_channel)

@@ -1,5 +1,6 @@
 """Loads the compiled extension, which registers torch.ops.agentforge.* and binds cpu_info, and
 the machine measurements built on it (cache sizes, read bandwidth, the cold layout choice)."""
+
 import os
 import warnings
 
@@ -7,8 +8,11 @@ try:
     from agentforge import _C
 except ImportError as exc:  # built without the extension, or a broken build
     _C = None
-    warnings.warn(f"agentforge: native extension not loaded ({exc}); using the pure-PyTorch reference ops. "
-                  "Reinstall with `pip install --no-build-isolation .` to get the kernels.", stacklevel=2)
+    warnings.warn(
+        f"agentforge: native extension not loaded ({exc}); using the pure-PyTorch reference ops. "
+        "Reinstall with `pip install --no-build-isolation .` to get the kernels.",
+        stacklevel=2,
+    )
 
 
 def extension_loaded() -> bool:
@@ -20,8 +24,14 @@ def cpu_info() -> dict:
     """Detected CPU features, the ISA whose kernels run, and the backend the dispatcher measured
     and picked for each shape class seen so far (``dispatch``)."""
     if _C is None:
-        return {"isa": "reference", "detected_isa": "unknown", "features": {}, "threads": 0,
-                "backend_override": "", "dispatch": []}
+        return {
+            "isa": "reference",
+            "detected_isa": "unknown",
+            "features": {},
+            "threads": 0,
+            "backend_override": "",
+            "dispatch": [],
+        }
     return _C.cpu_info()
 
 

@@ -9,6 +9,7 @@ not shape), so it checks that K fits the tensor's row width in some layout, and 
 kernel then checks the header's exact N, K and layout at run time (compiled or not).
 The autograd formulas (the straight-through estimator) are registered in C++, csrc/autograd.cpp.
 """
+
 import torch
 
 from agentforge.ops.reference import BLOCK_BYTES, BLOCK_K, HEADER_BYTES, MAX_K, _ceil_div
@@ -24,8 +25,13 @@ def _same_device(op: str, **tensors) -> torch.device:
     """The one device of every tensor given (None entries skipped); raise if they differ."""
     present = {name: t for name, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}
-    torch._check(len(devices) == 1, lambda: f"agentforge.{op}: all tensors must be on one device, got "
-                 + ", ".join(f"{name} on {t.device}" for name, t in present.items()))
+    torch._check(
+        len(devices) == 1,
+        lambda: (
+            f"agentforge.{op}: all tensors must be on one device, got "
+            + ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        ),
+    )
     return devices.pop()
 
 
@@ -42,8 +48,11 @@ def _(w, per_channel=False):
 @_fake("quantize_activations")
 def _(x, bits=8):
     lead = x.shape[:-1]
-    return (_empty(x.shape, torch.int8, x.device), _empty(lead, torch.float32, x.device),
-            _empty(lead, torch.int32, x.device))
+    return (
+        _empty(x.shape, torch.int8, x.device),
+        _empty(lead, torch.float32, x.device),
+        _empty(lead, torch.int32, x.device),
+    )
 
 
 @_fake("pack_ternary")
@@ -74,28 +83,43 @@ def _row_bytes(layout: str, K):
 def _check_prepacked_shape(op: str, w, K) -> None:
     """What a prepacked tensor's shape says (prepacked.h): uint8 [N + 1, R], where R % 32 names
     the layout and R the number of blocks, which must be K's."""
-    torch._check(w.dtype == torch.uint8 and w.dim() == 2,
-                 lambda: f"agentforge.{op}: w_prepacked must be a 2-D uint8 tensor from prepack_ternary, got "
-                         f"{w.dtype} {list(w.shape)}")
+    torch._check(
+        w.dtype == torch.uint8 and w.dim() == 2,
+        lambda: (
+            f"agentforge.{op}: w_prepacked must be a 2-D uint8 tensor from prepack_ternary, got "
+            f"{w.dtype} {list(w.shape)}"
+        ),
+    )
     layout = "base3" if w.shape[1] % BLOCK_BYTES == 1 else "2bit"
-    torch._check(w.shape[0] >= 1 and w.shape[1] >= HEADER_BYTES and w.shape[1] % BLOCK_BYTES in (0, 1),
-                 lambda: f"agentforge.{op}: w_prepacked of shape {list(w.shape)} has no prepacked header in its "
-                         "last row")
-    torch._check(w.shape[1] == _row_bytes(layout, K),
-                 lambda: f"agentforge.{op}: x has K={K} features but w_prepacked (shape {list(w.shape)}, "
-                         f"{layout} layout) holds rows of {w.shape[1]} bytes, not {_row_bytes(layout, K)}")
+    torch._check(
+        w.shape[0] >= 1 and w.shape[1] >= HEADER_BYTES and w.shape[1] % BLOCK_BYTES in (0, 1),
+        lambda: f"agentforge.{op}: w_prepacked of shape {list(w.shape)} has no prepacked header in its last row",
+    )
+    torch._check(
+        w.shape[1] == _row_bytes(layout, K),
+        lambda: (
+            f"agentforge.{op}: x has K={K} features but w_prepacked (shape {list(w.shape)}, "
+            f"{layout} layout) holds rows of {w.shape[1]} bytes, not {_row_bytes(layout, K)}"
+        ),
+    )
 
 
 @_fake("prepack_ternary")
 def _(packed, K=-1, layout="2bit"):
     op = "prepack_ternary"
-    torch._check(packed.dtype == torch.uint8 and packed.dim() == 2,
-                 lambda: f"agentforge.{op}: packed must be uint8 2-D, got {packed.dtype} {list(packed.shape)}")
+    torch._check(
+        packed.dtype == torch.uint8 and packed.dim() == 2,
+        lambda: f"agentforge.{op}: packed must be uint8 2-D, got {packed.dtype} {list(packed.shape)}",
+    )
     torch._check(layout in BLOCK_K, lambda: f"agentforge.{op}: unknown layout '{layout}'; use '2bit' or 'base3'")
     K = 4 * packed.shape[1] if K == -1 else K
-    torch._check(K >= 0 and _ceil_div(K, 4) == packed.shape[1],
-                 lambda: f"agentforge.prepack_ternary: K={K} needs {_ceil_div(K, 4)} bytes per canonical row, packed "
-                         f"has {packed.shape[1]}")
+    torch._check(
+        K >= 0 and _ceil_div(K, 4) == packed.shape[1],
+        lambda: (
+            f"agentforge.prepack_ternary: K={K} needs {_ceil_div(K, 4)} bytes per canonical row, packed "
+            f"has {packed.shape[1]}"
+        ),
+    )
     return _empty([packed.shape[0] + 1, _row_bytes(layout, K)], torch.uint8, packed.device)
 
 
@@ -120,12 +144,17 @@ def _(x, w_prepacked, w_scale, bias=None, act_bits=8):
     _check_prepacked_shape(op, w_prepacked, K)
     torch._check(K < MAX_K, lambda: f"agentforge.{op}: K={K} is too large")
     N = w_prepacked.shape[0] - 1
-    torch._check(w_scale.dtype == torch.float32 and w_scale.dim() == 1 and w_scale.shape[0] in (1, N),
-                 lambda: f"agentforge.{op}: w_scale must be float32 of shape [1] or [{N}], got {w_scale.dtype} "
-                         f"{list(w_scale.shape)}")
+    torch._check(
+        w_scale.dtype == torch.float32 and w_scale.dim() == 1 and w_scale.shape[0] in (1, N),
+        lambda: (
+            f"agentforge.{op}: w_scale must be float32 of shape [1] or [{N}], got {w_scale.dtype} {list(w_scale.shape)}"
+        ),
+    )
     if bias is not None:
-        torch._check(bias.dtype in _FLOATS and bias.dim() == 1 and bias.shape[0] == N,
-                     lambda: f"agentforge.{op}: bias must have shape [{N}], got {list(bias.shape)}")
+        torch._check(
+            bias.dtype in _FLOATS and bias.dim() == 1 and bias.shape[0] == N,
+            lambda: f"agentforge.{op}: bias must have shape [{N}], got {list(bias.shape)}",
+        )
     return _empty([*x.shape[:-1], N], x.dtype, device)
 
 

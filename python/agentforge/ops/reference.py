@@ -4,6 +4,7 @@ They define the semantics (csrc/cpu/quant.cpp states the conventions), serve as 
 oracle, and run in place of the kernels when the extension is missing. Integer outputs must
 match the kernels exactly; float outputs to fp32 rounding.
 """
+
 import torch
 
 WEIGHT_EPS = 1e-5
@@ -101,8 +102,13 @@ def _fnv1a(data: bytes) -> int:
 
 
 def _header(N: int, K: int, layout: str) -> torch.Tensor:
-    head = MAGIC + bytes([FORMAT_VERSION, LAYOUT_IDS[layout], TILE_ROWS, 0]) + N.to_bytes(8, "little") \
-        + K.to_bytes(8, "little") + bytes(4)
+    head = (
+        MAGIC
+        + bytes([FORMAT_VERSION, LAYOUT_IDS[layout], TILE_ROWS, 0])
+        + N.to_bytes(8, "little")
+        + K.to_bytes(8, "little")
+        + bytes(4)
+    )
     head += _fnv1a(head).to_bytes(4, "little")
     row = torch.zeros(row_bytes(layout, K), dtype=torch.uint8)
     row[:HEADER_BYTES] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
@@ -111,33 +117,43 @@ def _header(N: int, K: int, layout: str) -> torch.Tensor:
 
 def read_header(w: torch.Tensor, op: str = "prepacked_info") -> dict:
     """Checks the header of a prepacked tensor as the kernels do; returns its fields."""
+
     def fail(msg):
         raise RuntimeError(f"agentforge.{op}: {msg}")
+
     if w.dtype != torch.uint8 or w.dim() != 2:
         fail(f"w_prepacked must be a 2-D uint8 tensor from prepack_ternary, got {w.dtype} {list(w.shape)}")
     rows, cols = w.shape
     head = bytes(w[-1, :HEADER_BYTES].tolist()) if rows >= 1 and cols >= HEADER_BYTES else b""
     if head[:4] != MAGIC:
-        fail(f"w_prepacked of shape [{rows}, {cols}] has no prepacked header in its last row: it was not made by "
-             "prepack_ternary, it is a slice or view of a prepacked tensor, or it was made by an agentforge older "
-             "than prepack format 2 (prepack the canonical weights again)")
+        fail(
+            f"w_prepacked of shape [{rows}, {cols}] has no prepacked header in its last row: it was not made by "
+            "prepack_ternary, it is a slice or view of a prepacked tensor, or it was made by an agentforge older "
+            "than prepack format 2 (prepack the canonical weights again)"
+        )
     if int.from_bytes(head[28:32], "little") != _fnv1a(head[:28]):
         fail(f"the header of w_prepacked (shape [{rows}, {cols}]) is corrupt: its checksum does not match")
     if head[4] != FORMAT_VERSION:
-        fail(f"w_prepacked has prepack format version {head[4]}; this build reads version {FORMAT_VERSION} "
-             "(prepack the canonical weights again)")
+        fail(
+            f"w_prepacked has prepack format version {head[4]}; this build reads version {FORMAT_VERSION} "
+            "(prepack the canonical weights again)"
+        )
     layout = {v: k for k, v in LAYOUT_IDS.items()}.get(head[5])
     if layout is None:
         fail(f"w_prepacked names layout {head[5]}, which this build does not know")
     if head[6] != TILE_ROWS:
-        fail(f"w_prepacked was laid out in tiles of {head[6]} rows; this build's kernels read tiles of {TILE_ROWS} "
-             "(prepack the canonical weights again)")
-    N, K = (int.from_bytes(head[a:a + 8], "little", signed=True) for a in (8, 16))
+        fail(
+            f"w_prepacked was laid out in tiles of {head[6]} rows; this build's kernels read tiles of {TILE_ROWS} "
+            "(prepack the canonical weights again)"
+        )
+    N, K = (int.from_bytes(head[a : a + 8], "little", signed=True) for a in (8, 16))
     sane = 0 <= N < 1 << 48 and 0 <= K < 1 << 48
     if not (sane and N == rows - 1 and row_bytes(layout, K) == cols):
         want = f"[{N + 1}, {row_bytes(layout, K)}]" if sane else "(invalid)"
-        fail(f"w_prepacked has shape [{rows}, {cols}] but its header describes N={N}, K={K} in the {layout} layout, "
-             f"i.e. shape {want}: a slice, reshape or view of a prepacked tensor is not a prepacked tensor")
+        fail(
+            f"w_prepacked has shape [{rows}, {cols}] but its header describes N={N}, K={K} in the {layout} layout, "
+            f"i.e. shape {want}: a slice, reshape or view of a prepacked tensor is not a prepacked tensor"
+        )
     return {"N": N, "K": K, "layout": layout, "tile_rows": head[6], "version": head[4]}
 
 
@@ -174,8 +190,9 @@ def prepack_ternary(packed: torch.Tensor, K: int = -1, layout: str = "2bit") -> 
     N, B = packed.shape
     K = 4 * B if K == -1 else K
     if K < 0 or _ceil_div(K, 4) != B:
-        raise RuntimeError(f"agentforge.prepack_ternary: K={K} needs {_ceil_div(K, 4)} bytes per canonical row, "
-                           f"packed has {B}")
+        raise RuntimeError(
+            f"agentforge.prepack_ternary: K={K} needs {_ceil_div(K, 4)} bytes per canonical row, packed has {B}"
+        )
     codes = unpack_ternary(packed, 4 * B)
     if (codes[:, K:] != 0).any():
         raise RuntimeError("agentforge.prepack_ternary: corrupt packed ternary tensor: non-zero padding")
@@ -215,8 +232,9 @@ def prepacked_codes(w: torch.Tensor, op: str = "ternary_matmul") -> tuple[torch.
 def unprepack_ternary(w: torch.Tensor, K: int) -> torch.Tensor:
     codes, info = prepacked_codes(w, "unprepack_ternary")
     if K != info["K"]:
-        raise RuntimeError(f"agentforge.unprepack_ternary: K={K} but w_prepacked (shape {list(w.shape)}) was packed "
-                           f"for K={info['K']}")
+        raise RuntimeError(
+            f"agentforge.unprepack_ternary: K={K} but w_prepacked (shape {list(w.shape)}) was packed for K={info['K']}"
+        )
     if (codes == 2).any():
         raise RuntimeError("agentforge.unprepack_ternary: corrupt prepacked tensor: invalid code 3")
     return pack_ternary(codes)
@@ -247,6 +265,7 @@ def _flat(t):
 
 # The straight-through estimator, written out as the kernels' autograd (csrc/autograd.cpp) does
 # it: quantizers are the identity in the backward pass. Forward values are the exact ones above.
+
 
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
@@ -281,9 +300,11 @@ class _TernaryMatmulSTE(torch.autograd.Function):
     def forward(ctx, x, w_prepacked, w_scale, bias, act_bits):
         codes, info = prepacked_codes(w_prepacked)
         if x.shape[-1] != info["K"]:
-            raise RuntimeError(f"agentforge.ternary_matmul: x has K={x.shape[-1]} features (x shape {list(x.shape)}) "
-                               f"but w_prepacked was packed for K={info['K']} (w_prepacked shape "
-                               f"{list(w_prepacked.shape)})")
+            raise RuntimeError(
+                f"agentforge.ternary_matmul: x has K={x.shape[-1]} features (x shape {list(x.shape)}) "
+                f"but w_prepacked was packed for K={info['K']} (w_prepacked shape "
+                f"{list(w_prepacked.shape)})"
+            )
         ctx.save_for_backward(codes, w_scale)
         ctx.has_bias = bias is not None
         return _dequant_matmul(x.detach(), codes, w_scale, None if bias is None else bias.detach(), act_bits)
@@ -297,8 +318,13 @@ class _TernaryMatmulSTE(torch.autograd.Function):
         return grad_x, None, None, grad_b, None
 
 
-def ternary_matmul(x: torch.Tensor, w_prepacked: torch.Tensor, w_scale: torch.Tensor,
-                   bias: torch.Tensor | None = None, act_bits: int = 8) -> torch.Tensor:
+def ternary_matmul(
+    x: torch.Tensor,
+    w_prepacked: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_bits: int = 8,
+) -> torch.Tensor:
     return _TernaryMatmulSTE.apply(x, w_prepacked, w_scale, bias, act_bits)
 
 
@@ -310,6 +336,7 @@ def act_fake_quant(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return _FakeQuantSTE.apply(x, _quantize_dequantize_activations, bits)
 
 
-def bitlinear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-              per_channel: bool = False) -> torch.Tensor:
+def bitlinear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, per_channel: bool = False
+) -> torch.Tensor:
     return _BitLinearSTE.apply(x, w, bias, per_channel)

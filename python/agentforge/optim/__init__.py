@@ -1,5 +1,6 @@
 """Optimizers: MuGrokfast (Muon on hidden matrices + torch.optim.AdamW on the rest,
 a Grokfast gradient filter, a warm-up + cosine schedule and optional QK-clip) and its presets."""
+
 from agentforge.optim.grouping import split_parameters
 from agentforge.optim.mugrokfast import MuGrokfast
 from agentforge.optim.muon import Muon

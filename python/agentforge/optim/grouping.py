@@ -5,6 +5,7 @@ too, but they are lookup tables over tokens rather than linear maps between hidd
 Muon's authors (and Moonshot) keep them on AdamW; so do we, together with every 1-D parameter
 (norm gains, biases) and any parameter of other rank.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -12,6 +12,7 @@ Order inside one `step()`:
 3. The schedule writes the next update's `lr` into every inner param group.
 4. QK-clip, if enabled, rescales the registered attention heads.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,14 +95,26 @@ class MuGrokfast(torch.optim.Optimizer):
         muon_adjust_lr_fn: str = "original",
     ) -> None:
         _check_inner_hyperparameters(muon_lr, adamw_lr, weight_decay, adamw_betas, momentum, muon_adjust_lr_fn)
-        settings = {"grokfast_alpha": grokfast_alpha, "grokfast_lambda": grokfast_lambda,
-                    "warmup_steps": warmup_steps, "total_steps": total_steps,
-                    "min_lr_ratio": min_lr_ratio, "qk_clip_tau": qk_clip_tau}
+        settings = {
+            "grokfast_alpha": grokfast_alpha,
+            "grokfast_lambda": grokfast_lambda,
+            "warmup_steps": warmup_steps,
+            "total_steps": total_steps,
+            "min_lr_ratio": min_lr_ratio,
+            "qk_clip_tau": qk_clip_tau,
+        }
         _check_settings(settings)
         muon_params, adamw_params = split_parameters(model)
         inner = _build_inner_optimizers(
-            muon_params, adamw_params, muon_lr=muon_lr, adamw_lr=adamw_lr, weight_decay=weight_decay,
-            adamw_betas=tuple(adamw_betas), momentum=momentum, muon_adjust_lr_fn=muon_adjust_lr_fn)
+            muon_params,
+            adamw_params,
+            muon_lr=muon_lr,
+            adamw_lr=adamw_lr,
+            weight_decay=weight_decay,
+            adamw_betas=tuple(adamw_betas),
+            momentum=momentum,
+            muon_adjust_lr_fn=muon_adjust_lr_fn,
+        )
         # Registers the inner groups' dicts themselves (no copies, no defaults merged into them).
         super().__init__([group for optimizer in inner.values() for group in optimizer.param_groups], {})
         self._inner = inner
@@ -167,8 +180,12 @@ class MuGrokfast(torch.optim.Optimizer):
 
     def _apply_schedule(self) -> None:
         """Write the lr of the next update into every group (and remember what was written)."""
-        factor = lr_factor(self._steps_done + 1, warmup_steps=self.defaults["warmup_steps"],
-                           total_steps=self.defaults["total_steps"], min_lr_ratio=self.defaults["min_lr_ratio"])
+        factor = lr_factor(
+            self._steps_done + 1,
+            warmup_steps=self.defaults["warmup_steps"],
+            total_steps=self.defaults["total_steps"],
+            min_lr_ratio=self.defaults["min_lr_ratio"],
+        )
         for group in self.param_groups:
             group["lr"] = group["base_lr"] * factor
         self._lr_written = [group["lr"] for group in self.param_groups]
@@ -180,7 +197,8 @@ class MuGrokfast(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"param group {group['name']!r} lr was changed to {group['lr']} outside MuGrokfast "
                     f"(an LRScheduler?); MuGrokfast schedules lr itself: set warmup_steps/total_steps/"
-                    f"min_lr_ratio, or edit group['base_lr'] to change the peak")
+                    f"min_lr_ratio, or edit group['base_lr'] to change the peak"
+                )
 
     # --- QK-clip ----------------------------------------------------------------------------
 
@@ -255,7 +273,8 @@ class MuGrokfast(torch.optim.Optimizer):
     def _check_matches_parameters(self, inner_states: dict[str, Any], emas: dict[int, torch.Tensor]) -> None:
         if set(inner_states) != set(self._inner):
             raise ValueError(
-                f"checkpoint has optimizer sides {sorted(inner_states)}, this model has {sorted(self._inner)}")
+                f"checkpoint has optimizer sides {sorted(inner_states)}, this model has {sorted(self._inner)}"
+            )
         for side, optimizer in self._inner.items():
             saved = inner_states[side]
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -283,21 +302,36 @@ class MuGrokfast(torch.optim.Optimizer):
 
 
 def _build_inner_optimizers(
-    muon_params: NamedParameters, adamw_params: NamedParameters, *, muon_lr: float, adamw_lr: float,
-    weight_decay: float, adamw_betas: tuple[float, float], momentum: float, muon_adjust_lr_fn: str,
+    muon_params: NamedParameters,
+    adamw_params: NamedParameters,
+    *,
+    muon_lr: float,
+    adamw_lr: float,
+    weight_decay: float,
+    adamw_betas: tuple[float, float],
+    momentum: float,
+    muon_adjust_lr_fn: str,
 ) -> dict[str, torch.optim.Optimizer]:
     """One Muon and one torch AdamW (a side without parameters is left out)."""
     inner: dict[str, torch.optim.Optimizer] = {}
     if muon_params:
         inner["muon"] = Muon(
             [{"params": muon_params, "name": "muon", "base_lr": muon_lr}],
-            lr=muon_lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn=muon_adjust_lr_fn)
+            lr=muon_lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            adjust_lr_fn=muon_adjust_lr_fn,
+        )
     decayed = [(name, p) for name, p in adamw_params if p.ndim >= 2]
     not_decayed = [(name, p) for name, p in adamw_params if p.ndim < 2]
-    adamw_groups = [group for group in (
-        {"params": decayed, "name": "adamw", "base_lr": adamw_lr},
-        {"params": not_decayed, "name": "adamw_no_decay", "base_lr": adamw_lr, "weight_decay": 0.0},
-    ) if group["params"]]
+    adamw_groups = [
+        group
+        for group in (
+            {"params": decayed, "name": "adamw", "base_lr": adamw_lr},
+            {"params": not_decayed, "name": "adamw_no_decay", "base_lr": adamw_lr, "weight_decay": 0.0},
+        )
+        if group["params"]
+    ]
     if adamw_groups:
         inner["adamw"] = torch.optim.AdamW(adamw_groups, lr=adamw_lr, betas=adamw_betas, weight_decay=weight_decay)
     return inner
@@ -317,15 +351,19 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_inner_hyperparameters(muon_lr: Any, adamw_lr: Any, weight_decay: Any, adamw_betas: Any,
-                                 momentum: Any, muon_adjust_lr_fn: Any) -> None:
+def _check_inner_hyperparameters(
+    muon_lr: Any, adamw_lr: Any, weight_decay: Any, adamw_betas: Any, momentum: Any, muon_adjust_lr_fn: Any
+) -> None:
     for name, value in (("muon_lr", muon_lr), ("adamw_lr", adamw_lr)):
         if not _is_real(value) or value <= 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
     if not _is_real(weight_decay) or weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if (not isinstance(adamw_betas, (tuple, list)) or len(adamw_betas) != 2
-            or not all(_is_real(b) and 0 <= b < 1 for b in adamw_betas)):
+    if (
+        not isinstance(adamw_betas, (tuple, list))
+        or len(adamw_betas) != 2
+        or not all(_is_real(b) and 0 <= b < 1 for b in adamw_betas)
+    ):
         raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {adamw_betas!r}")
     if not _is_real(momentum) or not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -346,7 +384,8 @@ def _check_settings(settings: dict[str, Any]) -> None:
     warmup, total = settings["warmup_steps"], settings["total_steps"]
     if not _is_count(warmup) or not _is_count(total) or not 0 <= warmup < total:
         raise ValueError(
-            f"need integers 0 <= warmup_steps < total_steps, got warmup_steps={warmup!r}, total_steps={total!r}")
+            f"need integers 0 <= warmup_steps < total_steps, got warmup_steps={warmup!r}, total_steps={total!r}"
+        )
     min_ratio = settings["min_lr_ratio"]
     if not _is_real(min_ratio) or not 0 <= min_ratio <= 1:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_ratio!r}")

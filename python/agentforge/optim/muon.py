@@ -7,6 +7,7 @@ Newton–Schulz became a third of every tiny-Cognate training step. This subclas
 update, state and hyperparameters and only chooses the dtype of the iteration: bf16 where the
 hardware multiplies it natively, fp32 elsewhere (or what ``ns_dtype`` says).
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ import torch
 from torch import Tensor
 
 
-def newton_schulz(grad: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
-                  dtype: torch.dtype) -> Tensor:
+def newton_schulz(
+    grad: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
+) -> Tensor:
     """The quintic Newton–Schulz iteration of Muon (Keller Jordan): ``grad`` [m, n] mapped to
     roughly U S' Vᵀ with S' near 1, computed in ``dtype`` on the wide orientation of the matrix."""
     a, b, c = coefficients

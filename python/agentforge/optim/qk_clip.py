@@ -17,6 +17,7 @@ Logits are bilinear in the q and k projections, so scaling a head's q rows by `a
 A model that normalises q and k after the projections (QK-norm) undoes the scaling; such models
 bound their logits already and should not register for QK-clip.
 """
+
 from __future__ import annotations
 
 import torch

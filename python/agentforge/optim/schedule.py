@@ -1,4 +1,5 @@
 """The learning-rate schedule: linear warm-up from 0, then cosine decay to a floor."""
+
 from __future__ import annotations
 
 import math

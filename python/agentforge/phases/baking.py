@@ -41,6 +41,7 @@ report measures), ``metrics.jsonl`` (a ``baking/iteration`` row per iteration) a
 
 Run alone: ``python -m agentforge.phases.baking --preset tiny --model DIR --out DIR``.
 """
+
 # No ``from __future__ import annotations``: the settings' field types are read with
 # ``typing.get_type_hints``, which cannot resolve the nested ``BakeSettings`` from a string when
 # this module runs as ``__main__`` without being in ``sys.modules`` (runpy).
@@ -103,22 +104,32 @@ class Settings(Checked):
     bake_items: int = setting(48, "[1, 1000000]", doc="training-split inputs of a bake")
     selection_items: int = setting(18, "[1, 100000]", doc="validation items: candidate scores, the half-bake stop rule")
     final_items: int = setting(36, "[1, 100000]", doc="test items: the report")
-    tool_new_tokens: int = setting(12, "[1, 65536]", doc="model tokens of tool-use generation and tool-bake "
-                                                         "trajectories (results not counted)")
+    tool_new_tokens: int = setting(
+        12, "[1, 65536]", doc="model tokens of tool-use generation and tool-bake trajectories (results not counted)"
+    )
     plateau_window: int = setting(1, "[1, 1000]", doc="iterations without a relative gain of ...")
     plateau_threshold: float = setting(0.01, "[0, 100]", doc="... this much end a cycle's visit")
     max_iterations: int = setting(4, "[1, 10000]")
-    retention_tolerance: float = setting(0.05, "[0, 100]", doc="max relative rise of validation perplexity over "
-                                                               "the input model")
-    task_retention: float = setting(0.2, "[0, 1]", doc="max relative fall of the answer probability on non-tool "
-                                                       "families' tasks")
-    anchor_rows: int = setting(32, "[0, 1000000]", doc="training text rows each bake holds the model to its own "
-                                                       "predictions on (0: no anchor, the paper's objective alone)")
+    retention_tolerance: float = setting(
+        0.05, "[0, 100]", doc="max relative rise of validation perplexity over the input model"
+    )
+    task_retention: float = setting(
+        0.2, "[0, 1]", doc="max relative fall of the answer probability on non-tool families' tasks"
+    )
+    anchor_rows: int = setting(
+        32,
+        "[0, 1000000]",
+        doc="training text rows each bake holds the model to its own "
+        "predictions on (0: no anchor, the paper's objective alone)",
+    )
     measure_full_bake: bool = setting(True, doc="the first tool bake runs to full strength too (for the report)")
     text_rows: int = setting(64, "[1, 1000000]", doc="validation and test text rows for perplexity")
     eval_batch_size: int = setting(64, "[1, 65536]")
-    bake: BakeSettings = setting(BakeSettings, doc="how each prompt is baked; bake.tools and, for tool prompts, "
-                                                   "bake.max_new_tokens (tool_new_tokens) are set per cycle")
+    bake: BakeSettings = setting(
+        BakeSettings,
+        doc="how each prompt is baked; bake.tools and, for tool prompts, "
+        "bake.max_new_tokens (tool_new_tokens) are set per cycle",
+    )
 
     def check(self) -> None:
         for name in ("tool_prompts", "persona_prompts"):
@@ -130,21 +141,53 @@ class Settings(Checked):
 TINY_BAKE = {"samples_per_input": 1, "max_new_tokens": 6, "batch_size": 16, "max_steps": 40, "anchor_weight": 1.0}
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(candidates=2, tool_families=["add_small"], persona_families=["add_small", "kv_recall"],
-                      bake_items=12, selection_items=4, final_items=6, tool_new_tokens=6, max_iterations=2,
-                      text_rows=8, eval_batch_size=16,
-                      bake=BakeSettings(**{**TINY_BAKE, "max_new_tokens": 4, "max_steps": 10, "batch_size": 6,
-                                           "lr_scale": 4.0})),
+    "micro": Settings(
+        candidates=2,
+        tool_families=["add_small"],
+        persona_families=["add_small", "kv_recall"],
+        bake_items=12,
+        selection_items=4,
+        final_items=6,
+        tool_new_tokens=6,
+        max_iterations=2,
+        text_rows=8,
+        eval_batch_size=16,
+        bake=BakeSettings(**{**TINY_BAKE, "max_new_tokens": 4, "max_steps": 10, "batch_size": 6, "lr_scale": 4.0}),
+    ),
     "tiny": Settings(bake=BakeSettings(**TINY_BAKE)),
-    "small": Settings(candidates=4, bake_items=512, selection_items=96, final_items=300, tool_new_tokens=32,
-                      max_iterations=10, text_rows=256,
-                      bake=BakeSettings(**{**TINY_BAKE, "method": "lora", "lora_rank": 16, "lora_alpha": 32.0,
-                                           "samples_per_input": 2, "max_new_tokens": 24, "max_steps": 300,
-                                           "eval_every": 10, "batch_size": 32})),
-    "smol": Settings(candidates=2, bake_items=16, selection_items=6, final_items=12, tool_new_tokens=16,
-                     max_iterations=2, text_rows=16, eval_batch_size=16,
-                     bake=BakeSettings(**{**TINY_BAKE, "max_new_tokens": 12, "batch_size": 8, "max_steps": 12,
-                                          "eval_every": 4})),
+    "small": Settings(
+        candidates=4,
+        bake_items=512,
+        selection_items=96,
+        final_items=300,
+        tool_new_tokens=32,
+        max_iterations=10,
+        text_rows=256,
+        bake=BakeSettings(
+            **{
+                **TINY_BAKE,
+                "method": "lora",
+                "lora_rank": 16,
+                "lora_alpha": 32.0,
+                "samples_per_input": 2,
+                "max_new_tokens": 24,
+                "max_steps": 300,
+                "eval_every": 10,
+                "batch_size": 32,
+            }
+        ),
+    ),
+    "smol": Settings(
+        candidates=2,
+        bake_items=16,
+        selection_items=6,
+        final_items=12,
+        tool_new_tokens=16,
+        max_iterations=2,
+        text_rows=16,
+        eval_batch_size=16,
+        bake=BakeSettings(**{**TINY_BAKE, "max_new_tokens": 12, "batch_size": 8, "max_steps": 12, "eval_every": 4}),
+    ),
 }
 
 
@@ -170,8 +213,10 @@ def build_data(p: PhaseRun, tokenizer) -> PhaseData:
 
     def items(split: str, total: int) -> dict[str, list]:
         """About ``total`` items of ``split`` per cycle, the same number from each family and level."""
-        return {cycle: suite.items(split, math.ceil(total / (len(fams) * len(p.data.task_levels))), fams)
-                for cycle, fams in families.items()}
+        return {
+            cycle: suite.items(split, math.ceil(total / (len(fams) * len(p.data.task_levels))), fams)
+            for cycle, fams in families.items()
+        }
 
     return PhaseData(
         bake_inputs={cycle: [it.prompt for it in its] for cycle, its in items("train", settings.bake_items).items()},
@@ -179,7 +224,8 @@ def build_data(p: PhaseRun, tokenizer) -> PhaseData:
         anchor=suite.text("train", settings.anchor_rows, spread_rows=True)["input_ids"],
         text_validation=suite.text("validation", settings.text_rows, spread_rows=True),
         final=items("test", settings.final_items),
-        text_test=suite.text("test", settings.text_rows, spread_rows=True))
+        text_test=suite.text("test", settings.text_rows, spread_rows=True),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,17 +245,28 @@ def tool_prompt_bake(p: PhaseRun, fp: Loaded, data: PhaseData, cycles: dict, sta
     if cycles["full_bake"] is not None:
         return state().full_bake
     settings, out_dir = p.settings, p.out_dir / "bakes" / "report-tools"
-    result = bake(copy.deepcopy(fp.model), fp.tokenizer, cycles["best"]["tools"] or settings.tool_prompts[0],
-                  data.bake_inputs["tools"], [it.prompt for it in data.selection["tools"]],
-                  cycle_bake_settings(settings.bake, "tools", settings.tool_new_tokens), out_dir=out_dir,
-                  strength=1.0, keep=(settings.strength,), anchor=data.anchor, seed=p.seed + 1, wandb_mode="disabled",
-                  progress=False)
+    result = bake(
+        copy.deepcopy(fp.model),
+        fp.tokenizer,
+        cycles["best"]["tools"] or settings.tool_prompts[0],
+        data.bake_inputs["tools"],
+        [it.prompt for it in data.selection["tools"]],
+        cycle_bake_settings(settings.bake, "tools", settings.tool_new_tokens),
+        out_dir=out_dir,
+        strength=1.0,
+        keep=(settings.strength,),
+        anchor=data.anchor,
+        seed=p.seed + 1,
+        wandb_mode="disabled",
+        progress=False,
+    )
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     return result
 
 
-def report_models(p: PhaseRun, fp: Loaded, final: Loaded, data: PhaseData, cycles: dict,
-                  state: Callable[[], CycleState]) -> tuple[dict, dict | None]:
+def report_models(
+    p: PhaseRun, fp: Loaded, final: Loaded, data: PhaseData, cycles: dict, state: Callable[[], CycleState]
+) -> tuple[dict, dict | None]:
     """The models the report measures, ``{name: model}`` (original, half, full, final), and the
     summary of the tool prompt's full bake (None without ``measure_full_bake``). The full bake's
     models are saved in ``bakes/full`` and ``bakes/half``."""
@@ -222,12 +279,18 @@ def report_models(p: PhaseRun, fp: Loaded, final: Loaded, data: PhaseData, cycle
         metadata = {"role": "tool prompt baked for the report", "prompt": full_bake["prompt"], "parents": [fp.path]}
         if full_bake["stop_reason"] != "no effect":
             if str(settings.strength) in full_bake["kept"]:
-                models["half"] = p.model_step("tool_bake_half", lambda: Built(
-                    baked().kept[settings.strength].model, tokenizer, {**metadata, "strength": settings.strength}),
-                    directory="bakes/half").model
-            models["full"] = p.model_step("tool_bake_full", lambda: Built(baked().model, tokenizer,
-                                                                         {**metadata, "strength": 1.0}),
-                                          directory="bakes/full").model
+                models["half"] = p.model_step(
+                    "tool_bake_half",
+                    lambda: Built(
+                        baked().kept[settings.strength].model, tokenizer, {**metadata, "strength": settings.strength}
+                    ),
+                    directory="bakes/half",
+                ).model
+            models["full"] = p.model_step(
+                "tool_bake_full",
+                lambda: Built(baked().model, tokenizer, {**metadata, "strength": 1.0}),
+                directory="bakes/full",
+            ).model
     models["final"] = final.model
     return models, full_bake
 
@@ -243,9 +306,16 @@ def measure_report(p: PhaseRun, tokenizer, data: PhaseData, models: dict, prompt
     for cycle, prompt in prompts.items():
         shown = models if cycle == "tools" else {n: models[n] for n in ("original", "final")}
         bake = cycle_bake_settings(settings.bake, cycle, settings.tool_new_tokens)
-        trajectories = prompted_trajectories(original, tokenizer, prompt, [it.prompt for it in data.final[cycle]],
-                                             batch_size=bake.batch_size, tools=bake.tools,
-                                             max_new_tokens=bake.max_new_tokens, seed=p.seed + 99)
+        trajectories = prompted_trajectories(
+            original,
+            tokenizer,
+            prompt,
+            [it.prompt for it in data.final[cycle]],
+            batch_size=bake.batch_size,
+            tools=bake.tools,
+            max_new_tokens=bake.max_new_tokens,
+            seed=p.seed + 99,
+        )
         report["kl_rows"][cycle] = {
             n: dict(zip(("sums", "tokens"), row_kl(m, trajectories, batch_size=bake.batch_size)))
             for n, m in shown.items()
@@ -253,11 +323,20 @@ def measure_report(p: PhaseRun, tokenizer, data: PhaseData, models: dict, prompt
         report["kl"][cycle] = {n: sum(r["sums"]) / sum(r["tokens"]) for n, r in report["kl_rows"][cycle].items()}
 
         def measure(model, in_context: str | None, cycle: str = cycle) -> dict:
-            return behaviour(cycle, model, tokenizer, in_context, data.final[cycle],
-                             tool_new_tokens=settings.tool_new_tokens, batch_size=settings.eval_batch_size)
+            return behaviour(
+                cycle,
+                model,
+                tokenizer,
+                in_context,
+                data.final[cycle],
+                tool_new_tokens=settings.tool_new_tokens,
+                batch_size=settings.eval_batch_size,
+            )
 
-        report["behaviour"][cycle] = {"prompted_original": measure(original, prompt),
-                                      **{n: measure(m, None) for n, m in shown.items()}}
+        report["behaviour"][cycle] = {
+            "prompted_original": measure(original, prompt),
+            **{n: measure(m, None) for n, m in shown.items()},
+        }
     for name, model in models.items():
         nll, tokens = row_nll(model, data.text_test, batch_size=settings.eval_batch_size)
         report["text_rows"][name] = {"nll": nll, "tokens": tokens}
@@ -278,16 +357,29 @@ def effects(report: dict, seed: int) -> list[Effect]:
 
     def kl_removed(name: str) -> Effect:
         left = ratio_of_sums(kl[name]["sums"], kl["original"]["sums"], seed=seed)
-        return Effect(f"tool-prompt KL removed, {DESCRIBED[name]}", "the unprompted input model",
-                      1 - left["mean"], 1 - left["high"], 1 - left["low"])
+        return Effect(
+            f"tool-prompt KL removed, {DESCRIBED[name]}",
+            "the unprompted input model",
+            1 - left["mean"],
+            1 - left["high"],
+            1 - left["low"],
+        )
 
-    found = [kl_removed("final"),
-             Effect.of("tool-call format rate unprompted, handed-on model", "the unprompted input model",
-                       paired_difference(tools["final"]["items"]["format"], tools["original"]["items"]["format"],
-                                         seed=seed)),
-             Effect.of("text perplexity ratio, handed-on model", "the input model",
-                       perplexity_ratio(text["final"]["nll"], text["original"]["nll"], text["original"]["tokens"],
-                                        seed=seed), better="lower", neutral=1.0)]
+    found = [
+        kl_removed("final"),
+        Effect.of(
+            "tool-call format rate unprompted, handed-on model",
+            "the unprompted input model",
+            paired_difference(tools["final"]["items"]["format"], tools["original"]["items"]["format"], seed=seed),
+        ),
+        Effect.of(
+            "text perplexity ratio, handed-on model",
+            "the input model",
+            perplexity_ratio(text["final"]["nll"], text["original"]["nll"], text["original"]["tokens"], seed=seed),
+            better="lower",
+            neutral=1.0,
+        ),
+    ]
     return found + [kl_removed("full")] if "full" in kl else found
 
 
@@ -306,8 +398,13 @@ def headline(report: dict) -> dict:
         row[f"persona/{name}/accuracy"] = measured["accuracy"]
         row[f"persona/{name}/answer_probability"] = measured["answer_probability"]
     row.update({f"perplexity/{name}": value for name, value in report["perplexity"].items()})
-    row.update({f"perplexity_change/{name}": value / report["perplexity"]["original"] - 1
-                for name, value in report["perplexity"].items() if name != "original"})
+    row.update(
+        {
+            f"perplexity_change/{name}": value / report["perplexity"]["original"] - 1
+            for name, value in report["perplexity"].items()
+            if name != "original"
+        }
+    )
     return row
 
 
@@ -327,30 +424,52 @@ def run(p: PhaseRun) -> PhaseResult:
     data = build_data(p, tokenizer)
     # the cycles' model and full bake stay in memory for the steps after them; a rerun that
     # finds those steps finished never runs the cycles
-    state = functools.cache(lambda: run_cycles(copy.deepcopy(fp.model),
-                                               CycleRun(tokenizer, data, settings, p.seed, p.out_dir, p.say)))
+    state = functools.cache(
+        lambda: run_cycles(copy.deepcopy(fp.model), CycleRun(tokenizer, data, settings, p.seed, p.out_dir, p.say))
+    )
     cycles = p.step("cycles", lambda: state().record(), everywhere=True)
-    final = p.model_step("model", lambda: Built(state().model, tokenizer, {"baked_prompts": cycles["baked"],
-                                                                           "parents": [fp.path]},
-                                                carry=head_files(fp.path)))
+    final = p.model_step(
+        "model",
+        lambda: Built(
+            state().model,
+            tokenizer,
+            {"baked_prompts": cycles["baked"], "parents": [fp.path]},
+            carry=head_files(fp.path),
+        ),
+    )
     p.say(f"{len(cycles['baked'])} prompt(s) baked ({cycles['stop_reason']}); measuring on the test split")
     models, full_bake = report_models(p, fp, final, data, cycles, state)
-    prompts = {"tools": full_bake["prompt"] if full_bake else cycles["best"]["tools"] or settings.tool_prompts[0],
-               "persona": cycles["best"]["persona"] or settings.persona_prompts[0]}
+    prompts = {
+        "tools": full_bake["prompt"] if full_bake else cycles["best"]["tools"] or settings.tool_prompts[0],
+        "persona": cycles["best"]["persona"] or settings.persona_prompts[0],
+    }
     report = p.step("report", lambda: measure_report(p, tokenizer, data, models, prompts))
-    summary = {"stop_reason": cycles["stop_reason"], "baked": cycles["baked"],
-               "report": {"prompts": prompts, "full_bake": full_bake, **report},
-               "validation_perplexity_input": cycles["validation_perplexity_input"]}
-    return p.finish({"model": final.path}, {**headline(report), "baked_prompts": len(cycles["baked"])}, summary,
-                    rows={"iteration": cycles["rows"]}, effects=effects(report, p.seed))
+    summary = {
+        "stop_reason": cycles["stop_reason"],
+        "baked": cycles["baked"],
+        "report": {"prompts": prompts, "full_bake": full_bake, **report},
+        "validation_perplexity_input": cycles["validation_perplexity_input"],
+    }
+    return p.finish(
+        {"model": final.path},
+        {**headline(report), "baked_prompts": len(cycles["baked"])},
+        summary,
+        rows={"iteration": cycles["rows"]},
+        effects=effects(report, p.seed),
+    )
 
 
 SPEC = PhaseSpec(
-    number=6, name="baking", summary="a tool-use prompt and a persona baked into the weights, measured by KL and "
-                                     "behaviour",
-    settings=Settings, presets=PRESETS, run=run,
+    number=6,
+    name="baking",
+    summary="a tool-use prompt and a persona baked into the weights, measured by KL and behaviour",
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
     needs={"model": Input("curriculum.model", "input model directory (in the pipeline the curriculum model)")},
-    provides={"model": model_dir}, figures="agentforge.figures.baking")
+    provides={"model": model_dir},
+    figures="agentforge.figures.baking",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

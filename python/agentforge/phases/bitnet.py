@@ -38,6 +38,7 @@ Outputs in the phase directory: ``latent/``, ``packed/``, ``train/ternary`` and
 
 Run alone: ``python -m agentforge.phases.bitnet --model DIR --preset tiny --out DIR``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,8 +87,12 @@ class Settings(Checked):
     speed_prompt_len: int = setting(16, "[1, 65536]")
     speed_new_tokens: int = setting(16, "[1, 65536]")
     measure_memory: bool = setting(True, doc="peak memory of each model in a fresh process (seconds each)")
-    head_steps: int = setting(10, "[0, 100000]", doc="steps re-fitting a Quiet-STaR thinking head (if the input "
-                                                     "has one) to the ternary model; 0 carries it as it is")
+    head_steps: int = setting(
+        10,
+        "[0, 100000]",
+        doc="steps re-fitting a Quiet-STaR thinking head (if the input "
+        "has one) to the ternary model; 0 carries it as it is",
+    )
     head_items: int = setting(100, "[1, 100000]", doc="training items per family and level for the head")
 
     def check(self) -> None:
@@ -98,16 +103,51 @@ class Settings(Checked):
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(calibration_rows=4, calibration_tokens=256, sensitive_layers=2, steps=6, batch_size=8,
-                      train_items=40, checkpoint_every=3, eval_items=4, eval_text_rows=16, eval_batch_size=32,
-                      speed_batch_sizes=[1, 2], speed_new_tokens=4, measure_memory=False, head_steps=2, head_items=8),
+    "micro": Settings(
+        calibration_rows=4,
+        calibration_tokens=256,
+        sensitive_layers=2,
+        steps=6,
+        batch_size=8,
+        train_items=40,
+        checkpoint_every=3,
+        eval_items=4,
+        eval_text_rows=16,
+        eval_batch_size=32,
+        speed_batch_sizes=[1, 2],
+        speed_new_tokens=4,
+        measure_memory=False,
+        head_steps=2,
+        head_items=8,
+    ),
     "tiny": Settings(),
-    "small": Settings(calibration_rows=64, calibration_tokens=8192, sensitive_layers=5, steps=2000, batch_size=64,
-                      train_items=5000, checkpoint_every=250, eval_items=100, eval_text_rows=512,
-                      speed_new_tokens=32),
-    "smol": Settings(calibration_rows=8, calibration_tokens=1024, steps=40, batch_size=8, train_items=100,
-                     checkpoint_every=20, eval_items=8, eval_text_rows=32, eval_batch_size=32, speed_batch_sizes=[1],
-                     speed_new_tokens=8, head_steps=4, head_items=16),
+    "small": Settings(
+        calibration_rows=64,
+        calibration_tokens=8192,
+        sensitive_layers=5,
+        steps=2000,
+        batch_size=64,
+        train_items=5000,
+        checkpoint_every=250,
+        eval_items=100,
+        eval_text_rows=512,
+        speed_new_tokens=32,
+    ),
+    "smol": Settings(
+        calibration_rows=8,
+        calibration_tokens=1024,
+        steps=40,
+        batch_size=8,
+        train_items=100,
+        checkpoint_every=20,
+        eval_items=8,
+        eval_text_rows=32,
+        eval_batch_size=32,
+        speed_batch_sizes=[1],
+        speed_new_tokens=8,
+        head_steps=4,
+        head_items=16,
+    ),
 }
 
 
@@ -128,9 +168,11 @@ def build_data(p: PhaseRun, tokenizer) -> PhaseData:
     train = suite.splits["train"]
     return PhaseData(
         calibration=train.shuffle(seed=p.seed).select(range(min(settings.calibration_rows, len(train)))),
-        train_rows=suite.training_mixture(settings.train_items, settings.text_weight,
-                                          settings.steps * settings.batch_size),
-        held=suite.held_out("test", settings.eval_items, settings.eval_text_rows))
+        train_rows=suite.training_mixture(
+            settings.train_items, settings.text_weight, settings.steps * settings.batch_size
+        ),
+        held=suite.held_out("test", settings.eval_items, settings.eval_text_rows),
+    )
 
 
 def measure(p: PhaseRun, model, tokenizer, data: PhaseData) -> dict:
@@ -170,8 +212,17 @@ def finetune(p: PhaseRun, model, rows, stage: str):
         return default_loss(wrapped, batch), {"lambda": lam}
 
     try:
-        return p.train(model, rows, stage, optimizer=optimizer, steps=settings.steps, batch_size=settings.batch_size,
-                       loss_fn=loss_fn, checkpoint_every=settings.checkpoint_every, log_every=5)
+        return p.train(
+            model,
+            rows,
+            stage,
+            optimizer=optimizer,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            loss_fn=loss_fn,
+            checkpoint_every=settings.checkpoint_every,
+            log_every=5,
+        )
     finally:
         set_lambda(layers, 1.0)  # the model leaves fine-tuning fully ternary, as it is saved
 
@@ -194,8 +245,15 @@ def thinking_head(p: PhaseRun, student, fp):
             param.requires_grad_(False)
         try:
             optimizer = torch.optim.AdamW(thinker.mixing_head.parameters(), lr=1e-3)
-            p.train(thinker, rows, "thinking_head", optimizer=optimizer, steps=p.settings.head_steps,
-                    batch_size=p.settings.batch_size, loss_fn=lambda model, batch: thinking_loss(model, batch))
+            p.train(
+                thinker,
+                rows,
+                "thinking_head",
+                optimizer=optimizer,
+                steps=p.settings.head_steps,
+                batch_size=p.settings.batch_size,
+                loss_fn=lambda model, batch: thinking_loss(model, batch),
+            )
         finally:
             for param in frozen:
                 param.requires_grad_(True)
@@ -215,17 +273,25 @@ def calibrate(p: PhaseRun, fp, data: PhaseData) -> list[dict]:
     settings = p.settings
     names = linear_names(fp, tuple(settings.skip))
     if not names:
-        raise ConfigError(f"bitnet: {type(fp).__name__} has no nn.Linear layer outside the skip patterns "
-                          f"{settings.skip}")
+        raise ConfigError(
+            f"bitnet: {type(fp).__name__} has no nn.Linear layer outside the skip patterns {settings.skip}"
+        )
 
     def mean_nll(model) -> float:
         return math.log(perplexity(model, data.calibration, batch_size=settings.eval_batch_size))
 
     rows, size = data.calibration, settings.eval_batch_size
-    batches = [{"input_ids": torch.tensor(rows[i:i + size]["input_ids"])} for i in range(0, len(rows), size)]
-    records = calibrate_layers(fp, names, batches, mean_nll, min_gain=settings.per_channel_min_gain,
-                               n_sensitive=settings.sensitive_layers, max_tokens=settings.calibration_tokens,
-                               seed=p.seed)
+    batches = [{"input_ids": torch.tensor(rows[i : i + size]["input_ids"])} for i in range(0, len(rows), size)]
+    records = calibrate_layers(
+        fp,
+        names,
+        batches,
+        mean_nll,
+        min_gain=settings.per_channel_min_gain,
+        n_sensitive=settings.sensitive_layers,
+        max_tokens=settings.calibration_tokens,
+        seed=p.seed,
+    )
     return [r.to_dict() for r in records]
 
 
@@ -248,14 +314,22 @@ def run(p: PhaseRun) -> PhaseResult:
     calibration = p.step("calibrate", lambda: calibrate(p, fp.model, data))
     student = copy.deepcopy(fp.model)
     kept = convert_as_calibrated(student, calibration, settings.skip, settings.keep_sensitive_fp)
-    quant = {"calibration": calibration, "kept_fp": kept, "skip": list(settings.skip),
-             "lambda_warmup_steps": round(settings.lambda_warmup_fraction * settings.steps)}
+    quant = {
+        "calibration": calibration,
+        "kept_fp": kept,
+        "skip": list(settings.skip),
+        "lambda_warmup_steps": round(settings.lambda_warmup_fraction * settings.steps),
+    }
     reports["ternary_before"] = p.step("measure_ternary_before", lambda: measure(p, student, tokenizer, data))
 
     def build_latent() -> Built:
         finetune(p, student, data.train_rows, "ternary")
-        return Built(student, tokenizer, {"role": "latent", "quantization": quant, "parents": [fp.path]},
-                     write_extra=thinking_head(p, student, fp))
+        return Built(
+            student,
+            tokenizer,
+            {"role": "latent", "quantization": quant, "parents": [fp.path]},
+            write_extra=thinking_head(p, student, fp),
+        )
 
     latent = p.model_step("latent", build_latent)
 
@@ -265,12 +339,23 @@ def run(p: PhaseRun) -> PhaseResult:
         return measure(p, control, tokenizer, data)
 
     reports["fp_control"] = p.step("fp_control", control_report, everywhere=True)
-    packed = p.model_step("packed", lambda: Built(pack_bitnet(copy.deepcopy(latent.model)), tokenizer,
-                                                  {"role": "packed", "quantization": quant, "parents": [fp.path]},
-                                                  carry=head_files(latent.path)))
+    packed = p.model_step(
+        "packed",
+        lambda: Built(
+            pack_bitnet(copy.deepcopy(latent.model)),
+            tokenizer,
+            {"role": "packed", "quantization": quant, "parents": [fp.path]},
+            carry=head_files(latent.path),
+        ),
+    )
     summary = verify_and_measure(p, fp, latent.path, packed.path, data, reports, quant)
-    return p.finish({"packed": packed.path, "latent": latent.path}, flat_metrics(summary), summary,
-                    rows={"layer": layer_rows(summary)}, effects=effects(reports, p.seed))
+    return p.finish(
+        {"packed": packed.path, "latent": latent.path},
+        flat_metrics(summary),
+        summary,
+        rows={"layer": layer_rows(summary)},
+        effects=effects(reports, p.seed),
+    )
 
 
 def effects(reports: dict, seed: int) -> list[Effect]:
@@ -279,12 +364,20 @@ def effects(reports: dict, seed: int) -> list[Effect]:
     from agentforge.eval.stats import paired_difference, perplexity_ratio
 
     packed, control = reports["finetuned"], reports["fp_control"]
-    ratio = perplexity_ratio(packed["text_rows"]["nll"], control["text_rows"]["nll"], packed["text_rows"]["tokens"],
-                             seed=seed)
+    ratio = perplexity_ratio(
+        packed["text_rows"]["nll"], control["text_rows"]["nll"], packed["text_rows"]["tokens"], seed=seed
+    )
     accuracy = paired_difference(all_scores(packed), all_scores(control), seed=seed)
-    return [Effect.of("text perplexity ratio, packed ternary", "the float model fine-tuned alike", ratio,
-                      better="lower", neutral=1.0),
-            Effect.of("task accuracy, packed ternary", "the float model fine-tuned alike", accuracy)]
+    return [
+        Effect.of(
+            "text perplexity ratio, packed ternary",
+            "the float model fine-tuned alike",
+            ratio,
+            better="lower",
+            neutral=1.0,
+        ),
+        Effect.of("task accuracy, packed ternary", "the float model fine-tuned alike", accuracy),
+    ]
 
 
 def all_scores(report: dict) -> list[float]:
@@ -292,8 +385,9 @@ def all_scores(report: dict) -> list[float]:
     return [score for scores in report["scores"].values() for score in scores]
 
 
-def verify_and_measure(p: PhaseRun, fp, latent_dir: Path, packed_dir: Path, data: PhaseData, reports: dict,
-                       quant: dict) -> dict:
+def verify_and_measure(
+    p: PhaseRun, fp, latent_dir: Path, packed_dir: Path, data: PhaseData, reports: dict, quant: dict
+) -> dict:
     """Reload both outputs as they will be consumed, check them, and measure everything the
     summary reports."""
     from agentforge.artifacts import load_model_dir
@@ -304,24 +398,46 @@ def verify_and_measure(p: PhaseRun, fp, latent_dir: Path, packed_dir: Path, data
     latent, packed = load_model_dir(latent_dir)[0], load_model_dir(packed_dir)[0]
     require_state(latent, "training", str(latent_dir))
     require_state(packed, "packed", str(packed_dir))
-    grad = gradient_flow(latent, {k: torch.tensor(v) for k, v in data.train_rows[:settings.batch_size].items()})
+    grad = gradient_flow(latent, {k: torch.tensor(v) for k, v in data.train_rows[: settings.batch_size].items()})
     if not grad["ok"]:
-        raise RuntimeError(f"bitnet: no finite, non-zero STE gradient reaches the latent weights of "
-                           f"{grad['bad_layers']}")
+        raise RuntimeError(
+            f"bitnet: no finite, non-zero STE gradient reaches the latent weights of {grad['bad_layers']}"
+        )
     reports["finetuned"] = p.step("measure_packed", lambda: measure(p, packed, tokenizer, data))
-    latent_ppl = p.step("measure_latent", lambda: perplexity(latent, data.held.text,
-                                                              batch_size=settings.eval_batch_size))
+    latent_ppl = p.step(
+        "measure_latent", lambda: perplexity(latent, data.held.text, batch_size=settings.eval_batch_size)
+    )
     sizes = layer_sizes(fp.path, packed_dir, packed, latent)
-    speed = p.step("speed", lambda: speed_report(
-        {"fp": fp.model, "packed": packed}, {"fp": fp.path, "packed": packed_dir}, list(sizes["layers"]),
-        batch_sizes=settings.speed_batch_sizes, prompt_len=settings.speed_prompt_len,
-        new_tokens=settings.speed_new_tokens, memory=settings.measure_memory))
-    return {"quantization": quant, "models": reports, "finetuned_latent_perplexity": latent_ppl,
-            "latent_packed_max_logit_diff": max_logit_difference(
-                latent, packed, data.held.text.select(range(min(8, len(data.held.text))))),
-            "targets": targets(reports), "gradient_flow": grad, "sizes": sizes, "speed": speed,
-            "machine": {"device": "cpu", "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-                        "kv_cache": bool(getattr(fp.model.generation_config, "use_cache", True))}}
+    speed = p.step(
+        "speed",
+        lambda: speed_report(
+            {"fp": fp.model, "packed": packed},
+            {"fp": fp.path, "packed": packed_dir},
+            list(sizes["layers"]),
+            batch_sizes=settings.speed_batch_sizes,
+            prompt_len=settings.speed_prompt_len,
+            new_tokens=settings.speed_new_tokens,
+            memory=settings.measure_memory,
+        ),
+    )
+    return {
+        "quantization": quant,
+        "models": reports,
+        "finetuned_latent_perplexity": latent_ppl,
+        "latent_packed_max_logit_diff": max_logit_difference(
+            latent, packed, data.held.text.select(range(min(8, len(data.held.text))))
+        ),
+        "targets": targets(reports),
+        "gradient_flow": grad,
+        "sizes": sizes,
+        "speed": speed,
+        "machine": {
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
+            "kv_cache": bool(getattr(fp.model.generation_config, "use_cache", True)),
+        },
+    }
 
 
 def layer_sizes(source: Path, packed_dir: Path, packed, latent) -> dict:
@@ -330,9 +446,15 @@ def layer_sizes(source: Path, packed_dir: Path, packed, latent) -> dict:
     from agentforge.quant import safetensors_bytes, ternary_layer_stats, totals
 
     stats = ternary_layer_stats(packed_dir, {n: m.in_features for n, m in bitlinear_layers(packed).items()})
-    sizes = {"fp_bytes": safetensors_bytes(source), "packed_bytes": safetensors_bytes(packed_dir), **totals(stats),
-             "fp_ternary_layer_bytes": sum(m.weight.numel() * m.weight.element_size()
-                                           for m in bitlinear_layers(latent).values()), "layers": stats}
+    sizes = {
+        "fp_bytes": safetensors_bytes(source),
+        "packed_bytes": safetensors_bytes(packed_dir),
+        **totals(stats),
+        "fp_ternary_layer_bytes": sum(
+            m.weight.numel() * m.weight.element_size() for m in bitlinear_layers(latent).values()
+        ),
+        "layers": stats,
+    }
     sizes["size_ratio"] = sizes["fp_bytes"] / sizes["packed_bytes"]
     return sizes
 
@@ -361,9 +483,17 @@ def targets(reports: dict) -> dict:
 
 def layer_rows(summary: dict) -> list[dict]:
     stats = summary["sizes"]["layers"]
-    return [{**record, **{k: v for k, v in stats.get(record["name"], {}).items()
-                          if k in ("sparsity", "bits_per_weight", "bits_per_weight_with_scales")}}
-            for record in summary["quantization"]["calibration"]]
+    return [
+        {
+            **record,
+            **{
+                k: v
+                for k, v in stats.get(record["name"], {}).items()
+                if k in ("sparsity", "bits_per_weight", "bits_per_weight_with_scales")
+            },
+        }
+        for record in summary["quantization"]["calibration"]
+    ]
 
 
 def flat_metrics(summary: dict) -> dict:
@@ -399,10 +529,16 @@ def flat_metrics(summary: dict) -> dict:
 
 
 SPEC = PhaseSpec(
-    number=4, name="bitnet", summary="ternary (b1.58) conversion, calibration, STE fine-tuning with λ warm-up",
-    settings=Settings, presets=PRESETS, run=run,
+    number=4,
+    name="bitnet",
+    summary="ternary (b1.58) conversion, calibration, STE fine-tuning with λ warm-up",
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
     needs={"model": Input("quietstar.model", "input HF causal LM directory (with tokenizer)")},
-    provides={"packed": model_dir, "latent": model_dir}, figures="agentforge.figures.bitnet")
+    provides={"packed": model_dir, "latent": model_dir},
+    figures="agentforge.figures.bitnet",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ metrics), ``metrics.jsonl`` and ``summary.json``.
 
 Run alone: ``python -m agentforge.phases.cognate --preset tiny --out DIR``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -69,10 +70,16 @@ class Settings(Checked):
     sibling_lr_scale: float = setting(0.5, "(0, 10]", doc="sibling learning rates relative to the trunk's")
     checkpoint_every: int = setting(50, "[0, 10000000]")
     eval_batch_size: int = setting(64, "[1, 65536]")
-    base_model: str | None = setting(None, doc="a pretrained causal LM to start from: an HF model directory, a "
-                                               ".gguf file or 'smollm2' (None: train a Cognate model from scratch)")
-    sibling_method: str = setting("lora", choices=("lora", "full"),
-                                  doc="how siblings are tuned from a base: LoRA adapters merged back, or all weights")
+    base_model: str | None = setting(
+        None,
+        doc="a pretrained causal LM to start from: an HF model directory, a "
+        ".gguf file or 'smollm2' (None: train a Cognate model from scratch)",
+    )
+    sibling_method: str = setting(
+        "lora",
+        choices=("lora", "full"),
+        doc="how siblings are tuned from a base: LoRA adapters merged back, or all weights",
+    )
     lora_rank: int = setting(16, "[1, 1024]", doc="LoRA rank of a base's siblings")
     sibling_lr: float = setting(2e-4, "(0, 1]", doc="AdamW learning rate of a base's siblings")
 
@@ -84,15 +91,43 @@ class Settings(Checked):
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(model_preset="micro", vocab_size=384, train_items=200, eval_items=8, eval_text_rows=32,
-                      batch_size=8, trunk_steps=12, sibling_steps=6, checkpoint_every=6, eval_batch_size=32),
+    "micro": Settings(
+        model_preset="micro",
+        vocab_size=384,
+        train_items=200,
+        eval_items=8,
+        eval_text_rows=32,
+        batch_size=8,
+        trunk_steps=12,
+        sibling_steps=6,
+        checkpoint_every=6,
+        eval_batch_size=32,
+    ),
     "tiny": Settings(),
-    "small": Settings(model_preset="small", vocab_size=8192, train_items=10000, eval_items=100, batch_size=64,
-                      trunk_steps=4000, sibling_steps=1000, checkpoint_every=250),
+    "small": Settings(
+        model_preset="small",
+        vocab_size=8192,
+        train_items=10000,
+        eval_items=100,
+        batch_size=64,
+        trunk_steps=4000,
+        sibling_steps=1000,
+        checkpoint_every=250,
+    ),
     # LoRA: full fine-tuning costs the same ~7 s a step here but needs ~1.5 GB more for AdamW
-    "smol": Settings(base_model="smollm2", sibling_method="lora", lora_rank=16, sibling_lr=5e-4, train_items=200,
-                     eval_items=16, eval_text_rows=32, batch_size=8, sibling_steps=20, checkpoint_every=10,
-                     eval_batch_size=32),
+    "smol": Settings(
+        base_model="smollm2",
+        sibling_method="lora",
+        lora_rank=16,
+        sibling_lr=5e-4,
+        train_items=200,
+        eval_items=16,
+        eval_text_rows=32,
+        batch_size=8,
+        sibling_steps=20,
+        checkpoint_every=10,
+        eval_batch_size=32,
+    ),
 }
 
 
@@ -117,16 +152,18 @@ def new_tokenizer(p: PhaseRun, settings: Settings):
     texts = documents(p.data)
     train_docs = [texts[i] for i in sorted(document_split(len(texts), seed=p.seed)["train"])]
     train_items = EvalSuite(p.data, None, p.seed).items("train", settings.train_items)
-    return train_tokenizer(train_docs + [it.prompt + it.answer for it in train_items], settings.vocab_size,
-                           seed=p.seed)
+    return train_tokenizer(train_docs + [it.prompt + it.answer for it in train_items], settings.vocab_size, seed=p.seed)
 
 
 def build_data(p: PhaseRun, settings: Settings, tokenizer) -> PhaseData:
     suite = p.suite(tokenizer)
     test_items = suite.by_domain("test", settings.eval_items)
-    return PhaseData(text=suite.splits,
-                     domains={d: suite.rows(its) for d, its in suite.by_domain("train", settings.train_items).items()},
-                     test_items=test_items, test_rows={d: suite.rows(its) for d, its in test_items.items()})
+    return PhaseData(
+        text=suite.splits,
+        domains={d: suite.rows(its) for d, its in suite.by_domain("train", settings.train_items).items()},
+        test_items=test_items,
+        test_rows={d: suite.rows(its) for d, its in test_items.items()},
+    )
 
 
 def mixture(data: PhaseData, rows: int, seed: int, weights: dict[str, float]):
@@ -156,15 +193,27 @@ def train_stage(p: PhaseRun, model, rows, steps: int, lr_scale: float, stage: st
     settings = p.settings
     rates = {key: OPTIMIZER_PRESETS["pretrain"][key] * lr_scale for key in ("muon_lr", "adamw_lr")}
     optimizer = MuGrokfast.from_preset(model, "pretrain", total_steps=steps, **rates)
-    return p.train(model, rows, stage, optimizer=optimizer, steps=steps, batch_size=settings.batch_size,
-                   checkpoint_every=settings.checkpoint_every)
+    return p.train(
+        model,
+        rows,
+        stage,
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=settings.batch_size,
+        checkpoint_every=settings.checkpoint_every,
+    )
 
 
 def new_trunk_model(settings: Settings, tokenizer):
     from agentforge.models import CognateConfig, CognateForCausalLM
 
-    config = CognateConfig.from_preset(settings.model_preset, vocab_size=len(tokenizer), **TRUNK_BEHAVIOUR,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CognateConfig.from_preset(
+        settings.model_preset,
+        vocab_size=len(tokenizer),
+        **TRUNK_BEHAVIOUR,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return CognateForCausalLM(config)
 
 
@@ -182,12 +231,27 @@ def tuned_from_base(p: PhaseRun, base, rows, stage: str):
 
         with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            model = get_peft_model(model, LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
-                                                     lora_dropout=0.0, target_modules="all-linear"))
-    optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=settings.sibling_lr,
-                                  weight_decay=0.0)
-    p.train(model, rows, stage, optimizer=optimizer, steps=settings.sibling_steps, batch_size=settings.batch_size,
-            checkpoint_every=settings.checkpoint_every)
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=settings.lora_rank,
+                    lora_alpha=2 * settings.lora_rank,
+                    lora_dropout=0.0,
+                    target_modules="all-linear",
+                ),
+            )
+    optimizer = torch.optim.AdamW(
+        [w for w in model.parameters() if w.requires_grad], lr=settings.sibling_lr, weight_decay=0.0
+    )
+    p.train(
+        model,
+        rows,
+        stage,
+        optimizer=optimizer,
+        steps=settings.sibling_steps,
+        batch_size=settings.batch_size,
+        checkpoint_every=settings.checkpoint_every,
+    )
     return (model.merge_and_unload() if settings.sibling_method == "lora" else model).eval()
 
 
@@ -213,7 +277,7 @@ def act_passes_and_throughput(model, rows, batch_size: int) -> tuple[float, floa
     model.eval()
     passes, tokens, seconds = 0.0, 0, 0.0
     for start in range(0, len(rows), batch_size):
-        ids = torch.tensor(rows[start:start + batch_size]["input_ids"])
+        ids = torch.tensor(rows[start : start + batch_size]["input_ids"])
         began = time.perf_counter()
         steps = float(model(ids).mean_steps)
         seconds += time.perf_counter() - began
@@ -229,11 +293,13 @@ def evaluate_model(model, suite, held, settings: Settings) -> dict:
     from agentforge.eval import parameter_count, tokens_per_second
 
     report = suite.measure(model, held, batch_size=settings.eval_batch_size)
-    report.update(tokens_per_s=tokens_per_second(model, prompt_len=16, new_tokens=16),
-                  parameters=parameter_count(model))
+    report.update(
+        tokens_per_s=tokens_per_second(model, prompt_len=16, new_tokens=16), parameters=parameter_count(model)
+    )
     if settings.base_model is None:  # a Cognate model: ACT's passes per token
         report["act_steps"], report["forward_tokens_per_s"] = act_passes_and_throughput(
-            model, held.text, settings.eval_batch_size)
+            model, held.text, settings.eval_batch_size
+        )
     return report
 
 
@@ -246,11 +312,16 @@ def specialisation(reports: dict[str, dict]) -> dict[str, dict]:
         rival = max(others, key=lambda o: reports[o]["accuracy"][domain])
         nll_rival = min(others, key=lambda o: reports[o]["answer_nll"][domain])
         own, own_nll = reports[name]["accuracy"][domain], reports[name]["answer_nll"][domain]
-        out[name] = {"domain": domain, "accuracy": own, "best_other": rival,
-                     "best_other_accuracy": reports[rival]["accuracy"][domain],
-                     "gap": own - reports[rival]["accuracy"][domain],
-                     "answer_nll": own_nll, "best_other_nll": reports[nll_rival]["answer_nll"][domain],
-                     "nll_gap": reports[nll_rival]["answer_nll"][domain] - own_nll}
+        out[name] = {
+            "domain": domain,
+            "accuracy": own,
+            "best_other": rival,
+            "best_other_accuracy": reports[rival]["accuracy"][domain],
+            "gap": own - reports[rival]["accuracy"][domain],
+            "answer_nll": own_nll,
+            "best_other_nll": reports[nll_rival]["answer_nll"][domain],
+            "nll_gap": reports[nll_rival]["answer_nll"][domain] - own_nll,
+        }
     return out
 
 
@@ -283,16 +354,21 @@ def run(p: PhaseRun) -> PhaseResult:
     trunk, tokenizer, data = make_trunk(p, settings)
     paths = {"trunk": trunk.path}  # models are read back one at a time: four 135M models do not fit 6 GB
     for name, (domain, overrides) in SIBLINGS.items():
+
         def build_sibling(domain=domain, overrides=overrides, name=name) -> Built:
-            rows = mixture(data, settings.sibling_steps * settings.batch_size, p.seed + 1,
-                           sibling_weights(data, settings, domain))
+            rows = mixture(
+                data, settings.sibling_steps * settings.batch_size, p.seed + 1, sibling_weights(data, settings, domain)
+            )
             if settings.base_model is not None:
                 sibling, behaviour = tuned_from_base(p, trunk.model, rows, name), {}
             else:
                 sibling, behaviour = sibling_from(trunk.model, overrides), overrides
                 train_stage(p, sibling, rows, settings.sibling_steps, settings.sibling_lr_scale, name)
-            return Built(sibling, tokenizer, {"role": "sibling", "domain": domain, "behaviour": behaviour,
-                                              "parents": [trunk.path]})
+            return Built(
+                sibling,
+                tokenizer,
+                {"role": "sibling", "domain": domain, "behaviour": behaviour, "parents": [trunk.path]},
+            )
 
         paths[name] = p.model_step(name, build_sibling, key=trunk.metadata["step_key"]).path
 
@@ -310,13 +386,21 @@ def run(p: PhaseRun) -> PhaseResult:
         return reports
 
     reports = p.step("evaluate", evaluate_all, key=trunk.metadata["step_key"])
-    summary = {"unigram_perplexity": p.step("unigram", lambda: unigram_perplexity(
-                   data.text["train"], held.text, len(tokenizer))),
-               "models": reports, "specialisation": specialisation(reports),
-               "identical_shapes": identical_shapes([paths[n] for n in SIBLINGS])}
+    summary = {
+        "unigram_perplexity": p.step(
+            "unigram", lambda: unigram_perplexity(data.text["train"], held.text, len(tokenizer))
+        ),
+        "models": reports,
+        "specialisation": specialisation(reports),
+        "identical_shapes": identical_shapes([paths[n] for n in SIBLINGS]),
+    }
     data_file = write_data_spec(p.out_dir / DATA_FILE, p.data, p.seed) if p.is_main else p.out_dir / DATA_FILE
-    return p.finish({"trunk": trunk.path, "siblings": [paths[n] for n in SIBLINGS], "data": data_file},
-                    flat_metrics(summary), summary, effects=effects(reports, p.seed))
+    return p.finish(
+        {"trunk": trunk.path, "siblings": [paths[n] for n in SIBLINGS], "data": data_file},
+        flat_metrics(summary),
+        summary,
+        effects=effects(reports, p.seed),
+    )
 
 
 def make_trunk(p: PhaseRun, settings: Settings):
@@ -351,9 +435,14 @@ def effects(reports: dict, seed: int) -> list[Effect]:
     """Each sibling's held-out accuracy on its own domain against the trunk's (paired over items)."""
     from agentforge.eval.stats import paired_difference
 
-    return [Effect.of(f"{domain} accuracy, {name} sibling", "the trunk",
-                      paired_difference(reports[name]["scores"][domain], reports["trunk"]["scores"][domain], seed=seed))
-            for name, (domain, _) in SIBLINGS.items()]
+    return [
+        Effect.of(
+            f"{domain} accuracy, {name} sibling",
+            "the trunk",
+            paired_difference(reports[name]["scores"][domain], reports["trunk"]["scores"][domain], seed=seed),
+        )
+        for name, (domain, _) in SIBLINGS.items()
+    ]
 
 
 def identical_shapes(paths) -> bool:
@@ -383,8 +472,10 @@ def check_siblings(siblings) -> None:
             raise HandoffError(f"siblings/{sibling.name}: parameter {odd} is in only some of the siblings")
         for key, shape in shapes.items():
             if theirs[key] != shape:
-                raise HandoffError(f"siblings/{sibling.name}: parameter {key} has shape {list(theirs[key])}, "
-                                   f"{Path(siblings[0]).name}'s has {list(shape)}")
+                raise HandoffError(
+                    f"siblings/{sibling.name}: parameter {key} has shape {list(theirs[key])}, "
+                    f"{Path(siblings[0]).name}'s has {list(shape)}"
+                )
         recorded = read_metadata(sibling).get("parents", [])
         parents |= {(sibling / p["path"]).resolve() for p in recorded if isinstance(p, dict)}
     if len(parents) != 1:
@@ -411,10 +502,16 @@ def disk_needed(settings: Settings, input_bytes: int) -> int:
 
 
 SPEC = PhaseSpec(
-    number=1, name="cognate", summary="a shared trunk, then three siblings (reasoning, memory, speed)",
-    settings=Settings, presets=PRESETS, run=run,
+    number=1,
+    name="cognate",
+    summary="a shared trunk, then three siblings (reasoning, memory, speed)",
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
     provides={"trunk": model_dir, "siblings": check_siblings, "data": a_file},
-    figures="agentforge.figures.cognate", disk_needed=disk_needed)
+    figures="agentforge.figures.cognate",
+    disk_needed=disk_needed,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ machine: its metadata holds the parents as relative paths with their digests, no
 
 Run alone: ``python -m agentforge.phases.compression --model DIR --packed DIR --preset tiny --out DIR``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,30 +62,45 @@ class Settings(Checked):
     """What the phase tries, how hard it distils and what its gate accepts (per preset in ``PRESETS``)."""
 
     bits_budget: float = setting(4.25, "(0, 64]", doc="per matrix that is not ternary, in measured bits per weight")
-    ladder: list[float] = setting([8.25, 16.0, 32.0], "(0, 64]", length="[1, 16]",
-                                  doc="the rollback ladder's rungs (bits per weight)")
-    candidates: list[str] = setting(["int8", "rtn4", "rtn3", "rtn2", "seedlm4", "seedlm3", "vptq4", "vptq3", "vptq2",
-                                     "hyper4", "hyper3", "hyper2"], choices=tuple(CANDIDATES), length="[1, 32]",
-                                    doc="codecs tried on every matrix (fp16 and fp32 always are)")
+    ladder: list[float] = setting(
+        [8.25, 16.0, 32.0], "(0, 64]", length="[1, 16]", doc="the rollback ladder's rungs (bits per weight)"
+    )
+    candidates: list[str] = setting(
+        ["int8", "rtn4", "rtn3", "rtn2", "seedlm4", "seedlm3", "vptq4", "vptq3", "vptq2", "hyper4", "hyper3", "hyper2"],
+        choices=tuple(CANDIDATES),
+        length="[1, 32]",
+        doc="codecs tried on every matrix (fp16 and fp32 always are)",
+    )
     min_numel: int = setting(4096, "[1, 1e12]", doc="smaller tensors are stored fp16")
     importance_floor: float = setting(0.25, "[0, 1]", doc="weight of the uniform part in VPTQ's importance")
     capture_rows: int = setting(16, "[1, 100000]", doc="calibration rows whose layer inputs score the candidates")
-    trial_numel: int = setting(1 << 19, "[1, 1e12]", doc="a larger matrix is scored on evenly spaced rows holding "
-                                                         "about this many weights; the candidates a budget chooses "
-                                                         "then encode it whole")
-    error_elements: int = setting(1 << 26, "[1, 1e12]", doc="per layer, the output elements (of its first captured "
-                                                            "calls) that score the candidates")
+    trial_numel: int = setting(
+        1 << 19,
+        "[1, 1e12]",
+        doc="a larger matrix is scored on evenly spaced rows holding "
+        "about this many weights; the candidates a budget chooses "
+        "then encode it whole",
+    )
+    error_elements: int = setting(
+        1 << 26,
+        "[1, 1e12]",
+        doc="per layer, the output elements (of its first captured calls) that score the candidates",
+    )
     calibration_rows: int = setting(256, "[1, 10000000]", doc="distillation rows (training split)")
     check_rows: int = setting(32, "[1, 100000]", doc="other training rows: does distillation help?")
     kd_steps: int = setting(40, "[0, 10000000]")
     kd_batch_size: int = setting(8, "[1, 65536]")
     kd_lr: float = setting(0.003, "(0, 10]")
     max_perplexity_ratio: float = setting(1.1, "(0, 1000]", doc="gate: validation perplexity over the model's")
-    min_accuracy_retained: float = setting(0.95, "[0, 1]", doc="gate: validation task accuracy over the model's "
-                                                              "(a loss beyond it must be measurable to fail)")
+    min_accuracy_retained: float = setting(
+        0.95,
+        "[0, 1]",
+        doc="gate: validation task accuracy over the model's (a loss beyond it must be measurable to fail)",
+    )
     max_rollbacks: int = setting(4, "[0, 1000]")
-    sweep_budgets: list[float] = setting([2.25, 3.25, 4.25, 8.25, 16.0], "(0, 64]", length="[0, 32]",
-                                         doc="budgets of the size/quality sweep")
+    sweep_budgets: list[float] = setting(
+        [2.25, 3.25, 4.25, 8.25, 16.0], "(0, 64]", length="[0, 32]", doc="budgets of the size/quality sweep"
+    )
     gate_items: int = setting(8, "[1, 100000]", doc="validation items per family and level")
     gate_text_rows: int = setting(64, "[1, 1000000]")
     final_items: int = setting(25, "[1, 100000]", doc="test items per family and level")
@@ -93,16 +109,48 @@ class Settings(Checked):
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(min_numel=1024, candidates=["int8", "rtn4", "vptq4", "vptq2", "hyper4"], capture_rows=4,
-                      calibration_rows=16, check_rows=4, kd_steps=4, kd_batch_size=4, max_rollbacks=2,
-                      sweep_budgets=[4.25, 16.0], gate_items=3, gate_text_rows=8, final_items=3, final_text_rows=8,
-                      eval_batch_size=32),
+    "micro": Settings(
+        min_numel=1024,
+        candidates=["int8", "rtn4", "vptq4", "vptq2", "hyper4"],
+        capture_rows=4,
+        calibration_rows=16,
+        check_rows=4,
+        kd_steps=4,
+        kd_batch_size=4,
+        max_rollbacks=2,
+        sweep_budgets=[4.25, 16.0],
+        gate_items=3,
+        gate_text_rows=8,
+        final_items=3,
+        final_text_rows=8,
+        eval_batch_size=32,
+    ),
     "tiny": Settings(),
-    "small": Settings(capture_rows=32, calibration_rows=1024, check_rows=64, kd_steps=200, kd_batch_size=16,
-                      gate_items=25, gate_text_rows=256, final_items=100, final_text_rows=512),
-    "smol": Settings(candidates=["int8", "rtn4", "rtn2", "vptq4", "hyper4"], capture_rows=4, calibration_rows=32,
-                     check_rows=8, kd_steps=8, kd_batch_size=4, sweep_budgets=[2.25, 4.25], gate_items=4,
-                     gate_text_rows=16, final_items=8, final_text_rows=32, eval_batch_size=32),
+    "small": Settings(
+        capture_rows=32,
+        calibration_rows=1024,
+        check_rows=64,
+        kd_steps=200,
+        kd_batch_size=16,
+        gate_items=25,
+        gate_text_rows=256,
+        final_items=100,
+        final_text_rows=512,
+    ),
+    "smol": Settings(
+        candidates=["int8", "rtn4", "rtn2", "vptq4", "hyper4"],
+        capture_rows=4,
+        calibration_rows=32,
+        check_rows=8,
+        kd_steps=8,
+        kd_batch_size=4,
+        sweep_budgets=[2.25, 4.25],
+        gate_items=4,
+        gate_text_rows=16,
+        final_items=8,
+        final_text_rows=32,
+        eval_batch_size=32,
+    ),
 }
 
 
@@ -122,7 +170,7 @@ class PhaseData:
 
 def _batches(rows, size: int) -> list[dict]:
     ids = torch.tensor(rows["input_ids"])
-    return [{"input_ids": ids[i:i + size]} for i in range(0, len(ids), size)]
+    return [{"input_ids": ids[i : i + size]} for i in range(0, len(ids), size)]
 
 
 def build_data(p: PhaseRun, tokenizer) -> PhaseData:
@@ -134,9 +182,14 @@ def build_data(p: PhaseRun, tokenizer) -> PhaseData:
     capture = rows.select(range(settings.capture_rows))
     check = rows.select(range(settings.capture_rows, settings.capture_rows + settings.check_rows))
     calibration = rows.select(range(settings.capture_rows + settings.check_rows, total))
-    return PhaseData(calibration, _batches(capture, 8), _batches(check, 8),
-                     suite.held_out("validation", settings.gate_items, settings.gate_text_rows),
-                     suite.held_out("test", settings.final_items, settings.final_text_rows), tokenizer.pad_token_id)
+    return PhaseData(
+        calibration,
+        _batches(capture, 8),
+        _batches(check, 8),
+        suite.held_out("validation", settings.gate_items, settings.gate_text_rows),
+        suite.held_out("test", settings.final_items, settings.final_text_rows),
+        tokenizer.pad_token_id,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,10 +212,13 @@ def quality(reference: dict, candidate: dict, seed: int = 0) -> dict:
     pairs = [(a, b) for d in reference["answers"] for a, b in zip(reference["answers"][d], candidate["answers"][d])]
     scores = lambda report: [s for d in report["scores"].values() for s in d]
     loss = paired_difference(scores(reference), scores(candidate), seed=seed)
-    return {"perplexity_ratio": candidate["perplexity"] / reference["perplexity"],
-            "accuracy_retained": acc / ref_acc if ref_acc > 0 else (1.0 if acc >= ref_acc else 0.0),
-            "accuracy_loss": {k: loss[k] for k in ("mean", "low", "high")}, "reference_accuracy": ref_acc,
-            "answer_agreement": sum(a == b for a, b in pairs) / len(pairs)}
+    return {
+        "perplexity_ratio": candidate["perplexity"] / reference["perplexity"],
+        "accuracy_retained": acc / ref_acc if ref_acc > 0 else (1.0 if acc >= ref_acc else 0.0),
+        "accuracy_loss": {k: loss[k] for k in ("mean", "low", "high")},
+        "reference_accuracy": ref_acc,
+        "answer_agreement": sum(a == b for a, b in pairs) / len(pairs),
+    }
 
 
 def without_answers(report: dict) -> dict:
@@ -204,12 +260,21 @@ def encode_plan(p: PhaseRun, model, slots, data: PhaseData, path: Path) -> dict:
     from agentforge.compress.select import plan, save_plan
 
     settings = p.settings
-    calibration = Calibration(model, [s for s in slots if s.group != "ternary"], data.capture,
-                              max_elements=settings.error_elements)
+    calibration = Calibration(
+        model, [s for s in slots if s.group != "ternary"], data.capture, max_elements=settings.error_elements
+    )
     p.say(f"encoding {len(slots)} tensors with every candidate codec")
-    choices = plan(p.bar(slots, "encoding tensors", total=len(slots)), calibration, settings.candidates,
-                   settings.bits_budget, settings.min_numel, settings.importance_floor, say=p.say,
-                   budgets=[*settings.ladder, *settings.sweep_budgets], trial_numel=settings.trial_numel)
+    choices = plan(
+        p.bar(slots, "encoding tensors", total=len(slots)),
+        calibration,
+        settings.candidates,
+        settings.bits_budget,
+        settings.min_numel,
+        settings.importance_floor,
+        say=p.say,
+        budgets=[*settings.ladder, *settings.sweep_budgets],
+        trial_numel=settings.trial_numel,
+    )
     return save_plan(choices, path)
 
 
@@ -229,8 +294,9 @@ def codec_plan(p: PhaseRun, model, slots, data: PhaseData):
 def container_for(choices, model_dir: Path, metadata: dict):
     from agentforge.compress import Container, TensorRecord, carried_files
 
-    return Container([TensorRecord(c.slot.names, c.slot.group, c.trial.encoded) for c in choices],
-                     carried_files(model_dir), metadata)
+    return Container(
+        [TensorRecord(c.slot.names, c.slot.group, c.trial.encoded) for c in choices], carried_files(model_dir), metadata
+    )
 
 
 def artifact_metadata(p: PhaseRun) -> dict:
@@ -251,9 +317,17 @@ def distill(p: PhaseRun, model, choices, data: PhaseData, attempt: int) -> dict:
     before = mean_kl(kd, data.check)
     if settings.kd_steps == 0:
         return {"kl_before": before, "kl_after": before, "kept": False}
-    p.train(kd, data.calibration, f"kd-{attempt}", optimizer=torch.optim.Adam(kd.parameters(), lr=settings.kd_lr),
-            steps=settings.kd_steps, batch_size=settings.kd_batch_size, loss_fn=distillation_loss, log_every=10,
-            resume=False)
+    p.train(
+        kd,
+        data.calibration,
+        f"kd-{attempt}",
+        optimizer=torch.optim.Adam(kd.parameters(), lr=settings.kd_lr),
+        steps=settings.kd_steps,
+        batch_size=settings.kd_batch_size,
+        loss_fn=distillation_loss,
+        log_every=10,
+        resume=False,
+    )
     after = mean_kl(kd, data.check)
     kept = distributed.broadcast_from_main(after < before)  # every rank keeps the same encodings
     if kept:
@@ -304,13 +378,19 @@ def ladder(p: PhaseRun, model, tokenizer, choices, data: PhaseData, reference: d
     for attempt in range(settings.max_rollbacks + 1):
         kd = distill(p, model, choices, data, attempt)
         gate = distributed.on_main(_gate, p, choices, tokenizer, data, reference, scratch)
-        record = {"attempt": attempt, **gate, **kd,
-                  "choices": {c.slot.name: c.choice for c in choices if c.slot.group != "ternary"}}
+        record = {
+            "attempt": attempt,
+            **gate,
+            **kd,
+            "choices": {c.slot.name: c.choice for c in choices if c.slot.group != "ternary"},
+        }
         attempts.append(record)
-        p.say(f"attempt {attempt}: {gate['bytes']:,} bytes, perplexity x{gate['perplexity_ratio']:.3f}, "
-              f"accuracy retained {gate['accuracy_retained']:.1%} (loss {gate['accuracy_loss']['mean']:+.3f}, 95 % "
-              f"[{gate['accuracy_loss']['low']:+.3f}, {gate['accuracy_loss']['high']:+.3f}]) -> "
-              f"{'pass' if gate['passed'] else 'fail'}")
+        p.say(
+            f"attempt {attempt}: {gate['bytes']:,} bytes, perplexity x{gate['perplexity_ratio']:.3f}, "
+            f"accuracy retained {gate['accuracy_retained']:.1%} (loss {gate['accuracy_loss']['mean']:+.3f}, 95 % "
+            f"[{gate['accuracy_loss']['low']:+.3f}, {gate['accuracy_loss']['high']:+.3f}]) -> "
+            f"{'pass' if gate['passed'] else 'fail'}"
+        )
         lossy = [c for c in choices if c.lossy]
         if gate["passed"] or not lossy or attempt == settings.max_rollbacks:
             break
@@ -326,12 +406,23 @@ def ladder(p: PhaseRun, model, tokenizer, choices, data: PhaseData, reference: d
 
 
 def _tensor_rows(choices) -> list[dict]:
-    return [{"tensor": c.slot.name, "names": c.slot.names, "group": c.slot.group, "shape": list(c.slot.tensor.shape),
-             "codec": c.choice if c.choice != "ternary" else f"ternary-{c.trial.encoded.params['storage']}",
-             "bits_per_weight": c.trial.bits, "bytes": c.trial.encoded.nbytes, "dropped": c.history,
-             "trials": {name: {"bits_per_weight": t.bits, "output_error": t.error, "seconds": t.seconds}
-                        for name, t in c.trials.items()}}
-            for c in choices]
+    return [
+        {
+            "tensor": c.slot.name,
+            "names": c.slot.names,
+            "group": c.slot.group,
+            "shape": list(c.slot.tensor.shape),
+            "codec": c.choice if c.choice != "ternary" else f"ternary-{c.trial.encoded.params['storage']}",
+            "bits_per_weight": c.trial.bits,
+            "bytes": c.trial.encoded.nbytes,
+            "dropped": c.history,
+            "trials": {
+                name: {"bits_per_weight": t.bits, "output_error": t.error, "seconds": t.seconds}
+                for name, t in c.trials.items()
+            },
+        }
+        for c in choices
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,15 +438,25 @@ def sweep(p: PhaseRun, model, choices, data: PhaseData) -> list[dict]:
 
     rows = []
     for budget in p.bar(p.settings.sweep_budgets, "sweep", total=len(p.settings.sweep_budgets)):
-        picked = [c if c.slot.group == "ternary" or c.small else
-                  TensorChoice(c.slot, c.trials, budget, best_within(c.trials, budget)) for c in choices]
+        picked = [
+            c
+            if c.slot.group == "ternary" or c.small
+            else TensorChoice(c.slot, c.trials, budget, best_within(c.trials, budget))
+            for c in choices
+        ]
         _, accounting = serialize(container_for(picked, p.inputs["model"], {}))
         # one name per tensor: functional_call ties the others (embedding and LM head) itself
         overrides = {c.slot.name: decode(c.trial.encoded) for c in picked if c.slot.group != "ternary"}
-        rows.append({"budget": budget, "bytes": accounting["total"],
-                     "perplexity": perplexity(_Substituted(model, overrides), data.gate.text,
-                                              batch_size=p.settings.eval_batch_size),
-                     "codecs": sorted({c.choice for c in picked if c.slot.group != "ternary"})})
+        rows.append(
+            {
+                "budget": budget,
+                "bytes": accounting["total"],
+                "perplexity": perplexity(
+                    _Substituted(model, overrides), data.gate.text, batch_size=p.settings.eval_batch_size
+                ),
+                "codecs": sorted({c.choice for c in picked if c.slot.group != "ternary"}),
+            }
+        )
     return rows
 
 
@@ -370,11 +471,17 @@ def byte_report(accounting: dict, records) -> dict:
         g["bits_per_weight"] = 8 * g["bytes"] / g["weights"] if g["weights"] else None
     weights = sum(g["weights"] for g in groups.values())
     tensor_bytes = sum(accounting["tensors"])
-    return {"total": accounting["total"], "tensors": tensor_bytes, "files": accounting["files"],
-            "file_bytes": accounting["file_bytes"],
-            "container_overhead": accounting["header"] + accounting["manifest"] + accounting["trailer"],
-            "weights": weights, "bits_per_weight": 8 * tensor_bytes / weights,
-            "bits_per_weight_all_in": 8 * accounting["total"] / weights, "groups": groups}
+    return {
+        "total": accounting["total"],
+        "tensors": tensor_bytes,
+        "files": accounting["files"],
+        "file_bytes": accounting["file_bytes"],
+        "container_overhead": accounting["header"] + accounting["manifest"] + accounting["trailer"],
+        "weights": weights,
+        "bits_per_weight": 8 * tensor_bytes / weights,
+        "bits_per_weight_all_in": 8 * accounting["total"] / weights,
+        "groups": groups,
+    }
 
 
 def _dir_bytes(path: Path) -> int:
@@ -385,8 +492,12 @@ def reference_sizes(p: PhaseRun, slots) -> dict:
     """The sizes the artifact is compared with: every distinct tensor at fp32 (what a Cognate
     sibling weighs) and fp16 (the phase-7 model in fp16), and the input directories on disk."""
     numel = sum(s.tensor.numel() for s in slots)
-    return {"fp32": 4 * numel, "fp16": 2 * numel, "model_dir": _dir_bytes(p.inputs["model"]),
-            "packed_dir": _dir_bytes(p.inputs["packed"])}
+    return {
+        "fp32": 4 * numel,
+        "fp16": 2 * numel,
+        "model_dir": _dir_bytes(p.inputs["model"]),
+        "packed_dir": _dir_bytes(p.inputs["packed"]),
+    }
 
 
 def _tokens_per_second(model) -> float:
@@ -417,10 +528,15 @@ def final_report(p: PhaseRun, model, tokenizer, slots, data: PhaseData) -> dict:
     container = read_container(path)
     _, accounting = serialize(container)
     compressed = load(path)
-    before, after = measure(p, load(p.inputs["model"]), tokenizer, data.final), measure(p, compressed, tokenizer,
-                                                                                         data.final)
-    thinking = ({"test_thinking": without_answers(measure(p, load(path, think=True), tokenizer, data.final))}
-                if compressed.thinker is not None else {})
+    before, after = (
+        measure(p, load(p.inputs["model"]), tokenizer, data.final),
+        measure(p, compressed, tokenizer, data.final),
+    )
+    thinking = (
+        {"test_thinking": without_answers(measure(p, load(path, think=True), tokenizer, data.final))}
+        if compressed.thinker is not None
+        else {}
+    )
     sizes = reference_sizes(p, slots)
     byte_counts = byte_report(accounting, container.tensors)
     return {
@@ -444,26 +560,38 @@ def final_report(p: PhaseRun, model, tokenizer, slots, data: PhaseData) -> dict:
 def headline(summary: dict) -> dict:
     """The phase's headline numbers (metrics.jsonl and the pipeline report)."""
     b, q = summary["bytes"], summary["test_quality"]
-    row = {"artifact_bytes": b["total"], "tensor_bytes": b["tensors"], "bits_per_weight": b["bits_per_weight"],
-           "ratio_vs_fp32": summary["ratio_vs_fp32"], "ratio_vs_fp16": summary["ratio_vs_fp16"],
-           "perplexity_before": summary["test_before"]["perplexity"],
-           "perplexity_after": summary["test_after"]["perplexity"], "perplexity_ratio": q["perplexity_ratio"],
-           "accuracy_before": summary["test_before"]["accuracy_mean"],
-           "accuracy_after": summary["test_after"]["accuracy_mean"], "accuracy_retained": q["accuracy_retained"],
-           "answer_agreement": q["answer_agreement"],
-           "gate_passed": summary["gate_passed"], "rollbacks": len(summary["attempts"]) - 1,
-           "decompression_seconds": summary["decompression_seconds"],
-           "tokens_per_s": summary["tokens_per_s"]["compressed"]}
+    row = {
+        "artifact_bytes": b["total"],
+        "tensor_bytes": b["tensors"],
+        "bits_per_weight": b["bits_per_weight"],
+        "ratio_vs_fp32": summary["ratio_vs_fp32"],
+        "ratio_vs_fp16": summary["ratio_vs_fp16"],
+        "perplexity_before": summary["test_before"]["perplexity"],
+        "perplexity_after": summary["test_after"]["perplexity"],
+        "perplexity_ratio": q["perplexity_ratio"],
+        "accuracy_before": summary["test_before"]["accuracy_mean"],
+        "accuracy_after": summary["test_after"]["accuracy_mean"],
+        "accuracy_retained": q["accuracy_retained"],
+        "answer_agreement": q["answer_agreement"],
+        "gate_passed": summary["gate_passed"],
+        "rollbacks": len(summary["attempts"]) - 1,
+        "decompression_seconds": summary["decompression_seconds"],
+        "tokens_per_s": summary["tokens_per_s"]["compressed"],
+    }
     row.update({f"bits_per_weight/{g}": v["bits_per_weight"] for g, v in b["groups"].items() if v["weights"]})
     return row
 
 
 def metric_rows(summary: dict) -> dict[str, list[dict]]:
     """metrics.jsonl rows beside the headline: one per tensor, sweep budget and ladder attempt."""
-    return {"tensor": [{k: v for k, v in row.items() if k not in ("trials", "names", "dropped", "shape")}
-                       for row in summary["tensors"]],
-            "sweep": [{k: v for k, v in row.items() if k != "codecs"} for row in summary["sweep"]],
-            "attempt": [{k: v for k, v in row.items() if not isinstance(v, dict)} for row in summary["attempts"]]}
+    return {
+        "tensor": [
+            {k: v for k, v in row.items() if k not in ("trials", "names", "dropped", "shape")}
+            for row in summary["tensors"]
+        ],
+        "sweep": [{k: v for k, v in row.items() if k != "codecs"} for row in summary["sweep"]],
+        "attempt": [{k: v for k, v in row.items() if not isinstance(v, dict)} for row in summary["attempts"]],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,14 +618,30 @@ def run(p: PhaseRun) -> PhaseResult:
     slots = model_tensors(model)
     plan = codec_plan(p, model, slots, data)
     reference = p.step("measure_reference", lambda: measure(p, uncompressed(p), tokenizer, data.gate))
-    built = p.file_step("ladder", lambda: ladder(p, model, tokenizer, plan(), data, reference),
-                      p.out_dir / ARTIFACT, dependents=("final",), everywhere=True)
+    built = p.file_step(
+        "ladder",
+        lambda: ladder(p, model, tokenizer, plan(), data, reference),
+        p.out_dir / ARTIFACT,
+        dependents=("final",),
+        everywhere=True,
+    )
     size_quality = p.step("sweep", lambda: sweep(p, model, plan(), data))
     final = p.step("final", lambda: final_report(p, model, tokenizer, slots, data))
-    summary = {**final, "attempts": built["attempts"], "gate_reference": without_answers(reference),
-               "gate_passed": built["attempts"][-1]["passed"], "sweep": size_quality, "tensors": built["tensors"]}
-    return p.finish({"artifact": p.out_dir / ARTIFACT}, headline(summary), summary, rows=metric_rows(summary),
-                    effects=effects(summary, p.seed))
+    summary = {
+        **final,
+        "attempts": built["attempts"],
+        "gate_reference": without_answers(reference),
+        "gate_passed": built["attempts"][-1]["passed"],
+        "sweep": size_quality,
+        "tensors": built["tensors"],
+    }
+    return p.finish(
+        {"artifact": p.out_dir / ARTIFACT},
+        headline(summary),
+        summary,
+        rows=metric_rows(summary),
+        effects=effects(summary, p.seed),
+    )
 
 
 def uncompressed(p: PhaseRun):
@@ -515,22 +659,49 @@ def effects(summary: dict, seed: int) -> list[Effect]:
 
     before, after = summary["test_before"], summary["test_after"]
     scores = lambda report: [s for domain in report["scores"].values() for s in domain]
-    thinking = ([Effect.of("held-out task accuracy, artifact thinking", "the artifact not thinking",
-                           paired_difference(scores(summary["test_thinking"]), scores(after), seed=seed))]
-                if "test_thinking" in summary else [])
-    return [Effect.of("text perplexity ratio, compressed artifact", "the uncompressed model",
-                      perplexity_ratio(after["text_rows"]["nll"], before["text_rows"]["nll"],
-                                       before["text_rows"]["tokens"], seed=seed), better="lower", neutral=1.0),
-            Effect.of("held-out task accuracy, compressed artifact", "the uncompressed model",
-                      paired_difference(scores(after), scores(before), seed=seed))] + thinking
+    thinking = (
+        [
+            Effect.of(
+                "held-out task accuracy, artifact thinking",
+                "the artifact not thinking",
+                paired_difference(scores(summary["test_thinking"]), scores(after), seed=seed),
+            )
+        ]
+        if "test_thinking" in summary
+        else []
+    )
+    return [
+        Effect.of(
+            "text perplexity ratio, compressed artifact",
+            "the uncompressed model",
+            perplexity_ratio(
+                after["text_rows"]["nll"], before["text_rows"]["nll"], before["text_rows"]["tokens"], seed=seed
+            ),
+            better="lower",
+            neutral=1.0,
+        ),
+        Effect.of(
+            "held-out task accuracy, compressed artifact",
+            "the uncompressed model",
+            paired_difference(scores(after), scores(before), seed=seed),
+        ),
+    ] + thinking
 
 
 SPEC = PhaseSpec(
-    number=8, name=NAME, summary="one artifact file: per-tensor codecs, distillation, a quality gate with rollbacks",
-    settings=Settings, presets=PRESETS, run=run,
-    needs={"model": Input("experts.model", "the phase-7 (or any latent BitNet) model dir"),
-           "packed": Input("bitnet.packed", "the phase-4 packed model dir (size reference)")},
-    provides={"artifact": a_file}, figures="agentforge.figures.compression")
+    number=8,
+    name=NAME,
+    summary="one artifact file: per-tensor codecs, distillation, a quality gate with rollbacks",
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
+    needs={
+        "model": Input("experts.model", "the phase-7 (or any latent BitNet) model dir"),
+        "packed": Input("bitnet.packed", "the phase-4 packed model dir (size reference)"),
+    },
+    provides={"artifact": a_file},
+    figures="agentforge.figures.compression",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ reason, examples by kind), ``steps/`` (the assessment and the three evaluations)
 
 Run alone: ``python -m agentforge.phases.curriculum --model DIR --preset tiny --out DIR``.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,12 @@ DOMAIN_FAMILIES = [family for families in DOMAINS.values() for family in familie
 class Settings(Checked):
     """The curriculum's knobs (per-preset values in ``PRESETS``)."""
 
-    families: list[str] = setting(DOMAIN_FAMILIES, choices=tuple(FAMILIES), length="[1, 64]",
-                                  doc="task families the curriculum trains and measures")
+    families: list[str] = setting(
+        DOMAIN_FAMILIES,
+        choices=tuple(FAMILIES),
+        length="[1, 64]",
+        doc="task families the curriculum trains and measures",
+    )
     target_accuracy: float = setting(0.75, "[0, 1]", doc="edge of chaos: the baseline level's accuracy")
     levels: int = setting(10, "[1, 10]", doc="curriculum levels from the baseline upward")
     hard_wall: float = setting(0.5, "[0, 1]", doc="stop after a level whose validation accuracy ends below this")
@@ -75,8 +80,12 @@ class Settings(Checked):
     steps_per_level: int = setting(60, "[1, 10000000]")
     total_steps: int = setting(120, "[1, 10000000]", doc="the phase's step budget (the optimizer's schedule spans it)")
     batch_size: int = setting(8, "[1, 65536]")
-    train_seq_len: int = setting(128, "[2, 65536]", doc="tokens per packed training row (a tool trace with the "
-                                                        "tool prompt needs more than the data spec's seq_len)")
+    train_seq_len: int = setting(
+        128,
+        "[2, 65536]",
+        doc="tokens per packed training row (a tool trace with the "
+        "tool prompt needs more than the data spec's seq_len)",
+    )
     # MuGrokfast preset. On the tiny run "qat" (BitNet's rates) raised held-out text perplexity
     # 6.97 -> 11.24 within 42 steps and "finetune" 6.97 -> 8.41, at the same task accuracy
     optimizer: str = setting("finetune", choices=tuple(OPTIMIZERS), doc="MuGrokfast preset")
@@ -94,8 +103,9 @@ class Settings(Checked):
     dream_steps: int = setting(2, "[0, 1000000]")
     eval_items: int = setting(16, "[1, 100000]", doc="test items per family and level")
     eval_levels: int = setting(5, "[1, 10]", doc="levels 0 .. eval_levels-1 are compared before / after / control")
-    tool_eval_items: int = setting(4, "[0, 100000]", doc="test items per arithmetic family and level, with and "
-                                                         "without tools")
+    tool_eval_items: int = setting(
+        4, "[0, 100000]", doc="test items per arithmetic family and level, with and without tools"
+    )
     probe_prompts: int = setting(24, "[1, 100000]", doc="held-out prompts for self-prediction")
     probe_temperatures: list[float] = setting([0.5, 1.0, 1.5], "(0, 100]", length="[1, 64]")
     text_rows: int = setting(64, "[0, 1000000]", doc="held-out text rows for perplexity (0: skip)")
@@ -105,23 +115,84 @@ class Settings(Checked):
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(families=["add_small", "kv_recall", "count_bits"], levels=2, hard_wall=0.0, assess_items=4,
-                      questions_per_family=3, max_rounds=2, steps_per_round=1, steps_per_level=2, total_steps=4,
-                      batch_size=4, train_seq_len=96, replay_examples=8, tool_items_per_round=2, tool_new_tokens=12,
-                      self_model_ranges=2, self_model_prompts=3, self_model_new_tokens=4, self_examples_per_round=2,
-                      dream_samples=4, dream_steps=1, eval_items=2, eval_levels=10, tool_eval_items=1, probe_prompts=4,
-                      probe_temperatures=[0.7, 1.5], text_rows=8, bootstrap_samples=100, eval_batch_size=32),
+    "micro": Settings(
+        families=["add_small", "kv_recall", "count_bits"],
+        levels=2,
+        hard_wall=0.0,
+        assess_items=4,
+        questions_per_family=3,
+        max_rounds=2,
+        steps_per_round=1,
+        steps_per_level=2,
+        total_steps=4,
+        batch_size=4,
+        train_seq_len=96,
+        replay_examples=8,
+        tool_items_per_round=2,
+        tool_new_tokens=12,
+        self_model_ranges=2,
+        self_model_prompts=3,
+        self_model_new_tokens=4,
+        self_examples_per_round=2,
+        dream_samples=4,
+        dream_steps=1,
+        eval_items=2,
+        eval_levels=10,
+        tool_eval_items=1,
+        probe_prompts=4,
+        probe_temperatures=[0.7, 1.5],
+        text_rows=8,
+        bootstrap_samples=100,
+        eval_batch_size=32,
+    ),
     "tiny": Settings(),
-    "small": Settings(assess_items=50, questions_per_family=64, max_rounds=30, steps_per_round=8,
-                      steps_per_level=400, total_steps=3000, batch_size=32, train_seq_len=256, replay_examples=512,
-                      tool_items_per_round=64, self_model_ranges=5, self_model_prompts=64,
-                      self_examples_per_round=64, dream_samples=256, dream_steps=8, eval_items=100, eval_levels=10,
-                      tool_eval_items=25, probe_prompts=128, text_rows=256),
-    "smol": Settings(levels=3, assess_items=6, questions_per_family=4, max_rounds=4, steps_per_round=3,
-                     steps_per_level=12, total_steps=24, batch_size=4, train_seq_len=192, replay_examples=16,
-                     tool_items_per_round=4, tool_new_tokens=24, self_model_ranges=2, self_model_prompts=6,
-                     self_examples_per_round=4, dream_samples=8, dream_steps=1, eval_items=8, eval_levels=3,
-                     tool_eval_items=4, probe_prompts=8, text_rows=16, eval_batch_size=32),
+    "small": Settings(
+        assess_items=50,
+        questions_per_family=64,
+        max_rounds=30,
+        steps_per_round=8,
+        steps_per_level=400,
+        total_steps=3000,
+        batch_size=32,
+        train_seq_len=256,
+        replay_examples=512,
+        tool_items_per_round=64,
+        self_model_ranges=5,
+        self_model_prompts=64,
+        self_examples_per_round=64,
+        dream_samples=256,
+        dream_steps=8,
+        eval_items=100,
+        eval_levels=10,
+        tool_eval_items=25,
+        probe_prompts=128,
+        text_rows=256,
+    ),
+    "smol": Settings(
+        levels=3,
+        assess_items=6,
+        questions_per_family=4,
+        max_rounds=4,
+        steps_per_round=3,
+        steps_per_level=12,
+        total_steps=24,
+        batch_size=4,
+        train_seq_len=192,
+        replay_examples=16,
+        tool_items_per_round=4,
+        tool_new_tokens=24,
+        self_model_ranges=2,
+        self_model_prompts=6,
+        self_examples_per_round=4,
+        dream_samples=8,
+        dream_steps=1,
+        eval_items=8,
+        eval_levels=3,
+        tool_eval_items=4,
+        probe_prompts=8,
+        text_rows=16,
+        eval_batch_size=32,
+    ),
 }
 
 
@@ -134,8 +205,9 @@ def load_input(p: PhaseRun) -> Loaded:
     source = p.load("model")
     tokenizer = source.tokenizer
     if tokenizer is None or tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-        raise ConfigError(f"curriculum: {source.path} needs a tokenizer with eos and pad tokens "
-                          "(save it with the model)")
+        raise ConfigError(
+            f"curriculum: {source.path} needs a tokenizer with eos and pad tokens (save it with the model)"
+        )
     return source
 
 
@@ -163,13 +235,23 @@ def build_held_out(p: PhaseRun, tokenizer, validation: dict) -> HeldOut:
     from agentforge.curriculum import tasks
 
     settings = p.settings
-    test = tasks.held_out(settings.families, "test", settings.eval_items, p.seed, levels=range(settings.eval_levels),
-                          render=p.suite(tokenizer).render)
-    tool_items = [item for (family, _), items in test.items() if family in tasks.ARITHMETIC
-                  for item in items[:settings.tool_eval_items]]
+    test = tasks.held_out(
+        settings.families,
+        "test",
+        settings.eval_items,
+        p.seed,
+        levels=range(settings.eval_levels),
+        render=p.suite(tokenizer).render,
+    )
+    tool_items = [
+        item
+        for (family, _), items in test.items()
+        if family in tasks.ARITHMETIC
+        for item in items[: settings.tool_eval_items]
+    ]
     # probes: the easiest validation prompts of every family, where samples are still answers
     pool = [item.prompt for family in settings.families for item in validation[(family, 0)]]
-    probes = pool[:: max(1, len(pool) // settings.probe_prompts)][:settings.probe_prompts]
+    probes = pool[:: max(1, len(pool) // settings.probe_prompts)][: settings.probe_prompts]
     text = p.suite(tokenizer).text("test", settings.text_rows) if settings.text_rows else None
     return HeldOut(test, tool_items, probes, text)
 
@@ -179,8 +261,9 @@ def assess(p: PhaseRun, model, tokenizer, validation: dict) -> dict:
     from agentforge.curriculum import measure
 
     settings = p.settings
-    scores = measure.assess(model, tokenizer, validation, settings.families, settings.target_accuracy,
-                            batch_size=settings.eval_batch_size)
+    scores = measure.assess(
+        model, tokenizer, validation, settings.families, settings.target_accuracy, batch_size=settings.eval_batch_size
+    )
     return {f"{family}/{level}": values for (family, level), values in scores.items()}
 
 
@@ -191,23 +274,45 @@ def evaluate(p: PhaseRun, model, tokenizer, held: HeldOut, with_tools: bool) -> 
 
     settings = p.settings
     scores = measure.item_scores(model, tokenizer, held.test, batch_size=settings.eval_batch_size)
-    predicted = {tag: selfmodel.self_prediction(model, tokenizer, held.probe_prompts, settings.probe_temperatures,
-                                                max_new_tokens=settings.self_model_new_tokens, seed=p.seed + 1,
-                                                batch_size=settings.eval_batch_size, tag=tag)
-                 for tag in selfmodel.TAGS}
-    report = {"scores": {f"{family}/{level}": values for (family, level), values in scores.items()},
-              "self_prediction": predicted["right"],
-              # the ablations: if the temperature tag carries information, a wrong or missing tag does worse
-              "self_prediction_ablation": {tag: predicted[tag]["accuracy"] for tag in ("wrong", "none")},
-              "perplexity": perplexity(model, held.text, batch_size=settings.eval_batch_size)
-              if held.text is not None else None}
+    predicted = {
+        tag: selfmodel.self_prediction(
+            model,
+            tokenizer,
+            held.probe_prompts,
+            settings.probe_temperatures,
+            max_new_tokens=settings.self_model_new_tokens,
+            seed=p.seed + 1,
+            batch_size=settings.eval_batch_size,
+            tag=tag,
+        )
+        for tag in selfmodel.TAGS
+    }
+    report = {
+        "scores": {f"{family}/{level}": values for (family, level), values in scores.items()},
+        "self_prediction": predicted["right"],
+        # the ablations: if the temperature tag carries information, a wrong or missing tag does worse
+        "self_prediction_ablation": {tag: predicted[tag]["accuracy"] for tag in ("wrong", "none")},
+        "perplexity": perplexity(model, held.text, batch_size=settings.eval_batch_size)
+        if held.text is not None
+        else None,
+    }
     if with_tools and held.tool_items:
         direct = measure.item_scores(model, tokenizer, {"tools": held.tool_items}, batch_size=settings.eval_batch_size)
-        tooled = measure.tool_accuracy(model, tokenizer, held.tool_items, max_new_tokens=settings.tool_new_tokens,
-                                       batch_size=settings.eval_batch_size)
-        report["tools"] = {"without": direct["tools"], "with": tooled["scores"], "calls": tooled["calls"],
-                           "ok_calls": tooled["ok_calls"], "format_rate": tooled["format_rate"],
-                           "examples": tooled["completions"][:5]}
+        tooled = measure.tool_accuracy(
+            model,
+            tokenizer,
+            held.tool_items,
+            max_new_tokens=settings.tool_new_tokens,
+            batch_size=settings.eval_batch_size,
+        )
+        report["tools"] = {
+            "without": direct["tools"],
+            "with": tooled["scores"],
+            "calls": tooled["calls"],
+            "ok_calls": tooled["ok_calls"],
+            "format_rate": tooled["format_rate"],
+            "examples": tooled["completions"][:5],
+        }
     return report
 
 
@@ -228,21 +333,42 @@ def train_curriculum(p: PhaseRun, source: Loaded, baselines: dict, validation: d
     model, tokenizer, settings = source.model, source.tokenizer, p.settings
     p.say(f"levels from baselines {baselines}")
     states = layer_states(model)
-    trainer = loop.Trainer(model, tokenizer, settings, p.out_dir / "train" / "curriculum", p.seed,
-                           phase=f"{p.spec.name}/train")
+    trainer = loop.Trainer(
+        model, tokenizer, settings, p.out_dir / "train" / "curriculum", p.seed, phase=f"{p.spec.name}/train"
+    )
     with p.logger("level", wandb=True) as level_log, p.logger("round") as round_log:
         level_log.truncate_after(-1)  # rows of an interrupted earlier run describe lost work
         round_log.truncate_after(-1)
-        curriculum = loop.Curriculum(model, tokenizer, settings, baselines, validation, held.probe_prompts, trainer,
-                                     p.seed, level_log=level_log, round_log=round_log, say=p.say,
-                                     render=p.suite(tokenizer).render)
+        curriculum = loop.Curriculum(
+            model,
+            tokenizer,
+            settings,
+            baselines,
+            validation,
+            held.probe_prompts,
+            trainer,
+            p.seed,
+            level_log=level_log,
+            round_log=round_log,
+            say=p.say,
+            render=p.suite(tokenizer).render,
+        )
         record = {**curriculum.run().summary(), "dropped_examples": trainer.dropped}
     if layer_states(model) != states:
         raise RuntimeError("curriculum: training changed the model's BitLinear layers; refusing to save it")
-    return Built(model, tokenizer, {"parents": [source.path], "baselines": baselines,
-                                    "stop_reason": record["stop_reason"], "steps": record["steps"],
-                                    "bitlinear_layers": len(states), "curriculum": record},
-                 carry=head_files(source.path))
+    return Built(
+        model,
+        tokenizer,
+        {
+            "parents": [source.path],
+            "baselines": baselines,
+            "stop_reason": record["stop_reason"],
+            "steps": record["steps"],
+            "bitlinear_layers": len(states),
+            "curriculum": record,
+        },
+        carry=head_files(source.path),
+    )
 
 
 def train_control(p: PhaseRun, record: dict) -> Built:
@@ -267,11 +393,20 @@ def train_control(p: PhaseRun, record: dict) -> Built:
         family = rng.choice(families)
         items += variants.take(family, rng.choice(visited[family]))
     own = own_tagged_samples(source, [item.prompt for item in items], n_self, settings, p.seed + 1)
-    trainer = loop.Trainer(source.model, source.tokenizer, settings, p.out_dir / "train" / "control", p.seed + 1,
-                           phase=f"{p.spec.name}/control")
+    trainer = loop.Trainer(
+        source.model,
+        source.tokenizer,
+        settings,
+        p.out_dir / "train" / "control",
+        p.seed + 1,
+        phase=f"{p.spec.name}/control",
+    )
     trainer.train([rows.task_example(item.prompt, item.answer) for item in items] + own, max(record["steps"], 1))
-    return Built(source.model, source.tokenizer, {"role": "control", "parents": [source.path],
-                                                  "steps": record["steps"], "tasks": len(items), "self": len(own)})
+    return Built(
+        source.model,
+        source.tokenizer,
+        {"role": "control", "parents": [source.path], "steps": record["steps"], "tasks": len(items), "self": len(own)},
+    )
 
 
 def own_tagged_samples(source: Loaded, prompts: list[str], count: int, settings: Settings, seed: int) -> list:
@@ -284,11 +419,19 @@ def own_tagged_samples(source: Loaded, prompts: list[str], count: int, settings:
     examples = []
     for i in range(rounds):  # all prompts at one temperature per round, the temperatures in turn
         temperature = temperatures[i % len(temperatures)]
-        samples = selfmodel.sample(source.model, source.tokenizer, prompts, temperature=temperature,
-                                   max_new_tokens=settings.self_model_new_tokens, seed=seed + 104729 * i,
-                                   batch_size=settings.eval_batch_size)
-        examples += [rows.self_example(temperature, prompt, source.tokenizer.decode(ids, skip_special_tokens=True),
-                                       ended) for prompt, (ids, ended) in zip(prompts, samples)]
+        samples = selfmodel.sample(
+            source.model,
+            source.tokenizer,
+            prompts,
+            temperature=temperature,
+            max_new_tokens=settings.self_model_new_tokens,
+            seed=seed + 104729 * i,
+            batch_size=settings.eval_batch_size,
+        )
+        examples += [
+            rows.self_example(temperature, prompt, source.tokenizer.decode(ids, skip_special_tokens=True), ended)
+            for prompt, (ids, ended) in zip(prompts, samples)
+        ]
     return examples[:count]
 
 
@@ -316,8 +459,9 @@ def run(p: PhaseRun) -> PhaseResult:
     reports["after"] = p.step("evaluate_after", lambda: evaluate(p, trained.model, tokenizer, held, with_tools=True))
     if settings.control:
         control = p.model_step("control", lambda: train_control(p, record))
-        reports["control"] = p.step("evaluate_control", lambda: evaluate(p, control.model, control.tokenizer, held,
-                                                                         with_tools=False))
+        reports["control"] = p.step(
+            "evaluate_control", lambda: evaluate(p, control.model, control.tokenizer, held, with_tools=False)
+        )
     summary = build_summary(settings, assessment, baselines, record, reports, n_layers, p.timings.get("model"))
     return p.finish({"model": trained.path}, summary["headline"], summary, effects=effects(summary))
 
@@ -326,12 +470,20 @@ def effects(summary: dict) -> list[Effect]:
     """Held-out accuracy of the curriculum model against the equal-compute control (or, without a
     control, against the input model), and its arithmetic accuracy with the tools against without."""
     comparisons = summary["comparisons"]
-    key, control = (("after_vs_control", "plain fine-tuning of equal compute") if "after_vs_control" in comparisons
-                    else ("after_vs_before", "the input model"))
+    key, control = (
+        ("after_vs_control", "plain fine-tuning of equal compute")
+        if "after_vs_control" in comparisons
+        else ("after_vs_before", "the input model")
+    )
     found = [effect("held-out task accuracy, curriculum model", control, comparisons[key]["all"])]
     if "after" in summary["tools"]:
-        found.append(effect("arithmetic accuracy with the tool runtime", "the same model without it",
-                            summary["tools"]["after"]["without"]))
+        found.append(
+            effect(
+                "arithmetic accuracy with the tool runtime",
+                "the same model without it",
+                summary["tools"]["after"]["without"],
+            )
+        )
     return found
 
 
@@ -340,8 +492,15 @@ def effect(what: str, control: str, compared: dict) -> Effect:
     return Effect(what, control, compared["difference"], compared["ci"][0], compared["ci"][1])
 
 
-def build_summary(settings: Settings, assessment: dict, baselines: dict, record: dict, reports: dict,
-                  n_layers: int, curriculum_seconds: float | None) -> dict:
+def build_summary(
+    settings: Settings,
+    assessment: dict,
+    baselines: dict,
+    record: dict,
+    reports: dict,
+    n_layers: int,
+    curriculum_seconds: float | None,
+) -> dict:
     """Per-level accuracy with bootstrap intervals, the paired comparisons, tool use,
     self-prediction and perplexity per model, and the headline row. ``curriculum_seconds``: how
     long the levels took in this run (None when a previous run trained the model)."""
@@ -352,46 +511,81 @@ def build_summary(settings: Settings, assessment: dict, baselines: dict, record:
     per_level = {name: measure.level_table(t, samples=n, seed=seed) for name, t in tables.items()}
     comparisons = {"after_vs_before": measure.paired_by_level(tables["after"], tables["before"], samples=n, seed=seed)}
     if "control" in tables:
-        comparisons["after_vs_control"] = measure.paired_by_level(tables["after"], tables["control"], samples=n,
-                                                                  seed=seed)
-        comparisons["control_vs_before"] = measure.paired_by_level(tables["control"], tables["before"], samples=n,
-                                                                   seed=seed)
-    tools = {name: {"without": measure.compare(r["tools"]["with"], r["tools"]["without"], samples=n, seed=seed),
-                    **{k: r["tools"][k] for k in ("calls", "ok_calls", "format_rate", "examples")}}
-             for name, r in reports.items() if "tools" in r}
+        comparisons["after_vs_control"] = measure.paired_by_level(
+            tables["after"], tables["control"], samples=n, seed=seed
+        )
+        comparisons["control_vs_before"] = measure.paired_by_level(
+            tables["control"], tables["before"], samples=n, seed=seed
+        )
+    tools = {
+        name: {
+            "without": measure.compare(r["tools"]["with"], r["tools"]["without"], samples=n, seed=seed),
+            **{k: r["tools"][k] for k in ("calls", "ok_calls", "format_rate", "examples")},
+        }
+        for name, r in reports.items()
+        if "tools" in r
+    }
     self_prediction = {name: r["self_prediction"] for name, r in reports.items()}
     perplexity = {name: r["perplexity"] for name, r in reports.items()}
     visited = sorted({level for levels in record["visited"].values() for level in levels})
     headline = {
-        "levels_completed": len(record["levels"]), "stop_reason": record["stop_reason"], "steps": record["steps"],
-        "examples": record["examples"], "baseline_levels": baselines, "visited_levels": visited,
-        **{f"{name}/accuracy": comparisons["after_vs_before"]["all"]["a" if name == "after" else "b"]
-           for name in ("before", "after")},
+        "levels_completed": len(record["levels"]),
+        "stop_reason": record["stop_reason"],
+        "steps": record["steps"],
+        "examples": record["examples"],
+        "baseline_levels": baselines,
+        "visited_levels": visited,
+        **{
+            f"{name}/accuracy": comparisons["after_vs_before"]["all"]["a" if name == "after" else "b"]
+            for name in ("before", "after")
+        },
         "gain": comparisons["after_vs_before"]["all"]["difference"],
         "gain_ci": comparisons["after_vs_before"]["all"]["ci"],
-        **({"control/accuracy": comparisons["after_vs_control"]["all"]["b"],
-            "gain_over_control": comparisons["after_vs_control"]["all"]["difference"],
-            "gain_over_control_ci": comparisons["after_vs_control"]["all"]["ci"]} if "control" in reports else {}),
+        **(
+            {
+                "control/accuracy": comparisons["after_vs_control"]["all"]["b"],
+                "gain_over_control": comparisons["after_vs_control"]["all"]["difference"],
+                "gain_over_control_ci": comparisons["after_vs_control"]["all"]["ci"],
+            }
+            if "control" in reports
+            else {}
+        ),
         **{f"{name}/self_prediction": sp["accuracy"] for name, sp in self_prediction.items()},
-        **{f"{name}/self_prediction_{tag}_tag": accuracy for name, r in reports.items() if r is not None
-           for tag, accuracy in r.get("self_prediction_ablation", {}).items()},
+        **{
+            f"{name}/self_prediction_{tag}_tag": accuracy
+            for name, r in reports.items()
+            if r is not None
+            for tag, accuracy in r.get("self_prediction_ablation", {}).items()
+        },
         **{f"{name}/tool_gain": t["without"]["difference"] for name, t in tools.items()},
         **{f"{name}/perplexity": p for name, p in perplexity.items() if p is not None},
         **({"curriculum_seconds": curriculum_seconds} if curriculum_seconds is not None else {}),
     }
-    return {"headline": headline,
-            "assessment": {f"{f}/{level}": measure.mean(v) for (f, level), v in assessment.items()},
-            "baselines": baselines, "curriculum": {**record, "seconds": curriculum_seconds},
-            "per_level": per_level, "comparisons": comparisons, "tools": tools, "self_prediction": self_prediction,
-            "perplexity": perplexity, "bitlinear_layers": n_layers}
+    return {
+        "headline": headline,
+        "assessment": {f"{f}/{level}": measure.mean(v) for (f, level), v in assessment.items()},
+        "baselines": baselines,
+        "curriculum": {**record, "seconds": curriculum_seconds},
+        "per_level": per_level,
+        "comparisons": comparisons,
+        "tools": tools,
+        "self_prediction": self_prediction,
+        "perplexity": perplexity,
+        "bitlinear_layers": n_layers,
+    }
 
 
 SPEC = PhaseSpec(
-    number=5, name="curriculum",
+    number=5,
+    name="curriculum",
     summary="edge-of-chaos levels with hints, variants, tools, self-modeling, against a plain fine-tuning control",
-    settings=Settings, presets=PRESETS, run=run,
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
     needs={"model": Input("bitnet.latent", "input model directory (BitNet latent; any HF causal LM with a tokenizer)")},
-    provides={"model": model_dir}, figures="agentforge.figures.curriculum")
+    provides={"model": model_dir},
+    figures="agentforge.figures.curriculum",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ metrics and fitness, one row per generation), ``summary.json``.
 
 Run alone: ``python -m agentforge.phases.evomerge --siblings A B C --trunk T --preset tiny --out DIR``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,11 @@ class Settings(Checked):
     final_items: int = setting(100, "[1, 100000]", doc="test items per family and level (final comparison)")
     final_text_rows: int = setting(256, "[1, 1000000]", doc="test text rows (final comparison)")
     eval_batch_size: int = setting(64, "[1, 65536]")
-    ablation: bool = setting(True, doc="score each method alone on the test split (its default recipe and its best "
-                                       "found: up to two test evaluations per method)")
+    ablation: bool = setting(
+        True,
+        doc="score each method alone on the test split (its default recipe and its best "
+        "found: up to two test evaluations per method)",
+    )
 
     def check(self) -> None:
         if len(set(self.methods)) != len(self.methods):
@@ -72,18 +76,34 @@ class Settings(Checked):
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(evolution=evolve.EvolutionSettings(generations=2, population=4, elites=1, cma_per_generation=0),
-                      methods=["linear", "ties", "dfs"], selection_items=4, selection_text_rows=16, final_items=6,
-                      final_text_rows=16, eval_batch_size=32),
+    "micro": Settings(
+        evolution=evolve.EvolutionSettings(generations=2, population=4, elites=1, cma_per_generation=0),
+        methods=["linear", "ties", "dfs"],
+        selection_items=4,
+        selection_text_rows=16,
+        final_items=6,
+        final_text_rows=16,
+        eval_batch_size=32,
+    ),
     "tiny": Settings(),
-    "small": Settings(evolution=evolve.EvolutionSettings(generations=50, population=16, elites=3, cma_per_generation=4,
-                                                         patience=8),
-                      selection_items=50, selection_text_rows=256, final_items=100, final_text_rows=512),
+    "small": Settings(
+        evolution=evolve.EvolutionSettings(generations=50, population=16, elites=3, cma_per_generation=4, patience=8),
+        selection_items=50,
+        selection_text_rows=256,
+        final_items=100,
+        final_text_rows=512,
+    ),
     # a candidate's selection costs ~25 s here; the per-method ablation (16 test evaluations) is left out
-    "smol": Settings(evolution=evolve.EvolutionSettings(generations=2, population=4, elites=1, cma_per_generation=0,
-                                                        patience=2),
-                     methods=["linear", "task_arithmetic", "ties", "dare_ties", "slerp"], selection_items=4,
-                     selection_text_rows=16, final_items=12, final_text_rows=32, eval_batch_size=32, ablation=False),
+    "smol": Settings(
+        evolution=evolve.EvolutionSettings(generations=2, population=4, elites=1, cma_per_generation=0, patience=2),
+        methods=["linear", "task_arithmetic", "ties", "dare_ties", "slerp"],
+        selection_items=4,
+        selection_text_rows=16,
+        final_items=12,
+        final_text_rows=32,
+        eval_batch_size=32,
+        ablation=False,
+    ),
 }
 
 COSTS = ("flops_per_token", "parameter_bytes")  # counted, so the fitness terms built on them are exact
@@ -95,8 +115,10 @@ COSTS = ("flops_per_token", "parameter_bytes")  # counted, so the fitness terms 
 
 def held_out_sets(suite, settings: Settings) -> tuple:
     """(selection, final): the validation split that selection sees, the test split it never sees."""
-    return (suite.held_out("validation", settings.selection_items, settings.selection_text_rows),
-            suite.held_out("test", settings.final_items, settings.final_text_rows))
+    return (
+        suite.held_out("validation", settings.selection_items, settings.selection_text_rows),
+        suite.held_out("test", settings.final_items, settings.final_text_rows),
+    )
 
 
 def measure(suite, model, held, batch_size: int) -> dict:
@@ -111,10 +133,13 @@ def measure(suite, model, held, batch_size: int) -> dict:
 
 def fitness(report: dict, reference: dict, settings: Settings) -> float:
     """The weighted fitness of a measured model; compute and memory relative to ``reference``."""
-    return (settings.w_accuracy * report["accuracy_mean"] - settings.w_answer_nll * report["answer_nll_mean"]
-            - settings.w_perplexity * math.log(report["perplexity"])
-            - settings.w_compute * math.log(report["flops_per_token"] / reference["flops_per_token"])
-            - settings.w_memory * math.log(report["parameter_bytes"] / reference["parameter_bytes"]))
+    return (
+        settings.w_accuracy * report["accuracy_mean"]
+        - settings.w_answer_nll * report["answer_nll_mean"]
+        - settings.w_perplexity * math.log(report["perplexity"])
+        - settings.w_compute * math.log(report["flops_per_token"] / reference["flops_per_token"])
+        - settings.w_memory * math.log(report["parameter_bytes"] / reference["parameter_bytes"])
+    )
 
 
 def reference_costs(reports: list[dict]) -> dict:
@@ -147,8 +172,12 @@ def search_space(parents: list, settings: Settings) -> evolve.SearchSpace:
     from agentforge.merge.layers import layer_slots, layer_stacks
 
     stacks = layer_stacks(parents[0])
-    return evolve.SearchSpace(n_sources=len(parents), layer_slots=len(layer_slots(stacks)),
-                              stack_layers=stacks[dfs_stack_of(parents[0])], methods=tuple(settings.methods))
+    return evolve.SearchSpace(
+        n_sources=len(parents),
+        layer_slots=len(layer_slots(stacks)),
+        stack_layers=stacks[dfs_stack_of(parents[0])],
+        methods=tuple(settings.methods),
+    )
 
 
 class Candidates:
@@ -167,24 +196,36 @@ class Candidates:
     def __call__(self, recipes: list[dict]) -> list[float]:
         hashes = [evolve.recipe_hash(r) for r in recipes]
         digest = hashlib.sha1(" ".join(hashes).encode()).hexdigest()[:8]
-        done = self.p.step(f"generation_{self.generation:02d}_{digest}", lambda: self._measure(recipes),
-                           everywhere=True)
+        done = self.p.step(
+            f"generation_{self.generation:02d}_{digest}", lambda: self._measure(recipes), everywhere=True
+        )
         self.peak_rss_bytes.append(done["peak_rss_bytes"])
         values = [fitness(report, self.reference, self.p.settings) for report in done["reports"]]
-        self.rows += [{"generation": self.generation, "recipe": recipe, "recipe_hash": h, "fitness": value,
-                       **flat(report)} for recipe, h, value, report in zip(recipes, hashes, values, done["reports"])]
+        self.rows += [
+            {"generation": self.generation, "recipe": recipe, "recipe_hash": h, "fitness": value, **flat(report)}
+            for recipe, h, value, report in zip(recipes, hashes, values, done["reports"])
+        ]
         return values
 
     def _measure(self, recipes: list[dict]) -> dict:
         from agentforge.eval import peak_memory_bytes
         from agentforge.train import distributed
 
-        mine = list(enumerate(recipes))[distributed.rank()::distributed.world_size()]
+        mine = list(enumerate(recipes))[distributed.rank() :: distributed.world_size()]
 
         def measure_mine() -> list:
-            return [(i, measure(self.suite, build(recipe, self.parents, self.base), self.selection,
-                                self.p.settings.eval_batch_size))
-                    for i, recipe in self.p.bar(mine, f"generation {self.generation} candidates")]
+            return [
+                (
+                    i,
+                    measure(
+                        self.suite,
+                        build(recipe, self.parents, self.base),
+                        self.selection,
+                        self.p.settings.eval_batch_size,
+                    ),
+                )
+                for i, recipe in self.p.bar(mine, f"generation {self.generation} candidates")
+            ]
 
         measured, peak = peak_memory_bytes(measure_mine, device="cpu")
         parts = distributed.all_gather((measured, peak))
@@ -196,8 +237,16 @@ class Candidates:
         self.generation += 1
 
 
-def ablation(p: PhaseRun, evolution: evolve.Evolution, space: evolve.SearchSpace, parents: list, base, suite,
-             final, reference: dict) -> dict:
+def ablation(
+    p: PhaseRun,
+    evolution: evolve.Evolution,
+    space: evolve.SearchSpace,
+    parents: list,
+    base,
+    suite,
+    final,
+    reference: dict,
+) -> dict:
     """Each method alone: its default recipe and the best recipe of it that the search found,
     both scored on the test split."""
     scored: dict[str, float] = {}  # a recipe that is both a method's default and its best is scored once
@@ -212,10 +261,13 @@ def ablation(p: PhaseRun, evolution: evolve.Evolution, space: evolve.SearchSpace
     table = {}
     for method in p.bar(space.methods, "ablation"):
         default, best = space.default(method), evolution.best_of(method) or space.default(method)
-        table[method] = {"default_final_fitness": final_fitness(default), "best_recipe": best,
-                         "best_selection_fitness": evolution.cache.get(evolve.recipe_hash(best)),
-                         "best_final_fitness": final_fitness(best),
-                         "best_is_default": evolve.recipe_hash(best) == evolve.recipe_hash(default)}
+        table[method] = {
+            "default_final_fitness": final_fitness(default),
+            "best_recipe": best,
+            "best_selection_fitness": evolution.cache.get(evolve.recipe_hash(best)),
+            "best_final_fitness": final_fitness(best),
+            "best_is_default": evolve.recipe_hash(best) == evolve.recipe_hash(default),
+        }
     return table
 
 
@@ -224,9 +276,13 @@ def final_reports(p: PhaseRun, champion, parents: list, suite, final) -> dict:
     from agentforge.eval import tokens_per_second
 
     models = {"champion": champion, **{f"parent_{i}": parent for i, parent in enumerate(parents)}}
-    return {name: {**measure(suite, model, final, p.settings.eval_batch_size),
-                   "tokens_per_s": tokens_per_second(model, prompt_len=16, new_tokens=16)}
-            for name, model in p.bar(models.items(), "test split", total=len(models))}
+    return {
+        name: {
+            **measure(suite, model, final, p.settings.eval_batch_size),
+            "tokens_per_s": tokens_per_second(model, prompt_len=16, new_tokens=16),
+        }
+        for name, model in p.bar(models.items(), "test split", total=len(models))
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,28 +303,50 @@ def run(p: PhaseRun) -> PhaseResult:
     parents = [p.load("siblings", i).model.eval() for i in range(len(p.inputs["siblings"]))]
     suite = p.suite(tokenizer)
     selection, final = held_out_sets(suite, settings)
-    reference = reference_costs(p.step("measure_parents", lambda: [
-        measure(suite, m, selection, settings.eval_batch_size) for m in parents]))
+    reference = reference_costs(
+        p.step("measure_parents", lambda: [measure(suite, m, selection, settings.eval_batch_size) for m in parents])
+    )
     space = search_space(parents, settings)
     candidates = Candidates(p, parents, base, suite, selection, reference)
-    evolution = evolve.Evolution(space, settings.evolution, candidates, seed=p.seed,
-                                 on_generation=candidates.generation_done)
+    evolution = evolve.Evolution(
+        space, settings.evolution, candidates, seed=p.seed, on_generation=candidates.generation_done
+    )
     result = evolution.run()
     p.say(f"champion {evolve.describe(result.best)}")
 
-    champion = p.model_step("champion", lambda: Built(build(result.best, parents, base), tokenizer, {
-        "role": "champion", "recipe": result.best, "parents": list(p.inputs["siblings"]),
-        "base": p.parent(p.inputs["trunk"], p.out_dir / "champion")}))
+    champion = p.model_step(
+        "champion",
+        lambda: Built(
+            build(result.best, parents, base),
+            tokenizer,
+            {
+                "role": "champion",
+                "recipe": result.best,
+                "parents": list(p.inputs["siblings"]),
+                "base": p.parent(p.inputs["trunk"], p.out_dir / "champion"),
+            },
+        ),
+    )
     finals = p.step("test_split", lambda: final_reports(p, champion.model, parents, suite, final))
     test_reference = reference_costs([finals[f"parent_{i}"] for i in range(len(parents))])
-    table = p.step("ablation", lambda: ablation(p, evolution, space, parents, base, suite, final, test_reference)) \
-        if settings.ablation else {}
+    table = (
+        p.step("ablation", lambda: ablation(p, evolution, space, parents, base, suite, final, test_reference))
+        if settings.ablation
+        else {}
+    )
     summary = summarise(settings, result, finals, test_reference, table)
-    summary.update(evaluations=len(evolution.cache), search_peak_rss_bytes=max(candidates.peak_rss_bytes),
-                   world_size=distributed.world_size())
-    return p.finish({"champion": champion.path}, headline(summary), summary,
-                    rows={"candidate": candidates.rows, "generation": result.generations},
-                    effects=effects(summary, p.seed))
+    summary.update(
+        evaluations=len(evolution.cache),
+        search_peak_rss_bytes=max(candidates.peak_rss_bytes),
+        world_size=distributed.world_size(),
+    )
+    return p.finish(
+        {"champion": champion.path},
+        headline(summary),
+        summary,
+        rows={"candidate": candidates.rows, "generation": result.generations},
+        effects=effects(summary, p.seed),
+    )
 
 
 def effects(summary: dict, seed: int) -> list[Effect]:
@@ -279,11 +357,20 @@ def effects(summary: dict, seed: int) -> list[Effect]:
     champion, parent = summary["final_reports"]["champion"], summary["final_reports"][summary["best_parent"]]
     scores = lambda report: [s for domain in report["scores"].values() for s in domain]
     control = f"the best parent ({summary['best_parent']})"
-    return [Effect.of("held-out task accuracy, champion", control,
-                      paired_difference(scores(champion), scores(parent), seed=seed)),
-            Effect.of("text perplexity ratio, champion", control,
-                      perplexity_ratio(champion["text_rows"]["nll"], parent["text_rows"]["nll"],
-                                       parent["text_rows"]["tokens"], seed=seed), better="lower", neutral=1.0)]
+    return [
+        Effect.of(
+            "held-out task accuracy, champion", control, paired_difference(scores(champion), scores(parent), seed=seed)
+        ),
+        Effect.of(
+            "text perplexity ratio, champion",
+            control,
+            perplexity_ratio(
+                champion["text_rows"]["nll"], parent["text_rows"]["nll"], parent["text_rows"]["tokens"], seed=seed
+            ),
+            better="lower",
+            neutral=1.0,
+        ),
+    ]
 
 
 def summarise(settings: Settings, result: evolve.EvolutionResult, finals: dict, reference: dict, table: dict) -> dict:
@@ -292,28 +379,47 @@ def summarise(settings: Settings, result: evolve.EvolutionResult, finals: dict, 
     final_fitness = {name: fitness(report, reference, settings) for name, report in finals.items()}
     parents = [n for n in final_fitness if n.startswith("parent_")]
     best_parent = max(parents, key=final_fitness.get)
-    return {"champion_recipe": result.best, "champion_description": evolve.describe(result.best),
-            "champion_selection_fitness": result.best_fitness,
-            "final_fitness": final_fitness, "final_reports": finals, "best_parent": best_parent,
-            "margin_over_best_parent": final_fitness["champion"] - final_fitness[best_parent],
-            "beats_every_parent": all(final_fitness["champion"] > final_fitness[n] for n in parents),
-            "ablation": table, "generations": len(result.generations), "stop_reason": result.stop_reason}
+    return {
+        "champion_recipe": result.best,
+        "champion_description": evolve.describe(result.best),
+        "champion_selection_fitness": result.best_fitness,
+        "final_fitness": final_fitness,
+        "final_reports": finals,
+        "best_parent": best_parent,
+        "margin_over_best_parent": final_fitness["champion"] - final_fitness[best_parent],
+        "beats_every_parent": all(final_fitness["champion"] > final_fitness[n] for n in parents),
+        "ablation": table,
+        "generations": len(result.generations),
+        "stop_reason": result.stop_reason,
+    }
 
 
 def headline(summary: dict) -> dict:
     fitness_of = summary["final_fitness"]
-    return {"champion_method": summary["champion_recipe"]["method"], "champion_final_fitness": fitness_of["champion"],
-            "best_parent_final_fitness": fitness_of[summary["best_parent"]],
-            "margin_over_best_parent": summary["margin_over_best_parent"], "generations": summary["generations"],
-            "evaluations": summary["evaluations"]}
+    return {
+        "champion_method": summary["champion_recipe"]["method"],
+        "champion_final_fitness": fitness_of["champion"],
+        "best_parent_final_fitness": fitness_of[summary["best_parent"]],
+        "margin_over_best_parent": summary["margin_over_best_parent"],
+        "generations": summary["generations"],
+        "evaluations": summary["evaluations"],
+    }
 
 
 SPEC = PhaseSpec(
-    number=2, name="evomerge", summary="evolve a merge recipe of the siblings (GA + CMA-ES), keep the champion",
-    settings=Settings, presets=PRESETS, run=run,
-    needs={"siblings": Input("cognate.siblings", "the sibling model directories to merge", many=True),
-           "trunk": Input("cognate.trunk", "their shared trunk (the base of the task vectors, and the tokenizer)")},
-    provides={"champion": model_dir}, figures="agentforge.figures.evomerge")
+    number=2,
+    name="evomerge",
+    summary="evolve a merge recipe of the siblings (GA + CMA-ES), keep the champion",
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
+    needs={
+        "siblings": Input("cognate.siblings", "the sibling model directories to merge", many=True),
+        "trunk": Input("cognate.trunk", "their shared trunk (the base of the task vectors, and the tokenizer)"),
+    },
+    provides={"champion": model_dir},
+    figures="agentforge.figures.evomerge",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ that did not finish: a finished phase takes no SVD and trains, searches and meas
 
 Run alone: ``python -m agentforge.phases.experts --model DIR --out DIR [--preset tiny]``.
 """
+
 # No ``from __future__ import annotations``: the settings' field types are read with
 # ``typing.get_type_hints``, which cannot resolve the nested ``TrainSettings`` from a string when
 # this module runs as ``__main__`` without being in ``sys.modules`` (runpy).
@@ -66,22 +67,29 @@ class Settings(Checked):
     """Discovery, training, search and evaluation sizes (per-preset values in ``PRESETS``)."""
 
     n_experts: int = setting(3, f"[{MIN_EXPERTS}, {MAX_EXPERTS}]", doc="experts the families are clustered into")
-    families: list[str] = setting(DOMAIN_FAMILIES, choices=tuple(FAMILIES), length="[1, 1000]",
-                                  doc="task families measured, each at the data spec's task levels")
+    families: list[str] = setting(
+        DOMAIN_FAMILIES,
+        choices=tuple(FAMILIES),
+        length="[1, 1000]",
+        doc="task families measured, each at the data spec's task levels",
+    )
     zone_low: float = setting(0.2, "[0, 1]", doc="learning zone: units the base solves sometimes, not always")
     zone_high: float = setting(0.8, "[0, 1]")
-    capability_weight: float = setting(0.5, "[0, 1000]", doc="clustering distance: gradient direction + this "
-                                                                "× |Δ accuracy|")
+    capability_weight: float = setting(
+        0.5, "[0, 1000]", doc="clustering distance: gradient direction + this × |Δ accuracy|"
+    )
     discovery_items: int = setting(32, "[1, 100000]", doc="validation items per unit for capability")
     gradient_items: int = setting(32, "[1, 100000]", doc="training items per unit for gradient similarity")
     train_items: int = setting(400, "[1, 1000000]", doc="training items per unit for its expert")
     train: TrainSettings = setting(TrainSettings)
     router_items: int = setting(64, "[1, 100000]", doc="training prompts per unit for the router")
-    search_items: int = setting(40, "[1, 100000]", doc="validation items per unit for the mixture search "
-                                                       "(after discovery's)")
+    search_items: int = setting(
+        40, "[1, 100000]", doc="validation items per unit for the mixture search (after discovery's)"
+    )
     search: SearchSettings = setting(SearchSettings)
-    test_items: int = setting(80, "[1, 100000]", doc="test items per unit for the final comparison (fewer "
-                                                     "where a level has fewer)")
+    test_items: int = setting(
+        80, "[1, 100000]", doc="test items per unit for the final comparison (fewer where a level has fewer)"
+    )
     text_rows: int = setting(64, "[0, 1000000]", doc="held-out text rows for the perplexity control (0: skip it)")
     eval_batch_size: int = setting(128, "[1, 65536]")
 
@@ -91,24 +99,54 @@ class Settings(Checked):
         if len(set(self.families)) != len(self.families):
             self.fail("families", "must name each family once")
         if self.n_experts > len(self.families):
-            self.fail("n_experts", f"must be at most the number of families ({len(self.families)}): an expert "
-                                   "is a cluster of whole families")
+            self.fail(
+                "n_experts",
+                f"must be at most the number of families ({len(self.families)}): an expert "
+                "is a cluster of whole families",
+            )
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(families=["kv_recall", "add_small", "count_bits"], zone_low=0.0, zone_high=1.0,
-                      discovery_items=6, gradient_items=8, train_items=40,
-                      train=TrainSettings(ce_steps=3, rl_steps=2, batch_size=4), router_items=8, search_items=4,
-                      search=SearchSettings(generations=1, population=2), test_items=6, text_rows=4,
-                      eval_batch_size=32),
+    "micro": Settings(
+        families=["kv_recall", "add_small", "count_bits"],
+        zone_low=0.0,
+        zone_high=1.0,
+        discovery_items=6,
+        gradient_items=8,
+        train_items=40,
+        train=TrainSettings(ce_steps=3, rl_steps=2, batch_size=4),
+        router_items=8,
+        search_items=4,
+        search=SearchSettings(generations=1, population=2),
+        test_items=6,
+        text_rows=4,
+        eval_batch_size=32,
+    ),
     "tiny": Settings(),
-    "small": Settings(n_experts=4, discovery_items=64, gradient_items=64, train_items=2000,
-                      train=TrainSettings(ce_steps=300, rl_steps=100, seq_len=64), router_items=128, search_items=48,
-                      search=SearchSettings(generations=4, population=8), test_items=200, text_rows=256),
-    "smol": Settings(discovery_items=8, gradient_items=8, train_items=64,
-                     train=TrainSettings(ce_steps=10, rl_steps=4, batch_size=8, seq_len=128), router_items=16,
-                     search_items=8, search=SearchSettings(generations=1, population=4), test_items=16, text_rows=16,
-                     eval_batch_size=32),
+    "small": Settings(
+        n_experts=4,
+        discovery_items=64,
+        gradient_items=64,
+        train_items=2000,
+        train=TrainSettings(ce_steps=300, rl_steps=100, seq_len=64),
+        router_items=128,
+        search_items=48,
+        search=SearchSettings(generations=4, population=8),
+        test_items=200,
+        text_rows=256,
+    ),
+    "smol": Settings(
+        discovery_items=8,
+        gradient_items=8,
+        train_items=64,
+        train=TrainSettings(ce_steps=10, rl_steps=4, batch_size=8, seq_len=128),
+        router_items=16,
+        search_items=8,
+        search=SearchSettings(generations=1, population=4),
+        test_items=16,
+        text_rows=16,
+        eval_batch_size=32,
+    ),
 }
 
 
@@ -123,8 +161,9 @@ def check_model(base: Loaded) -> None:
     if base.tokenizer is None:
         raise ConfigError(f"experts: {base.path} has no tokenizer; the phase needs one to pose its tasks")
     if base.model.get_output_embeddings() is None:
-        raise ConfigError(f"experts: {type(base.model).__name__} has no LM head; the router reads the hidden "
-                          "state entering it")
+        raise ConfigError(
+            f"experts: {type(base.model).__name__} has no LM head; the router reads the hidden state entering it"
+        )
     try:
         target_weights(base.model)
     except ValueError as e:
@@ -142,8 +181,9 @@ def check_row_length(p: PhaseRun, tokenizer, units) -> None:
     from agentforge.experts.discovery import unit_items
 
     render = p.suite(tokenizer).render
-    items = [it for its in unit_items(units, "train", p.settings.train_items, p.seed, render=render).values()
-             for it in its]
+    items = [
+        it for its in unit_items(units, "train", p.settings.train_items, p.seed, render=render).values() for it in its
+    ]
     try:
         pack_tasks(tokenizer, items, p.settings.train.seq_len, seed=p.seed)
     except ValueError as error:
@@ -175,11 +215,21 @@ def discover_experts(p: PhaseRun, base: Loaded, basis, units) -> dict:
 
     settings = p.settings
     p.say(f"measuring {len(units)} task units")
-    found = discover(base.model, basis, base.tokenizer, units, n_experts=settings.n_experts,
-                     zone=(settings.zone_low, settings.zone_high), capability_weight=settings.capability_weight,
-                     eval_items=settings.discovery_items, gradient_items=settings.gradient_items,
-                     seq_len=settings.train.seq_len, seed=p.seed, batch_size=settings.eval_batch_size,
-                     render=p.suite(base.tokenizer).render)
+    found = discover(
+        base.model,
+        basis,
+        base.tokenizer,
+        units,
+        n_experts=settings.n_experts,
+        zone=(settings.zone_low, settings.zone_high),
+        capability_weight=settings.capability_weight,
+        eval_items=settings.discovery_items,
+        gradient_items=settings.gradient_items,
+        seq_len=settings.train.seq_len,
+        seed=p.seed,
+        batch_size=settings.eval_batch_size,
+        render=p.suite(base.tokenizer).render,
+    )
     p.say(f"experts {found.to_dict()['experts']}")
     return {"discovery": found.to_dict(), "parameter_counts": basis.parameter_counts()}
 
@@ -190,8 +240,11 @@ def train_one_expert(p: PhaseRun, base: Loaded, basis, name: str, units) -> list
     from agentforge.experts.discovery import unit_items
 
     render = p.suite(base.tokenizer).render
-    items = [it for unit_list in unit_items(units, "train", p.settings.train_items, p.seed, render=render).values()
-             for it in unit_list]
+    items = [
+        it
+        for unit_list in unit_items(units, "train", p.settings.train_items, p.seed, render=render).values()
+        for it in unit_list
+    ]
     p.say(f"training expert {name} on {len(items)} items ({', '.join(u.name for u in units)})")
 
     def fit(module, rows, stage: str, **kwargs):
@@ -206,8 +259,11 @@ def train_experts(p: PhaseRun, base: Loaded, basis, discovery: Discovery) -> dic
     the SVD when a step needs it (a rerun of finished steps reads their z back)."""
     experts = {}
     for name, units in discovery.expert_units().items():
-        z = p.step(f"expert_{name}", lambda name=name, units=units: train_one_expert(p, base, basis(), name, units),
-                   everywhere=True)
+        z = p.step(
+            f"expert_{name}",
+            lambda name=name, units=units: train_one_expert(p, base, basis(), name, units),
+            everywhere=True,
+        )
         experts[name] = torch.tensor(z, dtype=torch.float32)
     return experts
 
@@ -259,8 +315,14 @@ def search_mixtures(p: PhaseRun, base: Loaded, basis, router, experts: dict, uni
     settings, model, tokenizer = p.settings, base.model, base.tokenizer
     # the validation prompts after those discovery measured: selecting units on some items and then
     # judging mixtures on the same items would favour the base model by regression to the mean
-    pool = unit_items(units, "validation", settings.search_items, p.seed, skip=settings.discovery_items,
-                      render=p.suite(tokenizer).render)
+    pool = unit_items(
+        units,
+        "validation",
+        settings.search_items,
+        p.seed,
+        skip=settings.discovery_items,
+        render=p.suite(tokenizer).render,
+    )
     items = [it for unit_list in pool.values() for it in unit_list]
     routes = router.predict(features_of(model, tokenizer, [it.prompt for it in items], settings.eval_batch_size))
     names, memory = list(experts), adapted_bytes(model, basis.names)
@@ -296,8 +358,14 @@ def mixture_evaluator(p: PhaseRun, base: Loaded, basis, zs: list, items: list, m
             seconds = time.perf_counter() - started
             nll = answer_nll(model, tokenizer, items, batch_size=p.settings.eval_batch_size)
         compute = (answering + basis.build_flops(sum(1 for a in alphas if a))) / len(items)
-        return Measurement(tuple(alphas), float(scores.mean()), compute, memory if any(alphas) else 0,
-                           float(nll.mean()), seconds / len(items))
+        return Measurement(
+            tuple(alphas),
+            float(scores.mean()),
+            compute,
+            memory if any(alphas) else 0,
+            float(nll.mean()),
+            seconds / len(items),
+        )
 
     return evaluate
 
@@ -312,8 +380,13 @@ def build_model(base: Loaded, adaptive, discovery: Discovery, parameter_counts: 
     from agentforge.quietstar import head_files
 
     describe = {"units": discovery.to_dict()["experts"], "parameter_counts": parameter_counts}
-    return Built(base.model, base.tokenizer, {"experts": adaptive.expert_names, "parents": [base.path]},
-                 write_extra=adaptive_files(adaptive, describe), carry=head_files(base.path))
+    return Built(
+        base.model,
+        base.tokenizer,
+        {"experts": adaptive.expert_names, "parents": [base.path]},
+        write_extra=adaptive_files(adaptive, describe),
+        carry=head_files(base.path),
+    )
 
 
 def final_measurements(p: PhaseRun, adaptive, tokenizer, experts: dict, items: list, routes: list) -> dict:
@@ -361,20 +434,29 @@ def compare(measured: dict, test_items: dict, discovery: Discovery, router_accur
     def rows(units) -> np.ndarray:
         return np.concatenate([spans[u] for u in units if u in spans])
 
-    groups = {"unit": {u.name: [u] for u in test_items}, "expert_domain": discovery.expert_units(),
-              "domain": {d: [u for u in test_items if u.family in fams] for d, fams in DOMAINS.items()}}
+    groups = {
+        "unit": {u.name: [u] for u in test_items},
+        "expert_domain": discovery.expert_units(),
+        "domain": {d: [u for u in test_items if u.family in fams] for d, fams in DOMAINS.items()},
+    }
     groups["domain"] = {d: us for d, us in groups["domain"].items() if us}
     everything = np.arange(start)
     singles = [name for name in measured["accuracy"] if name not in ("base", "adaptive")]
     best_single = max(singles, key=lambda name: measured["accuracy"][name].mean())
     out = {"best_single_expert": best_single, "router_test_accuracy": router_accuracy}
     for metric, values in measured.items():
-        out[metric] = {kind: {group: {model: bootstrap_interval(v[rows(us)], seed=seed) for model, v in values.items()}
-                              for group, us in table.items()} for kind, table in groups.items()}
+        out[metric] = {
+            kind: {
+                group: {model: bootstrap_interval(v[rows(us)], seed=seed) for model, v in values.items()}
+                for group, us in table.items()
+            }
+            for kind, table in groups.items()
+        }
         out[metric]["mixed"] = {model: bootstrap_interval(v, seed=seed) for model, v in values.items()}
         out[metric]["expert_gain_on_own_domain"] = {
             name: _gain(measured, metric, name, "base", rows(units), seed)
-            for name, units in discovery.expert_units().items()}
+            for name, units in discovery.expert_units().items()
+        }
         out[metric]["adaptive_vs_base"] = _gain(measured, metric, "adaptive", "base", everything, seed)
         out[metric]["adaptive_vs_best_single"] = _gain(measured, metric, "adaptive", best_single, everything, seed)
     return out
@@ -407,14 +489,17 @@ def final_comparison(p: PhaseRun, adaptive, tokenizer, experts: dict, discovery:
     settings = p.settings
     test_items = unit_items(list(classes), "test", settings.test_items, p.seed, render=p.suite(tokenizer).render)
     items = [it for unit_list in test_items.values() for it in unit_list]
-    routes = adaptive.router.predict(features_of(adaptive.model, tokenizer, [it.prompt for it in items],
-                                                 settings.eval_batch_size))
+    routes = adaptive.router.predict(
+        features_of(adaptive.model, tokenizer, [it.prompt for it in items], settings.eval_batch_size)
+    )
     truth = [classes[u] for u, unit_list in test_items.items() for _ in unit_list]
     router_accuracy = sum(r == t for r, t in zip(routes, truth)) / len(items)
     p.say(f"final comparison on {len(items)} test items")
     measured = final_measurements(p, adaptive, tokenizer, experts, items, routes)
-    return {"comparison": compare(measured, test_items, discovery, router_accuracy, p.seed),
-            "text_perplexity": text_perplexities(p, adaptive, tokenizer, experts)}
+    return {
+        "comparison": compare(measured, test_items, discovery, router_accuracy, p.seed),
+        "text_perplexity": text_perplexities(p, adaptive, tokenizer, experts),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,19 +525,29 @@ def run(p: PhaseRun) -> PhaseResult:
     search = p.step("search", lambda: search_mixtures(p, base, basis(), router, experts, units))
     adaptive = functools.cache(lambda: AdaptiveModel(base.model, basis(), experts, router, search["mixtures"]))
     model = p.model_step("model", lambda: build_model(base, adaptive(), discovery, found["parameter_counts"]))
-    results = p.step("comparison", lambda: final_comparison(p, adaptive(), base.tokenizer, experts, discovery,
-                                                            classes))
-    summary = {"discovery": found["discovery"], "classes": {u.name: c for u, c in classes.items()},
-               "mixtures": search["mixtures"], "parameter_counts": found["parameter_counts"], **results,
-               "search": search["history"]}
+    results = p.step("comparison", lambda: final_comparison(p, adaptive(), base.tokenizer, experts, discovery, classes))
+    summary = {
+        "discovery": found["discovery"],
+        "classes": {u.name: c for u, c in classes.items()},
+        "mixtures": search["mixtures"],
+        "parameter_counts": found["parameter_counts"],
+        **results,
+        "search": search["history"],
+    }
     candidates = [{"class": cls, **row} for cls, rows in search["history"].items() for row in rows]
-    return p.finish({"model": model.path}, headline(summary), summary, rows={"candidate": candidates},
-                    effects=effects(summary["comparison"]))
+    return p.finish(
+        {"model": model.path},
+        headline(summary),
+        summary,
+        rows={"candidate": candidates},
+        effects=effects(summary["comparison"]),
+    )
 
 
 def effects(comparison: dict) -> list[Effect]:
     """The two-pass model against the base (the input) and against the best single expert on the
     mixed test set: accuracy, and answer NLL for the base (paired differences, 95 % intervals)."""
+
     def effect(what: str, control: str, gain: dict, better: str = "higher") -> Effect:
         if better == "higher":
             return Effect(what, control, gain["mean"], gain["low"], gain["high"])
@@ -461,20 +556,24 @@ def effects(comparison: dict) -> list[Effect]:
 
     accuracy, nll = comparison["accuracy"], comparison["answer_nll"]
     best = f"the best single expert ({comparison['best_single_expert']})"
-    return [effect("test accuracy, two-pass model", "the base model", accuracy["adaptive_vs_base"]),
-            effect("test answer NLL, two-pass model", "the base model", nll["adaptive_vs_base"], "lower"),
-            effect("test accuracy, two-pass model", best, accuracy["adaptive_vs_best_single"])]
+    return [
+        effect("test accuracy, two-pass model", "the base model", accuracy["adaptive_vs_base"]),
+        effect("test answer NLL, two-pass model", "the base model", nll["adaptive_vs_base"], "lower"),
+        effect("test accuracy, two-pass model", best, accuracy["adaptive_vs_best_single"]),
+    ]
 
 
 def headline(summary: dict) -> dict:
     """The phase's headline numbers as one flat row (metrics.jsonl, the pipeline report)."""
     comparison = summary["comparison"]
     accuracy, nll = comparison["accuracy"], comparison["answer_nll"]
-    row = {"experts": len(summary["mixtures"]) - ("base" in summary["mixtures"]),
-           "z_parameters": summary["parameter_counts"]["svf_z"],
-           "lora_rank1_parameters": summary["parameter_counts"]["lora_rank1"],
-           "router_test_accuracy": comparison["router_test_accuracy"],
-           "best_single_expert": comparison["best_single_expert"]}
+    row = {
+        "experts": len(summary["mixtures"]) - ("base" in summary["mixtures"]),
+        "z_parameters": summary["parameter_counts"]["svf_z"],
+        "lora_rank1_parameters": summary["parameter_counts"]["lora_rank1"],
+        "router_test_accuracy": comparison["router_test_accuracy"],
+        "best_single_expert": comparison["best_single_expert"],
+    }
     for model, interval in accuracy["mixed"].items():
         row[f"mixed_accuracy/{model}"] = interval["mean"]
         row[f"mixed_answer_nll/{model}"] = nll["mixed"][model]["mean"]
@@ -491,11 +590,21 @@ def headline(summary: dict) -> dict:
 
 
 SPEC = PhaseSpec(
-    number=7, name="experts", summary="Transformer²-style singular-value experts with a router and a CMA-ES mixture",
-    settings=Settings, presets=PRESETS, run=run,
-    needs={"model": Input("baking.model", "input model directory with a tokenizer (the baked model, latent "
-                                          "BitLinear layers; any HF causal LM works)")},
-    provides={"model": model_dir}, figures="agentforge.figures.experts")
+    number=7,
+    name="experts",
+    summary="Transformer²-style singular-value experts with a router and a CMA-ES mixture",
+    settings=Settings,
+    presets=PRESETS,
+    run=run,
+    needs={
+        "model": Input(
+            "baking.model",
+            "input model directory with a tokenizer (the baked model, latent BitLinear layers; any HF causal LM works)",
+        )
+    },
+    provides={"model": model_dir},
+    figures="agentforge.figures.experts",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ metrics), ``metrics.jsonl`` and ``summary.json``.
 
 Run alone: ``python -m agentforge.phases.quietstar --model DIR --preset tiny --out DIR``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -53,11 +54,13 @@ class Settings(Checked):
     steps: int = setting(30, "[1, 10000000]", doc="thinker training steps")
     batch_size: int = setting(8, "[1, 65536]")
     train_items: int = setting(600, "[1, 1000000]", doc="training items per chosen (family, level)")
-    candidate_levels: list[int] = setting([0, 1, 2], "[0, 9]", length="[1, 10]",
-                                          doc="task levels searched for the accuracy band")
+    candidate_levels: list[int] = setting(
+        [0, 1, 2], "[0, 9]", length="[1, 10]", doc="task levels searched for the accuracy band"
+    )
     selection_items: int = setting(50, "[1, 100000]", doc="validation items per candidate (family, level)")
-    band: list[float] = setting([0.2, 0.6], "[0, 1]", length="[2, 2]",
-                                doc="the parent's accuracy band to evaluate in: [low, high]")
+    band: list[float] = setting(
+        [0.2, 0.6], "[0, 1]", length="[2, 2]", doc="the parent's accuracy band to evaluate in: [low, high]"
+    )
     eval_pairs: int = setting(4, "[1, 1000]", doc="(family, level) pairs evaluated")
     test_items: int = setting(150, "[1, 100000]", doc="test items per chosen pair")
     bootstrap: int = setting(1000, "[1, 1000000]", doc="bootstrap rounds of the 95 % intervals")
@@ -69,15 +72,39 @@ class Settings(Checked):
 
 
 PRESETS: dict[str, Settings] = {
-    "micro": Settings(thought=ThoughtSettings(thought_length=2, lookahead=2), steps=3, batch_size=4, train_items=20,
-                      candidate_levels=[0], selection_items=8, eval_pairs=2, test_items=8, bootstrap=100,
-                      eval_batch_size=32),
+    "micro": Settings(
+        thought=ThoughtSettings(thought_length=2, lookahead=2),
+        steps=3,
+        batch_size=4,
+        train_items=20,
+        candidate_levels=[0],
+        selection_items=8,
+        eval_pairs=2,
+        test_items=8,
+        bootstrap=100,
+        eval_batch_size=32,
+    ),
     "tiny": Settings(),
-    "small": Settings(thought=ThoughtSettings(thought_length=8, lookahead=4), steps=400, batch_size=16,
-                      train_items=5000, candidate_levels=[0, 1, 2, 3, 4], selection_items=100, eval_pairs=6,
-                      test_items=300),
-    "smol": Settings(steps=8, batch_size=4, train_items=200, candidate_levels=[0, 1], selection_items=12,
-                     eval_pairs=2, test_items=40, eval_batch_size=16),
+    "small": Settings(
+        thought=ThoughtSettings(thought_length=8, lookahead=4),
+        steps=400,
+        batch_size=16,
+        train_items=5000,
+        candidate_levels=[0, 1, 2, 3, 4],
+        selection_items=100,
+        eval_pairs=6,
+        test_items=300,
+    ),
+    "smol": Settings(
+        steps=8,
+        batch_size=4,
+        train_items=200,
+        candidate_levels=[0, 1],
+        selection_items=12,
+        eval_pairs=2,
+        test_items=40,
+        eval_batch_size=16,
+    ),
 }
 
 
@@ -98,14 +125,20 @@ def choose_tasks(p: PhaseRun, model, suite) -> list[dict]:
     measured = []
     for family, level in p.bar(candidates, "parent accuracy per task", total=len(candidates)):
         items = suite.items("validation", settings.selection_items, [family], [level])
-        accuracy = task_accuracy(model, suite.tokenizer, items, score=score,
-                                 max_new_tokens=answer_budget(suite.tokenizer, items),
-                                 batch_size=settings.eval_batch_size).accuracy
+        accuracy = task_accuracy(
+            model,
+            suite.tokenizer,
+            items,
+            score=score,
+            max_new_tokens=answer_budget(suite.tokenizer, items),
+            batch_size=settings.eval_batch_size,
+        ).accuracy
         distance = 0.0 if low <= accuracy <= high else min(abs(accuracy - low), abs(accuracy - high))
-        measured.append({"family": family, "level": level, "parent_validation_accuracy": accuracy,
-                         "distance_to_band": distance})
+        measured.append(
+            {"family": family, "level": level, "parent_validation_accuracy": accuracy, "distance_to_band": distance}
+        )
     measured.sort(key=lambda m: (m["distance_to_band"], -m["parent_validation_accuracy"]))
-    return measured[:settings.eval_pairs]
+    return measured[: settings.eval_pairs]
 
 
 def task_items(suite, tasks: list[dict], split: str, n: int) -> list:
@@ -136,7 +169,7 @@ def answer_loglik(scorer, ids: torch.Tensor, labels: torch.Tensor, batch_size: i
     labels) -> log-probs of the labelled tokens [B, T]`` (0 where unlabelled)."""
     out = []
     for start in range(0, len(ids), batch_size):
-        out += scorer(ids[start:start + batch_size], labels[start:start + batch_size]).sum(-1).tolist()
+        out += scorer(ids[start : start + batch_size], labels[start : start + batch_size]).sum(-1).tolist()
     return out
 
 
@@ -153,6 +186,7 @@ def plain_scorer(model, masked: list[int] = ()):
         target = labels[:, 1:]
         logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
         return torch.nn.functional.pad(logp * (target != IGNORE_INDEX), (1, 0))
+
     return score
 
 
@@ -168,7 +202,7 @@ def generated_accuracy(generate, tokenizer, items, batch_size: int) -> list[floa
 
     scores = []
     for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
+        batch = items[start : start + batch_size]
         prompts = [tokenizer(it.prompt, add_special_tokens=False)["input_ids"] for it in batch]
         width = max(map(len, prompts))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
@@ -176,7 +210,7 @@ def generated_accuracy(generate, tokenizer, items, batch_size: int) -> list[floa
         new = generate(ids, mask, answer_budget(tokenizer, batch))
         for item, tokens in zip(batch, new.tolist()):
             if tokenizer.eos_token_id in tokens:
-                tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
+                tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
             scores.append(score(item, tokenizer.decode(tokens, skip_special_tokens=True)))
     return scores
 
@@ -197,29 +231,42 @@ def hf_variant(model, tokenizer, thought_ids: list[int]):
     suppress = [i for i in thought_ids if i < vocab]
 
     def generate(ids, mask, n):
-        return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                              **({"suppress_tokens": suppress} if suppress else {}))[:, ids.shape[1]:]
+        return model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **({"suppress_tokens": suppress} if suppress else {}),
+        )[:, ids.shape[1] :]
 
     return generate, plain_scorer(model, suppress)
 
 
 def thinker_variants(thinker: ThinkingModel, eos: int) -> dict:
     """``{name: (generate, scorer)}`` of the thinker with thinking on and off."""
+
     def generate(think: bool):
         return lambda i, m, n: thinker.generate(i, m, max_new_tokens=n, eos_token_id=eos, think=think)
 
-    return {"thinking": (generate(True), thinking_scorer(thinker)),
-            "not_thinking": (generate(False), plain_scorer(thinker.base, list(thinker.tokens)))}
+    return {
+        "thinking": (generate(True), thinking_scorer(thinker)),
+        "not_thinking": (generate(False), plain_scorer(thinker.base, list(thinker.tokens))),
+    }
 
 
 def measure_variants(p: PhaseRun, variants: dict, tokenizer, items) -> dict:
     """Per variant, each test item's generated accuracy and answer log-likelihood."""
     batch_size = p.settings.eval_batch_size
     ids, labels = item_rows(tokenizer, items)
-    return {name: {"accuracy": generated_accuracy(generate, tokenizer, items, batch_size),
-                   "answer_loglik": answer_loglik(scorer, ids, labels, batch_size)}
-            for name, (generate, scorer) in p.bar(variants.items(), "measuring", total=len(variants))}
+    return {
+        name: {
+            "accuracy": generated_accuracy(generate, tokenizer, items, batch_size),
+            "answer_loglik": answer_loglik(scorer, ids, labels, batch_size),
+        }
+        for name, (generate, scorer) in p.bar(variants.items(), "measuring", total=len(variants))
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +277,17 @@ def train_stage(p: PhaseRun, model, rows, steps: int, stage: str, loss_fn=None):
     from agentforge.optim import MuGrokfast
 
     optimizer = MuGrokfast.from_preset(model, "finetune", total_steps=steps)
-    return p.train(model, rows, stage, optimizer=optimizer, steps=steps, batch_size=p.settings.batch_size,
-                   loss_fn=loss_fn, checkpoint_every=max(steps // 3, 1), log_every=5)
+    return p.train(
+        model,
+        rows,
+        stage,
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=p.settings.batch_size,
+        loss_fn=loss_fn,
+        checkpoint_every=max(steps // 3, 1),
+        log_every=5,
+    )
 
 
 def quietstar_loss(model, batch):
@@ -246,13 +302,22 @@ def build_thinker(p: PhaseRun, rows) -> Built:
     base = p.load("model")
     tokens = add_thought_tokens(base.model, base.tokenizer)
     thinker = ThinkingModel(base.model, thought, tokens)
-    p.say(f"training the thinker ({p.settings.steps} steps, {thought.n_thoughts} thoughts of "
-          f"{thought.thought_length} tokens, lookahead {thought.lookahead})")
+    p.say(
+        f"training the thinker ({p.settings.steps} steps, {thought.n_thoughts} thoughts of "
+        f"{thought.thought_length} tokens, lookahead {thought.lookahead})"
+    )
     trained = train_stage(p, thinker, rows, p.settings.steps, "thinker", quietstar_loss)
-    return Built(thinker.base, base.tokenizer,
-                 {"role": "thinker", "thought_settings": {**to_dict(thought), **tokens._asdict()},
-                  "train_losses": trained.losses, "parents": [base.path]},
-                 write_extra=thinker.save_extras)
+    return Built(
+        thinker.base,
+        base.tokenizer,
+        {
+            "role": "thinker",
+            "thought_settings": {**to_dict(thought), **tokens._asdict()},
+            "train_losses": trained.losses,
+            "parents": [base.path],
+        },
+        write_extra=thinker.save_extras,
+    )
 
 
 def control_run(p: PhaseRun, rows, test_items, thought_ids: list[int]) -> dict:
@@ -261,15 +326,21 @@ def control_run(p: PhaseRun, rows, test_items, thought_ids: list[int]) -> dict:
     labels = torch.tensor(rows["labels"])
     thinker_compute = training_compute(labels, settings.steps, settings.batch_size, p.seed, settings.thought)
     steps = plain_steps(thinker_compute, settings.batch_size, labels.shape[1])
-    p.say(f"training the equal-compute control ({steps} plain NLL steps for the thinker's "
-          f"{thinker_compute} counted token passes)")
+    p.say(
+        f"training the equal-compute control ({steps} plain NLL steps for the thinker's "
+        f"{thinker_compute} counted token passes)"
+    )
     control = p.load("model")
     trained = train_stage(p, control.model, rows, steps, "control")
     variant = hf_variant(control.model.eval(), control.tokenizer, thought_ids)
     measured = measure_variants(p, {"control": variant}, control.tokenizer, test_items)
-    return {"steps": steps, "thinker_compute": thinker_compute,
-            "control_compute": 3 * steps * settings.batch_size * labels.shape[1], "losses": trained.losses,
-            **measured["control"]}
+    return {
+        "steps": steps,
+        "thinker_compute": thinker_compute,
+        "control_compute": 3 * steps * settings.batch_size * labels.shape[1],
+        "losses": trained.losses,
+        **measured["control"],
+    }
 
 
 def measure(p: PhaseRun, parent, thinker_dir, test_items) -> dict:
@@ -277,8 +348,10 @@ def measure(p: PhaseRun, parent, thinker_dir, test_items) -> dict:
     p.say(f"measuring parent and thinker (thinking / not) on {len(test_items)} test items")
     thinker, tokenizer = ThinkingModel.load(thinker_dir)
     torch.manual_seed(p.seed)
-    variants = {"parent": hf_variant(parent.model.eval(), parent.tokenizer, list(thinker.tokens)),
-                **thinker_variants(thinker, tokenizer.eos_token_id)}
+    variants = {
+        "parent": hf_variant(parent.model.eval(), parent.tokenizer, list(thinker.tokens)),
+        **thinker_variants(thinker, tokenizer.eos_token_id),
+    }
     return measure_variants(p, variants, tokenizer, test_items)
 
 
@@ -301,8 +374,10 @@ def run(p: PhaseRun) -> PhaseResult:
     thinker = p.model_step("model", lambda: build_thinker(p, rows))
     thought_ids = [thinker.metadata["thought_settings"][k] for k in ("start_id", "end_id")]
     control = p.step("control", lambda: control_run(p, rows, test_items, thought_ids), everywhere=True)
-    results = {**p.step("measure", lambda: measure(p, parent, thinker.path, test_items)),
-               "control": {k: control[k] for k in ("accuracy", "answer_loglik")}}
+    results = {
+        **p.step("measure", lambda: measure(p, parent, thinker.path, test_items)),
+        "control": {k: control[k] for k in ("accuracy", "answer_loglik")},
+    }
     summary = summarise(settings, tasks, results, thinker.metadata["train_losses"], control, p.seed)
     return p.finish({"model": thinker.path}, summary.pop("headline"), summary, effects=effects(summary))
 
@@ -315,10 +390,10 @@ def summarise(settings: Settings, tasks, results, thinker_losses, control, seed)
         table[name] = {
             "accuracy": interval(r["accuracy"], None, settings.bootstrap, seed),
             "answer_loglik": interval(r["answer_loglik"], None, settings.bootstrap, seed),
-            "accuracy_minus_parent": interval(r["accuracy"], results["parent"]["accuracy"],
-                                                        settings.bootstrap, seed),
-            "loglik_minus_parent": interval(r["answer_loglik"], results["parent"]["answer_loglik"],
-                                                      settings.bootstrap, seed),
+            "accuracy_minus_parent": interval(r["accuracy"], results["parent"]["accuracy"], settings.bootstrap, seed),
+            "loglik_minus_parent": interval(
+                r["answer_loglik"], results["parent"]["answer_loglik"], settings.bootstrap, seed
+            ),
         }
 
     def thinking_minus(other: str, metric: str) -> dict:
@@ -329,34 +404,48 @@ def summarise(settings: Settings, tasks, results, thinker_losses, control, seed)
     headline = {
         f"{name}/{metric}": table[name][metric]["mean"] for name in table for metric in ("accuracy", "answer_loglik")
     }
-    headline.update(thinking_minus_off_loglik=thinking_vs_off["mean"], control_steps=control["steps"],
-                    thinker_compute=control["thinker_compute"], control_compute=control["control_compute"],
-                    test_items=len(results["parent"]["accuracy"]),
-                    thinking_minus_control_accuracy=vs_control["accuracy"]["mean"],
-                    thinking_minus_control_loglik=vs_control["answer_loglik"]["mean"],
-                    # thoughts help the model that has them (CI above zero) ...
-                    thoughts_raise_loglik=thinking_vs_off["low"] > 0,
-                    # ... and the phase beats spending the same compute on plain fine-tuning
-                    beats_equal_compute_control=vs_control["answer_loglik"]["low"] > 0
-                    and vs_control["accuracy"]["mean"] >= 0)
-    return {"tasks": tasks, "table": table, "thinking_minus_not_thinking_loglik": thinking_vs_off,
-            "thinking_minus_control": vs_control, "thinker_losses": thinker_losses,
-            "control_losses": control["losses"],
-            "control": {k: control[k] for k in ("steps", "thinker_compute", "control_compute")},
-            "headline": headline}
+    headline.update(
+        thinking_minus_off_loglik=thinking_vs_off["mean"],
+        control_steps=control["steps"],
+        thinker_compute=control["thinker_compute"],
+        control_compute=control["control_compute"],
+        test_items=len(results["parent"]["accuracy"]),
+        thinking_minus_control_accuracy=vs_control["accuracy"]["mean"],
+        thinking_minus_control_loglik=vs_control["answer_loglik"]["mean"],
+        # thoughts help the model that has them (CI above zero) ...
+        thoughts_raise_loglik=thinking_vs_off["low"] > 0,
+        # ... and the phase beats spending the same compute on plain fine-tuning
+        beats_equal_compute_control=vs_control["answer_loglik"]["low"] > 0 and vs_control["accuracy"]["mean"] >= 0,
+    )
+    return {
+        "tasks": tasks,
+        "table": table,
+        "thinking_minus_not_thinking_loglik": thinking_vs_off,
+        "thinking_minus_control": vs_control,
+        "thinker_losses": thinker_losses,
+        "control_losses": control["losses"],
+        "control": {k: control[k] for k in ("steps", "thinker_compute", "control_compute")},
+        "headline": headline,
+    }
 
 
 def effects(summary: dict) -> list[Effect]:
     """The thinker's answer log-likelihood and accuracy against the equal-compute control, and
     its log-likelihood against itself not thinking (paired differences with 95 % intervals)."""
+
     def effect(what: str, control: str, stat: dict) -> Effect:
         return Effect(what, control, stat["mean"], stat["low"], stat["high"])
 
     vs_control = summary["thinking_minus_control"]
-    return [effect("answer log-likelihood, thinking", "the equal-compute NLL control", vs_control["answer_loglik"]),
-            effect("accuracy, thinking", "the equal-compute NLL control", vs_control["accuracy"]),
-            effect("answer log-likelihood, thinking", "the same model not thinking",
-                   summary["thinking_minus_not_thinking_loglik"])]
+    return [
+        effect("answer log-likelihood, thinking", "the equal-compute NLL control", vs_control["answer_loglik"]),
+        effect("accuracy, thinking", "the equal-compute NLL control", vs_control["accuracy"]),
+        effect(
+            "answer log-likelihood, thinking",
+            "the same model not thinking",
+            summary["thinking_minus_not_thinking_loglik"],
+        ),
+    ]
 
 
 SPEC = PhaseSpec(

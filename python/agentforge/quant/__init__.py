@@ -7,17 +7,31 @@
 
 Speed and memory of a packed model against its float original: ``agentforge.eval.speed``.
 """
+
 from agentforge.quant.accounting import safetensors_bytes, ternary_layer_stats, totals
 from agentforge.quant.calibration import LayerCalibration, calibrate, choose_per_channel, layer_inputs, output_error
 from agentforge.quant.qat import (
-                                 bitlinear_layers,
-                                 convert_as_calibrated,
-                                 gradient_flow,
-                                 require_state,
-                                 set_lambda,
-                                 warmup_lambda,
+    bitlinear_layers,
+    convert_as_calibrated,
+    gradient_flow,
+    require_state,
+    set_lambda,
+    warmup_lambda,
 )
 
-__all__ = ["LayerCalibration", "calibrate", "choose_per_channel", "layer_inputs", "output_error",
-           "bitlinear_layers", "convert_as_calibrated", "gradient_flow", "require_state", "set_lambda", "warmup_lambda",
-           "safetensors_bytes", "ternary_layer_stats", "totals"]
+__all__ = [
+    "LayerCalibration",
+    "calibrate",
+    "choose_per_channel",
+    "layer_inputs",
+    "output_error",
+    "bitlinear_layers",
+    "convert_as_calibrated",
+    "gradient_flow",
+    "require_state",
+    "set_lambda",
+    "warmup_lambda",
+    "safetensors_bytes",
+    "ternary_layer_stats",
+    "totals",
+]

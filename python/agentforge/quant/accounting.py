@@ -4,6 +4,7 @@ ternary layer (codes alone and with their scales) and the fraction of zero codes
 Everything is read from the safetensors files as written: header shapes and dtypes give each
 tensor's stored bytes, and the zero fraction comes from the stored 2-bit codes themselves.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,11 +50,16 @@ def ternary_layer_stats(model_dir: str | os.PathLike, in_features: dict[str, int
                 weights = codes.numel()
                 code_bytes = _stored_bytes(fh.get_slice(packed_key))
                 scale_bytes = _stored_bytes(fh.get_slice(scale_key))
-                stats[name] = {"out_features": codes.shape[0], "in_features": K, "weights": weights,
-                               "code_bytes": code_bytes, "scale_bytes": scale_bytes,
-                               "bits_per_weight": 8 * code_bytes / weights,
-                               "bits_per_weight_with_scales": 8 * (code_bytes + scale_bytes) / weights,
-                               "sparsity": float((codes == 0).sum()) / weights}
+                stats[name] = {
+                    "out_features": codes.shape[0],
+                    "in_features": K,
+                    "weights": weights,
+                    "code_bytes": code_bytes,
+                    "scale_bytes": scale_bytes,
+                    "bits_per_weight": 8 * code_bytes / weights,
+                    "bits_per_weight_with_scales": 8 * (code_bytes + scale_bytes) / weights,
+                    "sparsity": float((codes == 0).sum()) / weights,
+                }
     missing = sorted(set(in_features) - set(stats))
     if missing:
         raise ValueError(f"{model_dir}: no packed weights stored for layer(s) {missing}")
@@ -65,7 +71,11 @@ def totals(stats: dict[str, dict]) -> dict[str, float]:
     weights = sum(s["weights"] for s in stats.values())
     code_bytes = sum(s["code_bytes"] for s in stats.values())
     scale_bytes = sum(s["scale_bytes"] for s in stats.values())
-    return {"ternary_weights": weights, "ternary_code_bytes": code_bytes, "ternary_scale_bytes": scale_bytes,
-            "bits_per_weight": 8 * code_bytes / weights,
-            "bits_per_weight_with_scales": 8 * (code_bytes + scale_bytes) / weights,
-            "sparsity": sum(s["sparsity"] * s["weights"] for s in stats.values()) / weights}
+    return {
+        "ternary_weights": weights,
+        "ternary_code_bytes": code_bytes,
+        "ternary_scale_bytes": scale_bytes,
+        "bits_per_weight": 8 * code_bytes / weights,
+        "bits_per_weight_with_scales": 8 * (code_bytes + scale_bytes) / weights,
+        "sparsity": sum(s["sparsity"] * s["weights"] for s in stats.values()) / weights,
+    }

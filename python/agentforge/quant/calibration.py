@@ -25,6 +25,7 @@ layers where one ternary layer is far outside the Taylor regime: SmolLM2's
 of 210. The true five largest all rank within the estimate's top 20 there
 (``benchmarks/test_bench_calibration.py`` measures this).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,6 +40,7 @@ from agentforge import ops
 EXACT_MAX_LAYERS = 64  # "auto" measures up to this many layers exactly (a tiny Cognate's 27 take ~2 s)
 RECHECK = 0.1  # share of layers, highest estimates first, that "taylor" measures exactly
 IGNORE_INDEX = -100  # label of positions without loss, as in agentforge.data
+
 
 @dataclass
 class LayerCalibration:
@@ -59,8 +61,9 @@ class LayerCalibration:
         return asdict(self)
 
 
-def layer_inputs(model: nn.Module, names: list[str], batches: list[dict], max_tokens: int,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def layer_inputs(
+    model: nn.Module, names: list[str], batches: list[dict], max_tokens: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """The inputs each named ``nn.Linear`` sees while ``model`` reads ``batches`` (dicts of
     ``input_ids`` and optional ``attention_mask``; captured by ``agentforge.eval.capture``),
     flattened to ``[tokens, in_features]`` and subsampled (seeded, without replacement) to at most
@@ -120,7 +123,7 @@ def _row_chunks(batch: dict, pass_tokens: int):
     rows, length = batch["input_ids"].shape
     step = max(1, pass_tokens // max(length, 1))
     for start in range(0, rows, step):
-        yield {key: value[start:start + step] for key, value in batch.items()}
+        yield {key: value[start : start + step] for key, value in batch.items()}
 
 
 def _summed_nll(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -128,12 +131,14 @@ def _summed_nll(model: nn.Module, batch: dict) -> torch.Tensor:
     -100 ignored), computed from the logits in fp32 as ``agentforge.eval.perplexity`` does."""
     labels = batch.get("labels", batch["input_ids"])
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
-def taylor_increases(model: nn.Module, names: list[str], batches: list[dict], perturbed_output,
-                     pass_tokens: int = 1024) -> tuple[float, dict[str, tuple[float, float]]]:
+def taylor_increases(
+    model: nn.Module, names: list[str], batches: list[dict], perturbed_output, pass_tokens: int = 1024
+) -> tuple[float, dict[str, tuple[float, float]]]:
     """One forward and one backward pass of ``model`` over ``batches``, estimating for every named
     layer the change of ``L`` (the mean next-token NLL over the ``N`` target tokens) when that
     layer's output alone moves from ``Y`` to ``perturbed_output(name, layer, x)``, ``x`` its input.
@@ -175,6 +180,7 @@ def taylor_increases(model: nn.Module, names: list[str], batches: list[dict], pe
                 output = output.detach().requires_grad_()  # inputs alone become leaves G reaches
             output.register_hook(on_grad)
             return output
+
         return on_output
 
     flags = {param: param.requires_grad for param in model.parameters()}
@@ -208,14 +214,26 @@ def taylor_increases(model: nn.Module, names: list[str], batches: list[dict], pe
 def ternary_output(chosen: dict[str, bool]):
     """``perturbed_output`` for :func:`taylor_increases`: the layer's output as a BitLinear with
     the chosen scales computes it (int8 activations, absmean ternary weights)."""
+
     def output(name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return ops.bitlinear(x, linear.weight, linear.bias, chosen[name])
+
     return output
 
 
-def calibrate(model: nn.Module, names: list[str], batches: list[dict], mean_nll, *, min_gain: float,
-              n_sensitive: int, max_tokens: int, seed: int = 0, sensitivity: str = "auto",
-              recheck: float = RECHECK) -> list[LayerCalibration]:
+def calibrate(
+    model: nn.Module,
+    names: list[str],
+    batches: list[dict],
+    mean_nll,
+    *,
+    min_gain: float,
+    n_sensitive: int,
+    max_tokens: int,
+    seed: int = 0,
+    sensitivity: str = "auto",
+    recheck: float = RECHECK,
+) -> list[LayerCalibration]:
     """Measure every named ``nn.Linear`` of ``model`` (a float model, left unchanged): output
     errors of both scale schemes on the calibration ``batches``, the chosen scheme, and the loss
     increase ``mean_nll(model with that layer ternary) - mean_nll(model)``, measured or estimated
@@ -245,8 +263,15 @@ def calibrate(model: nn.Module, names: list[str], batches: list[dict], mean_nll,
         linear = model.get_submodule(name)
         per_tensor = output_error(inputs[name], linear, per_channel=False)
         per_row = output_error(inputs[name], linear, per_channel=True)
-        records[name] = LayerCalibration(name, linear.out_features, linear.in_features, per_tensor, per_row,
-                                         choose_per_channel(per_tensor, per_row, min_gain), math.nan)
+        records[name] = LayerCalibration(
+            name,
+            linear.out_features,
+            linear.in_features,
+            per_tensor,
+            per_row,
+            choose_per_channel(per_tensor, per_row, min_gain),
+            math.nan,
+        )
     del inputs  # the Taylor pass needs the memory more
 
     def measure(name: str) -> None:
@@ -277,15 +302,18 @@ def calibrate(model: nn.Module, names: list[str], batches: list[dict], mean_nll,
     return ordered
 
 
-def _estimate_taylor(model: nn.Module, records: dict[str, LayerCalibration], batches: list[dict],
-                    base_nll: float) -> None:
+def _estimate_taylor(
+    model: nn.Module, records: dict[str, LayerCalibration], batches: list[dict], base_nll: float
+) -> None:
     """Set every record's Taylor estimate (and, for now, its ``loss_increase``) from one forward
     and one backward pass, after checking that the loss differentiated is ``base_nll``'s."""
     chosen = {name: record.per_channel for name, record in records.items()}
     loss, terms = taylor_increases(model, list(records), batches, ternary_output(chosen))
     if abs(loss - base_nll) > 1e-4 * max(1.0, abs(base_nll)):
-        raise ValueError(f"calibrate: the next-token NLL of the batches ({loss:.6f}) is not what mean_nll measures "
-                         f"({base_nll:.6f}); pass the labels mean_nll scores in the batches, or sensitivity='exact'")
+        raise ValueError(
+            f"calibrate: the next-token NLL of the batches ({loss:.6f}) is not what mean_nll measures "
+            f"({base_nll:.6f}); pass the labels mean_nll scores in the batches, or sensitivity='exact'"
+        )
     for name, (first, second) in terms.items():
         record = records[name]
         record.loss_increase = record.loss_increase_estimate = first + second

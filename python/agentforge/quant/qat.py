@@ -6,6 +6,7 @@ Phases after BitNet train the latent weights of the same BitLinear layers; they 
 ``require_state``, ``set_lambda`` and ``gradient_flow`` to check that the model stays ternary
 and trainable.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,12 +28,15 @@ def require_state(model: nn.Module, state: str, where: str = "model") -> None:
     layers = bitlinear_layers(model)
     wrong = sorted(name for name, layer in layers.items() if layer.state != state)
     if not layers or wrong:
-        raise RuntimeError(f"{where}: expected BitLinear layers in {state} state, found {len(layers)} BitLinear "
-                           f"layers of which {len(wrong)} are not ({wrong[:3]})")
+        raise RuntimeError(
+            f"{where}: expected BitLinear layers in {state} state, found {len(layers)} BitLinear "
+            f"layers of which {len(wrong)} are not ({wrong[:3]})"
+        )
 
 
-def convert_as_calibrated(model: nn.Module, calibration: Sequence[dict], skip: Sequence[str],
-                          keep_fp: int = 0) -> list[str]:
+def convert_as_calibrated(
+    model: nn.Module, calibration: Sequence[dict], skip: Sequence[str], keep_fp: int = 0
+) -> list[str]:
     """Convert ``model`` in place as calibrated: every layer of ``calibration`` (records with
     ``name``, ``per_channel`` and ``loss_increase``) becomes a training-state BitLinear with its
     chosen scales, except the ``keep_fp`` layers with the largest loss increase, which stay
@@ -79,12 +83,18 @@ def gradient_flow(model: nn.Module, batch: dict) -> dict:
     model.zero_grad(set_to_none=True)
     try:
         default_loss(model, batch).backward()
-        norms = {name: float(layer.weight.grad.norm()) if layer.weight.grad is not None else math.nan
-                 for name, layer in layers.items()}
+        norms = {
+            name: float(layer.weight.grad.norm()) if layer.weight.grad is not None else math.nan
+            for name, layer in layers.items()
+        }
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     bad = sorted(name for name, norm in norms.items() if not (math.isfinite(norm) and norm > 0))
-    return {"layers": len(norms), "ok": bool(norms) and not bad, "bad_layers": bad,
-            "min_grad_norm": min(norms.values(), default=math.nan),
-            "max_grad_norm": max(norms.values(), default=math.nan)}
+    return {
+        "layers": len(norms),
+        "ok": bool(norms) and not bad,
+        "bad_layers": bad,
+        "min_grad_norm": min(norms.values(), default=math.nan),
+        "max_grad_norm": max(norms.values(), default=math.nan),
+    }

@@ -32,23 +32,24 @@ neural memory), ``thinking`` (settings, thought tokens, mixing head, the loss, t
 save/load), ``generation`` (decoding with hidden thoughts), ``compute`` (the counted compute of
 training, which sizes the phase's equal-compute control).
 """
+
 from agentforge.quietstar.backbone import hidden_states
 from agentforge.quietstar.compute import plain_steps, row_compute, training_compute
 from agentforge.quietstar.layout import IGNORE_INDEX, Layout, choose_positions
 from agentforge.quietstar.thinking import (
-                                           END,
-                                           HEAD_FILES,
-                                           MIXING_HEAD_FILE,
-                                           SETTINGS_FILE,
-                                           START,
-                                           MixingHead,
-                                           ThinkingModel,
-                                           ThinkingOutput,
-                                           ThoughtSettings,
-                                           ThoughtTokens,
-                                           add_thought_tokens,
-                                           head_files,
-                                           reinforce_loss,
+    END,
+    HEAD_FILES,
+    MIXING_HEAD_FILE,
+    SETTINGS_FILE,
+    START,
+    MixingHead,
+    ThinkingModel,
+    ThinkingOutput,
+    ThoughtSettings,
+    ThoughtTokens,
+    add_thought_tokens,
+    head_files,
+    reinforce_loss,
 )
 
 __all__ = [

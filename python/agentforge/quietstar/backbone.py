@@ -19,6 +19,7 @@ columns (with their left padding) write and read chunk by chunk exactly as in a 
 every extra column reads the state its parent's chunk read. The hooks are removed when the pass
 ends, so the model is untouched outside it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,7 @@ def hidden_states(base, input_ids, attention_mask, extra=None):
     parents, mask, positions = extra
     Q, E = input_ids.shape[1], parents.shape[1]
     full = _full_mask(attention_mask, mask, Q)
-    with thought_memory(base, Q - E, parents, _left_padding(attention_mask, input_ids[:, :Q - E])):
+    with thought_memory(base, Q - E, parents, _left_padding(attention_mask, input_ids[:, : Q - E])):
         return base.base_model(input_ids=input_ids, attention_mask=_hf_mask(base, full), position_ids=positions)[0]
 
 
@@ -43,7 +44,7 @@ def _left_padding(attention_mask, real_ids) -> torch.Tensor:
     """Left padding tokens per row [B] of the real columns."""
     if attention_mask is None:
         return torch.zeros(real_ids.shape[0], dtype=torch.long, device=real_ids.device)
-    return (~attention_mask[:, :real_ids.shape[1]].bool()).sum(1)
+    return (~attention_mask[:, : real_ids.shape[1]].bool()).sum(1)
 
 
 def _full_mask(attention_mask, extra_mask, Q):

@@ -22,6 +22,7 @@ into micro-batches or shared among ranks. A plain NLL step over B rows of T toke
 so the control gets ``round(thinker compute / (3·B·T))`` steps (at least one): the same
 deterministic number on every run.
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 thought of ``thought_length`` tokens between the start and end tokens, sampled or greedy), and
 the token comes from the post-thought prediction mixed with the base one. There is no KV cache:
 each step re-reads the sequence, and each thought step re-reads it with the chain so far."""
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,11 @@ def next_token_logits(model, input_ids, attention_mask=None, think: bool = True,
     for _ in range(s.thought_length):
         logits = head(chain_state(model.base, input_ids, attention_mask, chain)).float()
         logits[:, thought_ids] = float("-inf")
-        token = (logits.argmax(-1, keepdim=True) if greedy_thoughts
-                 else torch.multinomial(F.softmax(logits / s.temperature, -1), 1))
+        token = (
+            logits.argmax(-1, keepdim=True)
+            if greedy_thoughts
+            else torch.multinomial(F.softmax(logits / s.temperature, -1), 1)
+        )
         chain = torch.cat((chain, token), dim=1)
     chain = torch.cat((chain, torch.full_like(chain[:, :1], model.tokens.end_id)), dim=1)
     end_state = chain_state(model.base, input_ids, attention_mask, chain)
@@ -42,16 +46,29 @@ def chain_state(base, input_ids, attention_mask, chain) -> torch.Tensor:
     B, T = input_ids.shape
     real_valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     positions = (real_valid.long().cumsum(-1) - 1).clamp(min=0)
-    layout = Layout(torch.full((B, 1), T - 1, device=input_ids.device),
-                    torch.ones(B, 1, dtype=torch.bool, device=input_ids.device), chain.shape[1])
+    layout = Layout(
+        torch.full((B, 1), T - 1, device=input_ids.device),
+        torch.ones(B, 1, dtype=torch.bool, device=input_ids.device),
+        chain.shape[1],
+    )
     extra = layout.for_steps(chain.shape[1], positions)
     mask = None if attention_mask is None else torch.cat((attention_mask, torch.ones_like(chain)), 1)
     return hidden_states(base, torch.cat((input_ids, chain), 1), mask, extra)[:, -1]
 
 
 @torch.no_grad()
-def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_token_id: int,
-             think: bool = True, return_thoughts: bool = False, greedy_thoughts: bool = False, on_token=None):
+def generate(
+    model,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    think: bool = True,
+    return_thoughts: bool = False,
+    greedy_thoughts: bool = False,
+    on_token=None,
+):
     """Greedy decoding with the thinking model ``model``; each new token after a thought (hidden
     unless ``return_thoughts``). Rows are left-padded; finished rows keep emitting eos. Returns
     the new tokens [B, ≤ max] (and, with ``return_thoughts``, a list per step of the thought

@@ -1,5 +1,6 @@
 """Where the thought tokens go: the columns, positions and visibility of the extra tokens that
 Quiet-STaR appends to a batch, and the real columns it thinks at."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 answers after a thought (``answer_logprobs``) and generating with hidden thoughts
 (``generate``, in ``generation.py``); ``save_extras`` / ``load`` keep it next to the base
 model's files."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ class ThoughtSettings(Checked):
     reinforce_weight: float = setting(1.0, "[0, 100]")
     base_loss_weight: float = setting(0.5, "[0, 100]", doc="weight of the plain next-token NLL")
     clamp_negative_rewards: bool = setting(False, doc="keep only better-than-mean thoughts (the paper's option)")
-    positions: str = setting("answers", choices=("all", "answers"),
-                             doc="think at every position, or where the next token carries a label")
+    positions: str = setting(
+        "answers", choices=("all", "answers"), doc="think at every position, or where the next token carries a label"
+    )
     mixing_hidden: int = setting(64, "[1, 65536]", doc="hidden width of the mixing head")
     mixing_init: float = setting(0.12, "(0, 1)", doc="the mixing head's initial weight on the post-thought prediction")
 
@@ -187,7 +189,8 @@ class ThinkingModel(nn.Module):
             h_thought = hidden[:, thought_col]
             w = self.mixing_head(h_base, h_thought)
             mixed = w[..., None] * logits[:, thought_col] + (1 - w[..., None]) * logits.gather(
-                1, base_col[..., None].expand(-1, -1, logits.shape[-1]))
+                1, base_col[..., None].expand(-1, -1, logits.shape[-1])
+            )
             logp = F.log_softmax(mixed.float(), -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
             logp_mixed.append(logp)
             weights.append(w)
@@ -195,19 +198,25 @@ class ThinkingModel(nn.Module):
         logp_mixed, ok = torch.stack(logp_mixed, -1), torch.stack(target_ok, -1)  # [B, P, k]
         mixed_nll = -(logp_mixed * ok).sum() / ok.sum().clamp(min=1)
 
-        base_logits = logits[:, :T - 1].float()
-        base_nll = F.cross_entropy(base_logits.reshape(-1, base_logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+        base_logits = logits[:, : T - 1].float()
+        base_nll = F.cross_entropy(
+            base_logits.reshape(-1, base_logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        )
 
         scored = ok.any(-1)
         reward = (logp_mixed.detach() * ok).sum(-1)  # log-likelihood of the k true tokens [n·B, P]
-        policy, advantage = reinforce_loss(reward, self._thought_logprob(logits, layout, thoughts, T), scored, n,
-                                           s.clamp_negative_rewards)
+        policy, advantage = reinforce_loss(
+            reward, self._thought_logprob(logits, layout, thoughts, T), scored, n, s.clamp_negative_rewards
+        )
         loss = mixed_nll + s.base_loss_weight * base_nll + s.reinforce_weight * policy
         mix = torch.stack(weights, -1)
-        metrics = {"mixed_nll": mixed_nll.item(), "base_nll": base_nll.item(), "policy_loss": policy.item(),
-                   "mixing_weight": ((mix * ok).sum() / ok.sum().clamp(min=1)).item(),
-                   "reward_spread": (advantage.abs().sum() / scored.sum().clamp(min=1)).item()}
+        metrics = {
+            "mixed_nll": mixed_nll.item(),
+            "base_nll": base_nll.item(),
+            "policy_loss": policy.item(),
+            "mixing_weight": ((mix * ok).sum() / ok.sum().clamp(min=1)).item(),
+            "reward_spread": (advantage.abs().sum() / scored.sum().clamp(min=1)).item(),
+        }
         return ThinkingOutput(loss=loss, metrics=metrics)
 
     def _thought_logprob(self, logits, layout: Layout, thoughts, T) -> torch.Tensor:
@@ -253,12 +262,30 @@ class ThinkingModel(nn.Module):
         """Logits of each row's next token and the thought behind it (``generation.next_token_logits``)."""
         return generation.next_token_logits(self, input_ids, attention_mask, think, greedy_thoughts)
 
-    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int, eos_token_id: int,
-                 think: bool = True, return_thoughts: bool = False, greedy_thoughts: bool = False, on_token=None):
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int,
+        think: bool = True,
+        return_thoughts: bool = False,
+        greedy_thoughts: bool = False,
+        on_token=None,
+    ):
         """Greedy decoding, each token after a thought (``generation.generate``)."""
-        return generation.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos_token_id, think=think, return_thoughts=return_thoughts,
-                                   greedy_thoughts=greedy_thoughts, on_token=on_token)
+        return generation.generate(
+            self,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            think=think,
+            return_thoughts=return_thoughts,
+            greedy_thoughts=greedy_thoughts,
+            on_token=on_token,
+        )
 
     @classmethod
     def attach(cls, base, directory) -> ThinkingModel:
@@ -278,8 +305,10 @@ class ThinkingModel(nn.Module):
         """The mixing head, and the thought settings with the token ids, next to the base model's files."""
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in self.mixing_head.state_dict().items()},
-                  str(Path(directory) / MIXING_HEAD_FILE))
+        save_file(
+            {k: v.contiguous() for k, v in self.mixing_head.state_dict().items()},
+            str(Path(directory) / MIXING_HEAD_FILE),
+        )
         record = {**to_dict(self.settings), **self.tokens._asdict()}
         (Path(directory) / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 

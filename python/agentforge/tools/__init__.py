@@ -9,6 +9,7 @@ writes them.
 Names are imported on first use (PEP 562): the run config reads ``ToolSettings`` without
 importing torch through the decoding module.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -40,10 +41,23 @@ if TYPE_CHECKING:  # the lazy names, for type checkers (re-exported: __all__ bel
 _MODULE_OF = {
     **dict.fromkeys(["CalcError", "calculate"], "calculator"),
     **dict.fromkeys(["generate_with_tools", "generate_with_tools_batch", "run_tool", "tool_trajectories"], "decoding"),
-    **dict.fromkeys(["OUTPUT_LIMIT", "TOOL_PROMPT", "TOOLS", "ToolCall", "ToolResult", "follows_tool_format",
-                     "format_result", "parse_tool_call", "trace_segments"], "format"),
-    **dict.fromkeys(["ISOLATIONS", "SandboxUnavailable", "ToolSettings", "describe_isolation", "isolation",
-                     "run_python"], "sandbox"),
+    **dict.fromkeys(
+        [
+            "OUTPUT_LIMIT",
+            "TOOL_PROMPT",
+            "TOOLS",
+            "ToolCall",
+            "ToolResult",
+            "follows_tool_format",
+            "format_result",
+            "parse_tool_call",
+            "trace_segments",
+        ],
+        "format",
+    ),
+    **dict.fromkeys(
+        ["ISOLATIONS", "SandboxUnavailable", "ToolSettings", "describe_isolation", "isolation", "run_python"], "sandbox"
+    ),
 }
 __all__ = list(_MODULE_OF)
 

@@ -6,6 +6,7 @@ Results are exact: integers in full, terminating decimals of up to 12 places as 
 not 0.30000000000000004), anything else rounded to 12 significant digits from the exact
 fraction (so (1/7)**500 is 2.93...e-423, not a float that underflowed to 0).
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,8 +23,14 @@ class CalcError(ValueError):
     """A calculator expression that is not allowed or cannot be evaluated."""
 
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
 
 
 def _bits(x: Fraction) -> int:
@@ -37,7 +44,7 @@ def _power(base: Fraction, exponent: Fraction) -> Fraction:
         raise CalcError("number too large")
     if base == 0 and exponent < 0:
         raise CalcError("division by zero")
-    return base ** exponent.numerator
+    return base**exponent.numerator
 
 
 def _evaluate(node: ast.AST) -> Fraction:
@@ -71,12 +78,12 @@ def _significant(value: Fraction) -> str:
     if value < Fraction(10) ** exponent:
         exponent -= 1
     mantissa = round(value * Fraction(10) ** (_SIGNIFICANT - 1 - exponent))
-    if mantissa == 10 ** _SIGNIFICANT:  # rounded up to the next power of ten
+    if mantissa == 10**_SIGNIFICANT:  # rounded up to the next power of ten
         mantissa, exponent = mantissa // 10, exponent + 1
     digits = str(mantissa)
     if -4 <= exponent < _SIGNIFICANT:
-        whole = digits[:exponent + 1] if exponent >= 0 else "0"
-        fraction = (digits[exponent + 1:] if exponent >= 0 else "0" * (-exponent - 1) + digits).rstrip("0")
+        whole = digits[: exponent + 1] if exponent >= 0 else "0"
+        fraction = (digits[exponent + 1 :] if exponent >= 0 else "0" * (-exponent - 1) + digits).rstrip("0")
         return f"{sign}{whole}.{fraction}" if fraction else f"{sign}{whole}"
     fraction = digits[1:].rstrip("0")
     return f"{sign}{digits[0]}{'.' + fraction if fraction else ''}e{exponent:+03d}"
@@ -87,10 +94,10 @@ def _format_number(value: Fraction) -> str:
     significant digits."""
     if value.denominator == 1:
         return str(value.numerator)
-    places = next((p for p in range(1, 13) if (value * 10 ** p).denominator == 1), None)
+    places = next((p for p in range(1, 13) if (value * 10**p).denominator == 1), None)
     if places is None:
         return _significant(value)
-    digits = str(abs(value.numerator) * 10 ** places // value.denominator).rjust(places + 1, "0")
+    digits = str(abs(value.numerator) * 10**places // value.denominator).rjust(places + 1, "0")
     return f"{'-' if value < 0 else ''}{digits[:-places]}.{digits[-places:]}"
 
 

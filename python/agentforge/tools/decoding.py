@@ -10,6 +10,7 @@ decoded incrementally with its KV cache (``_CachedBatch``); others (Cognate has 
 full forward over every sequence for every token. Both give the logits of a full forward over
 each row's ids, so they pick the same tokens.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -77,12 +78,16 @@ def _full_logits(model, rows: list[_Row], pad_id: int):
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row.ids):] = torch.tensor(row.ids)
-        mask[i, width - len(row.ids):] = 1
+        input_ids[i, width - len(row.ids) :] = torch.tensor(row.ids)
+        mask[i, width - len(row.ids) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     device = model_device(model)
-    return model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                 position_ids=positions.to(device)).logits[:, -1].float().cpu()
+    return (
+        model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
+        .logits[:, -1]
+        .float()
+        .cpu()
+    )
 
 
 class _CachedBatch:
@@ -125,11 +130,11 @@ class _CachedBatch:
     def _unfed(self, i: int) -> list[int]:
         """Row ``i``'s ids that its cache lacks, after masking the slots whose ids it no longer has."""
         ids, fed = self.rows[i].ids, self.fed[i]
-        if ids[:len(fed)] != fed:
+        if ids[: len(fed)] != fed:
             same = next((k for k, (a, b) in enumerate(zip(fed, ids)) if a != b), min(len(fed), len(ids)))
             self.valid[i, self.slots[i][same:]] = 0
             del fed[same:], self.slots[i][same:]
-        return ids[len(fed):]
+        return ids[len(fed) :]
 
     def logits(self):
         """Next-token logits of the unfinished rows, in order."""
@@ -148,9 +153,14 @@ class _CachedBatch:
             self.fed[i] += ids
             self.slots[i] += range(length + start, length + width)
         self.valid = torch.cat([self.valid, mask], 1)
-        output = self.model(input_ids=input_ids.to(self.device), attention_mask=self.valid.to(self.device),
-                            position_ids=positions.to(self.device), use_cache=True, **{self.keyword: self.cache},
-                            **self.extra)
+        output = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=self.valid.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            **{self.keyword: self.cache},
+            **self.extra,
+        )
         self.cache = getattr(output, self.keyword)
         return output.logits[:, -1].float().cpu()
 
@@ -174,20 +184,23 @@ def _advance(row: _Row, token: int, tokenizer, max_calls: int, isolation: str) -
     row.ids.append(token)
     row.written.append(True)
     row.new_tokens += 1
-    text = row.done_text + tokenizer.decode(row.ids[row.segment_start:], skip_special_tokens=True)
+    text = row.done_text + tokenizer.decode(row.ids[row.segment_start :], skip_special_tokens=True)
     found = _first_new_call(text, len(row.done_text))
     if found is None:
         return
     end, call = found
-    result = run_tool(call, isolation=isolation) if len(row.calls) < max_calls else \
-        ToolResult(f"error: at most {max_calls} tool calls", False)
+    result = (
+        run_tool(call, isolation=isolation)
+        if len(row.calls) < max_calls
+        else ToolResult(f"error: at most {max_calls} tool calls", False)
+    )
     row.calls.append((call, result))
     # a token that ran past the ']' is re-encoded without its overhang
     prompt_length = len(row.ids) - len(row.written)
-    segment = tokenizer(text[len(row.done_text):end], add_special_tokens=False)["input_ids"]
+    segment = tokenizer(text[len(row.done_text) : end], add_special_tokens=False)["input_ids"]
     output = tokenizer(format_result(result), add_special_tokens=False)["input_ids"]
-    row.ids[row.segment_start:] = segment + output
-    row.written[row.segment_start - prompt_length:] = [True] * len(segment) + [False] * len(output)
+    row.ids[row.segment_start :] = segment + output
+    row.written[row.segment_start - prompt_length :] = [True] * len(segment) + [False] * len(output)
     row.done_text = text[:end] + format_result(result)
     row.segment_start = len(row.ids)
 
@@ -211,8 +224,18 @@ def _eos_and_pad(tokenizer) -> tuple[int, int]:
     return eos, eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
 
-def _generate_rows(model, tokenizer, rows: list[_Row], *, max_new_tokens: int, max_calls: int, batch_size: int,
-                   temperature: float, seed: int, isolation: str) -> None:
+def _generate_rows(
+    model,
+    tokenizer,
+    rows: list[_Row],
+    *,
+    max_new_tokens: int,
+    max_calls: int,
+    batch_size: int,
+    temperature: float,
+    seed: int,
+    isolation: str,
+) -> None:
     """Advance every row until eos or ``max_new_tokens`` model tokens, running its calls."""
     import torch
 
@@ -222,7 +245,7 @@ def _generate_rows(model, tokenizer, rows: list[_Row], *, max_new_tokens: int, m
     generator = torch.Generator().manual_seed(seed)
     with evaluation_mode(model):
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+            batch = rows[start : start + batch_size]
             cached = _CachedBatch(model, batch, pad) if _uses_kv_cache(model) else None
             while active := [row for row in batch if not row.finished]:
                 logits = cached.logits() if cached else _full_logits(model, active, pad)
@@ -234,9 +257,18 @@ def _generate_rows(model, tokenizer, rows: list[_Row], *, max_new_tokens: int, m
                     row.finished = row.new_tokens >= max_new_tokens
 
 
-def generate_with_tools_batch(model, tokenizer, prompts, *, max_new_tokens: int, max_calls: int = 2,
-                              batch_size: int = 32, temperature: float = 0.0, seed: int = 0,
-                              isolation: str | None = None) -> list[tuple[str, list]]:
+def generate_with_tools_batch(
+    model,
+    tokenizer,
+    prompts,
+    *,
+    max_new_tokens: int,
+    max_calls: int = 2,
+    batch_size: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+    isolation: str | None = None,
+) -> list[tuple[str, list]]:
     """``generate_with_tools`` for many prompts at once (left-padded batches; every row runs its
     own calls), greedy or sampled at ``temperature`` (seeded by ``seed``). Returns one
     ``(completion_text, calls)`` per prompt, in order."""
@@ -249,15 +281,35 @@ def generate_with_tools_batch(model, tokenizer, prompts, *, max_new_tokens: int,
         if not ids:
             raise ValueError(f"generate_with_tools: prompt {prompt!r} encodes to no tokens")
         rows.append(_Row(ids=list(ids), segment_start=len(ids)))
-    _generate_rows(model, tokenizer, rows, max_new_tokens=max_new_tokens, max_calls=max_calls, batch_size=batch_size,
-                   temperature=temperature, seed=seed, isolation=isolation)
-    return [(row.done_text + tokenizer.decode(row.ids[row.segment_start:], skip_special_tokens=True), row.calls)
-            for row in rows]
+    _generate_rows(
+        model,
+        tokenizer,
+        rows,
+        max_new_tokens=max_new_tokens,
+        max_calls=max_calls,
+        batch_size=batch_size,
+        temperature=temperature,
+        seed=seed,
+        isolation=isolation,
+    )
+    return [
+        (row.done_text + tokenizer.decode(row.ids[row.segment_start :], skip_special_tokens=True), row.calls)
+        for row in rows
+    ]
 
 
-def tool_trajectories(model, tokenizer, contexts: list[list[int]], *, max_new_tokens: int, max_calls: int = 2,
-                      batch_size: int = 32, temperature: float = 1.0, seed: int = 0,
-                      isolation: str | None = None) -> list[tuple[list, list]]:
+def tool_trajectories(
+    model,
+    tokenizer,
+    contexts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    max_calls: int = 2,
+    batch_size: int = 32,
+    temperature: float = 1.0,
+    seed: int = 0,
+    isolation: str | None = None,
+) -> list[tuple[list, list]]:
     """Continuations of token-id ``contexts`` with the tool calls executed, as training data:
     per context ``(ids, written)``, the new ids (the model's tokens, each call's ``[out: ...]``
     and the eos that ended it, if one did) and for each whether the model wrote it (False for
@@ -267,21 +319,32 @@ def tool_trajectories(model, tokenizer, contexts: list[list[int]], *, max_new_to
         raise ValueError("tool_trajectories: contexts must be a non-empty list of non-empty token id lists")
     eos, _ = _eos_and_pad(tokenizer)
     rows = [_Row(ids=list(context), segment_start=len(context)) for context in contexts]
-    _generate_rows(model, tokenizer, rows, max_new_tokens=max_new_tokens, max_calls=max_calls, batch_size=batch_size,
-                   temperature=temperature, seed=seed, isolation=isolation)
+    _generate_rows(
+        model,
+        tokenizer,
+        rows,
+        max_new_tokens=max_new_tokens,
+        max_calls=max_calls,
+        batch_size=batch_size,
+        temperature=temperature,
+        seed=seed,
+        isolation=isolation,
+    )
     trajectories = []
     for row, context in zip(rows, contexts):
         ending = [eos] if row.ended_by_eos else []
-        trajectories.append((row.ids[len(context):] + ending, row.written + [True] * len(ending)))
+        trajectories.append((row.ids[len(context) :] + ending, row.written + [True] * len(ending)))
     return trajectories
 
 
-def generate_with_tools(model, tokenizer, prompt: str, *, max_new_tokens: int, max_calls: int = 2,
-                        isolation: str | None = None):
+def generate_with_tools(
+    model, tokenizer, prompt: str, *, max_new_tokens: int, max_calls: int = 2, isolation: str | None = None
+):
     """Greedy generation from ``prompt`` that executes the tool calls the model writes (calls
     beyond ``max_calls`` get an error result). Returns ``(completion_text, [(ToolCall,
     ToolResult), ...])``."""
     if not isinstance(prompt, str):
         raise TypeError(f"generate_with_tools: prompt must be a string, got {type(prompt).__name__}")
-    return generate_with_tools_batch(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,
-                                     max_calls=max_calls, isolation=isolation)[0]
+    return generate_with_tools_batch(
+        model, tokenizer, [prompt], max_new_tokens=max_new_tokens, max_calls=max_calls, isolation=isolation
+    )[0]

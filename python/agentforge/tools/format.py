@@ -9,14 +9,17 @@
 a Python snippet in the sandbox (``agentforge.tools.sandbox``) and returns what it printed.
 Errors come back as ``[out: error: MESSAGE]``; nothing a model writes can raise out of generation.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
 TOOLS = ("calc", "py")
-TOOL_PROMPT = ("Tools: [calc: EXPR] does arithmetic (+ - * / // % ** and parentheses); [py: CODE] runs Python "
-               "and returns what it prints; each result comes back as [out: RESULT].")
+TOOL_PROMPT = (
+    "Tools: [calc: EXPR] does arithmetic (+ - * / // % ** and parentheses); [py: CODE] runs Python "
+    "and returns what it prints; each result comes back as [out: RESULT]."
+)
 OUTPUT_LIMIT = 200  # characters of a result fed back to the model
 _OPENER = re.compile(r"\[([a-z_]{1,16}):[ ]?")
 
@@ -78,7 +81,7 @@ def calls_in(text: str):
     left to right; ``[out: ...]`` blocks are skipped over, never read as calls."""
     for start, end, name in _blocks(text)[0]:
         if name != "out":
-            yield start, end, ToolCall(name, text[_OPENER.match(text, start).end():end - 1])
+            yield start, end, ToolCall(name, text[_OPENER.match(text, start).end() : end - 1])
 
 
 def parse_tool_call(text: str) -> ToolCall | None:
@@ -118,7 +121,7 @@ def follows_tool_format(text: str) -> bool:
     blocks, unclosed = _blocks(text)
     if unclosed:
         return False
-    if not blocks or blocks[-1][2] != "out" or not text[blocks[-1][1]:].strip():
+    if not blocks or blocks[-1][2] != "out" or not text[blocks[-1][1] :].strip():
         return False
     for i, (start, _end, name) in enumerate(blocks):
         if name == "out":
@@ -134,7 +137,7 @@ def clip(text: str) -> str:
     """``text`` on one line (whitespace runs become one space), cut to ``OUTPUT_LIMIT``
     characters with a trailing "..." when longer."""
     text = " ".join(text.split())
-    return text if len(text) <= OUTPUT_LIMIT else text[:OUTPUT_LIMIT - 3] + "..."
+    return text if len(text) <= OUTPUT_LIMIT else text[: OUTPUT_LIMIT - 3] + "..."
 
 
 def balanced(text: str) -> str:

@@ -28,6 +28,7 @@ no capabilities in any namespace: the read-only ``/``, the absent ``/proc`` and 
 filter are what keep that uid from the host's root-owned interfaces, and the fork ban stands in
 for RLIMIT_NPROC, which the kernel does not enforce on uid 0.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,12 @@ _DEFAULT_ISOLATION: contextvars.ContextVar[str] = contextvars.ContextVar("agentf
 class ToolSettings(Checked):
     """The run's tool settings (``tools:`` in the run config)."""
 
-    python: str = setting("os", choices=ISOLATIONS, doc="the Python tool's isolation: os (the kernel-confined "
-                                                        "sandbox) or unsafe-inprocess (none; logged in the run record)")
+    python: str = setting(
+        "os",
+        choices=ISOLATIONS,
+        doc="the Python tool's isolation: os (the kernel-confined "
+        "sandbox) or unsafe-inprocess (none; logged in the run record)",
+    )
 
 
 @contextlib.contextmanager
@@ -86,6 +91,8 @@ def isolation(name: str):
 def current_isolation(name: str | None) -> str:
     """``name``, or the isolation of the enclosing ``isolation`` block ("os" outside one)."""
     return _DEFAULT_ISOLATION.get() if name is None else name
+
+
 SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace
 SCRATCH_MB = 16  # the tmpfs /tmp, the only writable place
 FILE_MB = 1  # RLIMIT_FSIZE: the largest file, its stdout included
@@ -103,15 +110,50 @@ class SandboxUnavailable(RuntimeError):
 _AUDIT_ARCH_X86_64 = 0xC000003E
 _X32_BIT = 0x40000000
 _SYSCALLS = {  # x86_64 numbers (asm/unistd_64.h)
-    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_getfd": 438, "kcmp": 312,
-    "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "open_tree": 428, "move_mount": 429,
-    "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
-    "setns": 308, "unshare": 272, "fork": 57, "vfork": 58,
-    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
-    "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "keyctl": 250, "add_key": 248, "request_key": 249,
-    "kexec_load": 246, "kexec_file_load": 320, "init_module": 175, "finit_module": 313, "delete_module": 176,
-    "reboot": 169, "swapon": 167, "swapoff": 168, "acct": 163, "quotactl": 179, "syslog": 103,
-    "open_by_handle_at": 304, "name_to_handle_at": 303, "iopl": 172, "ioperm": 173,
+    "ptrace": 101,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "pidfd_getfd": 438,
+    "kcmp": 312,
+    "mount": 165,
+    "umount2": 166,
+    "pivot_root": 155,
+    "chroot": 161,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "mount_setattr": 442,
+    "setns": 308,
+    "unshare": 272,
+    "fork": 57,
+    "vfork": 58,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "bpf": 321,
+    "perf_event_open": 298,
+    "userfaultfd": 323,
+    "keyctl": 250,
+    "add_key": 248,
+    "request_key": 249,
+    "kexec_load": 246,
+    "kexec_file_load": 320,
+    "init_module": 175,
+    "finit_module": 313,
+    "delete_module": 176,
+    "reboot": 169,
+    "swapon": 167,
+    "swapoff": 168,
+    "acct": 163,
+    "quotactl": 179,
+    "syslog": 103,
+    "open_by_handle_at": 304,
+    "name_to_handle_at": 303,
+    "iopl": 172,
+    "ioperm": 173,
 }
 _CLONE, _CLONE3, _SOCKET, _SOCKETPAIR = 56, 435, 41, 53
 _CLONE_THREAD = 0x00010000
@@ -149,18 +191,30 @@ def _assemble(program: list[tuple]) -> bytes:
 def _seccomp_program() -> bytes:
     """The filter bwrap installs before it runs the interpreter (denied calls fail with EPERM;
     clone3 with ENOSYS, so that threads fall back on clone, whose flags the filter can read)."""
-    program = [(_LD_W_ABS, _ARCH), (_JEQ, _AUDIT_ARCH_X86_64, 0, "kill"),
-               (_LD_W_ABS, _NR), (_JGE, _X32_BIT, "deny", 0)]
+    program = [(_LD_W_ABS, _ARCH), (_JEQ, _AUDIT_ARCH_X86_64, 0, "kill"), (_LD_W_ABS, _NR), (_JGE, _X32_BIT, "deny", 0)]
     program += [(_JEQ, number, "deny", 0) for number in _SYSCALLS.values()]
-    program += [(_JEQ, _CLONE3, "enosys", 0), (_JEQ, _CLONE, "clone", 0), (_JEQ, _SOCKET, "family", 0),
-                (_JEQ, _SOCKETPAIR, "family", 0), (_RET, _RET_ALLOW),
-                "clone", (_LD_W_ABS, _ARG0), (_JSET, _CLONE_NAMESPACES, "deny", 0),
-                (_JSET, _CLONE_THREAD, "allow", "deny"),
-                "family", (_LD_W_ABS, _ARG0), (_JEQ, _AF_UNIX, "allow", "deny"),
-                "allow", (_RET, _RET_ALLOW),
-                "deny", (_RET, _RET_ERRNO | _EPERM),
-                "enosys", (_RET, _RET_ERRNO | _ENOSYS),
-                "kill", (_RET, _RET_KILL_PROCESS)]
+    program += [
+        (_JEQ, _CLONE3, "enosys", 0),
+        (_JEQ, _CLONE, "clone", 0),
+        (_JEQ, _SOCKET, "family", 0),
+        (_JEQ, _SOCKETPAIR, "family", 0),
+        (_RET, _RET_ALLOW),
+        "clone",
+        (_LD_W_ABS, _ARG0),
+        (_JSET, _CLONE_NAMESPACES, "deny", 0),
+        (_JSET, _CLONE_THREAD, "allow", "deny"),
+        "family",
+        (_LD_W_ABS, _ARG0),
+        (_JEQ, _AF_UNIX, "allow", "deny"),
+        "allow",
+        (_RET, _RET_ALLOW),
+        "deny",
+        (_RET, _RET_ERRNO | _EPERM),
+        "enosys",
+        (_RET, _RET_ERRNO | _ENOSYS),
+        "kill",
+        (_RET, _RET_KILL_PROCESS),
+    ]
     return _assemble(program)
 
 
@@ -185,8 +239,9 @@ def _shared_libraries(files: list[str]) -> list[str]:
     """The shared libraries (and the dynamic loader) that ``files`` load, as ``ldd`` resolves them."""
     ldd = shutil.which("ldd")
     if ldd is None:
-        raise SandboxUnavailable("the Python tool's sandbox needs ldd (Debian package libc-bin) to find "
-                                 "the interpreter's shared libraries")
+        raise SandboxUnavailable(
+            "the Python tool's sandbox needs ldd (Debian package libc-bin) to find the interpreter's shared libraries"
+        )
     listing = subprocess.run([ldd, *files], capture_output=True, text=True, env={}, check=False).stdout
     found = set()
     for line in listing.splitlines():
@@ -213,15 +268,48 @@ def _view() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _bwrap_arguments(seccomp_fd: int, info_fd: int) -> list[str]:
     read_only, covered = _view()
-    args = ["--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
+    args = [
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--disable-userns",
+        "--uid",
+        str(SANDBOX_UID),
+        "--gid",
+        str(SANDBOX_UID),
+        "--hostname",
+        "sandbox",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+    ]
     for path in read_only:
         args += ["--ro-bind", path, path]
     for path in covered:
         args += ["--tmpfs", path, "--remount-ro", path]
-    args += ["--dev", "/dev", "--remount-ro", "/dev", "--size", str(SCRATCH_MB << 20), "--tmpfs", "/tmp",
-             "--remount-ro", "/", "--chdir", "/tmp", "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd)]
+    args += [
+        "--dev",
+        "/dev",
+        "--remount-ro",
+        "/dev",
+        "--size",
+        str(SCRATCH_MB << 20),
+        "--tmpfs",
+        "/tmp",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/tmp",
+        "--seccomp",
+        str(seccomp_fd),
+        "--info-fd",
+        str(info_fd),
+    ]
     return args
 
 
@@ -230,18 +318,24 @@ def _bwrap() -> tuple[str, str]:
     """``(path, version)`` of bwrap after a probe run in the full sandbox; raises
     ``SandboxUnavailable`` with the reason when the isolation cannot be set up here."""
     if platform.machine() != "x86_64":
-        raise SandboxUnavailable(f"the Python tool's seccomp filter covers x86_64 only, not {platform.machine()}; "
-                                 "pass isolation='unsafe-inprocess' to run without OS isolation")
+        raise SandboxUnavailable(
+            f"the Python tool's seccomp filter covers x86_64 only, not {platform.machine()}; "
+            "pass isolation='unsafe-inprocess' to run without OS isolation"
+        )
     bwrap = shutil.which("bwrap")
     if bwrap is None:
-        raise SandboxUnavailable("the Python tool needs bubblewrap for its OS isolation (apt-get install bubblewrap); "
-                                 "pass isolation='unsafe-inprocess' to run without it")
+        raise SandboxUnavailable(
+            "the Python tool needs bubblewrap for its OS isolation (apt-get install bubblewrap); "
+            "pass isolation='unsafe-inprocess' to run without it"
+        )
     version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, env={}, check=False).stdout.strip()
     probe = _run_isolated(bwrap, "print(6 * 7)", timeout_s=30.0, memory_mb=256)
     if probe.stdout != "42\n":
         reason = next((line for line in probe.stderr.splitlines() if line.strip()), f"exit status {probe.returncode}")
-        raise SandboxUnavailable(f"the Python tool's OS isolation cannot be set up here ({reason.strip()}); "
-                                 "pass isolation='unsafe-inprocess' to run without it")
+        raise SandboxUnavailable(
+            f"the Python tool's OS isolation cannot be set up here ({reason.strip()}); "
+            "pass isolation='unsafe-inprocess' to run without it"
+        )
     return bwrap, version
 
 
@@ -266,13 +360,35 @@ def _run_isolated(bwrap: str, code: str, *, timeout_s: float, memory_mb: int) ->
     # in a directory of the caller's that the sandbox cannot see: no pipe to keep serviced.
     with tempfile.TemporaryDirectory(prefix="agentforge-sandbox-io-") as io_dir:
         Path(io_dir, "code").write_bytes(code.encode("utf-8", "replace"))
-        with open(Path(io_dir, "code"), "rb") as stdin, open(Path(io_dir, "stdout"), "wb") as out, \
-                open(Path(io_dir, "stderr"), "wb") as err:
-            command = [bwrap, *_bwrap_arguments(seccomp_read, info_write), "--", _view()[0][0], "-I", "-S", "-B",
-                       "-X", "utf8", "-c", _BOOT, *map(str, limits)]
+        with (
+            open(Path(io_dir, "code"), "rb") as stdin,
+            open(Path(io_dir, "stdout"), "wb") as out,
+            open(Path(io_dir, "stderr"), "wb") as err,
+        ):
+            command = [
+                bwrap,
+                *_bwrap_arguments(seccomp_read, info_write),
+                "--",
+                _view()[0][0],
+                "-I",
+                "-S",
+                "-B",
+                "-X",
+                "utf8",
+                "-c",
+                _BOOT,
+                *map(str, limits),
+            ]
             try:
-                process = subprocess.Popen(command, env={}, stdin=stdin, stdout=out, stderr=err,
-                                           pass_fds=(seccomp_read, info_write), start_new_session=True)
+                process = subprocess.Popen(
+                    command,
+                    env={},
+                    stdin=stdin,
+                    stdout=out,
+                    stderr=err,
+                    pass_fds=(seccomp_read, info_write),
+                    start_new_session=True,
+                )
             finally:
                 os.close(seccomp_read)
                 os.close(info_write)
@@ -324,8 +440,12 @@ def _kill(process: subprocess.Popen, init: int | None) -> None:
     process.wait()
 
 
-_SIGNALS = {signal.SIGXCPU: "CPU time limit exceeded", signal.SIGXFSZ: "file size limit exceeded",
-            signal.SIGKILL: "killed", signal.SIGSYS: "killed by the seccomp filter"}
+_SIGNALS = {
+    signal.SIGXCPU: "CPU time limit exceeded",
+    signal.SIGXFSZ: "file size limit exceeded",
+    signal.SIGKILL: "killed",
+    signal.SIGSYS: "killed by the seccomp filter",
+}
 
 
 def _failure(finished: _Finished) -> str:
@@ -376,8 +496,10 @@ class _HeadOnly(io.StringIO):
 def _run_in_process(code: str, timeout_s: float) -> ToolResult:
     """``code`` executed in this process, stdout captured, stopped by SIGALRM after ``timeout_s``."""
     if threading.current_thread() is not threading.main_thread():
-        raise ValueError("run_python: isolation='unsafe-inprocess' times snippets out with SIGALRM, "
-                         "so it runs on the main thread only")
+        raise ValueError(
+            "run_python: isolation='unsafe-inprocess' times snippets out with SIGALRM, "
+            "so it runs on the main thread only"
+        )
 
     running = [True]
 
@@ -411,19 +533,38 @@ def describe_isolation(isolation: str = "os") -> dict:
     that the sandbox works here (one probe run per process) and raises ``SandboxUnavailable``
     if it does not."""
     if isolation == "unsafe-inprocess":
-        return {"isolation": isolation, "confinement": "none: snippets run inside the calling process",
-                "limits": {"wall_clock": "SIGALRM timeout"}}
+        return {
+            "isolation": isolation,
+            "confinement": "none: snippets run inside the calling process",
+            "limits": {"wall_clock": "SIGALRM timeout"},
+        }
     if isolation != "os":
         raise ValueError(f"describe_isolation: isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
     bwrap, version = _bwrap()
     read_only, covered = _view()
-    return {"isolation": "os", "launcher": f"{bwrap} ({version})", "host_uid": os.getuid(),
-            "namespaces": ["user", "mount", "pid", "net", "ipc", "uts", "cgroup"],
-            "capabilities": "none (uid 65534 in its user namespace, no_new_privs, no new user namespaces)",
-            "filesystem": {"read_only": list(read_only), "covered": list(covered),
-                           "writable": f"/tmp ({SCRATCH_MB} MiB tmpfs)"},
-            "seccomp": {"denied": sorted(_SYSCALLS), "processes": "threads only", "sockets": "AF_UNIX only",
-                        "architectures": "x86_64 only"},
-            "rlimits": {"cpu_s": "ceil(timeout_s)", "address_space": "memory_mb", "file_size_mb": FILE_MB,
-                        "open_files": OPEN_FILES, "tasks": TASKS},
-            "timeout": "kills the PID namespace's init (the kernel kills the rest)"}
+    return {
+        "isolation": "os",
+        "launcher": f"{bwrap} ({version})",
+        "host_uid": os.getuid(),
+        "namespaces": ["user", "mount", "pid", "net", "ipc", "uts", "cgroup"],
+        "capabilities": "none (uid 65534 in its user namespace, no_new_privs, no new user namespaces)",
+        "filesystem": {
+            "read_only": list(read_only),
+            "covered": list(covered),
+            "writable": f"/tmp ({SCRATCH_MB} MiB tmpfs)",
+        },
+        "seccomp": {
+            "denied": sorted(_SYSCALLS),
+            "processes": "threads only",
+            "sockets": "AF_UNIX only",
+            "architectures": "x86_64 only",
+        },
+        "rlimits": {
+            "cpu_s": "ceil(timeout_s)",
+            "address_space": "memory_mb",
+            "file_size_mb": FILE_MB,
+            "open_files": OPEN_FILES,
+            "tasks": TASKS,
+        },
+        "timeout": "kills the PID namespace's init (the kernel kills the rest)",
+    }

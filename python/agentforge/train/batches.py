@@ -2,6 +2,7 @@
 resume exact. The global row stream is the concatenation of one seeded permutation per epoch;
 global batch ``i`` is the next ``batch_size`` entries of that stream, rank ``r`` takes its
 contiguous share, and the share is cut into micro-batches for gradient accumulation."""
+
 import functools
 
 import torch
@@ -29,19 +30,20 @@ def global_batch(index: int, n_rows: int, batch_size: int, seed: int) -> list[in
 def rank_share(rows: list[int], rank: int, world_size: int) -> list[int]:
     """Rank ``rank``'s contiguous slice of a global batch (its length divides evenly)."""
     per_rank = len(rows) // world_size
-    return rows[rank * per_rank:(rank + 1) * per_rank]
+    return rows[rank * per_rank : (rank + 1) * per_rank]
 
 
 def micro_batches(rows: list[int], micro_batch_size: int) -> list[list[int]]:
     """Consecutive chunks of ``micro_batch_size`` rows."""
-    return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
 
 def check_dataset(data) -> None:
     """Fail early, in one line, on data the trainer cannot use."""
     if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
-        raise TypeError("train: data must be a datasets.Dataset or an indexable of dict rows, "
-                        f"got {type(data).__name__}")
+        raise TypeError(
+            f"train: data must be a datasets.Dataset or an indexable of dict rows, got {type(data).__name__}"
+        )
     if len(data) == 0:
         raise ValueError("train: data is empty")
     first = data[0]
@@ -67,11 +69,14 @@ def _as_tensor(name: str, values) -> torch.Tensor:
     try:
         return torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"train: column {name!r} is not a fixed-length numeric column ({e}); "
-                         f"remove it from the training data (e.g. dataset.remove_columns([{name!r}]))") from None
+        raise ValueError(
+            f"train: column {name!r} is not a fixed-length numeric column ({e}); "
+            f"remove it from the training data (e.g. dataset.remove_columns([{name!r}]))"
+        ) from None
 
 
 def collate(data, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
     """The given rows as one tensor per column, on ``device``."""
-    return {name: _as_tensor(name, values).to(device, non_blocking=True)
-            for name, values in _columns(data, rows).items()}
+    return {
+        name: _as_tensor(name, values).to(device, non_blocking=True) for name, values in _columns(data, rows).items()
+    }

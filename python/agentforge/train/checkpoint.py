@@ -10,6 +10,7 @@ Layout of ``out_dir/checkpoint/`` (written through ``atomic_directory``, by rank
 
 The data position needs no storage: the batch of step ``s`` is a pure function of ``s``.
 """
+
 import contextlib
 import hashlib
 import json
@@ -87,8 +88,14 @@ def run_fingerprint(cfg, phase: str, n_rows: int, optimizer: torch.optim.Optimiz
     """What must not change between a checkpoint and the run that resumes it (JSON-normalised).
     Taken before the checkpoint is loaded, so the optimizer's groups are as the caller built them."""
     groups = [{**_hyperparameters(group), "n_params": len(group["params"])} for group in optimizer.param_groups]
-    fingerprint = {"phase": phase, "rows": n_rows, **cfg.trajectory(), "optimizer": type(optimizer).__name__,
-                   "optimizer_defaults": _hyperparameters(optimizer.defaults), "optimizer_groups": groups}
+    fingerprint = {
+        "phase": phase,
+        "rows": n_rows,
+        **cfg.trajectory(),
+        "optimizer": type(optimizer).__name__,
+        "optimizer_defaults": _hyperparameters(optimizer.defaults),
+        "optimizer_groups": groups,
+    }
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=repr))
 
 
@@ -118,8 +125,11 @@ def _short(value) -> str:
 
 def _differences(old: dict, new: dict, shown: int = 3) -> str:
     old, new = _flatten(old), _flatten(new)
-    diffs = [f"{k}: {_short(old.get(k))} then, {_short(new.get(k))} now"
-             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = [
+        f"{k}: {_short(old.get(k))} then, {_short(new.get(k))} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
     more = f"; {len(diffs) - shown} more" if len(diffs) > shown else ""
     return "; ".join(diffs[:shown]) + more
 
@@ -128,8 +138,9 @@ def _differences(old: dict, new: dict, shown: int = 3) -> str:
 # save / load
 
 
-def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, rng_states: list[dict]) -> None:
+def save_checkpoint(
+    path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, rng_states: list[dict]
+) -> None:
     """Write a checkpoint directory atomically: a crash leaves the previous checkpoint whole."""
     with atomic_directory(path) as tmp:
         safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
@@ -153,11 +164,15 @@ def _check_resumable(path: Path, state: dict, fingerprint: dict, steps: int) -> 
     if state.get("format") != STATE_FORMAT:
         raise CorruptArtifact(f"{path}: checkpoint format {state.get('format')!r}, expected {STATE_FORMAT}")
     if state["config_hash"] != config_hash(fingerprint):
-        raise ValueError(f"{path} was written with a different config ({_differences(state['config'], fingerprint)}); "
-                         "resume with the same config, or start over with resume=False or another out_dir")
+        raise ValueError(
+            f"{path} was written with a different config ({_differences(state['config'], fingerprint)}); "
+            "resume with the same config, or start over with resume=False or another out_dir"
+        )
     if state["step"] > steps:
-        raise ValueError(f"{path} is at step {state['step']}, beyond steps={steps}; "
-                         "raise steps, or start over with resume=False or another out_dir")
+        raise ValueError(
+            f"{path} is at step {state['step']}, beyond steps={steps}; "
+            "raise steps, or start over with resume=False or another out_dir"
+        )
 
 
 def _load_weights(path: Path, model: torch.nn.Module) -> None:
@@ -170,8 +185,9 @@ def _load_weights(path: Path, model: torch.nn.Module) -> None:
         raise ValueError(f"{path}: the checkpoint does not fit this model ({detail})") from None
 
 
-def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    fingerprint: dict, steps: int) -> dict | None:
+def load_checkpoint(
+    path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: dict, steps: int
+) -> dict | None:
     """Load the checkpoint at ``path`` into ``model`` and ``optimizer`` and return its trainer state
     (with ``"rng"``: the list of per-rank RNG states); None when there is no checkpoint.
 

@@ -1,5 +1,6 @@
 """TrainConfig: everything the training loop needs besides the model, data and optimizer,
 validated when it is built so a bad value fails before any work is done."""
+
 import math
 import os
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ def require_wandb_key(mode: str) -> None:
             return
     except (OSError, netrc.NetrcParseError):
         pass
-    raise ValueError("W&B mode online needs an API key: run `wandb login` or set WANDB_API_KEY "
-                     "(or use --wandb offline)")
+    raise ValueError(
+        "W&B mode online needs an API key: run `wandb login` or set WANDB_API_KEY (or use --wandb offline)"
+    )
 
 
 def _is_int(value) -> bool:
@@ -67,20 +69,34 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             self._require(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "a positive int")
         if self.micro_batch_size is not None:
-            self._require(_is_int(self.micro_batch_size) and self.micro_batch_size >= 1,
-                          "micro_batch_size", "None or a positive int")
+            self._require(
+                _is_int(self.micro_batch_size) and self.micro_batch_size >= 1,
+                "micro_batch_size",
+                "None or a positive int",
+            )
             if self.batch_size % self.micro_batch_size:
-                raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of "
-                                 f"micro_batch_size ({self.micro_batch_size})")
+                raise ValueError(
+                    f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of "
+                    f"micro_batch_size ({self.micro_batch_size})"
+                )
         for name in ("seed", "checkpoint_every", "log_every", "eval_every"):
             self._require(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
-        self._require(isinstance(self.grad_clip, (int, float)) and not isinstance(self.grad_clip, bool)
-                      and math.isfinite(self.grad_clip) and self.grad_clip >= 0,
-                      "grad_clip", "a finite number >= 0 (0 turns clipping off)")
-        self._require(self.wandb_mode is None or self.wandb_mode in WANDB_MODES, "wandb_mode",
-                      f"None or one of {'/'.join(WANDB_MODES)}")
-        self._require(isinstance(self.wandb_project, str) and self.wandb_project != "", "wandb_project",
-                      "a non-empty string")
+        self._require(
+            isinstance(self.grad_clip, (int, float))
+            and not isinstance(self.grad_clip, bool)
+            and math.isfinite(self.grad_clip)
+            and self.grad_clip >= 0,
+            "grad_clip",
+            "a finite number >= 0 (0 turns clipping off)",
+        )
+        self._require(
+            self.wandb_mode is None or self.wandb_mode in WANDB_MODES,
+            "wandb_mode",
+            f"None or one of {'/'.join(WANDB_MODES)}",
+        )
+        self._require(
+            isinstance(self.wandb_project, str) and self.wandb_project != "", "wandb_project", "a non-empty string"
+        )
         self._require(self.run_name is None or isinstance(self.run_name, str), "run_name", "None or a string")
         self._require(self.wandb_group is None or isinstance(self.wandb_group, str), "wandb_group", "None or a string")
         self._require(self.amp in AMP_MODES, "amp", f"one of {'/'.join(AMP_MODES)}")
@@ -93,12 +109,16 @@ class TrainConfig:
     def micro_batch(self, world_size: int) -> int:
         """Rows per forward pass on one rank, checked against ``world_size``."""
         if self.batch_size % world_size:
-            raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by the world "
-                             f"size ({world_size}): each rank takes an equal share of the global batch")
+            raise ValueError(
+                f"TrainConfig.batch_size ({self.batch_size}) must be divisible by the world "
+                f"size ({world_size}): each rank takes an equal share of the global batch"
+            )
         micro = self.micro_batch_size or self.batch_size // world_size
         if self.batch_size % (world_size * micro):
-            raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by world size × "
-                             f"micro_batch_size ({world_size} × {micro} = {world_size * micro})")
+            raise ValueError(
+                f"TrainConfig.batch_size ({self.batch_size}) must be divisible by world size × "
+                f"micro_batch_size ({world_size} × {micro} = {world_size * micro})"
+            )
         return micro
 
     def resolved_wandb_mode(self) -> str:

@@ -1,6 +1,7 @@
 """Process-group helpers. Under `torchrun` (env ``WORLD_SIZE`` > 1) the trainer joins the group
 itself, so the same script runs on one process or many with no code change. Without torchrun
 every helper answers as rank 0 of a world of one."""
+
 import os
 
 import torch
@@ -45,8 +46,9 @@ def choose_device(kind: str) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     elif kind == "cuda" and not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ConfigError(f"--device cuda: torch {torch.__version__} ({built}) sees no GPU; "
-                          "use --device cpu or install a CUDA torch")
+        raise ConfigError(
+            f"--device cuda: torch {torch.__version__} ({built}) sees no GPU; use --device cpu or install a CUDA torch"
+        )
     elif kind not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {kind!r}")
 
@@ -103,8 +105,11 @@ def on_main(fn, *args, **kwargs):
         raise error
     if status == "error":
         name, message = value
-        raise getattr(errors, name, None)(message) if hasattr(errors, name) else RuntimeError(
-            f"rank 0 failed: {name}: {message}")
+        raise (
+            getattr(errors, name, None)(message)
+            if hasattr(errors, name)
+            else RuntimeError(f"rank 0 failed: {name}: {message}")
+        )
     return value
 
 

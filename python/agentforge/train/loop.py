@@ -4,6 +4,7 @@ autocast on CUDA, gradient clipping, atomic checkpoints with exact resume, metri
     result = train(model, dataset, TrainConfig(steps=200, batch_size=32),
                    optimizer=torch.optim.AdamW(model.parameters(), 3e-3), out_dir="runs/p1")
 """
+
 import contextlib
 import logging
 import math
@@ -93,8 +94,16 @@ def _split_loss(output) -> tuple[torch.Tensor, dict[str, float]]:
     return output, {}
 
 
-def _accumulate_gradients(wrapped: nn.Module, data, rows: list[int], micro: int, global_rows: int,
-                          loss_fn: LossFn, amp: str, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+def _accumulate_gradients(
+    wrapped: nn.Module,
+    data,
+    rows: list[int],
+    micro: int,
+    global_rows: int,
+    loss_fn: LossFn,
+    amp: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[str]]:
     """Forward/backward over this rank's micro-batches. Returns ``[loss, tokens, *extras]`` as this
     rank's share of the global-batch mean (sum it over ranks) and the sorted extra-metric names."""
     world = distributed.world_size()
@@ -121,8 +130,16 @@ def _accumulate_gradients(wrapped: nn.Module, data, rows: list[int], micro: int,
     return torch.cat([loss_sum.view(1), tail]), names
 
 
-def _step(wrapped: nn.Module, model: nn.Module, data, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-          loss_fn: LossFn, micro: int, step: int) -> dict:
+def _step(
+    wrapped: nn.Module,
+    model: nn.Module,
+    data,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    micro: int,
+    step: int,
+) -> dict:
     """Optimizer step number ``step + 1``: accumulate the global batch's gradients, clip, step,
     zero. Returns its metrics: global loss, lr, pre-clip gradient norm, tokens and loss_fn extras."""
     device = distributed.device()
@@ -131,14 +148,20 @@ def _step(wrapped: nn.Module, model: nn.Module, data, cfg: TrainConfig, optimize
     sums, extra_names = _accumulate_gradients(wrapped, data, rows, micro, cfg.batch_size, loss_fn, cfg.amp, device)
     loss, tokens, *extras = distributed.all_reduce_sum(sums).tolist()
     if not math.isfinite(loss):  # every rank sees the same reduced loss, so all of them stop
-        raise FloatingPointError(f"loss is {loss} at step {step + 1}; training diverged "
-                                 "(lower the learning rate or check the data)")
+        raise FloatingPointError(
+            f"loss is {loss} at step {step + 1}; training diverged (lower the learning rate or check the data)"
+        )
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     lr = float(optimizer.param_groups[0]["lr"])  # the lr this update uses; self-scheduling optimizers
-    optimizer.step()                             # (MuGrokfast) write the next one inside step()
+    optimizer.step()  # (MuGrokfast) write the next one inside step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens),
-            **dict(zip(extra_names, extras))}
+    return {
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens": int(tokens),
+        **dict(zip(extra_names, extras)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,14 +182,19 @@ def _start(model, optimizer, cfg: TrainConfig, fingerprint: dict, ckpt_dir: Path
     if state["world_size"] == distributed.world_size():
         restore_rng(state["rng"][distributed.rank()])
     else:
-        log.warning("%s: resuming a run of %d processes on %d; same data order, but not bitwise identical",
-                    ckpt_dir, state["world_size"], distributed.world_size())
+        log.warning(
+            "%s: resuming a run of %d processes on %d; same data order, but not bitwise identical",
+            ckpt_dir,
+            state["world_size"],
+            distributed.world_size(),
+        )
         seed_everything(cfg.seed + distributed.rank() + state["step"])
     return _RunState(state["step"], state["losses"], state["last_eval"], state["elapsed_s"], state["tokens"])
 
 
 def _evaluate(model: nn.Module, eval_fn: EvalFn) -> dict[str, float]:
     """``eval_fn`` on rank 0 (eval mode, no grad, training RNG untouched); every rank gets the result."""
+
     def evaluate() -> dict[str, float]:
         was_training = model.training
         model.eval()
@@ -179,15 +207,24 @@ def _evaluate(model: nn.Module, eval_fn: EvalFn) -> dict[str, float]:
     return distributed.on_main(evaluate)
 
 
-def _checkpoint(ckpt_dir: Path, model, optimizer, run: _RunState, cfg: TrainConfig, fingerprint: dict,
-                logger: MetricsLogger) -> None:
+def _checkpoint(
+    ckpt_dir: Path, model, optimizer, run: _RunState, cfg: TrainConfig, fingerprint: dict, logger: MetricsLogger
+) -> None:
     rng_states = distributed.all_gather(capture_rng())
     if distributed.is_main():
         logger.sync()  # the rows up to this step are durable before the checkpoint claims them
-        state = {"phase": fingerprint["phase"], "step": run.step, "seed": cfg.seed,
-                 "world_size": distributed.world_size(), "config_hash": config_hash(fingerprint),
-                 "config": fingerprint, "losses": run.losses, "tokens": run.tokens,
-                 "elapsed_s": run.elapsed_s, "last_eval": run.last_eval}
+        state = {
+            "phase": fingerprint["phase"],
+            "step": run.step,
+            "seed": cfg.seed,
+            "world_size": distributed.world_size(),
+            "config_hash": config_hash(fingerprint),
+            "config": fingerprint,
+            "losses": run.losses,
+            "tokens": run.tokens,
+            "elapsed_s": run.elapsed_s,
+            "last_eval": run.last_eval,
+        }
         save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, state=state, rng_states=rng_states)
     distributed.barrier()
 
@@ -196,10 +233,20 @@ def _checkpoint(ckpt_dir: Path, model, optimizer, run: _RunState, cfg: TrainConf
 # the loop
 
 
-def train(model: nn.Module, data, cfg: TrainConfig, *, optimizer: torch.optim.Optimizer,
-          out_dir: str | Path, phase: str = "train", loss_fn: LossFn | None = None,
-          eval_fn: EvalFn | None = None, resume: bool = True, stop_fn: StopFn | None = None,
-          on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    data,
+    cfg: TrainConfig,
+    *,
+    optimizer: torch.optim.Optimizer,
+    out_dir: str | Path,
+    phase: str = "train",
+    loss_fn: LossFn | None = None,
+    eval_fn: EvalFn | None = None,
+    resume: bool = True,
+    stop_fn: StopFn | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps on ``data``.
 
     ``data``: a ``datasets.Dataset`` or an indexable of dict rows with fixed-length int columns
@@ -232,9 +279,16 @@ def train(model: nn.Module, data, cfg: TrainConfig, *, optimizer: torch.optim.Op
     wrapped = model
     if world > 1:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    logger = MetricsLogger(out_dir, phase=phase, wandb_mode=cfg.resolved_wandb_mode(), project=cfg.wandb_project,
-                           run_name=cfg.run_name, wandb_group=cfg.wandb_group, enabled=distributed.is_main(),
-                           config={**asdict(cfg), "phase": phase, "world_size": world})
+    logger = MetricsLogger(
+        out_dir,
+        phase=phase,
+        wandb_mode=cfg.resolved_wandb_mode(),
+        project=cfg.wandb_project,
+        run_name=cfg.run_name,
+        wandb_group=cfg.wandb_group,
+        enabled=distributed.is_main(),
+        config={**asdict(cfg), "phase": phase, "world_size": world},
+    )
     logger.truncate_after(run.step)  # rows after the checkpoint belong to lost work
     show_bar = cfg.progress and distributed.is_main() and sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=run.step, desc=phase, disable=not show_bar, dynamic_ncols=True)

@@ -2,6 +2,7 @@
 
 One JSON object per line: ``{"phase", "step", ...numbers}``. The file is only appended to, except
 on resume, when the rows of work lost since the last checkpoint are dropped (atomically)."""
+
 import json
 import logging
 import os
@@ -42,9 +43,18 @@ class MetricsLogger:
     even imported. Use as a context manager or call ``close()``, which finishes the W&B run (keep
     one W&B run open at a time: close a phase's own logger before ``train`` opens one)."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, phase: str, wandb_mode: str | None = None,
-                 project: str = "agentforge", run_name: str | None = None, config: dict | None = None,
-                 enabled: bool = True, wandb_group: str | None = None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        phase: str,
+        wandb_mode: str | None = None,
+        project: str = "agentforge",
+        run_name: str | None = None,
+        config: dict | None = None,
+        enabled: bool = True,
+        wandb_group: str | None = None,
+    ):
         self.path = Path(out_dir) / METRICS_FILE
         self.phase = phase
         self.enabled = enabled
@@ -57,9 +67,16 @@ class MetricsLogger:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             # silent: W&B's banner and run summary would drown the pipeline's own progress lines
             # one pipeline run is one W&B group; each phase's runs share its job_type
-            self._wandb_run = wandb.init(mode=mode, dir=str(out_dir), project=project, name=run_name or phase,
-                                         group=wandb_group, job_type=phase.split("/")[0], config=config,
-                                         settings=wandb.Settings(silent=True))
+            self._wandb_run = wandb.init(
+                mode=mode,
+                dir=str(out_dir),
+                project=project,
+                name=run_name or phase,
+                group=wandb_group,
+                job_type=phase.split("/")[0],
+                config=config,
+                settings=wandb.Settings(silent=True),
+            )
 
     def log(self, metrics: dict, *, step: int | None = None) -> dict:
         """Append ``{"phase", "step", **metrics}`` and send the numbers to W&B; returns the row."""
