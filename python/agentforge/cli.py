@@ -59,7 +59,7 @@ EXTRA_OF = {
 }
 
 
-def plain(text: str | None) -> str | None:
+def plain(text: str) -> str:
     """reStructuredText's ``literal`` markup (the module docstrings that --help shows are written in
     it) as `literal`, which reads as code in a terminal."""
     return re.sub(r"``(.+?)``", r"`\1`", text, flags=re.S) if text else text
@@ -168,7 +168,8 @@ def quiet_transformers() -> None:
     stderr, which holds the command's own progress and errors."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     transformers = sys.modules.get("transformers")
-    if getattr(transformers, "utils", None) is not None:  # imported before main() ran: it read the env then
+    # imported before main() ran: it read the env then
+    if transformers is not None and getattr(transformers, "utils", None) is not None:
         transformers.utils.logging.disable_progress_bar()
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,7 @@ def parse_value(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: not a readable value ({clip(str(e))})") from None
 
 
-def load_file(path: str | Path) -> dict:
+def load_file(path: str | os.PathLike) -> dict:
     """The mapping in a YAML config file, or the ``config`` of a run's ``run.json``."""
     path = Path(path)
     try:
@@ -188,8 +190,8 @@ def resolve(
     specs,
     *,
     preset: str | None = None,
-    file: str | Path | None = None,
-    sets: list[str] = (),
+    file: str | os.PathLike | None = None,
+    sets: Sequence[str] = (),
     saved: dict | None = None,
     standalone: str | None = None,
 ) -> RunConfig:

@@ -16,7 +16,8 @@ class StageProgress:
     the time left at the pace of the steps run so far in this process."""
 
     def __init__(self, stage: str):
-        self.stage, self.began, self.first, self.line = stage, time.monotonic(), None, ""
+        self.stage, self.began, self.line = stage, time.monotonic(), ""
+        self.first: int | None = None
 
     def __call__(self, step: int, steps: int, loss: float) -> None:
         if self.first is None:

@@ -219,7 +219,8 @@ class _TextPieces:
     """Decodes a growing token sequence and hands on only the new text, stopping at eos."""
 
     def __init__(self, tokenizer, stream: Callable[[str], None]):
-        self.tokenizer, self.stream, self.tokens, self.shown, self.done = tokenizer, stream, [], "", False
+        self.tokenizer, self.stream, self.shown, self.done = tokenizer, stream, "", False
+        self.tokens: list[int] = []
 
     def add(self, token: torch.Tensor) -> None:
         value = int(token.reshape(-1)[0])
@@ -241,7 +242,8 @@ def _attach(lm, tokenizer, metadata: dict, directory: Path, think: bool) -> Agen
     from agentforge.nn import BitLinear
     from agentforge.quietstar import MIXING_HEAD_FILE, SETTINGS_FILE, ThinkingModel
 
-    experts = thinker = None
+    experts: DeployedExperts | _LatentExperts | None = None
+    thinker = None
     try:
         if (directory / SPEC_FILE).is_file():
             packed = any(isinstance(m, BitLinear) and m.state == "packed" for m in lm.modules())
@@ -302,7 +304,7 @@ def load(path: str | os.PathLike, *, artifact: str | None = None, think: bool = 
     return _attach(lm, tokenizer, metadata, target, think)
 
 
-def _load_plain(directory: Path, **model_kwargs):
+def _load_plain(directory: Path, **model_kwargs) -> tuple[Any, Any, dict]:
     """A Hugging Face directory without an agentforge manifest (e.g. an export): nothing to verify."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -26,10 +26,11 @@ import functools
 import importlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from agentforge import config as configuration
 from agentforge import rundir
@@ -128,7 +129,7 @@ def prepare(
     resume: str | os.PathLike | None = None,
     preset: str | None = None,
     config_file: str | os.PathLike | None = None,
-    sets: list[str] = (),
+    sets: Sequence[str] = (),
     start: str | None = None,
     stop: str | None = None,
     allow_config_change: bool = False,
@@ -190,7 +191,7 @@ def execute(
     wandb_mode: str | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
-    on_change: Callable[[Path, list[PhaseSpec]], None] | None = None,
+    on_change: Callable[[Path, list[PhaseSpec]], object] | None = None,
 ) -> None:
     """Run the selected phases in ``run.dir`` under its lock, reusing completed ones; record each
     finished phase (phase.json, registry, metrics.jsonl) and call ``on_change(run_dir, phases)``
@@ -285,7 +286,7 @@ def _run_phase(
     say(f"{label}: done in {time.perf_counter() - began:.1f} s")
 
 
-def _handoff(run: Run, producer: str, artifact: str, consumer: str, name: str) -> tuple[object, str]:
+def _handoff(run: Run, producer: str, artifact: str, consumer: str, name: str) -> tuple[Any, str]:
     """Rank 0: ``producer``'s ``artifact`` for ``consumer``'s input ``name``, hash-verified against
     the producer's record and checked against its contract; and its digest."""
     source = find_phase(producer, run.phases)
@@ -298,6 +299,7 @@ def _handoff(run: Run, producer: str, artifact: str, consumer: str, name: str) -
             f"{consumer} needs {producer}.{artifact}, but {source_dir} is not intact: "
             f"{problems[0]}{more}; re-run {producer}"
         )
+    assert record is not None  # verify() reports a missing record
     value = rundir.absolute_artifacts(source_dir, record)[artifact]
     try:
         source.provides[artifact](value)

@@ -190,7 +190,8 @@ class Registry:
 
     def models(self, run_id: str | None = None) -> list[dict]:
         """Model rows in the order they were recorded, with ``metrics`` and ``parents`` decoded."""
-        query, args = "SELECT * FROM models", ()
+        query = "SELECT * FROM models"
+        args: tuple[str, ...] = ()
         if run_id is not None:
             query, args = query + " WHERE run=?", (run_id,)
         return [
@@ -200,7 +201,8 @@ class Registry:
 
     def handoffs(self, run_id: str | None = None) -> list[dict]:
         """Handoff rows, with ``models`` decoded."""
-        query, args = "SELECT * FROM handoffs", ()
+        query = "SELECT * FROM handoffs"
+        args: tuple[str, ...] = ()
         if run_id is not None:
             query, args = query + " WHERE run=?", (run_id,)
         return [

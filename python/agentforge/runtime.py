@@ -26,15 +26,18 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from agentforge.errors import ConfigError, HandoffError
 from agentforge.heartbeat import Heartbeat, StageProgress
 from agentforge.rundir import PROGRESS_FILE
 from agentforge.settings import to_dict
+
+if TYPE_CHECKING:
+    from agentforge.eval.speed import PeakRss
 
 STEPS_DIR = "steps"
 # What a phase writes beyond its inputs' size: summaries, metrics, tokenizers, small checkpoints.
@@ -128,7 +131,7 @@ class PhaseSpec:
     provides: dict[str, Callable[[Any], None]] = field(default_factory=dict, compare=False)
     figures: str | None = None
     # bytes the phase writes, from its settings and its inputs' bytes (checked against free space)
-    disk_needed: Callable[[Any, int], int] = field(default=None, compare=False)
+    disk_needed: Callable[[Any, int], int] = field(default=default_disk_needed, compare=False)
 
     def __post_init__(self):
         if self.disk_needed is None:
@@ -256,7 +259,7 @@ class PhaseRun:
 
         self.spec, self.settings, self.seed, self.data = spec, settings, seed, data
         self.tools = tools if tools is not None else ToolSettings()
-        self.inputs = {
+        self.inputs: dict[str, Any] = {  # a Path, or a list of Paths for a list input
             name: [Path(p) for p in v] if isinstance(v, (list, tuple)) else Path(v) for name, v in inputs.items()
         }
         missing = sorted(set(spec.needs) - set(self.inputs))
@@ -272,7 +275,7 @@ class PhaseRun:
         self._suites: dict[int, Any] = {}
         self.timings: dict[str, float] = {}
         self.started = time.perf_counter()
-        self._rss = None  # the peak-RSS watch while run() runs
+        self._rss: PeakRss | None = None  # the peak-RSS watch while run() runs
         self._heartbeat = Heartbeat(lambda line: self.say(line, beat=True))
         self.key = _digest(
             {
@@ -317,9 +320,9 @@ class PhaseRun:
         return self._counted(iterable, what, total)
 
     def _counted(self, iterable, what: str, total: int | None):
-        total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else "?"
+        shown = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else "?"
         for i, item in enumerate(iterable, start=1):
-            self._heartbeat.working_on(f"{what} {i}/{total}")
+            self._heartbeat.working_on(f"{what} {i}/{shown}")
             yield item
 
     # --- data and inputs ----------------------------------------------------------------------
@@ -526,7 +529,7 @@ class PhaseRun:
         headline: dict,
         summary: dict | None = None,
         rows: dict[str, list[dict]] | None = None,
-        effects: list[Effect] = (),
+        effects: Sequence[Effect] = (),
     ) -> PhaseResult:
         """Rank 0 writes ``summary.json`` (``summary`` plus the headline, the ``effects`` the report's
         first table shows, settings and step timings) and the phase's metrics rows: ``rows`` per

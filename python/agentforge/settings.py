@@ -126,7 +126,7 @@ def _describe(hint, meta: dict) -> str:
         base = f"one of {', '.join(map(str, meta['choices']))}"
     elif meta.get("interval") is not None and base in ("an int", "a number"):
         base = f"{base} in {_interval_text(meta['interval'])}"
-    if base is None and dataclasses.is_dataclass(hint):
+    if base is None and isinstance(hint, type) and dataclasses.is_dataclass(hint):
         base = f"a mapping of {hint.__name__} settings"
     return ("null or " if optional else "") + (base or str(hint))
 
@@ -143,7 +143,7 @@ def _valid(value, hint, meta: dict) -> bool:
             return False
         element = typing.get_args(hint)[0]
         return all(_valid(v, element, {**meta, "length": None}) for v in value)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return isinstance(value, hint)
     if hint is bool:
         return isinstance(value, bool)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from agentforge.baking.kl import BakingData, anchor_rows, kl_loss, measured_kl, 
 from agentforge.baking.lora import DEFAULT_TARGETS, add_lora, check_bakeable, merge_lora
 from agentforge.optim.presets import PRESETS as OPTIMIZER_PRESETS
 from agentforge.settings import Checked, setting
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 METHODS = ("full", "lora")
 
@@ -156,7 +160,7 @@ class _Monitor:
     ):
         self.held_out, self.kl_before, self.strength, self.settings = held_out, kl_before, strength, settings
         self.waiting = sorted(keep)
-        self.curve = [{"step": 0, "kl": kl_before}]
+        self.curve: list[dict[str, Any]] = [{"step": 0, "kl": kl_before}]
         self.kept: dict[float, Kept] = {}
         self.reason = "max_steps"
         self.trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
@@ -235,7 +239,7 @@ def bake(
     _check_strengths(strength, keep)
     _check_disjoint(inputs, held_out)
     check_bakeable(model)
-    sample = dict(
+    sample: dict[str, Any] = dict(
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
         batch_size=settings.batch_size,
@@ -293,7 +297,7 @@ def bake(
         resume=False,
     )
     kl_after, step = monitor.restore_best()
-    baked = merge_lora(student) if settings.method == "lora" else student
+    baked = merge_lora(cast("PeftModel", student)) if settings.method == "lora" else student
     return dataclasses.replace(
         result,
         model=baked,

@@ -280,7 +280,7 @@ def iterate(state: CycleState, index: int, run: CycleRun) -> dict:
     if not state.history[cycle]:
         state.history[cycle].append(before)  # a visit starts from the model as it is now
     scores = {c: run.score(cycle, state.model, c) for c in candidates}
-    state.best[cycle] = winner = max(candidates, key=scores.get)
+    state.best[cycle] = winner = max(candidates, key=lambda c: scores[c])
     row = {
         "iteration": index,
         "cycle": cycle,

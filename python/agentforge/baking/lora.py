@@ -12,6 +12,7 @@ adapted one did, and the model stays ternary.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -35,7 +36,8 @@ class BitLinearLora(PeftLoraLinear):
         if self.disable_adapters or self.merged or not active:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        weight = base.weight + sum(self.get_delta_weight(name) for name in active)
+        delta = cast(torch.Tensor, sum(self.get_delta_weight(name) for name in active))
+        weight = cast(torch.Tensor, base.weight) + delta
         return torch.func.functional_call(base, {"weight": weight}, (x,))
 
 
@@ -63,9 +65,11 @@ def add_lora(
     names = [name for name, _ in model.named_modules() if any(name.endswith(t) for t in targets)]
     if not names:
         raise ValueError(f"add_lora: {type(model).__name__} has no layer named like {list(targets)}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
+    # peft types lora_alpha as int; it only divides by r, and a float scale works
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")  # type: ignore[arg-type]
     config._register_custom_module({BitLinear: BitLinearLora})  # peft's documented hook for custom layers
-    model._baking_trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    # a plain attribute (nn.Module's typed __setattr__ knows only tensors and modules)
+    model._baking_trainable = {name: p.requires_grad for name, p in model.named_parameters()}  # type: ignore[assignment]
     return get_peft_model(model, config)
 
 

@@ -171,6 +171,7 @@ def machine_info() -> dict:
     info = ops.cpu_info()
     cpu = _cpuinfo_field("model name") or platform.processor() or platform.machine()
     family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -279,7 +280,8 @@ def measure(cands: list[Candidate], reps: int, min_sample_s: float, warmup: int)
             c.samples.append(c.run(c.inner))
 
 
-def _cycling(make: Callable[[object], Callable[[], object]], copies: list) -> Callable[[], object]:
+def _cycling(make: Callable[..., Callable[[], object]], copies: list) -> Callable[[], object]:
+    """``make(w)`` for each of ``copies``, called in turn (``make`` may bind more by default arguments)."""
     if len(copies) == 1:
         return make(copies[0])
     fns = itertools.cycle([make(w) for w in copies])

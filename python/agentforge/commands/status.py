@@ -57,7 +57,7 @@ def run(args) -> int:
         states = rundir.phase_states(run_dir, phases)
         for spec in phases:
             record = rundir.read_record(run_dir / spec.dirname)
-            if states[spec.name] == "completed":
+            if states[spec.name] == "completed" and record is not None:  # (completed: it has a record)
                 seconds[spec.name] = f"{record['seconds']:.1f} s"
     rows = [["#", "phase", "state", "time", "needs", "provides"]]
     for spec in phases:
@@ -101,10 +101,12 @@ def verify_run(run_dir: Path, phases) -> list[str]:
             problems.append(f"{spec.dirname}: {e}")
     for spec in phases:
         record = records.get(spec.name)
+        if not record:
+            continue
         sources = {name: (need.producer, need.artifact) for name, need in spec.needs.items()}
         if spec is not phases[0]:
             sources[DATA_ARTIFACT] = (phases[0].name, DATA_ARTIFACT)
-        for name, (producer, artifact) in sources.items() if record else ():
+        for name, (producer, artifact) in sources.items():
             recorded, theirs = record["inputs"].get(name), records.get(producer)
             current = rundir.artifact_digest(theirs, artifact) if theirs and artifact in theirs["artifacts"] else None
             if recorded != current:

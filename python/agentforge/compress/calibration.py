@@ -22,6 +22,8 @@ token count of an embedding row, uniform elsewhere.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,7 +79,8 @@ class Calibration:
     @staticmethod
     def _scored_outputs(module: nn.Module, calls: list, max_elements: int | None) -> list[list[torch.Tensor]]:
         """The outputs of ``module``'s first calls, up to ``max_elements`` in all (at least one call)."""
-        outputs, elements = [], 0
+        outputs: list[list[torch.Tensor]] = []
+        elements = 0
         for args, kwargs in calls:
             out = _tensors(module(*args, **kwargs))
             elements += sum(o.numel() for o in out)
@@ -134,7 +137,7 @@ class Calibration:
         ]
         if not maps:
             return None
-        mean = sum(m / m.mean().clamp(min=1e-30) for m in maps) / len(maps)
+        mean = cast(torch.Tensor, sum(m / m.mean().clamp(min=1e-30) for m in maps)) / len(maps)
         return (1 - floor) * mean + floor
 
     def _owner_importance(self, owner: str, attr: str, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -142,7 +145,10 @@ class Calibration:
         if attr != "weight" or not calls or tensor.dim() != 2:
             return None
         if isinstance(module, nn.Embedding):
-            counts = sum(torch.bincount(args[0].reshape(-1), minlength=tensor.shape[0]).float() for args, _ in calls)
+            counts = cast(
+                torch.Tensor,
+                sum(torch.bincount(args[0].reshape(-1), minlength=tensor.shape[0]).float() for args, _ in calls),
+            )
             return counts[:, None].expand_as(tensor).clone()
         if isinstance(module, nn.Linear):
             energy = sum(args[0].float().reshape(-1, tensor.shape[1]).pow(2).sum(0) for args, _ in calls)

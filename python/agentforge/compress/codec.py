@@ -64,7 +64,7 @@ class Codec(ABC):
     arguments, which ``settings()`` returns and ``Encoded.params`` records."""
 
     kind: ClassVar[str]
-    lossless: ClassVar[bool] = False
+    lossless: bool = False  # a class default; Raw decides per instance (float32 is lossless)
 
     @abstractmethod
     def settings(self) -> dict: ...
@@ -160,6 +160,8 @@ class Raw(Codec):
 
 
 class _TrainableRaw(TrainableDecode):
+    initial: torch.Tensor  # buffer
+
     def __init__(self, codec: Raw, encoded: Encoded):
         super().__init__()
         self.codec, self.shape = codec, encoded.shape
@@ -221,6 +223,9 @@ class RoundToNearest(Codec):
 
 
 class _TrainableRoundToNearest(TrainableDecode):
+    q: torch.Tensor  # buffers
+    scale: torch.Tensor
+
     def __init__(self, codec: RoundToNearest, encoded: Encoded):
         super().__init__()
         self.codec, self.encoded = codec, encoded

@@ -11,6 +11,7 @@ supplied by its codec's trainable decoder through ``torch.func.functional_call``
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch.func import functional_call
 
 from agentforge import ops
 from agentforge.compress.calibration import kl_loss
-from agentforge.compress.codec import Encoded, codec_of
+from agentforge.compress.codec import Encoded, TrainableDecode, codec_of
 from agentforge.nn import BitLinear
 
 
@@ -50,6 +51,9 @@ class Distillation(nn.Module):
     frozen student; ``forward(**batch)`` returns the student's output, ``loss(batch)`` the KL to
     the teacher. Teacher and student are kept out of the module tree (and its checkpoints)."""
 
+    teacher: nn.Module  # set with object.__setattr__, outside the module tree
+    student: nn.Module
+
     def __init__(
         self, teacher: nn.Module, names: list[list[str]], encodings: list[Encoded], pad_token_id: int | None = None
     ):
@@ -77,7 +81,7 @@ class Distillation(nn.Module):
     def export(self) -> list[Encoded]:
         """The Encoded tensors holding the trained values, in the order given."""
         with torch.no_grad():
-            return [decoder.export() for decoder in self.decoders]
+            return [cast(TrainableDecode, decoder).export() for decoder in self.decoders]
 
 
 def distillation_loss(model: Distillation, batch: dict) -> torch.Tensor:

@@ -103,13 +103,14 @@ class Hyper(Codec):
         # also needs), then every pair is quantised once with it
         search = p if len(p) <= SEARCH_PAIRS else p[torch.arange(SEARCH_PAIRS) * len(p) // SEARCH_PAIRS]
         spread = (search - c).abs().amax(1)
-        best = None
+        best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         for q in SPREAD_QUANTILES:
             h = torch.quantile(spread, q).clamp(min=1e-12)
             index = self._quantize(search, c, h, rho)
             error = (self.reconstruct(index, c, h, rho, search.numel()) - search.reshape(-1)).pow(2).sum()
             if best is None or error < best[0]:
                 best = (error, h, index)
+        assert best is not None  # SPREAD_QUANTILES is not empty
         _, h, index = best
         if search is not p:
             index = self._quantize(p, c, h, rho)
@@ -135,6 +136,10 @@ class Hyper(Codec):
 class _TrainableHyper(TrainableDecode):
     """Indices fixed; the centre, the square's half-side and the outer radius trainable."""
 
+    c: torch.Tensor  # buffers
+    h: torch.Tensor
+    rho: torch.Tensor
+
     def __init__(self, codec: Hyper, encoded: Encoded):
         super().__init__()
         self.codec, self.encoded = codec, encoded
@@ -145,7 +150,7 @@ class _TrainableHyper(TrainableDecode):
         self.shift = nn.Parameter(torch.zeros(2))  # in units of h
         self.log_h, self.log_rho = relative_scale(h), relative_scale(rho)
 
-    def geometry(self):
+    def geometry(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.h * self.log_h.exp()
         return self.c + self.shift * self.h, h, self.rho * self.log_rho.exp()
 

@@ -127,8 +127,8 @@ def decode_many(streams: list[tuple[dict[str, np.ndarray], int]]) -> list[np.nda
         pointer += np.bincount(stream, weights=refill, minlength=len(streams)).astype(np.int64)
     results = []
     for index, n in enumerate(sizes):
-        lanes = slice(first_lane[index], first_lane[index] + states[index].size)
-        if pointer[index] != word_start[index] + words[index].size or np.any(x[lanes] != np.uint64(L)):
+        columns = slice(first_lane[index], first_lane[index] + states[index].size)
+        if pointer[index] != word_start[index] + words[index].size or np.any(x[columns] != np.uint64(L)):
             raise ValueError("rans.decode: the stream does not end where it should (corrupt data)")
-        results.append(out[: steps[index], lanes].reshape(-1)[:n])
+        results.append(out[: steps[index], columns].reshape(-1)[:n])
     return results

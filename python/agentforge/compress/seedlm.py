@@ -25,6 +25,7 @@ Data-free: ``importance`` is ignored. Decoding regenerates U(s) from the seeds.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import numpy as np
 import torch
@@ -157,7 +158,7 @@ class SeedLM(Codec):
             best = (recon - w[:, None]).pow(2).sum(-1).argmin(1)
             rows = torch.arange(w.shape[0])
             chosen.append((candidates[rows, best], e[rows, best], q[rows, best]))
-        return tuple(torch.cat(parts) for parts in zip(*chosen))
+        return cast(tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple(torch.cat(parts) for parts in zip(*chosen)))
 
     def encode(self, weight, importance=None) -> Encoded:
         blocks, rms = self._blocks(weight)
@@ -178,8 +179,8 @@ class SeedLM(Codec):
     def unpacked(self, encoded: Encoded) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(seeds, exponents [B], mantissas [B, P], rms [1]) stored in ``encoded``."""
         seeds = encoded.parts["seeds"].astype(np.int64)
-        fields = unpack_bits(encoded.parts["coefficients"], MANTISSA_BITS, seeds.size * (1 + self.P))
-        fields = torch.from_numpy(fields).reshape(seeds.size, 1 + self.P)
+        packed = unpack_bits(encoded.parts["coefficients"], MANTISSA_BITS, seeds.size * (1 + self.P))
+        fields = torch.from_numpy(packed).reshape(seeds.size, 1 + self.P)
         rms = torch.from_numpy(encoded.parts["scale"].astype(np.float32).copy())
         return seeds, fields[:, 0] + EXPONENT_MIN, fields[:, 1:] - QMAX - 1, rms
 
@@ -206,6 +207,10 @@ class SeedLM(Codec):
 class _TrainableSeedLM(TrainableDecode):
     """Seeds and exponents fixed; mantissas trainable through a straight-through rounding (so
     the trained values stay on the 4-bit grid) and the tensor scale."""
+
+    U: torch.Tensor  # buffers
+    e: torch.Tensor
+    rms: torch.Tensor
 
     def __init__(self, codec: SeedLM, encoded: Encoded):
         super().__init__()

@@ -284,6 +284,7 @@ def escalate(choice: TensorChoice, ladder: list[float]) -> bool:
 def solo_damage(model, choice: TensorChoice, batches: list[dict], reference_logits: list[torch.Tensor]) -> float:
     """Mean logit KL(model ‖ model with only this tensor decoded) on ``batches``: how much this
     one codec choice costs end to end."""
+    assert choice.trial.encoded is not None  # a chosen trial always holds its encoding
     tensor = decode(choice.trial.encoded).to(choice.slot.tensor.dtype)
     kls = [
         float(kl_loss(ref, functional_call(model, {choice.slot.name: tensor}, (), batch).logits))

@@ -5,6 +5,7 @@ embeddings, LM head, the rest)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ class TensorSlot:
         return self.names[0]
 
 
-def _group(model: nn.Module, module: nn.Module, attr: str) -> str:
+def _group(model: Any, module: nn.Module, attr: str) -> str:  # model: a transformers model
     if isinstance(module, BitLinear) and attr == "weight":
         return "ternary"
     if module is model.get_input_embeddings() and attr == "weight":

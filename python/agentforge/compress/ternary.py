@@ -106,6 +106,9 @@ def smallest(weight: torch.Tensor, per_channel: bool) -> Encoded:
 class _TrainableTernary(TrainableDecode):
     """Codes fixed, scale trainable (the only real number a ternary layer has)."""
 
+    codes: torch.Tensor  # buffers
+    scale: torch.Tensor
+
     def __init__(self, codec: Ternary, encoded: Encoded):
         super().__init__()
         self.codec, self.encoded = codec, encoded

@@ -160,6 +160,8 @@ class VPTQ(Codec):
 class _TrainableVPTQ(TrainableDecode):
     """Indices fixed; codebooks and row scales trainable."""
 
+    scale: torch.Tensor  # buffer
+
     def __init__(self, codec: VPTQ, encoded: Encoded):
         super().__init__()
         self.codec, self.encoded = codec, encoded

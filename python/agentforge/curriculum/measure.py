@@ -52,7 +52,7 @@ def non_increasing(values: list[float]) -> list[float]:
         while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
             (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
             blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
-    return [m for m, n in blocks for _ in range(n)]
+    return [m for m, n in blocks for _ in range(int(n))]  # n: a count
 
 
 def baselines(scores: dict, families, target: float) -> dict[str, int]:

@@ -90,7 +90,10 @@ def pack(tokenizer, examples: list[Example], seq_len: int, seed: int) -> tuple[l
         raise ValueError("pack: the tokenizer needs eos and pad tokens")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    rows, ids, labels, dropped = [], [], [], 0
+    rows: list[dict] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    dropped = 0
 
     def close_row():
         pad = seq_len - len(ids)

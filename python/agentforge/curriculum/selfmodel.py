@@ -19,6 +19,8 @@ samples of a small model are mostly wrong and would teach it errors).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -37,6 +39,7 @@ def temperature_ranges(level: int) -> list[tuple[float, float]]:
 def schedule_temperatures(level: int, k: int) -> list[float]:
     """``k`` midpoints spread evenly over the ranges of ``level`` (all of them when k >= n)."""
     ranges = temperature_ranges(level)
+    picks: Sequence[int]
     if k >= len(ranges):
         picks = range(len(ranges))
     else:
@@ -179,7 +182,7 @@ def self_prediction(
 
 def dream(
     model, tokenizer, items: list, *, temperature: float, max_new_tokens: int, seed: int, batch_size: int = 64
-) -> tuple[list[tuple[object, str]], int]:
+) -> tuple[list[tuple[Any, str]], int]:
     """Answers to ``items`` sampled at ``temperature``; returns the ``(item, answer)`` pairs the
     family's scorer marks fully correct, and how many were sampled."""
     from agentforge.data import score

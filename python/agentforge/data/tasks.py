@@ -200,6 +200,7 @@ class SpellBackwardFamily(ReasoningGymFamily):
     def score(self, item: TaskItem, prediction: str) -> float:
         """reasoning-gym's score; a wrong answer that starts with the right spelling gets 0.8."""
         value = super().score(item, prediction)
+        assert item.entry is not None  # a reasoning-gym item, scored on its entry above
         # reasoning-gym docks 0.2 from such answers by testing `reward == 1.0` after adding 1/len
         # per matching letter, and 9 * (1/9) > 1.0 skips the test, scoring them 1.0
         if value == 1.0 and prediction.strip().lower() != item.entry["answer"].lower():

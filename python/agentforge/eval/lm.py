@@ -65,7 +65,7 @@ def row_nll(model: torch.nn.Module, data: Any, *, batch_size: int = 16) -> tuple
     return nll, tokens
 
 
-def _rows_per_forward(model: torch.nn.Module, data: Any, batch_size: int) -> int:
+def _rows_per_forward(model: Any, data: Any, batch_size: int) -> int:  # model: an nn.Module, HF or not
     """``batch_size``, or fewer rows where their logits would pass ``_LOGITS_BYTES``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     vocab = head.weight.shape[0] if head is not None else getattr(getattr(model, "config", None), "vocab_size", 0)

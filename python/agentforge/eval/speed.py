@@ -327,7 +327,9 @@ def speed_report(
     ``dirs``): ``tokens_per_s_b{B}`` for each batch size B (the models alternate at each size, so
     both meet the same machine load), ``layer_time_share`` (batch 1) of the ``layer_names`` layers,
     ``resident_tensor_bytes``, and with ``memory`` the ``generation_memory`` of the largest batch."""
-    report = {name: {"resident_tensor_bytes": resident_tensor_bytes(model)} for name, model in models.items()}
+    report: dict[str, dict[str, Any]] = {
+        name: {"resident_tensor_bytes": resident_tensor_bytes(model)} for name, model in models.items()
+    }
     for batch_size in batch_sizes:
         for name, model in models.items():
             report[name][f"tokens_per_s_b{batch_size}"] = tokens_per_second(
@@ -344,7 +346,7 @@ def speed_report(
 
 @torch.no_grad()
 def layer_time_share(
-    model: torch.nn.Module, layer_names: list[str], *, prompt_len: int, new_tokens: int, batch_size: int = 1
+    model: Any, layer_names: list[str], *, prompt_len: int, new_tokens: int, batch_size: int = 1
 ) -> float:
     """Fraction of one greedy generation's wall time (after an untimed warm-up call) spent inside
     the named layers, timed by forward hooks: how much of the end-to-end time a faster kernel

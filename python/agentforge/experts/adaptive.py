@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ class AdaptiveModel(nn.Module):
     ``generate(input_ids, attention_mask, **kwargs)`` takes and returns what Hugging Face
     ``generate`` does (left-padded prompts in, prompts + new tokens out), running both passes;
     ``last_routes`` holds the class chosen for each row of the last call."""
+
+    model: Any  # a transformers causal LM (its config and generate)
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ import contextlib
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ class DeployedExperts:
         from agentforge.nn import BitLinear
 
         self.model, self.router = model, router
-        self.sets: dict[str, dict[str, tuple]] = {}
+        self.sets: dict[str, dict[str, Any]] = {}  # per class, per layer: its tensors, then its state tuple
         for key, tensor in tensors.items():
             cls, _, rest = key.partition("/")
             name, _, kind = rest.rpartition(".")

@@ -107,6 +107,7 @@ class MixtureSearch:
     def fitness(self, m: Measurement) -> float:
         """The scalarised objective CMA-ES maximises (costs relative to the base model's)."""
         ref, s = self.reference, self.settings
+        assert ref is not None, "fitness before the reference measurement"
         compute = m.compute / ref.compute if ref.compute > 0 else 0.0
         memory = m.memory_bytes / self.adapted_bytes if self.adapted_bytes else 0.0
         return m.accuracy - s.w_nll * m.answer_nll - s.w_compute * compute - s.w_memory * memory

@@ -61,6 +61,9 @@ def features_of(model, tokenizer, prompts: Sequence[str], batch_size: int = 128)
 class Router(nn.Module):
     """Softmax regression over standardised features; ``classes[i]`` names output i."""
 
+    mean: torch.Tensor  # buffers
+    scale: torch.Tensor
+
     def __init__(self, n_features: int, classes: Sequence[str]):
         super().__init__()
         if len(classes) < 2 or len(set(classes)) != len(classes):

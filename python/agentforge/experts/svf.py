@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ class SVDBasis:
         self.dtypes = {}
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for name in self.names:
-            weight = model.get_submodule(name).weight.detach()
+            weight = cast(torch.Tensor, model.get_submodule(name).weight).detach()
             if weight.dim() != 2:
                 raise ValueError(f"SVF: {name}.weight is not a matrix (shape {list(weight.shape)})")
             self.dtypes[name] = weight.dtype
@@ -125,7 +126,8 @@ def adapted_bytes(model: nn.Module, names: Sequence[str]) -> int:
             scales = module.out_features if module.per_channel else 1
             total += module.out_features * -(-module.in_features // 4) + 4 * scales
         else:
-            total += module.weight.numel() * module.weight.element_size()
+            weight = cast(torch.Tensor, module.weight)
+            total += weight.numel() * weight.element_size()
     return total
 
 
@@ -154,7 +156,7 @@ def installed(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator
     originals = {}
     try:
         for name, weight in weights.items():
-            parameter = model.get_submodule(name).weight
+            parameter = cast(torch.Tensor, model.get_submodule(name).weight)
             if parameter.shape != weight.shape:
                 raise ValueError(
                     f"SVF: adapted {name} has shape {list(weight.shape)}, the model's is {list(parameter.shape)}"

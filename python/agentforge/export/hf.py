@@ -59,6 +59,7 @@ def cognate_code() -> dict[str, str]:
 
     files = {}
     for module in (configuration_cognate, modeling_cognate):
+        assert module.__file__ is not None  # a source module
         path = Path(module.__file__)
         source = _SIBLING_IMPORT.sub(r"\1from .\2 import ", path.read_text(encoding="utf-8"))
         leftover = _AGENTFORGE_IMPORT.search(source)

@@ -25,7 +25,8 @@ def _flat_value(ax) -> float | None:
 
     if any(line.get_linestyle() not in ("None", "none", "", " ") for line in ax.lines):
         return None
-    if any(isinstance(c, PathCollection) and len(c.get_offsets()) for c in ax.collections):
+    # matplotlib types get_offsets() as any ArrayLike; a PathCollection's is an [n, 2] array
+    if any(isinstance(c, PathCollection) and len(c.get_offsets()) for c in ax.collections):  # type: ignore[arg-type]
         return None
     limits = ax.dataLim
     if limits.height == 0:

@@ -28,6 +28,7 @@ Results are deterministic for a given ``seed`` (DARE draws its masks from it, pe
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -215,7 +216,7 @@ def merged_model(method: str, models: list, base=None, *, config_from: int = 0, 
     return model.to(next(models[0].parameters()).dtype)
 
 
-def _resize_config(config, source: nn.Module, path: list) -> None:
+def _resize_config(config, source: Any, path: list) -> None:  # source: a transformers model
     """Set the main stack's layer count (and Cognate's memory layers) for a DFS path."""
     if config.model_type == "cognate":
         memory = set(source.config.memory_layers)

@@ -30,7 +30,7 @@ RECURRENT_STACKS: dict[str, dict[str, str]] = {"cognate": {"model.core": "max_re
 
 def stack_passes(model: nn.Module) -> dict[str, int]:
     """How often each layer stack of ``model`` runs per token, as its config declares."""
-    recurrent = RECURRENT_STACKS.get(getattr(getattr(model, "config", None), "model_type", None), {})
+    recurrent = RECURRENT_STACKS.get(getattr(getattr(model, "config", None), "model_type", ""), {})
     return {
         stack: int(getattr(model.config, recurrent[stack])) if stack in recurrent else 1
         for stack in layer_stacks(model)

@@ -27,6 +27,8 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from random import Random  # for annotations inside SearchSpace, whose random() method hides the module
+from typing import Any
 
 from agentforge.merge import METHODS
 from agentforge.settings import Checked, setting
@@ -88,7 +90,7 @@ class SearchSpace:
             recipe["scales"] = _round([1.0] * self.stack_layers)
         return recipe
 
-    def random(self, rng: random.Random, method: str | None = None) -> dict:
+    def random(self, rng: Random, method: str | None = None) -> dict:
         recipe = self.default(method or rng.choice(self.methods))
         recipe["behaviour"] = rng.randrange(self.n_sources)
         recipe = self.with_vector(recipe, [rng.random() for _ in self.vector(recipe)])
@@ -100,13 +102,13 @@ class SearchSpace:
             recipe = self._with_path(recipe, self._random_path(rng))
         return recipe
 
-    def _random_path(self, rng: random.Random) -> list:
+    def _random_path(self, rng: Random) -> list:
         length = rng.randint(max(1, self.stack_layers - 1), self.stack_layers + 2)
         return self._legal(
             [[rng.randrange(self.n_sources), rng.randrange(self.stack_layers)] for _ in range(length)], rng
         )
 
-    def _legal(self, path: list, rng: random.Random) -> list:
+    def _legal(self, path: list, rng: Random) -> list:
         """``path`` with every (source, layer) used at most MAX_REPEATS times and layers mostly in
         order (a random path that runs the last layer first rarely helps)."""
         counts: dict = {}
@@ -157,7 +159,7 @@ class SearchSpace:
 
     # --- variation ---------------------------------------------------------------------------------
 
-    def mutate(self, recipe: dict, rng: random.Random, rate: float) -> dict:
+    def mutate(self, recipe: dict, rng: Random, rate: float) -> dict:
         """Gaussian steps (σ 0.15 of each range) on the continuous genes, and with probability
         ``rate`` per gene a new source, layer choice, SLERP pair, behaviour or DFS step."""
         out = self.with_vector(recipe, [x + rng.gauss(0, 0.15) for x in self.vector(recipe)])
@@ -171,7 +173,7 @@ class SearchSpace:
             out = self._with_path(out, self._legal(self._edit_path(out["path"], rng), rng))
         return out
 
-    def _edit_path(self, path: list, rng: random.Random) -> list:
+    def _edit_path(self, path: list, rng: Random) -> list:
         path = [list(step) for step in path]
         step = [rng.randrange(self.n_sources), rng.randrange(self.stack_layers)]
         edit = rng.choice(("insert", "delete", "replace") if len(path) > 1 else ("insert", "replace"))
@@ -184,7 +186,7 @@ class SearchSpace:
             path[i] = step
         return path
 
-    def crossover(self, a: dict, b: dict, rng: random.Random) -> dict:
+    def crossover(self, a: dict, b: dict, rng: Random) -> dict:
         """Uniform crossover of two recipes of one method (gene by gene); across methods, ``a``."""
         if a["method"] != b["method"]:
             return dict(a)
@@ -282,10 +284,10 @@ class Evolution:
         self.recipes: dict[str, dict] = {}  # hash -> recipe, for every recipe this run has met
         self.on_generation = on_generation
         self.rng = random.Random(seed)
-        self._cma = None  # the running CMA-ES, its (method, dims), the recipe it varies, its open ask
-        self._cma_method = None
-        self._cma_template = None
-        self._cma_asked = None
+        self._cma: Any = None  # the running CMA-ES, its (method, dims), the recipe it varies, its open ask
+        self._cma_method: tuple[str, int] | None = None
+        self._cma_template: dict | None = None
+        self._cma_asked: Any = None
 
     def fitness(self, recipe: dict) -> float:
         return self.cache[recipe_hash(recipe)]
@@ -399,7 +401,7 @@ class Evolution:
         return [self.space.with_vector(best, x) for x in self._cma_asked]
 
     def _tell_cma(self, population: list[dict]) -> None:
-        if self._cma is None or self._cma_asked is None:
+        if self._cma is None or self._cma_asked is None or self._cma_template is None:
             return
         recipes = [self.space.with_vector(self._cma_template, x) for x in self._cma_asked]
         self._cma.tell(self._cma_asked, [-self.fitness(r) for r in recipes])  # cma minimises

@@ -20,6 +20,8 @@ Cognate memory gate reads those outputs, so its weight is divided by s_t to keep
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -97,7 +99,11 @@ def check_dfs_path(states: list[dict], stack: str, n_layers: int, path: list, sc
             )
     if len(scales) != len(path) or any(not s > 0 for s in scales):
         raise ValueError(f"dfs: scales must hold {len(path)} positive numbers, one per step; got {scales}")
-    rests = {split_layer_key(k, {stack: n_layers})[2] for k in states[0] if k.startswith(f"{stack}.")}
+    rests = {
+        cast(tuple[str, int, str], split_layer_key(k, {stack: n_layers}))[2]  # k is in the stack
+        for k in states[0]
+        if k.startswith(f"{stack}.")
+    }
     if any(s != 1.0 for s in scales) and not any(r.endswith(o) for r in rests for o in _BRANCH_OUTPUTS):
         raise ValueError(
             f"dfs: scales need pre-norm blocks whose branch outputs are o_proj/down_proj "

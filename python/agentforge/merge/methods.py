@@ -68,7 +68,7 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta * (delta.abs() >= threshold)
 
 
-def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` and divide survivors by it, so that
     E[result] = delta."""
     if density >= 1.0:

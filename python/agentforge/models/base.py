@@ -76,7 +76,7 @@ def load_base(name: str):
     model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
     # A GGUF's weights arrive dequantized to float32; what marks the model as still quantized
     # would stop save_pretrained and follow it into every phase's artifacts.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers' from_pretrained is typed as a bare nn.Module
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     if tokenizer.pad_token is None:

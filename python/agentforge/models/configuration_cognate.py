@@ -113,6 +113,7 @@ class CognateConfig(PreTrainedConfig):
                 f"CognateConfig: hidden_size={self.hidden_size} must split into num_heads={self.num_heads} "
                 "heads of even size (RoPE rotates pairs)"
             )
+        assert self.memory_layers is not None  # __post_init__ fills it before checking
         bad = [i for i in self.memory_layers if not 0 <= i < self.num_prelude_layers]
         if bad:
             raise ValueError(

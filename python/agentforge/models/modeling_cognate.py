@@ -273,6 +273,7 @@ class CognateModel(CognatePreTrainedModel):
 
     def __init__(self, config: CognateConfig):
         super().__init__(config)
+        assert config.memory_layers is not None  # CognateConfig.__post_init__ fills it
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.prelude = nn.ModuleList(
             CognateBlock(config, i in config.memory_layers) for i in range(config.num_prelude_layers)
@@ -307,7 +308,7 @@ class CognateModel(CognatePreTrainedModel):
         head_dim = self.config.hidden_size // self.config.num_heads
         rope = rope_tables(position_ids, head_dim, self.config.rope_theta, x.dtype)
         mask = attention_mask_4d(position_ids, valid, self.config.window)
-        if custom:
+        if custom and attention_mask is not None:  # (custom implies a mask)
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
             mask = mask & allowed | torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
         for block in self.prelude:

@@ -81,6 +81,9 @@ class BitLinear(nn.Linear):
     Shapes: x [..., K] -> y [..., N].
     """
 
+    w_prepacked: torch.Tensor  # buffers of the packed state
+    w_scale: torch.Tensor
+
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = False, device=None, dtype=None
     ):
@@ -88,7 +91,7 @@ class BitLinear(nn.Linear):
         self.per_channel = per_channel
         self.lambda_ = 1.0
         self.state = TRAINING
-        self.bits = 2  # of the packed state; set by pack()
+        self.bits: float = 2  # of the packed state; set by pack()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, per_channel: bool = False) -> "BitLinear":

@@ -2,6 +2,7 @@
 and record the result in a Hugging Face model's config so ``from_pretrained`` can rebuild it."""
 
 import sys
+from typing import Any
 
 from torch import nn
 
@@ -34,12 +35,13 @@ def convert_to_bitnet(model: nn.Module, skip=DEFAULT_SKIP, per_channel: bool = F
             + (" (it is already converted)" if already else f" outside the skip patterns {skip}")
         )
     # A Linear registered under several names (shared module) becomes one BitLinear everywhere.
-    replacements = {id(model.get_submodule(name)): None for name in names}
+    replacements: dict[int, BitLinear | None] = {id(model.get_submodule(name)): None for name in names}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in replacements:
-            if replacements[id(module)] is None:
-                replacements[id(module)] = BitLinear.from_linear(module, per_channel)
-            model.set_submodule(name, replacements[id(module)])
+            replacement = replacements[id(module)]
+            if replacement is None:
+                replacement = replacements[id(module)] = BitLinear.from_linear(module, per_channel)
+            model.set_submodule(name, replacement)
     record_in_config(model, skip=skip)
     return model
 
@@ -101,7 +103,7 @@ def record_in_config(model: nn.Module, skip=None) -> None:
     old = getattr(config, "quantization_config", None)
     old = old if isinstance(old, AgentForgeBitNetConfig) else None
     state = states.pop() if states else TRAINING
-    fields = dict(
+    fields: dict[str, Any] = dict(
         state=state,
         modules=sorted(layers),
         skip=list(skip) if skip is not None else (old.skip if old else list(DEFAULT_SKIP)),

@@ -23,6 +23,8 @@ Before anything loads, the safetensors headers are checked against the config, s
 that does not match its config.json fails with one clear error instead of random weights.
 """
 
+from typing import cast
+
 import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
@@ -72,7 +74,8 @@ class AgentForgeBitNetConfig(QuantizationConfigMixin):
             bits = sorted(bits)
         elif bits not in LAYOUTS:
             raise ValueError(f"{QUANT_METHOD}: bits must be 2, 1.6 or a list of the 1.6-bit layers, got {bits!r}")
-        self.quant_method = QUANT_METHOD
+        # transformers types quant_method as its own QuantizationMethod enum, which has no member for ours
+        self.quant_method = QUANT_METHOD  # type: ignore[assignment]
         self.state = state
         self.modules = list(modules) if modules is not None else None
         self.skip = list(skip)
@@ -91,6 +94,9 @@ class AgentForgeBitNetConfig(QuantizationConfigMixin):
 class _PackedSlot(nn.Module):
     """Load-time stand-in for a packed BitLinear: exposes the canonical tensors under their
     state-dict names so transformers' name-based loader can fill them."""
+
+    weight_packed: torch.Tensor  # buffers
+    weight_scale: torch.Tensor
 
     def __init__(self, linear: nn.Linear, per_channel: bool, bits: float):
         super().__init__()
@@ -153,7 +159,7 @@ def _spellings(name: str, prefix: str) -> list[str]:
 
 
 def _find_linear(model: nn.Module, name: str) -> tuple[str, nn.Linear]:
-    for candidate in _spellings(name, model.base_model_prefix):
+    for candidate in _spellings(name, cast(str, model.base_model_prefix)):
         try:
             module = model.get_submodule(candidate)
         except AttributeError:

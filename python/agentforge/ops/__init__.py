@@ -5,6 +5,8 @@ autograd registered) or, when the extension is not built, the pure-PyTorch refer
 :mod:`agentforge.ops.reference`. Shapes and conventions: ``csrc/ops.cpp``, ``csrc/cpu/quant.cpp``.
 """
 
+from typing import Any
+
 import torch
 
 from agentforge.ops import reference
@@ -21,7 +23,7 @@ from agentforge.ops._native import (
 if extension_loaded():
     from agentforge.ops import _registration  # noqa: F401  (registers fake kernels and autograd)
 
-    _impl = torch.ops.agentforge
+    _impl: Any = torch.ops.agentforge  # the extension's ops or the reference module, alike
 else:
     _impl = reference
 

@@ -5,7 +5,7 @@ import os
 import warnings
 
 try:
-    from agentforge import _C
+    from agentforge import _C  # type: ignore[attr-defined]  # the compiled extension, no stub
 except ImportError as exc:  # built without the extension, or a broken build
     _C = None
     warnings.warn(

@@ -5,6 +5,8 @@ oracle, and run in place of the kernels when the extension is missing. Integer o
 match the kernels exactly; float outputs to fp32 rounding.
 """
 
+from typing import NoReturn
+
 import torch
 
 WEIGHT_EPS = 1e-5
@@ -118,7 +120,7 @@ def _header(N: int, K: int, layout: str) -> torch.Tensor:
 def read_header(w: torch.Tensor, op: str = "prepacked_info") -> dict:
     """Checks the header of a prepacked tensor as the kernels do; returns its fields."""
 
-    def fail(msg):
+    def fail(msg) -> NoReturn:
         raise RuntimeError(f"agentforge.{op}: {msg}")
 
     if w.dtype != torch.uint8 or w.dim() != 2:

@@ -44,7 +44,7 @@ def _embedding_parameter_ids(model: nn.Module) -> set[int]:
 
 
 def _embedding_modules(model: nn.Module) -> list[nn.Module]:
-    modules = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    modules: list[nn.Module] = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
     for getter_name in ("get_input_embeddings", "get_output_embeddings"):
         getter = getattr(model, getter_name, None)
         if not callable(getter):

@@ -19,7 +19,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ class MuGrokfast(torch.optim.Optimizer):
             muon_lr=muon_lr,
             adamw_lr=adamw_lr,
             weight_decay=weight_decay,
-            adamw_betas=tuple(adamw_betas),
+            adamw_betas=cast(tuple[float, float], tuple(adamw_betas)),  # a list from a config file too
             momentum=momentum,
             muon_adjust_lr_fn=muon_adjust_lr_fn,
         )
@@ -149,7 +149,8 @@ class MuGrokfast(torch.optim.Optimizer):
     # --- stepping ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    # torch's stub overloads step as closure -> float; its own optimizers return the closure's tensor too
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """Filter the gradients, step Muon and AdamW, advance the schedule, then QK-clip."""
         loss = None
         if closure is not None:

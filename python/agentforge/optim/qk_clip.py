@@ -20,13 +20,18 @@ bound their logits already and should not register for QK-clip.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 
 CONTRACT = "q_proj.weight, k_proj.weight, num_heads, optional num_kv_heads, max_logit [num_heads]"
 
+# An nn.Module that follows CONTRACT; its attributes are the model's own, which a type checker
+# sees only as nn.Module.__getattr__'s Tensor | Module, so it is typed loosely.
+AttentionModule = Any
 
-def check_attention_module(module: nn.Module) -> None:
+
+def check_attention_module(module: AttentionModule) -> None:
     """Raise ValueError naming what is missing or inconsistent if `module` breaks the contract."""
     name = type(module).__name__
     for attribute in ("q_proj", "k_proj", "num_heads", "max_logit"):
@@ -50,7 +55,7 @@ def check_attention_module(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def qk_clip_(module: nn.Module, tau: float) -> int:
+def qk_clip_(module: AttentionModule, tau: float) -> int:
     """Shrink the q/k rows of every head whose `max_logit` S exceeds `tau` so its logits scale by
     `tau / S`; return the number of query heads clipped.
 
@@ -76,7 +81,7 @@ def qk_clip_(module: nn.Module, tau: float) -> int:
     return int(too_large.sum())
 
 
-def _scale_head_rows_(projection: nn.Module, scale: torch.Tensor, head_dim: int) -> None:
+def _scale_head_rows_(projection: Any, scale: torch.Tensor, head_dim: int) -> None:
     """Multiply each head's block of rows (weight and, if present, bias) by its entry of `scale`."""
     weight = projection.weight
     weight.view(-1, head_dim, weight.shape[1]).mul_(scale.to(weight.dtype)[:, None, None])
@@ -85,6 +90,6 @@ def _scale_head_rows_(projection: nn.Module, scale: torch.Tensor, head_dim: int)
         bias.view(-1, head_dim).mul_(scale.to(bias.dtype)[:, None])
 
 
-def _num_kv_heads(module: nn.Module) -> int:
+def _num_kv_heads(module: AttentionModule) -> int:
     kv_heads = getattr(module, "num_kv_heads", None)
     return module.num_heads if kv_heads is None else kv_heads

@@ -138,7 +138,13 @@ class Settings(Checked):
 
 
 # one short trajectory per input, short bakes held to the model's own predictions on training text
-TINY_BAKE = {"samples_per_input": 1, "max_new_tokens": 6, "batch_size": 16, "max_steps": 40, "anchor_weight": 1.0}
+TINY_BAKE: dict[str, Any] = {
+    "samples_per_input": 1,
+    "max_new_tokens": 6,
+    "batch_size": 16,
+    "max_steps": 40,
+    "anchor_weight": 1.0,
+}
 
 PRESETS: dict[str, Settings] = {
     "micro": Settings(
@@ -302,7 +308,7 @@ def measure_report(p: PhaseRun, tokenizer, data: PhaseData, models: dict, prompt
     from agentforge.eval.lm import row_nll
 
     settings, original = p.settings, models["original"]
-    report = {"kl": {}, "kl_rows": {}, "behaviour": {}, "perplexity": {}, "text_rows": {}}
+    report: dict[str, dict] = {"kl": {}, "kl_rows": {}, "behaviour": {}, "perplexity": {}, "text_rows": {}}
     for cycle, prompt in prompts.items():
         shown = models if cycle == "tools" else {n: models[n] for n in ("original", "final")}
         bake = cycle_bake_settings(settings.bake, cycle, settings.tool_new_tokens)

@@ -47,6 +47,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -157,9 +158,9 @@ PRESETS: dict[str, Settings] = {
 
 @dataclass
 class PhaseData:
-    calibration: object  # training-split text rows (Dataset)
-    train_rows: object  # the fine-tuning mixture of text and task rows
-    held: object  # HeldOut: test-split text rows and task items
+    calibration: Any  # training-split text rows (Dataset)
+    train_rows: Any  # the fine-tuning mixture of text and task rows
+    held: Any  # HeldOut: test-split text rows and task items
 
 
 def build_data(p: PhaseRun, tokenizer) -> PhaseData:

@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -137,7 +138,7 @@ PRESETS: dict[str, Settings] = {
 
 @dataclass
 class PhaseData:
-    text: object  # DatasetDict: train / validation / test packed text rows
+    text: Any  # DatasetDict: train / validation / test packed text rows
     domains: dict  # domain -> packed training task rows
     test_items: dict  # domain -> held-out TaskItems
     test_rows: dict  # domain -> the held-out items packed (answer-only labels), for answer NLL
@@ -409,11 +410,12 @@ def make_trunk(p: PhaseRun, settings: Settings):
     if settings.base_model is not None:
         from agentforge.models.base import base_digest, load_base
 
-        digest = base_digest(settings.base_model)
+        base_model = settings.base_model
+        digest = base_digest(base_model)
 
         def take_base() -> Built:
-            model, tokenizer = load_base(settings.base_model)
-            return Built(model, tokenizer, {"role": "trunk", "base": settings.base_model, "base_sha256": digest})
+            model, tokenizer = load_base(base_model)
+            return Built(model, tokenizer, {"role": "trunk", "base": base_model, "base_sha256": digest})
 
         trunk = p.model_step("trunk", take_base, key=digest)
         return trunk, trunk.tokenizer, build_data(p, settings, trunk.tokenizer)

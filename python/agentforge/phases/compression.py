@@ -43,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -160,11 +161,11 @@ PRESETS: dict[str, Settings] = {
 
 @dataclass
 class PhaseData:
-    calibration: object  # Dataset: training-split text and task rows (distillation)
+    calibration: Any  # Dataset: training-split text and task rows (distillation)
     capture: list  # batches whose layer inputs score the codecs
     check: list  # other training rows: does distillation help?
-    gate: object  # HeldOut on the validation split
-    final: object  # HeldOut on the test split
+    gate: Any  # HeldOut on the validation split
+    final: Any  # HeldOut on the test split
     pad_id: int | None
 
 
@@ -432,7 +433,7 @@ def _tensor_rows(choices) -> list[dict]:
 def sweep(p: PhaseRun, model, choices, data: PhaseData) -> list[dict]:
     """Size and validation perplexity at each budget in ``sweep_budgets`` (no distillation), with
     the tensors decoded into the uncompressed model: the size/quality trade-off the budget sets."""
-    from agentforge.compress import decode, serialize
+    from agentforge.compress import Encoded, decode, serialize
     from agentforge.compress.select import TensorChoice, best_within
     from agentforge.eval import perplexity
 
@@ -446,7 +447,8 @@ def sweep(p: PhaseRun, model, choices, data: PhaseData) -> list[dict]:
         ]
         _, accounting = serialize(container_for(picked, p.inputs["model"], {}))
         # one name per tensor: functional_call ties the others (embedding and LM head) itself
-        overrides = {c.slot.name: decode(c.trial.encoded) for c in picked if c.slot.group != "ternary"}
+        # (a chosen trial always holds its encoding)
+        overrides = {c.slot.name: decode(cast(Encoded, c.trial.encoded)) for c in picked if c.slot.group != "ternary"}
         rows.append(
             {
                 "budget": budget,
@@ -463,7 +465,7 @@ def sweep(p: PhaseRun, model, choices, data: PhaseData) -> list[dict]:
 def byte_report(accounting: dict, records) -> dict:
     """Bytes per group, per part of the file, and bits per weight overall and per group
     (``records``: the container's tensors, in the order ``accounting`` counts them)."""
-    groups = {g: {"bytes": 0, "weights": 0} for g in GROUPS}
+    groups: dict[str, dict[str, Any]] = {g: {"bytes": 0, "weights": 0} for g in GROUPS}
     for record, nbytes in zip(records, accounting["tensors"]):
         groups[record.group]["bytes"] += nbytes
         groups[record.group]["weights"] += record.encoded.numel

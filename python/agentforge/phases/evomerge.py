@@ -378,7 +378,7 @@ def summarise(settings: Settings, result: evolve.EvolutionResult, finals: dict, 
     the champion's margin over the best parent, and the search's outcome."""
     final_fitness = {name: fitness(report, reference, settings) for name, report in finals.items()}
     parents = [n for n in final_fitness if n.startswith("parent_")]
-    best_parent = max(parents, key=final_fitness.get)
+    best_parent = max(parents, key=lambda n: final_fitness[n])
     return {
         "champion_recipe": result.best,
         "champion_description": evolve.describe(result.best),

@@ -259,11 +259,11 @@ def train_experts(p: PhaseRun, base: Loaded, basis, discovery: Discovery) -> dic
     the SVD when a step needs it (a rerun of finished steps reads their z back)."""
     experts = {}
     for name, units in discovery.expert_units().items():
-        z = p.step(
-            f"expert_{name}",
-            lambda name=name, units=units: train_one_expert(p, base, basis(), name, units),
-            everywhere=True,
-        )
+
+        def train(name=name, units=units):
+            return train_one_expert(p, base, basis(), name, units)
+
+        z = p.step(f"expert_{name}", train, everywhere=True)
         experts[name] = torch.tensor(z, dtype=torch.float32)
     return experts
 

@@ -29,6 +29,7 @@ Run alone: ``python -m agentforge.phases.quietstar --model DIR --preset tiny --o
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -173,7 +174,7 @@ def answer_loglik(scorer, ids: torch.Tensor, labels: torch.Tensor, batch_size: i
     return out
 
 
-def plain_scorer(model, masked: list[int] = ()):
+def plain_scorer(model, masked: Sequence[int] = ()):
     """Log-probabilities of the labelled tokens under ``model``, the ``masked`` token ids (the
     thought tokens, where the vocabulary has them) excluded before the softmax, exactly as the
     thinking scorer excludes them: both arms must be scored alike."""

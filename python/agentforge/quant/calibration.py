@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,7 @@ def loss_increase(model: nn.Module, name: str, per_channel: bool, mean_nll, base
     restored afterwards (the BitLinear shares its Parameters, so nothing is copied)."""
     from agentforge.nn import BitLinear
 
-    linear = model.get_submodule(name)
+    linear = cast(nn.Linear, model.get_submodule(name))
     model.set_submodule(name, BitLinear.from_linear(linear, per_channel))
     try:
         return mean_nll(model) - base_nll
@@ -260,7 +261,7 @@ def calibrate(
         raise ValueError(f"calibrate: the float model's calibration NLL is {base_nll}")
     records = {}
     for name in names:
-        linear = model.get_submodule(name)
+        linear = cast(nn.Linear, model.get_submodule(name))
         per_tensor = output_error(inputs[name], linear, per_channel=False)
         per_row = output_error(inputs[name], linear, per_channel=True)
         records[name] = LayerCalibration(

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from agentforge.nn import BitLinear
 
 
 def bitlinear_layers(model: nn.Module) -> dict:
@@ -63,7 +67,7 @@ def warmup_lambda(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(step / warmup_steps, 1.0)
 
 
-def set_lambda(layers: Iterable[nn.Module], value: float) -> None:
+def set_lambda(layers: Iterable[BitLinear], value: float) -> None:
     """Set the warm-up strength λ of every given BitLinear (1 = fully ternary)."""
     for layer in layers:
         layer.lambda_ = value

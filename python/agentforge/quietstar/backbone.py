@@ -86,7 +86,7 @@ def thought_memory(base, n_real: int, parents: torch.Tensor, pad_left: torch.Ten
 
     handles = []
     for memory in (m for m in base.modules() if isinstance(m, NeuralMemory)):
-        kept = {}
+        kept: dict[str, torch.Tensor] = {}
 
         def keep_input(module, args, kept=kept):
             kept["x"] = args[0]

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,7 @@ class MixingHead(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(2 * d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         with torch.no_grad():
-            self.net[2].bias.fill_(math.log(init_weight / (1 - init_weight)))
+            cast(nn.Linear, self.net[2]).bias.fill_(math.log(init_weight / (1 - init_weight)))
 
     def forward(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(torch.cat((h_base, h_thought), dim=-1))).squeeze(-1)
@@ -123,12 +123,14 @@ class ThinkingModel(nn.Module):
     and generating with hidden thoughts (``generate``); ``think=False`` anywhere gives the base.
     ``tokens``: the thought tokens' ids in ``base``'s vocabulary (``add_thought_tokens``)."""
 
+    base: Any  # a transformers causal LM (its config and output embeddings)
+
     def __init__(self, base: nn.Module, settings: ThoughtSettings, tokens: ThoughtTokens):
         super().__init__()
         self.base = base
         self.settings = settings
         self.tokens = ThoughtTokens(*tokens)
-        self.mixing_head = MixingHead(base.config.hidden_size, settings.mixing_hidden, settings.mixing_init)
+        self.mixing_head = MixingHead(self.base.config.hidden_size, settings.mixing_hidden, settings.mixing_init)
 
     # --- training ---------------------------------------------------------------------------
 
@@ -195,8 +197,8 @@ class ThinkingModel(nn.Module):
             logp_mixed.append(logp)
             weights.append(w)
             target_ok.append(ok)
-        logp_mixed, ok = torch.stack(logp_mixed, -1), torch.stack(target_ok, -1)  # [B, P, k]
-        mixed_nll = -(logp_mixed * ok).sum() / ok.sum().clamp(min=1)
+        mixed_logp, ok = torch.stack(logp_mixed, -1), torch.stack(target_ok, -1)  # [B, P, k]
+        mixed_nll = -(mixed_logp * ok).sum() / ok.sum().clamp(min=1)
 
         base_logits = logits[:, : T - 1].float()
         base_nll = F.cross_entropy(
@@ -204,7 +206,7 @@ class ThinkingModel(nn.Module):
         )
 
         scored = ok.any(-1)
-        reward = (logp_mixed.detach() * ok).sum(-1)  # log-likelihood of the k true tokens [n·B, P]
+        reward = (mixed_logp.detach() * ok).sum(-1)  # log-likelihood of the k true tokens [n·B, P]
         policy, advantage = reinforce_loss(
             reward, self._thought_logprob(logits, layout, thoughts, T), scored, n, s.clamp_negative_rewards
         )
@@ -221,13 +223,13 @@ class ThinkingModel(nn.Module):
 
     def _thought_logprob(self, logits, layout: Layout, thoughts, T) -> torch.Tensor:
         """log π(thought) [B, P]: the L sampled tokens under the logits that sampled them."""
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         for step in range(1, self.settings.thought_length + 1):
             prev = logits[:, layout.columns(T, step - 1)].float()  # [B, P, V]
             prev[..., list(self.tokens)] = float("-inf")
             logp = F.log_softmax(prev / self.settings.temperature, -1)
             total = total + logp.gather(-1, thoughts[:, step - 1][..., None]).squeeze(-1)
-        return total
+        return cast(torch.Tensor, total)  # thought_length >= 1
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -313,7 +315,7 @@ class ThinkingModel(nn.Module):
         (Path(directory) / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory, **model_kwargs) -> tuple[ThinkingModel, object]:
+    def load(cls, directory, **model_kwargs) -> tuple[ThinkingModel, Any]:
         """``(thinking model, tokenizer)`` from a directory written by the Quiet-STaR phase."""
         from agentforge.artifacts import load_model_dir
 

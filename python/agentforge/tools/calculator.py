@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import operator
 from fractions import Fraction
+from typing import cast
 
 __all__ = ["CalcError", "calculate"]
 
@@ -51,7 +52,7 @@ def _evaluate(node: ast.AST) -> Fraction:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return Fraction(str(node.value)) if isinstance(node.value, float) else Fraction(node.value)
+        return Fraction(str(node.value)) if isinstance(node.value, float) else Fraction(cast(int, node.value))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         value = _evaluate(node.operand)
         return -value if isinstance(node.op, ast.USub) else value

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 from .calculator import CalcError, calculate
 from .format import TOOLS, ToolCall, ToolResult, calls_in, clip, format_result
@@ -112,9 +113,9 @@ class _CachedBatch:
         self.keyword = "cache" if "cache" in parameters else "past_key_values"
         # the last position's logits only: a prefill's full logits are rows x prompt x vocabulary floats
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-        self.cache = None
-        self.fed = [[] for _ in rows]  # per row: the ids its unmasked slots hold, in order
-        self.slots = [[] for _ in rows]  # per row: the slot of each of those ids
+        self.cache: Any = None
+        self.fed: list[list[int]] = [[] for _ in rows]  # per row: the ids its unmasked slots hold, in order
+        self.slots: list[list[int]] = [[] for _ in rows]  # per row: the slot of each of those ids
         self.valid = torch.zeros((len(rows), 0), dtype=torch.long)
 
     def _drop_finished(self) -> None:
@@ -125,7 +126,9 @@ class _CachedBatch:
             index = torch.tensor(keep)
             self.cache.batch_select_indices(index.to(self.device))
             self.valid = self.valid[index]
-            self.rows, self.fed, self.slots = ([items[i] for i in keep] for items in (self.rows, self.fed, self.slots))
+            self.rows = [self.rows[i] for i in keep]
+            self.fed = [self.fed[i] for i in keep]
+            self.slots = [self.slots[i] for i in keep]
 
     def _unfed(self, i: int) -> list[int]:
         """Row ``i``'s ids that its cache lacks, after masking the slots whose ids it no longer has."""
@@ -178,7 +181,7 @@ def _pick(logits, temperature: float, generator) -> list[int]:
     return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0].tolist()
 
 
-def _advance(row: _Row, token: int, tokenizer, max_calls: int, isolation: str) -> None:
+def _advance(row: _Row, token: int, tokenizer, max_calls: int, isolation: str | None) -> None:
     """Append ``token``; if it closes a call, cut the text after the ']', run the call and append
     its ``[out: ...]`` (as ids the model reads next)."""
     row.ids.append(token)
@@ -234,7 +237,7 @@ def _generate_rows(
     batch_size: int,
     temperature: float,
     seed: int,
-    isolation: str,
+    isolation: str | None,
 ) -> None:
     """Advance every row until eos or ``max_new_tokens`` model tokens, running its calls."""
     import torch

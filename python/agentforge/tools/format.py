@@ -66,7 +66,8 @@ def _closing_bracket(text: str, start: int, name: str) -> int | None:
 def _blocks(text: str) -> tuple[list[tuple[int, int, str]], bool]:
     """Every closed ``[name: ...]`` block as ``(start, end, name)``, left to right, and whether
     the text ends inside an unclosed one."""
-    blocks, position = [], 0
+    blocks: list[tuple[int, int, str]] = []
+    position = 0
     while match := _OPENER.search(text, position):
         close = _closing_bracket(text, match.end(), match.group(1))
         if close is None:
@@ -81,7 +82,9 @@ def calls_in(text: str):
     left to right; ``[out: ...]`` blocks are skipped over, never read as calls."""
     for start, end, name in _blocks(text)[0]:
         if name != "out":
-            yield start, end, ToolCall(name, text[_OPENER.match(text, start).end() : end - 1])
+            opener = _OPENER.match(text, start)
+            assert opener is not None  # every block starts with its opener
+            yield start, end, ToolCall(name, text[opener.end() : end - 1])
 
 
 def parse_tool_call(text: str) -> ToolCall | None:

@@ -165,10 +165,11 @@ _LD_W_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _NR, _ARCH, _ARG0 = 0, 4, 16  # offsets in struct seccomp_data (args[0]'s low half on little-endian)
 
 
-def _assemble(program: list[tuple]) -> bytes:
+def _assemble(program: list[tuple | str]) -> bytes:
     """``struct sock_filter`` bytes of ``program``: ``(code, k)`` statements, ``(code, k, jt, jf)``
     jumps whose targets are label names, and ``"label"`` strings marking positions."""
-    labels, position = {}, 0
+    labels: dict[str, int] = {}
+    position = 0
     for item in program:
         if isinstance(item, str):
             labels[item] = position
@@ -191,7 +192,12 @@ def _assemble(program: list[tuple]) -> bytes:
 def _seccomp_program() -> bytes:
     """The filter bwrap installs before it runs the interpreter (denied calls fail with EPERM;
     clone3 with ENOSYS, so that threads fall back on clone, whose flags the filter can read)."""
-    program = [(_LD_W_ABS, _ARCH), (_JEQ, _AUDIT_ARCH_X86_64, 0, "kill"), (_LD_W_ABS, _NR), (_JGE, _X32_BIT, "deny", 0)]
+    program: list[tuple | str] = [
+        (_LD_W_ABS, _ARCH),
+        (_JEQ, _AUDIT_ARCH_X86_64, 0, "kill"),
+        (_LD_W_ABS, _NR),
+        (_JGE, _X32_BIT, "deny", 0),
+    ]
     program += [(_JEQ, number, "deny", 0) for number in _SYSCALLS.values()]
     program += [
         (_JEQ, _CLONE3, "enosys", 0),
@@ -440,7 +446,7 @@ def _kill(process: subprocess.Popen, init: int | None) -> None:
     process.wait()
 
 
-_SIGNALS = {
+_SIGNALS: dict[int, str] = {
     signal.SIGXCPU: "CPU time limit exceeded",
     signal.SIGXFSZ: "file size limit exceeded",
     signal.SIGKILL: "killed",
@@ -449,6 +455,7 @@ _SIGNALS = {
 
 
 def _failure(finished: _Finished) -> str:
+    assert finished.returncode is not None  # a run that timed out is reported before
     if finished.returncode > 128:  # bwrap reports a signal n as 128 + n
         return _SIGNALS.get(finished.returncode - 128, f"signal {finished.returncode - 128}")
     lines = [line.strip() for line in finished.stderr.strip().splitlines() if line.strip()]

@@ -15,7 +15,9 @@ import contextlib
 import hashlib
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import safetensors.torch
@@ -46,7 +48,9 @@ def seed_everything(seed: int) -> None:
 
 def capture_rng() -> dict:
     """This process's RNG states, in a form ``torch.load(weights_only=True)`` accepts."""
-    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    # numpy types get_state() as this tuple or the dict that get_state(legacy=False) gives
+    state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    name, keys, position, has_gauss, cached_gauss = state
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -106,6 +110,7 @@ def config_hash(fingerprint: dict) -> str:
 
 def _flatten(value, prefix: str = "") -> dict:
     """``{"a": [{"b": 1}]}`` -> ``{"a.0.b": 1}`` (dicts and lists of dicts), so a difference names its field."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):

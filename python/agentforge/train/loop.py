@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -115,7 +116,11 @@ def _accumulate_gradients(
         batch = collate(data, chunk, device)
         weight = len(chunk) / global_rows  # gradients invariant to micro-batching and world size
         # Gradients are all-reduced only on the last micro-batch; earlier ones accumulate locally.
-        sync = contextlib.nullcontext() if world == 1 or i == len(chunks) - 1 else wrapped.no_sync()
+        sync = (
+            contextlib.nullcontext()
+            if world == 1 or i == len(chunks) - 1
+            else cast(DistributedDataParallel, wrapped).no_sync()  # wrapped in DDP when world > 1
+        )
         with sync:
             with _autocast(amp, device):
                 loss, extras = _split_loss(loss_fn(wrapped, batch))
@@ -302,7 +307,7 @@ def train(
             run.elapsed_s = elapsed_before + time.perf_counter() - started
             row.update(tokens=run.tokens, elapsed_s=round(run.elapsed_s, 3))
             evaluated = eval_fn is not None and _due(run.step, cfg.eval_every, cfg.steps)
-            if evaluated:
+            if evaluated and eval_fn is not None:  # (evaluated implies an eval_fn)
                 run.last_eval = _evaluate(model, eval_fn)
                 row.update({f"eval/{k}": v for k, v in run.last_eval.items()})
             stop = evaluated and stop_fn is not None and stop_fn(run.last_eval)

@@ -68,7 +68,7 @@ class MetricsLogger:
             # silent: W&B's banner and run summary would drown the pipeline's own progress lines
             # one pipeline run is one W&B group; each phase's runs share its job_type
             self._wandb_run = wandb.init(
-                mode=mode,
+                mode=mode,  # type: ignore[arg-type]  # wandb types it as a Literal; resolve_wandb_mode gives one
                 dir=str(out_dir),
                 project=project,
                 name=run_name or phase,
@@ -83,8 +83,9 @@ class MetricsLogger:
         row = {"phase": self.phase, "step": step, **metrics}
         if not self.enabled:
             return row
-        self._open().write(json.dumps(row) + "\n")
-        self._file.flush()  # survives kill -9 (the OS has it); sync() also survives power loss
+        out = self._open()
+        out.write(json.dumps(row) + "\n")
+        out.flush()  # survives kill -9 (the OS has it); sync() also survives power loss
         if self._wandb_run is not None:
             numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self._wandb_run.log(numbers, step=step)
