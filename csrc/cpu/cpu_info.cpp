@@ -20,8 +20,8 @@ bool cpu_has_avx512() {
 
 bool cpu_has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi2");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt") &&
+         __builtin_cpu_supports("bmi2");
 }
 
 Isa parse_isa(const std::string& name) {

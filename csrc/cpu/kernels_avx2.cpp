@@ -111,14 +111,13 @@ void gemv_rows(const MatmulArgs& a, int64_t block_k, int64_t n0, int64_t n1) {
 }
 
 // Tile<8>::dispatch(rows, ...) calls the kernel instantiated for a tile of `rows` rows.
-#define AF_TILE_DISPATCH(Name, fn)                                                                          \
-  template <int R>                                                                                         \
-  struct Name {                                                                                            \
-    static void dispatch(int64_t rows, const uint8_t* t, int64_t kb0, int64_t kb1, const int8_t* x,         \
-                         int32_t* acc) {                                                                   \
-      if (rows == R) return fn<R>(t, kb0, kb1, x, acc);                                                    \
-      if constexpr (R > 1) Name<R - 1>::dispatch(rows, t, kb0, kb1, x, acc);                               \
-    }                                                                                                      \
+#define AF_TILE_DISPATCH(Name, fn)                                                                                  \
+  template <int R>                                                                                                  \
+  struct Name {                                                                                                     \
+    static void dispatch(int64_t rows, const uint8_t* t, int64_t kb0, int64_t kb1, const int8_t* x, int32_t* acc) { \
+      if (rows == R) return fn<R>(t, kb0, kb1, x, acc);                                                             \
+      if constexpr (R > 1) Name<R - 1>::dispatch(rows, t, kb0, kb1, x, acc);                                        \
+    }                                                                                                               \
   };
 AF_TILE_DISPATCH(Tile2bit, gemv_tile_2bit)
 AF_TILE_DISPATCH(TileBase3, gemv_tile_base3)
@@ -128,8 +127,7 @@ AF_TILE_DISPATCH(TileBase3, gemv_tile_base3)
 // activation rows against the 4 code rows with int32 accumulation.
 constexpr int64_t kChunkCodes = kChunkBlocks * kBase3BlockK;
 
-void decode_2bit(const MatmulArgs& a, int64_t n, int64_t rows, int64_t kb0, int64_t nkb,
-                 uint8_t codes[][kChunkCodes]) {
+void decode_2bit(const MatmulArgs& a, int64_t n, int64_t rows, int64_t kb0, int64_t nkb, uint8_t codes[][kChunkCodes]) {
   const __m256i mask3 = _mm256_set1_epi8(3);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t kb = 0; kb < nkb; ++kb) {
@@ -158,8 +156,7 @@ constexpr int64_t kInt16Window = 32 * 32;
 
 // acc[i][r] += Σ_k codes[r][k] · x[i][k] for MR activation rows and the 4 code rows.
 template <int MR>
-void gemm_micro(const uint8_t codes[][kChunkCodes], const int8_t* x, int64_t x_stride, int64_t len,
-                int32_t acc[][4]) {
+void gemm_micro(const uint8_t codes[][kChunkCodes], const int8_t* x, int64_t x_stride, int64_t len, int32_t acc[][4]) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc32[MR][4];
   for (int i = 0; i < MR; ++i)

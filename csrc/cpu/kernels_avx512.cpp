@@ -172,7 +172,9 @@ void gemv_tile_base3(const uint8_t* tile, int64_t kb0, int64_t kb1, const int8_t
       }
     }
     for (int v = 0; v < V; ++v)
-      total[v] = _mm512_add_epi32(total[v], srai<8>(_mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(A[v], A[v]), A[v]), B[v])));
+      total[v] = _mm512_add_epi32(total[v],
+                                  srai<8>(
+                                      _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(A[v], A[v]), A[v]), B[v])));
   }
   add_rows<R>(total, R % 2 ? half(total[V - 1], 0) : _mm256_setzero_si256(), acc);
 }
@@ -197,14 +199,13 @@ void gemv_rows(const MatmulArgs& a, int64_t block_k, int64_t n0, int64_t n1) {
 }
 
 // Tile<8>::dispatch(rows, ...) calls the kernel instantiated for a tile of `rows` rows.
-#define AF_TILE_DISPATCH(Name, fn)                                                                          \
-  template <int R>                                                                                         \
-  struct Name {                                                                                            \
-    static void dispatch(int64_t rows, const uint8_t* t, int64_t kb0, int64_t kb1, const int8_t* x,         \
-                         int32_t* acc) {                                                                   \
-      if (rows == R) return fn<R>(t, kb0, kb1, x, acc);                                                    \
-      if constexpr (R > 1) Name<R - 1>::dispatch(rows, t, kb0, kb1, x, acc);                               \
-    }                                                                                                      \
+#define AF_TILE_DISPATCH(Name, fn)                                                                                  \
+  template <int R>                                                                                                  \
+  struct Name {                                                                                                     \
+    static void dispatch(int64_t rows, const uint8_t* t, int64_t kb0, int64_t kb1, const int8_t* x, int32_t* acc) { \
+      if (rows == R) return fn<R>(t, kb0, kb1, x, acc);                                                             \
+      if constexpr (R > 1) Name<R - 1>::dispatch(rows, t, kb0, kb1, x, acc);                                        \
+    }                                                                                                               \
   };
 AF_TILE_DISPATCH(Tile2bit, gemv_tile_2bit)
 AF_TILE_DISPATCH(TileBase3, gemv_tile_base3)
@@ -214,8 +215,7 @@ AF_TILE_DISPATCH(TileBase3, gemv_tile_base3)
 // multiple of 64, then MR activation rows against the 4 code rows.
 constexpr int64_t kChunkCodes = kChunkBlocks * kBase3BlockK;
 
-void decode_2bit(const MatmulArgs& a, int64_t n, int64_t rows, int64_t kb0, int64_t nkb,
-                 uint8_t codes[][kChunkCodes]) {
+void decode_2bit(const MatmulArgs& a, int64_t n, int64_t rows, int64_t kb0, int64_t nkb, uint8_t codes[][kChunkCodes]) {
   const __m256i mask3 = _mm256_set1_epi8(3);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t kb = 0; kb < nkb; ++kb) {

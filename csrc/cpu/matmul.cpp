@@ -75,8 +75,10 @@ Prepacked check_matmul_args(const Tensor& x, const Tensor& w, const Tensor& w_sc
   const int64_t N = p.N, K = x.size(-1);
   TORCH_CHECK(K == p.K, "agentforge.", op, ": x has K=", K, " features (x shape ", x.sizes(),
               ") but w_prepacked was packed for K=", p.K, " (w_prepacked shape ", w.sizes(), ")");
-  TORCH_CHECK(K < kMaxK, "agentforge.", op, ": K=", K, " is too large; the int32 accumulators of the kernels are "
-              "exact for K < ", kMaxK, " (split the layer along K)");
+  TORCH_CHECK(K < kMaxK, "agentforge.", op, ": K=", K,
+              " is too large; the int32 accumulators of the kernels are "
+              "exact for K < ",
+              kMaxK, " (split the layer along K)");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 &&
                   (w_scale.size(0) == 1 || w_scale.size(0) == N),
               "agentforge.", op, ": w_scale must be float32 of shape [1] or [", N, "], got ", w_scale.scalar_type(),
@@ -84,14 +86,13 @@ Prepacked check_matmul_args(const Tensor& x, const Tensor& w, const Tensor& w_sc
   if (bias.has_value() && bias->defined()) {
     check_cpu(*bias, op, "bias");
     check_float(*bias, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "agentforge.", op, ": bias must have shape [", N,
-                "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "agentforge.", op, ": bias must have shape [", N, "], got ",
+                bias->sizes());
   }
   return p;
 }
 
-Tensor matmul_prepacked(const Tensor& x, const Prepacked& p, const Tensor& w_scale_in, const Tensor& bias,
-                        int bits) {
+Tensor matmul_prepacked(const Tensor& x, const Prepacked& p, const Tensor& w_scale_in, const Tensor& bias, int bits) {
   const int64_t N = p.N, K = x.size(-1), KB = p.KB, Kp = KB * block_weights(p.layout);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -107,14 +108,14 @@ Tensor matmul_prepacked(const Tensor& x, const Prepacked& p, const Tensor& w_sca
   quantize_rows(x2d, bits, x_q.data_ptr<int8_t>(), Kp, x_scale.data_ptr<float>(), x_sum.data_ptr<int32_t>());
   Tensor acc = at::empty({M, N}, x.options().dtype(at::kInt));
 
-  MatmulArgs args{p.payload, x_q.data_ptr<int8_t>(), x_sum.data_ptr<int32_t>(), nullptr,
-                  acc.data_ptr<int32_t>(), M, N, KB, bits};
+  MatmulArgs args{
+      p.payload, x_q.data_ptr<int8_t>(), x_sum.data_ptr<int32_t>(), nullptr, acc.data_ptr<int32_t>(), M, N, KB, bits};
   const Isa isa = active_isa();
   if (KB == 0) {
     acc.zero_();
   } else if (p.layout == Layout::base3) {
     TORCH_CHECK(backend_override() != "popcount", "agentforge.ternary_matmul: AGENTFORGE_BACKEND=popcount, but the "
-                "popcount backend reads the 2bit layout and these weights are base3");
+                                                  "popcount backend reads the 2bit layout and these weights are base3");
     run_rows(base3_kernel(isa), args, N);
   } else {
     Tensor planes;
@@ -193,7 +194,8 @@ Layout cold_layout(int64_t N, int64_t K, double* us_2bit, double* us_base3) {
       evict(w[l]);
       const auto t0 = std::chrono::steady_clock::now();
       matmul_prepacked(x, read_prepacked(w[l], "cold_layout"), one, Tensor(), 8);
-      best[l] = std::min(best[l], std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+      best[l] = std::min(best[l],
+                         std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
     }
   *us_2bit = best[0];
   *us_base3 = best[1];

@@ -28,8 +28,8 @@ Tensor pack_ternary_base3(const Tensor& codes);
 Tensor unpack_ternary_base3(const Tensor& packed, int64_t K);
 Tensor prepack_ternary(const Tensor& packed, int64_t K, c10::string_view layout);
 Tensor unprepack_ternary(const Tensor& w, int64_t K);
-Tensor ternary_matmul(const Tensor& x, const Tensor& w, const Tensor& w_scale,
-                      const std::optional<Tensor>& bias, int64_t act_bits);
+Tensor ternary_matmul(const Tensor& x, const Tensor& w, const Tensor& w_scale, const std::optional<Tensor>& bias,
+                      int64_t act_bits);
 Tensor ternary_fake_quant(const Tensor& w, bool per_channel);
 Tensor act_fake_quant(const Tensor& x, int64_t bits);
 Tensor bitlinear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, bool per_channel);

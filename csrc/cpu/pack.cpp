@@ -20,8 +20,7 @@ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 void check_codes(const Tensor& codes, const char* op) {
   check_cpu(codes, op, "codes");
-  TORCH_CHECK(codes.scalar_type() == at::kChar, "agentforge.", op, ": codes must be int8, got ",
-              codes.scalar_type());
+  TORCH_CHECK(codes.scalar_type() == at::kChar, "agentforge.", op, ": codes must be int8, got ", codes.scalar_type());
   TORCH_CHECK(codes.dim() == 2, "agentforge.", op, ": codes must be 2-D [N, K], got shape ", codes.sizes());
   TORCH_CHECK(codes.numel() == 0 || (codes.min().item<int8_t>() >= -1 && codes.max().item<int8_t>() <= 1),
               "agentforge.", op, ": codes must be in {-1, 0, 1}; quantize with quantize_ternary first");
@@ -47,9 +46,9 @@ void check_canonical(const Tensor& packed, int64_t K, const char* op, bool calle
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < B * 4; ++k) {
       int c = (src[n * B + k / 4] >> (2 * (k % 4))) & 3;
-      TORCH_CHECK(c != 3 && (k < K || c == 1), "agentforge.", op, ": corrupt packed ternary tensor: ",
-                  c == 3 ? "invalid code 3" : "non-zero padding", " at row ", n, ", element ", k,
-                  caller_gave_k ? " (is K=" + std::to_string(K) + " right?)" : std::string());
+      TORCH_CHECK(c != 3 && (k < K || c == 1), "agentforge.", op,
+                  ": corrupt packed ternary tensor: ", c == 3 ? "invalid code 3" : "non-zero padding", " at row ", n,
+                  ", element ", k, caller_gave_k ? " (is K=" + std::to_string(K) + " right?)" : std::string());
     }
 }
 
@@ -92,8 +91,8 @@ Tensor pack_ternary(const Tensor& codes_in) {
 Tensor unpack_ternary(const Tensor& packed_in, int64_t K) {
   const char* op = "unpack_ternary";
   check_packed(packed_in, op);
-  TORCH_CHECK(K >= 0 && ceil_div(K, 4) == packed_in.size(1), "agentforge.", op, ": K=", K, " needs ",
-              ceil_div(K, 4), " bytes per row, packed has ", packed_in.size(1));
+  TORCH_CHECK(K >= 0 && ceil_div(K, 4) == packed_in.size(1), "agentforge.", op, ": K=", K, " needs ", ceil_div(K, 4),
+              " bytes per row, packed has ", packed_in.size(1));
   Tensor packed = packed_in.contiguous();
   check_canonical(packed, K, op, true);
   return unpack_codes(packed, K);
@@ -123,8 +122,8 @@ Tensor pack_ternary_base3(const Tensor& codes_in) {
 Tensor unpack_ternary_base3(const Tensor& packed_in, int64_t K) {
   const char* op = "unpack_ternary_base3";
   check_packed(packed_in, op);
-  TORCH_CHECK(K >= 0 && ceil_div(K, 5) == packed_in.size(1), "agentforge.", op, ": K=", K, " needs ",
-              ceil_div(K, 5), " bytes per row, packed has ", packed_in.size(1));
+  TORCH_CHECK(K >= 0 && ceil_div(K, 5) == packed_in.size(1), "agentforge.", op, ": K=", K, " needs ", ceil_div(K, 5),
+              " bytes per row, packed has ", packed_in.size(1));
   Tensor packed = packed_in.contiguous();
   const int64_t N = packed.size(0), B = packed.size(1);
   Tensor out = at::empty({N, K}, packed.options().dtype(at::kChar));
@@ -137,8 +136,8 @@ Tensor unpack_ternary_base3(const Tensor& packed_in, int64_t K) {
                   ", byte ", b);
       for (int64_t i = 0; i < 5; ++i, value /= 3) {
         int64_t k = 5 * b + i;
-        TORCH_CHECK(k < K || value % 3 == 1, "agentforge.", op, ": corrupt base-3 tensor: non-zero padding at row ",
-                    n, " (is K=", K, " right?)");
+        TORCH_CHECK(k < K || value % 3 == 1, "agentforge.", op, ": corrupt base-3 tensor: non-zero padding at row ", n,
+                    " (is K=", K, " right?)");
         if (k < K) dst[n * K + k] = static_cast<int8_t>(value % 3 - 1);
       }
     }
@@ -192,8 +191,8 @@ Tensor unprepack_ternary(const Tensor& w_in, int64_t K) {
   check_cpu(w_in, op, "w_prepacked");
   Tensor w = w_in.contiguous();
   const Prepacked p = read_prepacked(w, op);
-  TORCH_CHECK(K == p.K, "agentforge.", op, ": K=", K, " but w_prepacked (shape ", w.sizes(), ") was packed for K=",
-              p.K);
+  TORCH_CHECK(K == p.K, "agentforge.", op, ": K=", K, " but w_prepacked (shape ", w.sizes(),
+              ") was packed for K=", p.K);
   const int64_t N = p.N, B = ceil_div(K, 4), bw = block_weights(p.layout);
   Tensor out = at::empty({N, B}, w.options());
   uint8_t* dst = out.data_ptr<uint8_t>();
@@ -210,8 +209,8 @@ Tensor unprepack_ternary(const Tensor& w_in, int64_t K) {
         } else if (k < K) {
           c = (p.payload[block_offset(N, p.KB, n, kb) + e % 32] >> (2 * (e / 32))) & 3;
         }
-        TORCH_CHECK(c != 3, "agentforge.", op, ": corrupt prepacked tensor: invalid code 3 at row ", n,
-                    ", element ", k);
+        TORCH_CHECK(c != 3, "agentforge.", op, ": corrupt prepacked tensor: invalid code 3 at row ", n, ", element ",
+                    k);
         byte |= static_cast<uint8_t>(c << (2 * i));
       }
       dst[n * B + b] = byte;

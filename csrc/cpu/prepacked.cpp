@@ -78,8 +78,8 @@ Prepacked read_prepacked(const at::Tensor& w, const char* op) {
               "the canonical weights again)");
   uint32_t stored;
   std::memcpy(&stored, h + 28, 4);
-  TORCH_CHECK(stored == fnv1a(h, 28), "agentforge.", op, ": the header of w_prepacked (shape ",
-              shape_str(rows, cols), ") is corrupt: its checksum does not match");
+  TORCH_CHECK(stored == fnv1a(h, 28), "agentforge.", op, ": the header of w_prepacked (shape ", shape_str(rows, cols),
+              ") is corrupt: its checksum does not match");
   TORCH_CHECK(h[4] == kFormatVersion, "agentforge.", op, ": w_prepacked has prepack format version ", int(h[4]),
               "; this build reads version ", int(kFormatVersion), " (prepack the canonical weights again)");
   TORCH_CHECK(h[5] == static_cast<uint8_t>(Layout::two_bit) || h[5] == static_cast<uint8_t>(Layout::base3),

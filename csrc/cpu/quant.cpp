@@ -58,7 +58,9 @@ template <typename scalar_t>
 __m128 load4(const scalar_t* src);
 
 template <>
-inline __m128 load4<float>(const float* src) { return _mm_loadu_ps(src); }
+inline __m128 load4<float>(const float* src) {
+  return _mm_loadu_ps(src);
+}
 
 // bf16 is the top half of an fp32: one unpack widens it exactly.
 template <>
@@ -229,8 +231,9 @@ std::tuple<Tensor, Tensor, Tensor> quantize_activations(const Tensor& x, int64_t
   Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   Tensor scale = at::empty(lead, x.options().dtype(at::kFloat));
   Tensor row_sum = at::empty(lead, x.options().dtype(at::kInt));
-  if (M > 0) quantize_rows(x2d, static_cast<int>(bits), q.data_ptr<int8_t>(), K, scale.data_ptr<float>(),
-                           row_sum.data_ptr<int32_t>());
+  if (M > 0)
+    quantize_rows(x2d, static_cast<int>(bits), q.data_ptr<int8_t>(), K, scale.data_ptr<float>(),
+                  row_sum.data_ptr<int32_t>());
   return {q, scale, row_sum};
 }
 

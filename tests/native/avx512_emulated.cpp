@@ -49,8 +49,8 @@ bool check(const Case& c, std::mt19937& rng) {
     kernels[i](a, split, c.N);
     for (int64_t j = 0; j < c.M * c.N; ++j)
       if (got[j] != want[j]) {
-        std::printf("MISMATCH %s M=%ld N=%ld KB=%ld bits=%d at (%ld, %ld): %d != %d\n", names[i], (long)c.M,
-                    (long)c.N, (long)c.KB, c.bits, (long)(j / c.N), (long)(j % c.N), got[j], want[j]);
+        std::printf("MISMATCH %s M=%ld N=%ld KB=%ld bits=%d at (%ld, %ld): %d != %d\n", names[i], (long)c.M, (long)c.N,
+                    (long)c.KB, c.bits, (long)(j / c.N), (long)(j % c.N), got[j], want[j]);
         return false;
       }
   }
