@@ -326,6 +326,12 @@ BAD_CALLS = {
     ),
     "ternary_fake_quant-nan": (lambda: ops.ternary_fake_quant(NAN_W), r"ternary_fake_quant: w contains NaN or Inf"),
     "bitlinear-nan-w": (lambda: ops.bitlinear(x(3, 2), NAN_W), r"bitlinear: w contains NaN or Inf"),
+    # finite, but too large for an fp32 mean: named as such, not as NaN or Inf
+    "quantize_ternary-huge": (lambda: ops.quantize_ternary(torch.full((2, 4), 3e38)), r"mean \|w\| overflows fp32"),
+    "quantize_ternary-huge-per-channel": (
+        lambda: ops.quantize_ternary(torch.full((2, 4), 3e38), True),
+        r"mean \|w\| overflows fp32",
+    ),
 }
 
 

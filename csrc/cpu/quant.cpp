@@ -152,8 +152,13 @@ std::tuple<Tensor, Tensor, Tensor> ternary_quantize(const Tensor& w, bool per_ch
   Tensor scale = per_channel ? absw.mean(1) : absw.mean().reshape({1});
   if (N * K == 0) scale.zero_();  // the mean of nothing is NaN; an empty matrix gets the floor
   scale.clamp_min_(kWeightEps);
-  TORCH_CHECK(at::isfinite(scale).all().item<bool>(), "agentforge.", op,
-              ": w contains NaN or Inf; ternary quantization needs finite weights");
+  if (!at::isfinite(scale).all().item<bool>()) {
+    // finite weights can still overflow the fp32 mean (|w| near 3e38): say which it is
+    TORCH_CHECK(at::isfinite(wf).all().item<bool>(), "agentforge.", op,
+                ": w contains NaN or Inf; ternary quantization needs finite weights");
+    TORCH_CHECK(false, "agentforge.", op, ": mean |w| overflows fp32 (largest |w| is ", absw.max().item<float>(),
+                "); scale the weights down before quantizing");
+  }
   Tensor inv = at::reciprocal(scale);
   Tensor codes = at::empty({N, K}, wf.options().dtype(at::kChar));
   const float* src = wf.data_ptr<float>();

@@ -37,8 +37,13 @@ def _ternary_quantize(w: torch.Tensor, per_channel: bool):
         scale = wf.abs().mean(dim=1) if per_channel else wf.abs().mean().reshape(1)
     scale = scale.clamp(min=WEIGHT_EPS)
     if not torch.isfinite(scale).all():
+        if not torch.isfinite(wf).all():
+            raise RuntimeError(
+                "agentforge.quantize_ternary: w contains NaN or Inf; ternary quantization needs finite weights"
+            )
         raise RuntimeError(
-            "agentforge.quantize_ternary: w contains NaN or Inf; ternary quantization needs finite weights"
+            f"agentforge.quantize_ternary: mean |w| overflows fp32 (largest |w| is "
+            f"{float(wf.abs().max()):g}); scale the weights down before quantizing"
         )
     inv = 1.0 / scale
     codes = (wf * (inv[:, None] if per_channel else inv)).round().clamp(-1, 1).to(torch.int8)
