@@ -70,7 +70,7 @@ def _options(args) -> tuple[str, Path]:
 
 
 def run(args) -> int:
-    from agentforge.export import export_gguf, export_hf, not_exported, open_artifact
+    from agentforge.export import export_hf, not_exported, open_artifact
     from agentforge.export.hf import DTYPES as TORCH_DTYPES
     from agentforge.export.source import check_destination
 
@@ -90,6 +90,8 @@ def run(args) -> int:
             f"{done['bytes'] / 2**20:.2f} MiB; AutoModelForCausalLM.from_pretrained loads it with {how}"
         )
     else:
+        from agentforge.export.gguf import export_gguf  # the gguf package: only for this format
+
         done = export_gguf(agent, dest, ternary=args.ternary or "tq2_0")
         types = ", ".join(f"{n} {name}" for name, n in sorted(done["types"].items()))
         print(f"wrote {dest}: tensors {types}, {done['bytes'] / 2**20:.2f} MiB")

@@ -31,7 +31,7 @@ def add_model_arguments(parser) -> None:
         "--artifact",
         metavar="NAME",
         help="in a phase that hands over several models, which one (e.g. trunk, latent); "
-        "default: the one handed to the next phase",
+        "default: the first of model, champion, artifact, packed, trunk that the phase holds",
     )
     parser.add_argument(
         "--think",

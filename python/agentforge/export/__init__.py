@@ -17,8 +17,16 @@ activations, and llama.cpp quantizes them its own way (8-bit blocks of 256), so 
 logits match the packed model's to within that quantization, not bit for bit.
 """
 
-from agentforge.export.gguf import export_gguf
 from agentforge.export.hf import export_hf
 from agentforge.export.source import not_exported, open_artifact, ternary_layers
 
 __all__ = ["open_artifact", "ternary_layers", "not_exported", "export_hf", "export_gguf"]
+
+
+def __getattr__(name: str):
+    # export_gguf needs the gguf package (the smol extra); the HF export must not
+    if name == "export_gguf":
+        from agentforge.export.gguf import export_gguf
+
+        return export_gguf
+    raise AttributeError(f"module 'agentforge.export' has no attribute {name!r}")
