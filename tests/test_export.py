@@ -52,9 +52,14 @@ PLAIN_LOAD = r"""
 import json, sys
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "agentforge").exists()]
-import importlib.util
-assert importlib.util.find_spec("agentforge") is None, "agentforge is importable"
+# agentforge may sit in site-packages beside transformers: block its import rather than its path
+sys.modules["agentforge"] = None
+try:
+    import agentforge  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise AssertionError("agentforge is importable")
 
 import numpy as np
 import torch
@@ -79,7 +84,7 @@ for directory in job["dirs"]:
         "chat": tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                               add_generation_prompt=True),
         "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id, "refusal": refusal}
-assert not any(name.split(".")[0] == "agentforge" for name in sys.modules)
+assert not any(name.split(".")[0] == "agentforge" and module is not None for name, module in sys.modules.items())
 print()  # transformers' "run the custom code? [y/N]" prompt ends without a newline
 print(json.dumps(result))
 """
