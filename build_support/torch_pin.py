@@ -13,9 +13,16 @@ from __future__ import annotations
 CORE = ["numpy"]
 
 
-def torch_requirement() -> str:
-    import torch
+# The sdist's requirement: an sdist is built without torch (it compiles nothing), and a wheel
+# built from it computes the exact pin again, against the torch it builds with.
+UNPINNED = "torch>=2.6"
 
+
+def torch_requirement() -> str:
+    try:
+        import torch
+    except ImportError:  # an sdist build (a wheel build needs torch, and CMake fails without it)
+        return UNPINNED
     major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     return f"torch>={major}.{minor},<{major}.{minor + 1}"
 

@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include "cpu/arch.h"
 #include "cpu/ops_cpu.h"
 
 TORCH_LIBRARY(agentforge, m) {
@@ -48,6 +49,7 @@ namespace {
 pybind11::dict cpu_info() {
   namespace c = agentforge::cpu;
   pybind11::dict features;
+#if AF_X86_SIMD  // else no x86 features to report: an empty dict
   __builtin_cpu_init();
   features["avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
   features["fma"] = static_cast<bool>(__builtin_cpu_supports("fma"));
@@ -57,6 +59,7 @@ pybind11::dict cpu_info() {
   features["avx512vl"] = static_cast<bool>(__builtin_cpu_supports("avx512vl"));
   features["avx512vnni"] = static_cast<bool>(__builtin_cpu_supports("avx512vnni"));
   features["avx512vpopcntdq"] = static_cast<bool>(__builtin_cpu_supports("avx512vpopcntdq"));
+#endif
   pybind11::list table;
   for (const auto& r : c::dispatch_records()) {
     pybind11::dict row;

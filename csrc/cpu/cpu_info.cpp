@@ -5,12 +5,14 @@
 
 #include <c10/util/Exception.h>
 
+#include "cpu/arch.h"
 #include "cpu/ops_cpu.h"
 
 namespace agentforge {
 namespace cpu {
 namespace {
 
+#if AF_X86_SIMD
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -23,6 +25,7 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt") &&
          __builtin_cpu_supports("bmi2");
 }
+#endif
 
 Isa parse_isa(const std::string& name) {
   if (name == "scalar") return Isa::scalar;
@@ -63,7 +66,11 @@ const char* isa_name(Isa isa) {
 }
 
 Isa detected_isa() {
+#if AF_X86_SIMD
   static const Isa isa = cpu_has_avx512() ? Isa::avx512 : cpu_has_avx2() ? Isa::avx2 : Isa::scalar;
+#else
+  static const Isa isa = Isa::scalar;  // the only kernels built for this CPU
+#endif
   return isa;
 }
 
@@ -78,6 +85,7 @@ void set_active_isa(const std::string& name) {
   table().clear();  // measurements belong to the previous ISA's kernels
 }
 
+#if AF_X86_SIMD
 MatmulKernel matmul_kernel(Backend backend, Isa isa) {
   static const MatmulKernel int8[] = {int8_matmul_scalar, int8_matmul_avx2, int8_matmul_avx512};
   static const MatmulKernel popcount[] = {popcount_matmul_scalar, popcount_matmul_avx2, popcount_matmul_avx512};
@@ -88,6 +96,14 @@ MatmulKernel base3_kernel(Isa isa) {
   static const MatmulKernel kernels[] = {base3_matmul_scalar, base3_matmul_avx2, base3_matmul_avx512};
   return kernels[static_cast<int>(isa)];
 }
+#else
+// Only the scalar kernels exist here; set_active_isa admits no other ISA (detected_isa is scalar).
+MatmulKernel matmul_kernel(Backend backend, Isa) {
+  return backend == Backend::int8 ? int8_matmul_scalar : popcount_matmul_scalar;
+}
+
+MatmulKernel base3_kernel(Isa) { return base3_matmul_scalar; }
+#endif
 
 std::string backend_override() {
   const char* env = std::getenv("AGENTFORGE_BACKEND");

@@ -8,7 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <emmintrin.h>
 
 #include <atomic>
 #include <chrono>
@@ -16,7 +15,12 @@
 #include <string>
 #include <vector>
 
+#include "cpu/arch.h"
 #include "cpu/ops_cpu.h"
+
+#if AF_X86_SIMD
+#include <emmintrin.h>  // _mm_clflush, _mm_mfence
+#endif
 
 namespace agentforge {
 namespace cpu {
@@ -165,11 +169,20 @@ Tensor bitlinear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
 
 namespace {
 
-// Evicts a tensor from every cache level (clflush is part of SSE2, so of every x86-64).
+// Evicts a tensor from every cache level: clflush on x86-64 (it is part of SSE2), DC CIVAC on
+// aarch64 Linux (which lets user space clean and invalidate by address). Elsewhere nothing is
+// evicted, and cold_layout times weights that may still be cached.
 void evict(const Tensor& t) {
   const char* p = static_cast<const char*>(t.data_ptr());
+#if AF_X86_SIMD
   for (int64_t i = 0; i < t.nbytes(); i += 64) _mm_clflush(p + i);
   _mm_mfence();
+#elif defined(__aarch64__) && defined(__linux__)
+  for (int64_t i = 0; i < t.nbytes(); i += 64) asm volatile("dc civac, %0" : : "r"(p + i) : "memory");
+  asm volatile("dsb ish" : : : "memory");
+#else
+  (void)p;
+#endif
 }
 
 }  // namespace
@@ -210,7 +223,11 @@ double read_bandwidth(int64_t nbytes, int64_t reps) {
   const uint8_t* p = buffer.data_ptr<uint8_t>();
   const int64_t threads = at::get_num_threads(), share = nbytes / threads / 128 * 128;
   // the machine's ability, not the active ISA's: the widest read this CPU has
+#if AF_X86_SIMD
   const auto read_stream = detected_isa() == Isa::scalar ? read_stream_scalar : read_stream_avx2;
+#else
+  const auto read_stream = read_stream_scalar;
+#endif
   std::atomic<uint64_t> sink{0};
   double best = 1e30;
   for (int64_t rep = 0; rep <= reps; ++rep) {  // rep 0 warms up

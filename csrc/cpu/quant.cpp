@@ -13,14 +13,17 @@
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
 
-#include <emmintrin.h>
-
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
 
+#include "cpu/arch.h"
 #include "cpu/ops_cpu.h"
+
+#if AF_X86_SIMD
+#include <emmintrin.h>
+#endif
 
 namespace agentforge {
 namespace cpu {
@@ -29,12 +32,15 @@ namespace {
 // Row loops in SSE2 (every x86-64 has it): cvtps2dq rounds half to even under the default
 // rounding mode, like torch.round, and GCC will not vectorise the scalar clamp-and-round
 // loop on its own (float min/max must respect NaN; inputs here are known to be finite).
-inline __m128i round_clamped(__m128 v, __m128 lo, __m128 hi) {
-  return _mm_cvtps_epi32(_mm_min_ps(_mm_max_ps(v, lo), hi));
-}
-
+// Without x86 (AF_X86_SIMD 0) the scalar loops below, which finish each row's tail on x86,
+// do whole rows, with the same fp32 operations and so the same results.
 inline int8_t round_clamped(float v, float lo, float hi) {
   return static_cast<int8_t>(std::nearbyint(v < lo ? lo : (v > hi ? hi : v)));
+}
+
+#if AF_X86_SIMD
+inline __m128i round_clamped(__m128 v, __m128 lo, __m128 hi) {
+  return _mm_cvtps_epi32(_mm_min_ps(_mm_max_ps(v, lo), hi));
 }
 
 // Stores 4 int32 lanes (already within int8 range) as 4 int8.
@@ -43,16 +49,20 @@ inline void store4_i8(int8_t* dst, __m128i v) {
   int32_t word = _mm_cvtsi128_si32(packed);
   std::memcpy(dst, &word, 4);
 }
+#endif
 
 // codes of one row: clamp(round(w * inv_scale), -1, 1); clamping before rounding gives the
 // same integers as the reference's round-then-clamp.
 void ternary_row(const float* src, int8_t* dst, int64_t K, float inv_scale) {
-  const __m128 s = _mm_set1_ps(inv_scale), lo = _mm_set1_ps(-1.f), hi = _mm_set1_ps(1.f);
   int64_t k = 0;
+#if AF_X86_SIMD
+  const __m128 s = _mm_set1_ps(inv_scale), lo = _mm_set1_ps(-1.f), hi = _mm_set1_ps(1.f);
   for (; k + 4 <= K; k += 4) store4_i8(dst + k, round_clamped(_mm_mul_ps(_mm_loadu_ps(src + k), s), lo, hi));
+#endif
   for (; k < K; ++k) dst[k] = round_clamped(src[k] * inv_scale, -1.f, 1.f);
 }
 
+#if AF_X86_SIMD
 // Four consecutive elements as fp32 lanes (fp32 and bf16 rows; fp16 is cast to fp32 first).
 template <typename scalar_t>
 __m128 load4(const scalar_t* src);
@@ -69,13 +79,17 @@ inline __m128 load4<c10::BFloat16>(const c10::BFloat16* src) {
   std::memcpy(&bits, src, 8);
   return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi64_si128(bits)));
 }
+#endif
 
 // max |x| over a row, or NaN when the row holds NaN or Inf (|v| <= FLT_MAX fails for both).
 template <typename scalar_t>
 float absmax_or_nan(const scalar_t* src, int64_t K) {
+  int64_t k = 0;
+  float result = 0.f;
+  bool all_finite = true;
+#if AF_X86_SIMD
   const __m128 sign = _mm_set1_ps(-0.f), largest = _mm_set1_ps(FLT_MAX);
   __m128 absmax = _mm_setzero_ps(), finite = _mm_castsi128_ps(_mm_set1_epi32(-1));
-  int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
     const __m128 a = _mm_andnot_ps(sign, load4(src + k));
     absmax = _mm_max_ps(absmax, a);
@@ -83,8 +97,9 @@ float absmax_or_nan(const scalar_t* src, int64_t K) {
   }
   alignas(16) float m[4];
   _mm_store_ps(m, absmax);
-  float result = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
-  bool all_finite = _mm_movemask_ps(finite) == 0xF;
+  result = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+  all_finite = _mm_movemask_ps(finite) == 0xF;
+#endif
   for (; k < K; ++k) {
     const float a = std::fabs(static_cast<float>(src[k]));
     all_finite = all_finite && a <= FLT_MAX;
@@ -95,9 +110,11 @@ float absmax_or_nan(const scalar_t* src, int64_t K) {
 
 template <typename scalar_t>
 int32_t activation_row(const scalar_t* src, int8_t* dst, int64_t K, float scale, float qmax) {
+  int64_t k = 0;
+  int32_t sum = 0;
+#if AF_X86_SIMD
   const __m128 s = _mm_set1_ps(scale), lo = _mm_set1_ps(-qmax - 1.f), hi = _mm_set1_ps(qmax);
   __m128i sum4 = _mm_setzero_si128();
-  int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
     __m128i q = round_clamped(_mm_mul_ps(load4(src + k), s), lo, hi);
     sum4 = _mm_add_epi32(sum4, q);
@@ -105,7 +122,8 @@ int32_t activation_row(const scalar_t* src, int8_t* dst, int64_t K, float scale,
   }
   alignas(16) int32_t lanes[4];
   _mm_store_si128(reinterpret_cast<__m128i*>(lanes), sum4);
-  int32_t sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#endif
   for (; k < K; ++k) {
     dst[k] = round_clamped(static_cast<float>(src[k]) * scale, -qmax - 1.f, qmax);
     sum += dst[k];

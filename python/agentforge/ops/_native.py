@@ -4,6 +4,10 @@ the machine measurements built on it (cache sizes, read bandwidth, the cold layo
 import os
 import warnings
 
+# torch before the extension, which links against its libraries (libc10, libtorch_cpu, ...).
+# The installed extension also finds them on its own, through its rpath to torch/lib.
+import torch
+
 try:
     from agentforge import _C  # type: ignore[attr-defined]  # the compiled extension, no stub
 except ImportError as exc:  # built without the extension, or a broken build
@@ -83,8 +87,6 @@ def cold_layout(N: int, K: int) -> str:
     measured once per (ISA, threads, N, K) in this process. Without the extension: ``"2bit"``."""
     if _C is None:
         return "2bit"
-    import torch
-
     key = (_C.cpu_info()["isa"], torch.get_num_threads(), N, K)
     if key not in _cold_layouts:
         _cold_layouts[key] = _C.cold_layout(N, K)[0]
