@@ -154,3 +154,22 @@ def test_extension_loads_without_torch_imported(tmp_path):
     if sys.platform.startswith("linux"):
         loaded = [Path(p).resolve() for p in beside_torch.stdout.split()]
         assert loaded and all(p.parent == torch_dir / "lib" for p in loaded), (loaded, torch_dir)
+
+
+@pytest.mark.parametrize(
+    "pin, version, named",
+    [
+        ("torch<2.14,>=2.13", "2.13.0+cpu", False),
+        ("torch<2.14,>=2.13", "2.13.2", False),
+        ("torch<2.14,>=2.13", "2.14.0", True),
+        ("torch<2.14,>=2.13", "2.12.1+cu121", True),
+        ("torch>=2.6", "2.13.0", False),
+    ],
+)
+def test_a_torch_outside_the_wheels_pin_is_named_with_both_versions(pin, version, named):
+    from agentforge.ops._native import pin_problem
+
+    problem = pin_problem(pin, version)
+    assert (problem is not None) == named
+    if named:
+        assert "<2.14,>=2.13" in problem and version in problem and "\n" not in problem

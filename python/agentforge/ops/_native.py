@@ -2,15 +2,49 @@
 the machine measurements built on it (cache sizes, read bandwidth, the cold layout choice)."""
 
 import os
+import re
 import warnings
 
 # torch before the extension, which links against its libraries (libc10, libtorch_cpu, ...).
 # The installed extension also finds them on its own, through its rpath to torch/lib.
 import torch
 
+DISTRIBUTION = "agentforge-ternary"
+
+
+def pin_problem(pin: str, torch_version: str) -> str | None:
+    """Why ``torch_version`` cannot run an extension built under the requirement ``pin`` (the
+    wheel's ``torch>=X.Y,<X.(Y+1)``, build_support/torch_pin.py), or None when it can."""
+    have = tuple(int(part) for part in torch_version.split("+")[0].split(".")[:2])
+    low, high = re.search(r">=\s*(\d+)\.(\d+)", pin), re.search(r"<\s*(\d+)\.(\d+)", pin)
+    if (low and have < (int(low[1]), int(low[2]))) or (high and have >= (int(high[1]), int(high[2]))):
+        wanted = pin.removeprefix("torch").strip()
+        return (
+            f"agentforge was built against torch {wanted} but torch {torch_version} is installed; "
+            f"install that torch (pip install 'torch{wanted}') or rebuild agentforge against this one "
+            "(pip install --no-build-isolation .)"
+        )
+    return None
+
+
+def _installed_pin() -> str | None:
+    """The torch requirement of the installed distribution (None in a source checkout)."""
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        return None
+    return next((r for r in requirements if re.match(r"torch\s*[<>=]", r) and ";" not in r), None)
+
+
 try:
     from agentforge import _C  # type: ignore[attr-defined]  # the compiled extension, no stub
-except ImportError as exc:  # built without the extension, or a broken build
+except ImportError as exc:  # built without the extension, a broken build, or another torch
+    pin = _installed_pin()
+    mismatch = pin_problem(pin, torch.__version__) if pin else None
+    if mismatch:
+        raise ImportError(mismatch) from exc
     _C = None
     warnings.warn(
         f"agentforge: native extension not loaded ({exc}); using the pure-PyTorch reference ops. "
