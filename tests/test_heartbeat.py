@@ -30,7 +30,17 @@ def test_a_training_stage_says_its_step_loss_and_time_left(quick):
         time.sleep(0.1)
         beat.stage(5, 10, 2.25)
         time.sleep(0.6)
-    assert lines and lines[-1].startswith("trunk: step 5/10, loss 2.250, about ")
+    assert lines and lines[0].startswith("trunk: step 5/10, loss 2.250, about ")
+
+
+def test_a_slow_step_is_named_with_how_long_it_has_run(quick):
+    lines = []
+    with Heartbeat(lines.append) as beat:
+        beat.stage = StageProgress("trunk")
+        beat.stage(1, 10, 2.5)
+        time.sleep(0.8)  # several beats, no step
+    assert lines[0].startswith("trunk: step 1/10, loss 2.500")
+    assert len(lines) > 1 and all(line.startswith("trunk: step 2/10 running for ") for line in lines[1:])
 
 
 def test_nothing_is_said_while_the_phase_speaks_or_a_bar_draws(quick):

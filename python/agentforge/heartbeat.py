@@ -18,12 +18,20 @@ class StageProgress:
     def __init__(self, stage: str):
         self.stage, self.began, self.line = stage, time.monotonic(), ""
         self.first: int | None = None
+        self.step = self.steps = 0
+        self.stepped = self.began  # when the last step finished
 
     def __call__(self, step: int, steps: int, loss: float) -> None:
         if self.first is None:
             self.first = step - 1  # a resumed stage starts past 0
-        left = (time.monotonic() - self.began) / (step - self.first) * (steps - step)
+        self.step, self.steps, self.stepped = step, steps, time.monotonic()
+        left = (self.stepped - self.began) / (step - self.first) * (steps - step)
         self.line = f"{self.stage}: step {step}/{steps}, loss {loss:.3f}, about {left:.0f} s left"
+
+    def running(self) -> str:
+        """The line for a beat with no step finished since the last one: the step under way and
+        how long it has run, so a slow step does not read like a hung one."""
+        return f"{self.stage}: step {self.step + 1}/{self.steps} running for {time.monotonic() - self.stepped:.0f} s"
 
 
 def bar_drawing() -> bool:
@@ -42,6 +50,7 @@ class Heartbeat:
         self.said = self.doing_since = time.monotonic()
         self.doing = "starting"
         self.stage: StageProgress | None = None
+        self._last_stage_line = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="agentforge-heartbeat", daemon=True)
 
@@ -57,7 +66,8 @@ class Heartbeat:
     def line(self) -> str:
         stage = self.stage
         if stage is not None and stage.line:
-            return stage.line
+            repeat, self._last_stage_line = stage.line == self._last_stage_line, stage.line
+            return stage.running() if repeat else stage.line
         return f"{self.doing.removesuffix(' ...')}: still working ({time.monotonic() - self.doing_since:.0f} s)"
 
     def _beat(self) -> None:

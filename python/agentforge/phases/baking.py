@@ -191,7 +191,7 @@ PRESETS: dict[str, Settings] = {
         tool_new_tokens=16,
         max_iterations=2,
         text_rows=16,
-        eval_batch_size=16,
+        eval_batch_size=8,
         bake=BakeSettings(**{**TINY_BAKE, "max_new_tokens": 12, "batch_size": 8, "max_steps": 12, "eval_every": 4}),
     ),
 }

@@ -129,7 +129,7 @@ PRESETS: dict[str, Settings] = {
         batch_size=8,
         sibling_steps=20,
         checkpoint_every=10,
-        eval_batch_size=32,
+        eval_batch_size=8,
     ),
 }
 

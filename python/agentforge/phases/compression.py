@@ -150,7 +150,7 @@ PRESETS: dict[str, Settings] = {
         gate_text_rows=16,
         final_items=8,
         final_text_rows=32,
-        eval_batch_size=32,
+        eval_batch_size=8,
     ),
 }
 

@@ -191,7 +191,7 @@ PRESETS: dict[str, Settings] = {
         tool_eval_items=4,
         probe_prompts=8,
         text_rows=16,
-        eval_batch_size=32,
+        eval_batch_size=8,
     ),
 }
 

@@ -101,7 +101,7 @@ PRESETS: dict[str, Settings] = {
         selection_text_rows=16,
         final_items=12,
         final_text_rows=32,
-        eval_batch_size=32,
+        eval_batch_size=8,
         ablation=False,
     ),
 }
@@ -209,22 +209,21 @@ class Candidates:
 
     def _measure(self, recipes: list[dict]) -> dict:
         from agentforge.eval import peak_memory_bytes
+        from agentforge.eval.speed import release_freed_memory
         from agentforge.train import distributed
 
         mine = list(enumerate(recipes))[distributed.rank() :: distributed.world_size()]
 
+        def measure_one(recipe: dict) -> dict:
+            report = measure(
+                self.suite, build(recipe, self.parents, self.base), self.selection, self.p.settings.eval_batch_size
+            )
+            release_freed_memory()  # the candidate is gone; keep its fragments from adding up
+            return report
+
         def measure_mine() -> list:
             return [
-                (
-                    i,
-                    measure(
-                        self.suite,
-                        build(recipe, self.parents, self.base),
-                        self.selection,
-                        self.p.settings.eval_batch_size,
-                    ),
-                )
-                for i, recipe in self.p.bar(mine, f"generation {self.generation} candidates")
+                (i, measure_one(recipe)) for i, recipe in self.p.bar(mine, f"generation {self.generation} candidates")
             ]
 
         measured, peak = peak_memory_bytes(measure_mine, device="cpu")

@@ -145,7 +145,7 @@ PRESETS: dict[str, Settings] = {
         search=SearchSettings(generations=1, population=4),
         test_items=16,
         text_rows=16,
-        eval_batch_size=32,
+        eval_batch_size=8,
     ),
 }
 

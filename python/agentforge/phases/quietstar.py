@@ -97,14 +97,15 @@ PRESETS: dict[str, Settings] = {
         test_items=300,
     ),
     "smol": Settings(
+        thought=ThoughtSettings(thought_length=2, lookahead=2),
         steps=8,
         batch_size=4,
         train_items=200,
         candidate_levels=[0, 1],
-        selection_items=12,
+        selection_items=8,
         eval_pairs=2,
-        test_items=40,
-        eval_batch_size=16,
+        test_items=32,
+        eval_batch_size=8,
     ),
 }
 
