@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -287,6 +286,7 @@ def test_a_missing_optional_package_names_its_extra(package, args, finished_run,
 
 
 def test_the_extras_named_are_pyprojects():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert pyproject["project"]["name"] == cli.DISTRIBUTION
     import_names = {"pyyaml": "yaml"}  # the distributions whose import name is not their own

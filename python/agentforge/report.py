@@ -178,6 +178,14 @@ def _descendants_depth(models: list[dict]) -> dict[str, int]:
     return reach
 
 
+def _count(n: int) -> str:
+    """A parameter count as people say it: 950, 1.2 k, 134.5 M, 7.0 B."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
+
+
 def lineage_figure(models: list[dict]):
     """Models top to bottom, one row per generation (a model sits a row below its deepest parent),
     boxes coloured by phase, arrows from parent to child. Within a row the model with the longest
@@ -195,17 +203,19 @@ def lineage_figure(models: list[dict]):
     for ids in rows.values():
         ids.sort(key=lambda mid: (-reach[mid], order[mid]))
     widest = max(len(ids) for ids in rows.values())
-    fig = Figure(figsize=(2.4 * widest + 0.4, 0.62 * len(rows) + 0.3), layout="constrained")
+    labels = {m["id"]: m["id"] + (f"  ({_count(m['parameters'])} params)" if m["parameters"] else "") for m in models}
+    # a lane as wide as the longest label (about 0.075 in per character at 9 pt), so boxes never overlap
+    lane = max(2.4, 0.075 * max(map(len, labels.values())) + 0.4)
+    fig = Figure(figsize=(lane * widest + 0.4, 0.62 * len(rows) + 0.3), layout="constrained")
     ax = fig.add_subplot()
     position = {mid: (lane, -row) for row, ids in rows.items() for lane, mid in enumerate(ids)}
     phases = list(dict.fromkeys(m["phase"] for m in models))
     colours = {phase: f"C{i % 10}" for i, phase in enumerate(phases)}
     boxes = {}
     for model in models:
-        params = f"  ({model['parameters']:,} params)" if model["parameters"] else ""
         boxes[model["id"]] = ax.text(
             *position[model["id"]],
-            model["id"] + params,
+            labels[model["id"]],
             ha="center",
             va="center",
             fontsize=9,

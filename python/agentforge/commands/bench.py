@@ -56,6 +56,9 @@ BACKEND_ENV = "AGENTFORGE_BACKEND"
 # cache. On the dev machine a plain read of a buffer reached 65 GB/s at 16 MiB, 25 at 64 MiB
 # (2x L3: still partly cached), 22 at 128 MiB and its 21 GB/s floor from 256 MiB (8x L3) on.
 COLD_LLC_MULTIPLE = 8
+COLD_MEMORY_SHARE = (
+    16  # a cold weight set gets at most 1/16 of the available memory (the run held about 2x its four sets)
+)
 
 
 # --- arguments -------------------------------------------------------------------------------
@@ -288,10 +291,37 @@ def _cycling(make: Callable[..., Callable[[], object]], copies: list) -> Callabl
     return lambda: next(fns)()
 
 
-def _copies_needed(nbytes: int, cold: bool, llc: int | None) -> int:
-    if not cold:
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages; None if neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def cold_set_bytes(llc: int | None) -> tuple[int, bool]:
+    """Bytes of each rotated weight set in a cold run, and whether memory capped it: 8x the
+    last-level cache, but at most 1/COLD_MEMORY_SHARE of the available memory, since four sets
+    (fp32, bf16, 2-bit, base-3) live at once. A guest can report its host's whole L3 (480 MiB was
+    seen), and 8x that per set does not fit a small machine's memory."""
+    wanted = COLD_LLC_MULTIPLE * (llc or 32 << 20)
+    available = _available_memory_bytes()
+    if available is None or wanted <= available // COLD_MEMORY_SHARE:
+        return wanted, False
+    return available // COLD_MEMORY_SHARE, True
+
+
+def _copies_needed(nbytes: int, cold_bytes: int | None) -> int:
+    if not cold_bytes:
         return 1
-    return max(1, math.ceil(COLD_LLC_MULTIPLE * (llc or 32 << 20) / max(nbytes, 1)))
+    return max(1, math.ceil(cold_bytes / max(nbytes, 1)))
 
 
 # --- the benchmarks --------------------------------------------------------------------------
@@ -316,7 +346,8 @@ def _payload_bytes(wp) -> int:
     return info["N"] * -(-info["K"] // {"2bit": 128, "base3": 160}[info["layout"]]) * 32
 
 
-def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, seed, log) -> list[dict]:
+def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold_bytes, seed, log) -> list[dict]:
+    """``cold_bytes``: the bytes each rotated weight set reaches (None: hot, one copy)."""
     import torch
     import torch.nn.functional as F
 
@@ -324,7 +355,7 @@ def bench_matmul(shapes, ms, backends, reps, min_sample_s, warmup, cold, llc, se
 
     rows = []
     gen = torch.Generator().manual_seed(seed)
-    copies = lambda t: [t] + [t.clone() for _ in range(_copies_needed(t.nbytes, cold, llc) - 1)]
+    copies = lambda t: [t] + [t.clone() for _ in range(_copies_needed(t.nbytes, cold_bytes) - 1)]
     for N, K in shapes:
         w = torch.randn(N, K, generator=gen) * 0.02
         codes, scale = ops.quantize_ternary(w)
@@ -554,16 +585,22 @@ def run(args: argparse.Namespace) -> int:
     print(format_machine(machine), flush=True)
     if not ops.extension_loaded():
         log("agentforge bench: the native extension is not loaded; the ternary numbers are the slow reference")
-    mode = (
-        f"cold (rotating copies > {COLD_LLC_MULTIPLE}x L3 {_fmt_bytes(machine['l3_bytes'])})"
-        if args.cold
-        else "hot (the same weights every call; small ternary weights stay in cache)"
-    )
+    mode = "hot (the same weights every call; small ternary weights stay in cache)"
     t0 = time.perf_counter()
-    bandwidth = None
+    bandwidth, cold_bytes = None, None
+    if args.cold:
+        cold_bytes, capped = cold_set_bytes(machine["l3_bytes"])
+        l3 = _fmt_bytes(machine["l3_bytes"])
+        mode = f"cold (each set of weight copies rotates through {_fmt_bytes(cold_bytes)}; L3 {l3})"
+        if capped:
+            log(
+                f"cold: each weight set rotates through {_fmt_bytes(cold_bytes)}, "
+                f"{cold_bytes / max(machine['l3_bytes'] or 1, 1):.1f}x the L3, capped at 1/{COLD_MEMORY_SHARE} "
+                "of the available memory; below 2x the L3 some weights may stay cached"
+            )
     if args.cold and ops.extension_loaded():
         log("measuring the read bandwidth ...")
-        nbytes = COLD_LLC_MULTIPLE * ops.last_level_cache_bytes()
+        nbytes = cold_bytes
         bandwidth = {"before": ops.read_bandwidth(nbytes), "threads": torch.get_num_threads(), "mib": nbytes >> 20}
     log(f"timing {len(args.shapes)} shapes x {len(args.m)} M values, {args.reps} reps ...")
     rows = bench_matmul(
@@ -573,8 +610,7 @@ def run(args: argparse.Namespace) -> int:
         args.reps,
         args.min_sample_ms / 1e3,
         args.warmup,
-        args.cold,
-        machine["l3_bytes"],
+        cold_bytes,
         args.seed,
         log,
     )

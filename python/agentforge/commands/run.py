@@ -87,6 +87,19 @@ def add_arguments(parser) -> None:
     )
 
 
+def _report_writer(write_report):
+    """``write_report`` with a line before it: drawing the figures takes seconds, and a run
+    should not go silent after its last phase."""
+
+    from agentforge.report import REPORT_FILE
+
+    def write(run_dir, phases):
+        print(f"report: writing {run_dir}/{REPORT_FILE} ...", flush=True)
+        return write_report(run_dir, phases)
+
+    return write
+
+
 def _header(run) -> str:
     skipped = [spec.name for spec in run.phases if spec.name not in run.selected]
     return (
@@ -267,7 +280,7 @@ def run(args) -> int:
                 wandb_mode=args.wandb,
                 progress=not args.no_progress,
                 say=lambda line: print(line, flush=True),
-                on_change=write_report,
+                on_change=_report_writer(write_report),
             )
         except KeyboardInterrupt:
             print(f"agentforge run: interrupted; continue with: agentforge run --resume {planned.dir}", file=sys.stderr)
