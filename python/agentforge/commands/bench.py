@@ -598,7 +598,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{cold_bytes / max(machine['l3_bytes'] or 1, 1):.1f}x the L3, capped at 1/{COLD_MEMORY_SHARE} "
                 "of the available memory; below 2x the L3 some weights may stay cached"
             )
-    if args.cold and ops.extension_loaded():
+    if cold_bytes is not None and ops.extension_loaded():
         log("measuring the read bandwidth ...")
         nbytes = cold_bytes
         bandwidth = {"before": ops.read_bandwidth(nbytes), "threads": torch.get_num_threads(), "mib": nbytes >> 20}
