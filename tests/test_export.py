@@ -331,6 +331,45 @@ def test_gguf_export_holds_the_exact_ternary_codes_and_the_llama_metadata(
     assert field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gguf_rows_off_the_ternary_block_go_in_exactly_as_q4_0(tmp_path, capsys, per_channel):
+    # K = 96 and 160: multiples of Q4_0's 32-weight block but not of the ternary types' 256, as
+    # SmolLM2's 576 is not; the layers must still read back as codes x f16(scale), not as F16
+    tok = tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = pack_bitnet(convert_to_bitnet(LlamaForCausalLM(config), per_channel=per_channel)).eval()
+    path = save_model_dir(model, tok, tmp_path / "llama", {"test": "export"})
+    code, out, err = run_cli(capsys, path, "--to", "gguf", tmp_path / "odd.gguf")
+    assert code == 0, err
+    assert "7 Q4_0" in out and "as Q4_0: 7 ternary layers" in out and "TQ2_0" not in out
+    reader = gguf.GGUFReader(tmp_path / "odd.gguf")
+    assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_0
+    tensors = {t.name: t for t in reader.tensors}
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+    gguf_names.update({"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"})
+    for layer, (codes, scale) in ternary_layers(model).items():
+        part = layer.rsplit(".", 1)[1]
+        tensor = tensors[f"blk.0.{gguf_names[part]}.weight"]
+        expected = codes.float() * scale.half().float().reshape(-1, 1)
+        if part in heads:
+            expected = llama_cpp_rows(expected, heads[part])
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0, layer
+        assert torch.equal(torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type)), expected), layer
+
+
 def test_hf_export_of_cognate_ships_its_code_and_names_what_it_leaves_behind(cognate, tmp_path, capsys):
     path, model, tok = cognate
     dest = tmp_path / "cognate-hf"

@@ -12,7 +12,8 @@ directory (``--artifact`` picks one where a phase hands over several).
 model ships its code and loads with ``trust_remote_code=True``.
 
 ``--to gguf``: a llama.cpp file for Llama-architecture models, ternary layers as TQ2_0
-(``--ternary tq2_0``, default) or TQ1_0, other matrices F16, norms F32.
+(``--ternary tq2_0``, default) or TQ1_0 (rows not a multiple of 256 long: Q4_0, still exact),
+other matrices F16, norms F32.
 
 The experts (router and weight sets) and the thinking head have no place in either format: the
 command names those it leaves behind.
@@ -95,11 +96,12 @@ def run(args) -> int:
         done = export_gguf(agent, dest, ternary=args.ternary or "tq2_0")
         types = ", ".join(f"{n} {name}" for name, n in sorted(done["types"].items()))
         print(f"wrote {dest}: tensors {types}, {done['bytes'] / 2**20:.2f} MiB")
-        if done["as_f16"]:
-            print(
-                f"as F16: {len(done['as_f16'])} ternary layers whose rows are not a multiple of 256 weights "
-                f"(e.g. {done['as_f16'][0]}), the block size of llama.cpp's ternary types"
-            )
+        for kind, how in (("Q4_0", "exact: d = scale, q = code + 8"), ("F16", "not a multiple of 32 either")):
+            if layers := done["instead"][kind]:
+                print(
+                    f"as {kind}: {len(layers)} ternary layers whose rows are not a multiple of 256 weights, "
+                    f"the block of llama.cpp's ternary types (e.g. {layers[0]}; {how})"
+                )
     if left:
         print(f"not exported: {', '.join(left)}; use agentforge.load for them")
     return 0

@@ -3,7 +3,9 @@
 Tensors, named as llama.cpp's Llama names them (``gguf.get_tensor_name_map``):
 
 * each ternary (BitLinear) matrix as TQ2_0 (2 bits a weight, default) or TQ1_0 (1.69 bits),
-  written from its exact codes and scale (``ternary_tensor`` explains how the scale maps);
+  written from its exact codes and scale (``ternary_tensor`` explains how the scale maps); one
+  whose rows are not a multiple of those types' 256-weight block (SmolLM2's K = 576) as Q4_0,
+  still exact (``q4_0_tensor``), and only where rows are not a multiple of 32 either, as F16;
 * embeddings, the output matrix and any other matrix as F16; norms, biases and RoPE factors
   (1-D) as F32, as llama.cpp's own converter writes them;
 * the Q and K rows permuted from Hugging Face's rotate-half RoPE layout to llama.cpp's
@@ -227,15 +229,47 @@ def ternary_tensor(codes: np.ndarray, scale: np.ndarray, qtype: gguf.GGMLQuantiz
     overwritten with the scale."""
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     N, K = codes.shape
+    half = _f16_scale(scale, name, qtype)
+    data = gguf.quants.quantize(codes.astype(np.float32), qtype)
+    d = _block_multipliers(half, N, K // block)
+    data.reshape(N, K // block, type_size)[..., -2:] = d
+    return _read_back(data, codes, half, qtype, name)
+
+
+def q4_0_tensor(codes: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+    """The Q4_0 bytes of ``codes`` × ``scale``, for rows that are a multiple of 32 but not of 256.
+
+    A Q4_0 block is 32 weights: an f16 multiplier ``d``, then 4-bit ``q`` (the first 16 weights in
+    the low nibbles, the next 16 in the high ones) with value = d × (q − 8). With d = the scale
+    and q = code + 8 every value is codes × f16(scale) exactly, at 4.5 bits a weight instead of
+    F16's 16; llama.cpp runs Q4_0 on every backend."""
+    qtype = gguf.GGMLQuantizationType.Q4_0
+    N, K = codes.shape
+    half = _f16_scale(scale, name, qtype)
+    q = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(N, K // 32, 32)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    data = np.concatenate((_block_multipliers(half, N, K // 32), nibbles), axis=-1).reshape(N, -1)
+    return _read_back(data, codes, half, qtype, name)
+
+
+def _f16_scale(scale: np.ndarray, name: str, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     half = scale.astype(np.float16)
     if not np.all(np.abs(half.astype(np.float32) - scale) <= np.abs(scale) * 2.0**-11):
         raise ConfigError(
             f"GGUF export: {name} has a scale ({scale.min():.3g}..{scale.max():.3g}) outside the f16 range "
             f"its {qtype.name} blocks store it in; export with --to hf"
         )
-    data = gguf.quants.quantize(codes.astype(np.float32), qtype)
-    d = np.ascontiguousarray(np.broadcast_to(half.reshape(-1, 1), (N, K // block)))
-    data.reshape(N, K // block, type_size)[..., -2:] = d.view(np.uint8).reshape(N, K // block, 2)
+    return half
+
+
+def _block_multipliers(half: np.ndarray, rows: int, blocks: int) -> np.ndarray:
+    """Each block's f16 multiplier as its two bytes [rows, blocks, 2]: a per-tensor scale for every
+    block, a per-row scale for each block of its row (a block never straddles two rows)."""
+    d = np.ascontiguousarray(np.broadcast_to(half.reshape(-1, 1), (rows, blocks)))
+    return d.view(np.uint8).reshape(rows, blocks, 2)
+
+
+def _read_back(data: np.ndarray, codes: np.ndarray, half: np.ndarray, qtype, name: str) -> np.ndarray:
     expected = codes.astype(np.float32) * half.astype(np.float32).reshape(-1, 1)
     if not np.array_equal(gguf.quants.dequantize(data, qtype), expected):
         raise RuntimeError(f"GGUF export: {name} does not read back as codes × scale from {qtype.name}")
@@ -249,9 +283,10 @@ def _f16(name: str, values: torch.Tensor) -> np.ndarray:
     return array
 
 
-def model_tensors(lm, qtype) -> tuple[dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]], list[str]]:
-    """``{gguf name: (data, type)}`` of every weight of ``lm``, and the ternary matrices written
-    as F16 because their rows are not a multiple of 256 long (llama.cpp's block size)."""
+def model_tensors(lm, qtype) -> tuple[dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]], dict[str, list[str]]]:
+    """``{gguf name: (data, type)}`` of every weight of ``lm``, and the ternary matrices whose rows
+    are not a multiple of 256 long (llama.cpp's ternary block), by the type they were written as
+    instead: ``{"Q4_0": [...], "F16": [...]}``."""
     config = lm.config
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -263,7 +298,8 @@ def model_tensors(lm, qtype) -> tuple[dict[str, tuple[np.ndarray, gguf.GGMLQuant
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # llama.cpp reads the embeddings when output.weight is absent
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    tensors, as_f16 = {}, []
+    tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] = {}
+    instead: dict[str, list[str]] = {"Q4_0": [], "F16": []}
     for hf_name, value in [*((f"{layer}.weight", pair) for layer, pair in ternary.items()), *state.items()]:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -276,7 +312,11 @@ def model_tensors(lm, qtype) -> tuple[dict[str, tuple[np.ndarray, gguf.GGMLQuant
             if codes.shape[1] % block == 0:
                 tensors[name] = ternary_tensor(codes.numpy(), scale.numpy(), qtype, hf_name), qtype
                 continue
-            as_f16.append(hf_name)
+            if codes.shape[1] % 32 == 0:
+                instead["Q4_0"].append(hf_name)
+                tensors[name] = q4_0_tensor(codes.numpy(), scale.numpy(), hf_name), gguf.GGMLQuantizationType.Q4_0
+                continue
+            instead["F16"].append(hf_name)
             value = dequantized(codes, scale)
         elif heads is not None:
             value = rope_permute(value, heads)
@@ -285,13 +325,14 @@ def model_tensors(lm, qtype) -> tuple[dict[str, tuple[np.ndarray, gguf.GGMLQuant
             if value.dim() == 1
             else (_f16(hf_name, value), gguf.GGMLQuantizationType.F16)
         )
-    return tensors, as_f16
+    return tensors, instead
 
 
 def export_gguf(agent, dest, *, ternary: str = "tq2_0") -> dict:
     """Write ``agent``'s Llama model and tokenizer as the GGUF file ``dest`` (atomically).
 
-    Returns ``{"types": {type name: tensor count}, "as_f16": [ternary layers written as F16], "bytes"}``."""
+    Returns ``{"types": {type name: tensor count}, "instead": {"Q4_0"/"F16": [ternary layers
+    written as that type instead of the ternary one]}, "bytes"}``."""
     lm, tokenizer = agent.lm, agent.tokenizer
     if lm.config.model_type != LLAMA:
         raise ConfigError(
@@ -307,18 +348,25 @@ def export_gguf(agent, dest, *, ternary: str = "tq2_0") -> dict:
     writer = gguf.GGUFWriter(path=None, arch=LLAMA)
     rope_factors = write_hyperparameters(writer, lm.config, dest.stem)
     write_tokenizer(writer, tokenizer, lm.config.vocab_size)
-    tensors, as_f16 = model_tensors(lm, qtype)
+    tensors, instead = model_tensors(lm, qtype)
     if rope_factors is not None:
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (
             rope_factors.numpy(),
             gguf.GGMLQuantizationType.F32,
         )
     types = Counter(t.name for _, t in tensors.values())
-    writer.add_file_type(file_type if types[qtype.name] else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(
+        file_type
+        if types[qtype.name]
+        else gguf.LlamaFileType.MOSTLY_Q4_0
+        if instead["Q4_0"]
+        else gguf.LlamaFileType.MOSTLY_F16
+    )
+    packed_types = (qtype, gguf.GGMLQuantizationType.Q4_0)  # bytes the writer takes as they are
     for name, (data, dtype) in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=dtype if dtype == qtype else None)
+        writer.add_tensor(name, data, raw_dtype=dtype if dtype in packed_types else None)
     _write_atomically(writer, dest)
-    return {"types": dict(types), "as_f16": as_f16, "bytes": dest.stat().st_size}
+    return {"types": dict(types), "instead": instead, "bytes": dest.stat().st_size}
 
 
 def _write_atomically(writer: gguf.GGUFWriter, dest: Path) -> None:
