@@ -94,7 +94,7 @@ inline void add_rows(const __m512i pairs[], __m256i odd, int32_t* acc) {
 template <int R>
 inline void prefetch_ahead(const uint8_t* blk) {
   for (int l = 0; l < (R * kBlockBytes + 63) / 64; ++l)
-    _mm_prefetch((const char*)(blk + kPrefetchBytes + 64 * l), _MM_HINT_T0);
+    _mm_prefetch((const char*)(blk + kPrefetchBytes + 64 * l), _MM_HINT_T1);
 }
 
 // acc[r] += Σ c·x over blocks [kb0, kb1) of one 2bit tile of R ≤ 8 rows. A tile stores the R
