@@ -108,17 +108,18 @@ def tokenizer():
     return tok
 
 
-def tiny_llama(per_channel: bool):
+def tiny_llama(per_channel: bool, hidden: int = 256, intermediate: int = 512, layers: int = 2, extra_vocab: int = 16):
+    """A packed ternary Llama and its tokenizer; ``extra_vocab`` pads the vocabulary past the
+    tokenizer's, as models often have."""
     tok = tokenizer()
     torch.manual_seed(0)
-    # a vocabulary padded past the tokenizer's, as models often have
     config = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=len(tok) + 16,
+        vocab_size=len(tok) + extra_vocab,
         max_position_embeddings=128,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -335,21 +336,7 @@ def test_gguf_export_holds_the_exact_ternary_codes_and_the_llama_metadata(
 def test_gguf_rows_off_the_ternary_block_go_in_exactly_as_q4_0(tmp_path, capsys, per_channel):
     # K = 96 and 160: multiples of Q4_0's 32-weight block but not of the ternary types' 256, as
     # SmolLM2's 576 is not; the layers must still read back as codes x f16(scale), not as F16
-    tok = tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=96,
-        intermediate_size=160,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=64,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = pack_bitnet(convert_to_bitnet(LlamaForCausalLM(config), per_channel=per_channel)).eval()
+    model, tok = tiny_llama(per_channel, hidden=96, intermediate=160, layers=1, extra_vocab=0)
     path = save_model_dir(model, tok, tmp_path / "llama", {"test": "export"})
     code, out, err = run_cli(capsys, path, "--to", "gguf", tmp_path / "odd.gguf")
     assert code == 0, err
@@ -357,7 +344,7 @@ def test_gguf_rows_off_the_ternary_block_go_in_exactly_as_q4_0(tmp_path, capsys,
     reader = gguf.GGUFReader(tmp_path / "odd.gguf")
     assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_0
     tensors = {t.name: t for t in reader.tensors}
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
     gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
     gguf_names.update({"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"})
     for layer, (codes, scale) in ternary_layers(model).items():

@@ -106,6 +106,17 @@ def test_run_writes_phase_records_registry_rows_metrics_and_report(tmp_path):
     assert_consistent(run_dir, TEST_PHASES)
 
 
+def test_the_report_is_drawn_after_each_phase_and_once_more_only_when_the_run_is_complete(tmp_path):
+    statuses = []
+
+    def report(run_dir, phases):
+        statuses.append(json.loads((run_dir / "run.json").read_text())["status"])
+
+    run = pipeline.prepare(phases=TEST_PHASES, out=tmp_path / "run", preset="micro")
+    pipeline.execute(run, progress=False, say=lambda _: None, on_change=report)
+    assert statuses == ["running", "completed"]  # seedling; then polish, the last, with the final status
+
+
 def test_resume_reuses_completed_phases(tmp_path):
     run_dir = tmp_path / "run"
     start(out=run_dir, preset="micro")

@@ -199,6 +199,8 @@ def execute(
     say = say if distributed.is_main() else (lambda _: None)
     lock = rundir.RunLock(run.dir)
     distributed.on_main(lock.acquire)
+    # the last selected phase is reported once, after the run's status is final
+    last = [spec.name for spec in run.phases if spec.name in run.selected][-1:]
     try:
         distributed.on_main(_begin, run)
         for spec in run.phases:
@@ -206,7 +208,7 @@ def execute(
             if spec.name in run.selected:
                 _run_phase(run, spec, label, wandb_mode, progress, say)
                 distributed.on_main(_record_status, run, "running")  # run.json's ``updated`` moves on
-                if on_change is not None:
+                if on_change is not None and [spec.name] != last:
                     distributed.on_main(on_change, run.dir, run.phases)
             else:
                 say(f"{label}: not selected (outside --from/--to)")
