@@ -45,6 +45,17 @@ def test_the_final_artifact_routes_each_prompt_and_answers_on_the_kernels(micro_
     assert all(torch.equal(a, m.w_prepacked) for a, m in zip(before, layers))
 
 
+def test_the_compression_report_scores_the_artifact_with_and_without_its_experts(micro_run):
+    summary = json.loads((micro_run / "08-compression" / "summary.json").read_text())
+    routed, base = summary["test_after"], summary["test_without_experts"]
+    assert base["accuracy_mean"] >= 0 and set(base["scores"]) == set(routed["scores"])
+    effect = next(e for e in summary["effects"] if e["what"].startswith("held-out task accuracy, artifact two-pass"))
+    assert effect["control"] == "the artifact without its experts"
+    items = lambda report: [x for domain in report["scores"].values() for x in domain]
+    differences = [a - b for a, b in zip(items(routed), items(base))]
+    assert effect["value"] == pytest.approx(sum(differences) / len(differences))
+
+
 def test_thinking_and_streaming_chat(micro_run):
     agent = agentforge.load(micro_run / "08-compression" / "model.afz")
     assert agent.complete(["3+4="], max_new_tokens=3, think=True)[0] is not None

@@ -521,8 +521,9 @@ def _decompression_seconds(path: Path, repeats: int = 3) -> float:
 
 def final_report(p: PhaseRun, model, tokenizer, slots, data: PhaseData) -> dict:
     """Bytes; quality on the test split of the uncompressed model and of ``model.afz``, both as a
-    user runs them (``agentforge.load``: experts routed, two passes), and of the artifact thinking
-    when it carries a thinking head; decompression time and tokens/s."""
+    user runs them (``agentforge.load``: experts routed, two passes), of the artifact without its
+    experts when it carries them, and of the artifact thinking when it carries a thinking head;
+    decompression time and tokens/s."""
     from agentforge.compress import read_container, serialize
     from agentforge.loading import load
 
@@ -539,6 +540,9 @@ def final_report(p: PhaseRun, model, tokenizer, slots, data: PhaseData) -> dict:
         if compressed.thinker is not None
         else {}
     )
+    experts = (
+        {"test_without_experts": measure_without_experts(p, compressed, tokenizer, data)} if compressed.experts else {}
+    )
     sizes = reference_sizes(p, slots)
     byte_counts = byte_report(accounting, container.tensors)
     return {
@@ -550,6 +554,7 @@ def final_report(p: PhaseRun, model, tokenizer, slots, data: PhaseData) -> dict:
         "test_before": without_answers(before),
         "test_after": without_answers(after),
         **thinking,
+        **experts,
         "parts": compressed.parts,
         "test_quality": quality(before, after),
         "decompression_seconds": _decompression_seconds(path),
@@ -557,6 +562,15 @@ def final_report(p: PhaseRun, model, tokenizer, slots, data: PhaseData) -> dict:
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
     }
+
+
+def measure_without_experts(p: PhaseRun, agent, tokenizer, data: PhaseData) -> dict:
+    """The loaded artifact with its experts detached: the base that the two passes adapt."""
+    routed, agent.experts = agent.experts, None
+    try:
+        return without_answers(measure(p, agent, tokenizer, data.final))
+    finally:
+        agent.experts = routed
 
 
 def headline(summary: dict) -> dict:
@@ -656,7 +670,8 @@ def uncompressed(p: PhaseRun):
 
 def effects(summary: dict, seed: int) -> list[Effect]:
     """``model.afz`` as loaded against the uncompressed model on the test split: perplexity ratio
-    and accuracy (paired, 95 % intervals); and the artifact thinking against not thinking."""
+    and accuracy (paired, 95 % intervals); the artifact's two passes against its base without the
+    experts; and the artifact thinking against not thinking."""
     from agentforge.eval.stats import paired_difference, perplexity_ratio
 
     before, after = summary["test_before"], summary["test_after"]
@@ -672,22 +687,37 @@ def effects(summary: dict, seed: int) -> list[Effect]:
         if "test_thinking" in summary
         else []
     )
-    return [
-        Effect.of(
-            "text perplexity ratio, compressed artifact",
-            "the uncompressed model",
-            perplexity_ratio(
-                after["text_rows"]["nll"], before["text_rows"]["nll"], before["text_rows"]["tokens"], seed=seed
+    experts = (
+        [
+            Effect.of(
+                "held-out task accuracy, artifact two-pass (experts routed)",
+                "the artifact without its experts",
+                paired_difference(scores(after), scores(summary["test_without_experts"]), seed=seed),
+            )
+        ]
+        if "test_without_experts" in summary
+        else []
+    )
+    return (
+        [
+            Effect.of(
+                "text perplexity ratio, compressed artifact",
+                "the uncompressed model",
+                perplexity_ratio(
+                    after["text_rows"]["nll"], before["text_rows"]["nll"], before["text_rows"]["tokens"], seed=seed
+                ),
+                better="lower",
+                neutral=1.0,
             ),
-            better="lower",
-            neutral=1.0,
-        ),
-        Effect.of(
-            "held-out task accuracy, compressed artifact",
-            "the uncompressed model",
-            paired_difference(scores(after), scores(before), seed=seed),
-        ),
-    ] + thinking
+            Effect.of(
+                "held-out task accuracy, compressed artifact",
+                "the uncompressed model",
+                paired_difference(scores(after), scores(before), seed=seed),
+            ),
+        ]
+        + experts
+        + thinking
+    )
 
 
 SPEC = PhaseSpec(
