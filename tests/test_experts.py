@@ -409,10 +409,13 @@ def test_reinforce_gradient_vanishes_with_equal_rewards_and_not_otherwise(cognat
         return expert.z.grad, extras
 
     flat, extras = gradient(lambda item, answer: 1.0)
-    assert flat.abs().max() < 1e-9 and extras["reward"] == 1.0  # advantage 0, and KL's gradient 0 at z = 1
+    assert extras["reward"] == 1.0
     alternating = iter([1.0, 0.0] * 3)
     varied, extras = gradient(lambda item, answer: next(alternating))
-    assert varied.abs().max() > 0 and extras["reward"] == 0.5
+    assert extras["reward"] == 0.5
+    # advantage 0 and KL's gradient 0 at z = 1: what is left is float32 rounding (up to 1e-9 was
+    # seen), far below the gradient of unequal rewards
+    assert varied.abs().max() > 1e-4 and flat.abs().max() < 1e-5 * varied.abs().max()
 
 
 def test_expert_training_resumes_its_finished_stages_without_training(cognate_micro, tmp_path, monkeypatch):
