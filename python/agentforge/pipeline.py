@@ -200,7 +200,7 @@ def execute(
     lock = rundir.RunLock(run.dir)
     distributed.on_main(lock.acquire)
     # the last selected phase is reported once, after the run's status is final
-    last = [spec.name for spec in run.phases if spec.name in run.selected][-1:]
+    last = next((spec.name for spec in reversed(run.phases) if spec.name in run.selected), None)
     try:
         distributed.on_main(_begin, run)
         for spec in run.phases:
@@ -208,7 +208,7 @@ def execute(
             if spec.name in run.selected:
                 _run_phase(run, spec, label, wandb_mode, progress, say)
                 distributed.on_main(_record_status, run, "running")  # run.json's ``updated`` moves on
-                if on_change is not None and [spec.name] != last:
+                if on_change is not None and spec.name != last:
                     distributed.on_main(on_change, run.dir, run.phases)
             else:
                 say(f"{label}: not selected (outside --from/--to)")

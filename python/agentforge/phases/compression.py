@@ -676,48 +676,39 @@ def effects(summary: dict, seed: int) -> list[Effect]:
 
     before, after = summary["test_before"], summary["test_after"]
     scores = lambda report: [s for domain in report["scores"].values() for s in domain]
-    thinking = (
-        [
-            Effect.of(
-                "held-out task accuracy, artifact thinking",
-                "the artifact not thinking",
-                paired_difference(scores(summary["test_thinking"]), scores(after), seed=seed),
-            )
-        ]
-        if "test_thinking" in summary
-        else []
-    )
-    experts = (
-        [
+    found = [
+        Effect.of(
+            "text perplexity ratio, compressed artifact",
+            "the uncompressed model",
+            perplexity_ratio(
+                after["text_rows"]["nll"], before["text_rows"]["nll"], before["text_rows"]["tokens"], seed=seed
+            ),
+            better="lower",
+            neutral=1.0,
+        ),
+        Effect.of(
+            "held-out task accuracy, compressed artifact",
+            "the uncompressed model",
+            paired_difference(scores(after), scores(before), seed=seed),
+        ),
+    ]
+    if "test_without_experts" in summary:
+        found.append(
             Effect.of(
                 "held-out task accuracy, artifact two-pass (experts routed)",
                 "the artifact without its experts",
                 paired_difference(scores(after), scores(summary["test_without_experts"]), seed=seed),
             )
-        ]
-        if "test_without_experts" in summary
-        else []
-    )
-    return (
-        [
+        )
+    if "test_thinking" in summary:
+        found.append(
             Effect.of(
-                "text perplexity ratio, compressed artifact",
-                "the uncompressed model",
-                perplexity_ratio(
-                    after["text_rows"]["nll"], before["text_rows"]["nll"], before["text_rows"]["tokens"], seed=seed
-                ),
-                better="lower",
-                neutral=1.0,
-            ),
-            Effect.of(
-                "held-out task accuracy, compressed artifact",
-                "the uncompressed model",
-                paired_difference(scores(after), scores(before), seed=seed),
-            ),
-        ]
-        + experts
-        + thinking
-    )
+                "held-out task accuracy, artifact thinking",
+                "the artifact not thinking",
+                paired_difference(scores(summary["test_thinking"]), scores(after), seed=seed),
+            )
+        )
+    return found
 
 
 SPEC = PhaseSpec(
