@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from agentforge.merge import METHODS, merge, merged_model
+from agentforge.merge import METHODS, merge, merged_model, merged_tensors
 from agentforge.merge import methods as m
 from agentforge.merge.compute import flops_per_token, stack_passes
 from agentforge.merge.layers import layer_stacks
@@ -141,6 +141,21 @@ def test_merging_identical_models_returns_that_model(method):
     for key, tensor in model.state_dict().items():
         torch.testing.assert_close(out[key], tensor, rtol=1e-6, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("method", ["ties", "dfs"])
+def test_merged_model_is_written_tensor_by_tensor_from_the_same_merge(method):
+    parents, base = [tiny_llama(1), tiny_llama(2)], tiny_llama(0)
+    params = {"ties": dict(density=0.5), "dfs": dict(path=[(0, 0), (1, 1), (1, 2)])}[method]
+    tensors = merged_tensors(method, parents, base, **params)
+    assert not isinstance(tensors, dict)  # made lazily, one at a time
+    model = merged_model(method, parents, base, **params)
+    expected = merge(method, parents, base, **params)
+    assert model.state_dict().keys() == expected.keys()
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
+    with pytest.raises(ValueError, match="needs base="):
+        merged_tensors("ties", parents)  # checked before the first tensor is asked for
 
 def test_frankenmerge_takes_each_layer_whole_from_its_source():
     models = [tiny_llama(s) for s in (1, 2, 3)]

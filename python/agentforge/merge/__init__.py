@@ -28,6 +28,7 @@ Results are deterministic for a given ``seed`` (DARE draws its masks from it, pe
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ TASK_VECTOR_METHODS = {  # name -> (sparsification, sign consensus, mergekit's d
     "dare_ties": ("random", True, False),
 }
 
-__all__ = ["merge", "merged_model", "dfs_stack_of", "METHODS", "TASK_VECTOR_METHODS"]
+__all__ = ["merge", "merged_tensors", "merged_model", "dfs_stack_of", "METHODS", "TASK_VECTOR_METHODS"]
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -92,7 +93,16 @@ def _check_params(method: str, n: int, base, weights, density, t) -> list[float]
     return weights
 
 
-def merge(
+def merge(method: str, models: list, base=None, **params) -> dict[str, torch.Tensor]:
+    """Merge ``models`` (state dicts or modules of one architecture) into a new state dict.
+
+    See the module docstring for the methods and :func:`merged_tensors` for the parameters.
+    Tensors are merged one at a time in fp32 and returned in the first model's dtypes; non-float
+    tensors are copied from the first model."""
+    return dict(merged_tensors(method, models, base, **params))
+
+
+def merged_tensors(
     method: str,
     models: list,
     base=None,
@@ -105,12 +115,10 @@ def merge(
     layers: list[int] | None = None,
     path: list | None = None,
     scales: list[float] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Merge ``models`` (state dicts or modules of one architecture) into a new state dict.
-
-    See the module docstring for the methods and what each parameter means. Tensors are merged
-    one at a time in fp32 and returned in the first model's dtypes; non-float tensors are copied
-    from the first model."""
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`merge`'s tensors as ``(name, tensor)`` pairs, made one at a time as they are asked
+    for, so a caller that writes each into a model at once never holds a second copy of the whole
+    model. The arguments are checked here, before the first tensor is made."""
     states = [_state(m) for m in models]
     base_state = _state(base) if base is not None else None
     weights = _check_params(method, len(states), base_state, weights, density, t)
@@ -118,19 +126,23 @@ def merge(
     if normalize is None:
         normalize = TASK_VECTOR_METHODS[method][2] if method in TASK_VECTOR_METHODS else True
     stacks = _stacks_of(models[0], method) if method in LAYER_METHODS else {}
-    choice, out, rewired = _layer_plan(method, states, stacks, layers, path, scales)
-    for key, reference in states[0].items():
-        if rewired and key.startswith(f"{rewired}."):
-            continue  # this stack is replaced by the DFS path
-        tensors = [s[key] for s in states]
-        if not reference.is_floating_point():
-            out[key] = reference.clone()
-            continue
-        merged = _merge_tensor(
-            method, key, tensors, base_state, weights, density, t, normalize, seed, states, (stacks, choice)
-        )
-        out[key] = merged.to(reference.dtype)
-    return out
+    choice, replaced, rewired = _layer_plan(method, states, stacks, layers, path, scales)
+
+    def each() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from replaced.items()
+        for key, reference in states[0].items():
+            if rewired and key.startswith(f"{rewired}."):
+                continue  # this stack is replaced by the DFS path
+            if not reference.is_floating_point():
+                yield key, reference.clone()
+                continue
+            tensors = [s[key] for s in states]
+            merged = _merge_tensor(
+                method, key, tensors, base_state, weights, density, t, normalize, seed, states, (stacks, choice)
+            )
+            yield key, merged.to(reference.dtype)
+
+    return each()
 
 
 def _stacks_of(model, method: str) -> dict[str, int]:
@@ -206,14 +218,30 @@ def merged_model(method: str, models: list, base=None, *, config_from: int = 0, 
         raise ValueError("merged_model: models must be Hugging Face models (use merge() for state dicts)")
     if not 0 <= config_from < len(models):
         raise ValueError(f"merged_model: config_from={config_from} is not a model index (0..{len(models) - 1})")
-    state = merge(method, models, base, **params)
+    tensors = merged_tensors(method, models, base, **params)
     source = models[config_from]
     config = source.config.__class__(**source.config.to_dict())
     if method == "dfs":
         _resize_config(config, source, params["path"])
-    model = source.__class__(config)
-    model.load_state_dict(state)
-    return model.to(next(models[0].parameters()).dtype)
+    model = source.__class__(config).to(next(models[0].parameters()).dtype)
+    _write_into(model, tensors)
+    return model
+
+
+def _write_into(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy each merged tensor into ``model``'s own as it is made (``load_state_dict`` would need
+    all of them at once: a second model's worth of memory); every tensor must be written."""
+    target = model.state_dict()
+    written = set()
+    for key, tensor in tensors:
+        if key not in target or target[key].shape != tensor.shape:
+            raise ValueError(f"merged_model: merged tensor {key} {list(tensor.shape)} does not fit the new model")
+        with torch.no_grad():
+            target[key].copy_(tensor)
+        written.add(key)
+    missing = sorted(set(target) - written)
+    if missing:
+        raise ValueError(f"merged_model: the merge made no tensor for {missing[:3]} of the new model")
 
 
 def _resize_config(config, source: Any, path: list) -> None:  # source: a transformers model
