@@ -300,19 +300,15 @@ def calibrate(p: PhaseRun, fp, data: PhaseData) -> list[dict]:
 # the phase
 
 
-def run(p: PhaseRun) -> PhaseResult:
-    """Calibrate, convert, fine-tune, pack, verify and measure."""
+def ternary_outputs(
+    p: PhaseRun, fp, data: PhaseData, calibration: list[dict], reports: dict
+) -> tuple[dict, Path, Path]:
+    """Convert a copy of the input as calibrated, measure it, fine-tune it, save it (latent) and
+    pack it in place (packed: no second copy). Returns the quantization record and both
+    directories; the model itself is let go here, before the float control trains."""
     from agentforge.nn import pack_bitnet
 
-    settings = p.settings
-    torch.manual_seed(p.seed)
-    fp = p.load("model")
-    if fp.tokenizer is None:
-        raise ConfigError(f"bitnet: {fp.path} has no tokenizer; the phase needs one to build its data")
-    tokenizer, data = fp.tokenizer, build_data(p, fp.tokenizer)
-    reports = {"fp": p.step("measure_fp", lambda: measure(p, fp.model, tokenizer, data))}
-
-    calibration = p.step("calibrate", lambda: calibrate(p, fp.model, data))
+    settings, tokenizer = p.settings, fp.tokenizer
     student = copy.deepcopy(fp.model)
     kept = convert_as_calibrated(student, calibration, settings.skip, settings.keep_sensitive_fp)
     quant = {
@@ -333,6 +329,31 @@ def run(p: PhaseRun) -> PhaseResult:
         )
 
     latent = p.model_step("latent", build_latent)
+    packed = p.model_step(
+        "packed",
+        lambda: Built(
+            pack_bitnet(latent.model),
+            tokenizer,
+            {"role": "packed", "quantization": quant, "parents": [fp.path]},
+            carry=head_files(latent.path),
+        ),
+    )
+    return quant, latent.path, packed.path
+
+
+def run(p: PhaseRun) -> PhaseResult:
+    """Calibrate, convert, fine-tune, pack, train the float control, verify and measure."""
+    from agentforge.eval.speed import release_freed_memory
+
+    torch.manual_seed(p.seed)
+    fp = p.load("model")
+    if fp.tokenizer is None:
+        raise ConfigError(f"bitnet: {fp.path} has no tokenizer; the phase needs one to build its data")
+    tokenizer, data = fp.tokenizer, build_data(p, fp.tokenizer)
+    reports = {"fp": p.step("measure_fp", lambda: measure(p, fp.model, tokenizer, data))}
+    calibration = p.step("calibrate", lambda: calibrate(p, fp.model, data))
+    quant, latent_dir, packed_dir = ternary_outputs(p, fp, data, calibration, reports)
+    release_freed_memory()  # the ternary model is on disk; the control's training state takes its place
 
     def control_report() -> dict:
         control = copy.deepcopy(fp.model)
@@ -340,18 +361,9 @@ def run(p: PhaseRun) -> PhaseResult:
         return measure(p, control, tokenizer, data)
 
     reports["fp_control"] = p.step("fp_control", control_report, everywhere=True)
-    packed = p.model_step(
-        "packed",
-        lambda: Built(
-            pack_bitnet(copy.deepcopy(latent.model)),
-            tokenizer,
-            {"role": "packed", "quantization": quant, "parents": [fp.path]},
-            carry=head_files(latent.path),
-        ),
-    )
-    summary = verify_and_measure(p, fp, latent.path, packed.path, data, reports, quant)
+    summary = verify_and_measure(p, fp, latent_dir, packed_dir, data, reports, quant)
     return p.finish(
-        {"packed": packed.path, "latent": latent.path},
+        {"packed": packed_dir, "latent": latent_dir},
         flat_metrics(summary),
         summary,
         rows={"layer": layer_rows(summary)},

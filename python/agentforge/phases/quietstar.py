@@ -31,6 +31,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -373,15 +374,28 @@ def run(p: PhaseRun) -> PhaseResult:
     rows = suite.rows(task_items(suite, tasks, "train", settings.train_items))
     test_items = task_items(suite, tasks, "test", settings.test_items)
 
-    thinker = p.model_step("model", lambda: build_thinker(p, rows))
-    thought_ids = [thinker.metadata["thought_settings"][k] for k in ("start_id", "end_id")]
+    thinker_dir, thinker_metadata = trained_thinker(p, rows)
+    thought_ids = [thinker_metadata["thought_settings"][k] for k in ("start_id", "end_id")]
     control = p.step("control", lambda: control_run(p, rows, test_items, thought_ids), everywhere=True)
     results = {
-        **p.step("measure", lambda: measure(p, parent, thinker.path, test_items)),
+        **p.step("measure", lambda: measure(p, parent, thinker_dir, test_items)),
         "control": {k: control[k] for k in ("accuracy", "answer_loglik")},
     }
-    summary = summarise(settings, tasks, results, thinker.metadata["train_losses"], control, p.seed)
-    return p.finish({"model": thinker.path}, summary.pop("headline"), summary, effects=effects(summary))
+    summary = summarise(settings, tasks, results, thinker_metadata["train_losses"], control, p.seed)
+    return p.finish({"model": thinker_dir}, summary.pop("headline"), summary, effects=effects(summary))
+
+
+def trained_thinker(p: PhaseRun, rows) -> tuple[Path, dict]:
+    """The thinker's directory and metadata, once it is trained and saved. Its weights are let go
+    here: the control trains next and ``measure`` loads the thinker back, so holding them would put
+    a third model beside the parent and the control."""
+    from agentforge.eval.speed import release_freed_memory
+
+    thinker = p.model_step("model", lambda: build_thinker(p, rows))
+    path, metadata = thinker.path, thinker.metadata
+    del thinker
+    release_freed_memory()
+    return path, metadata
 
 
 def summarise(settings: Settings, tasks, results, thinker_losses, control, seed) -> dict:
