@@ -74,14 +74,19 @@ def _position_of_state() -> np.ndarray:
 
 
 def basis(seeds: np.ndarray, C: int, P: int) -> torch.Tensor:
-    """U(s) for each seed (register states in [1, 65535]): fp32 [len(seeds), C, P]."""
-    seeds = np.asarray(seeds, dtype=np.int64)
+    """U(s) for each seed (register states in [1, 65535]): fp32 [len(seeds), C, P]. Built in
+    chunks: the register states pass through int64 and float64 (~700 bytes per block at C·P = 24),
+    which for a 28M-weight matrix would be 2 GB at once beside its 340 MB result."""
+    seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
     if seeds.size and (seeds.min() < 1 or seeds.max() > PERIOD):
         raise ValueError(f"SeedLM: seeds must be non-zero {SEED_BITS}-bit states")
-    cycle = lfsr_cycle()
-    follow = (_position_of_state()[seeds][:, None] + 1 + np.arange(C * P)) % PERIOD  # the states after s
+    cycle, first = lfsr_cycle(), _position_of_state()[seeds] + 1
     half = 1 << (SEED_BITS - 1)
-    return torch.from_numpy((cycle[follow] - half) / (half - 1)).float().reshape(-1, C, P)
+    out = torch.empty(seeds.size, C, P)
+    for start in range(0, seeds.size, DECODE_CHUNK):
+        follow = (first[start : start + DECODE_CHUNK, None] + np.arange(C * P)) % PERIOD  # the states after s
+        out[start : start + DECODE_CHUNK] = torch.from_numpy((cycle[follow] - half) / (half - 1)).reshape(-1, C, P)
+    return out
 
 
 @functools.lru_cache(maxsize=2)
