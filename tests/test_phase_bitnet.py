@@ -220,7 +220,7 @@ def test_smollm2_converts_and_recovers_held_out_perplexity(tmp_path):
         bitnet.SPEC,
         {"model": tmp_path / "smollm2"},
         tmp_path / "phase",
-        data=DataSpec(seq_len=64, text_docs=40, task_levels=[0]),
+        data=DataSpec(seq_len=96, text_docs=40, task_levels=[0]),  # a chat-templated task row is ~70 tokens
         calibration_rows=4,
         calibration_tokens=256,
         sensitive_layers=5,
