@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 METHODS = ("full", "lora")
+BEST_FILE = "best-rank{rank}.safetensors"  # the lowest-KL weights of a bake in progress (per process)
 
 
 @dataclass
@@ -143,11 +145,27 @@ def _optimizer(student: nn.Module, settings: BakeSettings):
     return MuGrokfast.from_preset(student, settings.optimizer_preset, total_steps=settings.max_steps, **rates)
 
 
+def save_weights(weights: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    """A module's weights (tied ones once: safetensors' ``save_model``, read back with its
+    ``load_model``) or a dict of distinct tensors, to a safetensors file written beside ``path``
+    and renamed into place."""
+    from safetensors.torch import save_file, save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.tmp")
+    if isinstance(weights, nn.Module):
+        save_model(weights, str(scratch))
+    else:
+        save_file({name: tensor.detach().contiguous() for name, tensor in weights.items()}, str(scratch))
+    os.replace(scratch, path)
+
+
 class _Monitor:
     """The held-out KL measurements of one bake and its stop rule (``eval_fn``/``stop_fn`` of
     ``agentforge.train.train``). Keeps merged model copies when reductions in ``keep`` are
     reached, and the trainable weights of the lowest KL so far (the bake ends on them, as the
-    reference code keeps its best checkpoint by validation KL)."""
+    reference code keeps its best checkpoint by validation KL) in ``best_file``: on disk, since
+    in a full bake they are a whole model's worth beside its gradients and optimizer state."""
 
     def __init__(
         self,
@@ -157,6 +175,7 @@ class _Monitor:
         strength: float,
         keep: Sequence[float],
         settings: BakeSettings,
+        best_file: Path,
     ):
         self.held_out, self.kl_before, self.strength, self.settings = held_out, kl_before, strength, settings
         self.waiting = sorted(keep)
@@ -164,18 +183,19 @@ class _Monitor:
         self.kept: dict[float, Kept] = {}
         self.reason = "max_steps"
         self.trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
-        self.best = (kl_before, 0, self._weights())
-
-    def _weights(self) -> dict:
-        return {name: p.detach().clone() for name, p in self.trainable.items()}
+        self.best, self.best_file = (kl_before, 0), best_file
+        save_weights(self.trainable, best_file)
 
     def restore_best(self) -> tuple[float, int]:
-        """Put the lowest-KL weights back; returns (their KL, their step)."""
-        kl, step, weights = self.best
+        """Put the lowest-KL weights back (and delete their file); returns (their KL, their step)."""
+        from safetensors.torch import load_file
+
+        weights = load_file(str(self.best_file))
         with torch.no_grad():
             for name, p in self.trainable.items():
                 p.copy_(weights[name])
-        return kl, step
+        self.best_file.unlink()
+        return self.best
 
     def reductions(self) -> list[float]:
         return [1.0 - point["kl"] / self.kl_before for point in self.curve]
@@ -186,7 +206,8 @@ class _Monitor:
         step = min(self.curve[-1]["step"] + self.settings.eval_every, self.settings.max_steps)
         self.curve.append({"step": step, "kl": kl})
         if kl < self.best[0]:
-            self.best = (kl, step, self._weights())
+            self.best = (kl, step)
+            save_weights(self.trainable, self.best_file)
         reduction = 1.0 - kl / self.kl_before
         while self.waiting and reduction >= self.waiting[0]:
             self.kept[self.waiting.pop(0)] = Kept(_merged_copy(student), kl, step)
@@ -233,7 +254,7 @@ def bake(
     half-baked and the fully baked model from one run). ``anchor``: token-id rows of unrelated
     text on which the model is held to its pre-bake predictions, with weight
     ``settings.anchor_weight`` (retention). Training logs go to ``out_dir``."""
-    from agentforge.train import TrainConfig, train
+    from agentforge.train import TrainConfig, distributed, train
 
     started = time.perf_counter()
     _check_strengths(strength, keep)
@@ -273,7 +294,8 @@ def bake(
     if len(anchor) and settings.anchor_weight > 0:  # each baking row is paired with an anchor row, cycling
         anchors = anchor_rows(model, anchor, batch_size=settings.batch_size)
         rows = [{**row, **anchors[i % len(anchors)]} for i, row in enumerate(rows)]
-    monitor = _Monitor(student, measure, kl_before, strength, keep, settings)
+    best_file = Path(out_dir) / BEST_FILE.format(rank=distributed.rank())
+    monitor = _Monitor(student, measure, kl_before, strength, keep, settings, best_file)
     config = TrainConfig(
         steps=settings.max_steps,
         batch_size=settings.batch_size,

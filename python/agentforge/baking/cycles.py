@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from agentforge.baking.baker import BakeResult, BakeSettings
 
 CYCLES = ("tools", "persona")
+PREVIOUS_FILE = "previous-rank{rank}.safetensors"  # the model before a bake, while it runs (per process)
 
 
 def relative_gain(history: Sequence[float], window: int) -> float:
@@ -222,12 +223,18 @@ def _bake_winner(state: CycleState, winner: str, index: int, run: CycleRun) -> d
     fails. The first tool bake runs to full strength once, keeping the half-baked copy (the
     cycles go on from it), so the report has both from one training run. Returns the row fields
     describing what happened."""
-    from agentforge.baking.baker import bake  # baker imports this module's plateau detector
+    from safetensors.torch import load_model
+
+    from agentforge.baking.baker import bake, save_weights  # baker imports this module's plateau detector
+    from agentforge.train import distributed
 
     cycle, settings = state.cycle, run.settings
     first_full = cycle == "tools" and settings.measure_full_bake and state.full_bake is None
-    previous = copy.deepcopy(state.model)  # full baking trains in place; a rollback needs the original
     out_dir = run.out_dir / "bakes" / f"{index:02d}-{cycle}"
+    # full baking trains in place and a rollback needs the weights from before: they wait on disk,
+    # not in memory beside the bake's gradients and optimizer state
+    previous_file = out_dir / PREVIOUS_FILE.format(rank=distributed.rank())
+    save_weights(state.model, previous_file)
     result = bake(
         state.model,
         run.tokenizer,
@@ -244,6 +251,9 @@ def _bake_winner(state: CycleState, winner: str, index: int, run: CycleRun) -> d
         progress=False,
     )
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a finished bake is never resumed; its log stays
+    previous = copy.deepcopy(result.model)
+    load_model(previous, str(previous_file))
+    previous_file.unlink()
     model, kl_after = result.model, result.kl_after
     if first_full:  # continue with the half-baked copy; the fully baked model is kept for the report
         state.full_bake = result
