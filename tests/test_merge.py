@@ -142,7 +142,6 @@ def test_merging_identical_models_returns_that_model(method):
         torch.testing.assert_close(out[key], tensor, rtol=1e-6, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("method", ["ties", "dfs"])
 def test_merged_model_is_written_tensor_by_tensor_from_the_same_merge(method):
     parents, base = [tiny_llama(1), tiny_llama(2)], tiny_llama(0)
@@ -156,6 +155,7 @@ def test_merged_model_is_written_tensor_by_tensor_from_the_same_merge(method):
         assert torch.equal(tensor, expected[key]), key
     with pytest.raises(ValueError, match="needs base="):
         merged_tensors("ties", parents)  # checked before the first tensor is asked for
+
 
 def test_frankenmerge_takes_each_layer_whole_from_its_source():
     models = [tiny_llama(s) for s in (1, 2, 3)]
