@@ -33,6 +33,7 @@ from agentforge.experts.discovery import (
     cosine_similarity,
     learning_zone,
     widened_zone,
+    zone_gradients,
 )
 from agentforge.experts.mixture import Measurement, sanitize
 from agentforge.experts.router import prompt_features
@@ -446,3 +447,17 @@ def test_expert_copy_does_not_share_z_with_the_basis():
     expert = SVFExpert(model, basis, z=basis.ones() * 2)
     clone = copy.deepcopy(expert.z.detach())
     assert torch.equal(clone, torch.full((basis.total,), 2.0)) and expert.z.data_ptr() != basis.ones().data_ptr()
+
+
+def test_zone_gradients_are_the_same_whole_or_in_batches(cognate_micro):
+    from agentforge.artifacts import load_model_dir
+    from agentforge.data import make_split
+
+    model, tokenizer = load_model_dir(cognate_micro[1].artifacts["trunk"])[:2]
+    model.eval()
+    basis = SVDBasis.of(model)
+    items = {f: make_split(f, "train", 12, seed=0, level=0) for f in ("add_small", "kv_recall")}
+    whole = zone_gradients(model, basis, tokenizer, items, seq_len=64, batch_rows=1000)
+    batched = zone_gradients(model, basis, tokenizer, items, seq_len=64, batch_rows=1)
+    assert whole.shape == (2, basis.total) and whole.abs().sum(1).min() > 0
+    torch.testing.assert_close(batched, whole, rtol=1e-4, atol=1e-6)

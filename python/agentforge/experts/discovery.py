@@ -111,11 +111,13 @@ def widened_zone(accuracy: dict[Unit, float], low: float, high: float, n_familie
 
 
 def zone_gradients(
-    model, basis: SVDBasis, tokenizer, items: dict[str, list], seq_len: int, seed: int = 0
+    model, basis: SVDBasis, tokenizer, items: dict[str, list], seq_len: int, seed: int = 0, batch_rows: int = 8
 ) -> torch.Tensor:
     """One row per group of items (``{name: items}``): the gradient at z = 1 of the mean answer
     cross-entropy of its items (packed into rows of ``seq_len``) with respect to the flat z.
-    Shape [groups, basis.total]."""
+    Shape [groups, basis.total]. The rows go through ``batch_rows`` at a time, their summed losses
+    over the group's answer tokens: a group's whole batch at once held its logits and their
+    gradients over SmolLM2's 49,152-token vocabulary, gigabytes for a few dozen rows."""
     from agentforge.data import pack_tasks
 
     expert = SVFExpert(model, basis)
@@ -123,12 +125,19 @@ def zone_gradients(
     with frozen(model):
         for group in items.values():
             packed = pack_tasks(tokenizer, group, seq_len, seed=seed).with_format("torch")[:]
-            logits = expert(input_ids=packed["input_ids"]).logits[:, :-1]
             targets = packed["labels"][:, 1:].long()
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
-            rows.append(torch.autograd.grad(loss, expert.z)[0])
+            answer_tokens = int((targets != IGNORE_INDEX).sum())
+            gradient = torch.zeros_like(expert.z)
+            for start in range(0, len(targets), batch_rows):
+                logits = expert(input_ids=packed["input_ids"][start : start + batch_rows]).logits[:, :-1]
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    targets[start : start + batch_rows].reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                gradient += torch.autograd.grad(loss / answer_tokens, expert.z)[0]
+            rows.append(gradient)
     return torch.stack(rows)
 
 
