@@ -4,14 +4,12 @@ No timing assertions beyond "positive and finite": speed comparisons live in ben
 """
 
 import math
-import sys
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from agentforge.eval import parameter_bytes, parameter_count, peak_memory_bytes, speed, tokens_per_second
-from agentforge.eval.speed import map_large_blocks
 from agentforge.nn import convert_to_bitnet, pack_bitnet
 
 VOCAB, HIDDEN = 64, 32
@@ -118,19 +116,6 @@ def test_tokens_per_second_needs_a_vocabulary_size():
         tokens_per_second(tiny_llama(), repeats=0)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
-def test_large_blocks_go_back_to_the_os_once_freed(monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert not map_large_blocks()  # the user's own setting is left alone
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    assert map_large_blocks()
-    torch.ones(6 * MIB)  # 24 MiB freed: glibc by default would now keep blocks up to that size in its heap
-    blocks = [torch.ones(2 * MIB) for _ in range(40)]  # 8 MiB each
-    held = _rss_bytes()
-    del blocks[::2]  # holes between live blocks: a heap cannot give them back (measured: 0 MiB returned)
-    assert held - _rss_bytes() > 150 * MIB
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
@@ -141,7 +126,6 @@ def test_peak_rss_counts_a_spike_between_two_readings():
 
     if not _reset_peak_rss():
         pytest.skip("this system does not let a process reset its VmHWM (/proc/self/clear_refs)")
-    map_large_blocks()  # the spike's pages go back to the OS when it is freed
     with PeakRss(interval=60.0) as watch:  # no reading by the thread inside the block
         start = _rss_bytes()
         spike = torch.ones(64 * MIB)  # 256 MiB, touched

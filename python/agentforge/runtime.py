@@ -291,10 +291,9 @@ class PhaseRun:
 
     def run(self) -> PhaseResult:
         """The phase's ``run``, with the run's tool isolation in force for every tool call in it."""
-        from agentforge.eval.speed import PeakRss, map_large_blocks, release_freed_memory
+        from agentforge.eval.speed import PeakRss, release_freed_memory
         from agentforge.tools.sandbox import isolation
 
-        map_large_blocks()  # a 135M model's training steps would otherwise fragment the heap by 0.6 GB
         release_freed_memory()  # what an earlier phase in this process freed is not this phase's peak
         with isolation(self.tools.python), PeakRss() as self._rss, contextlib.ExitStack() as stack:
             if self.is_main:

@@ -228,28 +228,6 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-MMAP_THRESHOLD = 1 << 20  # bytes; see map_large_blocks
-
-
-def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Have glibc give every allocation of ``threshold`` bytes or more its own mapping, returned to
-    the OS when freed (``mallopt(M_MMAP_THRESHOLD)``). By default glibc raises that threshold to
-    the largest block freed so far, up to 32 MiB, and then keeps such blocks in its heap, where the
-    activations of training steps (tens of MB each, in changing sizes) fragment it: fp32 training
-    of SmolLM2-135M at batch 8 × 128 peaked at 4.86 GB by default and 4.22 GB with a 1 MiB
-    threshold. Left alone where ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or the C
-    library is not glibc; returns whether it was set."""
-    import ctypes
-    import ctypes.util
-
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
-    m_mmap_threshold = -3  # glibc's malloc.h
-    return bool(mallopt is not None and mallopt(m_mmap_threshold, threshold) == 1)
-
-
 class PeakRss:
     """The process's peak resident set size over a ``with`` block, from a daemon thread that
     reads the current RSS every ``interval`` seconds: unlike ``VmHWM`` it survives code inside the
