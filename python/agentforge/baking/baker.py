@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -145,7 +145,7 @@ def _optimizer(student: nn.Module, settings: BakeSettings):
     return MuGrokfast.from_preset(student, settings.optimizer_preset, total_steps=settings.max_steps, **rates)
 
 
-def save_weights(weights: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+def save_weights(weights: nn.Module | Mapping[str, torch.Tensor], path: Path) -> None:
     """A module's weights (tied ones once: safetensors' ``save_model``, read back with its
     ``load_model``) or a dict of distinct tensors, to a safetensors file written beside ``path``
     and renamed into place."""
