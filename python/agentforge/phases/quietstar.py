@@ -364,6 +364,8 @@ def measure(p: PhaseRun, parent, thinker_dir, test_items) -> dict:
 
 def run(p: PhaseRun) -> PhaseResult:
     """Select tasks, train the thinker and the equal-compute control, measure all four."""
+    from agentforge.eval.speed import release_freed_memory
+
     settings = p.settings
     torch.manual_seed(p.seed)
     parent = p.load("model")
@@ -375,6 +377,7 @@ def run(p: PhaseRun) -> PhaseResult:
     test_items = task_items(suite, tasks, "test", settings.test_items)
 
     thinker_dir, thinker_metadata = trained_thinker(p, rows)
+    release_freed_memory()  # the thinker is on disk; the control's training state takes its place
     thought_ids = [thinker_metadata["thought_settings"][k] for k in ("start_id", "end_id")]
     control = p.step("control", lambda: control_run(p, rows, test_items, thought_ids), everywhere=True)
     results = {
@@ -387,15 +390,10 @@ def run(p: PhaseRun) -> PhaseResult:
 
 def trained_thinker(p: PhaseRun, rows) -> tuple[Path, dict]:
     """The thinker's directory and metadata, once it is trained and saved. Its weights are let go
-    here: the control trains next and ``measure`` loads the thinker back, so holding them would put
-    a third model beside the parent and the control."""
-    from agentforge.eval.speed import release_freed_memory
-
+    on return: the control trains next and ``measure`` loads the thinker back, so holding them
+    would put a third model beside the parent and the control."""
     thinker = p.model_step("model", lambda: build_thinker(p, rows))
-    path, metadata = thinker.path, thinker.metadata
-    del thinker
-    release_freed_memory()
-    return path, metadata
+    return thinker.path, thinker.metadata
 
 
 def summarise(settings: Settings, tasks, results, thinker_losses, control, seed) -> dict:
