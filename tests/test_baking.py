@@ -17,6 +17,7 @@ from agentforge.baking import (
     bake,
     bake_stack,
     cycle_bake_settings,
+    logits_kl,
     measured_kl,
     merge_lora,
     plateaued,
@@ -104,6 +105,41 @@ def test_token_kl_matches_the_hand_computed_value():
     # KL(p||q) = 0.5 ln(0.5/0.25) + 0.25 ln(0.25/0.5) + 0.25 ln 1 = 0.25 ln 2; identical rows: 0
     assert token_kl(p, q).tolist() == pytest.approx([0.25 * math.log(2), 0.0], abs=1e-7)
     assert float(token_kl(q, p)[0]) == pytest.approx(0.25 * math.log(0.25 / 0.5) + 0.5 * math.log(0.5 / 0.25))
+
+
+@pytest.mark.parametrize(
+    "shape, columns",
+    [((3, 5, 7), slice(None)), ((2, 9, 11), slice(1, -1)), ((70, 9), slice(None)), ((13,), slice(None))],
+)
+def test_logits_kl_matches_token_kl_of_the_log_softmax_in_value_and_gradient(shape, columns, monkeypatch):
+    from agentforge.baking import kl as kl_module
+
+    monkeypatch.setattr(kl_module, "ROWS_PER_CHUNK", 4)  # several slices even on these small shapes
+    torch.manual_seed(0)
+    logits = torch.randn(*shape, dtype=torch.float64)
+    logits = (logits[:, columns] if len(shape) == 3 else logits).requires_grad_()
+    teacher = torch.randn(logits.shape, dtype=torch.float64).log_softmax(-1)
+    weights = torch.randn(logits.shape[:-1], dtype=torch.float64)
+    expected = token_kl(teacher, logits.log_softmax(-1)).double()
+    got = logits_kl(teacher, logits)
+    assert torch.allclose(got, expected, atol=1e-6)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), logits)
+    assert torch.allclose(got_grad, expected_grad, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda z: logits_kl(teacher, z), (logits,))
+
+
+def test_logits_kl_takes_a_float16_teacher_and_refuses_bad_input():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 5)
+    teacher = torch.randn(2, 3, 5).log_softmax(-1)
+    half = logits_kl(teacher.half(), logits)
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, token_kl(teacher.half().float(), logits.log_softmax(-1)), atol=1e-6)
+    with pytest.raises(ValueError, match="differs from student shape"):
+        logits_kl(teacher[:, :2], logits)
+    with pytest.raises(ValueError, match="fixed target"):
+        logits_kl(teacher.requires_grad_(), logits)
 
 
 class TokenTable(nn.Module):

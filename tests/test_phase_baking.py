@@ -140,6 +140,7 @@ def test_phase_refuses_bad_inputs(tmp_path):
         (dict(tool_families=["nope"]), "tool_families"),
         (dict(persona_prompts=[]), "persona_prompts"),
         (dict(candidates=0), "candidates"),
+        (dict(bake={"batch_size": 8, "micro_batch_size": 3}), "bake.micro_batch_size: must divide batch_size"),
         (dict(time_budget_s=40.0), "unknown setting"),
     ):
         with pytest.raises(ConfigError, match=message):

@@ -120,3 +120,12 @@ def test_thinking_with_zero_mixing_weight_scores_exactly_as_off(phase):
     assert thinking == pytest.approx(off, abs=1e-5)
     unmasked = quietstar.answer_loglik(quietstar.plain_scorer(thinker.base), ids, labels, 8)
     assert sum(unmasked) < sum(off)  # the bias the two scorers had: masking frees probability mass
+
+
+def test_micro_batch_size_must_divide_the_batch():
+    from agentforge.errors import ConfigError
+    from agentforge.settings import from_dict
+
+    assert from_dict(quietstar.Settings, {"batch_size": 4, "micro_batch_size": 2}, "quietstar").micro_batch_size == 2
+    with pytest.raises(ConfigError, match="micro_batch_size: must divide batch_size"):
+        from_dict(quietstar.Settings, {"batch_size": 4, "micro_batch_size": 3}, "quietstar")

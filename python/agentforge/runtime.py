@@ -475,6 +475,7 @@ class PhaseRun:
         optimizer,
         steps: int,
         batch_size: int,
+        micro_batch_size: int | None = None,
         loss_fn=None,
         checkpoint_every: int = 0,
         log_every: int = 10,
@@ -487,6 +488,7 @@ class PhaseRun:
         cfg = TrainConfig(
             steps=steps,
             batch_size=batch_size,
+            micro_batch_size=micro_batch_size,
             checkpoint_every=checkpoint_every,
             log_every=log_every,
             seed=self.seed if seed is None else seed,

@@ -30,7 +30,15 @@ from agentforge.baking.cycles import (
     relative_gain,
     run_cycles,
 )
-from agentforge.baking.kl import BakingData, kl_loss, measured_kl, prompted_trajectories, row_kl, token_kl
+from agentforge.baking.kl import (
+    BakingData,
+    kl_loss,
+    logits_kl,
+    measured_kl,
+    prompted_trajectories,
+    row_kl,
+    token_kl,
+)
 from agentforge.baking.lora import BitLinearLora, add_lora, merge_lora
 
 __all__ = [
@@ -59,6 +67,7 @@ __all__ = [
     "row_kl",
     "prompted_trajectories",
     "token_kl",
+    "logits_kl",
     "BitLinearLora",
     "add_lora",
     "merge_lora",

@@ -57,6 +57,9 @@ class BakeSettings(Checked):
     temperature: float = setting(1.0, "(0, 100]", doc="of the prompted model's sampling")
     tools: bool = setting(False, doc="trajectories run the tool calls they write (prompts about tool use)")
     batch_size: int = setting(32, "[1, 65536]")
+    micro_batch_size: int = setting(
+        0, "[0, 65536]", doc="rows per forward/backward pass, accumulated to batch_size (0: the whole batch)"
+    )
     max_steps: int = setting(60, "[1, 10000000]")
     eval_every: int = setting(5, "[1, 10000000]", doc="steps between held-out KL measurements (the stop decisions)")
     optimizer_preset: str = setting("finetune", choices=tuple(OPTIMIZER_PRESETS), doc="a MuGrokfast preset")
@@ -71,6 +74,8 @@ class BakeSettings(Checked):
     def check(self) -> None:
         if not all(target.strip() for target in self.lora_targets):
             self.fail("lora_targets", "must hold non-empty layer name endings")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            self.fail("micro_batch_size", f"must divide batch_size ({self.batch_size})")
 
 
 @dataclass
@@ -299,6 +304,7 @@ def bake(
     config = TrainConfig(
         steps=settings.max_steps,
         batch_size=settings.batch_size,
+        micro_batch_size=settings.micro_batch_size or None,
         eval_every=settings.eval_every,
         log_every=settings.eval_every,
         seed=seed,

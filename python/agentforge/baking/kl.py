@@ -45,6 +45,75 @@ def token_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> 
     return F.kl_div(student_logprobs.float(), teacher_logprobs.float(), log_target=True, reduction="none").sum(-1)
 
 
+ROWS_PER_CHUNK = 64  # positions per slice of the vocabulary-wide KL: 12.6 MB of float32 at 49,152 tokens
+
+
+class _LogitsKL(torch.autograd.Function):
+    """KL(p ‖ softmax(z)) = Σ_v p_v (t_v − z_v) + logsumexp(z) Σ_v p_v, with ``t = log p``, for
+    rows of teacher log-probabilities ``t`` and student logits ``z``. ``F.kl_div`` on
+    ``log_softmax(z)`` holds several float32 copies of the vocabulary-wide tensor at once (the
+    log-softmax, the float teacher, the elementwise KL, their gradients), the largest part of a
+    bake's peak memory; this goes through a slice of positions at a time, keeps only its inputs
+    for the backward, and writes one gradient, (Σp) softmax(z) − p, sliced the same way."""
+
+    @staticmethod
+    def forward(ctx, teacher: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(teacher, logits)
+        out = torch.empty(logits.shape[:-1], dtype=_compute_dtype(logits), device=logits.device)
+        for t, z, o in _slices(teacher, logits, out):
+            p = t.exp()
+            o.copy_((p * (t - z)).sum(-1) + z.logsumexp(-1) * p.sum(-1))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        teacher, logits = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for t, z, g, gz in _slices(teacher, logits, grad_out, grad):
+            p = t.exp()
+            gz.copy_(g[:, None] * (z.softmax(-1) * p.sum(-1, keepdim=True) - p))
+        return None, grad
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 logits (what ``gradcheck`` differentiates)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _slices(teacher: torch.Tensor, logits: torch.Tensor, *outputs: torch.Tensor):
+    """``(teacher, logits)`` as float32 (float64) ``[positions, V]`` slices, with the matching
+    slices of ``outputs`` (tensors of the logits' shape, or of that shape less its last dimension). The
+    logits are sliced as views, never copied whole: they are often a slice of a model's output."""
+    if logits.dim() < 2:
+        yield from _slices(teacher[None], logits[None], *(o[None] for o in outputs))
+        return
+    columns, vocab = logits.shape[-2:]
+
+    def batched(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, columns, vocab) if x.dim() == logits.dim() else x.reshape(-1, columns)
+
+    t3, z3, outs = batched(teacher), batched(logits), [batched(o) for o in outputs]
+    compute = _compute_dtype(logits)
+    for row in range(z3.shape[0]):
+        for start in range(0, columns, ROWS_PER_CHUNK):
+            cols = slice(start, start + ROWS_PER_CHUNK)
+            yield (t3[row, cols].to(compute), z3[row, cols].to(compute), *(o[row, cols] for o in outs))
+
+
+def logits_kl(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """:func:`token_kl` of the student's *logits* (``[..., V]``, any float dtype; the teacher's
+    log-probabilities may be float16), in fp32 (fp64 for fp64 logits), without the vocabulary-wide temporaries of
+    ``log_softmax`` and ``F.kl_div`` (see ``_LogitsKL``). Differentiable in the logits only."""
+    if teacher_logprobs.shape != student_logits.shape:
+        raise ValueError(
+            f"logits_kl: teacher shape {tuple(teacher_logprobs.shape)} differs from student shape "
+            f"{tuple(student_logits.shape)}"
+        )
+    if teacher_logprobs.requires_grad:
+        raise ValueError("logits_kl: the teacher's log-probabilities are a fixed target; detach them")
+    return _LogitsKL.apply(teacher_logprobs.detach(), student_logits)
+
+
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits of a left-padded batch, with position ids counted from each row's first real token
     (what a row alone would get; Llama-family models do not derive them from the mask)."""
@@ -63,12 +132,12 @@ def kl_loss(model, batch: dict[str, torch.Tensor], anchor_weight: float = 0.0) -
     span = teacher.shape[1]
     logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])[:, -span - 1 : -1]
     targets = batch["labels"][:, -span:] != IGNORE_INDEX
-    kl = token_kl(teacher[targets], logits[targets].float().log_softmax(-1)).mean()
+    kl = logits_kl(teacher[targets], logits[targets]).mean()
     extras = {"kl_tokens": float(targets.sum())}
     if "anchor_ids" not in batch:
         return kl, extras
-    anchor_logits = model(input_ids=batch["anchor_ids"]).logits[:, :-1].float().log_softmax(-1)
-    anchor_kl = token_kl(batch["anchor_logprobs"], anchor_logits).mean()
+    anchor_logits = model(input_ids=batch["anchor_ids"]).logits[:, :-1]
+    anchor_kl = logits_kl(batch["anchor_logprobs"], anchor_logits).mean()
     return kl + anchor_weight * anchor_kl, {
         **extras,
         "bake_kl": float(kl.detach()),
@@ -309,7 +378,7 @@ def row_kl(model, data: BakingData, *, batch_size: int = 32) -> tuple[list[float
             span = teacher.shape[1]
             logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])[:, -span - 1 : -1]
             targets = batch["labels"][:, -span:] != IGNORE_INDEX
-            per_token = token_kl(teacher, logits.float().log_softmax(-1))
+            per_token = logits_kl(teacher, logits)
             sums += torch.where(targets, per_token, 0.0).double().sum(1).tolist()  # padding can hold anything
             tokens += targets.sum(1).tolist()
     return sums, tokens

@@ -209,22 +209,28 @@ def _proc_status_bytes(field: str) -> int:
 
 
 def release_freed_memory() -> None:
-    """Collect garbage and hand the C heap's free pages back to the OS (glibc's ``malloc_trim``).
+    """Collect garbage and hand the C heap's free pages back to the OS (:func:`trim_c_heap`).
 
     A 135M-parameter model is a few hundred megabyte-sized tensors; glibc keeps freed ones of up
     to 32 MiB in its heap, so a process that builds and drops models one after another (merge
-    candidates, phases in one run) grows by fragments it no longer uses. Without glibc this only
-    collects garbage."""
-    import ctypes
-    import ctypes.util
+    candidates, phases in one run) grows by fragments it no longer uses."""
     import gc
 
     gc.collect()
+    trim_c_heap()
+
+
+def trim_c_heap() -> None:
+    """glibc's ``malloc_trim(0)``: the free pages inside the C heap go back to the OS. Nothing
+    without glibc (musl has no ``malloc_trim``; other systems have no such heap)."""
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     if name is None:
         return
     trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
-    if trim is not None:  # musl has no malloc_trim
+    if trim is not None:
         trim(0)
 
 

@@ -77,6 +77,9 @@ class Settings(Checked):
     keep_sensitive_fp: int = setting(0, "[0, 10000]", doc="of those, how many stay float")
     steps: int = setting(100, "[1, 10000000]")
     batch_size: int = setting(32, "[1, 65536]")
+    micro_batch_size: int = setting(
+        0, "[0, 65536]", doc="rows per forward/backward pass, accumulated to batch_size (0: the whole batch)"
+    )
     lambda_warmup_fraction: float = setting(0.2, "[0, 1]", doc="λ rises linearly 0 -> 1 over this share of steps")
     text_weight: float = setting(0.4, "(0, 1)", doc="share of text rows in the fine-tuning mixture")
     train_items: int = setting(500, "[1, 1000000]", doc="training task items per family and level")
@@ -101,6 +104,8 @@ class Settings(Checked):
             self.fail("keep_sensitive_fp", f"must be at most sensitive_layers ({self.sensitive_layers})")
         if not all(self.skip):
             self.fail("skip", "must hold non-empty name patterns")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            self.fail("micro_batch_size", f"must divide batch_size ({self.batch_size})")
 
 
 PRESETS: dict[str, Settings] = {
@@ -139,6 +144,7 @@ PRESETS: dict[str, Settings] = {
         calibration_tokens=1024,
         steps=40,
         batch_size=8,
+        micro_batch_size=4,  # a whole batch's activations took the peak past 6 GB
         train_items=100,
         checkpoint_every=20,
         eval_items=8,
@@ -220,6 +226,7 @@ def finetune(p: PhaseRun, model, rows, stage: str):
             optimizer=optimizer,
             steps=settings.steps,
             batch_size=settings.batch_size,
+            micro_batch_size=settings.micro_batch_size or None,
             loss_fn=loss_fn,
             checkpoint_every=settings.checkpoint_every,
             log_every=5,
@@ -253,6 +260,7 @@ def thinking_head(p: PhaseRun, student, fp):
                 optimizer=optimizer,
                 steps=p.settings.head_steps,
                 batch_size=p.settings.batch_size,
+                micro_batch_size=p.settings.micro_batch_size or None,
                 loss_fn=lambda model, batch: thinking_loss(model, batch),
             )
         finally:

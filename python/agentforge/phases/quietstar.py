@@ -55,6 +55,9 @@ class Settings(Checked):
     thought: ThoughtSettings = setting(ThoughtSettings)
     steps: int = setting(30, "[1, 10000000]", doc="thinker training steps")
     batch_size: int = setting(8, "[1, 65536]")
+    micro_batch_size: int = setting(
+        0, "[0, 65536]", doc="rows per forward/backward pass, accumulated to batch_size (0: the whole batch)"
+    )
     train_items: int = setting(600, "[1, 1000000]", doc="training items per chosen (family, level)")
     candidate_levels: list[int] = setting(
         [0, 1, 2], "[0, 9]", length="[1, 10]", doc="task levels searched for the accuracy band"
@@ -71,6 +74,8 @@ class Settings(Checked):
     def check(self) -> None:
         if self.band[0] > self.band[1]:
             self.fail("band", "must be [low, high] with low <= high")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            self.fail("micro_batch_size", f"must divide batch_size ({self.batch_size})")
 
 
 PRESETS: dict[str, Settings] = {
@@ -101,6 +106,7 @@ PRESETS: dict[str, Settings] = {
         thought=ThoughtSettings(thought_length=2, lookahead=2),
         steps=8,
         batch_size=4,
+        micro_batch_size=2,  # a whole batch's thought activations took the peak past 6 GB
         train_items=200,
         candidate_levels=[0, 1],
         selection_items=8,
@@ -287,6 +293,7 @@ def train_stage(p: PhaseRun, model, rows, steps: int, stage: str, loss_fn=None):
         optimizer=optimizer,
         steps=steps,
         batch_size=p.settings.batch_size,
+        micro_batch_size=p.settings.micro_batch_size or None,
         loss_fn=loss_fn,
         checkpoint_every=max(steps // 3, 1),
         log_every=5,

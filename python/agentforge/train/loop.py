@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from agentforge.artifacts import recover_directory
+from agentforge.eval.speed import trim_c_heap
 from agentforge.train import distributed
 from agentforge.train.batches import check_dataset, collate, global_batch, micro_batches, rank_share
 from agentforge.train.checkpoint import (
@@ -209,7 +210,13 @@ def _evaluate(model: nn.Module, eval_fn: EvalFn) -> dict[str, float]:
         finally:
             model.train(was_training)
 
-    return distributed.on_main(evaluate)
+    measured = distributed.on_main(evaluate)
+    # Evaluation's batches have other shapes than training's; what it freed stays in the C heap
+    # as fragments that training's next allocations do not fit unless they go back to the
+    # system (without this, a SmolLM2 bake's RSS after each step climbed from 3.9 to 6.2 GB
+    # over 12 steps).
+    trim_c_heap()
+    return measured
 
 
 def _checkpoint(
