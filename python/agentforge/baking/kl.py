@@ -82,8 +82,9 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
 
 def _slices(teacher: torch.Tensor, logits: torch.Tensor, *outputs: torch.Tensor):
     """``(teacher, logits)`` as float32 (float64) ``[positions, V]`` slices, with the matching
-    slices of ``outputs`` (tensors of the logits' shape, or of that shape less its last dimension). The
-    logits are sliced as views, never copied whole: they are often a slice of a model's output."""
+    slices of ``outputs`` (tensors of the logits' shape, or of that shape less its last
+    dimension). The logits are sliced as views, never copied whole: they are often a slice of a
+    model's output."""
     if logits.dim() < 2:
         yield from _slices(teacher[None], logits[None], *(o[None] for o in outputs))
         return
@@ -102,8 +103,9 @@ def _slices(teacher: torch.Tensor, logits: torch.Tensor, *outputs: torch.Tensor)
 
 def logits_kl(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """:func:`token_kl` of the student's *logits* (``[..., V]``, any float dtype; the teacher's
-    log-probabilities may be float16), in fp32 (fp64 for fp64 logits), without the vocabulary-wide temporaries of
-    ``log_softmax`` and ``F.kl_div`` (see ``_LogitsKL``). Differentiable in the logits only."""
+    log-probabilities may be float16), in fp32 (fp64 for fp64 logits), without the
+    vocabulary-wide temporaries of ``log_softmax`` and ``F.kl_div`` (see ``_LogitsKL``).
+    Differentiable in the logits only."""
     if teacher_logprobs.shape != student_logits.shape:
         raise ValueError(
             f"logits_kl: teacher shape {tuple(teacher_logprobs.shape)} differs from student shape "
