@@ -389,6 +389,21 @@ def test_answer_kl_is_zero_for_equal_logits_and_positive_otherwise():
     assert answer_kl(logits, other, mask) > 0.01
 
 
+def test_answer_kl_is_the_masked_mean_of_the_per_position_kl_and_zero_without_positions():
+    torch.manual_seed(0)
+    logits, base = torch.randn(3, 4, 7, requires_grad=True), torch.randn(3, 4, 7)
+    mask = torch.tensor([[True, False, True, True], [False] * 4, [False, True, False, False]])
+    log_p, log_q = logits.log_softmax(-1), base.log_softmax(-1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    expected = per_position[mask].sum() / mask.sum()
+    got = answer_kl(logits, base, mask)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    assert torch.allclose(got_grad, expected_grad, atol=1e-7)
+    assert float(answer_kl(logits, base, torch.zeros(3, 4, dtype=torch.bool))) == 0.0
+
+
 def test_reinforce_gradient_vanishes_with_equal_rewards_and_not_otherwise(cognate_micro):
     from agentforge.artifacts import load_model_dir
     from agentforge.data import make_split

@@ -51,11 +51,12 @@ class TrainSettings(Checked):
 
 
 def answer_kl(logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the positions where ``mask`` is true of KL(softmax(logits) ‖ softmax(base_logits))."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    log_q = F.log_softmax(base_logits.float(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    """Mean over the positions where ``mask`` is true of KL(softmax(logits) ‖ softmax(base_logits)).
+    Only those positions are normalised: a vocabulary-wide log-softmax of every position of a
+    packed row (and its gradient) was the experts phase's peak memory on SmolLM2."""
+    log_p = F.log_softmax(logits[mask].float(), dim=-1)
+    log_q = F.log_softmax(base_logits[mask].float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum() / mask.sum().clamp(min=1)
 
 
 def cross_entropy_loss(base: torch.nn.Module, kl_weight: float):
@@ -66,9 +67,7 @@ def cross_entropy_loss(base: torch.nn.Module, kl_weight: float):
         logits = expert(**inputs).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
-        ce = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        ce = F.cross_entropy(logits[mask].float(), targets[mask])  # the answer tokens only, as answer_kl
         with torch.no_grad():
             base_logits = base(**inputs).logits[:, :-1]
         kl = answer_kl(logits, base_logits, mask)
