@@ -223,6 +223,21 @@ class Checked:
         raise ConfigError(f"{name}: {what}, got {shown(getattr(self, name))}")
 
 
+def micro_batch_setting() -> Any:
+    """The ``micro_batch_size`` field of settings that train with a ``batch_size`` (check it with
+    :func:`check_micro_batch`)."""
+    return setting(
+        0, "[0, 65536]", doc="rows per forward/backward pass, accumulated to batch_size (0: the whole batch)"
+    )
+
+
+def check_micro_batch(settings: Checked) -> None:
+    """Fail unless ``settings.micro_batch_size`` is 0 or divides ``settings.batch_size``."""
+    micro, batch = settings.micro_batch_size, settings.batch_size  # type: ignore[attr-defined]
+    if micro and batch % micro:
+        settings.fail("micro_batch_size", f"must divide batch_size ({batch})")
+
+
 def fields_of(cls) -> dict[str, dataclasses.Field]:
     """``{name: field}`` of a settings dataclass."""
     return {f.name: f for f in dataclasses.fields(cls)}

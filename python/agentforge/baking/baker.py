@@ -35,7 +35,7 @@ from agentforge.baking.cycles import plateaued
 from agentforge.baking.kl import BakingData, anchor_rows, kl_loss, measured_kl, prompted_trajectories
 from agentforge.baking.lora import DEFAULT_TARGETS, add_lora, check_bakeable, merge_lora
 from agentforge.optim.presets import PRESETS as OPTIMIZER_PRESETS
-from agentforge.settings import Checked, setting
+from agentforge.settings import Checked, check_micro_batch, micro_batch_setting, setting
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -57,9 +57,7 @@ class BakeSettings(Checked):
     temperature: float = setting(1.0, "(0, 100]", doc="of the prompted model's sampling")
     tools: bool = setting(False, doc="trajectories run the tool calls they write (prompts about tool use)")
     batch_size: int = setting(32, "[1, 65536]")
-    micro_batch_size: int = setting(
-        0, "[0, 65536]", doc="rows per forward/backward pass, accumulated to batch_size (0: the whole batch)"
-    )
+    micro_batch_size: int = micro_batch_setting()
     max_steps: int = setting(60, "[1, 10000000]")
     eval_every: int = setting(5, "[1, 10000000]", doc="steps between held-out KL measurements (the stop decisions)")
     optimizer_preset: str = setting("finetune", choices=tuple(OPTIMIZER_PRESETS), doc="a MuGrokfast preset")
@@ -74,8 +72,7 @@ class BakeSettings(Checked):
     def check(self) -> None:
         if not all(target.strip() for target in self.lora_targets):
             self.fail("lora_targets", "must hold non-empty layer name endings")
-        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
-            self.fail("micro_batch_size", f"must divide batch_size ({self.batch_size})")
+        check_micro_batch(self)
 
 
 @dataclass

@@ -62,7 +62,7 @@ from agentforge.quant import (
 )
 from agentforge.quietstar import head_files
 from agentforge.runtime import Built, Effect, Input, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
-from agentforge.settings import Checked, setting
+from agentforge.settings import Checked, check_micro_batch, micro_batch_setting, setting
 
 
 @dataclass
@@ -77,9 +77,7 @@ class Settings(Checked):
     keep_sensitive_fp: int = setting(0, "[0, 10000]", doc="of those, how many stay float")
     steps: int = setting(100, "[1, 10000000]")
     batch_size: int = setting(32, "[1, 65536]")
-    micro_batch_size: int = setting(
-        0, "[0, 65536]", doc="rows per forward/backward pass, accumulated to batch_size (0: the whole batch)"
-    )
+    micro_batch_size: int = micro_batch_setting()
     lambda_warmup_fraction: float = setting(0.2, "[0, 1]", doc="λ rises linearly 0 -> 1 over this share of steps")
     text_weight: float = setting(0.4, "(0, 1)", doc="share of text rows in the fine-tuning mixture")
     train_items: int = setting(500, "[1, 1000000]", doc="training task items per family and level")
@@ -104,8 +102,7 @@ class Settings(Checked):
             self.fail("keep_sensitive_fp", f"must be at most sensitive_layers ({self.sensitive_layers})")
         if not all(self.skip):
             self.fail("skip", "must hold non-empty name patterns")
-        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
-            self.fail("micro_batch_size", f"must divide batch_size ({self.batch_size})")
+        check_micro_batch(self)
 
 
 PRESETS: dict[str, Settings] = {

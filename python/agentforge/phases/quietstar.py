@@ -45,7 +45,7 @@ from agentforge.quietstar import (
     training_compute,
 )
 from agentforge.runtime import Built, Effect, Input, PhaseResult, PhaseRun, PhaseSpec, model_dir, standalone_main
-from agentforge.settings import Checked, setting, to_dict
+from agentforge.settings import Checked, check_micro_batch, micro_batch_setting, setting, to_dict
 
 
 @dataclass
@@ -55,9 +55,7 @@ class Settings(Checked):
     thought: ThoughtSettings = setting(ThoughtSettings)
     steps: int = setting(30, "[1, 10000000]", doc="thinker training steps")
     batch_size: int = setting(8, "[1, 65536]")
-    micro_batch_size: int = setting(
-        0, "[0, 65536]", doc="rows per forward/backward pass, accumulated to batch_size (0: the whole batch)"
-    )
+    micro_batch_size: int = micro_batch_setting()
     train_items: int = setting(600, "[1, 1000000]", doc="training items per chosen (family, level)")
     candidate_levels: list[int] = setting(
         [0, 1, 2], "[0, 9]", length="[1, 10]", doc="task levels searched for the accuracy band"
@@ -74,8 +72,7 @@ class Settings(Checked):
     def check(self) -> None:
         if self.band[0] > self.band[1]:
             self.fail("band", "must be [low, high] with low <= high")
-        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
-            self.fail("micro_batch_size", f"must divide batch_size ({self.batch_size})")
+        check_micro_batch(self)
 
 
 PRESETS: dict[str, Settings] = {
